@@ -1,0 +1,7 @@
+"""Pure-PyTorch reference implementations, written equation by equation from the
+papers.  They are the test oracle of the fused ops and the baseline of the
+benchmarks; they are slow and memory-hungry on purpose (readability first)."""
+
+from boxloss.reference.pairwise import neighbour_offsets, sparse_crf_loss_reference
+
+__all__ = ["neighbour_offsets", "sparse_crf_loss_reference"]

@@ -1,0 +1,111 @@
+// Per-pixel math of the Sparse-CRF pairwise loss, shared by the CPU and CUDA
+// kernels.  Torch-free on purpose: tests/cpp builds it with CMake alone.
+//
+//   loss_b = 1/|P_b| * sum_{(p,q) in N, p and q valid} w_pq * sum_{c in S} phi(x_p^c, x_q^c)
+//   w_pq   = exp(-||I_p - I_q||^2 / (2 sigma^2))
+//   phi    = |a - b|                      (kind L1, Eq. 1 of Box to Tag and Back)
+//          = a (1 - b) + b (1 - a)        (kind Potts, the quadratic relaxation of Tang et al.)
+#pragma once
+
+#include "boxloss/common/host_device.h"
+
+namespace boxloss {
+namespace sparse_crf {
+
+enum class Kind : int32_t { L1 = 0, Potts = 1 };
+
+// Pixel offsets (dy, dx) of the neighbour q = p + offset.  The first
+// `neighbourhood / 2` entries enumerate every unordered pair once (the forward
+// pass); the backward pass visits all `neighbourhood` entries, so that each
+// pixel gathers from every pair it belongs to.
+struct Offset {
+  int32_t dy;
+  int32_t dx;
+};
+
+BOXLOSS_HD_INLINE Offset neighbour_offset(int32_t index, int32_t dilation) {
+  // forward half: right, down, down-right, down-left; then their negations.
+  const int32_t dy_table[8] = {0, 1, 1, 1, 0, -1, -1, -1};
+  const int32_t dx_table[8] = {1, 0, 1, -1, -1, 0, -1, 1};
+  return Offset{dy_table[index] * dilation, dx_table[index] * dilation};
+}
+
+// Index into neighbour_offset of the backward pass's j-th offset, for a
+// neighbourhood of 4 (offsets 0, 1, 4, 5) or 8 (all of 0..7).
+BOXLOSS_HD_INLINE int32_t backward_offset_index(int32_t j, int32_t neighbourhood) {
+  const int32_t half = neighbourhood / 2;
+  return j < half ? j : 4 + (j - half);
+}
+
+// The half-open range of x for which both p = (y, x) and q = p + (dy, dx) lie
+// in a row of width `width`.
+BOXLOSS_HD_INLINE void paired_x_range(int64_t width, int32_t dx, int64_t* begin, int64_t* end) {
+  *begin = dx < 0 ? -static_cast<int64_t>(dx) : 0;
+  *end = dx > 0 ? width - dx : width;
+  if (*end < *begin) *end = *begin;
+}
+
+// -1 / (2 sigma^2): the factor that turns a squared colour distance into the
+// exponent of the pair weight.
+template <typename acc>
+BOXLOSS_HD_INLINE acc weight_exponent_scale(double sigma) {
+  return static_cast<acc>(-1.0 / (2.0 * sigma * sigma));
+}
+
+template <typename acc>
+BOXLOSS_HD_INLINE acc pair_weight(acc squared_colour_distance, acc exponent_scale) {
+  return math::exp_nonpositive(squared_colour_distance * exponent_scale);
+}
+
+template <Kind kind>
+struct Term;
+
+// phi(a, b) = |a - b|; d phi / d a = sign(a - b) with sign(0) = 0.
+template <>
+struct Term<Kind::L1> {
+  template <typename acc>
+  BOXLOSS_HD_INLINE static acc value(acc a, acc b) {
+    const acc d = a - b;
+    return d < acc(0) ? -d : d;
+  }
+  template <typename acc>
+  BOXLOSS_HD_INLINE static acc grad_first(acc a, acc b) {
+    return static_cast<acc>(a > b) - static_cast<acc>(a < b);
+  }
+};
+
+// phi(a, b) = a (1 - b) + b (1 - a) = a + b - 2ab; d phi / d a = 1 - 2b.
+template <>
+struct Term<Kind::Potts> {
+  template <typename acc>
+  BOXLOSS_HD_INLINE static acc value(acc a, acc b) {
+    return a + b - acc(2) * a * b;
+  }
+  template <typename acc>
+  BOXLOSS_HD_INLINE static acc grad_first(acc /*a*/, acc b) {
+    return acc(1) - acc(2) * b;
+  }
+};
+
+// Bits of the per-image input status the forward kernels report; the wrapper
+// turns them into a ValueError naming the argument.
+enum StatusBits : int32_t {
+  kProbsOutOfRange = 1,   // NaN, Inf, or a value outside [0, 1] in a selected channel
+  kImageNotFinite = 2,    // NaN or Inf in the image
+};
+
+// True when v is NaN, +-Inf, or outside [0, 1]; written with plain compares so
+// that it vectorises (NaN fails every ordered compare).
+template <typename acc>
+BOXLOSS_HD_INLINE bool outside_unit_interval(acc v) {
+  return !(v >= acc(0) && v <= acc(1));
+}
+
+// True when v is NaN or +-Inf: v - v is 0 for every finite v and NaN otherwise.
+template <typename acc>
+BOXLOSS_HD_INLINE bool not_finite(acc v) {
+  return !((v - v) == acc(0));
+}
+
+}  // namespace sparse_crf
+}  // namespace boxloss
