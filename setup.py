@@ -110,6 +110,13 @@ def extensions():
     # -fno-trapping-math lets the compiler if-convert and vectorise the
     # branch-free exp and clamps of the CPU kernels; no kernel reads FP flags.
     cxx_flags = opt + ["-fno-trapping-math", "-fvisibility=hidden"]
+    link_flags = []
+    # at::parallel_for is a header template: it only runs in parallel when the
+    # extension itself is compiled with the OpenMP that torch's ATen uses.  The
+    # libgomp this links is the one torch has already loaded (same soname).
+    if "OpenMP" in torch.__config__.parallel_info() and sys.platform.startswith("linux"):
+        cxx_flags.append("-fopenmp")
+        link_flags.append("-fopenmp")
     define_macros = []
     arch_list = None
     if with_cuda:
@@ -126,6 +133,7 @@ def extensions():
             include_dirs=include_dirs,
             define_macros=define_macros,
             extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+            extra_link_args=link_flags,
         )
     else:
         sources = [s for s in sources if not s.endswith("_cuda.cpp")]
@@ -135,6 +143,7 @@ def extensions():
             include_dirs=include_dirs,
             define_macros=define_macros,
             extra_compile_args={"cxx": cxx_flags},
+            extra_link_args=link_flags,
         )
     write_build_info(with_cuda, arch_list)
     print(f"boxloss: building {'CPU and CUDA' if with_cuda else 'CPU'} kernels"

@@ -7,7 +7,8 @@ of an error deep inside a registration.
 
 Without ``_C`` the public functions fall back to the pure-PyTorch reference
 implementations after warning once; set ``BOXLOSS_REQUIRE_EXTENSION=1`` to make
-that an error instead (the test suite does, unless told otherwise).
+that an error instead (the test suite does).  ``BOXLOSS_DISABLE_EXTENSION=1``
+skips loading ``_C`` (to compare against, or to work around a broken build).
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ def _build_info():
 
 def _load() -> str | None:
     """Imports boxloss._C; returns None on success, else the reason it failed."""
+    if os.environ.get("BOXLOSS_DISABLE_EXTENSION", "") not in ("", "0"):
+        return "the compiled ops were disabled by BOXLOSS_DISABLE_EXTENSION (unset it to use them)"
     info = _build_info()
     if info is None:
         return (

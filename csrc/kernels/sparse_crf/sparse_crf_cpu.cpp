@@ -6,6 +6,16 @@
 
 #include <vector>
 
+// The row loops are compiled for baseline x86-64 and again for AVX2+FMA and
+// AVX-512 (x86-64-v3 / v4); the loader picks the widest the CPU supports.
+// Other architectures get the single default build.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define BOXLOSS_CPU_CLONES __attribute__((target_clones("default", "arch=x86-64-v3", "arch=x86-64-v4")))
+#else
+#define BOXLOSS_CPU_CLONES
+#endif
+#define BOXLOSS_ALWAYS_INLINE inline __attribute__((always_inline))
+
 namespace boxloss {
 namespace sparse_crf {
 namespace cpu {
@@ -21,7 +31,7 @@ struct RowView {
 // pairs p = (y, x), q = (y + dy, x + dx) with x in [x_begin, x_end); `scratch`
 // holds the squared distances.  Entries outside the range are set to 0.
 template <typename scalar>
-void pair_weights_row(const Problem& problem, int64_t b, int64_t y, Offset offset, int64_t x_begin,
+BOXLOSS_ALWAYS_INLINE void pair_weights_row(const Problem& problem, int64_t b, int64_t y, Offset offset, int64_t x_begin,
                       int64_t x_end, acc_t<scalar>* __restrict weight,
                       acc_t<scalar>* __restrict scratch) {
   using acc = acc_t<scalar>;
@@ -56,7 +66,7 @@ void pair_weights_row(const Problem& problem, int64_t b, int64_t y, Offset offse
 }
 
 template <typename scalar>
-int32_t row_status(const Problem& problem, int64_t b, int64_t y) {
+BOXLOSS_ALWAYS_INLINE int32_t row_status(const Problem& problem, int64_t b, int64_t y) {
   using acc = acc_t<scalar>;
   const int64_t width = problem.width;
   const int64_t plane = problem.plane();
@@ -80,7 +90,7 @@ int32_t row_status(const Problem& problem, int64_t b, int64_t y) {
 }
 
 template <typename scalar, Kind kind>
-void forward_rows_impl(const Problem& problem, int64_t row_begin, int64_t row_end, double* row_sums,
+BOXLOSS_CPU_CLONES void forward_rows_impl(const Problem& problem, int64_t row_begin, int64_t row_end, double* row_sums,
                        int32_t* row_status_out) {
   using acc = acc_t<scalar>;
   const int64_t height = problem.height;
@@ -123,7 +133,7 @@ void forward_rows_impl(const Problem& problem, int64_t row_begin, int64_t row_en
 }
 
 template <typename scalar, Kind kind>
-void backward_rows_impl(const Problem& problem, const acc_t<scalar>* image_scale, int64_t row_begin,
+BOXLOSS_CPU_CLONES void backward_rows_impl(const Problem& problem, const acc_t<scalar>* image_scale, int64_t row_begin,
                         int64_t row_end, scalar* grad) {
   using acc = acc_t<scalar>;
   const int64_t height = problem.height;
