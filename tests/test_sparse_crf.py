@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import itertools
 import os
 import subprocess
 import sys
+import zlib
 
 import pytest
 import torch
@@ -40,7 +40,7 @@ SHAPES = [
 @pytest.mark.parametrize("dilation", [1, 2, 40])
 def test_matches_reference_float64(shape, kind, neighbourhood, dilation):
     B, C, H, W = shape
-    probs, image, _ = make_inputs(B, C, H, W, seed=hash((shape, kind, neighbourhood, dilation)) % 1000)
+    probs, image, _ = make_inputs(B, C, H, W, seed=zlib.crc32(repr((shape, kind, neighbourhood, dilation)).encode()))
     kwargs = dict(kind=kind, neighbourhood=neighbourhood, dilation=dilation, reduction="none")
     value, grad = op_value_and_grad(probs, image, **kwargs)
     ref_value, ref_grad = reference_value_and_grad(probs, image, **kwargs)

@@ -21,40 +21,53 @@ namespace sparse_crf {
 namespace cpu {
 namespace {
 
-template <typename T>
-struct RowView {
-  const T* __restrict p;
-  const T* __restrict q;
-};
-
 // Fills weight[x] = valid(p) valid(q) exp(-||I_p - I_q||^2 / (2 sigma^2)) for the
-// pairs p = (y, x), q = (y + dy, x + dx) with x in [x_begin, x_end); `scratch`
-// holds the squared distances.  Entries outside the range are set to 0.
+// pairs p = (y, x), q = (y + dy, x + dx) with x in [x_begin, x_end), and 0 for
+// every other x of the row.  RGB (K = 3) and grey (K = 1) images take a single
+// fused pass; other K accumulate the squared distance in `scratch` first.
 template <typename scalar>
-BOXLOSS_ALWAYS_INLINE void pair_weights_row(const Problem& problem, int64_t b, int64_t y, Offset offset, int64_t x_begin,
-                      int64_t x_end, acc_t<scalar>* __restrict weight,
-                      acc_t<scalar>* __restrict scratch) {
+BOXLOSS_ALWAYS_INLINE void pair_weights_row(const Problem& problem, int64_t b, int64_t y, Offset offset,
+                                            int64_t x_begin, int64_t x_end, acc_t<scalar>* __restrict weight,
+                                            acc_t<scalar>* __restrict scratch) {
   using acc = acc_t<scalar>;
   const int64_t width = problem.width;
   const int64_t plane = problem.plane();
   const int64_t y2 = y + offset.dy;
   const int64_t dx = offset.dx;
-  for (int64_t x = 0; x < width; ++x) {
-    weight[x] = acc(0);
-    scratch[x] = acc(0);
-  }
-  const scalar* image = static_cast<const scalar*>(problem.image) + b * problem.image_channels * plane;
-  for (int64_t k = 0; k < problem.image_channels; ++k) {
-    const scalar* __restrict ip = image + k * plane + y * width;
-    const scalar* __restrict iq = image + k * plane + y2 * width + dx;
-    for (int64_t x = x_begin; x < x_end; ++x) {
-      const acc d = static_cast<acc>(ip[x]) - static_cast<acc>(iq[x]);
-      scratch[x] += d * d;
-    }
-  }
+  const int64_t K = problem.image_channels;
   const acc scale = weight_exponent_scale<acc>(problem.sigma);
-  for (int64_t x = x_begin; x < x_end; ++x) {
-    weight[x] = pair_weight<acc>(scratch[x], scale);
+  for (int64_t x = 0; x < x_begin; ++x) weight[x] = acc(0);
+  for (int64_t x = x_end; x < width; ++x) weight[x] = acc(0);
+  const scalar* image = static_cast<const scalar*>(problem.image) + b * K * plane;
+  const scalar* __restrict p0 = image + y * width;
+  const scalar* __restrict q0 = image + y2 * width + dx;
+  if (K == 3) {
+    const scalar* __restrict p1 = p0 + plane;
+    const scalar* __restrict p2 = p0 + 2 * plane;
+    const scalar* __restrict q1 = q0 + plane;
+    const scalar* __restrict q2 = q0 + 2 * plane;
+    for (int64_t x = x_begin; x < x_end; ++x) {
+      const acc d0 = static_cast<acc>(p0[x]) - static_cast<acc>(q0[x]);
+      const acc d1 = static_cast<acc>(p1[x]) - static_cast<acc>(q1[x]);
+      const acc d2 = static_cast<acc>(p2[x]) - static_cast<acc>(q2[x]);
+      weight[x] = pair_weight<acc>(d0 * d0 + d1 * d1 + d2 * d2, scale);
+    }
+  } else if (K == 1) {
+    for (int64_t x = x_begin; x < x_end; ++x) {
+      const acc d0 = static_cast<acc>(p0[x]) - static_cast<acc>(q0[x]);
+      weight[x] = pair_weight<acc>(d0 * d0, scale);
+    }
+  } else {
+    for (int64_t x = x_begin; x < x_end; ++x) scratch[x] = acc(0);
+    for (int64_t k = 0; k < K; ++k) {
+      const scalar* __restrict ip = p0 + k * plane;
+      const scalar* __restrict iq = q0 + k * plane;
+      for (int64_t x = x_begin; x < x_end; ++x) {
+        const acc d = static_cast<acc>(ip[x]) - static_cast<acc>(iq[x]);
+        scratch[x] += d * d;
+      }
+    }
+    for (int64_t x = x_begin; x < x_end; ++x) weight[x] = pair_weight<acc>(scratch[x], scale);
   }
   if (problem.valid != nullptr) {
     const uint8_t* __restrict vp = problem.valid + b * plane + y * width;
@@ -89,42 +102,109 @@ BOXLOSS_ALWAYS_INLINE int32_t row_status(const Problem& problem, int64_t b, int6
   return (probs_bad ? kProbsOutOfRange : 0) | (image_bad ? kImageNotFinite : 0);
 }
 
-template <typename scalar, Kind kind>
-BOXLOSS_CPU_CLONES void forward_rows_impl(const Problem& problem, int64_t row_begin, int64_t row_end, double* row_sums,
-                       int32_t* row_status_out) {
+// The neighbours of one image row under a fixed list of offsets: for each
+// offset its colour-weight row and where its neighbour row starts (shifted by
+// dx, so q of pixel x is at index x).  An offset whose neighbour row lies
+// outside the image points at the row itself, with an all-zero weight row, so
+// the unchecked interior loop reads valid memory and adds exactly 0.
+template <typename acc, int N>
+struct RowNeighbours {
+  const acc* weight[N];
+  int64_t row_shift[N];  // element offset from the pixel row to its neighbour row (dy * width + dx)
+  int32_t dx[N];
+  int64_t interior_begin;  // every neighbour's x + dx lies in [0, width) for x in the interior
+  int64_t interior_end;
+};
+
+// Sets up RowNeighbours for row y; offset j of the list is
+// neighbour_offset(offset_index(j), dilation).  Weight rows are computed into
+// `weights` (N rows of width).
+template <typename scalar, int N, typename OffsetIndex>
+BOXLOSS_ALWAYS_INLINE void neighbours_of_row(const Problem& problem, int64_t b, int64_t y, OffsetIndex offset_index,
+                                             acc_t<scalar>* weights, acc_t<scalar>* scratch,
+                                             RowNeighbours<acc_t<scalar>, N>* out) {
   using acc = acc_t<scalar>;
+  const int64_t width = problem.width;
+  int64_t lo = 0, hi = width;
+#pragma GCC unroll 8
+  for (int j = 0; j < N; ++j) {
+    const Offset offset = neighbour_offset(offset_index(j), problem.dilation);
+    const int64_t y2 = y + offset.dy;
+    acc* w = weights + j * width;
+    out->weight[j] = w;
+    out->dx[j] = offset.dx;
+    int64_t x_begin, x_end;
+    paired_x_range(width, offset.dx, &x_begin, &x_end);
+    lo = x_begin > lo ? x_begin : lo;
+    hi = x_end < hi ? x_end : hi;
+    if (y2 < 0 || y2 >= problem.height || x_begin >= x_end) {
+      for (int64_t x = 0; x < width; ++x) w[x] = acc(0);
+      out->row_shift[j] = 0;
+      out->dx[j] = 0;
+      continue;
+    }
+    out->row_shift[j] = offset.dy * width + offset.dx;
+    pair_weights_row<scalar>(problem, b, y, offset, x_begin, x_end, w, scratch);
+  }
+  // Offsets wider than the row leave no interior: clamp to [0, width].
+  lo = lo < width ? lo : width;
+  out->interior_begin = lo;
+  out->interior_end = hi > lo ? hi : lo;
+}
+
+// sum_j w_j[x] f(x_p[x], x_q_j[x]) over the neighbours of pixel x, with the
+// bounds of x + dx checked: the border columns outside the interior.
+template <typename acc, int N, typename Scalar, typename F>
+BOXLOSS_ALWAYS_INLINE acc border_sum(const RowNeighbours<acc, N>& nb, const Scalar* xp, int64_t x, int64_t width, F f) {
+  acc v = acc(0);
+  for (int j = 0; j < N; ++j) {
+    const int64_t xq = x + nb.dx[j];
+    if (xq < 0 || xq >= width) continue;
+    v += nb.weight[j][x] * f(static_cast<acc>(xp[x]), static_cast<acc>(xp[x + nb.row_shift[j]]));
+  }
+  return v;
+}
+
+template <typename scalar, Kind kind, int NB>
+BOXLOSS_CPU_CLONES void forward_rows_impl(const Problem& problem, int64_t row_begin, int64_t row_end,
+                                          double* row_sums, int32_t* row_status_out) {
+  using acc = acc_t<scalar>;
+  constexpr int N = NB / 2;  // each unordered pair once
   const int64_t height = problem.height;
   const int64_t width = problem.width;
   const int64_t plane = problem.plane();
-  const int32_t pairs_per_pixel = problem.neighbourhood / 2;
-  std::vector<acc> buffer(static_cast<size_t>(width) * (pairs_per_pixel + 2));
+  std::vector<acc> buffer(static_cast<size_t>(width) * (N + 2));
   acc* row_acc = buffer.data();
   acc* scratch = row_acc + width;
   acc* weights = scratch + width;
+  const auto value = [](acc a, acc b) { return Term<kind>::value(a, b); };
 
   for (int64_t r = row_begin; r < row_end; ++r) {
     const int64_t b = r / height;
     const int64_t y = r % height;
     row_status_out[r] = row_status<scalar>(problem, b, y);
+    RowNeighbours<acc, N> nb;
+    neighbours_of_row<scalar, N>(problem, b, y, [](int j) { return j; }, weights, scratch, &nb);
     for (int64_t x = 0; x < width; ++x) row_acc[x] = acc(0);
     const scalar* probs = static_cast<const scalar*>(problem.probs) + b * problem.num_channels * plane;
-    for (int32_t o = 0; o < pairs_per_pixel; ++o) {
-      const Offset offset = neighbour_offset(o, problem.dilation);
-      const int64_t y2 = y + offset.dy;
-      if (y2 < 0 || y2 >= height) continue;
-      int64_t x_begin, x_end;
-      paired_x_range(width, offset.dx, &x_begin, &x_end);
-      if (x_begin >= x_end) continue;
-      pair_weights_row<scalar>(problem, b, y, offset, x_begin, x_end, weights, scratch);
-      for (int64_t s = 0; s < problem.num_selected; ++s) {
-        const int64_t c = problem.channel_at(s);
-        const scalar* __restrict xp = probs + c * plane + y * width;
-        const scalar* __restrict xq = probs + c * plane + y2 * width + offset.dx;
-        for (int64_t x = x_begin; x < x_end; ++x) {
-          row_acc[x] += weights[x] *
-                        Term<kind>::value(static_cast<acc>(xp[x]), static_cast<acc>(xq[x]));
-        }
+    for (int64_t s = 0; s < problem.num_selected; ++s) {
+      const scalar* __restrict xp = probs + problem.channel_at(s) * plane + y * width;
+      const scalar* xq[N];
+      const acc* w[N];
+#pragma GCC unroll 8
+      for (int j = 0; j < N; ++j) {
+        xq[j] = xp + nb.row_shift[j];
+        w[j] = nb.weight[j];
       }
+      for (int64_t x = nb.interior_begin; x < nb.interior_end; ++x) {
+        const acc a = static_cast<acc>(xp[x]);
+        acc v = acc(0);
+#pragma GCC unroll 8
+        for (int j = 0; j < N; ++j) v += w[j][x] * value(a, static_cast<acc>(xq[j][x]));
+        row_acc[x] += v;
+      }
+      for (int64_t x = 0; x < nb.interior_begin; ++x) row_acc[x] += border_sum(nb, xp, x, width, value);
+      for (int64_t x = nb.interior_end; x < width; ++x) row_acc[x] += border_sum(nb, xp, x, width, value);
     }
     double sum = 0.0;
     for (int64_t x = 0; x < width; ++x) sum += static_cast<double>(row_acc[x]);
@@ -132,58 +212,53 @@ BOXLOSS_CPU_CLONES void forward_rows_impl(const Problem& problem, int64_t row_be
   }
 }
 
-template <typename scalar, Kind kind>
-BOXLOSS_CPU_CLONES void backward_rows_impl(const Problem& problem, const acc_t<scalar>* image_scale, int64_t row_begin,
-                        int64_t row_end, scalar* grad) {
+template <typename scalar, Kind kind, int NB>
+BOXLOSS_CPU_CLONES void backward_rows_impl(const Problem& problem, const acc_t<scalar>* image_scale,
+                                           int64_t row_begin, int64_t row_end, scalar* grad) {
   using acc = acc_t<scalar>;
   const int64_t height = problem.height;
   const int64_t width = problem.width;
   const int64_t plane = problem.plane();
-  const int32_t num_offsets = problem.neighbourhood;
-  std::vector<acc> buffer(static_cast<size_t>(width) * (num_offsets + 2));
+  std::vector<acc> buffer(static_cast<size_t>(width) * (NB + 1));
   acc* scratch = buffer.data();
-  acc* grad_row = scratch + width;
-  acc* weights = grad_row + width;  // num_offsets rows of width
+  acc* weights = scratch + width;  // NB rows of width
+  const auto derivative = [](acc a, acc b) { return Term<kind>::grad_first(a, b); };
 
   for (int64_t r = row_begin; r < row_end; ++r) {
     const int64_t b = r / height;
     const int64_t y = r % height;
-    // Colour weights of every pair p belongs to, computed once per row and
-    // reused by all channels.  Offsets whose neighbour row is outside the
-    // image keep an all-zero row and are skipped below.
-    for (int32_t j = 0; j < num_offsets; ++j) {
-      const Offset offset = neighbour_offset(backward_offset_index(j, num_offsets), problem.dilation);
-      const int64_t y2 = y + offset.dy;
-      acc* w = weights + j * width;
-      int64_t x_begin, x_end;
-      paired_x_range(width, offset.dx, &x_begin, &x_end);
-      if (y2 < 0 || y2 >= height || x_begin >= x_end) {
-        for (int64_t x = 0; x < width; ++x) w[x] = acc(0);
-        continue;
-      }
-      pair_weights_row<scalar>(problem, b, y, offset, x_begin, x_end, w, scratch);
-    }
+    // Every pair p belongs to, in both directions: colour weights computed
+    // once per row and shared by all channels.
+    RowNeighbours<acc, NB> nb;
+    neighbours_of_row<scalar, NB>(problem, b, y, [](int j) { return backward_offset_index(j, NB); }, weights,
+                                  scratch, &nb);
     const acc scale = image_scale[b];
     const scalar* probs = static_cast<const scalar*>(problem.probs) + b * problem.num_channels * plane;
     scalar* grad_image = grad + b * problem.num_channels * plane;
     for (int64_t s = 0; s < problem.num_selected; ++s) {
       const int64_t c = problem.channel_at(s);
       const scalar* __restrict xp = probs + c * plane + y * width;
-      for (int64_t x = 0; x < width; ++x) grad_row[x] = acc(0);
-      for (int32_t j = 0; j < num_offsets; ++j) {
-        const Offset offset = neighbour_offset(backward_offset_index(j, num_offsets), problem.dilation);
-        const int64_t y2 = y + offset.dy;
-        int64_t x_begin, x_end;
-        paired_x_range(width, offset.dx, &x_begin, &x_end);
-        if (y2 < 0 || y2 >= height || x_begin >= x_end) continue;
-        const acc* __restrict w = weights + j * width;
-        const scalar* __restrict xq = probs + c * plane + y2 * width + offset.dx;
-        for (int64_t x = x_begin; x < x_end; ++x) {
-          grad_row[x] += w[x] * Term<kind>::grad_first(static_cast<acc>(xp[x]), static_cast<acc>(xq[x]));
-        }
-      }
       scalar* __restrict out = grad_image + c * plane + y * width;
-      for (int64_t x = 0; x < width; ++x) out[x] = static_cast<scalar>(grad_row[x] * scale);
+      const scalar* xq[NB];
+      const acc* w[NB];
+#pragma GCC unroll 8
+      for (int j = 0; j < NB; ++j) {
+        xq[j] = xp + nb.row_shift[j];
+        w[j] = nb.weight[j];
+      }
+      for (int64_t x = nb.interior_begin; x < nb.interior_end; ++x) {
+        const acc a = static_cast<acc>(xp[x]);
+        acc g = acc(0);
+#pragma GCC unroll 8
+        for (int j = 0; j < NB; ++j) g += w[j][x] * derivative(a, static_cast<acc>(xq[j][x]));
+        out[x] = static_cast<scalar>(g * scale);
+      }
+      for (int64_t x = 0; x < nb.interior_begin; ++x) {
+        out[x] = static_cast<scalar>(border_sum(nb, xp, x, width, derivative) * scale);
+      }
+      for (int64_t x = nb.interior_end; x < width; ++x) {
+        out[x] = static_cast<scalar>(border_sum(nb, xp, x, width, derivative) * scale);
+      }
     }
   }
 }
@@ -193,20 +268,26 @@ BOXLOSS_CPU_CLONES void backward_rows_impl(const Problem& problem, const acc_t<s
 template <typename scalar>
 void forward_rows(const Problem& problem, int64_t row_begin, int64_t row_end, double* row_sums,
                   int32_t* row_status_out) {
+  const bool eight = problem.neighbourhood == 8;
   if (problem.kind == Kind::L1) {
-    forward_rows_impl<scalar, Kind::L1>(problem, row_begin, row_end, row_sums, row_status_out);
+    (eight ? forward_rows_impl<scalar, Kind::L1, 8> : forward_rows_impl<scalar, Kind::L1, 4>)(
+        problem, row_begin, row_end, row_sums, row_status_out);
   } else {
-    forward_rows_impl<scalar, Kind::Potts>(problem, row_begin, row_end, row_sums, row_status_out);
+    (eight ? forward_rows_impl<scalar, Kind::Potts, 8> : forward_rows_impl<scalar, Kind::Potts, 4>)(
+        problem, row_begin, row_end, row_sums, row_status_out);
   }
 }
 
 template <typename scalar>
 void backward_rows(const Problem& problem, const acc_t<scalar>* image_scale, int64_t row_begin,
                    int64_t row_end, scalar* grad) {
+  const bool eight = problem.neighbourhood == 8;
   if (problem.kind == Kind::L1) {
-    backward_rows_impl<scalar, Kind::L1>(problem, image_scale, row_begin, row_end, grad);
+    (eight ? backward_rows_impl<scalar, Kind::L1, 8> : backward_rows_impl<scalar, Kind::L1, 4>)(
+        problem, image_scale, row_begin, row_end, grad);
   } else {
-    backward_rows_impl<scalar, Kind::Potts>(problem, image_scale, row_begin, row_end, grad);
+    (eight ? backward_rows_impl<scalar, Kind::Potts, 8> : backward_rows_impl<scalar, Kind::Potts, 4>)(
+        problem, image_scale, row_begin, row_end, grad);
   }
 }
 
