@@ -21,14 +21,25 @@ namespace sparse_crf {
 namespace cpu {
 namespace {
 
+// True when the `width` elements that start at column dx of row y2 lie inside
+// the H x W plane, though x + dx may leave the row: then a loop over the whole
+// row may read them unchecked (the neighbour row's first or last elements stand
+// in for columns outside the row, with weight 0), and its trip count stays a
+// multiple of the vector width instead of leaving a scalar remainder.
+BOXLOSS_ALWAYS_INLINE bool shifted_row_in_plane(int64_t y2, int32_t dx, int64_t height) {
+  return !(y2 == 0 && dx < 0) && !(y2 == height - 1 && dx > 0);
+}
+
 // Fills weight[x] = valid(p) valid(q) exp(-||I_p - I_q||^2 / (2 sigma^2)) for the
 // pairs p = (y, x), q = (y + dy, x + dx) with x in [x_begin, x_end), and 0 for
 // every other x of the row.  RGB (K = 3) and grey (K = 1) images take a single
 // fused pass; other K accumulate the squared distance in `scratch` first.
+// With `whole_row` (see shifted_row_in_plane) the arithmetic runs over the whole
+// row and the columns outside [x_begin, x_end) are zeroed afterwards.
 template <typename scalar>
 BOXLOSS_ALWAYS_INLINE void pair_weights_row(const Problem& problem, int64_t b, int64_t y, Offset offset,
-                                            int64_t x_begin, int64_t x_end, acc_t<scalar>* __restrict weight,
-                                            acc_t<scalar>* __restrict scratch) {
+                                            int64_t x_begin, int64_t x_end, bool whole_row,
+                                            acc_t<scalar>* __restrict weight, acc_t<scalar>* __restrict scratch) {
   using acc = acc_t<scalar>;
   const int64_t width = problem.width;
   const int64_t plane = problem.plane();
@@ -36,8 +47,11 @@ BOXLOSS_ALWAYS_INLINE void pair_weights_row(const Problem& problem, int64_t b, i
   const int64_t dx = offset.dx;
   const int64_t K = problem.image_channels;
   const acc scale = weight_exponent_scale<acc>(problem.sigma);
-  for (int64_t x = 0; x < x_begin; ++x) weight[x] = acc(0);
-  for (int64_t x = x_end; x < width; ++x) weight[x] = acc(0);
+  const int64_t paired_begin = x_begin, paired_end = x_end;
+  if (whole_row) {
+    x_begin = 0;
+    x_end = width;
+  }
   const scalar* image = static_cast<const scalar*>(problem.image) + b * K * plane;
   const scalar* __restrict p0 = image + y * width;
   const scalar* __restrict q0 = image + y2 * width + dx;
@@ -76,6 +90,8 @@ BOXLOSS_ALWAYS_INLINE void pair_weights_row(const Problem& problem, int64_t b, i
       weight[x] *= static_cast<acc>(vp[x] & vq[x]);
     }
   }
+  for (int64_t x = 0; x < paired_begin; ++x) weight[x] = acc(0);
+  for (int64_t x = paired_end; x < width; ++x) weight[x] = acc(0);
 }
 
 template <typename scalar>
@@ -126,6 +142,7 @@ BOXLOSS_ALWAYS_INLINE void neighbours_of_row(const Problem& problem, int64_t b, 
   using acc = acc_t<scalar>;
   const int64_t width = problem.width;
   int64_t lo = 0, hi = width;
+  bool whole_rows = true;
 #pragma GCC unroll 8
   for (int j = 0; j < N; ++j) {
     const Offset offset = neighbour_offset(offset_index(j), problem.dilation);
@@ -144,7 +161,16 @@ BOXLOSS_ALWAYS_INLINE void neighbours_of_row(const Problem& problem, int64_t b, 
       continue;
     }
     out->row_shift[j] = offset.dy * width + offset.dx;
-    pair_weights_row<scalar>(problem, b, y, offset, x_begin, x_end, w, scratch);
+    const bool whole_row = shifted_row_in_plane(y2, offset.dx, problem.height);
+    whole_rows = whole_rows && whole_row;
+    pair_weights_row<scalar>(problem, b, y, offset, x_begin, x_end, whole_row, w, scratch);
+  }
+  if (whole_rows) {
+    // Every neighbour read of the row stays in its plane: the unchecked loop
+    // covers the whole row (weights are 0 where x + dx leaves it).
+    out->interior_begin = 0;
+    out->interior_end = width;
+    return;
   }
   // Offsets wider than the row leave no interior: clamp to [0, width].
   lo = lo < width ? lo : width;
@@ -163,6 +189,22 @@ BOXLOSS_ALWAYS_INLINE acc border_sum(const RowNeighbours<acc, N>& nb, const Scal
     v += nb.weight[j][x] * f(static_cast<acc>(xp[x]), static_cast<acc>(xp[x + nb.row_shift[j]]));
   }
   return v;
+}
+
+// Sum of a row in double, in eight interleaved partial sums: a fixed order
+// (deterministic) that the compiler keeps in vector registers, where one
+// running sum would be a chain of dependent scalar adds.
+template <typename acc>
+BOXLOSS_ALWAYS_INLINE double row_total(const acc* __restrict values, int64_t width) {
+  double partial[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t x = 0;
+  for (; x + 8 <= width; x += 8) {
+#pragma GCC unroll 8
+    for (int l = 0; l < 8; ++l) partial[l] += static_cast<double>(values[x + l]);
+  }
+  for (int l = 0; x < width; ++x, ++l) partial[l] += static_cast<double>(values[x]);
+  return ((partial[0] + partial[1]) + (partial[2] + partial[3])) +
+         ((partial[4] + partial[5]) + (partial[6] + partial[7]));
 }
 
 template <typename scalar, Kind kind, int NB>
@@ -206,9 +248,7 @@ BOXLOSS_CPU_CLONES void forward_rows_impl(const Problem& problem, int64_t row_be
       for (int64_t x = 0; x < nb.interior_begin; ++x) row_acc[x] += border_sum(nb, xp, x, width, value);
       for (int64_t x = nb.interior_end; x < width; ++x) row_acc[x] += border_sum(nb, xp, x, width, value);
     }
-    double sum = 0.0;
-    for (int64_t x = 0; x < width; ++x) sum += static_cast<double>(row_acc[x]);
-    row_sums[r] = sum;
+    row_sums[r] = row_total(row_acc, width);
   }
 }
 
