@@ -134,10 +134,10 @@ struct RowNeighbours {
 
 // Sets up RowNeighbours for row y; offset j of the list is
 // neighbour_offset(offset_index(j), dilation).  Weight rows are computed into
-// `weights` (N rows of width).
+// `weights`, N rows of width, `row_stride` apart.
 template <typename scalar, int N, typename OffsetIndex>
 BOXLOSS_ALWAYS_INLINE void neighbours_of_row(const Problem& problem, int64_t b, int64_t y, OffsetIndex offset_index,
-                                             acc_t<scalar>* weights, acc_t<scalar>* scratch,
+                                             acc_t<scalar>* weights, int64_t row_stride, acc_t<scalar>* scratch,
                                              RowNeighbours<acc_t<scalar>, N>* out) {
   using acc = acc_t<scalar>;
   const int64_t width = problem.width;
@@ -147,7 +147,7 @@ BOXLOSS_ALWAYS_INLINE void neighbours_of_row(const Problem& problem, int64_t b, 
   for (int j = 0; j < N; ++j) {
     const Offset offset = neighbour_offset(offset_index(j), problem.dilation);
     const int64_t y2 = y + offset.dy;
-    acc* w = weights + j * width;
+    acc* w = weights + j * row_stride;
     out->weight[j] = w;
     out->dx[j] = offset.dx;
     int64_t x_begin, x_end;
@@ -226,7 +226,7 @@ BOXLOSS_CPU_CLONES void forward_rows_impl(const Problem& problem, int64_t row_be
     const int64_t y = r % height;
     row_status_out[r] = row_status<scalar>(problem, b, y);
     RowNeighbours<acc, N> nb;
-    neighbours_of_row<scalar, N>(problem, b, y, [](int j) { return j; }, weights, scratch, &nb);
+    neighbours_of_row<scalar, N>(problem, b, y, [](int j) { return j; }, weights, width, scratch, &nb);
     for (int64_t x = 0; x < width; ++x) row_acc[x] = acc(0);
     const scalar* probs = static_cast<const scalar*>(problem.probs) + b * problem.num_channels * plane;
     for (int64_t s = 0; s < problem.num_selected; ++s) {
@@ -252,6 +252,117 @@ BOXLOSS_CPU_CLONES void forward_rows_impl(const Problem& problem, int64_t row_be
   }
 }
 
+// The backward pass needs, for row y, the weights of the pairs p = (y, x)
+// belongs to in both directions.  The weight of the reversed offset -o at
+// (y, x) is the weight of o at (y - dy, x - dx), so the forward-offset weight
+// rows of the last `dilation + 1` image rows are kept in a ring and each pair's
+// exp is computed once per task instead of once per end.  Ring rows carry
+// kRingPad >= dilation zeros on each side, so the shifted reads of the
+// reversed offsets see weight 0 beyond the row, and start on 64-byte
+// boundaries.  Larger dilations compute both directions.
+constexpr int32_t kMaxCachedDilation = 8;
+constexpr int64_t kRingPad = 16;  // elements; >= kMaxCachedDilation and a multiple of 64 bytes of float
+
+template <typename scalar, int NB>
+class BackwardWeights {
+ public:
+  using acc = acc_t<scalar>;
+  static constexpr int N = NB / 2;
+
+  explicit BackwardWeights(const Problem& problem)
+      : problem_(problem),
+        width_(problem.width),
+        dilation_(problem.dilation),
+        cached_(problem.dilation <= kMaxCachedDilation),
+        stride_((problem.width + 2 * kRingPad + kRingPad - 1) / kRingPad * kRingPad),
+        scratch_(static_cast<size_t>(problem.width), acc(0)),
+        zero_row_(static_cast<size_t>(problem.width), acc(0)) {
+    if (cached_) {
+      ring_.assign(static_cast<size_t>((dilation_ + 1) * N * stride_ + kRingPad), acc(0));
+      // First element of the first row's padding on a 64-byte boundary.
+      const auto address = reinterpret_cast<uintptr_t>(ring_.data());
+      ring_base_ = ring_.data() + ((64 - address % 64) % 64) / sizeof(acc);
+      ring_row_.assign(static_cast<size_t>(dilation_ + 1), -1);
+    } else {
+      direct_.assign(static_cast<size_t>(NB * width_), acc(0));
+    }
+  }
+
+  // The NB neighbours of row y of image b, in backward_offset_index order.
+  // Always inlined, like every helper here: only the target_clones callers are
+  // compiled for AVX2/AVX-512, an outlined helper would run the baseline code.
+  BOXLOSS_ALWAYS_INLINE void row(int64_t b, int64_t y, RowNeighbours<acc, NB>* nb) {
+    if (!cached_) {
+      neighbours_of_row<scalar, NB>(problem_, b, y, [](int j) { return backward_offset_index(j, NB); },
+                                    direct_.data(), width_, scratch_.data(), nb);
+      return;
+    }
+    const acc* current = forward_rows(b, y);
+    const acc* previous = y - dilation_ >= 0 ? forward_rows(b, y - dilation_) : nullptr;
+    int64_t lo = 0, hi = width_;
+    bool whole_rows = true;
+    for (int j = 0; j < NB; ++j) {
+      const Offset offset = neighbour_offset(backward_offset_index(j, NB), dilation_);
+      int64_t x_begin, x_end;
+      paired_x_range(width_, offset.dx, &x_begin, &x_end);
+      lo = x_begin > lo ? x_begin : lo;
+      hi = x_end < hi ? x_end : hi;
+      const int64_t y2 = y + offset.dy;
+      if (y2 < 0 || y2 >= problem_.height || x_begin >= x_end) {
+        nb->weight[j] = zero_row_.data();
+        nb->row_shift[j] = 0;
+        nb->dx[j] = 0;
+        continue;
+      }
+      nb->row_shift[j] = offset.dy * width_ + offset.dx;
+      nb->dx[j] = offset.dx;
+      whole_rows = whole_rows && shifted_row_in_plane(y2, offset.dx, problem_.height);
+      if (j < N) {
+        nb->weight[j] = current + j * stride_;
+      } else {
+        // w_{-o}(y, x) = w_o(y + dy, x + dx), (dy, dx) = -o being this offset.
+        const acc* source = offset.dy == 0 ? current : previous;
+        nb->weight[j] = source + (j - N) * stride_ + offset.dx;
+      }
+    }
+    if (whole_rows) {
+      nb->interior_begin = 0;
+      nb->interior_end = width_;
+      return;
+    }
+    lo = lo < width_ ? lo : width_;
+    nb->interior_begin = lo;
+    nb->interior_end = hi > lo ? hi : lo;
+  }
+
+ private:
+  // Forward-offset weight rows of image row yy (N rows, stride_ apart).
+  BOXLOSS_ALWAYS_INLINE const acc* forward_rows(int64_t b, int64_t yy) {
+    const int64_t slot = yy % (dilation_ + 1);
+    acc* rows = ring_base_ + slot * N * stride_ + kRingPad;
+    const int64_t key = b * problem_.height + yy;
+    if (ring_row_[slot] != key) {
+      RowNeighbours<acc, N> unused;
+      neighbours_of_row<scalar, N>(problem_, b, yy, [](int j) { return j; }, rows, stride_, scratch_.data(),
+                                   &unused);
+      ring_row_[slot] = key;
+    }
+    return rows;
+  }
+
+  const Problem& problem_;
+  const int64_t width_;
+  const int64_t dilation_;
+  const bool cached_;
+  const int64_t stride_;
+  std::vector<acc> scratch_;
+  std::vector<acc> zero_row_;
+  std::vector<acc> ring_;
+  acc* ring_base_ = nullptr;
+  std::vector<int64_t> ring_row_;
+  std::vector<acc> direct_;
+};
+
 template <typename scalar, Kind kind, int NB>
 BOXLOSS_CPU_CLONES void backward_rows_impl(const Problem& problem, const acc_t<scalar>* image_scale,
                                            int64_t row_begin, int64_t row_end, scalar* grad) {
@@ -259,19 +370,16 @@ BOXLOSS_CPU_CLONES void backward_rows_impl(const Problem& problem, const acc_t<s
   const int64_t height = problem.height;
   const int64_t width = problem.width;
   const int64_t plane = problem.plane();
-  std::vector<acc> buffer(static_cast<size_t>(width) * (NB + 1));
-  acc* scratch = buffer.data();
-  acc* weights = scratch + width;  // NB rows of width
+  BackwardWeights<scalar, NB> weights(problem);
   const auto derivative = [](acc a, acc b) { return Term<kind>::grad_first(a, b); };
 
   for (int64_t r = row_begin; r < row_end; ++r) {
     const int64_t b = r / height;
     const int64_t y = r % height;
-    // Every pair p belongs to, in both directions: colour weights computed
-    // once per row and shared by all channels.
+    // Every pair p belongs to, in both directions: colour weights shared by
+    // all channels.
     RowNeighbours<acc, NB> nb;
-    neighbours_of_row<scalar, NB>(problem, b, y, [](int j) { return backward_offset_index(j, NB); }, weights,
-                                  scratch, &nb);
+    weights.row(b, y, &nb);
     const acc scale = image_scale[b];
     const scalar* probs = static_cast<const scalar*>(problem.probs) + b * problem.num_channels * plane;
     scalar* grad_image = grad + b * problem.num_channels * plane;
@@ -286,6 +394,10 @@ BOXLOSS_CPU_CLONES void backward_rows_impl(const Problem& problem, const acc_t<s
         xq[j] = xp + nb.row_shift[j];
         w[j] = nb.weight[j];
       }
+      // The output is a fresh tensor that overlaps no input or weight row;
+      // without this GCC gives up on the 2 NB + 2 pointer alias checks and
+      // leaves the loop scalar.
+#pragma GCC ivdep
       for (int64_t x = nb.interior_begin; x < nb.interior_end; ++x) {
         const acc a = static_cast<acc>(xp[x]);
         acc g = acc(0);
