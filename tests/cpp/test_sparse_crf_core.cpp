@@ -24,6 +24,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "test_support.h"
 #include "boxloss/common/host_device.h"
 #include "boxloss/sparse_crf/cpu.h"
 #include "boxloss/sparse_crf/math.h"
@@ -37,21 +38,6 @@ using boxloss::sparse_crf::Problem;
 namespace cpu = boxloss::sparse_crf::cpu;
 namespace sc = boxloss::sparse_crf;
 
-int64_t g_checks = 0;
-int64_t g_failures = 0;
-
-void check_impl(bool ok, const char* expr, const char* file, int line, const std::string& context) {
-  ++g_checks;
-  if (ok) return;
-  ++g_failures;
-  if (g_failures <= 40) {
-    std::fprintf(stderr, "FAILED %s:%d: %s\n    %s\n", file, line, expr, context.c_str());
-  } else if (g_failures == 41) {
-    std::fprintf(stderr, "(further failures not printed)\n");
-  }
-}
-
-#define CHECK(cond, context) check_impl(static_cast<bool>(cond), #cond, __FILE__, __LINE__, (context))
 
 std::string format(const char* fmt, ...) __attribute__((format(printf, 1, 2)));
 std::string format(const char* fmt, ...) {
@@ -109,23 +95,8 @@ struct Data {
   std::vector<acc_t<T>> scale;    // (B,) image_scale of the backward
 
   Problem problem() const {
-    Problem p;
-    p.probs = probs.data();
-    p.image = image.data();
-    p.valid = valid.empty() ? nullptr : valid.data();
-    p.channels = config.channels.empty() ? nullptr : config.channels.data();
-    p.batch = config.batch;
-    p.num_channels = config.num_channels;
-    p.height = config.height;
-    p.width = config.width;
-    p.image_channels = config.image_channels;
-    p.num_selected = config.channels.empty() ? config.num_channels
-                                             : static_cast<int64_t>(config.channels.size());
-    p.neighbourhood = config.neighbourhood;
-    p.dilation = config.dilation;
-    p.sigma = config.sigma;
-    p.kind = config.kind;
-    return p;
+    return make_problem(config, probs.data(), image.data(), valid.empty() ? nullptr : valid.data(),
+                        config.channels.data());
   }
   int64_t plane() const { return config.height * config.width; }
   int64_t rows() const { return config.batch * config.height; }

@@ -18,6 +18,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "test_support.h"
 #include "boxloss/sparse_crf/cpu.h"
 #include "boxloss/sparse_crf/cuda.h"
 #include "boxloss/sparse_crf/problem.h"
@@ -29,17 +30,6 @@ using boxloss::sparse_crf::Kind;
 using boxloss::sparse_crf::Problem;
 namespace sc = boxloss::sparse_crf;
 
-int64_t g_checks = 0;
-int64_t g_failures = 0;
-
-void check_impl(bool ok, const char* expr, const char* file, int line, const std::string& context) {
-  ++g_checks;
-  if (ok) return;
-  ++g_failures;
-  if (g_failures <= 40) std::fprintf(stderr, "FAILED %s:%d: %s\n    %s\n", file, line, expr, context.c_str());
-}
-
-#define CHECK(cond, context) check_impl(static_cast<bool>(cond), #cond, __FILE__, __LINE__, (context))
 
 // Evaluates a CUDA call; on error records a failure and returns from the
 // enclosing function (which returns void).
@@ -121,8 +111,6 @@ void run_case(const Config& config, uint64_t seed) {
   }
   std::vector<acc> scale;
   for (int64_t b = 0; b < config.batch; ++b) scale.push_back(static_cast<acc>((b % 2 ? -1.0 : 1.0) * (0.5 + unit(rng))));
-  const int64_t num_selected =
-      config.channels.empty() ? config.num_channels : static_cast<int64_t>(config.channels.size());
   std::vector<bool> is_selected(static_cast<size_t>(config.num_channels), config.channels.empty());
   for (int32_t c : config.channels) is_selected[static_cast<size_t>(c)] = true;
   if (config.bad_values) {
@@ -132,21 +120,8 @@ void run_case(const Config& config, uint64_t seed) {
     image[static_cast<size_t>(plane - 1)] = std::numeric_limits<T>::infinity();
   }
 
-  Problem host_problem;
-  host_problem.probs = probs.data();
-  host_problem.image = image.data();
-  host_problem.valid = valid.empty() ? nullptr : valid.data();
-  host_problem.channels = config.channels.empty() ? nullptr : config.channels.data();
-  host_problem.batch = config.batch;
-  host_problem.num_channels = config.num_channels;
-  host_problem.height = config.height;
-  host_problem.width = config.width;
-  host_problem.image_channels = config.image_channels;
-  host_problem.num_selected = num_selected;
-  host_problem.neighbourhood = config.neighbourhood;
-  host_problem.dilation = config.dilation;
-  host_problem.sigma = config.sigma;
-  host_problem.kind = config.kind;
+  const Problem host_problem = make_problem(config, probs.data(), image.data(),
+                                           valid.empty() ? nullptr : valid.data(), config.channels.data());
 
   // CPU reference.
   std::vector<double> row_sums(static_cast<size_t>(rows));

@@ -130,6 +130,22 @@ struct RowNeighbours {
   int32_t dx[N];
   int64_t interior_begin;  // every neighbour's x + dx lies in [0, width) for x in the interior
   int64_t interior_end;
+
+  // [lo, hi) is the intersection of the offsets' paired column ranges.  When
+  // every neighbour row read stays in its plane (shifted_row_in_plane) the
+  // unchecked loop covers the whole row, since weights are 0 where x + dx
+  // leaves it; otherwise it covers [lo, hi), clamped to the row (offsets wider
+  // than the row leave no interior).
+  BOXLOSS_ALWAYS_INLINE void set_interior(int64_t lo, int64_t hi, bool whole_rows, int64_t width) {
+    if (whole_rows) {
+      interior_begin = 0;
+      interior_end = width;
+      return;
+    }
+    lo = lo < width ? lo : width;
+    interior_begin = lo;
+    interior_end = hi > lo ? hi : lo;
+  }
 };
 
 // Sets up RowNeighbours for row y; offset j of the list is
@@ -165,17 +181,7 @@ BOXLOSS_ALWAYS_INLINE void neighbours_of_row(const Problem& problem, int64_t b, 
     whole_rows = whole_rows && whole_row;
     pair_weights_row<scalar>(problem, b, y, offset, x_begin, x_end, whole_row, w, scratch);
   }
-  if (whole_rows) {
-    // Every neighbour read of the row stays in its plane: the unchecked loop
-    // covers the whole row (weights are 0 where x + dx leaves it).
-    out->interior_begin = 0;
-    out->interior_end = width;
-    return;
-  }
-  // Offsets wider than the row leave no interior: clamp to [0, width].
-  lo = lo < width ? lo : width;
-  out->interior_begin = lo;
-  out->interior_end = hi > lo ? hi : lo;
+  out->set_interior(lo, hi, whole_rows, width);
 }
 
 // sum_j w_j[x] f(x_p[x], x_q_j[x]) over the neighbours of pixel x, with the
@@ -325,14 +331,7 @@ class BackwardWeights {
         nb->weight[j] = source + (j - N) * stride_ + offset.dx;
       }
     }
-    if (whole_rows) {
-      nb->interior_begin = 0;
-      nb->interior_end = width_;
-      return;
-    }
-    lo = lo < width_ ? lo : width_;
-    nb->interior_begin = lo;
-    nb->interior_end = hi > lo ? hi : lo;
+    nb->set_interior(lo, hi, whole_rows, width_);
   }
 
  private:
