@@ -255,7 +255,10 @@ def main(argv=None) -> int:
         )
     print(render_table(rows))
     targets = evaluate_targets(rows)
+    targets["default_sizes"] = args.sizes == common.parse_sizes(DEFAULT_SIZES)
     print()
+    if not targets["default_sizes"]:
+        print(f"(the targets are set for the default sizes {DEFAULT_SIZES}; these sizes are informative only)")
     for line in targets["lines"]:
         print(line)
     print(f"(total benchmark time {time.perf_counter() - t_start:.1f} s)")
