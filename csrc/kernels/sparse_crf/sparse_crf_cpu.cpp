@@ -6,15 +6,7 @@
 
 #include <vector>
 
-// The row loops are compiled for baseline x86-64 and again for AVX2+FMA and
-// AVX-512 (x86-64-v3 / v4); the loader picks the widest the CPU supports.
-// Other architectures get the single default build.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define BOXLOSS_CPU_CLONES __attribute__((target_clones("default", "arch=x86-64-v3", "arch=x86-64-v4")))
-#else
-#define BOXLOSS_CPU_CLONES
-#endif
-#define BOXLOSS_ALWAYS_INLINE inline __attribute__((always_inline))
+#include "boxloss/common/cpu_clones.h"
 
 namespace boxloss {
 namespace sparse_crf {
