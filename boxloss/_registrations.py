@@ -42,9 +42,48 @@ def _register_sparse_crf() -> None:
     torch.library.register_autograd("boxloss::sparse_crf_loss", backward, setup_context=setup_context)
 
 
+def _register_row_col_max() -> None:
+    @torch.library.register_fake("boxloss::box_row_col_max")
+    def _box_row_col_max_fake(probs, boxes, box_batch, box_labels, spatial_scale):
+        K = boxes.shape[0]
+        H, W = probs.shape[2], probs.shape[3]
+        index = probs.new_empty((K, H), dtype=torch.long)
+        return (
+            probs.new_empty((K, H)),
+            probs.new_empty((K, W)),
+            index,
+            probs.new_empty((K, W), dtype=torch.long),
+            probs.new_empty((K, 4), dtype=torch.long),
+        )
+
+    @torch.library.register_fake("boxloss::box_row_col_max_backward")
+    def _box_row_col_max_backward_fake(grad_row_max, grad_col_max, row_index, col_index, probs_shape):
+        return grad_row_max.new_empty(probs_shape)
+
+    def setup_context(ctx, inputs, output):
+        probs = inputs[0]
+        _, _, row_index, col_index, _ = output
+        ctx.save_for_backward(row_index, col_index)
+        ctx.probs_shape = probs.shape
+        ctx.mark_non_differentiable(row_index, col_index, output[4])
+
+    def backward(ctx, grad_row_max, grad_col_max, _grad_row_index, _grad_col_index, _grad_ranges):
+        row_index, col_index = ctx.saved_tensors
+        grad_probs = None
+        if ctx.needs_input_grad[0]:
+            grad_probs = torch.ops.boxloss.box_row_col_max_backward.default(
+                grad_row_max, grad_col_max, row_index, col_index, list(ctx.probs_shape)
+            )
+        # Box coordinates only select pixels: the maxima are piecewise constant in them.
+        return grad_probs, None, None, None, None
+
+    torch.library.register_autograd("boxloss::box_row_col_max", backward, setup_context=setup_context)
+
+
 def register_all() -> None:
     global _REGISTERED
     if _REGISTERED:
         return
     _register_sparse_crf()
+    _register_row_col_max()
     _REGISTERED = True

@@ -1,0 +1,50 @@
+"""The box convention, re-derived by enumeration for the tests.
+
+The kernels compute the covered pixels in closed form (csrc/include/boxloss/
+boxes/box_convention.h); this module states the rule literally, one pixel at a
+time, so that the two can be compared.
+
+Rule: map coordinate = image coordinate * spatial_scale; along each axis a box
+covers the map pixels j whose centre j + 0.5 lies in [lo, hi) after clipping
+lo and hi to [0, size]; a box of positive clipped extent that holds no pixel
+centre covers the single pixel containing its midpoint; a box of zero clipped
+extent covers nothing.
+"""
+
+from __future__ import annotations
+
+import math
+
+
+def covered_range(lo: float, hi: float, spatial_scale: float, size: int) -> range:
+    a = min(max(lo * spatial_scale, 0.0), float(size))
+    b = min(max(hi * spatial_scale, 0.0), float(size))
+    if not b > a:
+        return range(0)
+    centres = [j for j in range(size) if a <= j + 0.5 < b]
+    if centres:
+        return range(centres[0], centres[-1] + 1)
+    mid = min(int(math.floor(0.5 * (a + b))), size - 1)
+    return range(mid, mid + 1)
+
+
+def box_pixel_ranges(box, spatial_scale: float, height: int, width: int) -> tuple[range, range]:
+    """(rows, cols) a box (x0, y0, x1, y1) covers; both empty when either is."""
+    x0, y0, x1, y1 = (float(v) for v in box)
+    rows = covered_range(y0, y1, spatial_scale, height)
+    cols = covered_range(x0, x1, spatial_scale, width)
+    if len(rows) == 0 or len(cols) == 0:
+        return range(0), range(0)
+    return rows, cols
+
+
+def check_box(fn: str, k: int, box, batch_index: int, label: int, batch: int, channels: int) -> None:
+    x0, y0, x1, y1 = (float(v) for v in box)
+    if any(math.isnan(v) for v in (x0, y0, x1, y1)):
+        raise ValueError(f"{fn}: boxes must not hold NaN, got boxes[{k}] = {(x0, y0, x1, y1)}")
+    if x1 < x0 or y1 < y0:
+        raise ValueError(f"{fn}: boxes must have x1 >= x0 and y1 >= y0, got boxes[{k}] = {(x0, y0, x1, y1)}")
+    if not 0 <= batch_index < batch:
+        raise ValueError(f"{fn}: box_batch must lie in [0, {batch}), got box_batch[{k}] = {batch_index}")
+    if not 0 <= label < channels:
+        raise ValueError(f"{fn}: box_labels must lie in [0, {channels}), got box_labels[{k}] = {label}")
