@@ -29,10 +29,9 @@ def box_row_col_max_reference(probs, boxes, box_batch, box_labels, spatial_scale
     """
     B, C, H, W = probs.shape
     rows_out, cols_out, ranges = [], [], []
-    for k in range(boxes.shape[0]):
-        b, label = int(box_batch[k]), int(box_labels[k])
-        check_box(_FN, k, boxes[k].tolist(), b, label, B, C)
-        rows, cols = box_pixel_ranges(boxes[k].tolist(), spatial_scale, H, W)
+    for k, (box, b, label) in enumerate(zip(boxes.tolist(), box_batch.tolist(), box_labels.tolist())):
+        check_box(_FN, k, box, b, label, B, C)
+        rows, cols = box_pixel_ranges(box, spatial_scale, H, W)
         row_max = probs.new_zeros(H)
         col_max = probs.new_zeros(W)
         if len(rows) > 0:
@@ -66,10 +65,9 @@ def tight_box_loss_reference(probs, boxes, box_batch, box_labels, *, spatial_sca
     or the mean of (mean row max - 1)^2 and (mean col max - 1)^2 ("both")."""
     B, C, H, W = probs.shape
     losses, nonempty = [], []
-    for k in range(boxes.shape[0]):
-        b, label = int(box_batch[k]), int(box_labels[k])
-        check_box("tight_box_loss", k, boxes[k].tolist(), b, label, B, C)
-        rows, cols = box_pixel_ranges(boxes[k].tolist(), spatial_scale, H, W)
+    for k, (box, b, label) in enumerate(zip(boxes.tolist(), box_batch.tolist(), box_labels.tolist())):
+        check_box("tight_box_loss", k, box, b, label, B, C)
+        rows, cols = box_pixel_ranges(box, spatial_scale, H, W)
         if len(rows) == 0:
             losses.append(probs.new_zeros(()))
             nonempty.append(False)
@@ -87,21 +85,16 @@ def tight_box_loss_reference(probs, boxes, box_batch, box_labels, *, spatial_sca
     return _reduce_boxes(per_box, torch.tensor(nonempty, dtype=torch.bool), reduction)
 
 
-def _boxes_of(boxes, box_batch, box_labels, spatial_scale, H, W, b, c):
-    """Covered (rows, cols) of the non-empty boxes of class c in image b."""
-    out = []
-    for k in range(boxes.shape[0]):
-        if int(box_batch[k]) == b and int(box_labels[k]) == c:
-            rows, cols = box_pixel_ranges(boxes[k].tolist(), spatial_scale, H, W)
-            if len(rows) > 0:
-                out.append((rows, cols))
+def _covered_by_class(fn, probs, boxes, box_batch, box_labels, spatial_scale):
+    """Checks every box; returns {(b, c): [(rows, cols) of its non-empty boxes]}."""
+    B, C, H, W = probs.shape
+    out = {}
+    for k, (box, b, c) in enumerate(zip(boxes.tolist(), box_batch.tolist(), box_labels.tolist())):
+        check_box(fn, k, box, b, c, B, C)
+        rows, cols = box_pixel_ranges(box, spatial_scale, H, W)
+        if len(rows) > 0:
+            out.setdefault((b, c), []).append((rows, cols))
     return out
-
-
-def _check_all(fn, probs, boxes, box_batch, box_labels):
-    B, C = probs.shape[:2]
-    for k in range(boxes.shape[0]):
-        check_box(fn, k, boxes[k].tolist(), int(box_batch[k]), int(box_labels[k]), B, C)
 
 
 def mil_box_loss_reference(probs, boxes, box_batch, box_labels, *, spatial_scale=1.0, background_channel=0,
@@ -114,12 +107,12 @@ def mil_box_loss_reference(probs, boxes, box_batch, box_labels, *, spatial_scale
     (``negatives="present"``: only classes with a box in the image).  The image
     loss is the mean binary cross-entropy over all its bags."""
     B, C, H, W = probs.shape
-    _check_all("mil_box_loss", probs, boxes, box_batch, box_labels)
+    by_class = _covered_by_class("mil_box_loss", probs, boxes, box_batch, box_labels, spatial_scale)
     per_image = []
     for b in range(B):
         terms = []
         for c in range(C):
-            own = _boxes_of(boxes, box_batch, box_labels, spatial_scale, H, W, b, c)
+            own = by_class.get((b, c), [])
             for rows, cols in own:
                 region = probs[b, c, rows.start : rows.stop, cols.start : cols.stop]
                 for bag_max in (_first_max(region, 1), _first_max(region, 0)):
@@ -150,12 +143,12 @@ def projection_loss_reference(probs, boxes, box_batch, box_labels, *, spatial_sc
     dice(p, t) = 1 - 2 sum(p t) / (sum p^2 + sum t^2 + eps); the image loss is
     the mean over its classes with a box (0 without any)."""
     B, C, H, W = probs.shape
-    _check_all("projection_loss", probs, boxes, box_batch, box_labels)
+    by_class = _covered_by_class("projection_loss", probs, boxes, box_batch, box_labels, spatial_scale)
     per_image = []
     for b in range(B):
         terms = []
         for c in range(C):
-            own = _boxes_of(boxes, box_batch, box_labels, spatial_scale, H, W, b, c)
+            own = by_class.get((b, c), [])
             if not own:
                 continue
             mask = probs.new_zeros(H, W)
