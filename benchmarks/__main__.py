@@ -1,0 +1,29 @@
+"""Runs every kernel benchmark at its default sizes (or all with --quick):
+
+    python -m benchmarks            # sparse_crf, then box_priors
+    python -m benchmarks --quick    # the smoke runs
+"""
+
+from __future__ import annotations
+
+import sys
+
+from benchmarks import box_priors, sparse_crf
+
+BENCHMARKS = (("sparse_crf", sparse_crf), ("box_priors", box_priors))
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0
+    status = 0
+    for name, module in BENCHMARKS:
+        print(f"==================== benchmarks.{name} ====================", flush=True)
+        status |= module.main(argv)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
