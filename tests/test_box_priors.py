@@ -393,3 +393,14 @@ def test_pack_boxes():
 def test_cuda_kernels_registered_when_built_with_cuda():
     has = torch._C._dispatch_has_kernel_for_dispatch_key("boxloss::box_row_col_max", "CUDA")
     assert has == boxloss.cuda_kernels_built()
+
+
+def test_raw_backward_rejects_foreign_indices():
+    probs, boxes, batch, labels = _good()
+    _, _, row_index, col_index, _ = OP(probs, boxes, batch, labels, 1.0)
+    grow, gcol = torch.ones(row_index.shape, dtype=probs.dtype), torch.ones(col_index.shape, dtype=probs.dtype)
+    for bad_row in (row_index.clamp_min(0) + probs.numel(), row_index - 5, row_index.flip(0)):
+        if torch.equal(bad_row, row_index):
+            continue
+        with pytest.raises(ValueError, match="must be the indices box_row_col_max returned"):
+            OP_BACKWARD(grow, gcol, bad_row, col_index, list(probs.shape))

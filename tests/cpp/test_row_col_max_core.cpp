@@ -102,7 +102,7 @@ void test_forward_backward(int64_t B, int64_t C, int64_t H, int64_t W, int64_t K
   out.status = status.data();
   boxloss::row_col_max::cpu::forward_boxes<float>(p, 0, K, out);
 
-  std::vector<float> grad(probs.size(), 0.0f), want_grad(probs.size(), 0.0f);
+  std::vector<float> grad(probs.size(), 7.0f), want_grad(probs.size(), 0.0f);
   std::vector<float> g_row(row_max.size()), g_col(col_max.size());
   for (auto& v : g_row) v = float(u(rng));
   for (auto& v : g_col) v = float(u(rng));
@@ -130,7 +130,7 @@ void test_forward_backward(int64_t B, int64_t C, int64_t H, int64_t W, int64_t K
       if (best >= 0) want_grad[best] += g_col[k * W + c];
     }
   }
-  boxloss::row_col_max::cpu::backward_boxes<float>(K, H, W, g_row.data(), g_col.data(), row_index.data(),
+  boxloss::row_col_max::cpu::backward_boxes<float>(K, B * C, H, W, g_row.data(), g_col.data(), row_index.data(),
                                                    col_index.data(), grad.data());
   for (size_t i = 0; i < grad.size(); ++i) CHECK(grad[i] == want_grad[i], "grad at " + std::to_string(i));
 }

@@ -66,17 +66,27 @@ at::Tensor box_row_col_max_backward_cpu(const at::Tensor& grad_row_max, const at
   const at::Tensor gcol = grad_col_max.to(dtype).contiguous();
   const at::Tensor rindex = row_index.contiguous();
   const at::Tensor cindex = col_index.contiguous();
-  at::Tensor grad = at::zeros(probs_shape, grow.options());
+  // Each plane is zeroed and scattered into by one task, while it is in cache.
+  at::Tensor grad = at::empty(probs_shape, grow.options());
   const int64_t K = grow.size(0), H = probs_shape[2], W = probs_shape[3];
-  if (dtype == at::kDouble) {
-    row_col_max::cpu::backward_boxes<double>(K, H, W, grow.data_ptr<double>(), gcol.data_ptr<double>(),
-                                             rindex.data_ptr<int64_t>(), cindex.data_ptr<int64_t>(),
-                                             grad.data_ptr<double>());
-  } else {
-    row_col_max::cpu::backward_boxes<float>(K, H, W, grow.data_ptr<float>(), gcol.data_ptr<float>(),
-                                            rindex.data_ptr<int64_t>(), cindex.data_ptr<int64_t>(),
-                                            grad.data_ptr<float>());
-  }
+  const int64_t planes = probs_shape[0] * probs_shape[1];
+  const row_col_max::cpu::BackwardPlan plan =
+      row_col_max::cpu::plan_backward(K, planes, H, W, rindex.data_ptr<int64_t>(), cindex.data_ptr<int64_t>());
+  TORCH_CHECK_VALUE(plan.valid, "box_row_col_max_backward: row_index and col_index must be the indices "
+                    "box_row_col_max returned for a probs of shape ", probs_shape,
+                    " (each box's indices in one plane, -1 where a box has no row or column)");
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(1, H * W));
+  at::parallel_for(0, planes, grain, [&](int64_t begin, int64_t end) {
+    if (dtype == at::kDouble) {
+      row_col_max::cpu::backward_planes<double>(plan, begin, end, H, W, grow.data_ptr<double>(),
+                                                gcol.data_ptr<double>(), rindex.data_ptr<int64_t>(),
+                                                cindex.data_ptr<int64_t>(), grad.data_ptr<double>());
+    } else {
+      row_col_max::cpu::backward_planes<float>(plan, begin, end, H, W, grow.data_ptr<float>(),
+                                               gcol.data_ptr<float>(), rindex.data_ptr<int64_t>(),
+                                               cindex.data_ptr<int64_t>(), grad.data_ptr<float>());
+    }
+  });
   return grad.to(grad_row_max.scalar_type());
 }
 

@@ -66,8 +66,17 @@ at::Tensor box_row_col_max_backward_cuda(const at::Tensor& grad_row_max, const a
   const at::Tensor gcol = grad_col_max.to(dtype).contiguous();
   const at::Tensor rindex = row_index.contiguous();
   const at::Tensor cindex = col_index.contiguous();
-  at::Tensor grad = at::zeros(probs_shape, grow.options());
   const int64_t K = grow.size(0), H = probs_shape[2], W = probs_shape[3];
+  if (K > 0) {
+    // A bad index would write outside grad: one small reduction and host copy.
+    const at::Tensor bounds = at::stack({at::minimum(rindex.min(), cindex.min()),
+                                         at::maximum(rindex.max(), cindex.max())}).cpu();
+    const int64_t numel = c10::multiply_integers(probs_shape);
+    TORCH_CHECK_VALUE(bounds[0].item<int64_t>() >= -1 && bounds[1].item<int64_t>() < numel,
+                      "box_row_col_max_backward: row_index and col_index must be the indices box_row_col_max "
+                      "returned for a probs of shape ", probs_shape, " (in [-1, ", numel, "))");
+  }
+  at::Tensor grad = at::zeros(probs_shape, grow.options());
   const auto stream = at::cuda::getCurrentCUDAStream();
   if (dtype == at::kDouble) {
     C10_CUDA_CHECK(row_col_max::cuda::launch_backward<double>(
