@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,7 +85,10 @@ def decode_segmentation(seg, height: int, width: int) -> np.ndarray:
     else:
         counts = seg["counts"]
         rle = {"size": list(seg["size"]), "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
-    return api.decode(rle).astype(bool)
+    with warnings.catch_warnings():  # pycocotools' compiled decoder predates numpy 2's __array__(copy=) protocol
+        warnings.filterwarnings("ignore", message=r"__array__ implementation doesn't accept a copy keyword",
+                                category=DeprecationWarning)
+        return api.decode(rle).astype(bool)
 
 
 def _tight(region: np.ndarray) -> list[float]:

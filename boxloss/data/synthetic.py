@@ -391,8 +391,9 @@ def _void(instances: np.ndarray, band: int) -> np.ndarray:
         instances, size=size, mode="nearest")
 
 
-def _render(config: SyntheticConfig, rng: np.random.Generator):
-    """(image (H, W, 3) uint8, instances (H, W) uint8, labels (K,) int64) of one scene."""
+def _render(config: SyntheticConfig, rng: np.random.Generator, details: dict | None = None):
+    """(image (H, W, 3) uint8, instances (H, W) uint8, labels (K,) int64) of one scene; ``details`` (a dict), if
+    given, receives ``full_masks`` (K, H, W) bool (each object's whole shape inside the image) and ``depth`` (K,)."""
     H, W = config.image_size
     S = float(np.sqrt(H * W))
     L = config.num_classes
@@ -413,15 +414,20 @@ def _render(config: SyntheticConfig, rng: np.random.Generator):
         rec = recipes[cls]
         d = int(np.clip(S * rec.size * np.exp(rng.normal(0, 0.3)), 10, 0.95 * min(H, W)))
         mask = _shape_mask(rng, rec, d)
-        if overlap:
-            oy, ox, od = other["y"], other["x"], other["mask"].shape[0]
-            cy = oy + od / 2 + rng.uniform(-0.55, 0.55) * (od + d) / 2
-            cx = ox + od / 2 + rng.uniform(-0.55, 0.55) * (od + d) / 2
-            y, x = int(cy - d / 2), int(cx - d / 2)
+        rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+        if rows.size == 0:
+            continue
+        shape_box = (rows[0], cols[0], rows[-1] + 1, cols[-1] + 1)  # the shape's tight box inside its canvas
+        if overlap:  # the two shapes' boxes overlap: centres closer than 3/4 of the summed half sizes
+            (oy0, ox0, oy1, ox1), (sy0, sx0, sy1, sx1) = other["box"], shape_box
+            cy = (oy0 + oy1) / 2 + rng.uniform(-0.75, 0.75) * ((oy1 - oy0) + (sy1 - sy0)) / 2
+            cx = (ox0 + ox1) / 2 + rng.uniform(-0.75, 0.75) * ((ox1 - ox0) + (sx1 - sx0)) / 2
+            y, x = int(round(cy - (sy0 + sy1) / 2)), int(round(cx - (sx0 + sx1) / 2))
         else:
             y, x = _place(rng, d, H, W, rng.random() < config.border_prob)
         if _clip(y, x, d, H, W) is not None:
-            objects.append({"cls": cls, "mask": mask, "y": y, "x": x})
+            box = (y + shape_box[0], x + shape_box[1], y + shape_box[2], x + shape_box[3])
+            objects.append({"cls": cls, "mask": mask, "y": y, "x": x, "box": box})
     order = list(rng.permutation(len(objects)))  # back to front: the smaller object is not always in front
 
     def instance_map(order):
@@ -453,6 +459,14 @@ def _render(config: SyntheticConfig, rng: np.random.Generator):
     lut[[z + 1 for z in kept]] = np.arange(1, len(kept) + 1)
     inst = lut[inst]
     labels = np.array([objects[z]["cls"] + 1 for z in kept], np.int64)
+    if details is not None:
+        full = np.zeros((len(kept), H, W), bool)
+        for k, z in enumerate(kept):
+            o = objects[z]
+            img_sl, can_sl = _clip(o["y"], o["x"], o["mask"].shape[0], H, W)
+            full[k][img_sl] = o["mask"][can_sl]
+        details["full_masks"] = full
+        details["depth"] = np.array([order.index(z) for z in kept], np.int64)
 
     # --- appearance ---------------------------------------------------------------------------------------------
     ca, cb = _random_colours(rng)
@@ -560,6 +574,24 @@ def generate_sample(config: SyntheticConfig, split: str, index: int) -> Sample:
     """
     image, inst, labels = _render(config, _rng(config, split, index))
     return sample_from_instances(image, inst, labels, config.void_band, image_id(split, index))
+
+
+@dataclass
+class SceneLayout:
+    """A generated sample with what occlusion hid: ``full_masks`` (K, H, W) bool is each object's whole shape inside
+    the image, ``depth`` (K,) its rank back to front (0 is at the back). Why: to check occlusion and depth order."""
+
+    sample: Sample
+    full_masks: np.ndarray
+    depth: np.ndarray
+
+
+def generate_scene(config: SyntheticConfig, split: str, index: int) -> SceneLayout:
+    """:func:`generate_sample` plus the scene layout (the same sample: the layout is recorded, not re-drawn)."""
+    details: dict = {}
+    image, inst, labels = _render(config, _rng(config, split, index), details)
+    sample = sample_from_instances(image, inst, labels, config.void_band, image_id(split, index))
+    return SceneLayout(sample, details["full_masks"], details["depth"])
 
 
 def _generate_chunk(config: SyntheticConfig, split: str, start: int, stop: int):

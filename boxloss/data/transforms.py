@@ -56,8 +56,9 @@ def _nearest(a: np.ndarray | None, out_h: int, out_w: int) -> np.ndarray | None:
     if a is None:
         return None
     h, w = a.shape[:2]
-    rows = np.minimum(((np.arange(out_h) + 0.5) * (h / out_h)).astype(np.int64), h - 1)
-    cols = np.minimum(((np.arange(out_w) + 0.5) * (w / out_w)).astype(np.int64), w - 1)
+    # source pixel under each output pixel centre: floor((i + 1/2) * h / out_h), in exact integer arithmetic
+    rows = (2 * np.arange(out_h, dtype=np.int64) + 1) * h // (2 * out_h)
+    cols = (2 * np.arange(out_w, dtype=np.int64) + 1) * w // (2 * out_w)
     return a[rows[:, None], cols[None, :]]
 
 

@@ -106,7 +106,7 @@ def read_mask_png(path: str | os.PathLike, num_classes: int | None = None) -> np
             found = pal_code[order][pos] == code
             if not found.all():
                 i, j = np.argwhere(~found)[0]
-                raise ValueError(f"{path}: RGB mask colour {tuple(rgb[i, j])} at row {i}, column {j} is not in "
+                raise ValueError(f"{path}: RGB mask colour {tuple(int(v) for v in rgb[i, j])} at row {i}, column {j} is not in "
                                  "the VOC palette")
             mask = order[pos].astype(np.uint8)
         elif mode in ("I", "I;16", "1"):
@@ -135,7 +135,7 @@ def write_image(path: str | os.PathLike, image: np.ndarray, quality: int = 95) -
     """PNG (lossless) or JPEG (``quality``) by the file extension."""
     img = Image.fromarray(np.ascontiguousarray(image, np.uint8), mode="RGB")
     if str(path).lower().endswith((".jpg", ".jpeg")):
-        img.save(path, quality=quality)
+        img.save(path, quality=quality, subsampling=0)  # 4:4:4: no chroma blur on small, saturated objects
     else:
         img.save(path)
 
