@@ -25,7 +25,7 @@ def test_statistics_of_known_samples():
     st = compute_statistics(_known(), 3, ["one", "two", "three"])
     assert st.num_images == 2 and st.num_boxes == 3 and st.boxes_per_image == 1.5
     np.testing.assert_allclose(st.class_fill[:2], [18 / (36 - 6), 32 / 36])  # void counts on neither side
-    assert np.isnan(st.class_fill[2]) and st.class_boxes.tolist() == [1, 1, 0]
+    assert np.isnan(st.class_fill[2]) and st.class_boxes.tolist() == [2, 1, 0]
     assert st.fill_range == pytest.approx((0.6, 32 / 36))
     assert st.overlap_pixels == pytest.approx((4 / 100 + 0) / 2)  # A and B share a 2x2 square
     assert st.images_with_overlap == 0.5

@@ -251,3 +251,15 @@ def test_two_thousand_default_training_images_in_under_a_minute(tmp_path):
     ds = SyntheticBoxDataset("train", 2000, SyntheticConfig(), cache_dir=tmp_path)
     elapsed = time.perf_counter() - t
     assert len(ds) == 2000 and elapsed < 60, f"{elapsed:.1f} s"
+
+
+def test_cached_dataset_pickles_as_a_path_and_reopens(tmp_path):
+    import pickle
+
+    ds = SyntheticBoxDataset("val", 4, CFG, cache_dir=tmp_path)
+    blob = pickle.dumps(ds)
+    assert len(blob) < 20_000  # not the images
+    back = pickle.loads(blob)
+    np.testing.assert_array_equal(back[3].image, ds[3].image)
+    in_memory = SyntheticBoxDataset("val", 4, CFG, cache=False)
+    np.testing.assert_array_equal(pickle.loads(pickle.dumps(in_memory))[2].mask, ds[2].mask)

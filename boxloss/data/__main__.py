@@ -17,7 +17,7 @@ import time
 
 from boxloss.data.coco import COCOBoxDataset, export_coco
 from boxloss.data.stats import compute_statistics, format_report
-from boxloss.data.synthetic import DEFAULT_SPLIT_SIZES, SPLITS, SyntheticBoxDataset, SyntheticConfig, cache_path
+from boxloss.data.synthetic import DEFAULT_SPLIT_SIZES, SPLITS, SyntheticBoxDataset, SyntheticConfig
 from boxloss.data.voc import VOCBoxDataset, export_voc
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import warnings
 from collections import Counter
 
+import numpy as np
+
 ON_ERROR = ("raise", "skip")
 
 
@@ -57,3 +59,25 @@ class InputIssues:
         if self.skipped or self.repaired:
             first = self.log[0] if self.log else ""
             warnings.warn(f"{self.owner}: {self.summary()} (first: {first}; all messages in .skip_log)", stacklevel=3)
+
+
+def check_box(box, width: int, height: int, where: str, issues: InputIssues):
+    """Validate a continuous box against the image: zero/negative size or entirely outside is a problem (the box is
+    skipped in skip mode); partly outside is clipped in skip mode. Returns the box to keep, or None."""
+    x0, y0, x1, y1 = box
+    if not all(np.isfinite(v) for v in box):
+        issues.problem("non-finite box", f"{where} has a non-finite coordinate: {tuple(box)}")
+        return None
+    if x1 <= x0 or y1 <= y0:
+        issues.problem("zero-size box", f"{where} has zero or negative size: x0={x0:g}, y0={y0:g}, x1={x1:g}, "
+                       f"y1={y1:g} (continuous coordinates)")
+        return None
+    if x1 <= 0 or y1 <= 0 or x0 >= width or y0 >= height:
+        issues.problem("box outside image", f"{where} ({x0:g}, {y0:g}, {x1:g}, {y1:g}) lies outside the "
+                       f"{width}x{height} image")
+        return None
+    if x0 < 0 or y0 < 0 or x1 > width or y1 > height:
+        issues.repair("box clipped to image", f"{where} ({x0:g}, {y0:g}, {x1:g}, {y1:g}) extends outside the "
+                      f"{width}x{height} image")
+        return max(x0, 0.0), max(y0, 0.0), min(x1, float(width)), min(y1, float(height))
+    return x0, y0, x1, y1

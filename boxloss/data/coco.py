@@ -40,9 +40,9 @@ from typing import Callable, Iterable, Mapping, Sequence
 import numpy as np
 from torch.utils.data import Dataset
 
-from boxloss.data._issues import InputIssues
+from boxloss.data._images import image_size, read_image, write_image
+from boxloss.data._issues import InputIssues, check_box
 from boxloss.data.sample import VOID, Sample
-from boxloss.data.voc import check_box, image_size, read_image, write_image
 
 CROWD = ("void", "ignore")
 

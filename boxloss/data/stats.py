@@ -48,7 +48,7 @@ VOC_REFERENCE = {
 @dataclass
 class DatasetStatistics:
     """Measured statistics; ``class_fill`` (L,) and ``class_boxes`` (L,) are indexed by class channel - 1
-    (``nan`` fill for a class with no box)."""
+    (``nan`` fill for a class with no box in an image with a mask; ``class_boxes`` counts every box)."""
 
     num_images: int
     num_boxes: int
@@ -98,6 +98,7 @@ def compute_statistics(samples: Iterable[Sample], num_classes: int,
     without one count for everything else."""
     fill_sum = np.zeros(num_classes)
     fill_n = np.zeros(num_classes, np.int64)
+    class_boxes = np.zeros(num_classes, np.int64)
     n_img = n_box = n_border = n_overlap_img = n_mask = 0
     overlap_sum = void_sum = 0.0
     sizes = set()
@@ -111,6 +112,7 @@ def compute_statistics(samples: Iterable[Sample], num_classes: int,
             raise ValueError(f"compute_statistics: sample {s.image_id} has labels {s.labels.tolist()} outside "
                              f"1..{num_classes}")
         b = s.boxes.astype(np.float64)
+        np.add.at(class_boxes, s.labels - 1, 1)
         if k:
             n_border += int(((b[:, 0] <= 0) | (b[:, 1] <= 0) | (b[:, 2] >= w) | (b[:, 3] >= h)).sum())
             cover = coverage_count(b, h, w)
@@ -133,7 +135,7 @@ def compute_statistics(samples: Iterable[Sample], num_classes: int,
     size = ", ".join(f"{w}x{h}" for h, w in sorted(sizes)[:3]) + (" ..." if len(sizes) > 3 else "")
     return DatasetStatistics(
         num_images=n_img, num_boxes=n_box, boxes_per_image=n_box / max(n_img, 1), class_fill=fill,
-        class_boxes=fill_n if n_mask else np.zeros(num_classes, np.int64), overlap_pixels=overlap_sum / max(n_img, 1),
+        class_boxes=class_boxes, overlap_pixels=overlap_sum / max(n_img, 1),
         images_with_overlap=n_overlap_img / max(n_img, 1), border_boxes=n_border / max(n_box, 1),
         void_pixels=void_sum / max(n_mask, 1), class_names=names, image_size=size, images_with_mask=n_mask,
     )

@@ -36,7 +36,7 @@ import warnings
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable
 
 import numpy as np
 from scipy import ndimage
@@ -50,7 +50,6 @@ SPLITS = ("train", "val", "test")
 DEFAULT_SPLIT_SIZES = {"train": 2000, "val": 500, "test": 500}
 MAX_SYNTHETIC_CLASSES = 20
 TEXTURES = ("stripes", "spots", "checker", "grain")
-STYLES = ("solid", "lobed", "star", "ring")
 
 
 @dataclass(frozen=True)
@@ -709,6 +708,13 @@ def _cached_sizes(folder: Path, split: str) -> list[int]:
     return sorted(sizes)
 
 
+def _cached_sizes_at_least(folder: Path, split: str, n: int) -> int:
+    for m in _cached_sizes(folder, split):
+        if m >= n:
+            return m
+    raise FileNotFoundError(f"synthetic cache {folder} no longer holds {n} {split} images")
+
+
 def _load_cached(config: SyntheticConfig, files: dict[str, Path], n: int) -> SyntheticArrays:
     H, W = config.image_size
     with np.load(files["boxes"]) as z:
@@ -819,9 +825,25 @@ class SyntheticBoxDataset(Dataset):
                                                             workers=workers, log=log)
         else:
             self.arrays, self.cache_path = generate_split(self.config, split, n, workers=workers), None
+        self.num_images = n
         self.transform = transform
         self.class_names = self.config.class_names
         self.num_classes = self.config.num_classes
+
+    def __getstate__(self):
+        # a cached split travels as its path (DataLoader workers started by spawn reopen the memory maps) rather
+        # than as a copy of every image
+        state = dict(self.__dict__)
+        if self.cache_path is not None:
+            state["arrays"] = None
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        if self.arrays is None:
+            files = _split_files(self.cache_path, self.split, _cached_sizes_at_least(self.cache_path, self.split,
+                                                                                    self.num_images))
+            self.arrays = _load_cached(self.config, files, self.num_images)
 
     def __len__(self) -> int:
         return len(self.arrays)

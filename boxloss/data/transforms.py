@@ -66,7 +66,7 @@ def resize(sample: Sample, height: int, width: int) -> Sample:
     """The sample resized to ``height`` x ``width`` (boxes scaled by ``width / W`` and ``height / H``)."""
     height, width = _size((height, width), "resize")
     h, w = sample.height, sample.width
-    image = np.asarray(Image.fromarray(sample.image).resize((width, height), Image.BILINEAR))
+    image = np.asarray(Image.fromarray(sample.image).resize((width, height), Image.Resampling.BILINEAR))
     sx, sy = width / w, height / h
     boxes = (sample.boxes.astype(np.float64) * np.array([sx, sy, sx, sy])).astype(np.float32)
     return Sample(image, boxes, sample.labels.copy(), _nearest(sample.mask, height, width), sample.image_id,

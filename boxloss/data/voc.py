@@ -36,7 +36,8 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
-from boxloss.data._issues import InputIssues
+from boxloss.data._images import image_size, read_image, write_image
+from boxloss.data._issues import InputIssues, check_box
 from boxloss.data.sample import VOID, Sample
 
 VOC_CLASSES = (
@@ -123,21 +124,6 @@ def read_mask_png(path: str | os.PathLike, num_classes: int | None = None) -> np
             raise ValueError(f"{path}: mask value {int(mask[i, j])} at row {i}, column {j} is neither a class "
                              f"(0..{num_classes}) nor void (255)")
     return mask
-
-
-def read_image(path: str | os.PathLike) -> np.ndarray:
-    """(H, W, 3) uint8 RGB (grayscale, palette and RGBA images are converted)."""
-    with Image.open(path) as img:
-        return np.array(img.convert("RGB"), np.uint8)
-
-
-def write_image(path: str | os.PathLike, image: np.ndarray, quality: int = 95) -> None:
-    """PNG (lossless) or JPEG (``quality``) by the file extension."""
-    img = Image.fromarray(np.ascontiguousarray(image, np.uint8), mode="RGB")
-    if str(path).lower().endswith((".jpg", ".jpeg")):
-        img.save(path, quality=quality, subsampling=0)  # 4:4:4: no chroma blur on small, saturated objects
-    else:
-        img.save(path)
 
 
 @dataclass
@@ -297,34 +283,6 @@ def resolve_class_names(root: Path, class_names) -> tuple[str, ...]:
     if len(names) > 254:
         raise ValueError(f"class_names: at most 254 classes fit a uint8 mask with void 255, got {len(names)}")
     return names
-
-
-def image_size(path: Path) -> tuple[int, int]:
-    """(H, W) from the file header (no decoding)."""
-    with Image.open(path) as img:
-        return img.height, img.width
-
-
-def check_box(box, width: int, height: int, where: str, issues: InputIssues):
-    """Validate a continuous box against the image: zero/negative size or entirely outside is a problem (the box is
-    skipped in skip mode); partly outside is clipped in skip mode. Returns the box to keep, or None."""
-    x0, y0, x1, y1 = box
-    if not all(np.isfinite(v) for v in box):
-        issues.problem("non-finite box", f"{where} has a non-finite coordinate: {tuple(box)}")
-        return None
-    if x1 <= x0 or y1 <= y0:
-        issues.problem("zero-size box", f"{where} has zero or negative size: x0={x0:g}, y0={y0:g}, x1={x1:g}, "
-                       f"y1={y1:g} (continuous coordinates)")
-        return None
-    if x1 <= 0 or y1 <= 0 or x0 >= width or y0 >= height:
-        issues.problem("box outside image", f"{where} ({x0:g}, {y0:g}, {x1:g}, {y1:g}) lies outside the "
-                       f"{width}x{height} image")
-        return None
-    if x0 < 0 or y0 < 0 or x1 > width or y1 > height:
-        issues.repair("box clipped to image", f"{where} ({x0:g}, {y0:g}, {x1:g}, {y1:g}) extends outside the "
-                      f"{width}x{height} image")
-        return max(x0, 0.0), max(y0, 0.0), min(x1, float(width)), min(y1, float(height))
-    return x0, y0, x1, y1
 
 
 @dataclass
