@@ -497,7 +497,9 @@ def _render(config: SyntheticConfig, rng: np.random.Generator, details: dict | N
             if rng.random() < 0.5:
                 m = m.T
         elif kind < 0.65:  # an ellipse
-            m = _shape_mask(rng, ClassRecipe("", 0.8, "lobed", 0.0, 1.0 + rng.random(), np.pi, 0, 0, "", 0), d)
+            ellipse = ClassRecipe(name="", fill_target=0.8, style="lobed", looseness=0.0, aspect=1.0 + rng.random(),
+                                  rotation=np.pi, size=0.0, hue=0.0, texture="", frequency=0.0)
+            m = _shape_mask(rng, ellipse, d)
         else:
             m = _shape_mask(rng, recipes[shape_cls], d)
         y, x = _place(rng, d, H, W, False)
