@@ -18,7 +18,22 @@ from boxloss.box_priors import (
     projection_loss,
     tight_box_loss,
 )
+from boxloss.box2seg import (
+    Box2SegLoss,
+    affinity_loss,
+    attention_background_loss,
+    attention_box_regulariser,
+    attention_foreground_loss,
+    attention_weighted_loss,
+    box_ce_loss,
+    fill_rate_hinge_loss,
+    fill_rates,
+    pseudo_label_ce_loss,
+)
+from boxloss.box_masks import box_priority, boxes_to_masks
 from boxloss.boxes import PackedBoxes, pack_boxes
+from boxloss.metrics import confusion_matrix, fbeta_score, fill_rate_statistics, iou_table, mean_iou
+from boxloss.pseudo_labels import merge_box_masks
 from boxloss.pairwise import SparseCRFLoss, sparse_crf_loss
 from boxloss.region_priors import (
     NegativeLoss,
@@ -35,6 +50,24 @@ from boxloss.regularized import RegularizedLoss
 __version__ = "0.1.0"
 
 __all__ = [
+    "Box2SegLoss",
+    "affinity_loss",
+    "attention_background_loss",
+    "attention_box_regulariser",
+    "attention_foreground_loss",
+    "attention_weighted_loss",
+    "box_ce_loss",
+    "box_priority",
+    "boxes_to_masks",
+    "confusion_matrix",
+    "fbeta_score",
+    "fill_rate_hinge_loss",
+    "fill_rate_statistics",
+    "fill_rates",
+    "iou_table",
+    "mean_iou",
+    "merge_box_masks",
+    "pseudo_label_ce_loss",
     "BorderBackgroundLoss",
     "BoxRowColMax",
     "MILBoxLoss",

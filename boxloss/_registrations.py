@@ -80,10 +80,19 @@ def _register_row_col_max() -> None:
     torch.library.register_autograd("boxloss::box_row_col_max", backward, setup_context=setup_context)
 
 
+def _register_box_raster() -> None:
+    @torch.library.register_fake("boxloss::box_front_index")
+    def _box_front_index_fake(boxes, box_batch, box_labels, priority, batch, num_classes, height, width, spatial_scale):
+        K = boxes.shape[0]
+        return (boxes.new_empty((batch, height, width), dtype=torch.long),
+                boxes.new_empty((K, 4), dtype=torch.long))
+
+
 def register_all() -> None:
     global _REGISTERED
     if _REGISTERED:
         return
     _register_sparse_crf()
     _register_row_col_max()
+    _register_box_raster()
     _REGISTERED = True

@@ -72,30 +72,36 @@ RowColMaxCall prepare_row_col_max_call(const at::Tensor& probs, const at::Tensor
   return call;
 }
 
-void raise_for_box_status(const at::Tensor& status, const RowColMaxCall& call) {
+void raise_for_box_status(const char* op, const at::Tensor& status, const at::Tensor& boxes,
+                          const at::Tensor& box_batch, const at::Tensor& box_labels, int64_t batch,
+                          int64_t num_channels) {
   const at::Tensor flags = status.to(at::kInt).contiguous();
   const int32_t* s = flags.data_ptr<int32_t>();
   for (int64_t k = 0; k < flags.numel(); ++k) {
     if (s[k] == 0) continue;
-    const at::Tensor box = call.boxes[k].cpu();
+    const at::Tensor box = boxes[k].to(at::kDouble).cpu();
     const double* b = box.data_ptr<double>();
     std::ostringstream coords;
     coords << "(" << b[0] << ", " << b[1] << ", " << b[2] << ", " << b[3] << ")";
     if (s[k] & boxes::kBoxNaN) {
-      TORCH_CHECK_VALUE(false, kOp, ": boxes must not hold NaN, got boxes[", k, "] = ", coords.str());
+      TORCH_CHECK_VALUE(false, op, ": boxes must not hold NaN, got boxes[", k, "] = ", coords.str());
     }
     if (s[k] & boxes::kBoxInverted) {
-      TORCH_CHECK_VALUE(false, kOp, ": boxes must have x1 >= x0 and y1 >= y0 (x0, y0, x1, y1 order), got boxes[",
+      TORCH_CHECK_VALUE(false, op, ": boxes must have x1 >= x0 and y1 >= y0 (x0, y0, x1, y1 order), got boxes[",
                         k, "] = ", coords.str());
     }
     if (s[k] & boxes::kBoxBatchOutOfRange) {
-      TORCH_CHECK_VALUE(false, kOp, ": box_batch must lie in [0, ", call.problem.batch, ") for probs with batch ",
-                        call.problem.batch, ", got box_batch[", k, "] = ", call.box_batch[k].item<int64_t>());
+      TORCH_CHECK_VALUE(false, op, ": box_batch must lie in [0, ", batch, ") for a batch of ", batch,
+                        ", got box_batch[", k, "] = ", box_batch[k].item<int64_t>());
     }
-    TORCH_CHECK_VALUE(false, kOp, ": box_labels must lie in [0, ", call.problem.num_channels,
-                      ") for probs with ", call.problem.num_channels, " channels, got box_labels[", k,
-                      "] = ", call.box_labels[k].item<int64_t>());
+    TORCH_CHECK_VALUE(false, op, ": box_labels must lie in [0, ", num_channels, ") for ", num_channels,
+                      " channels, got box_labels[", k, "] = ", box_labels[k].item<int64_t>());
   }
+}
+
+void raise_for_box_status(const at::Tensor& status, const RowColMaxCall& call) {
+  raise_for_box_status(kOp, status, call.boxes, call.box_batch, call.box_labels, call.problem.batch,
+                       call.problem.num_channels);
 }
 
 void raise_for_probs_status(const at::Tensor& status) {

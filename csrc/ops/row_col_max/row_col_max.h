@@ -26,6 +26,9 @@ RowColMaxCall prepare_row_col_max_call(const at::Tensor& probs, const at::Tensor
 // Raises a ValueError naming the first bad box and what is wrong with it when
 // a BoxStatus bit is set.  `status` holds one int per box, on the CPU.
 void raise_for_box_status(const at::Tensor& status, const RowColMaxCall& call);
+void raise_for_box_status(const char* op, const at::Tensor& status, const at::Tensor& boxes,
+                          const at::Tensor& box_batch, const at::Tensor& box_labels, int64_t batch,
+                          int64_t num_channels);
 
 // Raises when a box's covered pixels hold NaN.  `status` on the CPU.
 void raise_for_probs_status(const at::Tensor& status);

@@ -1,0 +1,266 @@
+r"""Box2Seg losses (Kulharia et al., ECCV 2020, Sec. 3.2-3.5).
+
+Notation of the paper: ``y`` (B, L+1, H, W) segmentation probabilities
+(softmax, channel 0 the background); ``alpha`` (B, L, H, W) class attention
+maps (sigmoid, channel c-1 for class c); ``Bx`` the box-segmentation tensor of
+:func:`boxloss.boxes_to_masks` (one-hot, smaller box in front); ``M`` a pseudo
+ground truth (e.g. GrabCut per box, merged) as a (B, H, W) label map with void
+255 or a one-hot tensor.  Sums run over the m pixels of each image; every loss
+returns one value per image before its ``reduction`` ("mean" over images,
+"sum", or "none" for (B,)).  Logarithms clamp their argument at ``eps`` so no
+loss is infinite.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from boxloss import _checks
+
+ALPHA_REGULARISERS = ("fill-rate", "box")
+
+
+def _probs(fn, name, x, channels=None):
+    _checks.check_tensor(fn, name, x, dim=4, layout="(B, C, H, W)")
+    _checks.check_float_dtype(fn, name, x)
+    if 0 in x.shape:
+        raise ValueError(f"{fn}: {name} must be non-empty, got shape {tuple(x.shape)}")
+    if channels is not None and x.shape[1] != channels:
+        raise ValueError(f"{fn}: {name} must have {channels} channels, got shape {tuple(x.shape)}")
+    return x
+
+
+def _one_hot_target(fn, name, target, y, ignore_index=255):
+    """(one-hot float (B, C, H, W), valid (B, H, W) bool) from a label map or a one-hot tensor."""
+    B, C, H, W = y.shape
+    if not isinstance(target, torch.Tensor):
+        raise TypeError(f"{fn}: {name} must be a tensor, got {type(target).__name__}")
+    if target.dim() == 3:
+        if target.shape != (B, H, W):
+            raise ValueError(f"{fn}: {name} must have shape {(B, H, W)} as a label map, got {tuple(target.shape)}")
+        if target.dtype.is_floating_point or target.dtype == torch.bool:
+            raise TypeError(f"{fn}: {name} as a label map must hold integers, got {target.dtype}")
+        target = target.long()
+        valid = target != ignore_index
+        bad = valid & ((target < 0) | (target >= C))
+        if not torch.compiler.is_compiling() and bool(bad.any()):
+            raise ValueError(f"{fn}: {name} must hold labels in [0, {C}) or {ignore_index} (void), "
+                             f"got {int(target[bad][0])}")
+        onehot = torch.nn.functional.one_hot(torch.where(valid, target, 0), C).permute(0, 3, 1, 2).to(y.dtype)
+        return onehot * valid[:, None], valid
+    if target.shape != y.shape:
+        raise ValueError(f"{fn}: {name} must be a (B, H, W) label map or have the shape of the probabilities "
+                         f"{tuple(y.shape)}, got {tuple(target.shape)}")
+    return target.to(y.dtype), torch.ones(B, H, W, dtype=torch.bool, device=y.device)
+
+
+def _log(y, eps):
+    return torch.log(y.clamp_min(eps))
+
+
+def box_ce_loss(probs, box_masks, *, eps=1e-8, reduction="mean"):
+    r"""L_box (Eq. 1): :math:`-\frac1m\sum_{c=0}^{L}\sum_i B(i,c)\log y(i,c)`, B from
+    :func:`boxloss.boxes_to_masks` (one-hot or label map)."""
+    return _ce("box_ce_loss", probs, box_masks, eps, reduction)
+
+
+def pseudo_label_ce_loss(probs, pseudo_labels, *, eps=1e-8, ignore_index=255, reduction="mean"):
+    r"""L_GC (Eq. 2): :math:`-\frac1m\sum_c\sum_i M(i,c)\log y(i,c)` on a pseudo ground truth M
+    (GrabCut, DenseCRF, ...).  Void pixels (``ignore_index`` in a label map) are left out
+    and m counts the others."""
+    return _ce("pseudo_label_ce_loss", probs, pseudo_labels, eps, reduction, ignore_index)
+
+
+def _ce(fn, probs, target, eps, reduction, ignore_index=255):
+    y = _probs(fn, "probs", probs)
+    _checks.check_choice(fn, "reduction", reduction, _checks.REDUCTIONS)
+    onehot, valid = _one_hot_target(fn, "target", target, y, ignore_index)
+    total = -(onehot * _log(y, eps)).sum((1, 2, 3))
+    per_image = total / valid.sum((1, 2)).clamp_min(1).to(y.dtype)
+    return _checks.reduce_per_image(per_image, reduction)
+
+
+def attention_foreground_loss(probs, attention, box_masks, *, eps=1e-8, reduction="mean"):
+    r"""L_fg (Eq. 3), normalised by box size per class:
+    :math:`-\sum_{c=1}^{L} \frac{\sum_i \alpha(i,c) B(i,c) \log y(i,c)}{\sum_i B(i,c)}`
+    (a class without box pixels contributes 0)."""
+    fn = "attention_foreground_loss"
+    y = _probs(fn, "probs", probs)
+    a = _probs(fn, "attention", attention, y.shape[1] - 1)
+    _checks.check_choice(fn, "reduction", reduction, _checks.REDUCTIONS)
+    bx, _ = _one_hot_target(fn, "box_masks", box_masks, y)
+    fg = bx[:, 1:]
+    num = -(a * fg * _log(y[:, 1:], eps)).sum((2, 3))
+    per_image = (num / fg.sum((2, 3)).clamp_min(1)).sum(1)
+    return _checks.reduce_per_image(per_image, reduction)
+
+
+def attention_background_loss(probs, box_masks, *, eps=1e-8, reduction="mean"):
+    r"""L_bg (Eq. 4): :math:`-\frac{\sum_i B(i,0)\log y(i,0)}{\sum_i B(i,0)}` over the pixels outside
+    every box (0 for an image without any)."""
+    fn = "attention_background_loss"
+    y = _probs(fn, "probs", probs)
+    _checks.check_choice(fn, "reduction", reduction, _checks.REDUCTIONS)
+    bx, _ = _one_hot_target(fn, "box_masks", box_masks, y)
+    bg = bx[:, 0]
+    per_image = -(bg * _log(y[:, 0], eps)).sum((1, 2)) / bg.sum((1, 2)).clamp_min(1)
+    return _checks.reduce_per_image(per_image, reduction)
+
+
+def attention_weighted_loss(probs, attention, box_masks, *, eps=1e-8, reduction="mean"):
+    """L_AW = L_fg + L_bg (Eq. 5)."""
+    return attention_foreground_loss(probs, attention, box_masks, eps=eps, reduction=reduction) + \
+        attention_background_loss(probs, box_masks, eps=eps, reduction=reduction)
+
+
+def attention_box_regulariser(attention, box_masks, *, reduction="mean"):
+    r"""L^bbox_alpha (Eq. 6): :math:`\sum_i\sum_{c=1}^{L}(B(i,c)-\alpha(i,c))^2`, a sum over pixels
+    and classes as in the paper (so it scales with the image size)."""
+    fn = "attention_box_regulariser"
+    a = _probs(fn, "attention", attention)
+    _checks.check_choice(fn, "reduction", reduction, _checks.REDUCTIONS)
+    shape = (a.shape[0], a.shape[1] + 1, a.shape[2], a.shape[3])
+    bx, _ = _one_hot_target(fn, "box_masks", box_masks, a.new_empty(shape))
+    per_image = ((bx[:, 1:] - a) ** 2).sum((1, 2, 3))
+    return _checks.reduce_per_image(per_image, reduction)
+
+
+def fill_rates(masks, box_masks, attention=None):
+    r"""Per image and class (B, L): the pseudo-label fill rate
+    :math:`\eta_c = \sum_i M(i,c) / \sum_i B(i,c)` (Eq. 7) and, with ``attention``, the
+    predicted :math:`\eta'_c = \sum_i B(i,c)\alpha(i,c) / \sum_i B(i,c)` (Eq. 8).  Classes
+    without box pixels get 0.  ``masks`` and ``box_masks`` are one-hot (B, L+1, H, W)
+    or label maps.  Returns (eta, eta_prime or None, has_box (B, L) bool)."""
+    fn = "fill_rates"
+    if attention is not None:
+        a = _probs(fn, "attention", attention)
+        shape = (a.shape[0], a.shape[1] + 1, a.shape[2], a.shape[3])
+        ref = a.new_empty(shape)
+    else:
+        ref_t = box_masks if box_masks.dim() == 4 else masks
+        if ref_t.dim() != 4:
+            raise ValueError(f"{fn}: without attention, masks or box_masks must be one-hot (B, L+1, H, W) to give L")
+        ref = torch.empty(ref_t.shape, dtype=torch.float32, device=ref_t.device)
+    bx, _ = _one_hot_target(fn, "box_masks", box_masks, ref)
+    m, _ = _one_hot_target(fn, "masks", masks, ref)
+    area = bx[:, 1:].sum((2, 3))
+    eta = m[:, 1:].sum((2, 3)) / area.clamp_min(1)
+    eta_prime = None if attention is None else (bx[:, 1:] * a).sum((2, 3)) / area.clamp_min(1)
+    return eta, eta_prime, area > 0
+
+
+def fill_rate_hinge_loss(attention, pseudo_labels, box_masks, *, gamma=0.7, reduction="mean"):
+    r"""L^fr_alpha: :math:`\max(0, \gamma\eta_c - \eta'_c)` per class with boxes (Eq. 7-8), summed over
+    the classes of each image; gamma 0.7 in the paper.  eta is a constant (no gradient)."""
+    fn = "fill_rate_hinge_loss"
+    if not 0 <= gamma <= 1:
+        raise ValueError(f"{fn}: gamma must lie in [0, 1], got {gamma}")
+    _checks.check_choice(fn, "reduction", reduction, _checks.REDUCTIONS)
+    eta, eta_prime, has_box = fill_rates(pseudo_labels, box_masks, attention)
+    hinge = torch.clamp(gamma * eta.detach() - eta_prime, min=0) * has_box
+    return _checks.reduce_per_image(hinge.sum(1), reduction)
+
+
+def affinity_loss(embeddings, probs, *, mode="exact", sample_fraction=0.1, valid_mask=None, labels=None,
+                  generator=None, reduction="mean"):
+    r"""Pixel-embedding affinity loss (Eq. 9-10), as a mean over pixel pairs:
+
+    .. math::
+        L_A = \frac{1}{m^2}\sum_{i,j}\big(\hat\beta_i\cdot\hat\beta_j - y_i\cdot y_j\big)^2,
+        \qquad \hat\beta_i = \beta_i / \lVert\beta_i\rVert
+
+    ``mode="exact"``: over ALL valid pixel pairs without an m x m matrix, through
+    :math:`\sum_{ij}(b_i\cdot b_j - y_i\cdot y_j)^2 = \lVert B^\top B\rVert_F^2 - 2\lVert B^\top Y\rVert_F^2
+    + \lVert Y^\top Y\rVert_F^2` (memory O((d + C)^2), time O(m (d + C)^2)).
+    ``mode="sampled"``: the paper's class-balanced sampling, ``sample_fraction`` of the
+    valid pixels drawn equally from each class (``labels``, default the arg-max of
+    ``probs``), then the mean over all pairs of the sample.  The paper's sum is
+    ``m^2`` times this mean.
+
+    Shape:
+        embeddings (B, d, H, W), probs (B, C, H, W), valid_mask (B, H, W) bool; per-image
+        values reduced over images.
+    """
+    fn = "affinity_loss"
+    _checks.check_tensor(fn, "embeddings", embeddings, dim=4, layout="(B, d, H, W)")
+    y = _probs(fn, "probs", probs)
+    _checks.check_float_dtype(fn, "embeddings", embeddings)
+    if embeddings.shape[0] != y.shape[0] or embeddings.shape[2:] != y.shape[2:]:
+        raise ValueError(f"{fn}: embeddings must match probs in B, H and W ({tuple(y.shape)}), got "
+                         f"{tuple(embeddings.shape)}")
+    _checks.check_choice(fn, "mode", mode, ("exact", "sampled"))
+    _checks.check_choice(fn, "reduction", reduction, _checks.REDUCTIONS)
+    B, C, H, W = y.shape
+    valid = torch.ones(B, H, W, dtype=torch.bool, device=y.device) if valid_mask is None else valid_mask
+    if valid.shape != (B, H, W) or valid.dtype != torch.bool:
+        raise ValueError(f"{fn}: valid_mask must be a bool tensor of shape {(B, H, W)}, got "
+                         f"{getattr(valid, 'dtype', None)} {tuple(getattr(valid, 'shape', ()))}")
+    b = torch.nn.functional.normalize(embeddings.to(y.dtype), dim=1, eps=1e-12).flatten(2)  # (B, d, m)
+    yy = y.flatten(2)  # (B, C, m)
+    v = valid.flatten(1).to(y.dtype)  # (B, m)
+    if mode == "exact":
+        bv, yv = b * v[:, None], yy * v[:, None]
+        bb = torch.bmm(bv, bv.transpose(1, 2))
+        by = torch.bmm(bv, yv.transpose(1, 2))
+        yty = torch.bmm(yv, yv.transpose(1, 2))
+        total = bb.square().sum((1, 2)) - 2 * by.square().sum((1, 2)) + yty.square().sum((1, 2))
+        per_image = total / v.sum(1).square().clamp_min(1)
+        return _checks.reduce_per_image(per_image, reduction)
+    if not 0 < sample_fraction <= 1:
+        raise ValueError(f"{fn}: sample_fraction must lie in (0, 1], got {sample_fraction}")
+    lab = (y.argmax(1) if labels is None else labels).flatten(1)
+    per_image = []
+    for i in range(B):  # sampling gives each image its own pixel count
+        idx = _balanced_sample(lab[i], valid.flatten(1)[i], C, sample_fraction, generator)
+        bs, ys = b[i][:, idx], yy[i][:, idx]
+        diff = bs.t() @ bs - ys.t() @ ys
+        per_image.append(diff.square().mean() if idx.numel() else y.sum() * 0)
+    return _checks.reduce_per_image(torch.stack(per_image), reduction)
+
+
+def _balanced_sample(labels, valid, num_classes, fraction, generator):
+    n_valid = int(valid.sum())
+    total = max(1, int(round(fraction * n_valid)))
+    present = [c for c in range(num_classes) if bool(((labels == c) & valid).any())]
+    if not present:
+        return labels.new_zeros(0)
+    per_class = max(1, total // len(present))
+    picks = []
+    for c in present:
+        pool = torch.nonzero((labels == c) & valid).flatten()
+        perm = torch.randperm(pool.numel(), generator=generator, device="cpu").to(pool.device)
+        picks.append(pool[perm[:per_class]])
+    return torch.cat(picks)
+
+
+class Box2SegLoss(nn.Module):
+    r"""Box2Seg's objective (Eq. 11): :math:`L = L_{GC} + \lambda_{AW} L_{AW} + \lambda_\alpha L_\alpha
+    + \lambda_A L_A` with lambda_AW 10, lambda_alpha 1, lambda_A 1, ``L_alpha`` the fill-rate hinge
+    (gamma 0.7; ``alpha_regulariser="box"`` for Eq. 6) and ``L_A`` the exact affinity loss.
+
+    forward(probs (B, L+1, H, W), attention (B, L, H, W), embeddings (B, d, H, W),
+    box_masks, pseudo_labels, valid_mask=None, return_terms=False).
+    """
+
+    def __init__(self, *, lambda_aw=10.0, lambda_alpha=1.0, lambda_a=1.0, gamma=0.7,
+                 alpha_regulariser="fill-rate", affinity_mode="exact", sample_fraction=0.1, eps=1e-8):
+        super().__init__()
+        _checks.check_choice("Box2SegLoss", "alpha_regulariser", alpha_regulariser, ALPHA_REGULARISERS)
+        _checks.check_choice("Box2SegLoss", "affinity_mode", affinity_mode, ("exact", "sampled"))
+        self.lambda_aw, self.lambda_alpha, self.lambda_a = float(lambda_aw), float(lambda_alpha), float(lambda_a)
+        self.gamma, self.alpha_regulariser, self.affinity_mode = float(gamma), alpha_regulariser, affinity_mode
+        self.sample_fraction, self.eps = float(sample_fraction), float(eps)
+
+    def forward(self, probs, attention, embeddings, box_masks, pseudo_labels, valid_mask=None, return_terms=False):
+        terms = {
+            "gc": pseudo_label_ce_loss(probs, pseudo_labels, eps=self.eps),
+            "aw": attention_weighted_loss(probs, attention, box_masks, eps=self.eps),
+            "alpha": (fill_rate_hinge_loss(attention, pseudo_labels, box_masks, gamma=self.gamma)
+                      if self.alpha_regulariser == "fill-rate" else attention_box_regulariser(attention, box_masks)),
+            "affinity": affinity_loss(embeddings, probs, mode=self.affinity_mode,
+                                      sample_fraction=self.sample_fraction, valid_mask=valid_mask),
+        }
+        total = terms["gc"] + self.lambda_aw * terms["aw"] + self.lambda_alpha * terms["alpha"] + \
+            self.lambda_a * terms["affinity"]
+        return (total, terms) if return_terms else total

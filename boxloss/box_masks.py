@@ -1,0 +1,142 @@
+r"""Box tensors: rasterised boxes in the forms the box-supervised losses use.
+
+- ``"onehot"``: Box2Seg's box-segmentation tensor B (Kulharia et al., ECCV 2020,
+  Sec. 3.1), (B, L+1, H, W) with a background channel 0: each pixel is 1 in
+  the channel of the box in front (by default the smaller box, "assuming that
+  the smaller box is in the front"), or in channel 0 outside every box;
+- ``"labels"``: the same as a (B, H, W) int64 label map (0 outside boxes);
+- ``"union"``: (B, L+1, H, W) bool, channel c true wherever any box of class c
+  lies (LPG's per-class box masks :math:`y^{b_i}`, Xie et al. Eq. 7); channel 0
+  is true outside every box.
+
+Which pixels a box covers is the convention of :mod:`boxloss.boxes` (the
+host/device header ``boxloss/boxes/box_convention.h``); the front box of
+every pixel is found by the ``boxloss::box_front_index`` op (CPU and CUDA).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from boxloss import _checks
+from boxloss._extension import extension_loaded, warn_fallback
+
+ORDERS = ("smaller-front", "larger-front", "later-front")
+FORMS = ("onehot", "labels", "union")
+
+
+def _box_front_reference(boxes, box_batch, box_labels, priority, batch, num_classes, height, width, scale):
+    from boxloss.reference.boxes import box_pixel_ranges, check_box
+
+    front = torch.full((batch, height, width), -1, dtype=torch.long)
+    best = torch.zeros((batch, height, width), dtype=torch.long)
+    ranges = []
+    for k, (box, b, c, p) in enumerate(zip(boxes.tolist(), box_batch.tolist(), box_labels.tolist(),
+                                           priority.tolist())):
+        check_box("box_front_index", k, box, b, c, batch, num_classes)
+        rows, cols = box_pixel_ranges(box, scale, height, width)
+        ranges.append([rows.start, rows.stop, cols.start, cols.stop] if len(rows) else [0, 0, 0, 0])
+        for y in rows:
+            for x in cols:
+                if front[b, y, x] < 0 or p < best[b, y, x]:
+                    front[b, y, x], best[b, y, x] = k, p
+    return front.to(boxes.device), torch.tensor(ranges, dtype=torch.long, device=boxes.device).reshape(-1, 4)
+
+
+def box_priority(boxes: torch.Tensor, order: str = "smaller-front", spatial_scale: float = 1.0) -> torch.Tensor:
+    """(K,) int64 priorities of the boxes, smaller in front; ties go to the lower box index."""
+    _checks.check_choice("box_priority", "order", order, ORDERS)
+    K = boxes.shape[0]
+    if order == "later-front":
+        return -torch.arange(K, device=boxes.device)
+    # Areas in (1/64 of a) map pixel, as integers, so ties are exact.
+    wh = ((boxes[:, 2:] - boxes[:, :2]) * spatial_scale).to(torch.float64).clamp(0, 2.0**40)
+    area = torch.round(wh[:, 0] * wh[:, 1] * 64).to(torch.long)
+    return area if order == "smaller-front" else -area
+
+
+def boxes_to_masks(
+    boxes: torch.Tensor,
+    box_batch: torch.Tensor,
+    box_labels: torch.Tensor,
+    size: tuple[int, int, int] | tuple[int, int],
+    num_classes: int,
+    *,
+    batch_size: int | None = None,
+    spatial_scale: float = 1.0,
+    order: str = "smaller-front",
+    form: str = "onehot",
+) -> torch.Tensor:
+    """Rasterises packed boxes (labels 1..L) onto (B, H, W) maps.
+
+    Args:
+        boxes, box_batch, box_labels: packed boxes (:mod:`boxloss.boxes`); labels
+            are class channels in [1, num_classes]; 0 is the background.
+        size: (H, W) of the map, or (B, H, W).
+        num_classes: L, the number of object classes (the result has L + 1 channels).
+        batch_size: B when ``size`` is (H, W) (default: 1 + the largest box_batch,
+            which reads a value from the device).
+        spatial_scale: map coordinate = box coordinate x spatial_scale.
+        order: which of overlapping boxes is in front: ``"smaller-front"`` (Box2Seg),
+            ``"larger-front"`` or ``"later-front"`` (painter's order); ties go to the
+            lower box index.
+        form: ``"onehot"`` (B, L+1, H, W) float, ``"labels"`` (B, H, W) int64, or
+            ``"union"`` (B, L+1, H, W) bool.
+
+    Example:
+        >>> B = boxes_to_masks(torch.tensor([[0., 0., 4., 4.], [2., 2., 3., 3.]]), torch.tensor([0, 0]),
+        ...                    torch.tensor([1, 2]), (6, 6), num_classes=2)
+        >>> B.shape, B[0, 2, 2, 2].item()
+        (torch.Size([1, 3, 6, 6]), 1.0)
+    """
+    fn = "boxes_to_masks"
+    _checks.check_choice(fn, "order", order, ORDERS)
+    _checks.check_choice(fn, "form", form, FORMS)
+    num_classes = _checks.check_int(fn, "num_classes", num_classes, minimum=1)
+    if not isinstance(size, (tuple, list)) or len(size) not in (2, 3) or not all(
+            isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in size):
+        raise ValueError(f"{fn}: size must be (H, W) or (B, H, W) of positive ints, got {size!r}")
+    if len(size) == 3:
+        batch, height, width = size
+    else:
+        height, width = size
+        batch = batch_size if batch_size is not None else (int(box_batch.max()) + 1 if box_batch.numel() else 1)
+    _checks.check_int(fn, "batch_size", batch, minimum=1)
+    probe = boxes.new_empty((batch, num_classes + 1, 1, 1)) if boxes.dtype.is_floating_point else None
+    from boxloss.boxes import check_box_args
+
+    if probe is None:
+        raise TypeError(f"{fn}: boxes must be a floating-point tensor, got {boxes.dtype}")
+    spatial_scale = check_box_args(fn, probe, boxes, box_batch, box_labels, spatial_scale)
+    priority = box_priority(boxes, order, spatial_scale)
+    if extension_loaded():
+        front, ranges = torch.ops.boxloss.box_front_index.default(
+            boxes, box_batch, box_labels, priority, batch, num_classes + 1, height, width, spatial_scale)
+    else:
+        warn_fallback(fn)
+        front, ranges = _box_front_reference(boxes, box_batch, box_labels, priority, batch, num_classes + 1,
+                                             height, width, spatial_scale)
+    if form == "union":
+        return class_union(ranges, box_batch, box_labels, batch, num_classes + 1, height, width)
+    # A zero label in front of the labels lets index -1 (no box) read the background.
+    padded = torch.cat([box_labels.new_zeros(1), box_labels])
+    labels = padded[front + 1]
+    if form == "labels":
+        return labels
+    return torch.nn.functional.one_hot(labels, num_classes + 1).permute(0, 3, 1, 2).to(torch.float32)
+
+
+def class_union(ranges, box_batch, box_labels, batch, channels, height, width) -> torch.Tensor:
+    """(B, channels, H, W) bool: covered by any box of that class; channel 0 is
+    true outside every box.  A 2-D difference array and two cumulative sums,
+    so no tensor of size (K, H, W) is formed."""
+    delta = torch.zeros(batch * channels, height + 1, width + 1, dtype=torch.long, device=ranges.device)
+    flat = box_batch * channels + box_labels
+    nonempty = (ranges[:, 1] > ranges[:, 0]) & (ranges[:, 3] > ranges[:, 2])
+    ones = nonempty.to(torch.long)
+    for rows, cols, sign in ((0, 2, 1), (1, 3, 1), (0, 3, -1), (1, 2, -1)):
+        delta.index_put_((flat, ranges[:, rows], ranges[:, cols]), sign * ones, accumulate=True)
+    covered = delta.cumsum(1).cumsum(2)[:, :height, :width] > 0
+    covered = covered.view(batch, channels, height, width)
+    covered[:, 0] = ~covered[:, 1:].any(1)
+    return covered
