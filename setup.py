@@ -160,7 +160,7 @@ setup(
     license="BSD-3-Clause",
     python_requires=">=3.9",
     packages=find_packages(include=["boxloss", "boxloss.*"]),
-    install_requires=["torch>=2.5", "numpy", "scipy", "pillow", "pycocotools"],
+    install_requires=["torch>=2.5", "numpy", "scipy", "pillow", "pycocotools", "opencv-python-headless", "pydensecrf2"],
     extras_require={"test": ["pytest", "hypothesis", "expecttest", "scipy"]},
     ext_modules=extensions(),
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
