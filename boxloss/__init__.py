@@ -19,7 +19,13 @@ from boxloss.box_priors import (
     tight_box_loss,
 )
 from boxloss.box2seg import (
+    AffinityLoss,
+    AttentionBoxRegulariser,
+    AttentionWeightedLoss,
     Box2SegLoss,
+    BoxCELoss,
+    FillRateHingeLoss,
+    PseudoLabelCELoss,
     affinity_loss,
     attention_background_loss,
     attention_box_regulariser,
@@ -50,7 +56,13 @@ from boxloss.regularized import RegularizedLoss
 __version__ = "0.1.0"
 
 __all__ = [
+    "AffinityLoss",
+    "AttentionBoxRegulariser",
+    "AttentionWeightedLoss",
     "Box2SegLoss",
+    "BoxCELoss",
+    "FillRateHingeLoss",
+    "PseudoLabelCELoss",
     "affinity_loss",
     "attention_background_loss",
     "attention_box_regulariser",

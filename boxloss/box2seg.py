@@ -264,3 +264,69 @@ class Box2SegLoss(nn.Module):
         total = terms["gc"] + self.lambda_aw * terms["aw"] + self.lambda_alpha * terms["alpha"] + \
             self.lambda_a * terms["affinity"]
         return (total, terms) if return_terms else total
+
+
+class _Settings(nn.Module):
+    _fn = None
+    _keys: tuple = ()
+
+    def __init__(self, **settings) -> None:
+        super().__init__()
+        if "reduction" in settings:
+            _checks.check_choice(type(self).__name__, "reduction", settings["reduction"], _checks.REDUCTIONS)
+        self.settings = settings
+
+    def forward(self, *args):
+        return type(self)._fn(*args, **self.settings)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.settings.items())
+
+
+class BoxCELoss(_Settings):
+    """Module form of :func:`box_ce_loss`: forward(probs, box_masks)."""
+    _fn = staticmethod(box_ce_loss)
+
+    def __init__(self, *, eps=1e-8, reduction="mean"):
+        super().__init__(eps=eps, reduction=reduction)
+
+
+class PseudoLabelCELoss(_Settings):
+    """Module form of :func:`pseudo_label_ce_loss`: forward(probs, pseudo_labels)."""
+    _fn = staticmethod(pseudo_label_ce_loss)
+
+    def __init__(self, *, eps=1e-8, ignore_index=255, reduction="mean"):
+        super().__init__(eps=eps, ignore_index=ignore_index, reduction=reduction)
+
+
+class AttentionWeightedLoss(_Settings):
+    """Module form of :func:`attention_weighted_loss`: forward(probs, attention, box_masks)."""
+    _fn = staticmethod(attention_weighted_loss)
+
+    def __init__(self, *, eps=1e-8, reduction="mean"):
+        super().__init__(eps=eps, reduction=reduction)
+
+
+class FillRateHingeLoss(_Settings):
+    """Module form of :func:`fill_rate_hinge_loss`: forward(attention, pseudo_labels, box_masks)."""
+    _fn = staticmethod(fill_rate_hinge_loss)
+
+    def __init__(self, *, gamma=0.7, reduction="mean"):
+        super().__init__(gamma=gamma, reduction=reduction)
+
+
+class AttentionBoxRegulariser(_Settings):
+    """Module form of :func:`attention_box_regulariser`: forward(attention, box_masks)."""
+    _fn = staticmethod(attention_box_regulariser)
+
+    def __init__(self, *, reduction="mean"):
+        super().__init__(reduction=reduction)
+
+
+class AffinityLoss(_Settings):
+    """Module form of :func:`affinity_loss`: forward(embeddings, probs)."""
+    _fn = staticmethod(affinity_loss)
+
+    def __init__(self, *, mode="exact", sample_fraction=0.1, reduction="mean"):
+        _checks.check_choice("AffinityLoss", "mode", mode, ("exact", "sampled"))
+        super().__init__(mode=mode, sample_fraction=sample_fraction, reduction=reduction)

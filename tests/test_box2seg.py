@@ -310,3 +310,20 @@ def test_front_index_cuda_matches_cpu():
     cpu = torch.ops.boxloss.box_front_index(boxes, batch, labels, pr, 3, 4, 20, 17, 0.5)
     cuda = torch.ops.boxloss.box_front_index(boxes.cuda(), batch.cuda(), labels.cuda(), pr.cuda(), 3, 4, 20, 17, 0.5)
     assert torch.equal(cpu[0], cuda[0].cpu()) and torch.equal(cpu[1], cuda[1].cpu())
+
+
+def test_modules_match_functions():
+    y, a, e, bx, m = _net_outputs()
+    pairs = [
+        (box2seg.BoxCELoss(reduction="sum")(y, bx), box2seg.box_ce_loss(y, bx, reduction="sum")),
+        (box2seg.PseudoLabelCELoss()(y, m), box2seg.pseudo_label_ce_loss(y, m)),
+        (box2seg.AttentionWeightedLoss()(y, a, bx), box2seg.attention_weighted_loss(y, a, bx)),
+        (box2seg.FillRateHingeLoss(gamma=0.5)(a, m, bx), box2seg.fill_rate_hinge_loss(a, m, bx, gamma=0.5)),
+        (box2seg.AttentionBoxRegulariser()(a, bx), box2seg.attention_box_regulariser(a, bx)),
+        (box2seg.AffinityLoss()(e, y), box2seg.affinity_loss(e, y)),
+    ]
+    for got, want in pairs:
+        torch.testing.assert_close(got, want)
+    assert "gamma=0.5" in repr(box2seg.FillRateHingeLoss(gamma=0.5))
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        box2seg.BoxCELoss(reduction="avg")
