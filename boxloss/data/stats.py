@@ -35,7 +35,7 @@ from boxloss.data.sample import VOID, Sample, box_pixel_ranges
 VOC_REFERENCE = {
     "images": ("1,464 seg. train (10,582 with SBD)",
                "VOC 2012 segmentation train; SBD-augmented train_aug, as reported by BANA (CVPR 2021) Sec. 4.1 "
-               "and LPG Sec. 4"),
+               "and LPG Sec. IV"),
     "boxes_per_image": ("~2.4",
                         "VOC 2012 devkit statistics: ~3,500 objects in the 1,464 segmentation train images"),
     "fill_range": ("~0.3 - 0.95",
