@@ -113,9 +113,9 @@ void raise_for_probs_status(const at::Tensor& status) {
   }
 }
 
-void check_row_col_max_backward(const at::Tensor& grad_row_max, const at::Tensor& grad_col_max,
-                                const at::Tensor& row_index, const at::Tensor& col_index,
-                                at::IntArrayRef probs_shape) {
+RowColMaxBackwardCall prepare_row_col_max_backward(const at::Tensor& grad_row_max, const at::Tensor& grad_col_max,
+                                                   const at::Tensor& row_index, const at::Tensor& col_index,
+                                                   at::IntArrayRef probs_shape) {
   constexpr const char* op = "box_row_col_max_backward";
   TORCH_CHECK_VALUE(probs_shape.size() == 4, op, ": probs_shape must have 4 entries, got ", probs_shape);
   const int64_t H = probs_shape[2], W = probs_shape[3];
@@ -130,6 +130,16 @@ void check_row_col_max_backward(const at::Tensor& grad_row_max, const at::Tensor
                    ": row_index and col_index must be int64");
   TORCH_CHECK_TYPE(grad_row_max.scalar_type() == grad_col_max.scalar_type(), op,
                    ": grad_row_max and grad_col_max must share a dtype");
+  RowColMaxBackwardCall call;
+  call.dtype = row_col_max_compute_dtype(grad_row_max.scalar_type());
+  call.grad_row_max = grad_row_max.to(call.dtype).contiguous();
+  call.grad_col_max = grad_col_max.to(call.dtype).contiguous();
+  call.row_index = row_index.contiguous();
+  call.col_index = col_index.contiguous();
+  call.num_boxes = grad_row_max.size(0);
+  call.height = H;
+  call.width = W;
+  return call;
 }
 
 TORCH_LIBRARY_FRAGMENT(boxloss, m) {

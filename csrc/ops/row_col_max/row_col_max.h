@@ -36,10 +36,16 @@ void raise_for_probs_status(const at::Tensor& status);
 // The float or double dtype the kernels run in for `dtype`.
 at::ScalarType row_col_max_compute_dtype(at::ScalarType dtype);
 
-// Checks of the backward's arguments; returns the probs shape as a vector.
-void check_row_col_max_backward(const at::Tensor& grad_row_max, const at::Tensor& grad_col_max,
-                                const at::Tensor& row_index, const at::Tensor& col_index,
-                                at::IntArrayRef probs_shape);
+// The backward's arguments, checked and made contiguous in the compute dtype.
+struct RowColMaxBackwardCall {
+  at::Tensor grad_row_max, grad_col_max, row_index, col_index;
+  at::ScalarType dtype;  // float or double
+  int64_t num_boxes, height, width;
+};
+
+RowColMaxBackwardCall prepare_row_col_max_backward(const at::Tensor& grad_row_max, const at::Tensor& grad_col_max,
+                                                   const at::Tensor& row_index, const at::Tensor& col_index,
+                                                   at::IntArrayRef probs_shape);
 
 }  // namespace ops
 }  // namespace boxloss

@@ -60,15 +60,14 @@ Result box_row_col_max_cpu(const at::Tensor& probs, const at::Tensor& boxes, con
 at::Tensor box_row_col_max_backward_cpu(const at::Tensor& grad_row_max, const at::Tensor& grad_col_max,
                                         const at::Tensor& row_index, const at::Tensor& col_index,
                                         at::IntArrayRef probs_shape) {
-  check_row_col_max_backward(grad_row_max, grad_col_max, row_index, col_index, probs_shape);
-  const at::ScalarType dtype = row_col_max_compute_dtype(grad_row_max.scalar_type());
-  const at::Tensor grow = grad_row_max.to(dtype).contiguous();
-  const at::Tensor gcol = grad_col_max.to(dtype).contiguous();
-  const at::Tensor rindex = row_index.contiguous();
-  const at::Tensor cindex = col_index.contiguous();
+  const RowColMaxBackwardCall call =
+      prepare_row_col_max_backward(grad_row_max, grad_col_max, row_index, col_index, probs_shape);
+  const at::ScalarType dtype = call.dtype;
+  const at::Tensor &grow = call.grad_row_max, &gcol = call.grad_col_max;
+  const at::Tensor &rindex = call.row_index, &cindex = call.col_index;
   // Each plane is zeroed and scattered into by one task, while it is in cache.
   at::Tensor grad = at::empty(probs_shape, grow.options());
-  const int64_t K = grow.size(0), H = probs_shape[2], W = probs_shape[3];
+  const int64_t K = call.num_boxes, H = call.height, W = call.width;
   const int64_t planes = probs_shape[0] * probs_shape[1];
   const row_col_max::cpu::BackwardPlan plan =
       row_col_max::cpu::plan_backward(K, planes, H, W, rindex.data_ptr<int64_t>(), cindex.data_ptr<int64_t>());

@@ -60,13 +60,12 @@ at::Tensor box_row_col_max_backward_cuda(const at::Tensor& grad_row_max, const a
                                          const at::Tensor& row_index, const at::Tensor& col_index,
                                          at::IntArrayRef probs_shape) {
   const c10::cuda::CUDAGuard guard(grad_row_max.device());
-  check_row_col_max_backward(grad_row_max, grad_col_max, row_index, col_index, probs_shape);
-  const at::ScalarType dtype = row_col_max_compute_dtype(grad_row_max.scalar_type());
-  const at::Tensor grow = grad_row_max.to(dtype).contiguous();
-  const at::Tensor gcol = grad_col_max.to(dtype).contiguous();
-  const at::Tensor rindex = row_index.contiguous();
-  const at::Tensor cindex = col_index.contiguous();
-  const int64_t K = grow.size(0), H = probs_shape[2], W = probs_shape[3];
+  const RowColMaxBackwardCall call =
+      prepare_row_col_max_backward(grad_row_max, grad_col_max, row_index, col_index, probs_shape);
+  const at::ScalarType dtype = call.dtype;
+  const at::Tensor &grow = call.grad_row_max, &gcol = call.grad_col_max;
+  const at::Tensor &rindex = call.row_index, &cindex = call.col_index;
+  const int64_t K = call.num_boxes, H = call.height, W = call.width;
   if (K > 0) {
     // A bad index would write outside grad: one small reduction and host copy.
     const at::Tensor bounds = at::stack({at::minimum(rindex.min(), cindex.min()),
