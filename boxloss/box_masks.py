@@ -20,27 +20,10 @@ import torch
 
 from boxloss import _checks
 from boxloss._extension import extension_loaded, warn_fallback
+from boxloss.reference.boxes import box_front_index_reference
 
 ORDERS = ("smaller-front", "larger-front", "later-front")
 FORMS = ("onehot", "labels", "union")
-
-
-def _box_front_reference(boxes, box_batch, box_labels, priority, batch, num_classes, height, width, scale):
-    from boxloss.reference.boxes import box_pixel_ranges, check_box
-
-    front = torch.full((batch, height, width), -1, dtype=torch.long)
-    best = torch.zeros((batch, height, width), dtype=torch.long)
-    ranges = []
-    for k, (box, b, c, p) in enumerate(zip(boxes.tolist(), box_batch.tolist(), box_labels.tolist(),
-                                           priority.tolist())):
-        check_box("box_front_index", k, box, b, c, batch, num_classes)
-        rows, cols = box_pixel_ranges(box, scale, height, width)
-        ranges.append([rows.start, rows.stop, cols.start, cols.stop] if len(rows) else [0, 0, 0, 0])
-        for y in rows:
-            for x in cols:
-                if front[b, y, x] < 0 or p < best[b, y, x]:
-                    front[b, y, x], best[b, y, x] = k, p
-    return front.to(boxes.device), torch.tensor(ranges, dtype=torch.long, device=boxes.device).reshape(-1, 4)
 
 
 def box_priority(boxes: torch.Tensor, order: str = "smaller-front", spatial_scale: float = 1.0) -> torch.Tensor:
@@ -114,7 +97,7 @@ def boxes_to_masks(
             boxes, box_batch, box_labels, priority, batch, num_classes + 1, height, width, spatial_scale)
     else:
         warn_fallback(fn)
-        front, ranges = _box_front_reference(boxes, box_batch, box_labels, priority, batch, num_classes + 1,
+        front, ranges = box_front_index_reference(boxes, box_batch, box_labels, priority, batch, num_classes + 1,
                                              height, width, spatial_scale)
     if form == "union":
         return class_union(ranges, box_batch, box_labels, batch, num_classes + 1, height, width)

@@ -125,6 +125,6 @@ def _ext():
 
 
 def _ranges_reference(boxes, box_batch, box_labels, B, C, H, W, scale):
-    from boxloss.box_masks import _box_front_reference
+    from boxloss.reference.boxes import box_front_index_reference
 
-    return _box_front_reference(boxes, box_batch, box_labels, torch.zeros_like(box_batch), B, C, H, W, scale)
+    return box_front_index_reference(boxes, box_batch, box_labels, torch.zeros_like(box_batch), B, C, H, W, scale)

@@ -10,7 +10,8 @@ import torch
 
 import boxloss
 from boxloss import baselines, box2seg
-from boxloss.box_masks import _box_front_reference, box_priority, boxes_to_masks
+from boxloss.box_masks import box_priority, boxes_to_masks
+from boxloss.reference.boxes import box_front_index_reference
 from boxloss.metrics import confusion_matrix, fbeta_score, fill_rate_statistics, iou_table, mean_iou
 from boxloss.pseudo_labels import merge_box_masks
 from boxloss.reference import box2seg as ref
@@ -39,7 +40,7 @@ def test_front_index_matches_reference(order, scale):
     boxes, batch, labels = make_boxes(3, 4, 20 / scale, 17 / scale, 6, seed=int(scale * 8))
     pr = box_priority(boxes, order, scale)
     front, ranges = torch.ops.boxloss.box_front_index(boxes, batch, labels, pr, 3, 4, 20, 17, scale)
-    ref_front, ref_ranges = _box_front_reference(boxes, batch, labels, pr, 3, 4, 20, 17, scale)
+    ref_front, ref_ranges = box_front_index_reference(boxes, batch, labels, pr, 3, 4, 20, 17, scale)
     assert torch.equal(front, ref_front) and torch.equal(ranges, ref_ranges)
 
 

@@ -48,3 +48,23 @@ def check_box(fn: str, k: int, box, batch_index: int, label: int, batch: int, ch
         raise ValueError(f"{fn}: box_batch must lie in [0, {batch}), got box_batch[{k}] = {batch_index}")
     if not 0 <= label < channels:
         raise ValueError(f"{fn}: box_labels must lie in [0, {channels}), got box_labels[{k}] = {label}")
+
+
+def box_front_index_reference(boxes, box_batch, box_labels, priority, batch, num_classes, height, width, scale):
+    """(front (B, H, W), ranges (K, 4)): the covering box with the smallest priority at each pixel
+    (the lowest index among equal priorities), -1 where no box covers it; painted box by box."""
+    import torch
+
+    front = torch.full((batch, height, width), -1, dtype=torch.long)
+    best = torch.zeros((batch, height, width), dtype=torch.long)
+    ranges = []
+    for k, (box, b, c, p) in enumerate(zip(boxes.tolist(), box_batch.tolist(), box_labels.tolist(),
+                                           priority.tolist())):
+        check_box("box_front_index", k, box, b, c, batch, num_classes)
+        rows, cols = box_pixel_ranges(box, scale, height, width)
+        ranges.append([rows.start, rows.stop, cols.start, cols.stop] if len(rows) else [0, 0, 0, 0])
+        for y in rows:
+            for x in cols:
+                if front[b, y, x] < 0 or p < best[b, y, x]:
+                    front[b, y, x], best[b, y, x] = k, p
+    return front.to(boxes.device), torch.tensor(ranges, dtype=torch.long, device=boxes.device).reshape(-1, 4)
