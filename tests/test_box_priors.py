@@ -404,3 +404,33 @@ def test_raw_backward_rejects_foreign_indices():
             continue
         with pytest.raises(ValueError, match="must be the indices box_row_col_max returned"):
             OP_BACKWARD(grow, gcol, bad_row, col_index, list(probs.shape))
+
+
+def test_fallback_without_extension_matches():
+    import os
+    import subprocess
+    import sys
+
+    setup = (
+        "p = torch.rand(2, 3, 8, 9, dtype=torch.float64, generator=torch.Generator().manual_seed(5))\n"
+        "b = torch.tensor([[1., 1., 6., 7.], [0., 2., 9., 8.], [3., 3., 3., 5.]], dtype=torch.float64)\n"
+        "bb, bl = torch.tensor([0, 1, 0]), torch.tensor([1, 2, 1])\n"
+        "vals = [boxloss.tight_box_loss(p, b, bb, bl).item(), boxloss.mil_box_loss(p, b, bb, bl).item(),\n"
+        "        boxloss.projection_loss(p, b, bb, bl).item(),\n"
+        "        boxloss.boxes_to_masks(b, bb, bl, (2, 8, 9), 2, form='labels').sum().item()]\n"
+    )
+    code = (
+        "import warnings, torch, boxloss\n"
+        "assert not boxloss.extension_loaded()\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        + "\n".join("    " + line for line in setup.splitlines()) + "\n"
+        "assert any('reference' in str(x.message) for x in w)\n"
+        "print(repr(vals))\n"
+    )
+    env = dict(os.environ, BOXLOSS_DISABLE_EXTENSION="1", BOXLOSS_REQUIRE_EXTENSION="0")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr
+    scope = {"torch": torch, "boxloss": boxloss}
+    exec(setup, scope)
+    assert eval(result.stdout.strip()) == pytest.approx(scope["vals"], rel=1e-12)
