@@ -171,6 +171,55 @@ def _register_background_attention() -> None:
 
     torch.library.register_autograd("boxloss::background_aware_pool", backward_pool, setup_context=setup_pool)
 
+    @torch.library.register_fake("boxloss::background_aware_pooling")
+    def _background_aware_pooling_fake(features, boxes, box_batch, grid_size, output_size, spatial_scale, bg_mask,
+                                       min_background):
+        B, D, h, w = features.shape
+        K, S, J = boxes.shape[0], output_size, grid_size * grid_size
+        return (
+            features.new_empty((K, D, S, S)),
+            features.new_empty((B, h, w)),
+            features.new_empty((B, J, D)),
+            features.new_empty((B, J), dtype=torch.bool),
+            features.new_empty((B,), dtype=torch.bool),
+            features.new_empty((K, S, S), dtype=_compute_dtype(features.dtype)),
+            features.new_empty((K, 4), dtype=torch.long),
+            features.new_empty((B, h, w), dtype=torch.bool),
+            features.new_empty((B, h, w), dtype=torch.bool),
+        )
+
+    @torch.library.register_fake("boxloss::background_aware_pooling_backward")
+    def _background_aware_pooling_backward_fake(grad_pooled, grad_attention, grad_queries, features, *_):
+        return features.new_empty(features.shape)
+
+    def setup_pooling(ctx, inputs, output):
+        features, _, box_batch, grid_size, output_size, _, _, _ = inputs
+        pooled, attention, queries, valid, fallback, weight_sum, ranges, inside, background = output
+        ctx.save_for_backward(features, attention, queries, valid, fallback, pooled, weight_sum, ranges, box_batch,
+                              inside, background)
+        ctx.settings = (grid_size, output_size)
+        ctx.mark_non_differentiable(valid, fallback, weight_sum, ranges, inside, background)
+
+    def backward_pooling(ctx, grad_pooled, grad_attention, grad_queries, *_):
+        (features, attention, queries, valid, fallback, pooled, weight_sum, ranges, box_batch, inside,
+         background) = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return (None,) * 8
+        if grad_pooled is None:
+            grad_pooled = pooled.new_zeros(pooled.shape)
+        if grad_attention is None:
+            grad_attention = attention.new_zeros(attention.shape)
+        if grad_queries is None:
+            grad_queries = queries.new_zeros(queries.shape)
+        grad = torch.ops.boxloss.background_aware_pooling_backward.default(
+            grad_pooled, grad_attention, grad_queries, features, attention, queries, valid, fallback, pooled,
+            weight_sum, ranges, box_batch, inside, background, *ctx.settings
+        )
+        return grad, None, None, None, None, None, None, None
+
+    torch.library.register_autograd("boxloss::background_aware_pooling", backward_pooling,
+                                    setup_context=setup_pooling)
+
 
 def register_all() -> None:
     global _REGISTERED

@@ -76,6 +76,22 @@ def _check_features_boxes(fn, features, boxes, box_batch, spatial_scale):
     return _checks.check_positive(fn, "spatial_scale", spatial_scale)
 
 
+def _check_min_background(fn, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
+        raise ValueError(f"{fn}: min_background must be a number in [0, 1], got {value!r}")
+    return float(value)
+
+
+def _check_bg_mask(fn, bg_mask, features) -> None:
+    _checks.check_tensor(fn, "bg_mask", bg_mask, dim=3, layout="(B, h, w)")
+    if bg_mask.dtype != torch.bool:
+        raise TypeError(f"{fn}: bg_mask must be a bool tensor, got {bg_mask.dtype}")
+    B, _, h, w = features.shape
+    if tuple(bg_mask.shape) != (B, h, w):
+        raise ValueError(f"{fn}: bg_mask must have shape (B, h, w) = {(B, h, w)}, got {tuple(bg_mask.shape)}")
+    _checks.check_same(fn, "bg_mask", bg_mask, "features", features, what="device")
+
+
 def background_attention(
     features: torch.Tensor,
     boxes: torch.Tensor,
@@ -121,18 +137,9 @@ def background_attention(
     fn = "background_attention"
     spatial_scale = _check_features_boxes(fn, features, boxes, box_batch, spatial_scale)
     grid_size = _checks.check_int(fn, "grid_size", grid_size, minimum=1)
-    if isinstance(min_background, bool) or not isinstance(min_background, (int, float)) or not (
-        0.0 <= float(min_background) <= 1.0
-    ):
-        raise ValueError(f"{fn}: min_background must be a number in [0, 1], got {min_background!r}")
+    min_background = _check_min_background(fn, min_background)
     if bg_mask is not None:
-        _checks.check_tensor(fn, "bg_mask", bg_mask, dim=3, layout="(B, h, w)")
-        if bg_mask.dtype != torch.bool:
-            raise TypeError(f"{fn}: bg_mask must be a bool tensor, got {bg_mask.dtype}")
-        B, _, h, w = features.shape
-        if tuple(bg_mask.shape) != (B, h, w):
-            raise ValueError(f"{fn}: bg_mask must have shape (B, h, w) = {(B, h, w)}, got {tuple(bg_mask.shape)}")
-        _checks.check_same(fn, "bg_mask", bg_mask, "features", features, what="device")
+        _check_bg_mask(fn, bg_mask, features)
     if extension_loaded():
         attention, queries, valid, fallback, _, _ = torch.ops.boxloss.background_attention.default(
             features, boxes, box_batch, grid_size, spatial_scale, bg_mask, float(min_background)
@@ -254,6 +261,11 @@ def bap_classification_loss(
 class BackgroundAwarePooling(nn.Module):
     r"""Background attention (Eq. 1-3) followed by background-aware pooling (Eq. 4).
 
+    The same values as :func:`background_attention` then :func:`background_aware_pool`,
+    computed by one fused op (``boxloss::background_aware_pooling``) whose backward
+    writes the attention's feature gradient into the pooling's, so the backward holds
+    one feature-sized gradient instead of two that autograd would add.
+
     ``forward(features, boxes, box_batch)`` returns ``(pooled, attention)``:
     pooled (K, D, S, S) and the :class:`BackgroundAttention` (its queries and
     validity feed :func:`bap_classification_loss`).
@@ -275,6 +287,18 @@ class BackgroundAwarePooling(nn.Module):
         self.min_background = min_background
 
     def forward(self, features, boxes, box_batch, bg_mask=None):
+        fn = "BackgroundAwarePooling"
+        if extension_loaded():
+            # One fused op: its backward adds the attention's feature gradient into the pooling's.
+            spatial_scale = _check_features_boxes(fn, features, boxes, box_batch, self.spatial_scale)
+            grid_size = _checks.check_int(fn, "grid_size", self.grid_size, minimum=1)
+            output_size = _checks.check_int(fn, "output_size", self.output_size, minimum=1)
+            if bg_mask is not None:
+                _check_bg_mask(fn, bg_mask, features)
+            pooled, attention, queries, valid, fallback, *_ = torch.ops.boxloss.background_aware_pooling.default(
+                features, boxes, box_batch, grid_size, output_size, spatial_scale, bg_mask,
+                _check_min_background(fn, self.min_background))
+            return pooled, BackgroundAttention(attention, queries, valid, fallback)
         att = background_attention(features, boxes, box_batch, grid_size=self.grid_size,
                                    spatial_scale=self.spatial_scale, bg_mask=bg_mask,
                                    min_background=self.min_background)

@@ -284,3 +284,41 @@ def test_pool_bad_inputs():
         boxloss.background_aware_pool(f, a, boxes, torch.full_like(batch, -1))
     with pytest.raises(TypeError, match="attention"):
         boxloss.background_aware_pool(f, a > 0.5, boxes, batch)
+
+
+@pytest.mark.parametrize("use", ["all", "pooled", "queries"])
+def test_fused_module_matches_two_ops(use):
+    f, boxes, batch = _inputs(boxes_per_image=3, seed=4)
+    bg = torch.rand(B, h, w, generator=torch.Generator().manual_seed(2)) < 0.6
+    for mask in (None, bg):
+        x1 = f.clone().requires_grad_(True)
+        x2 = f.clone().requires_grad_(True)
+        bap = boxloss.BackgroundAwarePooling(grid_size=2, output_size=2, spatial_scale=SCALE)
+        pooled, att = bap(x1, boxes, batch, bg_mask=mask)
+        att2 = boxloss.background_attention(x2, boxes, batch, grid_size=2, spatial_scale=SCALE, bg_mask=mask)
+        pooled2 = boxloss.background_aware_pool(x2, att2.attention, boxes, batch, output_size=2, spatial_scale=SCALE)
+        _close(pooled, pooled2)
+        _close(att.attention, att2.attention)
+        _close(att.queries, att2.queries)
+        assert torch.equal(att.valid, att2.valid) and torch.equal(att.fallback, att2.fallback)
+        g = torch.Generator().manual_seed(9)
+        wp = torch.rand(pooled.shape, generator=g, dtype=torch.float64)
+        wa = torch.rand(att.attention.shape, generator=g, dtype=torch.float64)
+
+        def objective(p, a):
+            if use == "pooled":
+                return (p * wp).sum()
+            if use == "queries":
+                return a.queries.sum()
+            return (p * wp).sum() + (a.attention * wa).sum() + a.queries.square().sum()
+
+        objective(pooled, att).backward()
+        objective(pooled2, att2).backward()
+        _close(x1.grad, x2.grad)
+
+
+def test_fused_opcheck():
+    f, boxes, batch = _inputs()
+    f = f.requires_grad_(True)
+    torch.library.opcheck(torch.ops.boxloss.background_aware_pooling.default,
+                          (f, boxes, batch, 2, 2, SCALE, None, 0.125))

@@ -156,7 +156,8 @@ at::Tensor background_attention_backward_impl(const at::Tensor& grad_attention, 
                                               const at::Tensor& features, const at::Tensor& queries,
                                               const at::Tensor& valid, const at::Tensor& fallback,
                                               const at::Tensor& inside, const at::Tensor& background,
-                                              int64_t grid_size, const BackgroundAttentionKernels& kernels) {
+                                              int64_t grid_size, const BackgroundAttentionKernels& kernels,
+                                              at::Tensor* accumulate) {
   constexpr const char* op = "background_attention_backward";
   check_features(op, features);
   const int64_t B = features.size(0), D = features.size(1), h = features.size(2), w = features.size(3);
@@ -189,8 +190,13 @@ at::Tensor background_attention_backward_impl(const at::Tensor& grad_attention, 
   const at::Tensor grad_q =
       at::where(q_norm.gt(background_attention::kNormEps), grad_q_hat - q_hat * radial, grad_q_hat) / q_scale +
       grad_queries.to(dtype).transpose(1, 2);
-  at::Tensor grad = at::bmm(at::cat({q_hat, grad_q}, 2), at::cat({dots, weights}, 1));  // (B, D, P)
+  // grad = q_hat g + dq W + coef f, written into `accumulate` when given.
+  const bool in_place = accumulate != nullptr && accumulate->scalar_type() == dtype && accumulate->is_contiguous();
+  at::Tensor grad = in_place ? accumulate->view({B, D, P}).baddbmm_(q_hat, dots) : at::bmm(q_hat, dots);
+  grad.baddbmm_(grad_q, weights);
   grad.addcmul_(f, coef.unsqueeze(1));
+  if (in_place) return *accumulate;
+  if (accumulate != nullptr) return accumulate->add_(grad.view({B, D, h, w}));
   return grad.view({B, D, h, w}).to(features.scalar_type());
 }
 
@@ -247,6 +253,30 @@ std::tuple<at::Tensor, at::Tensor> background_aware_pool_backward_impl(
   return {grad_features.to(features.scalar_type()), grad_attention.to(attention.scalar_type())};
 }
 
+PoolingResult background_aware_pooling_impl(const at::Tensor& features, const at::Tensor& boxes,
+                                            const at::Tensor& box_batch, int64_t grid_size, int64_t output_size,
+                                            double spatial_scale, const std::optional<at::Tensor>& bg_mask,
+                                            double min_background, const BackgroundAttentionKernels& kernels) {
+  auto [attention, queries, valid, fallback, inside, background] = background_attention_impl(
+      features, boxes, box_batch, grid_size, spatial_scale, bg_mask, min_background, kernels);
+  auto [pooled, weight_sum, ranges] =
+      background_aware_pool_impl(features, attention, boxes, box_batch, output_size, spatial_scale, kernels);
+  return {pooled, attention, queries, valid, fallback, weight_sum, ranges, inside, background};
+}
+
+at::Tensor background_aware_pooling_backward_impl(
+    const at::Tensor& grad_pooled, const at::Tensor& grad_attention, const at::Tensor& grad_queries,
+    const at::Tensor& features, const at::Tensor& attention, const at::Tensor& queries, const at::Tensor& valid,
+    const at::Tensor& fallback, const at::Tensor& pooled, const at::Tensor& weight_sum, const at::Tensor& ranges,
+    const at::Tensor& box_batch, const at::Tensor& inside, const at::Tensor& background, int64_t grid_size,
+    int64_t output_size, const BackgroundAttentionKernels& kernels) {
+  auto [grad_features, grad_a] = background_aware_pool_backward_impl(
+      grad_pooled, features, attention, pooled, weight_sum, ranges, box_batch, output_size, kernels);
+  grad_a.add_(grad_attention.to(grad_a.scalar_type()));
+  return background_attention_backward_impl(grad_a, grad_queries, features, queries, valid, fallback, inside,
+                                            background, grid_size, kernels, &grad_features);
+}
+
 TORCH_LIBRARY_FRAGMENT(boxloss, m) {
   m.def(
       "background_attention(Tensor features, Tensor boxes, Tensor box_batch, int grid_size, float spatial_scale, "
@@ -258,6 +288,16 @@ TORCH_LIBRARY_FRAGMENT(boxloss, m) {
   m.def(
       "background_aware_pool(Tensor features, Tensor attention, Tensor boxes, Tensor box_batch, int output_size, "
       "float spatial_scale) -> (Tensor pooled, Tensor weight_sum, Tensor ranges)");
+  m.def(
+      "background_aware_pooling(Tensor features, Tensor boxes, Tensor box_batch, int grid_size, int output_size, "
+      "float spatial_scale, Tensor? bg_mask, float min_background) -> (Tensor pooled, Tensor attention, "
+      "Tensor queries, Tensor valid, Tensor fallback, Tensor weight_sum, Tensor ranges, Tensor inside, "
+      "Tensor background)");
+  m.def(
+      "background_aware_pooling_backward(Tensor grad_pooled, Tensor grad_attention, Tensor grad_queries, "
+      "Tensor features, Tensor attention, Tensor queries, Tensor valid, Tensor fallback, Tensor pooled, "
+      "Tensor weight_sum, Tensor ranges, Tensor box_batch, Tensor inside, Tensor background, int grid_size, "
+      "int output_size) -> Tensor");
   m.def(
       "background_aware_pool_backward(Tensor grad_pooled, Tensor features, Tensor attention, Tensor pooled, "
       "Tensor weight_sum, Tensor ranges, Tensor box_batch, int output_size) -> (Tensor, Tensor)");

@@ -46,7 +46,8 @@ at::Tensor background_attention_backward_impl(const at::Tensor& grad_attention, 
                                               const at::Tensor& features, const at::Tensor& queries,
                                               const at::Tensor& valid, const at::Tensor& fallback,
                                               const at::Tensor& inside, const at::Tensor& background,
-                                              int64_t grid_size, const BackgroundAttentionKernels& kernels);
+                                              int64_t grid_size, const BackgroundAttentionKernels& kernels,
+                                              at::Tensor* accumulate = nullptr);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> background_aware_pool_impl(
     const at::Tensor& features, const at::Tensor& attention, const at::Tensor& boxes, const at::Tensor& box_batch,
@@ -56,6 +57,24 @@ std::tuple<at::Tensor, at::Tensor> background_aware_pool_backward_impl(
     const at::Tensor& grad_pooled, const at::Tensor& features, const at::Tensor& attention, const at::Tensor& pooled,
     const at::Tensor& weight_sum, const at::Tensor& ranges, const at::Tensor& box_batch, int64_t output_size,
     const BackgroundAttentionKernels& kernels);
+
+// Attention followed by pooling as one op, so that its backward adds the
+// attention's feature gradient into the pooling's (one feature-sized buffer
+// instead of two that autograd would then sum).
+using PoolingResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                                 at::Tensor, at::Tensor>;
+
+PoolingResult background_aware_pooling_impl(const at::Tensor& features, const at::Tensor& boxes,
+                                            const at::Tensor& box_batch, int64_t grid_size, int64_t output_size,
+                                            double spatial_scale, const std::optional<at::Tensor>& bg_mask,
+                                            double min_background, const BackgroundAttentionKernels& kernels);
+
+at::Tensor background_aware_pooling_backward_impl(
+    const at::Tensor& grad_pooled, const at::Tensor& grad_attention, const at::Tensor& grad_queries,
+    const at::Tensor& features, const at::Tensor& attention, const at::Tensor& queries, const at::Tensor& valid,
+    const at::Tensor& fallback, const at::Tensor& pooled, const at::Tensor& weight_sum, const at::Tensor& ranges,
+    const at::Tensor& box_batch, const at::Tensor& inside, const at::Tensor& background, int64_t grid_size,
+    int64_t output_size, const BackgroundAttentionKernels& kernels);
 
 }  // namespace ops
 }  // namespace boxloss

@@ -150,6 +150,27 @@ std::tuple<at::Tensor, at::Tensor> background_aware_pool_backward_cuda(
                                              output_size, kCudaKernels);
 }
 
+PoolingResult background_aware_pooling_cuda(const at::Tensor& features, const at::Tensor& boxes,
+                                           const at::Tensor& box_batch, int64_t grid_size, int64_t output_size,
+                                           double spatial_scale, const std::optional<at::Tensor>& bg_mask,
+                                           double min_background) {
+  const c10::cuda::CUDAGuard guard(features.device());
+  return background_aware_pooling_impl(features, boxes, box_batch, grid_size, output_size, spatial_scale, bg_mask,
+                                       min_background, kCudaKernels);
+}
+
+at::Tensor background_aware_pooling_backward_cuda(
+    const at::Tensor& grad_pooled, const at::Tensor& grad_attention, const at::Tensor& grad_queries,
+    const at::Tensor& features, const at::Tensor& attention, const at::Tensor& queries, const at::Tensor& valid,
+    const at::Tensor& fallback, const at::Tensor& pooled, const at::Tensor& weight_sum, const at::Tensor& ranges,
+    const at::Tensor& box_batch, const at::Tensor& inside, const at::Tensor& background, int64_t grid_size,
+    int64_t output_size) {
+  const c10::cuda::CUDAGuard guard(features.device());
+  return background_aware_pooling_backward_impl(grad_pooled, grad_attention, grad_queries, features, attention,
+                                                queries, valid, fallback, pooled, weight_sum, ranges, box_batch,
+                                                inside, background, grid_size, output_size, kCudaKernels);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(boxloss, CUDA, m) {
@@ -157,6 +178,8 @@ TORCH_LIBRARY_IMPL(boxloss, CUDA, m) {
   m.impl("background_attention_backward", &background_attention_backward_cuda);
   m.impl("background_aware_pool", &background_aware_pool_cuda);
   m.impl("background_aware_pool_backward", &background_aware_pool_backward_cuda);
+  m.impl("background_aware_pooling", &background_aware_pooling_cuda);
+  m.impl("background_aware_pooling_backward", &background_aware_pooling_backward_cuda);
 }
 
 }  // namespace ops
