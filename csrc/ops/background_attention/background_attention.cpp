@@ -60,8 +60,11 @@ void check_boxes(const char* op, const at::Tensor& features, const at::Tensor& b
 }
 
 void check_finite(const char* op, const char* name, const at::Tensor& t) {
-  TORCH_CHECK_VALUE(at::isfinite(t).all().item<bool>(), op, ": ", name,
-                    " must be finite, but it holds NaN or infinite values");
+  // A finite sum proves every element finite without a features-sized bool
+  // temporary; only when it is not (NaN, infinity, or an overflowing sum of
+  // huge values) is each element tested.
+  const bool finite = at::isfinite(t.sum()).item<bool>() || at::isfinite(t).all().item<bool>();
+  TORCH_CHECK_VALUE(finite, op, ": ", name, " must be finite, but it holds NaN or infinite values");
 }
 
 // Resolves the boxes under the box convention and raises for bad ones.
