@@ -6,6 +6,13 @@ kernels for torch.compile, and pure-PyTorch references in
 """
 
 from boxloss._extension import cuda_kernels_built, extension_error, extension_loaded
+from boxloss.background_attention import (
+    BackgroundAttention,
+    BackgroundAwarePooling,
+    background_attention,
+    background_aware_pool,
+    bap_classification_loss,
+)
 from boxloss.box_priors import (
     BorderBackgroundLoss,
     BoxRowColMax,
@@ -38,6 +45,15 @@ from boxloss.box2seg import (
 )
 from boxloss.box_masks import box_priority, boxes_to_masks
 from boxloss.boxes import PackedBoxes, pack_boxes
+from boxloss.noise_aware import (
+    NoiseAwareCELoss,
+    NoiseAwareLoss,
+    PseudoLabels,
+    bana_pseudo_labels,
+    bootstrap_beta,
+    cosine_logits,
+    noise_aware_loss,
+)
 from boxloss.metrics import confusion_matrix, fbeta_score, fill_rate_statistics, iou_table, mean_iou
 from boxloss.pseudo_labels import merge_box_masks
 from boxloss.pairwise import SparseCRFLoss, sparse_crf_loss
@@ -56,6 +72,18 @@ from boxloss.regularized import RegularizedLoss
 __version__ = "0.1.0"
 
 __all__ = [
+    "BackgroundAttention",
+    "BackgroundAwarePooling",
+    "NoiseAwareCELoss",
+    "NoiseAwareLoss",
+    "PseudoLabels",
+    "background_attention",
+    "background_aware_pool",
+    "bana_pseudo_labels",
+    "bap_classification_loss",
+    "bootstrap_beta",
+    "cosine_logits",
+    "noise_aware_loss",
     "AffinityLoss",
     "AttentionBoxRegulariser",
     "AttentionWeightedLoss",

@@ -88,6 +88,139 @@ def _register_box_raster() -> None:
                 boxes.new_empty((K, 4), dtype=torch.long))
 
 
+def _register_background_attention() -> None:
+    def _compute_dtype(dtype):
+        return torch.float64 if dtype == torch.float64 else torch.float32
+
+    @torch.library.register_fake("boxloss::background_attention")
+    def _background_attention_fake(features, boxes, box_batch, grid_size, spatial_scale, bg_mask, min_background):
+        B, D, h, w = features.shape
+        J = grid_size * grid_size
+        return (
+            features.new_empty((B, h, w)),
+            features.new_empty((B, J, D)),
+            features.new_empty((B, J), dtype=torch.bool),
+            features.new_empty((B,), dtype=torch.bool),
+            features.new_empty((B, h, w), dtype=torch.bool),
+            features.new_empty((B, h, w), dtype=torch.bool),
+        )
+
+    @torch.library.register_fake("boxloss::background_attention_backward")
+    def _background_attention_backward_fake(grad_attention, grad_queries, features, queries, valid, fallback,
+                                            inside, background, grid_size):
+        return features.new_empty(features.shape)
+
+    def setup_attention(ctx, inputs, output):
+        features, _, _, grid_size, _, _, _ = inputs
+        _, queries, valid, fallback, inside, background = output
+        ctx.save_for_backward(features, queries, valid, fallback, inside, background)
+        ctx.grid_size = grid_size
+        ctx.mark_non_differentiable(valid, fallback, inside, background)
+
+    def backward_attention(ctx, grad_attention, grad_queries, *_):
+        features, queries, valid, fallback, inside, background = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return (None,) * 7
+        B, D, h, w = features.shape
+        if grad_attention is None:
+            grad_attention = features.new_zeros((B, h, w))
+        if grad_queries is None:
+            grad_queries = queries.new_zeros(queries.shape)
+        grad = torch.ops.boxloss.background_attention_backward.default(
+            grad_attention, grad_queries, features, queries, valid, fallback, inside, background, ctx.grid_size
+        )
+        # Boxes and the background mask only select pixels: no gradient.
+        return grad, None, None, None, None, None, None
+
+    torch.library.register_autograd("boxloss::background_attention", backward_attention,
+                                    setup_context=setup_attention)
+
+    @torch.library.register_fake("boxloss::background_aware_pool")
+    def _background_aware_pool_fake(features, attention, boxes, box_batch, output_size, spatial_scale):
+        K, D, S = boxes.shape[0], features.shape[1], output_size
+        return (
+            features.new_empty((K, D, S, S)),
+            features.new_empty((K, S, S), dtype=_compute_dtype(features.dtype)),
+            features.new_empty((K, 4), dtype=torch.long),
+        )
+
+    @torch.library.register_fake("boxloss::background_aware_pool_backward")
+    def _background_aware_pool_backward_fake(grad_pooled, features, attention, pooled, weight_sum, ranges, box_batch,
+                                             output_size):
+        return features.new_empty(features.shape), attention.new_empty(attention.shape)
+
+    def setup_pool(ctx, inputs, output):
+        features, attention, _, box_batch, output_size, _ = inputs
+        pooled, weight_sum, ranges = output
+        ctx.save_for_backward(features, attention, pooled, weight_sum, ranges, box_batch)
+        ctx.output_size = output_size
+        ctx.mark_non_differentiable(weight_sum, ranges)
+
+    def backward_pool(ctx, grad_pooled, *_):
+        features, attention, pooled, weight_sum, ranges, box_batch = ctx.saved_tensors
+        if grad_pooled is None or not (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
+            return (None,) * 6
+        grad_features, grad_attention = torch.ops.boxloss.background_aware_pool_backward.default(
+            grad_pooled, features, attention, pooled, weight_sum, ranges, box_batch, ctx.output_size
+        )
+        return (
+            grad_features if ctx.needs_input_grad[0] else None,
+            grad_attention if ctx.needs_input_grad[1] else None,
+            None, None, None, None,
+        )
+
+    torch.library.register_autograd("boxloss::background_aware_pool", backward_pool, setup_context=setup_pool)
+
+    @torch.library.register_fake("boxloss::background_aware_pooling")
+    def _background_aware_pooling_fake(features, boxes, box_batch, grid_size, output_size, spatial_scale, bg_mask,
+                                       min_background):
+        B, D, h, w = features.shape
+        K, S, J = boxes.shape[0], output_size, grid_size * grid_size
+        return (
+            features.new_empty((K, D, S, S)),
+            features.new_empty((B, h, w)),
+            features.new_empty((B, J, D)),
+            features.new_empty((B, J), dtype=torch.bool),
+            features.new_empty((B,), dtype=torch.bool),
+            features.new_empty((K, S, S), dtype=_compute_dtype(features.dtype)),
+            features.new_empty((K, 4), dtype=torch.long),
+            features.new_empty((B, h, w), dtype=torch.bool),
+            features.new_empty((B, h, w), dtype=torch.bool),
+        )
+
+    @torch.library.register_fake("boxloss::background_aware_pooling_backward")
+    def _background_aware_pooling_backward_fake(grad_pooled, grad_attention, grad_queries, features, *_):
+        return features.new_empty(features.shape)
+
+    def setup_pooling(ctx, inputs, output):
+        features, _, box_batch, grid_size, output_size, _, _, _ = inputs
+        pooled, attention, queries, valid, fallback, weight_sum, ranges, inside, background = output
+        ctx.save_for_backward(features, attention, queries, valid, fallback, pooled, weight_sum, ranges, box_batch,
+                              inside, background)
+        ctx.settings = (grid_size, output_size)
+        ctx.mark_non_differentiable(valid, fallback, weight_sum, ranges, inside, background)
+
+    def backward_pooling(ctx, grad_pooled, grad_attention, grad_queries, *_):
+        (features, attention, queries, valid, fallback, pooled, weight_sum, ranges, box_batch, inside,
+         background) = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return (None,) * 8
+        if grad_pooled is None:
+            grad_pooled = pooled.new_zeros(pooled.shape)
+        if grad_attention is None:
+            grad_attention = attention.new_zeros(attention.shape)
+        if grad_queries is None:
+            grad_queries = queries.new_zeros(queries.shape)
+        grad = torch.ops.boxloss.background_aware_pooling_backward.default(
+            grad_pooled, grad_attention, grad_queries, features, attention, queries, valid, fallback, pooled,
+            weight_sum, ranges, box_batch, inside, background, *ctx.settings
+        )
+        return grad, None, None, None, None, None, None, None
+
+    torch.library.register_autograd("boxloss::background_aware_pooling", backward_pooling,
+                                    setup_context=setup_pooling)
+
+
 def register_all() -> None:
     global _REGISTERED
     if _REGISTERED:
@@ -95,4 +228,5 @@ def register_all() -> None:
     _register_sparse_crf()
     _register_row_col_max()
     _register_box_raster()
+    _register_background_attention()
     _REGISTERED = True

@@ -1,0 +1,209 @@
+"""Noise-aware loss (BANA Eq. 10-14 with the supplement's alternatives) and the
+pseudo labels of Sec. 3.2 on a rendered image with its boxes."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import boxloss
+from boxloss.noise_aware import bootstrap_beta, cosine_logits
+
+
+def _labels(B=2, H=6, W=7, C=4, seed=0, agree=0.6):
+    g = torch.Generator().manual_seed(seed)
+    y_crf = torch.randint(0, C, (B, H, W), generator=g)
+    other = torch.randint(0, C, (B, H, W), generator=g)
+    y_ret = torch.where(torch.rand(B, H, W, generator=g) < agree, y_crf, other)
+    y_crf[0, 0, :3] = 255
+    return y_crf, y_ret
+
+
+def _features(B=2, D=5, H=6, W=7, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(B, D, H, W, generator=g, dtype=torch.float64)
+
+
+def _loss_by_loops(phi, weight, y_crf, y_ret, gamma, lam, tau, ignore=255):
+    """Eq. 10-14 pixel by pixel."""
+    B, D, H, W = phi.shape
+    ce_sum, ce_n, wce_num, wce_den = 0.0, 0, 0.0, 0.0
+    for b in range(B):
+        for i in range(H):
+            for j in range(W):
+                c = int(y_crf[b, i, j])
+                if c == ignore:
+                    continue
+                v = phi[b, :, i, j]
+                cos = torch.stack([torch.dot(v, wc) / (v.norm() * wc.norm()) for wc in weight])
+                log_h = torch.log_softmax(tau * cos, 0)
+                if int(y_ret[b, i, j]) == c:
+                    ce_sum += -log_h[c].item()
+                    ce_n += 1
+                else:
+                    sigma = ((1 + cos[c]) / (1 + cos).max()).item() ** gamma
+                    wce_num += -sigma * log_h[c].item()
+                    wce_den += sigma
+    ce = ce_sum / ce_n if ce_n else 0.0
+    wce = wce_num / wce_den if wce_den else 0.0
+    return ce + lam * wce, ce, wce
+
+
+@pytest.mark.parametrize("gamma, lam, tau", [(7.0, 0.1, 20.0), (1.0, 1.0, 5.0)])
+def test_noise_aware_loss_by_hand(gamma, lam, tau):
+    phi = _features()
+    weight = torch.randn(4, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    y_crf, y_ret = _labels()
+    out = boxloss.noise_aware_loss(phi, weight, y_crf, y_ret, gamma=gamma, lam=lam, tau=tau)
+    loss, ce, wce = _loss_by_loops(phi, weight, y_crf, y_ret, gamma, lam, tau)
+    assert math.isclose(out.loss.item(), loss, rel_tol=1e-9)
+    assert math.isclose(out.ce.item(), ce, rel_tol=1e-9)
+    assert math.isclose(out.unreliable.item(), wce, rel_tol=1e-9)
+
+
+def test_noise_aware_loss_edge_cases_are_finite():
+    phi = _features().requires_grad_(True)
+    weight = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+    y_crf, _ = _labels()
+    for unreliable in ("nal", "ignore", "entropy", "bootstrap"):
+        # ~S empty (labels agree), S empty (labels always differ), all ignored, zero features.
+        cases = [(phi, y_crf, y_crf.clone()), (phi, y_crf, torch.where(y_crf == 255, y_crf, (y_crf + 1) % 4)),
+                 (phi, torch.full_like(y_crf, 255), y_crf), (torch.zeros_like(phi, requires_grad=True), y_crf,
+                                                             (y_crf + 1) % 4)]
+        for features, a, b in cases:
+            out = boxloss.noise_aware_loss(features, weight, a, b, unreliable=unreliable, beta=0.5)
+            assert torch.isfinite(out.loss), unreliable
+            out.loss.backward()
+            assert torch.isfinite(weight.grad).all()
+    out = boxloss.noise_aware_loss(phi, weight, y_crf, y_crf.clone())
+    assert out.unreliable.item() == 0.0
+    zero = boxloss.noise_aware_loss(torch.zeros_like(phi), weight, y_crf, (y_crf + 1) % 4)
+    # Zero features: every cosine is 0, sigma = 1, H uniform.
+    assert torch.allclose(zero.unreliable, torch.tensor(math.log(4.0), dtype=torch.float64))
+
+
+def test_unreliable_options_table3_loop():
+    phi = _features().requires_grad_(True)
+    weight = torch.randn(4, 5, dtype=torch.float64)
+    y_crf, y_ret = _labels()
+    results = {}
+    for setting in ("ignore", "entropy", "bootstrap", "nal"):
+        results[setting] = boxloss.noise_aware_loss(phi, weight, y_crf, y_ret, unreliable=setting, beta=0.3)
+    assert results["ignore"].loss.item() == pytest.approx(results["ignore"].ce.item())
+    logp = cosine_logits(phi, weight, 20.0).log_softmax(1)
+    mask = (y_crf != 255) & (y_crf != y_ret)
+    entropy = -(logp.exp() * logp).sum(1)[mask].mean()
+    assert results["entropy"].unreliable.item() == pytest.approx(entropy.item(), rel=1e-9)
+    target = torch.where(y_crf == 255, 0, y_crf)
+    onehot = torch.nn.functional.one_hot(target, 4).permute(0, 3, 1, 2).double()
+    soft = 0.3 * onehot + 0.7 * logp.exp()
+    bs = -(soft * logp).sum(1)[mask].mean()
+    assert results["bootstrap"].unreliable.item() == pytest.approx(bs.item(), rel=1e-9)
+    # beta = 1: bootstrapping is the plain cross-entropy on ~S.
+    b1 = boxloss.noise_aware_loss(phi, weight, y_crf, y_ret, unreliable="bootstrap", beta=1.0)
+    nll = -logp.gather(1, target[:, None])[:, 0]
+    assert b1.unreliable.item() == pytest.approx(nll[mask].mean().item(), rel=1e-9)
+    assert bootstrap_beta(0, 100) == 1.0 and bootstrap_beta(100, 100) == 0.0
+    assert 0 < bootstrap_beta(50, 100) < 1
+
+
+def test_confidence_detach_and_module():
+    phi = _features().requires_grad_(True)
+    weight = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+    y_crf, y_ret = _labels()
+    out = boxloss.noise_aware_loss(phi, weight, y_crf, y_ret)
+    assert not out.confidence.requires_grad
+    assert ((out.confidence >= 0) & (out.confidence <= 1)).all()
+    out2 = boxloss.noise_aware_loss(phi, weight, y_crf, y_ret, detach_confidence=False)
+    assert out2.confidence.requires_grad
+    torch.testing.assert_close(out.loss, out2.loss)
+    module = boxloss.NoiseAwareCELoss(gamma=7, lam=0.1)
+    torch.testing.assert_close(module(phi, weight, y_crf, y_ret), out.loss)
+
+
+def test_noise_aware_loss_gradcheck():
+    phi = _features(B=1, H=3, W=3).requires_grad_(True)
+    weight = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+    y_crf, y_ret = _labels(B=1, H=3, W=3, seed=2, agree=0.5)
+    for detach in (True, False):
+        assert torch.autograd.gradcheck(
+            lambda p, w: boxloss.noise_aware_loss(p, w, y_crf, y_ret, gamma=2.0, detach_confidence=detach).loss,
+            (phi, weight))
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, match",
+    [
+        (dict(unreliable="drop"), ValueError, "unreliable"),
+        (dict(gamma=0.0), ValueError, "gamma"),
+        (dict(lam=-1.0), ValueError, "lam"),
+        (dict(beta=2.0), ValueError, "beta"),
+    ],
+)
+def test_noise_aware_loss_bad_settings(kwargs, exc, match):
+    y_crf, y_ret = _labels()
+    with pytest.raises(exc, match=match):
+        boxloss.noise_aware_loss(_features(), torch.randn(4, 5, dtype=torch.float64), y_crf, y_ret, **kwargs)
+
+
+def test_noise_aware_loss_bad_inputs():
+    y_crf, y_ret = _labels()
+    phi, weight = _features(), torch.randn(4, 5, dtype=torch.float64)
+    with pytest.raises(ValueError, match="y_ret must have shape"):
+        boxloss.noise_aware_loss(phi, weight, y_crf, y_ret[:, :-1])
+    with pytest.raises(TypeError, match="y_crf must be an int64"):
+        boxloss.noise_aware_loss(phi, weight, y_crf.int(), y_ret)
+    with pytest.raises(ValueError, match="classifier_weight"):
+        boxloss.noise_aware_loss(phi, weight[:, :3], y_crf, y_ret)
+    with pytest.raises(ValueError, match="y_crf must hold labels"):
+        boxloss.noise_aware_loss(phi, weight, torch.full_like(y_crf, 9), y_ret)
+
+
+def _rendered_sample():
+    from boxloss.data import SyntheticConfig
+    from boxloss.data.synthetic import generate_sample
+
+    for index in range(20):
+        s = generate_sample(SyntheticConfig(image_size=(96, 128), num_classes=3, seed=1), "train", index)
+        if 1 <= s.num_boxes <= 4:
+            return s
+    raise AssertionError("no sample with 1-4 boxes")
+
+
+def test_pseudo_labels_on_rendered_image():
+    s = _rendered_sample()
+    H, W = s.image.shape[:2]
+    stride = 8
+    h, w = H // stride, W // stride
+    # Features a trained network might give: the image's colour at stride 8 plus the class indicator of the
+    # true mask (so foreground and background are separable), with a little noise.
+    import torch.nn.functional as F
+
+    img = torch.as_tensor(s.image).permute(2, 0, 1).float()[None] / 255
+    mask = torch.as_tensor(s.mask.astype(np.int64))
+    onehot = F.one_hot(torch.where(mask == 255, 0, mask), 4).permute(2, 0, 1).float()[None]
+    feats = torch.cat([F.adaptive_avg_pool2d(img, (h, w)), 2 * F.adaptive_avg_pool2d(onehot, (h, w))], 1)[0]
+    feats = feats + 0.05 * torch.randn(feats.shape, generator=torch.Generator().manual_seed(0))
+    weight = torch.cat([torch.zeros(4, 3), 2 * torch.eye(4)], 1)
+    out = boxloss.bana_pseudo_labels(s.image, feats, weight, torch.as_tensor(s.boxes), torch.as_tensor(s.labels))
+    assert out.y_crf.shape == (H, W) and out.y_ret.shape == (H, W)
+    assert out.y_crf.dtype == torch.long and out.y_ret.dtype == torch.long
+    present = {0, *s.labels.tolist()}
+    assert set(out.y_crf.unique().tolist()) <= present and set(out.y_ret.unique().tolist()) <= present
+    # Outside every box both are background.
+    from boxloss.baselines import box_fill_masks
+
+    inside = box_fill_masks(s.boxes, (H, W)).any(0)
+    assert (out.y_crf.numpy()[~inside] == 0).all() and (out.y_ret.numpy()[~inside] == 0).all()
+    # Both label maps agree with the true mask on most labelled pixels inside the boxes.
+    m = (s.mask != 255) & inside
+    for y in (out.y_crf, out.y_ret):
+        acc = (y.numpy()[m] == s.mask[m]).mean()
+        assert acc > 0.6, acc
+    with pytest.raises(ValueError, match="uint8 RGB"):
+        boxloss.bana_pseudo_labels(s.image.astype(np.float32), feats, weight, s.boxes, s.labels)
+    with pytest.raises(ValueError, match="box_labels must lie"):
+        boxloss.bana_pseudo_labels(s.image, feats, weight, s.boxes, np.zeros(len(s.labels), np.int64))
+    with pytest.raises(ValueError, match="unknown keys"):
+        boxloss.bana_pseudo_labels(s.image, feats, weight, s.boxes, s.labels, crf={"iters": 3})
