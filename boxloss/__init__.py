@@ -19,7 +19,8 @@ from boxloss.box_priors import (
     tight_box_loss,
 )
 from boxloss.boxes import PackedBoxes, pack_boxes
-from boxloss.pairwise import SparseCRFLoss, sparse_crf_loss
+from boxloss.lattice import BilateralFilter, PermutohedralLattice, bilateral_filter, permutohedral_lattice
+from boxloss.pairwise import DenseCRFLoss, SparseCRFLoss, dense_crf_loss, sparse_crf_loss
 from boxloss.region_priors import (
     NegativeLoss,
     PositionalLoss,
@@ -35,20 +36,25 @@ from boxloss.regularized import RegularizedLoss
 __version__ = "0.1.0"
 
 __all__ = [
+    "BilateralFilter",
     "BorderBackgroundLoss",
     "BoxRowColMax",
+    "DenseCRFLoss",
     "MILBoxLoss",
     "NegativeLoss",
     "PackedBoxes",
+    "PermutohedralLattice",
     "PositionalLoss",
     "ProjectionLoss",
     "RegularizedLoss",
     "SparseCRFLoss",
     "TightBoxLoss",
     "VolumetricLoss",
+    "bilateral_filter",
     "border_background_loss",
     "box_row_col_max",
     "cuda_kernels_built",
+    "dense_crf_loss",
     "extension_error",
     "extension_loaded",
     "image_border_mask",
@@ -56,6 +62,7 @@ __all__ = [
     "mil_box_loss",
     "negative_loss",
     "pack_boxes",
+    "permutohedral_lattice",
     "positional_loss",
     "projection_loss",
     "sparse_crf_loss",
