@@ -257,8 +257,8 @@ void test_filter(const Built& b, const std::vector<double>& img, int64_t h, int6
     input.append_mask = masked || variant == 1;
     const int64_t out_channels = input.filtered_channels();
     std::vector<double> out(static_cast<size_t>(out_channels * n), -1.0);
-    const bool finite = pl::cpu::filter_image<double>(lattice, 0, input, reverse, out.data(), pl::cpu::run_serially);
-    CHECK(finite, what + " finite values reported as not finite");
+    const int32_t status = pl::cpu::filter_image<double>(lattice, 0, input, reverse, out.data(), pl::cpu::run_serially);
+    CHECK(status == 0, what + " status " + std::to_string(status) + " for finite values and a sound lattice");
     const std::vector<double>& M = reverse ? LT : L;
     double worst = 0.0, scale = 0.0;
     for (int64_t c = 0; c < out_channels; ++c) {
@@ -492,13 +492,37 @@ void test_status() {
   input.values = values.data();
   input.channels = 2;
   std::vector<double> out(values.size());
-  CHECK(!pl::cpu::filter_image<double>(b.view(n), 0, input, false, out.data(), pl::cpu::run_serially),
+  CHECK(pl::cpu::filter_image<double>(b.view(n), 0, input, false, out.data(), pl::cpu::run_serially) ==
+            pl::kValuesNotFinite,
         "Inf value not reported by the filter");
   std::vector<uint8_t> mask(static_cast<size_t>(n), 1);
   mask[3] = 0;  // the Inf pixel is masked out: it is never read
   input.mask = mask.data();
-  CHECK(pl::cpu::filter_image<double>(b.view(n), 0, input, false, out.data(), pl::cpu::run_serially),
+  CHECK(pl::cpu::filter_image<double>(b.view(n), 0, input, false, out.data(), pl::cpu::run_serially) == 0,
         "a masked-out Inf value was reported");
+  // A corrupt lattice (vertex or neighbour numbers out of range) is reported, and read safely.
+  Built corrupt = b;
+  corrupt.index[7] = static_cast<int32_t>(corrupt.lattice.num_vertices);
+  input.mask = nullptr;
+  values[n + 3] = 0.5;
+  CHECK(pl::cpu::filter_image<double>(corrupt.view(n), 0, input, false, out.data(), pl::cpu::run_serially) ==
+            pl::kLatticeCorrupt,
+        "a vertex number out of range was not reported");
+  corrupt = b;
+  corrupt.index[0] = -3;
+  CHECK(pl::cpu::filter_image<double>(corrupt.view(n), 0, input, true, out.data(), pl::cpu::run_serially) ==
+            pl::kLatticeCorrupt,
+        "a negative vertex number was not reported");
+  corrupt = b;
+  corrupt.lattice.neighbours[5] = -2;
+  CHECK(pl::cpu::filter_image<double>(corrupt.view(n), 0, input, false, out.data(), pl::cpu::run_serially) ==
+            pl::kLatticeCorrupt,
+        "a neighbour number out of range was not reported");
+  corrupt = b;
+  corrupt.lattice.neighbours[9] = static_cast<int32_t>(corrupt.lattice.num_vertices) + 4;
+  CHECK(pl::cpu::filter_image<double>(corrupt.view(n), 0, input, true, out.data(), pl::cpu::run_serially) ==
+            pl::kLatticeCorrupt,
+        "a neighbour number beyond the vertices was not reported");
 }
 
 // Float and double lattices agree where the rounding leaves the same simplices.

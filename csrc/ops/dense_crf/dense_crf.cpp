@@ -57,7 +57,7 @@ at::Tensor check_filtered(const char* op, const at::Tensor& filtered, const Dens
   return filtered.contiguous();
 }
 
-void raise_for_probs_status(const char* op, const std::vector<int32_t>& status, const at::Tensor& probs) {
+void raise_for_dense_crf_probs_status(const char* op, const std::vector<int32_t>& status, const at::Tensor& probs) {
   std::vector<int64_t> bad;
   for (size_t b = 0; b < status.size(); ++b) {
     if (status[b] & dense_crf::kProbsOutOfRange) bad.push_back(static_cast<int64_t>(b));

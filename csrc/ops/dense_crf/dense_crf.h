@@ -31,7 +31,7 @@ DenseCRFCall prepare_dense_crf_call(const char* op, const at::Tensor& probs,
 at::Tensor check_filtered(const char* op, const at::Tensor& filtered, const DenseCRFCall& call);
 
 // ValueError naming the images whose probabilities are out of range.
-void raise_for_probs_status(const char* op, const std::vector<int32_t>& status, const at::Tensor& probs);
+void raise_for_dense_crf_probs_status(const char* op, const std::vector<int32_t>& status, const at::Tensor& probs);
 
 }  // namespace ops
 }  // namespace boxloss

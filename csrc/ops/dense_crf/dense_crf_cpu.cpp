@@ -36,18 +36,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_crf_loss_cpu(
   at::Tensor filtered = at::empty({B, C + 1, probs.size(2), probs.size(3)}, call.probs.options());
   at::Tensor energy = at::empty({B}, call.probs.options().dtype(at::kDouble));
   at::Tensor normaliser = at::empty({B}, call.probs.options().dtype(at::kDouble));
-  std::vector<int32_t> status(static_cast<size_t>(B), 0);
+  std::vector<int32_t> status(static_cast<size_t>(B), 0), filter_status(static_cast<size_t>(B), 0);
   AT_DISPATCH_FLOATING_TYPES(call.probs.scalar_type(), "dense_crf_loss_cpu", [&] {
     const auto lattice = call.lattice.view<scalar_t>();
     for_each_image(B, [&](int64_t b, const permutohedral::cpu::RangeRunner& runner) {
       scalar_t* f = filtered.data_ptr<scalar_t>() + b * (C + 1) * N;
-      permutohedral::cpu::filter_image<scalar_t>(lattice, b, masked_input<scalar_t>(call, b), false, f, runner);
+      filter_status[b] =
+          permutohedral::cpu::filter_image<scalar_t>(lattice, b, masked_input<scalar_t>(call, b), false, f, runner);
       status[b] = dense_crf::cpu::energy_image<scalar_t>(
           call.probs.data_ptr<scalar_t>() + b * C * N, C, call.mask_of(b), f, lattice.weight_of(b), N,
           energy.data_ptr<double>() + b, normaliser.data_ptr<double>() + b, runner);
     });
   });
-  raise_for_probs_status(op, status, call.probs);
+  raise_for_dense_crf_probs_status(op, status, call.probs);
+  raise_for_filter_status(op, "probs", filter_status);
   return {energy.to(probs.scalar_type()), normaliser.to(probs.scalar_type()), filtered};
 }
 
@@ -64,19 +66,21 @@ at::Tensor dense_crf_loss_backward_cpu(const at::Tensor& grad_energy, const at::
   const at::Tensor forward = check_filtered(op, filtered, call);
   const at::Tensor scale = grad_energy.to(at::kCPU, call.probs.scalar_type()).contiguous();
   at::Tensor grad = at::empty_like(call.probs);
+  std::vector<int32_t> filter_status(static_cast<size_t>(B), 0);
   AT_DISPATCH_FLOATING_TYPES(call.probs.scalar_type(), "dense_crf_loss_backward_cpu", [&] {
     const auto lattice = call.lattice.view<scalar_t>();
     for_each_image(B, [&](int64_t b, const permutohedral::cpu::RangeRunner& runner) {
       // The transpose of the lattice filter: the same lattice, blurred in reverse order.
       std::vector<scalar_t> reversed(static_cast<size_t>((C + 1) * N));
-      permutohedral::cpu::filter_image<scalar_t>(lattice, b, masked_input<scalar_t>(call, b), true, reversed.data(),
-                                                 runner);
+      filter_status[b] = permutohedral::cpu::filter_image<scalar_t>(lattice, b, masked_input<scalar_t>(call, b), true,
+                                                                    reversed.data(), runner);
       dense_crf::cpu::gradient_image<scalar_t>(call.probs.data_ptr<scalar_t>() + b * C * N, C, call.mask_of(b),
                                                forward.data_ptr<scalar_t>() + b * (C + 1) * N, reversed.data(),
                                                lattice.weight_of(b), N, scale.data_ptr<scalar_t>()[b],
                                                grad.data_ptr<scalar_t>() + b * C * N, runner);
     });
   });
+  raise_for_filter_status(op, "probs", filter_status);
   return grad.to(probs.scalar_type());
 }
 

@@ -90,21 +90,9 @@ LatticeTensors check_lattice(const char* op, const at::Tensor& splat_index, cons
   TORCH_CHECK_VALUE(offsets_ok, op, ": vertex_offsets must rise from 0 to the ", total,
                     " vertices of blur_neighbours, got ", l.host_offsets.sizes(), " values ",
                     at::IntArrayRef(o, static_cast<size_t>(batch + 1)));
-  // Vertex numbers are local to each image: [0, V_b) for splat_index, and -1
-  // (absent) too for blur_neighbours.
-  const at::Tensor counts = (l.vertex_offsets.slice(0, 1) - l.vertex_offsets.slice(0, 0, batch)).to(at::kInt);
-  const bool index_ok =
-      ((l.splat_index >= 0) & (l.splat_index < counts.view({batch, 1, 1}))).all().item<bool>();
-  TORCH_CHECK_VALUE(index_ok, op, ": splat_index must hold each image's vertex numbers in [0, V_b), ",
-                    "V_b = vertex_offsets[b+1] - vertex_offsets[b]; it does not (pass a lattice from "
-                    "permutohedral_lattice)");
-  if (total > 0) {
-    const at::Tensor owner_count = counts.repeat_interleave(counts.to(at::kLong), 0, total);
-    const bool neighbours_ok =
-        ((l.blur_neighbours >= -1) & (l.blur_neighbours < owner_count.view({1, total, 1}))).all().item<bool>();
-    TORCH_CHECK_VALUE(neighbours_ok, op, ": blur_neighbours must hold -1 or the owning image's vertex numbers; ",
-                      "it does not (pass a lattice from permutohedral_lattice)");
-  }
+  // The vertex numbers themselves are checked by the kernels as they read
+  // them (an out-of-range number reads a zero row and is reported through
+  // raise_for_filter_status), which costs nothing next to a separate pass.
   return l;
 }
 
@@ -142,13 +130,18 @@ FilterCall prepare_filter_call(const char* op, const at::Tensor& values, const a
   return call;
 }
 
-void raise_for_non_finite_values(const char* op, const std::vector<char>& finite) {
-  std::vector<int64_t> bad;
-  for (size_t b = 0; b < finite.size(); ++b) {
-    if (!finite[b]) bad.push_back(static_cast<int64_t>(b));
+void raise_for_filter_status(const char* op, const char* values_name, const std::vector<int32_t>& status) {
+  std::vector<int64_t> not_finite, corrupt;
+  for (size_t b = 0; b < status.size(); ++b) {
+    if (status[b] & permutohedral::kValuesNotFinite) not_finite.push_back(static_cast<int64_t>(b));
+    if (status[b] & permutohedral::kLatticeCorrupt) corrupt.push_back(static_cast<int64_t>(b));
   }
-  TORCH_CHECK_VALUE(bad.empty(), op, ": values must be finite, but they contain NaN or Inf in batch element(s) ",
-                    at::IntArrayRef(bad));
+  TORCH_CHECK_VALUE(corrupt.empty(), op, ": the lattice of batch element(s) ", at::IntArrayRef(corrupt),
+                    " holds vertex numbers outside its image's range (splat_index must lie in [0, V_b) and ",
+                    "blur_neighbours in [-1, V_b), V_b = vertex_offsets[b+1] - vertex_offsets[b]); pass a lattice "
+                    "from permutohedral_lattice");
+  TORCH_CHECK_VALUE(not_finite.empty(), op, ": ", values_name, " must be finite, but it contains NaN or Inf in ",
+                    "batch element(s) ", at::IntArrayRef(not_finite));
 }
 
 TORCH_LIBRARY_FRAGMENT(boxloss, m) {

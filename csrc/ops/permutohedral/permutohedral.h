@@ -24,9 +24,8 @@ void check_lattice_image(const char* op, const at::Tensor& image, double sigma_x
 
 // The four lattice tensors, checked against each other and against a batch
 // of `batch` images of `num_pixels` pixels on `device` whose values run in
-// `compute_dtype`; their contents (vertex numbers in range, consistent
-// offsets) are checked too, so a hand-made lattice cannot make a kernel read
-// out of bounds.
+// `compute_dtype`, and the offsets' contents.  The kernels check every vertex
+// number they read, so a hand-made lattice cannot make them read out of bounds.
 struct LatticeTensors {
   at::Tensor splat_index;      // contiguous int32 (B, N, d+1)
   at::Tensor splat_weight;     // contiguous (B, N, d+1)
@@ -66,8 +65,9 @@ FilterCall prepare_filter_call(const char* op, const at::Tensor& values, const a
                                const at::Tensor& splat_weight, const at::Tensor& blur_neighbours,
                                const at::Tensor& vertex_offsets);
 
-// Raises ValueError naming the images whose `finite` flag is 0.
-void raise_for_non_finite_values(const char* op, const std::vector<char>& finite);
+// Raises ValueError naming the images whose filter reported a FilterStatus
+// bit (a corrupt lattice, or NaN/Inf in `values_name`).
+void raise_for_filter_status(const char* op, const char* values_name, const std::vector<int32_t>& status);
 
 }  // namespace ops
 }  // namespace boxloss

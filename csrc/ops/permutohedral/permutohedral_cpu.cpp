@@ -91,18 +91,18 @@ at::Tensor lattice_filter_cpu(const at::Tensor& values, const at::Tensor& splat_
                                               vertex_offsets);
   const int64_t B = call.values.size(0), C = call.values.size(1), N = call.lattice.splat_index.size(1);
   at::Tensor out = at::empty_like(call.values);
-  std::vector<char> finite(static_cast<size_t>(B), 1);
+  std::vector<int32_t> status(static_cast<size_t>(B), 0);
   AT_DISPATCH_FLOATING_TYPES(call.values.scalar_type(), "lattice_filter_cpu", [&] {
     const auto lattice = call.lattice.view<scalar_t>();
     for_each_image(B, [&](int64_t b, const permutohedral::cpu::RangeRunner& runner) {
       permutohedral::cpu::FilterInput<scalar_t> input;
       input.values = call.values.data_ptr<scalar_t>() + b * C * N;
       input.channels = C;
-      finite[b] = permutohedral::cpu::filter_image<scalar_t>(lattice, b, input, reverse,
+      status[b] = permutohedral::cpu::filter_image<scalar_t>(lattice, b, input, reverse,
                                                              out.data_ptr<scalar_t>() + b * C * N, runner);
     });
   });
-  raise_for_non_finite_values(op, finite);
+  raise_for_filter_status(op, "values", status);
   return out.to(values.scalar_type());
 }
 

@@ -56,9 +56,11 @@ struct FilterInput {
 
 // out (filtered_channels x num_pixels, planar) = alpha * S^T B S in, with B
 // the blurs along axes 0..d (d..0 when `reverse`, which is the exact transpose).
-// Returns true when every value read was finite.
+// Returns FilterStatus bits (0: all well).  Vertex numbers outside the
+// image's range (a corrupt lattice) are reported and read as the zero row,
+// so no array is ever indexed out of bounds.
 template <typename scalar>
-bool filter_image(const Lattice<scalar>& lattice, int64_t b, const FilterInput<scalar>& input, bool reverse,
+int32_t filter_image(const Lattice<scalar>& lattice, int64_t b, const FilterInput<scalar>& input, bool reverse,
                   scalar* out, const RangeRunner& runner);
 
 }  // namespace cpu

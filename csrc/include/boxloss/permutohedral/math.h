@@ -10,6 +10,16 @@
 
 #include "boxloss/common/host_device.h"
 
+// The per-point functions run inside the CPU kernels' target_clones loops,
+// which only get the AVX2/AVX-512 code of what is inlined into them.
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define BOXLOSS_HD_FORCE_INLINE __host__ __device__ __forceinline__
+#elif defined(__GNUC__)
+#define BOXLOSS_HD_FORCE_INLINE inline __attribute__((always_inline))
+#else
+#define BOXLOSS_HD_FORCE_INLINE inline
+#endif
+
 namespace boxloss {
 namespace permutohedral {
 
@@ -27,6 +37,12 @@ constexpr double kMaxElevated = 4194304.0;  // 2^22
 enum LatticeStatus : int32_t {
   kImageNotFinite = 1,     // NaN or Inf in the image
   kFeaturesTooLarge = 2,   // |elevated feature| > kMaxElevated: sigma too small for the coordinates
+};
+
+// Bits of the status a filter reports.
+enum FilterStatus : int32_t {
+  kValuesNotFinite = 8,    // NaN or Inf in a value the filter read
+  kLatticeCorrupt = 16,    // a vertex or neighbour number outside the image's range
 };
 
 // 1 / (1 + 2^-d): with it a point on a lattice vertex keeps weight 1 for
@@ -59,7 +75,7 @@ struct Simplex {
 // The steps and their order follow permutohedral.cpp (and the reference),
 // so that float64 results agree with the reference to the last bits.
 template <typename acc>
-BOXLOSS_HD_INLINE void locate(const acc feature[kDim], Simplex<acc>* out) {
+BOXLOSS_HD_FORCE_INLINE void locate(const acc feature[kDim], Simplex<acc>* out) {
   acc elevated[kVertices];
   // Elevate onto the hyperplane sum = 0 of R^(d+1).
   acc running = acc(0);
@@ -85,26 +101,29 @@ BOXLOSS_HD_INLINE void locate(const acc feature[kDim], Simplex<acc>* out) {
   const acc down_factor = static_cast<acc>(1.0 / kVertices);
   const acc up_factor = static_cast<acc>(kVertices);
   int32_t rem0[kVertices];
-  int32_t sum = 0;
+  int32_t sum = 0;  // sum of rem0 / (d+1)
   for (int i = 0; i < kVertices; ++i) {
     const acc v = down_factor * elevated[i];
-    const acc up = ceil(v) * up_factor;
-    const acc down = floor(v) * up_factor;
-    rem0[i] = static_cast<int32_t>(up - elevated[i] < elevated[i] - down ? up : down);
-    sum += rem0[i] / kVertices;
+    const acc ceil_v = ceil(v);
+    const acc floor_v = floor(v);
+    const acc quotient = ceil_v * up_factor - elevated[i] < elevated[i] - floor_v * up_factor ? ceil_v : floor_v;
+    rem0[i] = static_cast<int32_t>(quotient) * kVertices;
+    sum += static_cast<int32_t>(quotient);
   }
 
-  // Rank of each coordinate of elevated - rem0 in decreasing order (ties to the later index).
+  // Rank of each coordinate of elevated - rem0 in decreasing order (ties to
+  // the later index), counted without branches: the comparisons are data-random.
+  acc residual[kVertices];
   int32_t rank[kVertices];
-  for (int i = 0; i < kVertices; ++i) rank[i] = 0;
+  for (int i = 0; i < kVertices; ++i) {
+    residual[i] = elevated[i] - static_cast<acc>(rem0[i]);
+    rank[i] = 0;
+  }
   for (int i = 0; i < kDim; ++i) {
-    const acc di = elevated[i] - static_cast<acc>(rem0[i]);
     for (int j = i + 1; j < kVertices; ++j) {
-      if (di < elevated[j] - static_cast<acc>(rem0[j])) {
-        ++rank[i];
-      } else {
-        ++rank[j];
-      }
+      const int32_t smaller = residual[i] < residual[j] ? 1 : 0;
+      rank[i] += smaller;
+      rank[j] += 1 - smaller;
     }
   }
 
@@ -143,12 +162,12 @@ BOXLOSS_HD_INLINE void locate(const acc feature[kDim], Simplex<acc>* out) {
   }
 }
 
-// Hash of a vertex key (its d stored coordinates).
-BOXLOSS_HD_INLINE uint32_t hash_key(const int32_t* key) {
+// Hash of a vertex key (its d stored coordinates): independent products
+// (no chain of multiplies), then a final mix.
+BOXLOSS_HD_FORCE_INLINE uint32_t hash_key(const int32_t* key) {
+  const uint32_t primes[kDim] = {2654435761u, 2246822519u, 3266489917u, 668265263u, 374761393u};
   uint32_t h = 0;
-  for (int i = 0; i < kDim; ++i) {
-    h = (h + static_cast<uint32_t>(key[i])) * 2654435761u;
-  }
+  for (int i = 0; i < kDim; ++i) h += static_cast<uint32_t>(key[i]) * primes[i];
   h ^= h >> 15;
   h *= 2246822519u;
   h ^= h >> 13;
@@ -158,13 +177,13 @@ BOXLOSS_HD_INLINE uint32_t hash_key(const int32_t* key) {
 // Key of the neighbour of `key` one step along lattice axis `axis` (0..d):
 // side 0 adds e_axis, side 1 subtracts it, e_axis = (d+1) unit_axis - (1, ..., 1).
 // For axis d the unit coordinate is the implicit last one.
-BOXLOSS_HD_INLINE void neighbour_key(const int32_t* key, int axis, int side, int32_t* out) {
+BOXLOSS_HD_FORCE_INLINE void neighbour_key(const int32_t* key, int axis, int side, int32_t* out) {
   const int32_t step = side == 0 ? -1 : 1;
   for (int i = 0; i < kDim; ++i) out[i] = key[i] + step;
   if (axis < kDim) out[axis] = key[axis] - step * kDim;
 }
 
-BOXLOSS_HD_INLINE bool keys_equal(const int32_t* a, const int32_t* b) {
+BOXLOSS_HD_FORCE_INLINE bool keys_equal(const int32_t* a, const int32_t* b) {
   bool equal = true;
   for (int i = 0; i < kDim; ++i) equal = equal && a[i] == b[i];
   return equal;
@@ -177,7 +196,7 @@ BOXLOSS_HD_INLINE bool keys_equal(const int32_t* a, const int32_t* b) {
 // points outside the lattice's occupied region may be missing.
 //   c_i = alpha (sum_a w_a^2 + sum_a w_a w_{(a+1) mod (d+1)})
 template <typename acc>
-BOXLOSS_HD_INLINE acc self_affinity_lower_bound(const acc* weights) {
+BOXLOSS_HD_FORCE_INLINE acc self_affinity_lower_bound(const acc* weights) {
   acc squares = acc(0);
   acc adjacent = acc(0);
   for (int a = 0; a < kVertices; ++a) {
