@@ -91,7 +91,8 @@ int32_t energy_image(const scalar* probs, int64_t channels, const uint8_t* mask,
   const int64_t chunks = (num_pixels + kChunk - 1) / kChunk;
   std::vector<double> e(static_cast<size_t>(chunks)), z(static_cast<size_t>(chunks));
   std::vector<int32_t> status(static_cast<size_t>(chunks), 0);
-  runner(chunks, 4, [&](int64_t begin, int64_t end) {
+  const int64_t grain = std::max<int64_t>(4, (int64_t{1} << 18) / (kChunk * std::max<int64_t>(1, channels)));
+  runner(chunks, grain, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t p0 = i * kChunk;
       status[i] = energy_chunk<scalar>(probs, channels, mask, filtered, splat_weight, num_pixels, p0,
@@ -115,7 +116,8 @@ void gradient_image(const scalar* probs, int64_t channels, const uint8_t* mask, 
                     const scalar* reversed, const scalar* splat_weight, int64_t num_pixels, scalar scale,
                     scalar* grad, const RangeRunner& runner) {
   const int64_t chunks = (num_pixels + kChunk - 1) / kChunk;
-  runner(chunks, 4, [&](int64_t begin, int64_t end) {
+  const int64_t grain = std::max<int64_t>(4, (int64_t{1} << 18) / (kChunk * std::max<int64_t>(1, channels)));
+  runner(chunks, grain, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t p0 = i * kChunk;
       gradient_chunk<scalar>(probs, channels, mask, filtered, reversed, splat_weight, num_pixels, p0,

@@ -385,8 +385,11 @@ int32_t filter_image(const Lattice<scalar>& lattice, int64_t b, const FilterInpu
   int32_t status = 0;
   for (int32_t s : block_status) status |= s;
 
-  // Blur along each axis (the reverse order is the transpose).
-  const int64_t vertex_grain = std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(1, stride));
+  // Blur along each axis (the reverse order is the transpose).  Each pass
+  // is a parallel region only when it is big enough to pay for the barrier
+  // (a few hundred thousand values); typical lattices have far fewer points
+  // than pixels and blur serially.
+  const int64_t vertex_grain = std::max<int64_t>(1, (int64_t{1} << 19) / std::max<int64_t>(1, stride));
   const int64_t vertex_chunks = (num_vertices + vertex_grain - 1) / vertex_grain;
   std::vector<int32_t> chunk_status(static_cast<size_t>(vertex_chunks), 0);
   for (int step = 0; step < kVertices; ++step) {
@@ -405,7 +408,7 @@ int32_t filter_image(const Lattice<scalar>& lattice, int64_t b, const FilterInpu
 
   // Slice, parallel over whole tiles of pixels.
   const int64_t tiles = (num_pixels + kTile - 1) / kTile;
-  const int64_t tile_grain = std::max<int64_t>(1, (int64_t{1} << 14) / (kTile * std::max<int64_t>(1, stride)));
+  const int64_t tile_grain = std::max<int64_t>(1, (int64_t{1} << 18) / (kTile * std::max<int64_t>(1, stride)));
   runner(tiles, tile_grain, [&](int64_t begin, int64_t end) {
     with_width(stride, [&](auto fixed) {
       slice_pixels<scalar, fixed()>(index, weight, src, stride, channels, num_pixels, num_vertices, begin * kTile,
