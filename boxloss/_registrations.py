@@ -94,6 +94,19 @@ def _register_permutohedral() -> None:
             image.new_empty((B + 1,), dtype=torch.int64),
         )
 
+    def lattice_setup_context(ctx, inputs, output):
+        ctx.mark_non_differentiable(*output)
+
+    def lattice_backward(ctx, *grads):
+        # The lattice is a piecewise-constant function of the image (which
+        # simplex each pixel falls in) with weights the losses treat as
+        # constants: no gradient flows to the image.
+        return None, None, None
+
+    torch.library.register_autograd(
+        "boxloss::permutohedral_lattice", lattice_backward, setup_context=lattice_setup_context
+    )
+
     @torch.library.register_fake("boxloss::lattice_filter")
     def _lattice_filter_fake(values, splat_index, splat_weight, blur_neighbours, vertex_offsets, reverse):
         return values.new_empty(values.shape)

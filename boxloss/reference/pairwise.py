@@ -141,7 +141,9 @@ def dense_crf_energy_lattice_reference(probs, valid_mask, lattice):
 
     L is boxloss.reference.bilateral.lattice_filter_reference (its transpose
     the reverse blur order) and c the self-affinity lower bound of each pixel.
-    Differentiable in probs; the op matches it at 1e-6 relative in float64.
+    An image with fewer than two valid pixels has no pair: E = Z = 0 (the
+    residual self-affinity L_ii - c_i would otherwise pair a lone pixel with
+    itself).  Differentiable in probs; the op matches it at 1e-6 relative in float64.
     """
     from boxloss.reference.bilateral import lattice_filter_reference, self_affinity_lower_bound
 
@@ -154,7 +156,9 @@ def dense_crf_energy_lattice_reference(probs, valid_mask, lattice):
         transpose = lattice_filter_reference(x, lattice, reverse=True)
         return 0.5 * (forward + transpose) - c * x
 
-    return _energy_from_filter(probs, valid, apply_w)
+    energy, normaliser = _energy_from_filter(probs, valid, apply_w)
+    paired = valid.flatten(1).sum(1) >= 2
+    return torch.where(paired, energy, torch.zeros_like(energy)), torch.where(paired, normaliser, torch.zeros_like(normaliser))
 
 
 def dense_crf_loss_lattice_reference(

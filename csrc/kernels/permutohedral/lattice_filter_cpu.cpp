@@ -374,7 +374,8 @@ int32_t filter_image(const Lattice<scalar>& lattice, int64_t b, const FilterInpu
   const int64_t block = stride < kGroup<scalar> ? stride : 2 * kGroup<scalar>;
   const int64_t blocks = (stride + block - 1) / block;
   std::vector<int32_t> block_status(static_cast<size_t>(blocks), 0);
-  runner(blocks, 1, [&](int64_t begin, int64_t end) {
+  const int64_t block_grain = num_pixels * stride >= (int64_t{1} << 18) ? 1 : blocks;  // small images: one task
+  runner(blocks, block_grain, [&](int64_t begin, int64_t end) {
     const int64_t c_begin = begin * block;
     const int64_t width = std::min(end * block, stride) - c_begin;
     with_width(width, [&](auto fixed) {

@@ -44,6 +44,11 @@ DenseCRFCall prepare_dense_crf_call(const char* op, const at::Tensor& probs,
   return call;
 }
 
+at::Tensor images_with_pairs(const DenseCRFCall& call) {
+  if (call.valid.defined()) return call.valid.view({call.batch, call.num_pixels}).sum(1) >= 2;
+  return at::full({call.batch}, call.num_pixels >= 2, call.probs.options().dtype(at::kBool));
+}
+
 at::Tensor check_filtered(const char* op, const at::Tensor& filtered, const DenseCRFCall& call) {
   const auto& p = call.probs;
   TORCH_CHECK_VALUE(filtered.dim() == 4 && filtered.size(0) == call.batch && filtered.size(1) == call.channels + 1 &&

@@ -27,6 +27,12 @@ DenseCRFCall prepare_dense_crf_call(const char* op, const at::Tensor& probs,
                                     const at::Tensor& splat_weight, const at::Tensor& blur_neighbours,
                                     const at::Tensor& vertex_offsets);
 
+// (B,) bool on the device of probs: the image has at least two valid pixels.
+// An image with fewer has no pair; the lattice's residual self-affinity
+// (W_ii = L_ii - c_i, small but not 0) would otherwise give a lone pixel a
+// loss of sum_k S_k (1 - S_k), so such images give E = Z = 0 and no gradient.
+at::Tensor images_with_pairs(const DenseCRFCall& call);
+
 // filtered must be (B, C+1, H, W) in the compute dtype (the forward's third output).
 at::Tensor check_filtered(const char* op, const at::Tensor& filtered, const DenseCRFCall& call);
 

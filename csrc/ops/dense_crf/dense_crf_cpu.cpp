@@ -39,7 +39,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_crf_loss_cpu(
   std::vector<int32_t> status(static_cast<size_t>(B), 0), filter_status(static_cast<size_t>(B), 0);
   AT_DISPATCH_FLOATING_TYPES(call.probs.scalar_type(), "dense_crf_loss_cpu", [&] {
     const auto lattice = call.lattice.view<scalar_t>();
-    for_each_image(B, [&](int64_t b, const permutohedral::cpu::RangeRunner& runner) {
+    for_each_image(B, N, [&](int64_t b, const permutohedral::cpu::RangeRunner& runner) {
       scalar_t* f = filtered.data_ptr<scalar_t>() + b * (C + 1) * N;
       filter_status[b] =
           permutohedral::cpu::filter_image<scalar_t>(lattice, b, masked_input<scalar_t>(call, b), false, f, runner);
@@ -50,6 +50,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_crf_loss_cpu(
   });
   raise_for_dense_crf_probs_status(op, status, call.probs);
   raise_for_filter_status(op, "probs", filter_status);
+  const at::Tensor paired = images_with_pairs(call);
+  energy = at::where(paired, energy, at::zeros_like(energy));
+  normaliser = at::where(paired, normaliser, at::zeros_like(normaliser));
   return {energy.to(probs.scalar_type()), normaliser.to(probs.scalar_type()), filtered};
 }
 
@@ -64,12 +67,13 @@ at::Tensor dense_crf_loss_backward_cpu(const at::Tensor& grad_energy, const at::
   TORCH_CHECK_VALUE(grad_energy.dim() == 1 && grad_energy.size(0) == B, op, ": grad_energy must have shape (B,) = (",
                     B, ",), got shape ", shape_string(grad_energy));
   const at::Tensor forward = check_filtered(op, filtered, call);
-  const at::Tensor scale = grad_energy.to(at::kCPU, call.probs.scalar_type()).contiguous();
+  const at::Tensor g = grad_energy.to(at::kCPU, call.probs.scalar_type());
+  const at::Tensor scale = at::where(images_with_pairs(call), g, at::zeros_like(g)).contiguous();
   at::Tensor grad = at::empty_like(call.probs);
   std::vector<int32_t> filter_status(static_cast<size_t>(B), 0);
   AT_DISPATCH_FLOATING_TYPES(call.probs.scalar_type(), "dense_crf_loss_backward_cpu", [&] {
     const auto lattice = call.lattice.view<scalar_t>();
-    for_each_image(B, [&](int64_t b, const permutohedral::cpu::RangeRunner& runner) {
+    for_each_image(B, N, [&](int64_t b, const permutohedral::cpu::RangeRunner& runner) {
       // The transpose of the lattice filter: the same lattice, blurred in reverse order.
       std::vector<scalar_t> reversed(static_cast<size_t>((C + 1) * N));
       filter_status[b] = permutohedral::cpu::filter_image<scalar_t>(lattice, b, masked_input<scalar_t>(call, b), true,

@@ -4,6 +4,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <tuple>
 #include <vector>
 
@@ -18,12 +19,19 @@ void parallel_runner(int64_t n, int64_t grain, const permutohedral::cpu::RangeFn
   at::parallel_for(0, n, grain, fn);
 }
 
-void for_each_image(int64_t batch, const std::function<void(int64_t, const permutohedral::cpu::RangeRunner&)>& fn) {
+int64_t images_per_task(int64_t num_pixels) {
+  // A parallel region costs tens of microseconds (far more on a loaded
+  // machine); small images are grouped so that each task has work enough.
+  return std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, num_pixels));
+}
+
+void for_each_image(int64_t batch, int64_t num_pixels,
+                    const std::function<void(int64_t, const permutohedral::cpu::RangeRunner&)>& fn) {
   // Across images when there are enough of them to keep every thread busy
   // (each image then runs on one thread), else one image at a time with
   // every thread on it.  Either way each image's result is the same.
   if (batch >= at::get_num_threads()) {
-    at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, batch, images_per_task(num_pixels), [&](int64_t begin, int64_t end) {
       for (int64_t b = begin; b < end; ++b) fn(b, permutohedral::cpu::run_serially);
     });
   } else {
@@ -45,7 +53,7 @@ LatticeResult permutohedral_lattice_cpu(const at::Tensor& image, double sigma_xy
   at::Tensor splat_index = at::empty({B, N, permutohedral::kVertices}, int_options);
   at::Tensor splat_weight = at::empty({B, N, permutohedral::kVertices}, img.options());
   std::vector<permutohedral::cpu::ImageLattice> lattices(static_cast<size_t>(B));
-  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, B, images_per_task(N), [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       if (dtype == at::kDouble) {
         permutohedral::cpu::build_lattice<double>(img.data_ptr<double>() + b * 3 * N, H, W, sigma_xy, sigma_rgb,
@@ -71,7 +79,7 @@ LatticeResult permutohedral_lattice_cpu(const at::Tensor& image, double sigma_xy
   const int64_t total = o[B];
   at::Tensor neighbours = at::empty({permutohedral::kVertices, total, 2}, int_options);
   int32_t* dst = neighbours.data_ptr<int32_t>();
-  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, B, images_per_task(N), [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       const int64_t count = lattices[b].num_vertices;
       for (int axis = 0; axis < permutohedral::kVertices; ++axis) {
@@ -94,7 +102,7 @@ at::Tensor lattice_filter_cpu(const at::Tensor& values, const at::Tensor& splat_
   std::vector<int32_t> status(static_cast<size_t>(B), 0);
   AT_DISPATCH_FLOATING_TYPES(call.values.scalar_type(), "lattice_filter_cpu", [&] {
     const auto lattice = call.lattice.view<scalar_t>();
-    for_each_image(B, [&](int64_t b, const permutohedral::cpu::RangeRunner& runner) {
+    for_each_image(B, N, [&](int64_t b, const permutohedral::cpu::RangeRunner& runner) {
       permutohedral::cpu::FilterInput<scalar_t> input;
       input.values = call.values.data_ptr<scalar_t>() + b * C * N;
       input.channels = C;
