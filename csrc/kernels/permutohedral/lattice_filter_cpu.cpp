@@ -215,7 +215,7 @@ BOXLOSS_CPU_CLONES int32_t splat_channels(const int32_t* __restrict index, const
     for (int64_t t = 0; t < n; ++t) {
       const int32_t* idx = index + (p0 + t) * kVertices;
       const scalar* w = weight + (p0 + t) * kVertices;
-      if constexpr (kWidth > 0) {
+      if constexpr (kWidth > 0 && kWidth % g == 0) {
         scalar value[kMax];
         for (int64_t q = 0; q < kMax / g; ++q) {
           for (int64_t j = 0; j < g; ++j) value[q * g + j] = tile[(q * kTile + t) * g + j];
@@ -302,7 +302,7 @@ BOXLOSS_CPU_CLONES void slice_pixels(const int32_t* __restrict index, const scal
     for (int64_t t = 0; t < n; ++t) {
       const int32_t* idx = index + (p0 + t) * kVertices;
       const scalar* w = weight + (p0 + t) * kVertices;
-      if constexpr (kWidth > 0) {
+      if constexpr (kWidth > 0 && kWidth % g == 0) {
         scalar acc[kMax];
         const scalar* __restrict row0 = grid + checked_vertex(idx[0], num_vertices, &unused) * stride;
         for (int64_t k = 0; k < kMax; ++k) acc[k] = w[0] * row0[k];

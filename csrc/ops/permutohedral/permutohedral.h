@@ -33,13 +33,15 @@ struct LatticeTensors {
   at::Tensor vertex_offsets;   // contiguous int64 (B+1,), on the device
   at::Tensor host_offsets;     // the same on the CPU
 
+  // The view the kernels read; the CPU kernels take the offsets from host
+  // memory, the CUDA kernels (device_offsets) from the device.
   template <typename scalar>
-  permutohedral::Lattice<scalar> view() const {
+  permutohedral::Lattice<scalar> view(bool device_offsets = false) const {
     permutohedral::Lattice<scalar> l;
     l.splat_index = splat_index.data_ptr<int32_t>();
     l.splat_weight = splat_weight.data_ptr<scalar>();
     l.blur_neighbours = blur_neighbours.data_ptr<int32_t>();
-    l.vertex_offsets = host_offsets.data_ptr<int64_t>();
+    l.vertex_offsets = (device_offsets ? vertex_offsets : host_offsets).data_ptr<int64_t>();
     l.batch = splat_index.size(0);
     l.num_pixels = splat_index.size(1);
     l.total_vertices = blur_neighbours.size(1);
