@@ -280,8 +280,12 @@ def parse_args(argv):
     p.add_argument("--json", default=None)
     p.add_argument("--no-memory", action="store_true")
     p.add_argument("--no-accuracy", action="store_true", help="skip the brute-force accuracy table")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads for the loss timings and the second filter row (default: torch's)")
     p.add_argument("--quick", action="store_true")
     args = p.parse_args(argv)
+    if args.threads is not None and args.threads < 1:
+        p.error("--threads must be >= 1")
     args.filter_size = QUICK_FILTER_SIZE if args.quick else FILTER_SIZE
     args.loss_cells = QUICK_LOSS_CELLS if args.quick else LOSS_CELLS
     args.repeats = args.repeats or (3 if args.quick else 7)
@@ -298,6 +302,8 @@ def main(argv=None) -> int:
     device = common.resolve_device(args.device)
     if device is None:
         return 0
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     info = common.machine_info(device)
     print(common.format_machine_info(info))

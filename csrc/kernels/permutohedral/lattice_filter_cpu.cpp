@@ -370,11 +370,15 @@ int32_t filter_image(const Lattice<scalar>& lattice, int64_t b, const FilterInpu
   const int32_t* index = lattice.index_of(b);
   const scalar* weight = lattice.weight_of(b);
 
-  // Splat, parallel over blocks of two channel groups (64 bytes).
+  // Splat, parallel over blocks of two channel groups (64 bytes, one cache
+  // line of each 64-byte aligned vertex row) when the rows are whole cache
+  // lines: threads sharing a line would thrash it.  Small images: one task.
   const int64_t block = stride < kGroup<scalar> ? stride : 2 * kGroup<scalar>;
   const int64_t blocks = (stride + block - 1) / block;
   std::vector<int32_t> block_status(static_cast<size_t>(blocks), 0);
-  const int64_t block_grain = num_pixels * stride >= (int64_t{1} << 18) ? 1 : blocks;  // small images: one task
+  const bool split = stride % block == 0 && (stride * static_cast<int64_t>(sizeof(scalar))) % 64 == 0 &&
+                     num_pixels * stride >= (int64_t{1} << 18);
+  const int64_t block_grain = split ? 1 : blocks;
   runner(blocks, block_grain, [&](int64_t begin, int64_t end) {
     const int64_t c_begin = begin * block;
     const int64_t width = std::min(end * block, stride) - c_begin;

@@ -4,6 +4,7 @@
 // after the transposed filter of the same input).
 #include <torch/library.h>
 
+#include <memory>
 #include <tuple>
 #include <vector>
 
@@ -75,11 +76,12 @@ at::Tensor dense_crf_loss_backward_cpu(const at::Tensor& grad_energy, const at::
     const auto lattice = call.lattice.view<scalar_t>();
     for_each_image(B, N, [&](int64_t b, const permutohedral::cpu::RangeRunner& runner) {
       // The transpose of the lattice filter: the same lattice, blurred in reverse order.
-      std::vector<scalar_t> reversed(static_cast<size_t>((C + 1) * N));
+      // Every element is written by the filter: no need to zero it first.
+      const std::unique_ptr<scalar_t[]> reversed(new scalar_t[static_cast<size_t>((C + 1) * N)]);
       filter_status[b] = permutohedral::cpu::filter_image<scalar_t>(lattice, b, masked_input<scalar_t>(call, b), true,
-                                                                    reversed.data(), runner);
+                                                                    reversed.get(), runner);
       dense_crf::cpu::gradient_image<scalar_t>(call.probs.data_ptr<scalar_t>() + b * C * N, C, call.mask_of(b),
-                                               forward.data_ptr<scalar_t>() + b * (C + 1) * N, reversed.data(),
+                                               forward.data_ptr<scalar_t>() + b * (C + 1) * N, reversed.get(),
                                                lattice.weight_of(b), N, scale.data_ptr<scalar_t>()[b],
                                                grad.data_ptr<scalar_t>() + b * C * N, runner);
     });
