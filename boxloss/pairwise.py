@@ -263,9 +263,10 @@ def dense_crf_loss(
     itself; Tang et al. minimise ``-sum_k S_k^T W S_k`` times a weight of about
     2e-9 (averaged over the batch), which is ``E`` minus the constant
     ``1^T W 1`` when ``S`` sums to one, so ``weight * dense_crf_loss(...,
-    normalize=False)`` has their scale and gradient (and ``weight * Z``, Z about
-    2e8 for a 513 x 513 crop at scale 0.5 with the default sigmas, converts
-    their weight to this normalisation).
+    normalize=False)`` has their scale and gradient.  ``weight * Z`` converts
+    their weight to this normalisation: Z is about 5e7 for a 513 x 513 crop at
+    scale 0.5 with the default sigmas (8e8 at scale 1), so their 2e-9 is about
+    0.1 here.
 
     W is applied with the permutohedral lattice (:mod:`boxloss.lattice`, the
     filter Tang et al. use): ``W = (L + L^T)/2 - diag(c)``, the lattice filter
