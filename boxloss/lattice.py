@@ -13,11 +13,11 @@ iterations of CRF inference, or a forward and its backward) reuse one build.
 
 The lattice reproduces Krähenbühl's ``permutohedral.cpp`` (the one DenseCRF
 and the DenseCRF loss of Tang et al. use) to float rounding, including its
-accuracy: on natural images its output is about 0.55-0.6 times the exact
+accuracy: on natural images its output is about 0.5-0.6 times the exact
 Gaussian sum (the factor varies by a few percent over an image and with the
-sigmas), and after that scale about 5 % off it; normalised filters
-``filter(v) / filter(1)`` are within 0.2-3 %.  The README's lattice error table
-has the measurements.  The filter is linear in ``v`` with an exact adjoint
+sigmas), and after that scale about 6 % off it (12 % at ``sigma_rgb = 5``);
+normalised filters ``filter(v) / filter(1)`` are within 0.3-1.5 % (5.5 % at
+``sigma_rgb = 5``).  The README's lattice error table has the measurements.  The filter is linear in ``v`` with an exact adjoint
 (the same lattice blurred in reverse axis order), so gradients are exact for the
 op; the image is a constant (no gradient flows to it).
 """
