@@ -45,6 +45,7 @@ from boxloss.box2seg import (
 )
 from boxloss.box_masks import box_priority, boxes_to_masks
 from boxloss.boxes import PackedBoxes, pack_boxes
+from boxloss.lattice import BilateralFilter, PermutohedralLattice, bilateral_filter, permutohedral_lattice
 from boxloss.noise_aware import (
     NoiseAwareCELoss,
     NoiseAwareLoss,
@@ -56,7 +57,7 @@ from boxloss.noise_aware import (
 )
 from boxloss.metrics import confusion_matrix, fbeta_score, fill_rate_statistics, iou_table, mean_iou
 from boxloss.pseudo_labels import merge_box_masks
-from boxloss.pairwise import SparseCRFLoss, sparse_crf_loss
+from boxloss.pairwise import DenseCRFLoss, SparseCRFLoss, dense_crf_loss, sparse_crf_loss
 from boxloss.region_priors import (
     NegativeLoss,
     PositionalLoss,
@@ -108,20 +109,25 @@ __all__ = [
     "mean_iou",
     "merge_box_masks",
     "pseudo_label_ce_loss",
+    "BilateralFilter",
     "BorderBackgroundLoss",
     "BoxRowColMax",
+    "DenseCRFLoss",
     "MILBoxLoss",
     "NegativeLoss",
     "PackedBoxes",
+    "PermutohedralLattice",
     "PositionalLoss",
     "ProjectionLoss",
     "RegularizedLoss",
     "SparseCRFLoss",
     "TightBoxLoss",
     "VolumetricLoss",
+    "bilateral_filter",
     "border_background_loss",
     "box_row_col_max",
     "cuda_kernels_built",
+    "dense_crf_loss",
     "extension_error",
     "extension_loaded",
     "image_border_mask",
@@ -129,6 +135,7 @@ __all__ = [
     "mil_box_loss",
     "negative_loss",
     "pack_boxes",
+    "permutohedral_lattice",
     "positional_loss",
     "projection_loss",
     "sparse_crf_loss",

@@ -2,6 +2,24 @@
 papers.  They are the test oracle of the fused ops and the baseline of the
 benchmarks; they are slow and memory-hungry on purpose (readability first)."""
 
-from boxloss.reference.pairwise import neighbour_offsets, sparse_crf_loss_reference
+from boxloss.reference.bilateral import (
+    bilateral_filter_brute_force,
+    lattice_filter_reference,
+    permutohedral_lattice_reference,
+)
+from boxloss.reference.pairwise import (
+    dense_crf_loss_lattice_reference,
+    dense_crf_loss_reference,
+    neighbour_offsets,
+    sparse_crf_loss_reference,
+)
 
-__all__ = ["neighbour_offsets", "sparse_crf_loss_reference"]
+__all__ = [
+    "bilateral_filter_brute_force",
+    "dense_crf_loss_lattice_reference",
+    "dense_crf_loss_reference",
+    "lattice_filter_reference",
+    "neighbour_offsets",
+    "permutohedral_lattice_reference",
+    "sparse_crf_loss_reference",
+]

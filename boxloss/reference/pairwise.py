@@ -67,3 +67,117 @@ def sparse_crf_loss_reference(
     if reduction == "sum":
         return per_image.sum()
     return per_image
+
+
+# --------------------------------------------------------------------------- DenseCRF loss
+
+
+def _resize_like_tang(probs, image, valid_mask, scale_factor):
+    import torch.nn.functional as F
+
+    probs = F.interpolate(probs, scale_factor=scale_factor, mode="bilinear", align_corners=False)
+    image = F.interpolate(image, scale_factor=scale_factor, mode="nearest")
+    if valid_mask is not None:
+        valid_mask = F.interpolate(valid_mask[:, None].to(image.dtype), scale_factor=scale_factor, mode="nearest")
+        valid_mask = valid_mask[:, 0] > 0.5
+    return probs, image, valid_mask
+
+
+def _energy_from_filter(S, valid, apply_w):
+    """E = sum_k S_k^T W (m - S_k) and Z = m^T W m per image, with S_k, m masked."""
+    m = valid[:, None].to(S.dtype)
+    x = torch.cat([S * m, m], 1)
+    wx = apply_w(x)
+    energy = ((S * m) * (wx[:, -1:] - wx[:, :-1])).sum((1, 2, 3))
+    normaliser = (m * wx[:, -1:]).sum((1, 2, 3))
+    return energy, normaliser
+
+
+def _reduce(energy, normaliser, normalize, reduction):
+    if normalize:
+        per_image = torch.where(normaliser > 0, energy / normaliser.clamp_min(torch.finfo(normaliser.dtype).tiny),
+                                torch.zeros_like(energy))
+    else:
+        per_image = energy
+    if reduction == "mean":
+        return per_image.mean()
+    if reduction == "sum":
+        return per_image.sum()
+    return per_image
+
+
+def dense_crf_loss_reference(
+    probs: torch.Tensor,
+    image: torch.Tensor,
+    *,
+    sigma_rgb: float = 15.0,
+    sigma_xy: float = 80.0,
+    scale_factor: float = 1.0,
+    valid_mask: torch.Tensor | None = None,
+    reduction: str = "mean",
+    normalize: bool = True,
+) -> torch.Tensor:
+    """The DenseCRF loss with the exact Gaussian affinity (brute force, O((HW)^2)): the truth the op approximates.
+
+    W x = K x - x, K the exact bilateral kernel including the pixel itself
+    (boxloss.reference.bilateral.bilateral_filter_brute_force): W_ii = 0.
+    Same arguments and result as boxloss.dense_crf_loss (no argument checks).
+    """
+    from boxloss.reference.bilateral import bilateral_filter_brute_force
+
+    if scale_factor != 1.0:
+        probs, image, valid_mask = _resize_like_tang(probs, image, valid_mask, scale_factor)
+        sigma_xy = sigma_xy * scale_factor
+    B, _, H, W = probs.shape
+    valid = torch.ones(B, H, W, dtype=torch.bool, device=probs.device) if valid_mask is None else valid_mask
+    energy, normaliser = _energy_from_filter(
+        probs, valid, lambda x: bilateral_filter_brute_force(x, image, sigma_xy, sigma_rgb) - x
+    )
+    return _reduce(energy, normaliser, normalize, reduction)
+
+
+def dense_crf_energy_lattice_reference(probs, valid_mask, lattice):
+    """(E, Z) per image with the op's lattice affinity W = (L + L^T)/2 - diag(c), in PyTorch.
+
+    L is boxloss.reference.bilateral.lattice_filter_reference (its transpose
+    the reverse blur order) and c the self-affinity lower bound of each pixel.
+    An image with fewer than two valid pixels has no pair: E = Z = 0 (the
+    residual self-affinity L_ii - c_i would otherwise pair a lone pixel with
+    itself).  Differentiable in probs; the op matches it at 1e-6 relative in float64.
+    """
+    from boxloss.reference.bilateral import lattice_filter_reference, self_affinity_lower_bound
+
+    B, _, H, W = probs.shape
+    valid = torch.ones(B, H, W, dtype=torch.bool, device=probs.device) if valid_mask is None else valid_mask
+    c = self_affinity_lower_bound(lattice.splat_weight.to(probs.dtype)).reshape(B, 1, H, W)
+
+    def apply_w(x):
+        forward = lattice_filter_reference(x, lattice)
+        transpose = lattice_filter_reference(x, lattice, reverse=True)
+        return 0.5 * (forward + transpose) - c * x
+
+    energy, normaliser = _energy_from_filter(probs, valid, apply_w)
+    paired = valid.flatten(1).sum(1) >= 2
+    return torch.where(paired, energy, torch.zeros_like(energy)), torch.where(paired, normaliser, torch.zeros_like(normaliser))
+
+
+def dense_crf_loss_lattice_reference(
+    probs: torch.Tensor,
+    image: torch.Tensor,
+    *,
+    sigma_rgb: float = 15.0,
+    sigma_xy: float = 80.0,
+    scale_factor: float = 1.0,
+    valid_mask: torch.Tensor | None = None,
+    reduction: str = "mean",
+    normalize: bool = True,
+) -> torch.Tensor:
+    """boxloss.dense_crf_loss written in PyTorch on the reference lattice (same arguments and result)."""
+    from boxloss.reference.bilateral import permutohedral_lattice_reference
+
+    if scale_factor != 1.0:
+        probs, image, valid_mask = _resize_like_tang(probs, image, valid_mask, scale_factor)
+        sigma_xy = sigma_xy * scale_factor
+    lattice = permutohedral_lattice_reference(image.to(probs.dtype), sigma_xy, sigma_rgb)
+    energy, normaliser = dense_crf_energy_lattice_reference(probs, valid_mask, lattice)
+    return _reduce(energy, normaliser, normalize, reduction)
