@@ -41,12 +41,43 @@ void test_known_answers() {
   for (const Vector& v : vectors) {
     uint32_t x0 = v.counter[0], x1 = v.counter[1], x2 = v.counter[2], x3 = v.counter[3];
     boxloss::philox::philox4x32_10(v.key[0], v.key[1], x0, x1, x2, x3);
+    // The same generator on 64-bit words (the AVX-512 lane loops).
+    uint64_t w0 = v.counter[0], w1 = v.counter[1], w2 = v.counter[2], w3 = v.counter[3];
+    boxloss::philox::philox4x32_10<uint64_t>(v.key[0], v.key[1], w0, w1, w2, w3);
     const uint32_t got[4] = {x0, x1, x2, x3};
+    const uint64_t got64[4] = {w0, w1, w2, w3};
     for (int i = 0; i < 4; ++i) {
       char context[128];
       std::snprintf(context, sizeof(context), "word %d: got %08x, expected %08x", i, got[i], v.expected[i]);
       CHECK(got[i] == v.expected[i], context);
+      std::snprintf(context, sizeof(context), "64-bit word %d: got %016llx, expected %08x", i,
+                    static_cast<unsigned long long>(got64[i]), v.expected[i]);
+      CHECK(got64[i] == v.expected[i], context);
     }
+  }
+  // Random counters and keys: both word types and a plain 64-bit-product
+  // implementation of the rounds agree.
+  std::mt19937 rng(3);
+  for (int n = 0; n < 20000; ++n) {
+    uint32_t c[4] = {static_cast<uint32_t>(rng()), static_cast<uint32_t>(rng()), static_cast<uint32_t>(rng()),
+                     static_cast<uint32_t>(rng())};
+    uint32_t k0 = rng(), k1 = rng();
+    uint32_t x[4] = {c[0], c[1], c[2], c[3]};
+    uint64_t w[4] = {c[0], c[1], c[2], c[3]};
+    boxloss::philox::philox4x32_10(k0, k1, x[0], x[1], x[2], x[3]);
+    boxloss::philox::philox4x32_10<uint64_t>(k0, k1, w[0], w[1], w[2], w[3]);
+    uint32_t r[4] = {c[0], c[1], c[2], c[3]};
+    for (int round = 0; round < 10; ++round) {
+      const uint64_t p0 = uint64_t{0xD2511F53u} * r[0], p1 = uint64_t{0xCD9E8D57u} * r[2];
+      const uint32_t next[4] = {static_cast<uint32_t>(p1 >> 32) ^ r[1] ^ k0, static_cast<uint32_t>(p1),
+                                static_cast<uint32_t>(p0 >> 32) ^ r[3] ^ k1, static_cast<uint32_t>(p0)};
+      for (int i = 0; i < 4; ++i) r[i] = next[i];
+      k0 += 0x9E3779B9u;
+      k1 += 0xBB67AE85u;
+    }
+    bool same = true;
+    for (int i = 0; i < 4; ++i) same = same && x[i] == r[i] && w[i] == r[i];
+    CHECK(same, "random counter: 32-bit words, 64-bit words and the plain rounds agree");
   }
 }
 

@@ -35,6 +35,7 @@ struct ClassCase {
   double tau = 1.5;
   uint64_t seed = 12345;
   uint32_t offset = 3;
+  int32_t words = 0;  // the CPU generator's word type: 0 (the CPU's choice), 32 or 64
 };
 
 struct ClassData {
@@ -79,6 +80,7 @@ u::ClassProblem make_problem(const ClassCase& k, const std::vector<scalar>& mu, 
   p.bootstrap = k.bootstrap;
   p.route_gradients = k.route;
   p.ignore_index = 255;
+  p.cpu_generator_words = k.words;
   return p;
 }
 
@@ -179,12 +181,21 @@ void test_class_forward() {
       const std::vector<double> got = core_loss<double>(k, d);
       const std::vector<double> got_float = core_loss<float>(k, d);
       const std::vector<double> got_split = core_loss<double>(k, d, 1);
+      // Both word types of the generator draw the same noise.
+      ClassCase narrow = k, wide = k;
+      narrow.words = 32;
+      wide.words = 64;
+      const std::vector<double> got_narrow = core_loss<float>(narrow, d);
+      const std::vector<double> got_wide = core_loss<float>(wide, d);
       for (size_t i = 0; i < want.size(); ++i) {
         CHECK(std::fabs(got[i] - want[i]) <= 1e-11 * (1 + std::fabs(want[i])), describe(k) + " double pixel " +
               std::to_string(i) + ": " + std::to_string(got[i]) + " vs " + std::to_string(want[i]));
         CHECK(std::fabs(got_float[i] - want[i]) <= 2e-5 * (1 + std::fabs(want[i])),
               describe(k) + " float pixel " + std::to_string(i));
         CHECK(got_split[i] == got[i], describe(k) + " chunk split changes pixel " + std::to_string(i));
+        CHECK(std::fabs(got_narrow[i] - want[i]) <= 2e-5 * (1 + std::fabs(want[i])) &&
+                  std::fabs(got_wide[i] - want[i]) <= 2e-5 * (1 + std::fabs(want[i])),
+              describe(k) + " 32- and 64-bit generator words, pixel " + std::to_string(i));
       }
     }
   }

@@ -245,13 +245,18 @@ BOXLOSS_ALWAYS_INLINE void load_chunk(const ClassProblem& p, int64_t chunk, Chun
     mu_sum[p_] = acc(0);
     ce[p_] = acc(0);
   }
+  // Two loops: with the select in the loop of the exp, GCC sinks the exp into
+  // a branch and leaves both scalar.  The target's mu is picked by a 0/1
+  // factor: GCC 12 vectorised the equivalent select of this loop into wrong
+  // sums (caught by tests/cpp/test_uncertainty_core.cpp).
+  for (int64_t c = 0; c < C; ++c) {
+    const acc* __restrict m = buf.mu + c * L;
+    for (int p_ = 0; p_ < L; ++p_) mu_sum[p_] += math::exp_nonpositive(m[p_] - mu_max[p_]);
+  }
   for (int64_t c = 0; c < C; ++c) {
     const acc* __restrict m = buf.mu + c * L;
     const int32_t cc = static_cast<int32_t>(c);
-    for (int p_ = 0; p_ < L; ++p_) {
-      mu_sum[p_] += math::exp_nonpositive(m[p_] - mu_max[p_]);
-      ce[p_] -= ce_target[p_] == cc ? m[p_] : acc(0);
-    }
+    for (int p_ = 0; p_ < L; ++p_) ce[p_] -= (ce_target[p_] == cc ? acc(1) : acc(0)) * m[p_];
   }
   for (int p_ = 0; p_ < L; ++p_) {
     head.ce[p_] = ce[p_] + mu_max[p_] + math::log_positive(mu_sum[p_]);
@@ -263,17 +268,17 @@ BOXLOSS_ALWAYS_INLINE void load_chunk(const ClassProblem& p, int64_t chunk, Chun
 
 // l_t = mu + sigma eps_t for every class of sample t (sigma already in
 // buf.log_var); eps_t also into `noise` when it is not null.
-template <typename acc>
-BOXLOSS_ALWAYS_INLINE void draw_logits(const ClassProblem& p, uint32_t sample, const uint32_t* __restrict pixel_lo,
-                                       const uint32_t* __restrict pixel_hi, const acc* __restrict mu,
+template <typename Word, typename acc>
+BOXLOSS_ALWAYS_INLINE void draw_logits(const ClassProblem& p, uint32_t sample, const Word* __restrict pixel_lo,
+                                       const Word* __restrict pixel_hi, const acc* __restrict mu,
                                        const acc* __restrict sigma, acc* __restrict logit, acc* __restrict noise) {
   const int64_t C = p.num_classes;
   const int64_t blocks = (C + 3) / 4;
   for (int64_t k = 0; k < blocks; ++k) {
     acc z[4][L];
     for (int p_ = 0; p_ < L; ++p_) {
-      noise_block(p.key, static_cast<uint32_t>(k), sample, pixel_lo[p_], pixel_hi[p_], &z[0][p_], &z[1][p_],
-                  &z[2][p_], &z[3][p_]);
+      noise_block<acc, Word>(p.key, static_cast<uint32_t>(k), sample, pixel_lo[p_], pixel_hi[p_], &z[0][p_],
+                             &z[1][p_], &z[2][p_], &z[3][p_]);
     }
     const int64_t classes = std::min<int64_t>(4, C - 4 * k);
     for (int64_t j = 0; j < classes; ++j) {
@@ -308,7 +313,7 @@ BOXLOSS_ALWAYS_INLINE void sigma_from_log_var(int64_t C, acc* __restrict values)
   for (int64_t i = 0; i < C * L; ++i) values[i] = math::exp_clamped(acc(0.5) * values[i]);
 }
 
-template <typename scalar>
+template <typename scalar, typename Word>
 BOXLOSS_CPU_CLONES int32_t class_forward_impl(const ClassProblem& p, int64_t chunk_begin, int64_t chunk_end,
                                               scalar* loss, scalar* sample_lse) {
   using acc = acc_t<scalar>;
@@ -324,7 +329,7 @@ BOXLOSS_CPU_CLONES int32_t class_forward_impl(const ClassProblem& p, int64_t chu
     acc lse_samples[L];
     for (int p_ = 0; p_ < L; ++p_) lse_samples[p_] = acc(0);
     if (head.any_uncertain) {
-      uint32_t pixel_lo[L], pixel_hi[L];
+      Word pixel_lo[L], pixel_hi[L];
       for (int p_ = 0; p_ < L; ++p_) {
         const PixelWords words = pixel_words(p.key, static_cast<uint64_t>(pixel0 + p_));
         pixel_lo[p_] = words.lo;
@@ -338,8 +343,8 @@ BOXLOSS_CPU_CLONES int32_t class_forward_impl(const ClassProblem& p, int64_t chu
         run_sum[p_] = acc(0);
       }
       for (int64_t t = 0; t < p.samples; ++t) {
-        draw_logits(p, static_cast<uint32_t>(t), pixel_lo, pixel_hi, buf.mu, buf.log_var, buf.logit,
-                    static_cast<acc*>(nullptr));
+        draw_logits<Word>(p, static_cast<uint32_t>(t), pixel_lo, pixel_hi, buf.mu, buf.log_var, buf.logit,
+                          static_cast<acc*>(nullptr));
         acc m[L], ly[L], sum[L];
         logit_max_and_target(C, buf.logit, head.y, m, ly);
         for (int p_ = 0; p_ < L; ++p_) sum[p_] = acc(0);
@@ -371,7 +376,7 @@ BOXLOSS_CPU_CLONES int32_t class_forward_impl(const ClassProblem& p, int64_t chu
   return status;
 }
 
-template <typename scalar>
+template <typename scalar, typename Word>
 BOXLOSS_CPU_CLONES void class_backward_impl(const ClassProblem& p, const scalar* grad, const scalar* sample_lse,
                                             int64_t chunk_begin, int64_t chunk_end, scalar* grad_mu,
                                             scalar* grad_log_var) {
@@ -394,7 +399,7 @@ BOXLOSS_CPU_CLONES void class_backward_impl(const ClassProblem& p, const scalar*
     if (head.any_uncertain) {
       acc lse_samples[L];
       load_lanes(sample_lse + pixel0, head.n, lse_samples);
-      uint32_t pixel_lo[L], pixel_hi[L];
+      Word pixel_lo[L], pixel_hi[L];
       for (int p_ = 0; p_ < L; ++p_) {
         const PixelWords words = pixel_words(p.key, static_cast<uint64_t>(pixel0 + p_));
         pixel_lo[p_] = words.lo;
@@ -406,7 +411,8 @@ BOXLOSS_CPU_CLONES void class_backward_impl(const ClassProblem& p, const scalar*
         buf.grad_s[i] = acc(0);
       }
       for (int64_t t = 0; t < p.samples; ++t) {
-        draw_logits(p, static_cast<uint32_t>(t), pixel_lo, pixel_hi, buf.mu, buf.log_var, buf.logit, buf.noise);
+        draw_logits<Word>(p, static_cast<uint32_t>(t), pixel_lo, pixel_hi, buf.mu, buf.log_var, buf.logit,
+                          buf.noise);
         acc m[L], ly[L], sum[L], w[L], w_over_sum[L];
         logit_max_and_target(C, buf.logit, head.y, m, ly);
         for (int p_ = 0; p_ < L; ++p_) sum[p_] = acc(0);
@@ -480,6 +486,21 @@ BOXLOSS_CPU_CLONES void class_backward_impl(const ClassProblem& p, const scalar*
   }
 }
 
+// The Philox word type of the lane loops (philox::mulhilo): 64-bit words
+// where AVX-512 multiplies 64-bit lanes natively (the x86-64-v4 clone then
+// runs), 32-bit words with 16-bit partial products elsewhere.  Both draw the
+// same noise; only the speed differs.
+bool wide_generator_words(const ClassProblem& p) {
+  if (p.cpu_generator_words != 0) return p.cpu_generator_words == 64;
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+  static const bool wide = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+                           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw");
+  return wide;
+#else
+  return false;
+#endif
+}
+
 }  // namespace
 
 template <typename scalar>
@@ -496,13 +517,19 @@ void binary_backward(const BinaryProblem& problem, const scalar* grad, int64_t b
 template <typename scalar>
 int32_t class_forward(const ClassProblem& problem, int64_t chunk_begin, int64_t chunk_end, scalar* loss,
                       scalar* sample_lse) {
-  return class_forward_impl<scalar>(problem, chunk_begin, chunk_end, loss, sample_lse);
+  return wide_generator_words(problem)
+             ? class_forward_impl<scalar, uint64_t>(problem, chunk_begin, chunk_end, loss, sample_lse)
+             : class_forward_impl<scalar, uint32_t>(problem, chunk_begin, chunk_end, loss, sample_lse);
 }
 
 template <typename scalar>
 void class_backward(const ClassProblem& problem, const scalar* grad, const scalar* sample_lse, int64_t chunk_begin,
                     int64_t chunk_end, scalar* grad_mu, scalar* grad_log_var) {
-  class_backward_impl<scalar>(problem, grad, sample_lse, chunk_begin, chunk_end, grad_mu, grad_log_var);
+  if (wide_generator_words(problem)) {
+    class_backward_impl<scalar, uint64_t>(problem, grad, sample_lse, chunk_begin, chunk_end, grad_mu, grad_log_var);
+  } else {
+    class_backward_impl<scalar, uint32_t>(problem, grad, sample_lse, chunk_begin, chunk_end, grad_mu, grad_log_var);
+  }
 }
 
 template int32_t binary_forward<float>(const BinaryProblem&, int64_t, int64_t, float*);

@@ -28,36 +28,52 @@ constexpr uint32_t kWeyl0 = 0x9E3779B9u;  // golden ratio
 constexpr uint32_t kWeyl1 = 0xBB67AE85u;  // sqrt(3) - 1
 constexpr int kRounds = 10;
 
+// The high and low halves of the 64-bit product of two 32-bit words, for the
+// two word types the generator runs on:
+//  * uint32_t: the GPU (one __umulhi) and the CPU's AVX2 lane loops, where the
+//    product is assembled from four 16 x 16-bit multiplies that vectorise to
+//    32-bit vector multiplies (AVX2 has no 32 x 32 -> 64-bit vector multiply
+//    that GCC uses well here);
+//  * uint64_t holding a 32-bit value: the CPU's AVX-512 lane loops, one
+//    64-bit lane multiply per word.
+// Both give the same bits.
 BOXLOSS_HD_ALWAYS_INLINE void mulhilo(uint32_t a, uint32_t b, uint32_t* hi, uint32_t* lo) {
 #if defined(__CUDA_ARCH__)
   *hi = __umulhi(a, b);
-  *lo = a * b;
 #else
-  // One widening multiply; vectorises (vpmuludq) in a loop over lanes.
-  const uint64_t product = static_cast<uint64_t>(a) * static_cast<uint64_t>(b);
-  *hi = static_cast<uint32_t>(product >> 32);
-  *lo = static_cast<uint32_t>(product);
+  const uint32_t a0 = a & 0xffffu, a1 = a >> 16, b0 = b & 0xffffu, b1 = b >> 16;
+  const uint32_t p00 = a0 * b0, p01 = a0 * b1, p10 = a1 * b0, p11 = a1 * b1;
+  const uint32_t middle = (p00 >> 16) + (p01 & 0xffffu) + (p10 & 0xffffu);
+  *hi = p11 + (p01 >> 16) + (p10 >> 16) + (middle >> 16);
 #endif
+  *lo = a * b;
+}
+BOXLOSS_HD_ALWAYS_INLINE void mulhilo(uint64_t a, uint64_t b, uint64_t* hi, uint64_t* lo) {
+  const uint64_t product = a * b;  // a, b < 2^32: exact
+  *hi = product >> 32;
+  *lo = product & 0xffffffffu;
 }
 
 // Replaces the counter (x0, x1, x2, x3) by Philox4x32-10 of it under the key
 // (k0, k1).  Each round: two 32x32 -> 64-bit multiplies and a permutation;
-// the key is bumped by the Weyl constants between rounds.
-BOXLOSS_HD_ALWAYS_INLINE void philox4x32_10(uint32_t k0, uint32_t k1, uint32_t& x0, uint32_t& x1, uint32_t& x2,
-                                     uint32_t& x3) {
+// the key is bumped by the Weyl constants between rounds.  Word is uint32_t,
+// or uint64_t with every value below 2^32 (see mulhilo).
+template <typename Word>
+BOXLOSS_HD_ALWAYS_INLINE void philox4x32_10(Word k0, Word k1, Word& x0, Word& x1, Word& x2, Word& x3) {
+  const Word mask = 0xffffffffu;
   BOXLOSS_UNROLL_FULLY
   for (int round = 0; round < kRounds; ++round) {
-    uint32_t hi0, lo0, hi1, lo1;
-    mulhilo(kMultiplier0, x0, &hi0, &lo0);
-    mulhilo(kMultiplier1, x2, &hi1, &lo1);
-    const uint32_t y0 = hi1 ^ x1 ^ k0;
-    const uint32_t y2 = hi0 ^ x3 ^ k1;
+    Word hi0, lo0, hi1, lo1;
+    mulhilo(static_cast<Word>(kMultiplier0), x0, &hi0, &lo0);
+    mulhilo(static_cast<Word>(kMultiplier1), x2, &hi1, &lo1);
+    const Word y0 = hi1 ^ x1 ^ k0;
+    const Word y2 = hi0 ^ x3 ^ k1;
     x0 = y0;
     x1 = lo1;
     x2 = y2;
     x3 = lo0;
-    k0 += kWeyl0;
-    k1 += kWeyl1;
+    k0 = (k0 + kWeyl0) & mask;
+    k1 = (k1 + kWeyl1) & mask;
   }
 }
 

@@ -63,18 +63,18 @@ BOXLOSS_HD_ALWAYS_INLINE PixelWords pixel_words(const NoiseKey& key, uint64_t pi
 }
 
 // The four normals of classes 4 class_block .. 4 class_block + 3 of sample
-// `sample` at the pixel with counter words (pixel_lo, pixel_hi).
-template <typename acc>
-BOXLOSS_HD_ALWAYS_INLINE void noise_block(const NoiseKey& key, uint32_t class_block, uint32_t sample,
-                                          uint32_t pixel_lo, uint32_t pixel_hi, acc* z0, acc* z1, acc* z2,
-                                          acc* z3) {
-  uint32_t x0 = class_block;
-  uint32_t x1 = sample;
-  uint32_t x2 = pixel_lo;
-  uint32_t x3 = pixel_hi;
-  philox::philox4x32_10(key.k0, key.k1, x0, x1, x2, x3);
-  philox::box_muller(x0, x1, z0, z1);
-  philox::box_muller(x2, x3, z2, z3);
+// `sample` at the pixel with counter words (pixel_lo, pixel_hi).  Word: see
+// philox::mulhilo (the CPU picks the one its vector unit runs fastest).
+template <typename acc, typename Word = uint32_t>
+BOXLOSS_HD_ALWAYS_INLINE void noise_block(const NoiseKey& key, uint32_t class_block, uint32_t sample, Word pixel_lo,
+                                          Word pixel_hi, acc* z0, acc* z1, acc* z2, acc* z3) {
+  Word x0 = class_block;
+  Word x1 = sample;
+  Word x2 = pixel_lo;
+  Word x3 = pixel_hi;
+  philox::philox4x32_10<Word>(key.k0, key.k1, x0, x1, x2, x3);
+  philox::box_muller(static_cast<uint32_t>(x0), static_cast<uint32_t>(x1), z0, z1);
+  philox::box_muller(static_cast<uint32_t>(x2), static_cast<uint32_t>(x3), z2, z3);
 }
 
 // ---------------------------------------------------------------- binary

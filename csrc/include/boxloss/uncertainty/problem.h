@@ -55,6 +55,10 @@ struct ClassProblem {
   bool bootstrap = true;
   bool route_gradients = true;
   int64_t ignore_index = 255;
+  // CPU only: the Philox word type of the lane loops, 32 or 64 bits (the
+  // same noise; philox::mulhilo), or 0 to pick the faster one for the CPU.
+  // The C++ tests force each.
+  int32_t cpu_generator_words = 0;
 
   BOXLOSS_HD_INLINE int64_t num_pixels() const { return batch * plane; }
 };
