@@ -1,6 +1,6 @@
 """Runs every kernel benchmark at its default sizes (or all with --quick):
 
-    python -m benchmarks            # sparse_crf, then box_priors
+    python -m benchmarks            # sparse_crf, box_priors, then uncertainty
     python -m benchmarks --quick    # the smoke runs
 """
 
@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import sys
 
-from benchmarks import box_priors, sparse_crf
+from benchmarks import box_priors, sparse_crf, uncertainty
 
-BENCHMARKS = (("sparse_crf", sparse_crf), ("box_priors", box_priors))
+BENCHMARKS = (("sparse_crf", sparse_crf), ("box_priors", box_priors), ("uncertainty", uncertainty))
 
 
 def main(argv=None) -> int:
