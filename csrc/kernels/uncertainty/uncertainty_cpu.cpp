@@ -6,7 +6,7 @@
 // one image, and every inner loop runs over those lanes with a constant trip
 // count and no branches, so that the compiler vectorises it: Philox's 32-bit
 // multiplies, Box-Muller's log / sqrt / sine / cosine, the softmax over
-// classes and the log-sum-exp over samples all run 16 pixels at a time
+// classes and the log-sum-exp over samples all run 32 pixels at a time
 // (target_clones builds them for AVX2 and AVX-512).  Per chunk the kernel
 // keeps a few (classes x lanes) buffers; no (samples x classes x pixels)
 // tensor ever exists, and the backward regenerates the forward's noise.

@@ -22,8 +22,11 @@ template <typename scalar>
 void binary_backward(const BinaryProblem& problem, const scalar* grad, int64_t begin, int64_t end, scalar* grad_mu,
                      scalar* grad_log_var);
 
-// ---- multi-class, over chunks of kClassLanes consecutive pixels of one image
-constexpr int kClassLanes = 16;
+// ---- multi-class, over chunks of kClassLanes consecutive pixels of one image.
+// 32 lanes (two AVX-512 vectors per value) measured about 25% faster than 16
+// at C = 21 and 40% at C = 3 (more independent work per loop), with the
+// per-task buffers (6 x C x 32 floats) still in L1/L2 up to a few hundred classes.
+constexpr int kClassLanes = 32;
 
 BOXLOSS_HD_INLINE int64_t class_chunks(const ClassProblem& problem) {
   return problem.batch * ((problem.plane + kClassLanes - 1) / kClassLanes);
