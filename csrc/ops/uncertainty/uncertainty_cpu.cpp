@@ -19,10 +19,29 @@ namespace ucpu = uncertainty::cpu;
 // About 2^16 pixels per task for the elementwise binary loss.
 constexpr int64_t kBinaryGrain = int64_t{1} << 16;
 
-// Chunks per task: about 2^17 (sample, class, pixel) terms.
+// Chunks per grab: about 2^17 (sample, class, pixel) terms.
 int64_t class_grain(const uncertainty::ClassProblem& p) {
   const int64_t per_chunk = ucpu::kClassLanes * p.num_classes * p.samples;
   return std::max<int64_t>(1, (int64_t{1} << 17) / std::max<int64_t>(1, per_chunk));
+}
+
+// Runs f(begin, end) over [0, total) in grabs of `grain` items that the
+// threads take from a shared counter, so that a thread the OS preempts (a
+// shared machine) or whose chunks cost more (pixels outside the boxes cost
+// almost nothing) does not hold up the others as a static split would.
+// Every item is computed the same way whichever thread takes it, so the
+// results do not depend on the schedule.
+template <typename F>
+void for_each_grab(int64_t total, int64_t grain, F f) {
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), (total + grain - 1) / grain);
+  at::parallel_for(0, std::max<int64_t>(workers, 1), 1, [&](int64_t, int64_t) {
+    for (;;) {
+      const int64_t begin = next.fetch_add(grain);
+      if (begin >= total) break;
+      f(begin, std::min(total, begin + grain));
+    }
+  });
 }
 
 at::Tensor uncertainty_bce_loss_cpu(const at::Tensor& mu, const at::Tensor& log_var, const at::Tensor& target,
@@ -81,7 +100,7 @@ std::tuple<at::Tensor, at::Tensor> uncertainty_ce_loss_cpu(const at::Tensor& mu,
   at::Tensor loss = at::empty({p.batch, mu.size(2), mu.size(3)}, options);
   at::Tensor sample_lse = at::empty({p.batch, mu.size(2), mu.size(3)}, options);
   std::atomic<int32_t> status{0};
-  at::parallel_for(0, ucpu::class_chunks(p), class_grain(p), [&](int64_t begin, int64_t end) {
+  for_each_grab(ucpu::class_chunks(p), class_grain(p), [&](int64_t begin, int64_t end) {
     const int32_t s =
         call.mu.scalar_type() == at::kDouble
             ? ucpu::class_forward<double>(p, begin, end, loss.data_ptr<double>(), sample_lse.data_ptr<double>())
@@ -105,7 +124,7 @@ std::tuple<at::Tensor, at::Tensor> uncertainty_ce_loss_backward_cpu(
   const at::Tensor lse = per_pixel_input(op, "sample_lse", sample_lse, call.mu);
   at::Tensor grad_mu = at::empty_like(call.mu);
   at::Tensor grad_log_var = at::empty_like(call.mu);
-  at::parallel_for(0, ucpu::class_chunks(p), class_grain(p), [&](int64_t begin, int64_t end) {
+  for_each_grab(ucpu::class_chunks(p), class_grain(p), [&](int64_t begin, int64_t end) {
     if (call.mu.scalar_type() == at::kDouble) {
       ucpu::class_backward<double>(p, g.data_ptr<double>(), lse.data_ptr<double>(), begin, end,
                                    grad_mu.data_ptr<double>(), grad_log_var.data_ptr<double>());
