@@ -171,7 +171,7 @@ struct ChunkBuffers {
     }
   }
   std::vector<acc> storage;
-  acc* mu = nullptr;       // mu, then reused for nothing else
+  acc* mu = nullptr;       // mu
   acc* log_var = nullptr;  // log-variance, then overwritten with sigma
   acc* logit = nullptr;    // l_t, then exp(l_t - max) in the backward
   acc* noise = nullptr;    // eps_t (backward)
