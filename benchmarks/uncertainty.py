@@ -3,7 +3,8 @@ against the materialising reference (boxloss.reference.uncertainty
 .uncertainty_ce_loss_reference with noise="torch": T x B x C x H x W samples
 from torch.randn, kept for backward, the way public PyTorch code does it).
 
-Times forward + backward (median and min), and measures the peak extra memory
+Times forward + backward (median and min; the two sides alternate call by
+call, so that both see the same load on a shared machine), and measures the peak extra memory
 of one forward + backward in a fresh child process per cell (as
 benchmarks/sparse_crf.py does), at T = 20 and, for the first size, along
 T = 1, 5, 20, 50 (the memory curve).  Every pixel carries the uncertainty term
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 
@@ -77,6 +79,32 @@ def make_step(side, mu, log_var, target, samples, seed=0):
     return step, clear_grad
 
 
+def time_interleaved(steps: dict, *, device, repeats: int, warmup: int, max_seconds: float) -> dict:
+    """Times each side's step alternately (fused, reference, fused, ...), so
+    that both see the same load on a shared machine; stops once the timed
+    calls took ``max_seconds`` (after at least 3 rounds).  Returns
+    {side: time_fn-style dict}."""
+    for _ in range(warmup):
+        for step, clear in steps.values():
+            clear()
+            step()
+    times = {side: [] for side in steps}
+    for i in range(max(repeats, 1)):
+        for side, (step, clear) in steps.items():
+            clear()
+            common.synchronize(device)
+            start = time.perf_counter()
+            step()
+            common.synchronize(device)
+            times[side].append(time.perf_counter() - start)
+        if i + 1 >= 3 and sum(sum(t) for t in times.values()) >= max_seconds:
+            break
+    for _, clear in steps.values():
+        clear()
+    return {side: {"median_s": statistics.median(t), "min_s": min(t), "max_s": max(t), "repeats": len(t),
+                   "times_s": t} for side, t in times.items()}
+
+
 def _memory_child(payload: dict) -> int:
     try:
         torch.set_num_threads(int(payload["threads"]))
@@ -96,7 +124,7 @@ def parse_args(argv):
     p.add_argument("--device", default="cpu")
     p.add_argument("--repeats", type=int, default=None, help="timed repeats (default 10; 3 with --quick)")
     p.add_argument("--warmup", type=int, default=None, help="untimed calls (default 1)")
-    p.add_argument("--max-seconds", type=float, default=None, help="timed seconds per side and row (default 20)")
+    p.add_argument("--max-seconds", type=float, default=None, help="timed seconds per row, both sides (default 40)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None)
     p.add_argument("--no-memory", action="store_true")
@@ -106,7 +134,7 @@ def parse_args(argv):
     args.t_curve = QUICK_T_CURVE if args.quick else T_CURVE
     args.repeats = args.repeats or (3 if args.quick else 10)
     args.warmup = args.warmup if args.warmup is not None else 1
-    args.max_seconds = args.max_seconds or (2.0 if args.quick else 20.0)
+    args.max_seconds = args.max_seconds or (4.0 if args.quick else 40.0)
     return args
 
 
@@ -140,8 +168,8 @@ def main(argv=None) -> int:
     if info.get("boxloss_extension_loaded") is not True:
         print("WARNING: the boxloss extension is not loaded; 'fused' runs the reference fallback.")
     print(f"settings: float32, T = {args.samples} (memory curve T = {', '.join(map(str, args.t_curve))}), every "
-          f"pixel uncertain, bootstrapping with routed gradients, repeats {args.repeats} (capped at "
-          f"{args.max_seconds:g} s per side and row), warm-up {args.warmup}")
+          f"pixel uncertain, bootstrapping with routed gradients, repeats {args.repeats} (fused and reference "
+          f"alternating, capped at {args.max_seconds:g} s per row), warm-up {args.warmup}")
 
     cells = [(size, args.samples) for size in args.sizes]
     curve_size = args.sizes[0]
@@ -157,11 +185,12 @@ def main(argv=None) -> int:
         row = {"size": common.size_label(*size), "samples": args.samples, "device": str(device),
                "mu_bytes": mu.numel() * mu.element_size()}
         monitor = common.OtherCpuUse().start()
+        steps = {side: make_step(side, mu, log_var, target, args.samples, args.seed) for side in SIDES}
+        timings = time_interleaved(steps, device=device, repeats=args.repeats, warmup=args.warmup,
+                                   max_seconds=args.max_seconds)
         for side in SIDES:
-            step, clear = make_step(side, mu, log_var, target, args.samples, args.seed)
-            timing = common.time_fn(step, device=device, repeats=args.repeats, warmup=args.warmup, setup=clear,
-                                    max_seconds=args.max_seconds)
-            clear()
+            step, clear = steps[side]
+            timing = timings[side]
             if device.type == "cuda" and not args.no_memory:
                 mem = common.cuda_peak_extra_bytes(step, device, cleanup=clear)
                 clear()
