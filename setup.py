@@ -109,7 +109,8 @@ def extensions():
     sources += sorted(glob.glob(os.path.join("csrc", "kernels", "**", "*.cpp"), recursive=True))
     # -fno-trapping-math lets the compiler if-convert and vectorise the
     # branch-free exp and clamps of the CPU kernels; no kernel reads FP flags.
-    cxx_flags = opt + ["-fno-trapping-math", "-fvisibility=hidden"]
+    # -fno-math-errno lets it vectorise sqrt (Box-Muller); no kernel reads errno.
+    cxx_flags = opt + ["-fno-trapping-math", "-fno-math-errno", "-fvisibility=hidden"]
     link_flags = []
     # at::parallel_for is a header template: it only runs in parallel when the
     # extension itself is compiled with the OpenMP that torch's ATen uses.  The

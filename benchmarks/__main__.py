@@ -1,6 +1,6 @@
 """Runs every kernel benchmark at its default sizes (or all with --quick):
 
-    python -m benchmarks            # sparse_crf, box_priors, affinity, background_attention, dense_crf
+    python -m benchmarks            # sparse_crf, box_priors, affinity, background_attention, dense_crf, uncertainty
     python -m benchmarks --quick    # the smoke runs
 """
 
@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import sys
 
-from benchmarks import affinity, background_attention, box_priors, dense_crf, sparse_crf
+from benchmarks import affinity, background_attention, box_priors, dense_crf, sparse_crf, uncertainty
 
 BENCHMARKS = (("sparse_crf", sparse_crf), ("box_priors", box_priors), ("affinity", affinity),
-              ("background_attention", background_attention), ("dense_crf", dense_crf))
+              ("background_attention", background_attention), ("dense_crf", dense_crf),
+              ("uncertainty", uncertainty))
 
 
 def main(argv=None) -> int:

@@ -69,6 +69,14 @@ from boxloss.region_priors import (
     volumetric_loss,
 )
 from boxloss.regularized import RegularizedLoss
+from boxloss.uncertainty import (
+    UncertaintyBCELoss,
+    UncertaintyCELoss,
+    UncertaintyL2Loss,
+    uncertainty_bce_loss,
+    uncertainty_ce_loss,
+    uncertainty_l2_loss,
+)
 
 __version__ = "0.1.0"
 
@@ -122,6 +130,9 @@ __all__ = [
     "RegularizedLoss",
     "SparseCRFLoss",
     "TightBoxLoss",
+    "UncertaintyBCELoss",
+    "UncertaintyCELoss",
+    "UncertaintyL2Loss",
     "VolumetricLoss",
     "bilateral_filter",
     "border_background_loss",
@@ -140,5 +151,8 @@ __all__ = [
     "projection_loss",
     "sparse_crf_loss",
     "tight_box_loss",
+    "uncertainty_bce_loss",
+    "uncertainty_ce_loss",
+    "uncertainty_l2_loss",
     "volumetric_loss",
 ]

@@ -300,6 +300,61 @@ def _register_dense_crf() -> None:
         return grad_probs, None, None, None, None, None
 
     torch.library.register_autograd("boxloss::dense_crf_loss", backward, setup_context=setup_context)
+def _register_uncertainty() -> None:
+    @torch.library.register_fake("boxloss::uncertainty_bce_loss")
+    def _bce_fake(mu, log_var, target, box_mask, pixel_perfect, tau, temperature, bootstrap, route_gradients):
+        return mu.new_empty(mu.shape)
+
+    @torch.library.register_fake("boxloss::uncertainty_bce_loss_backward")
+    def _bce_backward_fake(grad, mu, log_var, target, box_mask, pixel_perfect, tau, temperature, bootstrap,
+                           route_gradients):
+        return mu.new_empty(mu.shape), mu.new_empty(mu.shape)
+
+    def bce_setup_context(ctx, inputs, output):
+        mu, log_var, target, box_mask, pixel_perfect, *settings = inputs
+        ctx.save_for_backward(mu, log_var, target, box_mask, pixel_perfect)
+        ctx.settings = settings
+
+    def bce_backward(ctx, grad):
+        grad_mu = grad_log_var = None
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+            grad_mu, grad_log_var = torch.ops.boxloss.uncertainty_bce_loss_backward.default(
+                grad, *ctx.saved_tensors, *ctx.settings
+            )
+        # The target and the masks are constants of the loss.
+        return grad_mu, grad_log_var, None, None, None, None, None, None, None
+
+    torch.library.register_autograd("boxloss::uncertainty_bce_loss", bce_backward, setup_context=bce_setup_context)
+
+    @torch.library.register_fake("boxloss::uncertainty_ce_loss")
+    def _ce_fake(mu, log_var, target, box_mask, pixel_perfect, seed, samples, tau, bootstrap, route_gradients,
+                 ignore_index):
+        shape = (mu.shape[0], mu.shape[2], mu.shape[3])
+        return mu.new_empty(shape), mu.new_empty(shape)
+
+    @torch.library.register_fake("boxloss::uncertainty_ce_loss_backward")
+    def _ce_backward_fake(grad, mu, log_var, target, box_mask, pixel_perfect, seed, sample_lse, samples, tau,
+                          bootstrap, route_gradients, ignore_index):
+        return mu.new_empty(mu.shape), mu.new_empty(mu.shape)
+
+    def ce_setup_context(ctx, inputs, output):
+        mu, log_var, target, box_mask, pixel_perfect, seed, *settings = inputs
+        # Per-pixel quantities only: the backward regenerates the noise from
+        # the seed, so what is kept does not grow with the number of samples.
+        ctx.save_for_backward(mu, log_var, target, box_mask, pixel_perfect, seed, output[1])
+        ctx.settings = settings
+        ctx.mark_non_differentiable(output[1])
+
+    def ce_backward(ctx, grad, _grad_sample_lse):
+        grad_mu = grad_log_var = None
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+            mu, log_var, target, box_mask, pixel_perfect, seed, sample_lse = ctx.saved_tensors
+            grad_mu, grad_log_var = torch.ops.boxloss.uncertainty_ce_loss_backward.default(
+                grad, mu, log_var, target, box_mask, pixel_perfect, seed, sample_lse, *ctx.settings
+            )
+        return grad_mu, grad_log_var, None, None, None, None, None, None, None, None, None
+
+    torch.library.register_autograd("boxloss::uncertainty_ce_loss", ce_backward, setup_context=ce_setup_context)
 
 
 def register_all() -> None:
@@ -312,4 +367,5 @@ def register_all() -> None:
     _register_background_attention()
     _register_permutohedral()
     _register_dense_crf()
+    _register_uncertainty()
     _REGISTERED = True

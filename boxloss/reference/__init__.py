@@ -13,6 +13,12 @@ from boxloss.reference.pairwise import (
     neighbour_offsets,
     sparse_crf_loss_reference,
 )
+from boxloss.reference.philox import philox4x32_10, philox_normal
+from boxloss.reference.uncertainty import (
+    uncertainty_bce_loss_reference,
+    uncertainty_ce_loss_reference,
+    uncertainty_l2_loss_reference,
+)
 
 __all__ = [
     "bilateral_filter_brute_force",
@@ -21,5 +27,10 @@ __all__ = [
     "lattice_filter_reference",
     "neighbour_offsets",
     "permutohedral_lattice_reference",
+    "philox4x32_10",
+    "philox_normal",
     "sparse_crf_loss_reference",
+    "uncertainty_bce_loss_reference",
+    "uncertainty_ce_loss_reference",
+    "uncertainty_l2_loss_reference",
 ]
