@@ -117,7 +117,7 @@ def bad_ce_calls(draw):
         args[draw(st.sampled_from(["mu", "log_var", "target"]))] = draw(st.sampled_from(
             [mu[:, :, :, :0], mu[0], log_var[:, :, :1, :1] if H * W > 1 else log_var[:, :, :, :0], target[:, None]]))
     elif mutation == "mask":
-        args["box_mask"] = draw(st.sampled_from([box_mask.float(), box_mask[None], box_mask[:, :0]]))
+        args["box_mask"] = draw(st.sampled_from([box_mask.float(), box_mask[:, None].expand(-1, 2, -1, -1), box_mask[:, :0]]))
     elif mutation == "pp":
         args["pixel_perfect"] = draw(st.sampled_from([pp.float(), torch.ones(B + 1, dtype=torch.bool), pp[None]]))
     elif mutation == "seed":
