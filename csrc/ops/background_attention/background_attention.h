@@ -9,6 +9,8 @@
 #include <optional>
 #include <tuple>
 
+#include "boxloss/background_attention/problem.h"
+
 namespace boxloss {
 namespace ops {
 
@@ -34,6 +36,41 @@ struct BackgroundAttentionKernels {
                         const at::Tensor& box_batch, int64_t output_size, at::Tensor& grad_features,
                         at::Tensor& grad_attention);
 };
+
+// The kernels' views of the tensors, shared by the CPU and CUDA registrations.
+template <typename scalar>
+background_attention::AttentionProblem<scalar> attention_problem(const at::Tensor& dots, const at::Tensor& norms,
+                                                                 const at::Tensor& valid, const at::Tensor& num_valid,
+                                                                 const at::Tensor& inside, const at::Tensor& fallback) {
+  background_attention::AttentionProblem<scalar> p;
+  p.norms = norms.data_ptr<scalar>();
+  p.valid = valid.data_ptr<uint8_t>();
+  p.num_valid = num_valid.data_ptr<int64_t>();
+  p.inside = inside.data_ptr<uint8_t>();
+  p.fallback = fallback.data_ptr<uint8_t>();
+  p.batch = dots.size(0);
+  p.num_queries = dots.size(1);
+  p.pixels = dots.size(2);
+  return p;
+}
+
+template <typename scalar>
+background_attention::PoolProblem<scalar> pool_problem(const at::Tensor& features, const at::Tensor& attention,
+                                                       const at::Tensor& ranges, const at::Tensor& box_batch,
+                                                       int64_t output_size) {
+  background_attention::PoolProblem<scalar> p;
+  p.features = features.data_ptr<scalar>();
+  p.attention = attention.data_ptr<scalar>();
+  p.ranges = ranges.data_ptr<int64_t>();
+  p.box_batch = box_batch.data_ptr<int64_t>();
+  p.batch = features.size(0);
+  p.channels = features.size(1);
+  p.height = features.size(2);
+  p.width = features.size(3);
+  p.num_boxes = ranges.size(0);
+  p.output_size = output_size;
+  return p;
+}
 
 using AttentionResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 

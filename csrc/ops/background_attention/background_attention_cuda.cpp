@@ -32,22 +32,6 @@ void mark_inside_cuda(const at::Tensor& ranges, const at::Tensor& box_batch, at:
                                               inside.data_ptr<uint8_t>(), stream()));
 }
 
-template <typename scalar>
-ba::AttentionProblem<scalar> attention_problem(const at::Tensor& dots, const at::Tensor& norms,
-                                               const at::Tensor& valid, const at::Tensor& num_valid,
-                                               const at::Tensor& inside, const at::Tensor& fallback) {
-  ba::AttentionProblem<scalar> p;
-  p.norms = norms.data_ptr<scalar>();
-  p.valid = valid.data_ptr<uint8_t>();
-  p.num_valid = num_valid.data_ptr<int64_t>();
-  p.inside = inside.data_ptr<uint8_t>();
-  p.fallback = fallback.data_ptr<uint8_t>();
-  p.batch = dots.size(0);
-  p.num_queries = dots.size(1);
-  p.pixels = dots.size(2);
-  return p;
-}
-
 void attention_forward_cuda(const at::Tensor& dots, const at::Tensor& norms, const at::Tensor& valid,
                             const at::Tensor& num_valid, const at::Tensor& inside, const at::Tensor& fallback,
                             at::Tensor& attention) {
@@ -67,23 +51,6 @@ void attention_backward_cuda(const at::Tensor& grad_attention, at::Tensor& dots,
                                                                  dots.data_ptr<scalar_t>(), coef.data_ptr<scalar_t>(),
                                                                  stream()));
   });
-}
-
-template <typename scalar>
-ba::PoolProblem<scalar> pool_problem(const at::Tensor& features, const at::Tensor& attention,
-                                     const at::Tensor& ranges, const at::Tensor& box_batch, int64_t output_size) {
-  ba::PoolProblem<scalar> p;
-  p.features = features.data_ptr<scalar>();
-  p.attention = attention.data_ptr<scalar>();
-  p.ranges = ranges.data_ptr<int64_t>();
-  p.box_batch = box_batch.data_ptr<int64_t>();
-  p.batch = features.size(0);
-  p.channels = features.size(1);
-  p.height = features.size(2);
-  p.width = features.size(3);
-  p.num_boxes = ranges.size(0);
-  p.output_size = output_size;
-  return p;
 }
 
 void pool_forward_cuda(const at::Tensor& features, const at::Tensor& attention, const at::Tensor& ranges,
