@@ -16,6 +16,15 @@
 
 #define BOXLOSS_HD_INLINE BOXLOSS_HD inline
 
+// Always inlined, also on the host: a call left in a loop over lanes stops
+// its vectorisation, and the target_clones callers (cpu_clones.h) only run
+// their AVX2 / AVX-512 code for what is inlined into them.
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define BOXLOSS_HD_ALWAYS_INLINE __host__ __device__ __forceinline__
+#else
+#define BOXLOSS_HD_ALWAYS_INLINE inline __attribute__((always_inline))
+#endif
+
 namespace boxloss {
 
 // Accumulation type: half and bfloat16 accumulate in float, float in float,
@@ -43,22 +52,24 @@ BOXLOSS_HD_INLINE float bits_to_float(int32_t bits) {
 #endif
 }
 
-// exp(x) for x <= 0, written without branches or library calls so that the
+// e^x for any float x, written without branches or library calls so that the
 // compiler vectorises it on the CPU and the GPU runs the very same arithmetic.
-// Cody-Waite range reduction x = n ln2 + r, |r| <= ln2/2, then a degree-6
-// minimax polynomial (the classic Cephes expf coefficients) for e^r and 2^n built from the exponent bits.
-// Maximum relative error against exp in double is below 1e-7 (one float ulp) on
-// [-87, 0]; arguments below -87 return e^-87 ~ 1.6e-38 (the edge of the normal
-// float range), an absolute error far below anything a colour weight resolves.
-// (Selecting 0 there instead stops GCC from vectorising the loop for AVX2/512.)
-BOXLOSS_HD_INLINE float exp_nonpositive(float x) {
+// Arguments are clamped to [-87.3, 88], so the result is a finite, normal
+// float (e^-87.3 ~ 1.3e-38 stands in for smaller values, e^88 ~ 1.7e38 for
+// larger ones).  Cody-Waite range reduction x = n ln2 + r, |r| <= ln2/2, with
+// n rounded to nearest by the 1.5 * 2^23 trick, then a degree-6 minimax
+// polynomial (the classic Cephes expf coefficients) for e^r and 2^n built from
+// the exponent bits.  Maximum relative error against exp in double is about
+// one float ulp.  This is the one float exp of the kernels (vector_math.h and
+// the Sparse-CRF weights use it).
+BOXLOSS_HD_ALWAYS_INLINE float exp_clamped(float x) {
   const float log2e = 1.44269504088896341f;
   const float ln2_hi = 0.693359375f;
   const float ln2_lo = -2.12194440e-4f;
-  x = x < -87.0f ? -87.0f : x;
-  x = x > 0.0f ? 0.0f : x;
-  // round-to-nearest of x*log2e for x <= 0 without a library call
-  const float n = static_cast<float>(static_cast<int32_t>(x * log2e - 0.5f));
+  const float round_shift = 12582912.0f;  // 1.5 * 2^23
+  x = x < -87.3f ? -87.3f : x;
+  x = x > 88.0f ? 88.0f : x;
+  const float n = (x * log2e + round_shift) - round_shift;
   float r = x - n * ln2_hi;
   r = r - n * ln2_lo;
   float p = 1.9875691500e-4f;
@@ -72,9 +83,18 @@ BOXLOSS_HD_INLINE float exp_nonpositive(float x) {
   return p * bits_to_float(bits);
 }
 
+// exp(x) for x <= 0 (positive arguments give 1): the clamp comes before the
+// polynomial, where it does not stop vectorisation (a select after it does).
+BOXLOSS_HD_ALWAYS_INLINE float exp_nonpositive(float x) {
+  return exp_clamped(x > 0.0f ? 0.0f : x);
+}
+
 // Double precision keeps the library exp: float64 is the precision the tests
 // compare against the reference at 1e-6 relative, and speed is secondary there.
 BOXLOSS_HD_INLINE double exp_nonpositive(double x) {
+  return exp(x);
+}
+BOXLOSS_HD_INLINE double exp_clamped(double x) {
   return exp(x);
 }
 

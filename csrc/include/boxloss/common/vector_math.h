@@ -13,14 +13,6 @@
 
 #include "boxloss/common/host_device.h"
 
-// Always inlined, also on the host: a call left in a loop over lanes stops
-// its vectorisation, and the target_clones callers (cpu_clones.h) only run
-// their AVX2 / AVX-512 code for what is inlined into them.
-#if defined(__CUDACC__) || defined(__HIPCC__)
-#define BOXLOSS_HD_ALWAYS_INLINE __host__ __device__ __forceinline__
-#else
-#define BOXLOSS_HD_ALWAYS_INLINE inline __attribute__((always_inline))
-#endif
 
 namespace boxloss {
 namespace math {
@@ -35,33 +27,7 @@ BOXLOSS_HD_ALWAYS_INLINE int32_t float_to_bits(float x) {
 #endif
 }
 
-// e^x for any float x: arguments are clamped to [-87.3, 88], so the result is
-// a finite, normal float (e^-87.3 ~ 1.3e-38 stands in for smaller values,
-// e^88 ~ 1.7e38 for larger ones).  Cody-Waite reduction x = n ln2 + r with n
-// rounded to nearest by the 1.5 * 2^23 trick, then Cephes' expf polynomial.
-BOXLOSS_HD_ALWAYS_INLINE float exp_clamped(float x) {
-  const float log2e = 1.44269504088896341f;
-  const float ln2_hi = 0.693359375f;
-  const float ln2_lo = -2.12194440e-4f;
-  const float round_shift = 12582912.0f;  // 1.5 * 2^23
-  x = x < -87.3f ? -87.3f : x;
-  x = x > 88.0f ? 88.0f : x;
-  const float n = (x * log2e + round_shift) - round_shift;
-  float r = x - n * ln2_hi;
-  r = r - n * ln2_lo;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  return p * bits_to_float(bits);
-}
-BOXLOSS_HD_ALWAYS_INLINE double exp_clamped(double x) {
-  return exp(x);
-}
+// exp_clamped (float and double) is in host_device.h.
 
 // ln x for a positive, finite, normal float x.  x = m 2^e with m in
 // [sqrt(1/2), sqrt(2)), then Cephes' logf polynomial in m - 1.
