@@ -27,7 +27,8 @@ def test_compiled_ops_are_loaded():
 # ----------------------------------------------------------------- the op against its reference (exact)
 
 @pytest.mark.parametrize(
-    "shape", [(1, 1, 1, 1), (2, 2, 1, 9), (1, 3, 8, 1), (2, 4, 9, 11), (1, 21, 13, 12), (3, 2, 16, 16)],
+    "shape", [(1, 1, 1, 1), (2, 2, 1, 9), (1, 3, 8, 1), (2, 4, 9, 11), (1, 21, 13, 12), (3, 2, 16, 16),
+              (2, 21, 37, 41)],  # the last: several 512-pixel tiles of the CPU filter
     ids=lambda s: "x".join(map(str, s)),
 )
 @pytest.mark.parametrize("mask_fraction", [None, 0.3])

@@ -73,6 +73,27 @@ def test_filter_equals_reference(reverse, C):
     torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("C", [1, 3, 8, 16, 21, 40])
+def test_filter_of_several_tiles_equals_reference(C, dtype):
+    # 37 x 41 = 1517 pixels: whole 512-pixel tiles of the CPU kernel (planes
+    # read and written in place) and a partial last one (staged), for every
+    # row layout: short rows (1, 3 channels), fixed widths (8, 16, 24) and a
+    # run-time width (40).  The reference filters the op's own lattice in
+    # float64.
+    image = natural_image(41, seed=C, dtype=dtype)[..., :37, :].contiguous()
+    values = torch.rand(1, C, 37, 41, dtype=dtype, generator=torch.Generator().manual_seed(C))
+    lattice = boxloss.PermutohedralLattice(image, 5.0, 12.0)
+    tensors = lattice.tensors._replace(splat_weight=lattice.tensors.splat_weight.double())
+    for reverse in (False, True):
+        out = lattice.filter(values, reverse=reverse)
+        ref = lattice_filter_reference(values.double(), tensors, reverse=reverse)
+        if dtype == torch.float64:
+            torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-12)
+        else:
+            assert relative_error(out.double(), ref) < 1e-6
+
+
 def test_reverse_is_the_transpose():
     image = natural_image(20, seed=4)
     lattice = boxloss.PermutohedralLattice(image, 5.0, 15.0)

@@ -6,8 +6,15 @@
 // every splat, blur and slice step is a short vector loop over channels; the
 // extra last row is zero and stands in for absent neighbours.  The planar
 // (C, H, W) tensors are turned to and from that pixel-major layout through
-// tiles of 64 pixels, one group of 8 floats (4 doubles) of channels at a
-// time: a fixed-size transpose the compiler turns into vector shuffles.
+// tiles of kTile pixels, one group of 8 floats (4 doubles) of channels at a
+// time, by in-register 8 x 8 (4 x 4) transposes.
+//
+// Measured at 513 x 513, 21 channels, one core (benchmarks/dense_crf.py):
+// the splat's scatter and the slice's gather are bound by their loads and
+// stores, the reading and writing of the planes by memory bandwidth.  Tiles
+// of 512 pixels read and write each plane in 2 KB runs (64-pixel tiles were
+// about 30% slower overall), and the grids are kept per thread between calls
+// (GridScratch).
 #include <algorithm>
 #include <cstdlib>
 #include <new>
@@ -22,11 +29,40 @@ namespace permutohedral {
 namespace cpu {
 namespace {
 
-constexpr int64_t kTile = 64;  // pixels per tile
+constexpr int64_t kTile = 512;  // pixels per tile: one image row of a 513 x 513 image, 2 KB of a float plane
 
 // Channels per group: one 32-byte vector.
 template <typename scalar>
 constexpr int64_t kGroup = 32 / sizeof(scalar);
+
+// The helpers that pass these vectors by value are always inlined, so the
+// baseline clone's note that a 32-byte vector argument changes the ABI
+// (-Wpsabi) never concerns a real call.
+#pragma GCC diagnostic ignored "-Wpsabi"
+
+// One group as a GCC vector.  Vertex rows of whole groups are 32-byte
+// aligned; written as 32-byte vectors they never straddle a cache line,
+// whereas the auto-vectoriser's 64-byte vectors (AVX-512 clone) split every
+// other 96-byte row of a 21-channel filter across two lines, and split
+// stores are what the splat's read-modify-write loop waits on.
+template <typename scalar>
+struct GroupVector {
+  typedef scalar type __attribute__((vector_size(32)));
+};
+template <typename scalar>
+using Vec = typename GroupVector<scalar>::type;
+
+template <typename scalar>
+BOXLOSS_ALWAYS_INLINE Vec<scalar> load_group(const scalar* p) {
+  Vec<scalar> v;
+  __builtin_memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+template <typename scalar>
+BOXLOSS_ALWAYS_INLINE void store_group(scalar* p, Vec<scalar> v) {
+  __builtin_memcpy(p, &v, sizeof(v));
+}
 
 // 64-byte aligned, uninitialised storage.
 template <typename T>
@@ -44,6 +80,66 @@ class AlignedBuffer {
 
  private:
   T* data_ = nullptr;
+};
+
+// Memory for the two vertex grids of a filter, kept per thread between
+// calls.  A 21-channel grid of a 513 x 513 image is about a megabyte; glibc
+// hands blocks that size back to the system when they are freed, and the next
+// call faulted them in again page by page, which was about a tenth of the
+// filter's time.  Blocks up to kKeepBytes stay with the thread; a larger
+// request, or one made while the thread's block is in use, gets its own
+// block, freed on return.
+class GridScratch {
+ public:
+  static constexpr size_t kKeepBytes = size_t{64} << 20;
+
+  explicit GridScratch(size_t bytes) {
+    Cache& cache = thread_cache();
+    if (bytes <= kKeepBytes && !cache.in_use) {
+      if (cache.capacity < bytes) {
+        std::free(cache.data);
+        cache.data = nullptr;
+        cache.capacity = 0;
+        cache.data = allocate(bytes);
+        cache.capacity = bytes;
+      }
+      cache.in_use = true;
+      data_ = cache.data;
+      cached_ = true;
+    } else {
+      data_ = allocate(bytes);
+    }
+  }
+  ~GridScratch() {
+    if (cached_) {
+      thread_cache().in_use = false;
+    } else {
+      std::free(data_);
+    }
+  }
+  GridScratch(const GridScratch&) = delete;
+  GridScratch& operator=(const GridScratch&) = delete;
+  void* get() const { return data_; }
+
+ private:
+  struct Cache {
+    void* data = nullptr;
+    size_t capacity = 0;
+    bool in_use = false;
+    ~Cache() { std::free(data); }
+  };
+  static Cache& thread_cache() {
+    static thread_local Cache cache;
+    return cache;
+  }
+  static void* allocate(size_t bytes) {
+    void* p = std::aligned_alloc(64, std::max<size_t>(64, (bytes + 63) / 64 * 64));
+    if (p == nullptr) throw std::bad_alloc();
+    return p;
+  }
+
+  void* data_ = nullptr;
+  bool cached_ = false;
 };
 
 // Channels per vertex row: whole groups once there is a full group, else
@@ -73,26 +169,67 @@ void with_width(int64_t width, F&& f) {
   }
 }
 
-// Eight (four) planes of kTile values, each at its own address -> a tile of
-// kTile rows of one group, and back with a scale: fixed-size transposes the
-// compiler turns into vector shuffles.
+// In-register transpose of a g x g block: v[j] holds element i of row j on
+// entry and row i's element j on exit (8 x 8 floats, 4 x 4 doubles), in
+// three (two) rounds of two-input shuffles: unpack, 64-bit pairs, 128-bit
+// halves.
 template <typename scalar>
-BOXLOSS_ALWAYS_INLINE void planes_to_tile(const scalar* const* planes, scalar* __restrict tile) {
-  constexpr int64_t g = kGroup<scalar>;
-  const scalar* p[g];
-  for (int64_t j = 0; j < g; ++j) p[j] = planes[j];
-  for (int64_t t = 0; t < kTile; ++t) {
-    for (int64_t j = 0; j < g; ++j) tile[t * g + j] = p[j][t];
+BOXLOSS_ALWAYS_INLINE void transpose_group(Vec<scalar>* v) {
+  if constexpr (kGroup<scalar> == 8) {
+    Vec<scalar> t[8], u[8];
+    for (int i = 0; i < 8; i += 2) {
+      t[i] = __builtin_shufflevector(v[i], v[i + 1], 0, 8, 1, 9, 4, 12, 5, 13);
+      t[i + 1] = __builtin_shufflevector(v[i], v[i + 1], 2, 10, 3, 11, 6, 14, 7, 15);
+    }
+    for (int i = 0; i < 8; i += 4) {
+      u[i] = __builtin_shufflevector(t[i], t[i + 2], 0, 1, 8, 9, 4, 5, 12, 13);
+      u[i + 1] = __builtin_shufflevector(t[i], t[i + 2], 2, 3, 10, 11, 6, 7, 14, 15);
+      u[i + 2] = __builtin_shufflevector(t[i + 1], t[i + 3], 0, 1, 8, 9, 4, 5, 12, 13);
+      u[i + 3] = __builtin_shufflevector(t[i + 1], t[i + 3], 2, 3, 10, 11, 6, 7, 14, 15);
+    }
+    for (int i = 0; i < 4; ++i) {
+      v[i] = __builtin_shufflevector(u[i], u[i + 4], 0, 1, 2, 3, 8, 9, 10, 11);
+      v[i + 4] = __builtin_shufflevector(u[i], u[i + 4], 4, 5, 6, 7, 12, 13, 14, 15);
+    }
+  } else {
+    static_assert(kGroup<scalar> == 4, "32-byte groups of float or double");
+    const Vec<scalar> t0 = __builtin_shufflevector(v[0], v[1], 0, 4, 2, 6);
+    const Vec<scalar> t1 = __builtin_shufflevector(v[0], v[1], 1, 5, 3, 7);
+    const Vec<scalar> t2 = __builtin_shufflevector(v[2], v[3], 0, 4, 2, 6);
+    const Vec<scalar> t3 = __builtin_shufflevector(v[2], v[3], 1, 5, 3, 7);
+    v[0] = __builtin_shufflevector(t0, t2, 0, 1, 4, 5);
+    v[1] = __builtin_shufflevector(t1, t3, 0, 1, 4, 5);
+    v[2] = __builtin_shufflevector(t0, t2, 2, 3, 6, 7);
+    v[3] = __builtin_shufflevector(t1, t3, 2, 3, 6, 7);
   }
 }
 
+// Eight (four) planes of kTile values, each at its own address -> a tile of
+// kTile rows of one group, g pixels at a time through transpose_group.
 template <typename scalar>
-BOXLOSS_ALWAYS_INLINE void tile_to_planes(const scalar* __restrict tile, scalar scale, scalar* const* planes) {
+BOXLOSS_ALWAYS_INLINE void planes_to_tile(const scalar* const* planes, scalar* __restrict tile) {
   constexpr int64_t g = kGroup<scalar>;
-  scalar* p[g];
-  for (int64_t j = 0; j < g; ++j) p[j] = planes[j];
-  for (int64_t t = 0; t < kTile; ++t) {
-    for (int64_t j = 0; j < g; ++j) p[j][t] = scale * tile[t * g + j];
+  for (int64_t t = 0; t < kTile; t += g) {
+    Vec<scalar> v[g];
+    for (int64_t j = 0; j < g; ++j) v[j] = load_group(planes[j] + t);
+    transpose_group<scalar>(v);
+    for (int64_t i = 0; i < g; ++i) store_group(tile + (t + i) * g, v[i]);
+  }
+}
+
+// And back, times `scale`, into the first `count` planes (the others are
+// padding channels, not written).
+template <typename scalar>
+BOXLOSS_ALWAYS_INLINE void tile_to_planes(const scalar* __restrict tile, scalar scale, scalar* const* planes,
+                                          int64_t count) {
+  constexpr int64_t g = kGroup<scalar>;
+  for (int64_t t = 0; t < kTile; t += g) {
+    Vec<scalar> v[g];
+    for (int64_t i = 0; i < g; ++i) v[i] = load_group(tile + (t + i) * g);
+    transpose_group<scalar>(v);
+    for (int64_t j = 0; j < g; ++j) {
+      if (j < count) store_group(planes[j] + t, scale * v[j]);
+    }
   }
 }
 
@@ -159,6 +296,92 @@ BOXLOSS_ALWAYS_INLINE int64_t checked_neighbour(int32_t v, int64_t num_vertices,
   return (v >= 0 && v < num_vertices) ? v : num_vertices;
 }
 
+// Whether all `count` vertex numbers are in [0, num_vertices): the pixel
+// loops of a tile that passes read the lattice without a check per read.
+BOXLOSS_ALWAYS_INLINE bool vertices_in_range(const int32_t* __restrict index, int64_t count, int64_t num_vertices) {
+  const uint32_t limit = static_cast<uint32_t>(num_vertices);
+  uint32_t bad = 0;
+  for (int64_t i = 0; i < count; ++i) bad |= static_cast<uint32_t>(index[i]) >= limit ? 1u : 0u;
+  return bad == 0;
+}
+
+template <bool kChecked>
+BOXLOSS_ALWAYS_INLINE int64_t vertex_row(int32_t v, int64_t num_vertices, int32_t* bad) {
+  if constexpr (kChecked) {
+    return checked_vertex(v, num_vertices, bad);
+  } else {
+    return v;
+  }
+}
+
+// The splat of the n pixels of one staged tile (groups x kTile x g values)
+// into the vertex rows, channels [c_begin, c_begin + groups * g).
+template <typename scalar, int64_t kWidth, bool kChecked>
+BOXLOSS_ALWAYS_INLINE void splat_tile(const int32_t* __restrict index, const scalar* __restrict weight,
+                                      const scalar* __restrict tile, int64_t n, int64_t groups, int64_t c_begin,
+                                      int64_t stride, int64_t num_vertices, scalar* __restrict grid,
+                                      int32_t* bad_index) {
+  constexpr int64_t g = kGroup<scalar>;
+  for (int64_t t = 0; t < n; ++t) {
+    const int32_t* idx = index + t * kVertices;
+    const scalar* w = weight + t * kVertices;
+    if constexpr (kWidth > 0) {
+      constexpr int64_t kGroups = kWidth / g;
+      Vec<scalar> value[kGroups];
+      for (int64_t q = 0; q < kGroups; ++q) value[q] = load_group(tile + (q * kTile + t) * g);
+#pragma GCC unroll 6
+      for (int r = 0; r < kVertices; ++r) {
+        scalar* __restrict row = grid + vertex_row<kChecked>(idx[r], num_vertices, bad_index) * stride + c_begin;
+        const scalar wr = w[r];
+        for (int64_t q = 0; q < kGroups; ++q) store_group(row + q * g, load_group(row + q * g) + wr * value[q]);
+      }
+    } else {
+#pragma GCC unroll 6
+      for (int r = 0; r < kVertices; ++r) {
+        scalar* __restrict row = grid + vertex_row<kChecked>(idx[r], num_vertices, bad_index) * stride + c_begin;
+        const scalar wr = w[r];
+        for (int64_t q = 0; q < groups; ++q) {
+          store_group(row + q * g, load_group(row + q * g) + wr * load_group(tile + (q * kTile + t) * g));
+        }
+      }
+    }
+  }
+}
+
+// The slice of n pixels into a tile (groups x kTile x g), unscaled.
+template <typename scalar, int64_t kWidth, bool kChecked>
+BOXLOSS_ALWAYS_INLINE void slice_tile(const int32_t* __restrict index, const scalar* __restrict weight,
+                                      const scalar* __restrict grid, int64_t n, int64_t groups, int64_t stride,
+                                      int64_t num_vertices, scalar* __restrict tile) {
+  constexpr int64_t g = kGroup<scalar>;
+  int32_t unused = 0;  // the splat has reported out-of-range vertices
+  for (int64_t t = 0; t < n; ++t) {
+    const int32_t* idx = index + t * kVertices;
+    const scalar* w = weight + t * kVertices;
+    if constexpr (kWidth > 0) {
+      constexpr int64_t kGroups = kWidth / g;
+      Vec<scalar> acc[kGroups];
+      const scalar* __restrict row0 = grid + vertex_row<kChecked>(idx[0], num_vertices, &unused) * stride;
+      for (int64_t q = 0; q < kGroups; ++q) acc[q] = w[0] * load_group(row0 + q * g);
+#pragma GCC unroll 5
+      for (int r = 1; r < kVertices; ++r) {
+        const scalar* __restrict row = grid + vertex_row<kChecked>(idx[r], num_vertices, &unused) * stride;
+        const scalar wr = w[r];
+        for (int64_t q = 0; q < kGroups; ++q) acc[q] += wr * load_group(row + q * g);
+      }
+      for (int64_t q = 0; q < kGroups; ++q) store_group(tile + (q * kTile + t) * g, acc[q]);
+    } else {
+      for (int64_t q = 0; q < groups; ++q) {
+        Vec<scalar> acc = w[0] * load_group(grid + vertex_row<kChecked>(idx[0], num_vertices, &unused) * stride + q * g);
+        for (int r = 1; r < kVertices; ++r) {
+          acc += w[r] * load_group(grid + vertex_row<kChecked>(idx[r], num_vertices, &unused) * stride + q * g);
+        }
+        store_group(tile + (q * kTile + t) * g, acc);
+      }
+    }
+  }
+}
+
 // Splats the channels [c_begin, c_begin + width) of every pixel, in pixel
 // order (the sums are the same however the channels are split among
 // threads).  width is a whole number of groups, or the whole (short) row.
@@ -201,7 +424,7 @@ BOXLOSS_CPU_CLONES int32_t splat_channels(const int32_t* __restrict index, const
   AlignedBuffer<scalar> tile_buffer(groups * kTile * g);
   scalar* __restrict rows = rows_buffer.get();
   scalar* __restrict tile = tile_buffer.get();  // (groups, kTile, g)
-  constexpr int64_t kMax = kWidth > 0 ? kWidth : 1;
+  constexpr int64_t kFixed = kWidth > 0 && kWidth % g == 0 ? kWidth : 0;
   for (int64_t p0 = 0; p0 < num_pixels; p0 += kTile) {
     const int64_t n = std::min(kTile, num_pixels - p0);
     for (int64_t q = 0; q < groups; ++q) {
@@ -212,32 +435,14 @@ BOXLOSS_CPU_CLONES int32_t splat_channels(const int32_t* __restrict index, const
       planes_to_tile(planes, tile + q * kTile * g);
       bad_value |= not_all_finite(tile + q * kTile * g, kTile * g);
     }
-    for (int64_t t = 0; t < n; ++t) {
-      const int32_t* idx = index + (p0 + t) * kVertices;
-      const scalar* w = weight + (p0 + t) * kVertices;
-      if constexpr (kWidth > 0 && kWidth % g == 0) {
-        scalar value[kMax];
-        for (int64_t q = 0; q < kMax / g; ++q) {
-          for (int64_t j = 0; j < g; ++j) value[q * g + j] = tile[(q * kTile + t) * g + j];
-        }
-#pragma GCC unroll 6
-        for (int r = 0; r < kVertices; ++r) {
-          const int64_t v = checked_vertex(idx[r], num_vertices, &bad_index);
-          scalar* __restrict row = grid + v * stride + c_begin;
-          const scalar wr = w[r];
-          for (int64_t k = 0; k < kMax; ++k) row[k] += wr * value[k];
-        }
-      } else {
-#pragma GCC unroll 6
-        for (int r = 0; r < kVertices; ++r) {
-          const int64_t v = checked_vertex(idx[r], num_vertices, &bad_index);
-          scalar* __restrict row = grid + v * stride + c_begin;
-          const scalar wr = w[r];
-          for (int64_t q = 0; q < groups; ++q) {
-            for (int64_t j = 0; j < g; ++j) row[q * g + j] += wr * tile[(q * kTile + t) * g + j];
-          }
-        }
-      }
+    const int32_t* tile_index = index + p0 * kVertices;
+    const scalar* tile_weight = weight + p0 * kVertices;
+    if (vertices_in_range(tile_index, n * kVertices, num_vertices)) {
+      splat_tile<scalar, kFixed, false>(tile_index, tile_weight, tile, n, groups, c_begin, stride, num_vertices, grid,
+                                       &bad_index);
+    } else {
+      splat_tile<scalar, kFixed, true>(tile_index, tile_weight, tile, n, groups, c_begin, stride, num_vertices, grid,
+                                      &bad_index);
     }
   }
   return (bad_value ? kValuesNotFinite : 0) | (bad_index ? kLatticeCorrupt : 0);
@@ -258,8 +463,15 @@ BOXLOSS_CPU_CLONES int32_t blur_vertices(const int32_t* __restrict neighbours, c
     const scalar* __restrict n1 = src + checked_neighbour(neighbours[2 * v], num_vertices, &bad) * stride;
     const scalar* __restrict n2 = src + checked_neighbour(neighbours[2 * v + 1], num_vertices, &bad) * stride;
     scalar* __restrict o = dst + v * stride;
+    if constexpr (kWidth > 0 && kWidth % kGroup<scalar> == 0) {
+      constexpr int64_t g = kGroup<scalar>;
+      for (int64_t q = 0; q < kWidth / g; ++q) {
+        store_group(o + q * g, load_group(a + q * g) + half * (load_group(n1 + q * g) + load_group(n2 + q * g)));
+      }
+    } else {
 #pragma GCC ivdep
-    for (int64_t k = 0; k < stride; ++k) o[k] = a[k] + half * (n1[k] + n2[k]);
+      for (int64_t k = 0; k < stride; ++k) o[k] = a[k] + half * (n1[k] + n2[k]);
+    }
   }
   return bad;
 }
@@ -296,49 +508,29 @@ BOXLOSS_CPU_CLONES void slice_pixels(const int32_t* __restrict index, const scal
   AlignedBuffer<scalar> rows_buffer(g * kTile);
   scalar* __restrict tile = tile_buffer.get();  // (groups, kTile, g)
   scalar* __restrict rows = rows_buffer.get();
-  constexpr int64_t kMax = kWidth > 0 ? kWidth : 1;
+  constexpr int64_t kFixed = kWidth > 0 && kWidth % g == 0 ? kWidth : 0;
   for (int64_t p0 = p_begin; p0 < p_end; p0 += kTile) {
     const int64_t n = std::min(kTile, p_end - p0);
-    for (int64_t t = 0; t < n; ++t) {
-      const int32_t* idx = index + (p0 + t) * kVertices;
-      const scalar* w = weight + (p0 + t) * kVertices;
-      if constexpr (kWidth > 0 && kWidth % g == 0) {
-        scalar acc[kMax];
-        const scalar* __restrict row0 = grid + checked_vertex(idx[0], num_vertices, &unused) * stride;
-        for (int64_t k = 0; k < kMax; ++k) acc[k] = w[0] * row0[k];
-#pragma GCC unroll 5
-        for (int r = 1; r < kVertices; ++r) {
-          const scalar* __restrict row = grid + checked_vertex(idx[r], num_vertices, &unused) * stride;
-          const scalar wr = w[r];
-          for (int64_t k = 0; k < kMax; ++k) acc[k] += wr * row[k];
-        }
-        for (int64_t q = 0; q < kMax / g; ++q) {
-          for (int64_t j = 0; j < g; ++j) tile[(q * kTile + t) * g + j] = acc[q * g + j];
-        }
-      } else {
-        for (int64_t q = 0; q < groups; ++q) {
-          for (int64_t j = 0; j < g; ++j) {
-            scalar a = scalar(0);
-            for (int r = 0; r < kVertices; ++r) {
-              a += w[r] * grid[checked_vertex(idx[r], num_vertices, &unused) * stride + q * g + j];
-            }
-            tile[(q * kTile + t) * g + j] = a;
-          }
-        }
-      }
+    const int32_t* tile_index = index + p0 * kVertices;
+    const scalar* tile_weight = weight + p0 * kVertices;
+    if (vertices_in_range(tile_index, n * kVertices, num_vertices)) {
+      slice_tile<scalar, kFixed, false>(tile_index, tile_weight, grid, n, groups, stride, num_vertices, tile);
+    } else {
+      slice_tile<scalar, kFixed, true>(tile_index, tile_weight, grid, n, groups, stride, num_vertices, tile);
     }
     for (int64_t q = 0; q < groups; ++q) {
       for (int64_t t = n; t < kTile; ++t) {
         for (int64_t j = 0; j < g; ++j) tile[(q * kTile + t) * g + j] = scalar(0);
       }
-      // Whole tiles of real channels go straight to the output planes;
-      // otherwise through `rows`, then the part that exists is copied out.
-      const bool direct = n == kTile && (q + 1) * g <= channels;
+      // Whole tiles go straight to the output planes of the group's real
+      // channels; the last, partial tile through `rows`, then copied out.
+      const bool direct = n == kTile;
+      const int64_t count = std::min(g, channels - q * g);
       scalar* planes[g];
       for (int64_t j = 0; j < g; ++j) planes[j] = direct ? out + (q * g + j) * num_pixels + p0 : rows + j * kTile;
-      tile_to_planes(tile + q * kTile * g, scale, planes);
+      tile_to_planes(tile + q * kTile * g, scale, planes, direct ? count : g);
       if (!direct) {
-        for (int64_t j = 0; j < g && q * g + j < channels; ++j) {
+        for (int64_t j = 0; j < count; ++j) {
           std::copy(rows + j * kTile, rows + j * kTile + n, out + (q * g + j) * num_pixels + p0);
         }
       }
@@ -361,10 +553,11 @@ int32_t filter_image(const Lattice<scalar>& lattice, int64_t b, const FilterInpu
   if (num_pixels == 0 || channels == 0) return 0;
   const int64_t stride = row_stride<scalar>(channels);
   const int64_t grid_size = (num_vertices + 1) * stride;
-  AlignedBuffer<scalar> grid_a(grid_size);
-  AlignedBuffer<scalar> grid_b(grid_size);
-  scalar* src = grid_a.get();
-  scalar* dst = grid_b.get();
+  // Two grids, each a whole number of 64-byte lines.
+  const int64_t grid_span = (grid_size * static_cast<int64_t>(sizeof(scalar)) + 63) / 64 * 64 / sizeof(scalar);
+  GridScratch grids(2 * static_cast<size_t>(grid_span) * sizeof(scalar));
+  scalar* src = static_cast<scalar*>(grids.get());
+  scalar* dst = src + grid_span;
   std::fill(src, src + grid_size, scalar(0));
   std::fill(dst + num_vertices * stride, dst + grid_size, scalar(0));
   const int32_t* index = lattice.index_of(b);
