@@ -546,6 +546,34 @@ void test_float_matches_double() {
   CHECK(worst < 1e-5, "float weights differ from double by " + std::to_string(worst));
 }
 
+// A runner with several workers lays wide vertex rows out in whole 64-byte
+// blocks and splits the splat among them (18 doubles: rows of 24 instead of
+// 20; 30 doubles: 32 either way, split in 4 blocks); the result is the same,
+// bit for bit, as the serial filter's.  The image is big enough (pixels x
+// channels >= 2^18) for the split to happen.
+void test_worker_layout_is_invisible() {
+  const int64_t h = 120, w = 130, n = h * w;
+  const std::vector<double> img = make_image(h, w, 9);
+  const Built b = build(img, h, w, 9.0, 15.0);
+  std::mt19937_64 rng(17);
+  std::uniform_real_distribution<double> unit(0.0, 1.0);
+  for (int64_t channels : {int64_t{18}, int64_t{30}}) {
+    std::vector<double> values(static_cast<size_t>(channels * n));
+    for (auto& v : values) v = unit(rng);
+    pl::cpu::FilterInput<double> input;
+    input.values = values.data();
+    input.channels = channels;
+    for (bool reverse : {false, true}) {
+      std::vector<double> serial(values.size(), -1.0), split(values.size(), -2.0);
+      pl::cpu::filter_image<double>(b.view(n), 0, input, reverse, serial.data(), pl::cpu::run_serially);
+      const pl::cpu::RangeRunner workers(chunked(1).run, 3);
+      pl::cpu::filter_image<double>(b.view(n), 0, input, reverse, split.data(), workers);
+      CHECK(split == serial, "filter with 3 workers differs from the serial one, " + std::to_string(channels) +
+                                 " channels" + (reverse ? ", reverse" : ""));
+    }
+  }
+}
+
 }  // namespace
 
 int main() {
@@ -573,6 +601,7 @@ int main() {
   test_against_gaussian();
   test_status();
   test_float_matches_double();
+  test_worker_layout_is_invisible();
   std::printf("permutohedral_core: %lld checks, %lld failed\n", static_cast<long long>(g_checks),
               static_cast<long long>(g_failures));
   return g_failures == 0 ? 0 : 1;

@@ -35,7 +35,8 @@ void for_each_image(int64_t batch, int64_t num_pixels,
       for (int64_t b = begin; b < end; ++b) fn(b, permutohedral::cpu::run_serially);
     });
   } else {
-    for (int64_t b = 0; b < batch; ++b) fn(b, parallel_runner);
+    const permutohedral::cpu::RangeRunner runner(parallel_runner, at::get_num_threads());
+    for (int64_t b = 0; b < batch; ++b) fn(b, runner);
   }
 }
 

@@ -8,6 +8,8 @@
 
 #include <cstdint>
 #include <functional>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "boxloss/permutohedral/lattice.h"
@@ -19,7 +21,21 @@ namespace cpu {
 // Calls fn(begin, end) on pieces of [0, n) of at least `grain` elements, in
 // any order and possibly concurrently.
 using RangeFn = std::function<void(int64_t, int64_t)>;
-using RangeRunner = std::function<void(int64_t n, int64_t grain, const RangeFn& fn)>;
+
+// A runner: run(n, grain, fn) calls fn on pieces of [0, n) as above, on at
+// most `workers` threads at once.  Any callable converts to a runner of one
+// worker.  With more than one worker the filter lays a wide vertex row out in
+// whole 64-byte blocks so that its splat can be split among the threads by
+// channel block (the results are the same either way).
+struct RangeRunner {
+  template <typename F, typename = std::enable_if_t<!std::is_same_v<std::decay_t<F>, RangeRunner>>>
+  RangeRunner(F run_fn, int64_t max_workers = 1)  // NOLINT(google-explicit-constructor): any callable is a runner
+      : run(std::move(run_fn)), workers(max_workers) {}
+  void operator()(int64_t n, int64_t grain, const RangeFn& fn) const { run(n, grain, fn); }
+
+  std::function<void(int64_t n, int64_t grain, const RangeFn& fn)> run;
+  int64_t workers = 1;
+};
 
 // A runner that calls fn(0, n) on the calling thread.
 void run_serially(int64_t n, int64_t grain, const RangeFn& fn);
