@@ -315,9 +315,48 @@ BOXLOSS_ALWAYS_INLINE int64_t vertex_row(int32_t v, int64_t num_vertices, int32_
   }
 }
 
-// The splat of the n pixels of one staged tile (groups x kTile x g values)
-// into the vertex rows, channels [c_begin, c_begin + groups * g).
+// The splat of the n pixels of a tile, channels [c_begin, c_begin + kWidth)
+// (a fixed whole number of groups), read from `planes` (one kTile-long
+// plane segment per channel): g pixels at a time are transposed in registers
+// and added into their vertex rows straight away.  Returns 1 if a value read
+// was NaN or Inf.
 template <typename scalar, int64_t kWidth, bool kChecked>
+BOXLOSS_ALWAYS_INLINE int32_t splat_tile_fixed(const int32_t* __restrict index, const scalar* __restrict weight,
+                                               const scalar* const* planes, int64_t n, int64_t c_begin,
+                                               int64_t stride, int64_t num_vertices, scalar* __restrict grid,
+                                               int32_t* bad_index) {
+  constexpr int64_t g = kGroup<scalar>;
+  constexpr int64_t kGroups = kWidth / g;
+  Vec<scalar> not_finite = {};  // stays 0 unless a value is NaN or Inf (x - x is then NaN)
+  for (int64_t t0 = 0; t0 < n; t0 += g) {
+    Vec<scalar> value[kGroups][g];  // value[q][i]: group q of pixel t0 + i
+    for (int64_t q = 0; q < kGroups; ++q) {
+      for (int64_t j = 0; j < g; ++j) value[q][j] = load_group(planes[q * g + j] + t0);
+      transpose_group<scalar>(value[q]);
+      for (int64_t i = 0; i < g; ++i) not_finite += value[q][i] - value[q][i];
+    }
+    const int64_t count = std::min(g, n - t0);
+    for (int64_t i = 0; i < count; ++i) {
+      const int32_t* idx = index + (t0 + i) * kVertices;
+      const scalar* w = weight + (t0 + i) * kVertices;
+#pragma GCC unroll 6
+      for (int r = 0; r < kVertices; ++r) {
+        scalar* __restrict row = grid + vertex_row<kChecked>(idx[r], num_vertices, bad_index) * stride + c_begin;
+        const scalar wr = w[r];
+        for (int64_t q = 0; q < kGroups; ++q) {
+          store_group(row + q * g, load_group(row + q * g) + wr * value[q][i]);
+        }
+      }
+    }
+  }
+  int32_t bad = 0;
+  for (int64_t j = 0; j < g; ++j) bad |= not_finite[j] != not_finite[j] ? 1 : 0;
+  return bad;
+}
+
+// The same for a width known at run time, from a staged tile (groups x kTile
+// x g values).
+template <typename scalar, bool kChecked>
 BOXLOSS_ALWAYS_INLINE void splat_tile(const int32_t* __restrict index, const scalar* __restrict weight,
                                       const scalar* __restrict tile, int64_t n, int64_t groups, int64_t c_begin,
                                       int64_t stride, int64_t num_vertices, scalar* __restrict grid,
@@ -326,24 +365,12 @@ BOXLOSS_ALWAYS_INLINE void splat_tile(const int32_t* __restrict index, const sca
   for (int64_t t = 0; t < n; ++t) {
     const int32_t* idx = index + t * kVertices;
     const scalar* w = weight + t * kVertices;
-    if constexpr (kWidth > 0) {
-      constexpr int64_t kGroups = kWidth / g;
-      Vec<scalar> value[kGroups];
-      for (int64_t q = 0; q < kGroups; ++q) value[q] = load_group(tile + (q * kTile + t) * g);
 #pragma GCC unroll 6
-      for (int r = 0; r < kVertices; ++r) {
-        scalar* __restrict row = grid + vertex_row<kChecked>(idx[r], num_vertices, bad_index) * stride + c_begin;
-        const scalar wr = w[r];
-        for (int64_t q = 0; q < kGroups; ++q) store_group(row + q * g, load_group(row + q * g) + wr * value[q]);
-      }
-    } else {
-#pragma GCC unroll 6
-      for (int r = 0; r < kVertices; ++r) {
-        scalar* __restrict row = grid + vertex_row<kChecked>(idx[r], num_vertices, bad_index) * stride + c_begin;
-        const scalar wr = w[r];
-        for (int64_t q = 0; q < groups; ++q) {
-          store_group(row + q * g, load_group(row + q * g) + wr * load_group(tile + (q * kTile + t) * g));
-        }
+    for (int r = 0; r < kVertices; ++r) {
+      scalar* __restrict row = grid + vertex_row<kChecked>(idx[r], num_vertices, bad_index) * stride + c_begin;
+      const scalar wr = w[r];
+      for (int64_t q = 0; q < groups; ++q) {
+        store_group(row + q * g, load_group(row + q * g) + wr * load_group(tile + (q * kTile + t) * g));
       }
     }
   }
@@ -420,30 +447,53 @@ BOXLOSS_CPU_CLONES int32_t splat_channels(const int32_t* __restrict index, const
     }
     return (bad_value ? kValuesNotFinite : 0) | (bad_index ? kLatticeCorrupt : 0);
   }
-  const int64_t groups = width / g;
-  AlignedBuffer<scalar> rows_buffer(g * kTile);
-  AlignedBuffer<scalar> tile_buffer(groups * kTile * g);
-  scalar* __restrict rows = rows_buffer.get();
-  scalar* __restrict tile = tile_buffer.get();  // (groups, kTile, g)
-  constexpr int64_t kFixed = kWidth > 0 && kWidth % g == 0 ? kWidth : 0;
-  for (int64_t p0 = 0; p0 < num_pixels; p0 += kTile) {
-    const int64_t n = std::min(kTile, num_pixels - p0);
-    for (int64_t q = 0; q < groups; ++q) {
-      const scalar* planes[g];
-      for (int64_t j = 0; j < g; ++j) {
-        planes[j] = channel_source(input, num_pixels, c_begin + q * g + j, p0, n, rows + j * kTile);
+  if constexpr (kWidth > 0 && kWidth % g == 0) {
+    // Fixed widths: every channel's plane segment (in place, or staged in
+    // `rows`), transposed g pixels at a time inside the pixel loop.
+    AlignedBuffer<scalar> rows_buffer(kWidth * kTile);
+    scalar* __restrict rows = rows_buffer.get();
+    for (int64_t p0 = 0; p0 < num_pixels; p0 += kTile) {
+      const int64_t n = std::min(kTile, num_pixels - p0);
+      const scalar* planes[kWidth];
+      for (int64_t j = 0; j < kWidth; ++j) {
+        planes[j] = channel_source(input, num_pixels, c_begin + j, p0, n, rows + j * kTile);
       }
-      planes_to_tile(planes, tile + q * kTile * g);
-      bad_value |= not_all_finite(tile + q * kTile * g, kTile * g);
+      const int32_t* tile_index = index + p0 * kVertices;
+      const scalar* tile_weight = weight + p0 * kVertices;
+      if (vertices_in_range(tile_index, n * kVertices, num_vertices)) {
+        bad_value |= splat_tile_fixed<scalar, kWidth, false>(tile_index, tile_weight, planes, n, c_begin, stride,
+                                                             num_vertices, grid, &bad_index);
+      } else {
+        bad_value |= splat_tile_fixed<scalar, kWidth, true>(tile_index, tile_weight, planes, n, c_begin, stride,
+                                                            num_vertices, grid, &bad_index);
+      }
     }
-    const int32_t* tile_index = index + p0 * kVertices;
-    const scalar* tile_weight = weight + p0 * kVertices;
-    if (vertices_in_range(tile_index, n * kVertices, num_vertices)) {
-      splat_tile<scalar, kFixed, false>(tile_index, tile_weight, tile, n, groups, c_begin, stride, num_vertices, grid,
-                                       &bad_index);
-    } else {
-      splat_tile<scalar, kFixed, true>(tile_index, tile_weight, tile, n, groups, c_begin, stride, num_vertices, grid,
-                                      &bad_index);
+  } else {
+    // Other widths: each group of each tile staged (transposed) first.
+    const int64_t groups = width / g;
+    AlignedBuffer<scalar> rows_buffer(g * kTile);
+    AlignedBuffer<scalar> tile_buffer(groups * kTile * g);
+    scalar* __restrict rows = rows_buffer.get();
+    scalar* __restrict tile = tile_buffer.get();  // (groups, kTile, g)
+    for (int64_t p0 = 0; p0 < num_pixels; p0 += kTile) {
+      const int64_t n = std::min(kTile, num_pixels - p0);
+      for (int64_t q = 0; q < groups; ++q) {
+        const scalar* planes[g];
+        for (int64_t j = 0; j < g; ++j) {
+          planes[j] = channel_source(input, num_pixels, c_begin + q * g + j, p0, n, rows + j * kTile);
+        }
+        planes_to_tile(planes, tile + q * kTile * g);
+        bad_value |= not_all_finite(tile + q * kTile * g, kTile * g);
+      }
+      const int32_t* tile_index = index + p0 * kVertices;
+      const scalar* tile_weight = weight + p0 * kVertices;
+      if (vertices_in_range(tile_index, n * kVertices, num_vertices)) {
+        splat_tile<scalar, false>(tile_index, tile_weight, tile, n, groups, c_begin, stride, num_vertices, grid,
+                                  &bad_index);
+      } else {
+        splat_tile<scalar, true>(tile_index, tile_weight, tile, n, groups, c_begin, stride, num_vertices, grid,
+                                 &bad_index);
+      }
     }
   }
   return (bad_value ? kValuesNotFinite : 0) | (bad_index ? kLatticeCorrupt : 0);
