@@ -157,6 +157,34 @@ def time_fn(
     }
 
 
+def time_interleaved(steps: dict, *, device, repeats: int, warmup: int, max_seconds: float) -> dict:
+    """Times each side's step alternately (a, b, a, b, ...), so that both see
+    the same load on a shared machine; ``steps`` maps a side to ``(step,
+    clear)``, ``clear()`` (not timed) running before every call.  Stops once
+    the timed calls took ``max_seconds`` (after at least 3 rounds).  Returns
+    {side: time_fn-style dict}, each with ``times_s`` in round order, so
+    that round i of two sides can be paired."""
+    for _ in range(warmup):
+        for step, clear in steps.values():
+            clear()
+            step()
+    times = {side: [] for side in steps}
+    for i in range(max(repeats, 1)):
+        for side, (step, clear) in steps.items():
+            clear()
+            synchronize(device)
+            start = time.perf_counter()
+            step()
+            synchronize(device)
+            times[side].append(time.perf_counter() - start)
+        if i + 1 >= 3 and sum(sum(t) for t in times.values()) >= max_seconds:
+            break
+    for _, clear in steps.values():
+        clear()
+    return {side: {"median_s": statistics.median(t), "min_s": min(t), "max_s": max(t), "repeats": len(t),
+                   "times_s": t} for side, t in times.items()}
+
+
 def copy_bandwidth(device: torch.device | str = "cpu", mib: int = 256, repeats: int = 10, warmup: int = 2) -> dict:
     """Copy bandwidth: median time of ``dst.copy_(src)`` on two preallocated
     float32 tensors of ``mib`` MiB each; bytes moved = 2 * size (read + write).

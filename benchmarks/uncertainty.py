@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 
@@ -77,32 +76,6 @@ def make_step(side, mu, log_var, target, samples, seed=0):
         log_var.grad = None
 
     return step, clear_grad
-
-
-def time_interleaved(steps: dict, *, device, repeats: int, warmup: int, max_seconds: float) -> dict:
-    """Times each side's step alternately (fused, reference, fused, ...), so
-    that both see the same load on a shared machine; stops once the timed
-    calls took ``max_seconds`` (after at least 3 rounds).  Returns
-    {side: time_fn-style dict}."""
-    for _ in range(warmup):
-        for step, clear in steps.values():
-            clear()
-            step()
-    times = {side: [] for side in steps}
-    for i in range(max(repeats, 1)):
-        for side, (step, clear) in steps.items():
-            clear()
-            common.synchronize(device)
-            start = time.perf_counter()
-            step()
-            common.synchronize(device)
-            times[side].append(time.perf_counter() - start)
-        if i + 1 >= 3 and sum(sum(t) for t in times.values()) >= max_seconds:
-            break
-    for _, clear in steps.values():
-        clear()
-    return {side: {"median_s": statistics.median(t), "min_s": min(t), "max_s": max(t), "repeats": len(t),
-                   "times_s": t} for side, t in times.items()}
 
 
 def _memory_child(payload: dict) -> int:
@@ -186,7 +159,7 @@ def main(argv=None) -> int:
                "mu_bytes": mu.numel() * mu.element_size()}
         monitor = common.OtherCpuUse().start()
         steps = {side: make_step(side, mu, log_var, target, args.samples, args.seed) for side in SIDES}
-        timings = time_interleaved(steps, device=device, repeats=args.repeats, warmup=args.warmup,
+        timings = common.time_interleaved(steps, device=device, repeats=args.repeats, warmup=args.warmup,
                                    max_seconds=args.max_seconds)
         for side in SIDES:
             step, clear = steps[side]
