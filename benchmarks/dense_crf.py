@@ -99,25 +99,13 @@ def _relative(a, b):
 
 
 def _original_filter(values, image, sigma_xy, sigma_rgb):
-    """Krähenbühl's lattice through pydensecrf (see tests/test_dense_crf_lattice.py), or None."""
+    """Krähenbühl's lattice through pydensecrf (boxloss.reference.bilateral.original_lattice_filter), or None."""
+    from boxloss.reference.bilateral import original_lattice_filter
+
     try:
-        import pydensecrf.densecrf as dcrf
+        return original_lattice_filter(values, image, sigma_xy, sigma_rgb)
     except ImportError:
         return None
-    from boxloss.reference.bilateral import pixel_features
-
-    C, H, W = values.shape
-    feats = pixel_features(image[None].float(), sigma_xy, sigma_rgb)[0].numpy().T.copy().astype(np.float32)
-    v = values.reshape(C, -1).numpy()
-    Z = 2 * v.sum(0).max()
-    p = np.concatenate([1 - v.sum(0, keepdims=True) / Z, v / Z]).astype(np.float32)
-    crf = dcrf.DenseCRF(H * W, C + 1)
-    crf.setUnaryEnergy(np.ascontiguousarray(-np.log(p)))
-    compat = np.array([0.0] + [-1.0] * C, dtype=np.float32)
-    crf.addPairwiseEnergy(feats, compat=compat, kernel=dcrf.DIAG_KERNEL, normalization=dcrf.NO_NORMALIZATION)
-    q = np.array(crf.inference(1)).astype(np.float64)
-    out = (np.log(q[1:] / q[:1]) - np.log(p[1:].astype(np.float64) / p[:1])) * Z
-    return torch.from_numpy(out.reshape(C, H, W))
 
 
 def measure_accuracy(size: int, sigmas, seeds) -> list[dict]:

@@ -12,6 +12,7 @@ import boxloss
 from boxloss.reference.bilateral import (
     bilateral_filter_brute_force,
     lattice_filter_reference,
+    original_lattice_filter,
     permutohedral_lattice_reference,
 )
 from dense_crf_inputs import natural_image, relative_error, value_and_grad
@@ -129,27 +130,8 @@ def test_low_precision_values_run_in_float32(dtype):
 # ----------------------------------------------------------------- against the original and the exact Gaussian
 
 def _original_filter(values, image, sigma_xy, sigma_rgb):
-    """Krähenbühl's permutohedral.cpp through pydensecrf: one mean-field step of a CRF
-    whose only pairwise term is the raw (unnormalised) lattice filter, with a dummy
-    label 0 whose compatibility is 0 so that log(Q1_k / Q1_0) - log(Q0_k / Q0_0) is
-    exactly the filter output of channel k."""
-    dcrf = pytest.importorskip("pydensecrf.densecrf")
-    import numpy as np
-
-    from boxloss.reference.bilateral import pixel_features
-
-    C, H, W = values.shape
-    feats = pixel_features(image[None].float(), sigma_xy, sigma_rgb)[0].numpy().T.copy().astype(np.float32)
-    v = values.reshape(C, -1).numpy()
-    Z = 2 * v.sum(0).max()
-    p = np.concatenate([1 - v.sum(0, keepdims=True) / Z, v / Z]).astype(np.float32)
-    crf = dcrf.DenseCRF(H * W, C + 1)
-    crf.setUnaryEnergy(np.ascontiguousarray(-np.log(p)))
-    compat = np.array([0.0] + [-1.0] * C, dtype=np.float32)
-    crf.addPairwiseEnergy(feats, compat=compat, kernel=dcrf.DIAG_KERNEL, normalization=dcrf.NO_NORMALIZATION)
-    q = np.array(crf.inference(1)).astype(np.float64)
-    out = (np.log(q[1:] / q[:1]) - np.log(p[1:].astype(np.float64) / p[:1])) * Z
-    return torch.from_numpy(out.reshape(C, H, W))
+    pytest.importorskip("pydensecrf.densecrf")
+    return original_lattice_filter(values, image, sigma_xy, sigma_rgb)
 
 
 @pytest.mark.parametrize("sigma_xy, sigma_rgb", [(5.0, 15.0), (20.0, 30.0)])
