@@ -21,13 +21,7 @@ void mark_inside(const int64_t* ranges, const int64_t* box_batch, int64_t num_bo
 template <typename scalar>
 void attention_forward(const AttentionProblem<scalar>& p, const scalar* dots, int64_t begin, int64_t end,
                        scalar* attention) {
-  using acc = acc_t<scalar>;
-  for (int64_t i = begin; i < end; ++i) {
-    const int64_t b = i / p.pixels, pixel = i % p.pixels;
-    attention[i] = static_cast<scalar>(pixel_attention<scalar, acc>(
-        dots + b * p.num_queries * p.pixels + pixel, p.pixels, p.valid + b * p.num_queries, p.num_queries,
-        p.num_valid[b], static_cast<acc>(p.norms[i]), p.inside[i] != 0, p.fallback[b] != 0));
-  }
+  for (int64_t i = begin; i < end; ++i) attention[i] = static_cast<scalar>(p.attention_at(dots, i));
 }
 
 template <typename scalar>
@@ -35,11 +29,7 @@ void attention_backward(const AttentionProblem<scalar>& p, const scalar* grad_at
                         int64_t begin, int64_t end, scalar* coef) {
   using acc = acc_t<scalar>;
   for (int64_t i = begin; i < end; ++i) {
-    const int64_t b = i / p.pixels, pixel = i % p.pixels;
-    coef[i] = static_cast<scalar>(pixel_attention_backward<scalar, acc>(
-        dots + b * p.num_queries * p.pixels + pixel, p.pixels, p.valid + b * p.num_queries, p.num_queries,
-        p.num_valid[b], static_cast<acc>(p.norms[i]), p.inside[i] != 0, p.fallback[b] != 0,
-        static_cast<acc>(grad_attention[i])));
+    coef[i] = static_cast<scalar>(p.attention_backward_at(dots, static_cast<acc>(grad_attention[i]), i));
   }
 }
 

@@ -37,14 +37,10 @@ __global__ void mark_inside_kernel(const int64_t* __restrict ranges, const int64
 template <typename scalar>
 __global__ void attention_forward_kernel(AttentionProblem<scalar> p, const scalar* __restrict dots,
                                          scalar* __restrict attention) {
-  using acc = acc_t<scalar>;
   const int64_t n = p.batch * p.pixels;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t b = i / p.pixels, pixel = i % p.pixels;
-    attention[i] = static_cast<scalar>(pixel_attention<scalar, acc>(
-        dots + b * p.num_queries * p.pixels + pixel, p.pixels, p.valid + b * p.num_queries, p.num_queries,
-        p.num_valid[b], static_cast<acc>(p.norms[i]), p.inside[i] != 0, p.fallback[b] != 0));
+    attention[i] = static_cast<scalar>(p.attention_at(dots, i));
   }
 }
 
@@ -55,11 +51,7 @@ __global__ void attention_backward_kernel(AttentionProblem<scalar> p, const scal
   const int64_t n = p.batch * p.pixels;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t b = i / p.pixels, pixel = i % p.pixels;
-    coef[i] = static_cast<scalar>(pixel_attention_backward<scalar, acc>(
-        dots + b * p.num_queries * p.pixels + pixel, p.pixels, p.valid + b * p.num_queries, p.num_queries,
-        p.num_valid[b], static_cast<acc>(p.norms[i]), p.inside[i] != 0, p.fallback[b] != 0,
-        static_cast<acc>(grad_attention[i])));
+    coef[i] = static_cast<scalar>(p.attention_backward_at(dots, static_cast<acc>(grad_attention[i]), i));
   }
 }
 

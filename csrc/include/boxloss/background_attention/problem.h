@@ -21,6 +21,27 @@ struct AttentionProblem {
   int64_t batch = 0;
   int64_t num_queries = 0;
   int64_t pixels = 0;
+
+  // pixel_attention (math.h) of flat pixel i = b * pixels + pixel, dots
+  // being (batch, num_queries, pixels): what the CPU loop and the CUDA
+  // kernel compute for each i.
+  BOXLOSS_HD_INLINE acc_t<scalar> attention_at(const scalar* dots, int64_t i) const {
+    using acc = acc_t<scalar>;
+    const int64_t b = i / pixels, pixel = i % pixels;
+    return pixel_attention<scalar, acc>(dots + b * num_queries * pixels + pixel, pixels, valid + b * num_queries,
+                                        num_queries, num_valid[b], static_cast<acc>(norms[i]), inside[i] != 0,
+                                        fallback[b] != 0);
+  }
+
+  // pixel_attention_backward of flat pixel i (overwrites its dots, see math.h).
+  BOXLOSS_HD_INLINE acc_t<scalar> attention_backward_at(scalar* dots, acc_t<scalar> grad_attention, int64_t i) const {
+    using acc = acc_t<scalar>;
+    const int64_t b = i / pixels, pixel = i % pixels;
+    return pixel_attention_backward<scalar, acc>(dots + b * num_queries * pixels + pixel, pixels,
+                                                 valid + b * num_queries, num_queries, num_valid[b],
+                                                 static_cast<acc>(norms[i]), inside[i] != 0, fallback[b] != 0,
+                                                 grad_attention);
+  }
 };
 
 // Background-aware pooling of all boxes.
