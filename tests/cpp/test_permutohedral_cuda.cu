@@ -24,36 +24,12 @@
 #include "boxloss/dense_crf/cuda.h"
 #include "boxloss/permutohedral/cpu.h"
 #include "boxloss/permutohedral/cuda.h"
-#include "test_support.h"
+#include "cuda_test_support.h"
 
 namespace {
 
 namespace pl = boxloss::permutohedral;
 namespace dc = boxloss::dense_crf;
-
-#define CUDA_OK(call)                                                                                        \
-  do {                                                                                                       \
-    const cudaError_t err_ = (call);                                                                         \
-    if (err_ != cudaSuccess) {                                                                               \
-      check_impl(false, #call, __FILE__, __LINE__, std::string("CUDA error: ") + cudaGetErrorString(err_)); \
-      return;                                                                                                \
-    }                                                                                                        \
-  } while (0)
-
-// Device buffer freed at scope exit.
-struct DeviceBuffer {
-  void* ptr = nullptr;
-  DeviceBuffer() = default;
-  DeviceBuffer(const DeviceBuffer&) = delete;
-  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
-  ~DeviceBuffer() {
-    if (ptr != nullptr) cudaFree(ptr);
-  }
-  template <typename U>
-  U* as() const {
-    return static_cast<U*>(ptr);
-  }
-};
 
 template <typename T>
 cudaError_t upload(DeviceBuffer* buffer, const std::vector<T>& host) {

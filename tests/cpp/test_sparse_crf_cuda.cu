@@ -18,7 +18,7 @@
 #include <type_traits>
 #include <vector>
 
-#include "test_support.h"
+#include "cuda_test_support.h"
 #include "boxloss/sparse_crf/cpu.h"
 #include "boxloss/sparse_crf/cuda.h"
 #include "boxloss/sparse_crf/problem.h"
@@ -31,17 +31,6 @@ using boxloss::sparse_crf::Problem;
 namespace sc = boxloss::sparse_crf;
 
 
-// Evaluates a CUDA call; on error records a failure and returns from the
-// enclosing function (which returns void).
-#define CUDA_OK(call)                                                                               \
-  do {                                                                                              \
-    const cudaError_t err_ = (call);                                                                \
-    if (err_ != cudaSuccess) {                                                                      \
-      check_impl(false, #call, __FILE__, __LINE__, std::string("CUDA error: ") + cudaGetErrorString(err_)); \
-      return;                                                                                       \
-    }                                                                                               \
-  } while (0)
-
 struct Config {
   const char* name;
   int64_t batch, num_channels, height, width, image_channels;
@@ -51,21 +40,6 @@ struct Config {
   Kind kind;
   double sigma;
   bool bad_values;  // a NaN in probs of the last image and an Inf in the image of the first
-};
-
-// Device buffer freed at scope exit.
-struct DeviceBuffer {
-  void* ptr = nullptr;
-  DeviceBuffer() = default;
-  DeviceBuffer(const DeviceBuffer&) = delete;
-  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
-  ~DeviceBuffer() {
-    if (ptr != nullptr) cudaFree(ptr);
-  }
-  template <typename U>
-  U* as() const {
-    return static_cast<U*>(ptr);
-  }
 };
 
 cudaError_t upload(DeviceBuffer* buffer, const void* host, size_t bytes) {

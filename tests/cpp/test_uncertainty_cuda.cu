@@ -17,20 +17,11 @@
 
 #include "boxloss/uncertainty/cpu.h"
 #include "boxloss/uncertainty/cuda.h"
-#include "test_support.h"
+#include "cuda_test_support.h"
 
 namespace {
 
 namespace u = boxloss::uncertainty;
-
-#define CUDA_OK(call)                                                                                       \
-  do {                                                                                                      \
-    const cudaError_t err_ = (call);                                                                        \
-    if (err_ != cudaSuccess) {                                                                              \
-      check_impl(false, #call, __FILE__, __LINE__, std::string("CUDA error: ") + cudaGetErrorString(err_)); \
-      return;                                                                                               \
-    }                                                                                                       \
-  } while (0)
 
 // A device copy of a host vector, freed at scope exit.
 template <typename T>
