@@ -16,7 +16,7 @@ def _register_sparse_crf() -> None:
     def _sparse_crf_loss_fake(probs, image, valid_mask, channels, sigma, neighbourhood, dilation, kind):
         return probs.new_empty((probs.shape[0],))
 
-    @torch.library.register_fake("boxloss::sparse_crf_loss_backward")
+    @torch.library.register_fake("boxloss::_sparse_crf_loss_backward")
     def _sparse_crf_loss_backward_fake(
         grad, probs, image, valid_mask, channels, sigma, neighbourhood, dilation, kind
     ):
@@ -33,7 +33,7 @@ def _register_sparse_crf() -> None:
         probs, image, valid_mask = ctx.saved_tensors
         grad_probs = None
         if ctx.needs_input_grad[0]:
-            grad_probs = torch.ops.boxloss.sparse_crf_loss_backward.default(
+            grad_probs = torch.ops.boxloss._sparse_crf_loss_backward.default(
                 grad, probs, image, valid_mask, *ctx.settings
             )
         # The image (and so the colour weights) is a constant of the loss.
@@ -56,7 +56,7 @@ def _register_row_col_max() -> None:
             probs.new_empty((K, 4), dtype=torch.long),
         )
 
-    @torch.library.register_fake("boxloss::box_row_col_max_backward")
+    @torch.library.register_fake("boxloss::_box_row_col_max_backward")
     def _box_row_col_max_backward_fake(grad_row_max, grad_col_max, row_index, col_index, probs_shape):
         return grad_row_max.new_empty(probs_shape)
 
@@ -71,7 +71,7 @@ def _register_row_col_max() -> None:
         row_index, col_index = ctx.saved_tensors
         grad_probs = None
         if ctx.needs_input_grad[0]:
-            grad_probs = torch.ops.boxloss.box_row_col_max_backward.default(
+            grad_probs = torch.ops.boxloss._box_row_col_max_backward.default(
                 grad_row_max, grad_col_max, row_index, col_index, list(ctx.probs_shape)
             )
         # Box coordinates only select pixels: the maxima are piecewise constant in them.
@@ -105,7 +105,7 @@ def _register_background_attention() -> None:
             features.new_empty((B, h, w), dtype=torch.bool),
         )
 
-    @torch.library.register_fake("boxloss::background_attention_backward")
+    @torch.library.register_fake("boxloss::_background_attention_backward")
     def _background_attention_backward_fake(grad_attention, grad_queries, features, queries, valid, fallback,
                                             inside, background, grid_size):
         return features.new_empty(features.shape)
@@ -126,7 +126,7 @@ def _register_background_attention() -> None:
             grad_attention = features.new_zeros((B, h, w))
         if grad_queries is None:
             grad_queries = queries.new_zeros(queries.shape)
-        grad = torch.ops.boxloss.background_attention_backward.default(
+        grad = torch.ops.boxloss._background_attention_backward.default(
             grad_attention, grad_queries, features, queries, valid, fallback, inside, background, ctx.grid_size
         )
         # Boxes and the background mask only select pixels: no gradient.
@@ -144,7 +144,7 @@ def _register_background_attention() -> None:
             features.new_empty((K, 4), dtype=torch.long),
         )
 
-    @torch.library.register_fake("boxloss::background_aware_pool_backward")
+    @torch.library.register_fake("boxloss::_background_aware_pool_backward")
     def _background_aware_pool_backward_fake(grad_pooled, features, attention, pooled, weight_sum, ranges, box_batch,
                                              output_size):
         return features.new_empty(features.shape), attention.new_empty(attention.shape)
@@ -160,7 +160,7 @@ def _register_background_attention() -> None:
         features, attention, pooled, weight_sum, ranges, box_batch = ctx.saved_tensors
         if grad_pooled is None or not (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
             return (None,) * 6
-        grad_features, grad_attention = torch.ops.boxloss.background_aware_pool_backward.default(
+        grad_features, grad_attention = torch.ops.boxloss._background_aware_pool_backward.default(
             grad_pooled, features, attention, pooled, weight_sum, ranges, box_batch, ctx.output_size
         )
         return (
@@ -171,8 +171,8 @@ def _register_background_attention() -> None:
 
     torch.library.register_autograd("boxloss::background_aware_pool", backward_pool, setup_context=setup_pool)
 
-    @torch.library.register_fake("boxloss::background_aware_pooling")
-    def _background_aware_pooling_fake(features, boxes, box_batch, grid_size, output_size, spatial_scale, bg_mask,
+    @torch.library.register_fake("boxloss::background_attention_pool")
+    def _background_attention_pool_fake(features, boxes, box_batch, grid_size, output_size, spatial_scale, bg_mask,
                                        min_background):
         B, D, h, w = features.shape
         K, S, J = boxes.shape[0], output_size, grid_size * grid_size
@@ -188,8 +188,8 @@ def _register_background_attention() -> None:
             features.new_empty((B, h, w), dtype=torch.bool),
         )
 
-    @torch.library.register_fake("boxloss::background_aware_pooling_backward")
-    def _background_aware_pooling_backward_fake(grad_pooled, grad_attention, grad_queries, features, *_):
+    @torch.library.register_fake("boxloss::_background_attention_pool_backward")
+    def _background_attention_pool_backward_fake(grad_pooled, grad_attention, grad_queries, features, *_):
         return features.new_empty(features.shape)
 
     def setup_pooling(ctx, inputs, output):
@@ -211,13 +211,13 @@ def _register_background_attention() -> None:
             grad_attention = attention.new_zeros(attention.shape)
         if grad_queries is None:
             grad_queries = queries.new_zeros(queries.shape)
-        grad = torch.ops.boxloss.background_aware_pooling_backward.default(
+        grad = torch.ops.boxloss._background_attention_pool_backward.default(
             grad_pooled, grad_attention, grad_queries, features, attention, queries, valid, fallback, pooled,
             weight_sum, ranges, box_batch, inside, background, *ctx.settings
         )
         return grad, None, None, None, None, None, None, None
 
-    torch.library.register_autograd("boxloss::background_aware_pooling", backward_pooling,
+    torch.library.register_autograd("boxloss::background_attention_pool", backward_pooling,
                                     setup_context=setup_pooling)
 def _register_permutohedral() -> None:
     @torch.library.register_fake("boxloss::permutohedral_lattice")
@@ -278,7 +278,7 @@ def _register_dense_crf() -> None:
             probs.new_empty((B, C + 1, H, W), dtype=compute),
         )
 
-    @torch.library.register_fake("boxloss::dense_crf_loss_backward")
+    @torch.library.register_fake("boxloss::_dense_crf_loss_backward")
     def _dense_crf_loss_backward_fake(
         grad_energy, probs, valid_mask, filtered, splat_index, splat_weight, blur_neighbours, vertex_offsets
     ):
@@ -294,7 +294,7 @@ def _register_dense_crf() -> None:
         probs, valid_mask, filtered, *lattice = ctx.saved_tensors
         grad_probs = None
         if ctx.needs_input_grad[0]:
-            grad_probs = torch.ops.boxloss.dense_crf_loss_backward.default(
+            grad_probs = torch.ops.boxloss._dense_crf_loss_backward.default(
                 grad_energy, probs, valid_mask, filtered, *lattice
             )
         return grad_probs, None, None, None, None, None
@@ -305,7 +305,7 @@ def _register_uncertainty() -> None:
     def _bce_fake(mu, log_var, target, box_mask, pixel_perfect, tau, temperature, bootstrap, route_gradients):
         return mu.new_empty(mu.shape)
 
-    @torch.library.register_fake("boxloss::uncertainty_bce_loss_backward")
+    @torch.library.register_fake("boxloss::_uncertainty_bce_loss_backward")
     def _bce_backward_fake(grad, mu, log_var, target, box_mask, pixel_perfect, tau, temperature, bootstrap,
                            route_gradients):
         return mu.new_empty(mu.shape), mu.new_empty(mu.shape)
@@ -318,7 +318,7 @@ def _register_uncertainty() -> None:
     def bce_backward(ctx, grad):
         grad_mu = grad_log_var = None
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-            grad_mu, grad_log_var = torch.ops.boxloss.uncertainty_bce_loss_backward.default(
+            grad_mu, grad_log_var = torch.ops.boxloss._uncertainty_bce_loss_backward.default(
                 grad, *ctx.saved_tensors, *ctx.settings
             )
         # The target and the masks are constants of the loss.
@@ -332,7 +332,7 @@ def _register_uncertainty() -> None:
         shape = (mu.shape[0], mu.shape[2], mu.shape[3])
         return mu.new_empty(shape), mu.new_empty(shape)
 
-    @torch.library.register_fake("boxloss::uncertainty_ce_loss_backward")
+    @torch.library.register_fake("boxloss::_uncertainty_ce_loss_backward")
     def _ce_backward_fake(grad, mu, log_var, target, box_mask, pixel_perfect, seed, sample_lse, samples, tau,
                           bootstrap, route_gradients, ignore_index):
         return mu.new_empty(mu.shape), mu.new_empty(mu.shape)
@@ -349,7 +349,7 @@ def _register_uncertainty() -> None:
         grad_mu = grad_log_var = None
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
             mu, log_var, target, box_mask, pixel_perfect, seed, sample_lse = ctx.saved_tensors
-            grad_mu, grad_log_var = torch.ops.boxloss.uncertainty_ce_loss_backward.default(
+            grad_mu, grad_log_var = torch.ops.boxloss._uncertainty_ce_loss_backward.default(
                 grad, mu, log_var, target, box_mask, pixel_perfect, seed, sample_lse, *ctx.settings
             )
         return grad_mu, grad_log_var, None, None, None, None, None, None, None, None, None

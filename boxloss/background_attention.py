@@ -262,7 +262,7 @@ class BackgroundAwarePooling(nn.Module):
     r"""Background attention (Eq. 1-3) followed by background-aware pooling (Eq. 4).
 
     The same values as :func:`background_attention` then :func:`background_aware_pool`,
-    computed by one fused op (``boxloss::background_aware_pooling``) whose backward
+    computed by one fused op (``boxloss::background_attention_pool``) whose backward
     writes the attention's feature gradient into the pooling's, so the backward holds
     one feature-sized gradient instead of two that autograd would add.
 
@@ -295,7 +295,7 @@ class BackgroundAwarePooling(nn.Module):
             output_size = _checks.check_int(fn, "output_size", self.output_size, minimum=1)
             if bg_mask is not None:
                 _check_bg_mask(fn, bg_mask, features)
-            pooled, attention, queries, valid, fallback, *_ = torch.ops.boxloss.background_aware_pooling.default(
+            pooled, attention, queries, valid, fallback, *_ = torch.ops.boxloss.background_attention_pool.default(
                 features, boxes, box_batch, grid_size, output_size, spatial_scale, bg_mask,
                 _check_min_background(fn, self.min_background))
             return pooled, BackgroundAttention(attention, queries, valid, fallback)

@@ -320,5 +320,5 @@ def test_fused_module_matches_two_ops(use):
 def test_fused_opcheck():
     f, boxes, batch = _inputs()
     f = f.requires_grad_(True)
-    torch.library.opcheck(torch.ops.boxloss.background_aware_pooling.default,
+    torch.library.opcheck(torch.ops.boxloss.background_attention_pool.default,
                           (f, boxes, batch, 2, 2, SCALE, None, 0.125))

@@ -19,7 +19,7 @@ from boxloss.reference.boxes import box_pixel_ranges
 from box_inputs import make_boxes, make_probs
 
 OP = torch.ops.boxloss.box_row_col_max.default
-OP_BACKWARD = torch.ops.boxloss.box_row_col_max_backward.default
+OP_BACKWARD = torch.ops.boxloss._box_row_col_max_backward.default
 
 LOSSES = {
     "tight_either": (lambda *a, **k: boxloss.tight_box_loss(*a, mode="either", **k),

@@ -16,7 +16,7 @@ from boxloss.reference.bilateral import bilateral_filter_brute_force
 from dense_crf_inputs import natural_batch, random_inputs, relative_error, value_and_grad
 
 OP = torch.ops.boxloss.dense_crf_loss.default
-OP_BACKWARD = torch.ops.boxloss.dense_crf_loss_backward.default
+OP_BACKWARD = torch.ops.boxloss._dense_crf_loss_backward.default
 LATTICE = torch.ops.boxloss.permutohedral_lattice.default
 
 
@@ -438,5 +438,5 @@ def test_fallback_to_reference_matches():
 def test_cuda_kernels_are_registered_when_built_with_cuda():
     from boxloss import _build_info
 
-    for op in ("permutohedral_lattice", "lattice_filter", "dense_crf_loss", "dense_crf_loss_backward"):
+    for op in ("permutohedral_lattice", "lattice_filter", "dense_crf_loss", "_dense_crf_loss_backward"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"boxloss::{op}", "CUDA") == bool(_build_info.WITH_CUDA)

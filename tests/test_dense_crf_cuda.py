@@ -113,7 +113,7 @@ def test_cuda_opcheck():
     torch.library.opcheck(torch.ops.boxloss.dense_crf_loss.default, (probs.clone().requires_grad_(), mask, *lattice))
     _, _, filtered = torch.ops.boxloss.dense_crf_loss.default(probs, mask, *lattice)
     grad = torch.rand(2, dtype=torch.float64, device="cuda")
-    torch.library.opcheck(torch.ops.boxloss.dense_crf_loss_backward.default, (grad, probs, mask, filtered, *lattice))
+    torch.library.opcheck(torch.ops.boxloss._dense_crf_loss_backward.default, (grad, probs, mask, filtered, *lattice))
 
 
 def test_cuda_compile_fullgraph():

@@ -15,7 +15,7 @@ from boxloss.reference import sparse_crf_loss_reference
 from sparse_crf_inputs import make_inputs, op_value_and_grad, reference_value_and_grad
 
 OP = torch.ops.boxloss.sparse_crf_loss.default
-OP_BACKWARD = torch.ops.boxloss.sparse_crf_loss_backward.default
+OP_BACKWARD = torch.ops.boxloss._sparse_crf_loss_backward.default
 
 
 def test_compiled_ops_are_loaded():

@@ -87,7 +87,7 @@ def test_cuda_opcheck():
     args = (image, mask, [0, 2], 0.2, 8, 1, "l1")
     torch.library.opcheck(torch.ops.boxloss.sparse_crf_loss.default, (probs.requires_grad_(), *args))
     grad = torch.rand(2, device="cuda", dtype=probs.dtype)
-    torch.library.opcheck(torch.ops.boxloss.sparse_crf_loss_backward.default, (grad, probs.detach(), *args))
+    torch.library.opcheck(torch.ops.boxloss._sparse_crf_loss_backward.default, (grad, probs.detach(), *args))
 
 
 def test_cuda_compile_fullgraph():

@@ -25,9 +25,9 @@ from boxloss.reference import (
 from uncertainty_inputs import make_binary_inputs, make_class_inputs, value_and_grads
 
 CE = torch.ops.boxloss.uncertainty_ce_loss.default
-CE_BACKWARD = torch.ops.boxloss.uncertainty_ce_loss_backward.default
+CE_BACKWARD = torch.ops.boxloss._uncertainty_ce_loss_backward.default
 BCE = torch.ops.boxloss.uncertainty_bce_loss.default
-BCE_BACKWARD = torch.ops.boxloss.uncertainty_bce_loss_backward.default
+BCE_BACKWARD = torch.ops.boxloss._uncertainty_bce_loss_backward.default
 
 
 def _seed(*key):
@@ -800,6 +800,6 @@ def test_fallback_to_reference_matches_the_kernels():
 def test_cuda_kernels_are_registered_when_built_with_cuda():
     from boxloss import _build_info
 
-    for op in ("uncertainty_ce_loss", "uncertainty_ce_loss_backward", "uncertainty_bce_loss",
-               "uncertainty_bce_loss_backward"):
+    for op in ("uncertainty_ce_loss", "_uncertainty_ce_loss_backward", "uncertainty_bce_loss",
+               "_uncertainty_bce_loss_backward"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"boxloss::{op}", "CUDA") == bool(_build_info.WITH_CUDA)

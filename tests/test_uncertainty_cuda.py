@@ -113,7 +113,7 @@ def test_cuda_opcheck():
     args = (mu.requires_grad_(), log_var.requires_grad_(), target, box_mask, pp, seed, 4, 1.5, True, False, 255)
     torch.library.opcheck(torch.ops.boxloss.uncertainty_ce_loss.default, args)
     loss, lse = torch.ops.boxloss.uncertainty_ce_loss.default(*args)
-    torch.library.opcheck(torch.ops.boxloss.uncertainty_ce_loss_backward.default,
+    torch.library.opcheck(torch.ops.boxloss._uncertainty_ce_loss_backward.default,
                           (torch.rand_like(loss), mu.detach(), log_var.detach(), target, box_mask, pp, seed,
                            lse.detach(), 4, 1.5, True, False, 255))
     bmu, blv, bt, bmask, _ = make_binary_inputs(2, 5, 6, device="cuda", seed=23)

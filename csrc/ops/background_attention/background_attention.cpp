@@ -161,7 +161,7 @@ at::Tensor background_attention_backward_impl(const at::Tensor& grad_attention, 
                                               const at::Tensor& inside, const at::Tensor& background,
                                               int64_t grid_size, const BackgroundAttentionKernels& kernels,
                                               at::Tensor* accumulate) {
-  constexpr const char* op = "background_attention_backward";
+  constexpr const char* op = "_background_attention_backward";
   check_features(op, features);
   const int64_t B = features.size(0), D = features.size(1), h = features.size(2), w = features.size(3);
   const int64_t P = h * w, J = grid_size * grid_size;
@@ -233,7 +233,7 @@ std::tuple<at::Tensor, at::Tensor> background_aware_pool_backward_impl(
     const at::Tensor& grad_pooled, const at::Tensor& features, const at::Tensor& attention, const at::Tensor& pooled,
     const at::Tensor& weight_sum, const at::Tensor& ranges, const at::Tensor& box_batch, int64_t output_size,
     const BackgroundAttentionKernels& kernels) {
-  constexpr const char* op = "background_aware_pool_backward";
+  constexpr const char* op = "_background_aware_pool_backward";
   check_features(op, features);
   const int64_t B = features.size(0), D = features.size(1), h = features.size(2), w = features.size(3);
   const int64_t K = ranges.size(0), S = output_size;
@@ -256,10 +256,10 @@ std::tuple<at::Tensor, at::Tensor> background_aware_pool_backward_impl(
   return {grad_features.to(features.scalar_type()), grad_attention.to(attention.scalar_type())};
 }
 
-PoolingResult background_aware_pooling_impl(const at::Tensor& features, const at::Tensor& boxes,
-                                            const at::Tensor& box_batch, int64_t grid_size, int64_t output_size,
-                                            double spatial_scale, const std::optional<at::Tensor>& bg_mask,
-                                            double min_background, const BackgroundAttentionKernels& kernels) {
+PoolingResult background_attention_pool_impl(const at::Tensor& features, const at::Tensor& boxes,
+                                             const at::Tensor& box_batch, int64_t grid_size, int64_t output_size,
+                                             double spatial_scale, const std::optional<at::Tensor>& bg_mask,
+                                             double min_background, const BackgroundAttentionKernels& kernels) {
   auto [attention, queries, valid, fallback, inside, background] = background_attention_impl(
       features, boxes, box_batch, grid_size, spatial_scale, bg_mask, min_background, kernels);
   auto [pooled, weight_sum, ranges] =
@@ -267,7 +267,7 @@ PoolingResult background_aware_pooling_impl(const at::Tensor& features, const at
   return {pooled, attention, queries, valid, fallback, weight_sum, ranges, inside, background};
 }
 
-at::Tensor background_aware_pooling_backward_impl(
+at::Tensor background_attention_pool_backward_impl(
     const at::Tensor& grad_pooled, const at::Tensor& grad_attention, const at::Tensor& grad_queries,
     const at::Tensor& features, const at::Tensor& attention, const at::Tensor& queries, const at::Tensor& valid,
     const at::Tensor& fallback, const at::Tensor& pooled, const at::Tensor& weight_sum, const at::Tensor& ranges,
@@ -286,23 +286,23 @@ TORCH_LIBRARY_FRAGMENT(boxloss, m) {
       "Tensor? bg_mask, float min_background) -> (Tensor attention, Tensor queries, Tensor valid, Tensor fallback, "
       "Tensor inside, Tensor background)");
   m.def(
-      "background_attention_backward(Tensor grad_attention, Tensor grad_queries, Tensor features, Tensor queries, "
+      "_background_attention_backward(Tensor grad_attention, Tensor grad_queries, Tensor features, Tensor queries, "
       "Tensor valid, Tensor fallback, Tensor inside, Tensor background, int grid_size) -> Tensor");
   m.def(
       "background_aware_pool(Tensor features, Tensor attention, Tensor boxes, Tensor box_batch, int output_size, "
       "float spatial_scale) -> (Tensor pooled, Tensor weight_sum, Tensor ranges)");
   m.def(
-      "background_aware_pooling(Tensor features, Tensor boxes, Tensor box_batch, int grid_size, int output_size, "
+      "background_attention_pool(Tensor features, Tensor boxes, Tensor box_batch, int grid_size, int output_size, "
       "float spatial_scale, Tensor? bg_mask, float min_background) -> (Tensor pooled, Tensor attention, "
       "Tensor queries, Tensor valid, Tensor fallback, Tensor weight_sum, Tensor ranges, Tensor inside, "
       "Tensor background)");
   m.def(
-      "background_aware_pooling_backward(Tensor grad_pooled, Tensor grad_attention, Tensor grad_queries, "
+      "_background_attention_pool_backward(Tensor grad_pooled, Tensor grad_attention, Tensor grad_queries, "
       "Tensor features, Tensor attention, Tensor queries, Tensor valid, Tensor fallback, Tensor pooled, "
       "Tensor weight_sum, Tensor ranges, Tensor box_batch, Tensor inside, Tensor background, int grid_size, "
       "int output_size) -> Tensor");
   m.def(
-      "background_aware_pool_backward(Tensor grad_pooled, Tensor features, Tensor attention, Tensor pooled, "
+      "_background_aware_pool_backward(Tensor grad_pooled, Tensor features, Tensor attention, Tensor pooled, "
       "Tensor weight_sum, Tensor ranges, Tensor box_batch, int output_size) -> (Tensor, Tensor)");
 }
 

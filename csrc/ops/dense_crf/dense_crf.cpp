@@ -86,7 +86,7 @@ TORCH_LIBRARY_FRAGMENT(boxloss, m) {
       "dense_crf_loss(Tensor probs, Tensor? valid_mask, Tensor splat_index, Tensor splat_weight, "
       "Tensor blur_neighbours, Tensor vertex_offsets) -> (Tensor energy, Tensor normaliser, Tensor filtered)");
   m.def(
-      "dense_crf_loss_backward(Tensor grad_energy, Tensor probs, Tensor? valid_mask, Tensor filtered, "
+      "_dense_crf_loss_backward(Tensor grad_energy, Tensor probs, Tensor? valid_mask, Tensor filtered, "
       "Tensor splat_index, Tensor splat_weight, Tensor blur_neighbours, Tensor vertex_offsets) -> Tensor");
 }
 

@@ -61,7 +61,7 @@ at::Tensor dense_crf_loss_backward_cpu(const at::Tensor& grad_energy, const at::
                                        const std::optional<at::Tensor>& valid_mask, const at::Tensor& filtered,
                                        const at::Tensor& splat_index, const at::Tensor& splat_weight,
                                        const at::Tensor& blur_neighbours, const at::Tensor& vertex_offsets) {
-  constexpr const char* op = "dense_crf_loss_backward";
+  constexpr const char* op = "_dense_crf_loss_backward";
   const DenseCRFCall call =
       prepare_dense_crf_call(op, probs, valid_mask, splat_index, splat_weight, blur_neighbours, vertex_offsets);
   const int64_t B = call.batch, C = call.channels, N = call.num_pixels;
@@ -72,7 +72,7 @@ at::Tensor dense_crf_loss_backward_cpu(const at::Tensor& grad_energy, const at::
   const at::Tensor scale = at::where(images_with_pairs(call), g, at::zeros_like(g)).contiguous();
   at::Tensor grad = at::empty_like(call.probs);
   std::vector<int32_t> filter_status(static_cast<size_t>(B), 0);
-  AT_DISPATCH_FLOATING_TYPES(call.probs.scalar_type(), "dense_crf_loss_backward_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES(call.probs.scalar_type(), "_dense_crf_loss_backward_cpu", [&] {
     const auto lattice = call.lattice.view<scalar_t>();
     for_each_image(B, N, [&](int64_t b, const permutohedral::cpu::RangeRunner& runner) {
       // The transpose of the lattice filter: the same lattice, blurred in reverse order.
@@ -94,7 +94,7 @@ at::Tensor dense_crf_loss_backward_cpu(const at::Tensor& grad_energy, const at::
 
 TORCH_LIBRARY_IMPL(boxloss, CPU, m) {
   m.impl("dense_crf_loss", &dense_crf_loss_cpu);
-  m.impl("dense_crf_loss_backward", &dense_crf_loss_backward_cpu);
+  m.impl("_dense_crf_loss_backward", &dense_crf_loss_backward_cpu);
 }
 
 }  // namespace ops

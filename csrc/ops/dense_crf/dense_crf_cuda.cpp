@@ -69,7 +69,7 @@ at::Tensor dense_crf_loss_backward_cuda(const at::Tensor& grad_energy, const at:
                                         const std::optional<at::Tensor>& valid_mask, const at::Tensor& filtered,
                                         const at::Tensor& splat_index, const at::Tensor& splat_weight,
                                         const at::Tensor& blur_neighbours, const at::Tensor& vertex_offsets) {
-  constexpr const char* op = "dense_crf_loss_backward";
+  constexpr const char* op = "_dense_crf_loss_backward";
   const c10::cuda::CUDAGuard guard(probs.device());
   const DenseCRFCall call =
       prepare_dense_crf_call(op, probs, valid_mask, splat_index, splat_weight, blur_neighbours, vertex_offsets);
@@ -82,7 +82,7 @@ at::Tensor dense_crf_loss_backward_cuda(const at::Tensor& grad_energy, const at:
   at::Tensor reversed = at::empty_like(forward);
   at::Tensor grad = at::empty_like(call.probs);
   at::Tensor filter_status;
-  AT_DISPATCH_FLOATING_TYPES(call.probs.scalar_type(), "dense_crf_loss_backward_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES(call.probs.scalar_type(), "_dense_crf_loss_backward_cuda", [&] {
     // The transpose of the lattice filter: the same lattice, blurred in reverse order.
     filter_status = cuda_filter<scalar_t>(call.lattice, masked_input<scalar_t>(call), true, reversed);
     C10_CUDA_CHECK(dense_crf::cuda::launch_gradient<scalar_t>(
@@ -98,7 +98,7 @@ at::Tensor dense_crf_loss_backward_cuda(const at::Tensor& grad_energy, const at:
 
 TORCH_LIBRARY_IMPL(boxloss, CUDA, m) {
   m.impl("dense_crf_loss", &dense_crf_loss_cuda);
-  m.impl("dense_crf_loss_backward", &dense_crf_loss_backward_cuda);
+  m.impl("_dense_crf_loss_backward", &dense_crf_loss_backward_cuda);
 }
 
 }  // namespace ops

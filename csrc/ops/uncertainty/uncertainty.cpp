@@ -200,7 +200,7 @@ TORCH_LIBRARY_FRAGMENT(boxloss, m) {
       "uncertainty_bce_loss(Tensor mu, Tensor log_var, Tensor target, Tensor? box_mask, Tensor? pixel_perfect, "
       "float tau, float temperature, bool bootstrap, bool route_gradients) -> Tensor");
   m.def(
-      "uncertainty_bce_loss_backward(Tensor grad, Tensor mu, Tensor log_var, Tensor target, Tensor? box_mask, "
+      "_uncertainty_bce_loss_backward(Tensor grad, Tensor mu, Tensor log_var, Tensor target, Tensor? box_mask, "
       "Tensor? pixel_perfect, float tau, float temperature, bool bootstrap, bool route_gradients) "
       "-> (Tensor, Tensor)");
   m.def(
@@ -208,7 +208,7 @@ TORCH_LIBRARY_FRAGMENT(boxloss, m) {
       "Tensor seed, int samples, float tau, bool bootstrap, bool route_gradients, int ignore_index) "
       "-> (Tensor, Tensor)");
   m.def(
-      "uncertainty_ce_loss_backward(Tensor grad, Tensor mu, Tensor log_var, Tensor target, Tensor? box_mask, "
+      "_uncertainty_ce_loss_backward(Tensor grad, Tensor mu, Tensor log_var, Tensor target, Tensor? box_mask, "
       "Tensor? pixel_perfect, Tensor seed, Tensor sample_lse, int samples, float tau, bool bootstrap, "
       "bool route_gradients, int ignore_index) -> (Tensor, Tensor)");
 }
