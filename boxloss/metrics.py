@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from boxloss import _checks
+from boxloss.ops.box_masks import box_front_index, box_priority
 
 
 def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int, *, ignore_index: int = 255
@@ -92,10 +93,8 @@ def fill_rate_statistics(label_maps: torch.Tensor, boxes, box_batch, box_labels,
     (NaN where a class has no box).  Box sums use integral images: no (K, H, W) tensor."""
     B, H, W = label_maps.shape
     C = num_classes + 1
-    from boxloss.box_masks import box_priority
-
-    _, ranges = torch.ops.boxloss.box_front_index.default(
-        boxes, box_batch, box_labels, box_priority(boxes), B, C, H, W, float(spatial_scale))
+    _, ranges = box_front_index(boxes, box_batch, box_labels, box_priority(boxes), B, C, H, W, float(spatial_scale),
+                                fn="fill_rate_statistics")
     onehot = torch.nn.functional.one_hot(torch.where(label_maps == ignore_index, 0, label_maps).long(), C)
     integral = torch.zeros(B, C, H + 1, W + 1, dtype=torch.long, device=label_maps.device)
     integral[:, :, 1:, 1:] = onehot.permute(0, 3, 1, 2).cumsum(2).cumsum(3)

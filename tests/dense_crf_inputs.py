@@ -69,3 +69,17 @@ def value_and_grad(fn, probs, *args, **kwargs):
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-300))
+
+
+def at_scale(reference):
+    """A reference loss (full resolution only) that takes ``scale_factor``: the inputs are resized as the op
+    resizes them (boxloss.ops.dense_crf._resize_like_tang, differentiable in probs) and sigma_xy scaled."""
+    from boxloss.ops.dense_crf import _resize_like_tang
+
+    def loss(probs, image, *, scale_factor=1.0, sigma_xy=80.0, valid_mask=None, **kwargs):
+        if scale_factor != 1.0:
+            probs, image, valid_mask = _resize_like_tang(probs, image, valid_mask, scale_factor)
+            sigma_xy = sigma_xy * scale_factor
+        return reference(probs, image, sigma_xy=sigma_xy, valid_mask=valid_mask, **kwargs)
+
+    return loss

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import boxloss
-from boxloss.noise_aware import bootstrap_beta, cosine_logits
+from boxloss.losses.noise_aware import bootstrap_beta, cosine_logits
 
 
 def _labels(B=2, H=6, W=7, C=4, seed=0, agree=0.6):
@@ -192,7 +192,7 @@ def test_pseudo_labels_on_rendered_image():
     present = {0, *s.labels.tolist()}
     assert set(out.y_crf.unique().tolist()) <= present and set(out.y_ret.unique().tolist()) <= present
     # Outside every box both are background.
-    from boxloss.baselines import box_fill_masks
+    from boxloss.recipes.baselines import box_fill_masks
 
     inside = box_fill_masks(s.boxes, (H, W)).any(0)
     assert (out.y_crf.numpy()[~inside] == 0).all() and (out.y_ret.numpy()[~inside] == 0).all()

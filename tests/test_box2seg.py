@@ -9,11 +9,12 @@ import pytest
 import torch
 
 import boxloss
-from boxloss import baselines, box2seg
-from boxloss.box_masks import box_priority, boxes_to_masks
+from boxloss.losses import box2seg
+from boxloss.recipes import baselines
+from boxloss.ops.box_masks import box_priority, boxes_to_masks
 from boxloss.reference.boxes import box_front_index_reference
 from boxloss.metrics import confusion_matrix, fbeta_score, fill_rate_statistics, iou_table, mean_iou
-from boxloss.pseudo_labels import merge_box_masks
+from boxloss.recipes.pseudo_labels import merge_box_masks
 from boxloss.reference import box2seg as ref
 from box_inputs import make_boxes
 
@@ -150,12 +151,12 @@ def test_sampled_affinity_is_class_balanced_and_close():
 
 def test_box2seg_loss_composition():
     y, a, e, bx, m = _net_outputs()
-    loss_fn = box2seg.Box2SegLoss()
+    loss_fn = boxloss.Box2SegLoss()
     total, terms = loss_fn(y, a, e, bx, m, return_terms=True)
     want = terms["gc"] + 10 * terms["aw"] + terms["alpha"] + terms["affinity"]
     torch.testing.assert_close(total, want)
     torch.testing.assert_close(terms["aw"], box2seg.attention_weighted_loss(y, a, bx))
-    box_reg = box2seg.Box2SegLoss(alpha_regulariser="box")(y, a, e, bx, m, return_terms=True)[1]["alpha"]
+    box_reg = boxloss.Box2SegLoss(alpha_regulariser="box")(y, a, e, bx, m, return_terms=True)[1]["alpha"]
     torch.testing.assert_close(box_reg, box2seg.attention_box_regulariser(a, bx))
     total.backward()
     assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in (y, a, e))

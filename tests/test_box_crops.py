@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from boxloss.box_crops import BoxCropDataset, crop_boxes, paste_crop
+from boxloss.data.box_crops import BoxCropDataset, crop_boxes, paste_crop
 
 
 def _image(H=120, W=140):

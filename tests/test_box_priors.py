@@ -15,6 +15,7 @@ from boxloss.reference.box_priors import (
     projection_loss_reference,
     tight_box_loss_reference,
 )
+from boxloss.ops.boxes import box_pixel_ranges as box_ranges
 from boxloss.reference.boxes import box_pixel_ranges
 from box_inputs import make_boxes, make_probs
 
@@ -143,6 +144,25 @@ def test_box_convention(box, scale, size, expected):
     rows, cols = expected
     want = [rows.start, rows.stop, cols.start, cols.stop] if len(rows) else [0, 0, 0, 0]
     assert ranges[0].tolist() == want
+    # The host-side closed form that datasets, box crops and baselines use.
+    assert list(box_ranges(box, H, W, spatial_scale=scale)) == want
+
+
+def test_host_box_ranges_match_the_enumeration():
+    g = torch.Generator().manual_seed(3)
+    for _ in range(2000):
+        H, W = (int(v) for v in torch.randint(1, 12, (2,), generator=g))
+        scale = [1.0, 0.5, 0.125, 1 / 3][int(torch.randint(0, 4, (1,), generator=g))]
+        lo = (torch.rand(2, generator=g) * 1.4 - 0.2) * torch.tensor([W, H]) / scale
+        size = torch.rand(2, generator=g) * torch.tensor([W, H]) / scale * (torch.rand(1, generator=g) < 0.8)
+        box = torch.cat([lo, lo + size]).tolist()
+        rows, cols = box_pixel_ranges(box, scale, H, W)
+        want = [rows.start, rows.stop, cols.start, cols.stop] if len(rows) else [0, 0, 0, 0]
+        assert list(box_ranges(box, H, W, spatial_scale=scale)) == want, (box, scale, H, W)
+    with pytest.raises(ValueError, match="NaN"):
+        box_ranges((0.0, float("nan"), 1.0, 1.0), 4, 4)
+    with pytest.raises(ValueError, match="x1 >= x0"):
+        box_ranges((2.0, 0.0, 1.0, 1.0), 4, 4)
 
 
 @pytest.mark.parametrize("name", list(LOSSES))

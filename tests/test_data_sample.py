@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from boxloss.data import Sample, collate_samples
-from boxloss.data.sample import box_pixel_ranges, boxes_from_instances
+from boxloss.data.sample import boxes_from_instances
+from boxloss.ops.boxes import box_pixel_ranges
 
 
 def _sample(h, w, boxes, labels, mask=True, image_id="s", **kw):
@@ -74,5 +75,6 @@ def test_box_helpers():
     out = boxes_from_instances(inst, 3)
     assert out[0].tolist() == [2, 1, 5, 3] and np.isnan(out[1]).all() and out[2].tolist() == [6, 4, 7, 5]
     assert box_pixel_ranges((2, 1, 5, 3), 5, 7) == (1, 3, 2, 5)
-    assert box_pixel_ranges((1.6, 0.4, 2.4, 9), 5, 7) == (0, 5, 2, 2)  # no pixel centre j + 0.5 in [1.6, 2.4)
+    # No pixel centre j + 0.5 in [1.6, 2.4): the box covers its midpoint's column, as in every box op.
+    assert box_pixel_ranges((1.6, 0.4, 2.4, 9), 5, 7) == (0, 5, 2, 3)
     assert box_pixel_ranges((-3, -3, 100, 100), 5, 7) == (0, 5, 0, 7)

@@ -9,11 +9,12 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import boxloss
 from boxloss.reference import dense_crf_loss_lattice_reference, dense_crf_loss_reference
 from boxloss.reference.bilateral import bilateral_filter_brute_force
-from dense_crf_inputs import natural_batch, random_inputs, relative_error, value_and_grad
+from dense_crf_inputs import at_scale, natural_batch, random_inputs, relative_error, value_and_grad
 
 OP = torch.ops.boxloss.dense_crf_loss.default
 OP_BACKWARD = torch.ops.boxloss._dense_crf_loss_backward.default
@@ -50,9 +51,27 @@ def test_settings_match_lattice_reference(scale_factor, normalize, reduction):
     kwargs = dict(sigma_xy=12.0, sigma_rgb=15.0, valid_mask=valid, scale_factor=scale_factor,
                   normalize=normalize, reduction=reduction)
     value, grad = value_and_grad(boxloss.dense_crf_loss, logits.softmax(1), image, **kwargs)
-    ref_value, ref_grad = value_and_grad(dense_crf_loss_lattice_reference, logits.softmax(1), image, **kwargs)
+    reference = at_scale(dense_crf_loss_lattice_reference)
+    ref_value, ref_grad = value_and_grad(reference, logits.softmax(1), image, **kwargs)
     torch.testing.assert_close(value, ref_value, rtol=1e-6, atol=1e-12)
     torch.testing.assert_close(grad, ref_grad, rtol=1e-6, atol=1e-12)
+
+
+@pytest.mark.parametrize("scale_factor", [0.5, 0.37])
+def test_resize_is_tangs(scale_factor):
+    # Tang et al.'s DenseCRFLoss resizes the probabilities bilinearly
+    # (align_corners=False) and the image and the mask by nearest neighbour.
+    from boxloss.ops.dense_crf import _resize_like_tang
+
+    logits, image, valid = natural_batch(2, 24, 3, seed=5, with_mask=True)
+    probs = logits.softmax(1)
+    p, im, m = _resize_like_tang(probs, image, valid, scale_factor)
+    size = (int(24 * scale_factor),) * 2
+    assert p.shape[2:] == im.shape[2:] == m.shape[1:] == size and m.dtype == torch.bool
+    torch.testing.assert_close(p, F.interpolate(probs, size=size, mode="bilinear", align_corners=False))
+    rows = torch.floor(torch.arange(size[0]) / scale_factor).long()
+    torch.testing.assert_close(im, image[:, :, rows][:, :, :, rows])
+    assert torch.equal(m, valid[:, rows][:, :, rows])
 
 
 # ----------------------------------------------------------------- against the exact Gaussian (documented tolerance)
@@ -159,7 +178,8 @@ def test_gradient_is_w1_minus_2ws_and_tangs_through_softmax():
         self_affinity_lower_bound
 
     lattice = permutohedral_lattice_reference(image, 6.0, 15.0)
-    c = self_affinity_lower_bound(lattice.splat_weight).reshape(1, 1, 20, 20)
+    splat_weight = lattice[1]
+    c = self_affinity_lower_bound(splat_weight).reshape(1, 1, 20, 20)
 
     def w(v):
         return 0.5 * (lattice_filter_reference(v, lattice) + lattice_filter_reference(v, lattice, reverse=True)) - c * v

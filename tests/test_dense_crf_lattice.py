@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import boxloss
+from boxloss.ops.lattice import LatticeTensors
 from boxloss.reference.bilateral import (
     bilateral_filter_brute_force,
     lattice_filter_reference,
@@ -42,7 +43,7 @@ def test_lattice_equals_reference_exactly(dtype, shape, sigma_xy, sigma_rgb):
     B, H, W = shape
     image = _random_image(B, H, W, seed=H * W + B, dtype=dtype)
     ours = boxloss.permutohedral_lattice(image, sigma_xy, sigma_rgb).tensors
-    ref = permutohedral_lattice_reference(image, sigma_xy, sigma_rgb)
+    ref = LatticeTensors(*permutohedral_lattice_reference(image, sigma_xy, sigma_rgb))
     assert ours.splat_weight.dtype == dtype
     # The same simplices, vertex numbers (first use in pixel order), weights and neighbours.
     assert torch.equal(ours.splat_index, ref.splat_index)

@@ -9,7 +9,7 @@ resized to ``size`` x ``size`` (256).  :func:`paste_crop` maps a crop's
 prediction back to image coordinates, for the pseudo ground truth of Sec. 4.3
 (:func:`boxloss.merge_box_masks`).
 
-Pixels follow the box convention of :mod:`boxloss.boxes` at scale 1.
+Pixels follow the box convention of :mod:`boxloss.ops.boxes` at scale 1.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from boxloss.reference.boxes import box_pixel_ranges
+from boxloss.ops.boxes import box_pixel_ranges
 
 VOID = 255
 
@@ -42,7 +42,12 @@ class BoxCrop:
 
 
 def _spans(boxes, H, W):
-    return [box_pixel_ranges(b, 1.0, H, W) for b in np.asarray(boxes, dtype=np.float64).reshape(-1, 4).tolist()]
+    """(rows, cols) as ranges for each box; both empty for a box that covers nothing."""
+    spans = []
+    for box in np.asarray(boxes, dtype=np.float64).reshape(-1, 4).tolist():
+        r0, r1, c0, c1 = box_pixel_ranges(box, H, W)
+        spans.append((range(r0, r1), range(c0, c1)))
+    return spans
 
 
 def crop_boxes(image, boxes, labels, class_id: int, *, image_index: int = 0, border: int = 3, min_side: int = 50,

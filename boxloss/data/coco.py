@@ -43,6 +43,7 @@ from torch.utils.data import Dataset
 from boxloss.data._images import image_size, read_image, write_image
 from boxloss.data._issues import InputIssues, check_box
 from boxloss.data.sample import VOID, Sample
+from boxloss.ops.boxes import box_pixel_ranges
 
 CROWD = ("void", "ignore")
 
@@ -103,8 +104,6 @@ def object_regions(sample: Sample) -> list[np.ndarray]:
     several boxes of its class goes to the smallest)."""
     if sample.instances is not None:
         return [sample.instances == k + 1 for k in range(sample.num_boxes)]
-    from boxloss.data.sample import box_pixel_ranges
-
     h, w = sample.height, sample.width
     owner = np.full((h, w), -1, np.int64)
     areas = (sample.boxes[:, 2] - sample.boxes[:, 0]) * (sample.boxes[:, 3] - sample.boxes[:, 1])

@@ -127,17 +127,6 @@ def boxes_from_instances(instances: np.ndarray, num_boxes: int) -> np.ndarray:
     return out
 
 
-def box_pixel_ranges(box: Sequence[float], height: int, width: int) -> tuple[int, int, int, int]:
-    """Rows and columns ``(r0, r1, c0, c1)`` (half-open) of the pixels whose centres lie inside ``box``, clipped to
-    the image. For integer boxes these are exactly the pixels the box covers."""
-    x0, y0, x1, y1 = (float(v) for v in box)
-    c0 = min(max(int(np.ceil(x0 - 0.5)), 0), width)
-    c1 = min(max(int(np.ceil(x1 - 0.5)), c0), width)
-    r0 = min(max(int(np.ceil(y0 - 0.5)), 0), height)
-    r1 = min(max(int(np.ceil(y1 - 0.5)), r0), height)
-    return r0, r1, c0, c1
-
-
 @dataclass
 class BoxBatch:
     """A batch in the library's packed form (B images, K boxes over the whole batch).

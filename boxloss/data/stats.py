@@ -29,7 +29,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from boxloss.data.sample import VOID, Sample, box_pixel_ranges
+from boxloss.data.sample import VOID, Sample
+from boxloss.ops.boxes import box_pixel_ranges
 
 #: Approximate PASCAL VOC 2012 figures, with their sources. Printed beside the measured ones; not exact values.
 VOC_REFERENCE = {

@@ -2,129 +2,25 @@ r"""Tight-box priors on one fused primitive: the row and column maxima of each
 box's class channel.
 
 A bounding box is tight: the object touches (nearly) every row or every column
-it spans.  :func:`box_row_col_max` computes, for many boxes of many images in
-one kernel call, the maximum of the box's class channel along each covered row
-and column; :func:`tight_box_loss` (Box to Tag and Back, Eq. 6),
+it spans.  :func:`boxloss.box_row_col_max` computes, for many boxes of many
+images in one kernel call, the maximum of the box's class channel along each
+covered row and column; :func:`tight_box_loss` (Box to Tag and Back, Eq. 6),
 :func:`mil_box_loss` (Hsu et al., NeurIPS 2019) and :func:`projection_loss`
-(BoxInst) are built on it.  Boxes follow the convention of :mod:`boxloss.boxes`.
+(BoxInst) are built on it.  Boxes follow the convention of :mod:`boxloss.ops.boxes`.
 """
 
 from __future__ import annotations
-
-from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from boxloss import _checks
-from boxloss._extension import extension_loaded, warn_fallback
-from boxloss.boxes import check_box_args
-from boxloss.reference.box_priors import box_row_col_max_reference
+from boxloss.losses.region_priors import _foreground, _pixel_mask
+from boxloss.ops.boxes import check_box_args
+from boxloss.ops.row_col_max import covered, row_col_max_dense
 
 TIGHT_MODES = ("either", "both")
 NEGATIVES = ("all", "present")
-
-
-def _row_col_max_dense(fn, probs, boxes, box_batch, box_labels, spatial_scale):
-    """(row_max (K, H), col_max (K, W), ranges (K, 4)) through the fused op."""
-    if extension_loaded():
-        row_max, col_max, _, _, ranges = torch.ops.boxloss.box_row_col_max.default(
-            probs, boxes, box_batch, box_labels, spatial_scale
-        )
-        return row_max, col_max, ranges
-    warn_fallback(fn)
-    return box_row_col_max_reference(probs, boxes, box_batch, box_labels, spatial_scale)
-
-
-def _covered(ranges: torch.Tensor, size: int, begin: int) -> torch.Tensor:
-    """(K, size) bool: position i lies in [ranges[:, begin], ranges[:, begin + 1])."""
-    pos = torch.arange(size, device=ranges.device)
-    return (pos >= ranges[:, begin : begin + 1]) & (pos < ranges[:, begin + 1 : begin + 2])
-
-
-class BoxRowColMax(NamedTuple):
-    """Result of :func:`box_row_col_max`.
-
-    Packed layout (the default): ``row_max[row_offsets[k]:row_offsets[k+1]]``
-    are box k's row maxima, top row first; ``col_max`` likewise, left column
-    first.  Dense layout: ``row_max`` is (K, H) with box k's values at the map
-    rows it covers and 0 elsewhere (and (K, W) for ``col_max``); the offsets
-    are then None.  ``ranges`` (K, 4) holds each box's covered
-    ``row_begin, row_end, col_begin, col_end`` on the map, and ``empty`` (K,)
-    marks the boxes that cover no pixel (counted by :attr:`num_empty`).
-    """
-
-    row_max: torch.Tensor
-    col_max: torch.Tensor
-    row_offsets: torch.Tensor | None
-    col_offsets: torch.Tensor | None
-    ranges: torch.Tensor
-    empty: torch.Tensor
-
-    @property
-    def num_empty(self) -> int:
-        return int(self.empty.sum())
-
-
-def box_row_col_max(
-    probs: torch.Tensor,
-    boxes: torch.Tensor,
-    box_batch: torch.Tensor,
-    box_labels: torch.Tensor,
-    *,
-    spatial_scale: float = 1.0,
-    layout: str = "packed",
-) -> BoxRowColMax:
-    r"""Maximum of each box's class channel along every row and column it covers.
-
-    .. math::
-        \mathrm{rowmax}_k(r) = \max_{c \in \mathrm{cols}_k} x_{b_k, l_k, r, c}, \qquad
-        \mathrm{colmax}_k(c) = \max_{r \in \mathrm{rows}_k} x_{b_k, l_k, r, c}
-
-    for every covered row ``r`` and column ``c`` of box ``k`` (image ``b_k``,
-    label ``l_k``).  Differentiable: the gradient of each maximum goes to its
-    arg-max pixel, of equal values the one with the lowest index (leftmost in a
-    row, topmost in a column), so results are deterministic.  All boxes of all
-    images run in one fused CPU or CUDA kernel.
-
-    Args:
-        probs: (B, C, H, W) map, any float dtype (usually probabilities).  NaN
-            inside a box raises ``ValueError``.
-        boxes, box_batch, box_labels: packed boxes, see :mod:`boxloss.boxes`.
-        spatial_scale: map coordinate = box coordinate x spatial_scale.
-        layout: ``"packed"`` (values of all boxes concatenated, with offsets) or
-            ``"dense"`` ((K, H) and (K, W), zero outside each box).
-
-    Returns:
-        :class:`BoxRowColMax`.
-
-    Example:
-        >>> probs = torch.rand(2, 21, 64, 64, requires_grad=True)
-        >>> boxes = torch.tensor([[8., 8., 40., 30.], [0., 10., 64., 64.]])
-        >>> out = box_row_col_max(probs, boxes, torch.tensor([0, 1]), torch.tensor([3, 15]))
-        >>> out.row_offsets
-        tensor([ 0, 22, 76])
-        >>> out.row_max.sum().backward()
-    """
-    fn = "box_row_col_max"
-    spatial_scale = check_box_args(fn, probs, boxes, box_batch, box_labels, spatial_scale)
-    _checks.check_choice(fn, "layout", layout, ("packed", "dense"))
-    row_max, col_max, ranges = _row_col_max_dense(fn, probs, boxes, box_batch, box_labels, spatial_scale)
-    heights = ranges[:, 1] - ranges[:, 0]
-    widths = ranges[:, 3] - ranges[:, 2]
-    empty = (heights <= 0) | (widths <= 0)
-    if layout == "dense":
-        return BoxRowColMax(row_max, col_max, None, None, ranges, empty)
-    H, W = probs.shape[2:]
-    zero = ranges.new_zeros(1)
-    return BoxRowColMax(
-        row_max[_covered(ranges, H, 0)],
-        col_max[_covered(ranges, W, 2)],
-        torch.cat([zero, heights.cumsum(0)]),
-        torch.cat([zero, widths.cumsum(0)]),
-        ranges,
-        empty,
-    )
 
 
 def _reduce_boxes(per_box: torch.Tensor, nonempty: torch.Tensor, reduction: str) -> torch.Tensor:
@@ -176,7 +72,7 @@ def tight_box_loss(
     spatial_scale = check_box_args(fn, probs, boxes, box_batch, box_labels, spatial_scale)
     _checks.check_choice(fn, "mode", mode, TIGHT_MODES)
     _checks.check_choice(fn, "reduction", reduction, _checks.REDUCTIONS)
-    row_max, col_max, ranges = _row_col_max_dense(fn, probs, boxes, box_batch, box_labels, spatial_scale)
+    row_max, col_max, ranges = row_col_max_dense(fn, probs, boxes, box_batch, box_labels, spatial_scale)
     heights = (ranges[:, 1] - ranges[:, 0]).to(probs.dtype)
     widths = (ranges[:, 3] - ranges[:, 2]).to(probs.dtype)
     nonempty = (heights > 0) & (widths > 0)
@@ -204,7 +100,7 @@ def _whole_image_maxima(fn, probs, boxes, box_batch, box_labels, spatial_scale):
         [boxes.new_zeros(planes, 2), boxes.new_full((planes, 2), float("inf"))], dim=1
     )
     plane_index = torch.arange(planes, device=probs.device)
-    row_max, col_max, ranges = _row_col_max_dense(
+    row_max, col_max, ranges = row_col_max_dense(
         fn,
         probs,
         torch.cat([boxes, whole]),
@@ -288,8 +184,8 @@ def mil_box_loss(
     box_rows, box_cols, ranges, plane_rows, plane_cols = _whole_image_maxima(
         fn, probs, boxes, box_batch, box_labels, spatial_scale
     )
-    row_in_box = _covered(ranges, H, 0)
-    col_in_box = _covered(ranges, W, 2)
+    row_in_box = covered(ranges, H, 0)
+    col_in_box = covered(ranges, W, 2)
     positive = (-torch.log(box_rows.clamp_min(eps)) * row_in_box).sum(1) + (
         -torch.log(box_cols.clamp_min(eps)) * col_in_box
     ).sum(1)
@@ -380,8 +276,6 @@ def border_background_loss(
         ``"none"`` (B,).
     """
     fn = "border_background_loss"
-    from boxloss.region_priors import _foreground, _pixel_mask
-
     x = _foreground(fn, "fg_probs", fg_probs)
     mask = _pixel_mask(fn, "border_mask", border_mask, x)
     eps = _checks.check_positive(fn, "eps", eps)

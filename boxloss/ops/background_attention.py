@@ -2,7 +2,7 @@ r"""Background attention and background-aware pooling (BAP), BANA Sec. 3.1.
 
 Oh, Kim and Ham, "Background-Aware Pooling and Noise-Aware Loss for
 Weakly-Supervised Semantic Segmentation", CVPR 2021.  For features f (B, D, h, w)
-and boxes B_1..B_K (the convention of :mod:`boxloss.boxes`):
+and boxes B_1..B_K (the convention of :mod:`boxloss.ops.boxes`):
 
 .. math::
     q_j = \frac{\sum_{p \in G(j)} M(p) f(p)}{\sum_{p \in G(j)} M(p)}                     \quad (1)
@@ -29,7 +29,9 @@ and boxes B_1..B_K (the convention of :mod:`boxloss.boxes`):
   pixel pools 0.
 
 Both are fused CPU/CUDA ops (``torch.ops.boxloss.background_attention``,
-``background_aware_pool``) with their own backward ops: the full gradient to the
+``background_aware_pool``, and ``background_attention_pool`` computing the two
+in one op for :class:`BackgroundAwarePooling`) with their own backward ops
+(``boxloss::_<op>_backward``): the full gradient to the
 features through the queries (masked means), the cosine normalisations, the
 clamps and the 1/J mean, and through the pooling weights.  The GEMMs (queries
 and the J dot products per pixel) are batched matrix products; the (B, J, h, w)
@@ -41,11 +43,10 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from boxloss import _checks
-from boxloss._extension import extension_loaded, warn_fallback
+from boxloss import _checks, _fallback
+from boxloss._extension import extension_loaded
 
 
 class BackgroundAttention(NamedTuple):
@@ -104,13 +105,13 @@ def background_attention(
 ) -> BackgroundAttention:
     r"""Background attention map A and grid queries q_j (BANA Eq. 1-3).
 
-    See :mod:`boxloss.background_attention` for the equations and conventions.
+    See :mod:`boxloss.ops.background_attention` for the equations and conventions.
     Differentiable with respect to ``features`` through A and the queries.
 
     Args:
         features: (B, D, h, w) feature map f (any float dtype; NaN or infinite
             values raise ``ValueError``).
-        boxes, box_batch: packed boxes in image pixels (:mod:`boxloss.boxes`);
+        boxes, box_batch: packed boxes in image pixels (:mod:`boxloss.ops.boxes`);
             box labels are not needed.
         grid_size: N, the queries come from an N x N grid (4 for training, 1 for
             pseudo labels in the paper).
@@ -145,12 +146,8 @@ def background_attention(
             features, boxes, box_batch, grid_size, spatial_scale, bg_mask, float(min_background)
         )
         return BackgroundAttention(attention, queries, valid, fallback)
-    warn_fallback(fn)
-    from boxloss.reference.background_attention import background_attention_reference
-
-    return BackgroundAttention(*background_attention_reference(
-        features, boxes, box_batch, grid_size=grid_size, spatial_scale=spatial_scale, bg_mask=bg_mask,
-        min_background=float(min_background)))
+    return BackgroundAttention(*_fallback.background_attention(
+        fn, features, boxes, box_batch, grid_size, spatial_scale, bg_mask, float(min_background)))
 
 
 def background_aware_pool(
@@ -173,7 +170,7 @@ def background_aware_pool(
     Args:
         features: (B, D, h, w).
         attention: (B, h, w) background attention A (values in [0, 1]).
-        boxes, box_batch: packed boxes (:mod:`boxloss.boxes`).
+        boxes, box_batch: packed boxes (:mod:`boxloss.ops.boxes`).
         output_size: S.
         spatial_scale: map coordinate = box coordinate x spatial_scale.
 
@@ -202,60 +199,7 @@ def background_aware_pool(
             features, attention, boxes, box_batch, output_size, spatial_scale
         )
         return pooled
-    warn_fallback(fn)
-    from boxloss.reference.background_attention import background_aware_pool_reference
-
-    return background_aware_pool_reference(features, attention, boxes, box_batch, output_size=output_size,
-                                           spatial_scale=spatial_scale)
-
-
-def bap_classification_loss(
-    pooled: torch.Tensor,
-    box_labels: torch.Tensor,
-    queries: torch.Tensor,
-    valid: torch.Tensor,
-    classifier_weight: torch.Tensor,
-    classifier_bias: torch.Tensor | None = None,
-) -> torch.Tensor:
-    r"""(L+1)-way cross-entropy of BAP training (BANA Sec. 3.1, "Loss").
-
-    Every bin of every pooled box feature r_i is a sample labelled with its box's
-    label (1..L), every valid query q_j a sample labelled 0 (background); the
-    loss is the mean cross-entropy of ``classifier_weight @ x (+ bias)`` over all
-    samples (0 when there are none).
-
-    Args:
-        pooled: (K, D, S, S) from :func:`background_aware_pool`.
-        box_labels: (K,) int64 in [1, L].
-        queries, valid: from :func:`background_attention`.
-        classifier_weight: (L+1, D); classifier_bias: optional (L+1,).
-
-    Example:
-        >>> w = torch.randn(21, 8, requires_grad=True)
-        >>> bap_classification_loss(torch.randn(3, 8, 1, 1), torch.tensor([1, 5, 20]),
-        ...                         torch.randn(2, 16, 8), torch.ones(2, 16, dtype=torch.bool), w).backward()
-    """
-    fn = "bap_classification_loss"
-    _checks.check_tensor(fn, "pooled", pooled, dim=4, layout="(K, D, S, S)")
-    _checks.check_tensor(fn, "queries", queries, dim=3, layout="(B, J, D)")
-    _checks.check_tensor(fn, "classifier_weight", classifier_weight, dim=2, layout="(L+1, D)")
-    K, D = pooled.shape[:2]
-    if box_labels.shape != (K,):
-        raise ValueError(f"{fn}: box_labels must have shape (K,) = ({K},), got {tuple(box_labels.shape)}")
-    if queries.shape[2] != D or classifier_weight.shape[1] != D:
-        raise ValueError(f"{fn}: pooled, queries and classifier_weight must share D = {D}, got "
-                         f"{queries.shape[2]} and {classifier_weight.shape[1]}")
-    if valid.shape != queries.shape[:2]:
-        raise ValueError(f"{fn}: valid must have shape {tuple(queries.shape[:2])}, got {tuple(valid.shape)}")
-    box_samples = pooled.permute(0, 2, 3, 1).reshape(-1, D)
-    box_targets = box_labels.repeat_interleave(pooled.shape[2] * pooled.shape[3])
-    samples = torch.cat([box_samples, queries.reshape(-1, D)])
-    targets = torch.cat([box_targets, torch.zeros(queries.shape[0] * queries.shape[1], dtype=torch.long,
-                                                  device=queries.device)])
-    weights = torch.cat([torch.ones_like(box_targets, dtype=samples.dtype), valid.reshape(-1).to(samples.dtype)])
-    logits = F.linear(samples, classifier_weight, classifier_bias)
-    ce = F.cross_entropy(logits, targets, reduction="none")
-    return (ce * weights).sum() / weights.sum().clamp_min(1)
+    return _fallback.background_aware_pool(fn, features, attention, boxes, box_batch, output_size, spatial_scale)
 
 
 class BackgroundAwarePooling(nn.Module):
@@ -268,7 +212,7 @@ class BackgroundAwarePooling(nn.Module):
 
     ``forward(features, boxes, box_batch)`` returns ``(pooled, attention)``:
     pooled (K, D, S, S) and the :class:`BackgroundAttention` (its queries and
-    validity feed :func:`bap_classification_loss`).
+    validity feed :func:`boxloss.bap_classification_loss`).
 
     Example:
         >>> bap = BackgroundAwarePooling(grid_size=4, output_size=2, spatial_scale=1 / 8)
@@ -309,3 +253,140 @@ class BackgroundAwarePooling(nn.Module):
     def extra_repr(self) -> str:
         return (f"grid_size={self.grid_size}, output_size={self.output_size}, spatial_scale={self.spatial_scale}, "
                 f"min_background={self.min_background}")
+
+
+def _register() -> None:
+    def _compute_dtype(dtype):
+        return torch.float64 if dtype == torch.float64 else torch.float32
+
+    @torch.library.register_fake("boxloss::background_attention")
+    def _background_attention_fake(features, boxes, box_batch, grid_size, spatial_scale, bg_mask, min_background):
+        B, D, h, w = features.shape
+        J = grid_size * grid_size
+        return (
+            features.new_empty((B, h, w)),
+            features.new_empty((B, J, D)),
+            features.new_empty((B, J), dtype=torch.bool),
+            features.new_empty((B,), dtype=torch.bool),
+            features.new_empty((B, h, w), dtype=torch.bool),
+            features.new_empty((B, h, w), dtype=torch.bool),
+        )
+
+    @torch.library.register_fake("boxloss::_background_attention_backward")
+    def _background_attention_backward_fake(grad_attention, grad_queries, features, queries, valid, fallback,
+                                            inside, background, grid_size):
+        return features.new_empty(features.shape)
+
+    def setup_attention(ctx, inputs, output):
+        features, _, _, grid_size, _, _, _ = inputs
+        _, queries, valid, fallback, inside, background = output
+        ctx.save_for_backward(features, queries, valid, fallback, inside, background)
+        ctx.grid_size = grid_size
+        ctx.mark_non_differentiable(valid, fallback, inside, background)
+
+    def backward_attention(ctx, grad_attention, grad_queries, *_):
+        features, queries, valid, fallback, inside, background = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return (None,) * 7
+        B, D, h, w = features.shape
+        if grad_attention is None:
+            grad_attention = features.new_zeros((B, h, w))
+        if grad_queries is None:
+            grad_queries = queries.new_zeros(queries.shape)
+        grad = torch.ops.boxloss._background_attention_backward.default(
+            grad_attention, grad_queries, features, queries, valid, fallback, inside, background, ctx.grid_size
+        )
+        # Boxes and the background mask only select pixels: no gradient.
+        return grad, None, None, None, None, None, None
+
+    torch.library.register_autograd("boxloss::background_attention", backward_attention,
+                                    setup_context=setup_attention)
+
+    @torch.library.register_fake("boxloss::background_aware_pool")
+    def _background_aware_pool_fake(features, attention, boxes, box_batch, output_size, spatial_scale):
+        K, D, S = boxes.shape[0], features.shape[1], output_size
+        return (
+            features.new_empty((K, D, S, S)),
+            features.new_empty((K, S, S), dtype=_compute_dtype(features.dtype)),
+            features.new_empty((K, 4), dtype=torch.long),
+        )
+
+    @torch.library.register_fake("boxloss::_background_aware_pool_backward")
+    def _background_aware_pool_backward_fake(grad_pooled, features, attention, pooled, weight_sum, ranges, box_batch,
+                                             output_size):
+        return features.new_empty(features.shape), attention.new_empty(attention.shape)
+
+    def setup_pool(ctx, inputs, output):
+        features, attention, _, box_batch, output_size, _ = inputs
+        pooled, weight_sum, ranges = output
+        ctx.save_for_backward(features, attention, pooled, weight_sum, ranges, box_batch)
+        ctx.output_size = output_size
+        ctx.mark_non_differentiable(weight_sum, ranges)
+
+    def backward_pool(ctx, grad_pooled, *_):
+        features, attention, pooled, weight_sum, ranges, box_batch = ctx.saved_tensors
+        if grad_pooled is None or not (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
+            return (None,) * 6
+        grad_features, grad_attention = torch.ops.boxloss._background_aware_pool_backward.default(
+            grad_pooled, features, attention, pooled, weight_sum, ranges, box_batch, ctx.output_size
+        )
+        return (
+            grad_features if ctx.needs_input_grad[0] else None,
+            grad_attention if ctx.needs_input_grad[1] else None,
+            None, None, None, None,
+        )
+
+    torch.library.register_autograd("boxloss::background_aware_pool", backward_pool, setup_context=setup_pool)
+
+    @torch.library.register_fake("boxloss::background_attention_pool")
+    def _background_attention_pool_fake(features, boxes, box_batch, grid_size, output_size, spatial_scale, bg_mask,
+                                        min_background):
+        B, D, h, w = features.shape
+        K, S, J = boxes.shape[0], output_size, grid_size * grid_size
+        return (
+            features.new_empty((K, D, S, S)),
+            features.new_empty((B, h, w)),
+            features.new_empty((B, J, D)),
+            features.new_empty((B, J), dtype=torch.bool),
+            features.new_empty((B,), dtype=torch.bool),
+            features.new_empty((K, S, S), dtype=_compute_dtype(features.dtype)),
+            features.new_empty((K, 4), dtype=torch.long),
+            features.new_empty((B, h, w), dtype=torch.bool),
+            features.new_empty((B, h, w), dtype=torch.bool),
+        )
+
+    @torch.library.register_fake("boxloss::_background_attention_pool_backward")
+    def _background_attention_pool_backward_fake(grad_pooled, grad_attention, grad_queries, features, *_):
+        return features.new_empty(features.shape)
+
+    def setup_attention_pool(ctx, inputs, output):
+        features, _, box_batch, grid_size, output_size, _, _, _ = inputs
+        pooled, attention, queries, valid, fallback, weight_sum, ranges, inside, background = output
+        ctx.save_for_backward(features, attention, queries, valid, fallback, pooled, weight_sum, ranges, box_batch,
+                              inside, background)
+        ctx.settings = (grid_size, output_size)
+        ctx.mark_non_differentiable(valid, fallback, weight_sum, ranges, inside, background)
+
+    def backward_attention_pool(ctx, grad_pooled, grad_attention, grad_queries, *_):
+        (features, attention, queries, valid, fallback, pooled, weight_sum, ranges, box_batch, inside,
+         background) = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return (None,) * 8
+        if grad_pooled is None:
+            grad_pooled = pooled.new_zeros(pooled.shape)
+        if grad_attention is None:
+            grad_attention = attention.new_zeros(attention.shape)
+        if grad_queries is None:
+            grad_queries = queries.new_zeros(queries.shape)
+        grad = torch.ops.boxloss._background_attention_pool_backward.default(
+            grad_pooled, grad_attention, grad_queries, features, attention, queries, valid, fallback, pooled,
+            weight_sum, ranges, box_batch, inside, background, *ctx.settings
+        )
+        return grad, None, None, None, None, None, None, None
+
+    torch.library.register_autograd("boxloss::background_attention_pool", backward_attention_pool,
+                                    setup_context=setup_attention_pool)
+
+
+if extension_loaded():
+    _register()

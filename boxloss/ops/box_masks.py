@@ -9,7 +9,7 @@ r"""Box tensors: rasterised boxes in the forms the box-supervised losses use.
   lies (LPG's per-class box masks :math:`y^{b_i}`, Xie et al. Eq. 7); channel 0
   is true outside every box.
 
-Which pixels a box covers is the convention of :mod:`boxloss.boxes` (the
+Which pixels a box covers is the convention of :mod:`boxloss.ops.boxes` (the
 host/device header ``boxloss/boxes/box_convention.h``); the front box of
 every pixel is found by the ``boxloss::box_front_index`` op (CPU and CUDA).
 """
@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import torch
 
-from boxloss import _checks
-from boxloss._extension import extension_loaded, warn_fallback
-from boxloss.reference.boxes import box_front_index_reference
+from boxloss import _checks, _fallback
+from boxloss._extension import extension_loaded
+from boxloss.ops.boxes import check_box_args
 
 ORDERS = ("smaller-front", "larger-front", "later-front")
 FORMS = ("onehot", "labels", "union")
@@ -85,20 +85,14 @@ def boxes_to_masks(
         height, width = size
         batch = batch_size if batch_size is not None else (int(box_batch.max()) + 1 if box_batch.numel() else 1)
     _checks.check_int(fn, "batch_size", batch, minimum=1)
-    probe = boxes.new_empty((batch, num_classes + 1, 1, 1)) if boxes.dtype.is_floating_point else None
-    from boxloss.boxes import check_box_args
-
-    if probe is None:
-        raise TypeError(f"{fn}: boxes must be a floating-point tensor, got {boxes.dtype}")
+    if not isinstance(boxes, torch.Tensor) or not boxes.dtype.is_floating_point:
+        raise TypeError(f"{fn}: boxes must be a floating-point tensor, got "
+                        f"{boxes.dtype if isinstance(boxes, torch.Tensor) else type(boxes).__name__}")
+    probe = boxes.new_empty((batch, num_classes + 1, 1, 1))
     spatial_scale = check_box_args(fn, probe, boxes, box_batch, box_labels, spatial_scale)
     priority = box_priority(boxes, order, spatial_scale)
-    if extension_loaded():
-        front, ranges = torch.ops.boxloss.box_front_index.default(
-            boxes, box_batch, box_labels, priority, batch, num_classes + 1, height, width, spatial_scale)
-    else:
-        warn_fallback(fn)
-        front, ranges = box_front_index_reference(boxes, box_batch, box_labels, priority, batch, num_classes + 1,
-                                             height, width, spatial_scale)
+    front, ranges = box_front_index(boxes, box_batch, box_labels, priority, batch, num_classes + 1, height, width,
+                                    spatial_scale, fn=fn)
     if form == "union":
         return class_union(ranges, box_batch, box_labels, batch, num_classes + 1, height, width)
     # A zero label in front of the labels lets index -1 (no box) read the background.
@@ -107,6 +101,18 @@ def boxes_to_masks(
     if form == "labels":
         return labels
     return torch.nn.functional.one_hot(labels, num_classes + 1).permute(0, 3, 1, 2).to(torch.float32)
+
+
+def box_front_index(boxes, box_batch, box_labels, priority, batch: int, channels: int, height: int, width: int,
+                    spatial_scale: float, *, fn: str = "box_front_index"):
+    """(front (B, H, W) int64, ranges (K, 4) int64): at each pixel the index of the covering box with the
+    smallest ``priority`` (ties: the lower index), -1 where no box covers it; ``ranges`` holds each box's
+    covered ``row_begin, row_end, col_begin, col_end``.  The arguments are checked by the caller."""
+    if extension_loaded():
+        return torch.ops.boxloss.box_front_index.default(
+            boxes, box_batch, box_labels, priority, batch, channels, height, width, spatial_scale)
+    return _fallback.box_front_index(fn, boxes, box_batch, box_labels, priority, batch, channels, height, width,
+                                     spatial_scale)
 
 
 def class_union(ranges, box_batch, box_labels, batch, channels, height, width) -> torch.Tensor:
@@ -123,3 +129,16 @@ def class_union(ranges, box_batch, box_labels, batch, channels, height, width) -
     covered = covered.view(batch, channels, height, width)
     covered[:, 0] = ~covered[:, 1:].any(1)
     return covered
+
+
+def _register() -> None:
+    @torch.library.register_fake("boxloss::box_front_index")
+    def _box_front_index_fake(boxes, box_batch, box_labels, priority, batch, num_classes, height, width,
+                              spatial_scale):
+        K = boxes.shape[0]
+        return (boxes.new_empty((batch, height, width), dtype=torch.long),
+                boxes.new_empty((K, 4), dtype=torch.long))
+
+
+if extension_loaded():
+    _register()

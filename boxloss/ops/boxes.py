@@ -22,14 +22,18 @@ coordinates, ``x1 < x0`` or ``y1 < y0``, and batch indices or labels out of
 range raise ``ValueError``.
 
 The rule is implemented once for the CPU and CUDA kernels in
-``csrc/include/boxloss/boxes/box_convention.h``.
+``csrc/include/boxloss/boxes/box_convention.h``; :func:`box_pixel_ranges` is
+the same closed form for one box on the host (datasets, box crops, baselines).
 """
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Sequence
 
 import torch
+
+from boxloss import _checks
 
 _FN = "pack_boxes"
 
@@ -102,8 +106,6 @@ def check_box_args(fn: str, probs, boxes, box_batch, box_labels, spatial_scale) 
 
     Value checks (NaN, x1 < x0, indices out of range) run inside the kernels.
     """
-    from boxloss import _checks
-
     _checks.check_tensor(fn, "probs", probs, dim=4, layout="(B, C, H, W)")
     _checks.check_float_dtype(fn, "probs", probs)
     if 0 in probs.shape:
@@ -123,3 +125,43 @@ def check_box_args(fn: str, probs, boxes, box_batch, box_labels, spatial_scale) 
     for name, t in (("boxes", boxes), ("box_batch", box_batch), ("box_labels", box_labels)):
         _checks.check_same(fn, name, t, "probs", probs, what="device")
     return _checks.check_positive(fn, "spatial_scale", spatial_scale)
+
+
+def _covered_span(lo: float, hi: float, spatial_scale: float, size: int) -> tuple[int, int]:
+    """[begin, end) of the pixels along one axis; (0, 0) when the box covers none."""
+    a = min(max(lo * spatial_scale, 0.0), float(size))
+    b = min(max(hi * spatial_scale, 0.0), float(size))
+    if not b > a:
+        return 0, 0
+    # Pixel j is covered when a <= j + 0.5 < b.
+    begin, end = math.ceil(a - 0.5), math.ceil(b - 0.5)
+    if end > begin:
+        return begin, end
+    mid = min(math.floor(0.5 * (a + b)), size - 1)
+    return mid, mid + 1
+
+
+def box_pixel_ranges(box: Sequence[float], height: int, width: int, *,
+                     spatial_scale: float = 1.0) -> tuple[int, int, int, int]:
+    """The pixels one box ``(x0, y0, x1, y1)`` covers on a ``height`` x ``width`` map, by the convention above.
+
+    Returns ``(row_begin, row_end, col_begin, col_end)`` (half-open), all 0 when
+    the box covers nothing: the layout of the ``ranges`` the box ops return.
+    NaN coordinates and ``x1 < x0`` or ``y1 < y0`` raise ``ValueError``.
+
+    Example:
+        >>> box_pixel_ranges((2, 1, 5, 3), 5, 7)
+        (1, 3, 2, 5)
+        >>> box_pixel_ranges((1.6, 0.4, 2.4, 9), 5, 7)  # narrower than a pixel: its midpoint's column
+        (0, 5, 2, 3)
+    """
+    x0, y0, x1, y1 = (float(v) for v in box)
+    if any(math.isnan(v) for v in (x0, y0, x1, y1)):
+        raise ValueError(f"box_pixel_ranges: box must not hold NaN, got {(x0, y0, x1, y1)}")
+    if x1 < x0 or y1 < y0:
+        raise ValueError(f"box_pixel_ranges: box must have x1 >= x0 and y1 >= y0, got {(x0, y0, x1, y1)}")
+    r0, r1 = _covered_span(y0, y1, spatial_scale, height)
+    c0, c1 = _covered_span(x0, x1, spatial_scale, width)
+    if r1 <= r0 or c1 <= c0:
+        return 0, 0, 0, 0
+    return r0, r1, c0, c1

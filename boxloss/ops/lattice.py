@@ -17,26 +17,42 @@ accuracy: on natural images its output is about 0.5-0.6 times the exact
 Gaussian sum (the factor varies by a few percent over an image and with the
 sigmas), and after that scale about 6 % off it (12 % at ``sigma_rgb = 5``);
 normalised filters ``filter(v) / filter(1)`` are within 0.3-1.5 % (5.5 % at
-``sigma_rgb = 5``).  The README's lattice error table has the measurements.  The filter is linear in ``v`` with an exact adjoint
+``sigma_rgb = 5``); ``benchmarks/dense_crf.py`` measures these errors.  The
+filter is linear in ``v`` with an exact adjoint
 (the same lattice blurred in reverse axis order), so gradients are exact for the
 op; the image is a constant (no gradient flows to it).
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import nn
 
-from boxloss import _checks
-from boxloss._extension import extension_loaded, warn_fallback
-from boxloss.reference.bilateral import (
-    LatticeTensors,
-    lattice_filter_reference,
-    permutohedral_lattice_reference,
-)
+from boxloss import _checks, _fallback
+from boxloss._extension import extension_loaded
 
 _LATTICE = "permutohedral_lattice"
 _FILTER = "bilateral_filter"
+
+
+class LatticeTensors(NamedTuple):
+    """The lattice of a batch, in the layout of ``torch.ops.boxloss.permutohedral_lattice``.
+
+    splat_index (B, H*W, d+1) int32: each pixel's d+1 simplex vertices (vertex
+    numbers local to the image), in remainder order; splat_weight (B, H*W, d+1):
+    the barycentric weights (sum 1); blur_neighbours (d+1, V, 2) int32: for each
+    lattice axis and the vertices of all images (image b's are columns
+    vertex_offsets[b]:vertex_offsets[b+1]), the local number of the neighbour one
+    step down and one step up the axis, -1 where that point is not in the
+    lattice; vertex_offsets (B+1,) int64.
+    """
+
+    splat_index: torch.Tensor
+    splat_weight: torch.Tensor
+    blur_neighbours: torch.Tensor
+    vertex_offsets: torch.Tensor
 
 
 def check_rgb_image(fn: str, image, *, like: torch.Tensor | None = None) -> torch.Tensor:
@@ -57,12 +73,6 @@ def check_rgb_image(fn: str, image, *, like: torch.Tensor | None = None) -> torc
     return image
 
 
-def _check_values_in_python(fn: str, name: str, tensor: torch.Tensor) -> None:
-    """The compiled kernels check values while they compute; the reference fallback checks here."""
-    if not torch.isfinite(tensor).all():
-        raise ValueError(f"{fn}: {name} must be finite, but it contains NaN or Inf")
-
-
 class PermutohedralLattice:
     """The lattice of a batch of RGB images, built once and reused by every filter.
 
@@ -73,7 +83,7 @@ class PermutohedralLattice:
         sigma_rgb: colour standard deviation in the units of ``image``, > 0.
 
     Attributes:
-        tensors: the lattice as :class:`boxloss.reference.bilateral.LatticeTensors`
+        tensors: the lattice as :class:`LatticeTensors`
             (splat_index, splat_weight, blur_neighbours, vertex_offsets).
         num_vertices: lattice points per image (a list of B ints; reading it synchronises on CUDA).
 
@@ -97,13 +107,10 @@ class PermutohedralLattice:
         self.dtype = torch.float64 if image.dtype == torch.float64 else torch.float32
         self.device = image.device
         if extension_loaded():
-            self.tensors = LatticeTensors(
-                *torch.ops.boxloss.permutohedral_lattice.default(image, self.sigma_xy, self.sigma_rgb)
-            )
+            tensors = torch.ops.boxloss.permutohedral_lattice.default(image, self.sigma_xy, self.sigma_rgb)
         else:
-            warn_fallback(_LATTICE)
-            _check_values_in_python(_LATTICE, "image", image)
-            self.tensors = permutohedral_lattice_reference(image, self.sigma_xy, self.sigma_rgb)
+            tensors = _fallback.permutohedral_lattice(_LATTICE, image, self.sigma_xy, self.sigma_rgb)
+        self.tensors = LatticeTensors(*tensors)
 
     @property
     def num_vertices(self) -> list[int]:
@@ -139,10 +146,7 @@ class PermutohedralLattice:
             return values.clone()
         if extension_loaded():
             return torch.ops.boxloss.lattice_filter.default(values, *self.tensors, reverse)
-        warn_fallback(fn)
-        _check_values_in_python(fn, "values", values)
-        out = lattice_filter_reference(values.to(compute), self.tensors, reverse=reverse)
-        return out.to(values.dtype)
+        return _fallback.lattice_filter(fn, values, self.tensors, reverse)
 
     def __repr__(self) -> str:
         return (
@@ -167,8 +171,7 @@ def bilateral_filter(values: torch.Tensor, image: torch.Tensor, sigma_xy: float,
     (the sum includes ``j = i``).  Builds the lattice once for the batch and
     filters all channels in one pass; to filter several times with one image,
     build a :class:`PermutohedralLattice` and call its :meth:`~PermutohedralLattice.filter`.
-    The accuracy is that of the original lattice (module docstring, README);
-    the exact sum is :func:`boxloss.reference.bilateral_filter_brute_force`.
+    The accuracy is that of the original lattice (see the module docstring).
 
     Args:
         values: (B, C, H, W) floats; NaN or Inf raise ``ValueError``.  Gradients
@@ -217,3 +220,55 @@ class BilateralFilter(nn.Module):
 
     def extra_repr(self) -> str:
         return f"sigma_xy={self.sigma_xy}, sigma_rgb={self.sigma_rgb}"
+
+
+def _register() -> None:
+    @torch.library.register_fake("boxloss::permutohedral_lattice")
+    def _permutohedral_lattice_fake(image, sigma_xy, sigma_rgb):
+        B, _, H, W = image.shape
+        dtype = torch.float64 if image.dtype == torch.float64 else torch.float32
+        # The number of lattice points depends on the colours.
+        vertices = torch.library.get_ctx().new_dynamic_size()
+        return (
+            image.new_empty((B, H * W, 6), dtype=torch.int32),
+            image.new_empty((B, H * W, 6), dtype=dtype),
+            image.new_empty((6, vertices, 2), dtype=torch.int32),
+            image.new_empty((B + 1,), dtype=torch.int64),
+        )
+
+    def lattice_setup_context(ctx, inputs, output):
+        ctx.mark_non_differentiable(*output)
+
+    def lattice_backward(ctx, *grads):
+        # The lattice is a piecewise-constant function of the image (which
+        # simplex each pixel falls in) with weights the losses treat as
+        # constants: no gradient flows to the image.
+        return None, None, None
+
+    torch.library.register_autograd(
+        "boxloss::permutohedral_lattice", lattice_backward, setup_context=lattice_setup_context
+    )
+
+    @torch.library.register_fake("boxloss::lattice_filter")
+    def _lattice_filter_fake(values, splat_index, splat_weight, blur_neighbours, vertex_offsets, reverse):
+        return values.new_empty(values.shape)
+
+    def setup_context(ctx, inputs, output):
+        _, splat_index, splat_weight, blur_neighbours, vertex_offsets, reverse = inputs
+        ctx.save_for_backward(splat_index, splat_weight, blur_neighbours, vertex_offsets)
+        ctx.reverse = reverse
+
+    def backward(ctx, grad):
+        grad_values = None
+        if ctx.needs_input_grad[0]:
+            # The filter is linear; its transpose is the same lattice blurred in
+            # reverse axis order (itself an op with this autograd formula).
+            grad_values = torch.ops.boxloss.lattice_filter.default(grad, *ctx.saved_tensors, not ctx.reverse)
+        # The lattice (a function of the image) is a constant.
+        return grad_values, None, None, None, None, None
+
+    torch.library.register_autograd("boxloss::lattice_filter", backward, setup_context=setup_context)
+
+
+if extension_loaded():
+    _register()

@@ -1,6 +1,7 @@
-r"""Label-uncertainty losses with online bootstrapping (Uncertainty-based
-online bootstrapping for box-supervised segmentation, ../shared/papers/004,
-Sec. 3).
+r"""Label-uncertainty losses with online bootstrapping, the fused ones
+(R. Neven, D. Neven, B. De Brabandere, M. Proesmans and T. Goedemé,
+"Weakly-Supervised Semantic Segmentation by Learning Label Uncertainty",
+arXiv:2110.05926, 2021, Sec. 3).
 
 The network predicts, per pixel, a Gaussian over logits: a mean ``mu`` and a
 log-variance ``log_var`` (:math:`s = \log\sigma^2`).  Where a box label is
@@ -10,7 +11,8 @@ the target where the variance is high (Sec. 3.3).
 
 * :func:`uncertainty_bce_loss` -- binary, closed form (Eq. 8-11), a fused
   elementwise op;
-* :func:`uncertainty_l2_loss` -- the regression loss with uncertainty (Eq. 2-3);
+* :func:`boxloss.uncertainty_l2_loss` -- the regression loss with uncertainty
+  (Eq. 2-3), plain PyTorch, in :mod:`boxloss.losses.uncertainty`;
 * :func:`uncertainty_ce_loss` -- multi-class, Monte Carlo over Gaussian logits
   (Eq. 13-16) in one fused kernel that draws its noise from a counter-based
   generator (Philox4x32-10) inside the kernel: memory independent of the number
@@ -32,12 +34,8 @@ import math
 import torch
 from torch import nn
 
-from boxloss import _checks
-from boxloss._extension import extension_loaded, warn_fallback
-from boxloss.reference.uncertainty import (
-    uncertainty_bce_loss_reference,
-    uncertainty_ce_loss_reference,
-)
+from boxloss import _checks, _fallback
+from boxloss._extension import extension_loaded
 
 TAU = 2.5  # the paper's threshold on sigma^2 (Sec. 4.1.2), also the multi-class default
 TEMPERATURE = 0.2  # Eq. 11
@@ -46,7 +44,6 @@ IGNORE_INDEX = 255
 MAX_SAMPLES = 2**31 - 1
 
 _BCE = "uncertainty_bce_loss"
-_L2 = "uncertainty_l2_loss"
 _CE = "uncertainty_ce_loss"
 
 
@@ -143,7 +140,7 @@ def uncertainty_bce_loss(
     reduction: str = "mean",
 ) -> torch.Tensor:
     r"""Binary cross-entropy with a Gaussian logit and uncertainty-based online
-    bootstrapping (Eq. 8-11 of ../shared/papers/004), fused.
+    bootstrapping (Eq. 8-11 of Neven et al.), fused.
 
     With :math:`\sigma^2 = e^{s}`, ``s = log_var``, at pixels inside ``box_mask``
     of images that are not ``pixel_perfect``:
@@ -210,59 +207,9 @@ def uncertainty_bce_loss(
             mu, log_var, target, box_mask, pixel_perfect, tau, temperature, bootstrap, route_gradients
         )
     else:
-        warn_fallback(_BCE)
-        if not ((target >= 0) & (target <= 1)).all():
-            raise ValueError(f"{_BCE}: target must hold probabilities in [0, 1], but it contains NaN or values "
-                             "outside [0, 1]")
-        per_pixel = uncertainty_bce_loss_reference(
-            mu, log_var, target, box_mask, tau=tau, temperature=temperature, bootstrap=bootstrap,
-            pixel_perfect=pixel_perfect, route_gradients=route_gradients, reduction="none",
+        per_pixel = _fallback.uncertainty_bce_loss(
+            _BCE, mu, log_var, target, box_mask, pixel_perfect, tau, temperature, bootstrap, route_gradients
         )
-    if reduction == "mean":
-        return per_pixel.mean()
-    return per_pixel.sum() if reduction == "sum" else per_pixel
-
-
-def uncertainty_l2_loss(
-    mu: torch.Tensor,
-    log_var: torch.Tensor,
-    target: torch.Tensor,
-    box_mask: torch.Tensor | None = None,
-    *,
-    pixel_perfect: torch.Tensor | None = None,
-    reduction: str = "mean",
-) -> torch.Tensor:
-    r"""Regression loss with uncertainty (Eq. 2-3 of ../shared/papers/004).
-
-    .. math::
-        L = \frac{(y - \mu)^2}{2\sigma^2} + \frac{1}{2}\log\sigma^2
-          = \frac{1}{2} e^{-s} (y - \mu)^2 + \frac{s}{2}                                  \quad (2)
-
-    inside ``box_mask`` of images that are not ``pixel_perfect``, and
-    ``(y - mu)^2`` elsewhere (Eq. 3's pixel-perfect term).  Computed from
-    ``s = log_var`` directly (no ``log(exp(s))``), so it is finite wherever
-    ``e^{-s} (y - mu)^2`` is.  Plain PyTorch operations (elementwise, nothing to
-    fuse); autograd differentiates both ``mu`` and ``log_var``.
-
-    Shape:
-        - mu, log_var, target: :math:`(B, H, W)` or :math:`(B, 1, H, W)`, float.
-        - box_mask: :math:`(B, H, W)`, bool (None: every pixel).  pixel_perfect: :math:`(B,)`, bool.
-        - output: scalar, or :math:`(B, H, W)` for ``reduction="none"``.
-
-    Example:
-        >>> mu, log_var = torch.randn(2, 32, 32, requires_grad=True), torch.zeros(2, 32, 32, requires_grad=True)
-        >>> target = (torch.rand(2, 32, 32) > 0.5).float()
-        >>> boxloss.uncertainty_l2_loss(mu, log_var, target).backward()
-    """
-    mu, log_var, target, box_mask, pixel_perfect = _check_binary_args(
-        _L2, mu, log_var, target, box_mask, pixel_perfect, reduction
-    )
-    squared = (target - mu) ** 2
-    with_uncertainty = 0.5 * torch.exp(-log_var) * squared + 0.5 * log_var
-    uncertain = torch.ones_like(squared, dtype=torch.bool) if box_mask is None else box_mask
-    if pixel_perfect is not None:
-        uncertain = uncertain & ~pixel_perfect[:, None, None]
-    per_pixel = torch.where(uncertain, with_uncertainty, squared)
     if reduction == "mean":
         return per_pixel.mean()
     return per_pixel.sum() if reduction == "sum" else per_pixel
@@ -318,7 +265,7 @@ def uncertainty_ce_loss(
     route_gradients: bool = True,
 ) -> torch.Tensor:
     r"""Multi-class cross-entropy with Gaussian logits and uncertainty-based
-    online bootstrapping (Eq. 13-16 of ../shared/papers/004), in one fused kernel.
+    online bootstrapping (Eq. 13-16 of Neven et al.), in one fused kernel.
 
     With per-class variances :math:`\sigma_c^2 = e^{s_c}`, ``s = log_var``, and
     T samples :math:`l_t = \mu + \sigma \odot \epsilon_t`, at pixels inside
@@ -422,16 +369,9 @@ def uncertainty_ce_loss(
             ignore_index,
         )
     else:
-        warn_fallback(fn)
-        valid = target != ignore_index
-        if not (~valid | ((target >= 0) & (target < C))).all():
-            raise ValueError(f"{fn}: target must hold class indices in [0, {C - 1}] or ignore_index "
-                             f"({ignore_index})")
-        key, offset = seed_tensor.tolist()
-        per_pixel = uncertainty_ce_loss_reference(
-            mu, log_var, target, samples=samples, seed=key, offset=offset, tau=tau, bootstrap=bootstrap,
-            box_mask=box_mask, pixel_perfect=pixel_perfect, ignore_index=ignore_index, reduction="none",
-            route_gradients=route_gradients,
+        per_pixel = _fallback.uncertainty_ce_loss(
+            fn, mu, log_var, target, box_mask, pixel_perfect, seed_tensor, samples, tau, bootstrap,
+            route_gradients, ignore_index,
         )
     if reduction == "mean":
         count = (target != ignore_index).sum().clamp_min(1)
@@ -439,90 +379,62 @@ def uncertainty_ce_loss(
     return per_pixel.sum() if reduction == "sum" else per_pixel
 
 
-# ---------------------------------------------------------------- modules
+def _register() -> None:
+    @torch.library.register_fake("boxloss::uncertainty_bce_loss")
+    def _bce_fake(mu, log_var, target, box_mask, pixel_perfect, tau, temperature, bootstrap, route_gradients):
+        return mu.new_empty(mu.shape)
+
+    @torch.library.register_fake("boxloss::_uncertainty_bce_loss_backward")
+    def _bce_backward_fake(grad, mu, log_var, target, box_mask, pixel_perfect, tau, temperature, bootstrap,
+                           route_gradients):
+        return mu.new_empty(mu.shape), mu.new_empty(mu.shape)
+
+    def bce_setup_context(ctx, inputs, output):
+        mu, log_var, target, box_mask, pixel_perfect, *settings = inputs
+        ctx.save_for_backward(mu, log_var, target, box_mask, pixel_perfect)
+        ctx.settings = settings
+
+    def bce_backward(ctx, grad):
+        grad_mu = grad_log_var = None
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+            grad_mu, grad_log_var = torch.ops.boxloss._uncertainty_bce_loss_backward.default(
+                grad, *ctx.saved_tensors, *ctx.settings
+            )
+        # The target and the masks are constants of the loss.
+        return grad_mu, grad_log_var, None, None, None, None, None, None, None
+
+    torch.library.register_autograd("boxloss::uncertainty_bce_loss", bce_backward, setup_context=bce_setup_context)
+
+    @torch.library.register_fake("boxloss::uncertainty_ce_loss")
+    def _ce_fake(mu, log_var, target, box_mask, pixel_perfect, seed, samples, tau, bootstrap, route_gradients,
+                 ignore_index):
+        shape = (mu.shape[0], mu.shape[2], mu.shape[3])
+        return mu.new_empty(shape), mu.new_empty(shape)
+
+    @torch.library.register_fake("boxloss::_uncertainty_ce_loss_backward")
+    def _ce_backward_fake(grad, mu, log_var, target, box_mask, pixel_perfect, seed, sample_lse, samples, tau,
+                          bootstrap, route_gradients, ignore_index):
+        return mu.new_empty(mu.shape), mu.new_empty(mu.shape)
+
+    def ce_setup_context(ctx, inputs, output):
+        mu, log_var, target, box_mask, pixel_perfect, seed, *settings = inputs
+        # Per-pixel quantities only: the backward regenerates the noise from
+        # the seed, so what is kept does not grow with the number of samples.
+        ctx.save_for_backward(mu, log_var, target, box_mask, pixel_perfect, seed, output[1])
+        ctx.settings = settings
+        ctx.mark_non_differentiable(output[1])
+
+    def ce_backward(ctx, grad, _grad_sample_lse):
+        grad_mu = grad_log_var = None
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+            mu, log_var, target, box_mask, pixel_perfect, seed, sample_lse = ctx.saved_tensors
+            grad_mu, grad_log_var = torch.ops.boxloss._uncertainty_ce_loss_backward.default(
+                grad, mu, log_var, target, box_mask, pixel_perfect, seed, sample_lse, *ctx.settings
+            )
+        return grad_mu, grad_log_var, None, None, None, None, None, None, None, None, None
+
+    torch.library.register_autograd("boxloss::uncertainty_ce_loss", ce_backward, setup_context=ce_setup_context)
 
 
-class UncertaintyBCELoss(nn.Module):
-    """Module form of :func:`uncertainty_bce_loss`: stores the settings, checks
-    them once, and delegates.
-
-    Example:
-        >>> criterion = boxloss.UncertaintyBCELoss(tau=2.5)
-        >>> loss = criterion(mu, log_var, target, box_mask, pixel_perfect=pp)
-    """
-
-    def __init__(self, *, tau: float = TAU, temperature: float = TEMPERATURE, bootstrap: bool = True,
-                 route_gradients: bool = True, reduction: str = "mean") -> None:
-        super().__init__()
-        name = "UncertaintyBCELoss"
-        self.tau = _check_finite(name, "tau", tau)
-        self.temperature = _checks.check_positive(name, "temperature", temperature)
-        self.bootstrap = _check_bool(name, "bootstrap", bootstrap)
-        self.route_gradients = _check_bool(name, "route_gradients", route_gradients)
-        _checks.check_choice(name, "reduction", reduction, _checks.REDUCTIONS)
-        self.reduction = reduction
-
-    def forward(self, mu, log_var, target, box_mask=None, pixel_perfect=None):
-        return uncertainty_bce_loss(
-            mu, log_var, target, box_mask, tau=self.tau, temperature=self.temperature, bootstrap=self.bootstrap,
-            pixel_perfect=pixel_perfect, route_gradients=self.route_gradients, reduction=self.reduction,
-        )
-
-    def extra_repr(self) -> str:
-        return (f"tau={self.tau}, temperature={self.temperature}, bootstrap={self.bootstrap}, "
-                f"route_gradients={self.route_gradients}, reduction={self.reduction!r}")
-
-
-class UncertaintyL2Loss(nn.Module):
-    """Module form of :func:`uncertainty_l2_loss`."""
-
-    def __init__(self, *, reduction: str = "mean") -> None:
-        super().__init__()
-        _checks.check_choice("UncertaintyL2Loss", "reduction", reduction, _checks.REDUCTIONS)
-        self.reduction = reduction
-
-    def forward(self, mu, log_var, target, box_mask=None, pixel_perfect=None):
-        return uncertainty_l2_loss(mu, log_var, target, box_mask, pixel_perfect=pixel_perfect,
-                                   reduction=self.reduction)
-
-    def extra_repr(self) -> str:
-        return f"reduction={self.reduction!r}"
-
-
-class UncertaintyCELoss(nn.Module):
-    """Module form of :func:`uncertainty_ce_loss`.  The noise of each call is
-    drawn from ``generator`` (default: torch's global generator) unless a
-    ``seed`` is passed to ``forward``.
-
-    Example:
-        >>> criterion = boxloss.UncertaintyCELoss(samples=20)
-        >>> loss = criterion(mu, log_var, target, box_mask=boxes_as_mask, pixel_perfect=pp)
-    """
-
-    def __init__(self, *, samples: int = SAMPLES, tau: float = TAU, bootstrap: bool = True,
-                 ignore_index: int = IGNORE_INDEX, route_gradients: bool = True, reduction: str = "mean",
-                 generator: torch.Generator | None = None) -> None:
-        super().__init__()
-        name = "UncertaintyCELoss"
-        self.samples = _checks.check_int(name, "samples", samples, minimum=1)
-        self.tau = _checks.check_positive(name, "tau", tau)
-        self.bootstrap = _check_bool(name, "bootstrap", bootstrap)
-        if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-            raise TypeError(f"{name}: ignore_index must be an int, got {type(ignore_index).__name__}")
-        self.ignore_index = ignore_index
-        self.route_gradients = _check_bool(name, "route_gradients", route_gradients)
-        _checks.check_choice(name, "reduction", reduction, _checks.REDUCTIONS)
-        self.reduction = reduction
-        self.generator = generator
-
-    def forward(self, mu, log_var, target, box_mask=None, pixel_perfect=None, seed=None):
-        return uncertainty_ce_loss(
-            mu, log_var, target, samples=self.samples, seed=seed, generator=None if seed is not None else self.generator,
-            tau=self.tau, bootstrap=self.bootstrap, box_mask=box_mask, pixel_perfect=pixel_perfect,
-            ignore_index=self.ignore_index, reduction=self.reduction, route_gradients=self.route_gradients,
-        )
-
-    def extra_repr(self) -> str:
-        return (f"samples={self.samples}, tau={self.tau}, bootstrap={self.bootstrap}, "
-                f"ignore_index={self.ignore_index}, route_gradients={self.route_gradients}, "
-                f"reduction={self.reduction!r}")
+if extension_loaded():
+    _register()

@@ -8,7 +8,7 @@
 - :func:`box_fill_masks`: every pixel of the box is object.
 
 They run offline on one uint8 RGB image (H, W, 3) at a time, in image pixels
-(the box convention of :mod:`boxloss.boxes` at scale 1), and return (K, H, W)
+(the box convention of :mod:`boxloss.ops.boxes` at scale 1), and return (K, H, W)
 bool numpy arrays.
 """
 
@@ -19,7 +19,7 @@ import warnings
 import numpy as np
 import torch
 
-from boxloss.reference.boxes import box_pixel_ranges
+from boxloss.ops.boxes import box_pixel_ranges
 
 
 def _check_image(fn, image):
@@ -41,8 +41,8 @@ def box_fill_masks(boxes, size: tuple[int, int]) -> np.ndarray:
     H, W = size
     out = np.zeros((len(_boxes("box_fill_masks", boxes)), H, W), dtype=bool)
     for k, box in enumerate(_boxes("box_fill_masks", boxes)):
-        rows, cols = box_pixel_ranges(box, 1.0, H, W)
-        out[k, rows.start:rows.stop, cols.start:cols.stop] = True
+        r0, r1, c0, c1 = box_pixel_ranges(box, H, W)
+        out[k, r0:r1, c0:c1] = True
     return out
 
 
@@ -64,13 +64,14 @@ def grabcut_box_masks(image, boxes, *, iterations: int = 5, min_side: int = 3) -
     out = np.zeros((len(boxes), H, W), dtype=bool)
     filled = 0
     for k, box in enumerate(boxes):
-        rows, cols = box_pixel_ranges(box, 1.0, H, W)
-        if len(rows) == 0:
+        r0, r1, c0, c1 = box_pixel_ranges(box, H, W)
+        if r1 == r0:
             continue
-        rect = (cols.start, rows.start, len(cols), len(rows))
-        whole = len(rows) == H and len(cols) == W
-        if len(rows) < min_side or len(cols) < min_side or whole:
-            out[k, rows.start:rows.stop, cols.start:cols.stop] = True
+        rows, cols = slice(r0, r1), slice(c0, c1)
+        rect = (c0, r0, c1 - c0, r1 - r0)
+        whole = r1 - r0 == H and c1 - c0 == W
+        if r1 - r0 < min_side or c1 - c0 < min_side or whole:
+            out[k, rows, cols] = True
             filled += 1
             continue
         mask = np.zeros((H, W), np.uint8)
@@ -78,11 +79,11 @@ def grabcut_box_masks(image, boxes, *, iterations: int = 5, min_side: int = 3) -
         try:
             cv2.grabCut(bgr, mask, rect, bgd, fgd, iterations, cv2.GC_INIT_WITH_RECT)
         except cv2.error:
-            out[k, rows.start:rows.stop, cols.start:cols.stop] = True
+            out[k, rows, cols] = True
             filled += 1
             continue
         fg = (mask == cv2.GC_FGD) | (mask == cv2.GC_PR_FGD)
-        out[k, rows.start:rows.stop, cols.start:cols.stop] = fg[rows.start:rows.stop, cols.start:cols.stop]
+        out[k, rows, cols] = fg[rows, cols]
     if filled:
         warnings.warn(f"{fn}: {filled} of {len(boxes)} boxes were filled instead (too small for GrabCut, "
                       "covering the whole image, or GrabCut failed)", stacklevel=2)
@@ -118,9 +119,10 @@ def dense_crf_box_masks(image, boxes, labels, num_classes: int, *, box_confidenc
     covered = np.zeros((C, H, W), dtype=bool)
     spans = []
     for box, c in zip(boxes, labels):
-        rows, cols = box_pixel_ranges(box, 1.0, H, W)
+        r0, r1, c0, c1 = box_pixel_ranges(box, H, W)
+        rows, cols = slice(r0, r1), slice(c0, c1)
         spans.append((rows, cols))
-        covered[c, rows.start:rows.stop, cols.start:cols.stop] = True
+        covered[c, rows, cols] = True
     n_box = covered[1:].sum(0)
     probs = np.empty((C, H, W), np.float32)
     rest = 1.0 - outside_confidence
@@ -140,5 +142,5 @@ def dense_crf_box_masks(image, boxes, labels, num_classes: int, *, box_confidenc
     label_map = np.argmax(np.array(crf.inference(iterations)).reshape(C, H, W), axis=0)
     out = np.zeros((len(boxes), H, W), dtype=bool)
     for k, ((rows, cols), c) in enumerate(zip(spans, labels)):
-        out[k, rows.start:rows.stop, cols.start:cols.stop] = label_map[rows.start:rows.stop, cols.start:cols.stop] == c
+        out[k, rows, cols] = label_map[rows, cols] == c
     return out

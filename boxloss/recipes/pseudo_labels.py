@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 
 from boxloss import _checks
+from boxloss.ops.box_masks import box_front_index, box_priority
 
 STRATEGIES = ("overlap-small", "overlap-void", "overlap-back-void", "overlap-rate")
 VOID = 255
@@ -50,7 +51,7 @@ def merge_box_masks(
     Args:
         masks: (K, H, W) bool (tensor or numpy), box k's object pixels in map
             coordinates; pixels outside the box are ignored (the box convention of
-            :mod:`boxloss.boxes` decides which pixels a box covers).
+            :mod:`boxloss.ops.boxes` decides which pixels a box covers).
         boxes, box_batch, box_labels: packed boxes; labels in [1, L].
         size: (B, H, W) of the result.
         strategy: one of ``"overlap-small"``, ``"overlap-void"``, ``"overlap-back-void"``,
@@ -77,13 +78,10 @@ def merge_box_masks(
         raise ValueError(f"{fn}: masks must have shape (K, H, W) = {(K, H, W)}, got {tuple(masks.shape)}")
     L = int(box_labels.max()) if num_classes is None and K else (num_classes or 1)
     C = L + 1
-    from boxloss.box_masks import box_priority
-
     if K == 0:
         return torch.zeros(B, H, W, dtype=torch.long, device=boxes.device)
-    _, ranges = torch.ops.boxloss.box_front_index.default(
-        boxes, box_batch, box_labels, box_priority(boxes, "smaller-front", spatial_scale), B, C, H, W,
-        float(spatial_scale)) if _ext() else _ranges_reference(boxes, box_batch, box_labels, B, C, H, W, spatial_scale)
+    _, ranges = box_front_index(boxes, box_batch, box_labels, box_priority(boxes, "smaller-front", spatial_scale),
+                                B, C, H, W, float(spatial_scale), fn=fn)
     if bool((box_labels < 1).any()):
         raise ValueError(f"{fn}: box_labels must be object classes in [1, {L}], got {int(box_labels.min())}")
     inside = _in_box(ranges, H, W)
@@ -117,14 +115,3 @@ def merge_box_masks(
         label = torch.where(counts > 0, torch.full_like(label, VOID), label)
     return label.view(B, H, W)
 
-
-def _ext():
-    from boxloss._extension import extension_loaded
-
-    return extension_loaded()
-
-
-def _ranges_reference(boxes, box_batch, box_labels, B, C, H, W, scale):
-    from boxloss.reference.boxes import box_front_index_reference
-
-    return box_front_index_reference(boxes, box_batch, box_labels, torch.zeros_like(box_batch), B, C, H, W, scale)

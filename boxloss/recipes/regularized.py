@@ -17,9 +17,8 @@ import torch
 from torch import nn
 
 from boxloss import _checks
-from boxloss.box_priors import border_background_loss, tight_box_loss
-from boxloss.pairwise import sparse_crf_loss
-from boxloss.region_priors import (
+from boxloss.losses.box_priors import border_background_loss, tight_box_loss
+from boxloss.losses.region_priors import (
     _check_volumetric,
     _foreground,
     _pixel_mask,
@@ -29,6 +28,7 @@ from boxloss.region_priors import (
     normalised_sizes,
     positional_loss,
 )
+from boxloss.ops.sparse_crf import sparse_crf_loss
 
 PRIORS = ("tight", "centre")
 PAPER_VARIANTS = {
