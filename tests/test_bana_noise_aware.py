@@ -2,6 +2,7 @@
 pseudo labels of Sec. 3.2 on a rendered image with its boxes."""
 
 import math
+import types
 
 import numpy as np
 import pytest
@@ -55,7 +56,7 @@ def test_noise_aware_loss_by_hand(gamma, lam, tau):
     phi = _features()
     weight = torch.randn(4, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     y_crf, y_ret = _labels()
-    out = boxloss.noise_aware_loss(phi, weight, y_crf, y_ret, gamma=gamma, lam=lam, tau=tau)
+    out = _terms(phi, weight, y_crf, y_ret, gamma=gamma, lam=lam, tau=tau)
     loss, ce, wce = _loss_by_loops(phi, weight, y_crf, y_ret, gamma, lam, tau)
     assert math.isclose(out.loss.item(), loss, rel_tol=1e-9)
     assert math.isclose(out.ce.item(), ce, rel_tol=1e-9)
@@ -72,13 +73,13 @@ def test_noise_aware_loss_edge_cases_are_finite():
                  (phi, torch.full_like(y_crf, 255), y_crf), (torch.zeros_like(phi, requires_grad=True), y_crf,
                                                              (y_crf + 1) % 4)]
         for features, a, b in cases:
-            out = boxloss.noise_aware_loss(features, weight, a, b, unreliable=unreliable, beta=0.5)
+            out = _terms(features, weight, a, b, unreliable=unreliable, beta=0.5)
             assert torch.isfinite(out.loss), unreliable
             out.loss.backward()
             assert torch.isfinite(weight.grad).all()
-    out = boxloss.noise_aware_loss(phi, weight, y_crf, y_crf.clone())
+    out = _terms(phi, weight, y_crf, y_crf.clone())
     assert out.unreliable.item() == 0.0
-    zero = boxloss.noise_aware_loss(torch.zeros_like(phi), weight, y_crf, (y_crf + 1) % 4)
+    zero = _terms(torch.zeros_like(phi), weight, y_crf, (y_crf + 1) % 4)
     # Zero features: every cosine is 0, sigma = 1, H uniform.
     assert torch.allclose(zero.unreliable, torch.tensor(math.log(4.0), dtype=torch.float64))
 
@@ -89,7 +90,7 @@ def test_unreliable_options_table3_loop():
     y_crf, y_ret = _labels()
     results = {}
     for setting in ("ignore", "entropy", "bootstrap", "nal"):
-        results[setting] = boxloss.noise_aware_loss(phi, weight, y_crf, y_ret, unreliable=setting, beta=0.3)
+        results[setting] = _terms(phi, weight, y_crf, y_ret, unreliable=setting, beta=0.3)
     assert results["ignore"].loss.item() == pytest.approx(results["ignore"].ce.item())
     logp = cosine_logits(phi, weight, 20.0).log_softmax(1)
     mask = (y_crf != 255) & (y_crf != y_ret)
@@ -101,21 +102,50 @@ def test_unreliable_options_table3_loop():
     bs = -(soft * logp).sum(1)[mask].mean()
     assert results["bootstrap"].unreliable.item() == pytest.approx(bs.item(), rel=1e-9)
     # beta = 1: bootstrapping is the plain cross-entropy on ~S.
-    b1 = boxloss.noise_aware_loss(phi, weight, y_crf, y_ret, unreliable="bootstrap", beta=1.0)
+    b1 = _terms(phi, weight, y_crf, y_ret, unreliable="bootstrap", beta=1.0)
     nll = -logp.gather(1, target[:, None])[:, 0]
     assert b1.unreliable.item() == pytest.approx(nll[mask].mean().item(), rel=1e-9)
     assert bootstrap_beta(0, 100) == 1.0 and bootstrap_beta(100, 100) == 0.0
     assert 0 < bootstrap_beta(50, 100) < 1
 
 
+def _terms(*args, **kwargs):
+    """The loss and its terms as attributes."""
+    loss, terms = boxloss.noise_aware_loss(*args, return_terms=True, **kwargs)
+    assert set(terms) == {"ce", "unreliable", "confidence"}
+    return types.SimpleNamespace(loss=loss, **terms)
+
+
+def test_loss_is_a_tensor_and_terms_on_request():
+    phi = _features().requires_grad_(True)
+    weight = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+    y_crf, y_ret = _labels()
+    loss = boxloss.noise_aware_loss(phi, weight, y_crf, y_ret, lam=0.5)
+    assert isinstance(loss, torch.Tensor) and loss.dim() == 0
+    loss.backward()
+    assert phi.grad is not None and weight.grad is not None
+    again, terms = boxloss.noise_aware_loss(phi, weight, y_crf, y_ret, lam=0.5, return_terms=True)
+    torch.testing.assert_close(again, loss)
+    torch.testing.assert_close(again, terms["ce"] + 0.5 * terms["unreliable"])
+    assert terms["confidence"].shape == y_crf.shape
+    module = boxloss.NoiseAwareLoss(lam=0.5)
+    assert boxloss.NoiseAwareCELoss is boxloss.NoiseAwareLoss
+    torch.testing.assert_close(module(phi, weight, y_crf, y_ret), loss)
+    module_loss, module_terms = module(phi, weight, y_crf, y_ret, return_terms=True)
+    torch.testing.assert_close(module_loss, loss)
+    torch.testing.assert_close(module_terms["unreliable"], terms["unreliable"])
+    with pytest.raises(TypeError, match="return_terms must be a bool"):
+        boxloss.noise_aware_loss(phi, weight, y_crf, y_ret, return_terms="yes")
+
+
 def test_confidence_detach_and_module():
     phi = _features().requires_grad_(True)
     weight = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
     y_crf, y_ret = _labels()
-    out = boxloss.noise_aware_loss(phi, weight, y_crf, y_ret)
+    out = _terms(phi, weight, y_crf, y_ret)
     assert not out.confidence.requires_grad
     assert ((out.confidence >= 0) & (out.confidence <= 1)).all()
-    out2 = boxloss.noise_aware_loss(phi, weight, y_crf, y_ret, detach_confidence=False)
+    out2 = _terms(phi, weight, y_crf, y_ret, detach_confidence=False)
     assert out2.confidence.requires_grad
     torch.testing.assert_close(out.loss, out2.loss)
     module = boxloss.NoiseAwareCELoss(gamma=7, lam=0.1)
@@ -128,7 +158,7 @@ def test_noise_aware_loss_gradcheck():
     y_crf, y_ret = _labels(B=1, H=3, W=3, seed=2, agree=0.5)
     for detach in (True, False):
         assert torch.autograd.gradcheck(
-            lambda p, w: boxloss.noise_aware_loss(p, w, y_crf, y_ret, gamma=2.0, detach_confidence=detach).loss,
+            lambda p, w: boxloss.noise_aware_loss(p, w, y_crf, y_ret, gamma=2.0, detach_confidence=detach),
             (phi, weight))
 
 

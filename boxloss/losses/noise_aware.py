@@ -18,8 +18,6 @@ supplement (Eq. 3) ``H_c(p) = softmax_c(tau cos(phi(p), W_c))``:
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -48,13 +46,6 @@ def bootstrap_beta(iteration: int, max_iterations: int, power: float = 0.9) -> f
     return float(max(0.0, 1.0 - iteration / max_iterations) ** power)
 
 
-class NoiseAwareLoss(NamedTuple):
-    loss: torch.Tensor  # L_ce + lam * L_unreliable
-    ce: torch.Tensor  # L_ce on S
-    unreliable: torch.Tensor  # L_wce, L_ER, L_BS or 0
-    confidence: torch.Tensor  # (B, H, W) sigma (0 where y_crf is ignore_index)
-
-
 def noise_aware_loss(
     features: torch.Tensor,
     classifier_weight: torch.Tensor,
@@ -68,7 +59,8 @@ def noise_aware_loss(
     detach_confidence: bool = True,
     unreliable: str = "nal",
     beta: float = 1.0,
-) -> NoiseAwareLoss:
+    return_terms: bool = False,
+):
     r"""The noise-aware loss L = L_ce + lam * L_wce (BANA Eq. 10-14).
 
     S, the reliable region, holds the pixels where ``y_crf == y_ret``; the
@@ -94,9 +86,14 @@ def noise_aware_loss(
         gamma: damping of Eq. 12 (>= 1 in the paper, 7 by default).
         lam: lambda of Eq. 14.
         tau: scale of the cosine classifier.
+        return_terms: also return the parts of the loss.
 
     Returns:
-        :class:`NoiseAwareLoss` (loss, ce, unreliable, confidence).
+        The scalar loss ``L_ce + lam * L_unreliable``; with ``return_terms=True``
+        the pair ``(loss, terms)``, ``terms`` a dict holding ``"ce"`` (L_ce on S),
+        ``"unreliable"`` (the term on ~S: L_wce, the entropy, the bootstrapped
+        cross-entropy, or 0) and ``"confidence"`` (the (B, H, W) map sigma of
+        Eq. 12, 0 where ``y_crf`` is ignore_index; a weight, not a loss term).
 
     Shape:
         features (B, D, H, W), labels (B, H, W) -> scalar loss.
@@ -105,8 +102,11 @@ def noise_aware_loss(
         >>> phi = torch.randn(2, 16, 8, 8, requires_grad=True)
         >>> W = torch.randn(3, 16, requires_grad=True)
         >>> y1 = torch.randint(0, 3, (2, 8, 8)); y2 = torch.randint(0, 3, (2, 8, 8))
-        >>> out = noise_aware_loss(phi, W, y1, y2)
-        >>> out.loss.backward()
+        >>> loss = noise_aware_loss(phi, W, y1, y2)
+        >>> loss.backward()
+        >>> loss, terms = noise_aware_loss(phi, W, y1, y2, return_terms=True)
+        >>> sorted(terms)
+        ['ce', 'confidence', 'unreliable']
     """
     fn = "noise_aware_loss"
     _checks.check_tensor(fn, "features", features, dim=4, layout="(B, D, H, W)")
@@ -131,6 +131,8 @@ def noise_aware_loss(
         raise ValueError(f"{fn}: lam must be a number >= 0, got {lam!r}")
     if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0.0 <= beta <= 1.0:
         raise ValueError(f"{fn}: beta must be a number in [0, 1], got {beta!r}")
+    if not isinstance(return_terms, bool):
+        raise TypeError(f"{fn}: return_terms must be a bool, got {type(return_terms).__name__}")
 
     logits = cosine_logits(features, classifier_weight, tau)
     log_h = logits.log_softmax(1)
@@ -170,24 +172,39 @@ def noise_aware_loss(
         term = torch.where(unreliable_mask, per_pixel, zero).sum() / count
     else:
         term = zero
-    return NoiseAwareLoss(ce + lam * term, ce, term, confidence)
+    loss = ce + lam * term
+    if return_terms:
+        return loss, {"ce": ce, "unreliable": term, "confidence": confidence}
+    return loss
 
 
-class NoiseAwareCELoss(nn.Module):
-    """Module form of :func:`noise_aware_loss`; ``forward(features, classifier_weight, y_crf, y_ret)`` -> loss."""
+class NoiseAwareLoss(nn.Module):
+    """Module form of :func:`noise_aware_loss`: stores the settings, checks them once, and delegates.
+
+    ``forward(features, classifier_weight, y_crf, y_ret, beta=1.0, *, return_terms=False)`` returns
+    the scalar loss, or ``(loss, terms)`` as :func:`noise_aware_loss`.  ``NoiseAwareCELoss`` is
+    another name for this class.
+
+    Example:
+        >>> nal = NoiseAwareLoss(gamma=7.0, lam=0.1)
+        >>> loss = nal(phi, classifier.weight, y_crf, y_ret)
+    """
 
     def __init__(self, *, gamma: float = 7.0, lam: float = 0.1, tau: float = 20.0, ignore_index: int = 255,
                  detach_confidence: bool = True, unreliable: str = "nal") -> None:
         super().__init__()
-        _checks.check_choice("NoiseAwareCELoss", "unreliable", unreliable, UNRELIABLE)
+        _checks.check_choice(type(self).__name__, "unreliable", unreliable, UNRELIABLE)
         self.gamma, self.lam, self.tau = gamma, lam, tau
         self.ignore_index, self.detach_confidence, self.unreliable = ignore_index, detach_confidence, unreliable
 
-    def forward(self, features, classifier_weight, y_crf, y_ret, beta: float = 1.0):
+    def forward(self, features, classifier_weight, y_crf, y_ret, beta: float = 1.0, *, return_terms: bool = False):
         return noise_aware_loss(features, classifier_weight, y_crf, y_ret, gamma=self.gamma, lam=self.lam,
                                 tau=self.tau, ignore_index=self.ignore_index,
                                 detach_confidence=self.detach_confidence, unreliable=self.unreliable,
-                                beta=beta).loss
+                                beta=beta, return_terms=return_terms)
 
     def extra_repr(self) -> str:
         return f"gamma={self.gamma}, lam={self.lam}, tau={self.tau}, unreliable={self.unreliable!r}"
+
+
+NoiseAwareCELoss = NoiseAwareLoss

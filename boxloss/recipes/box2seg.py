@@ -25,7 +25,9 @@ class Box2SegLoss(nn.Module):
     (gamma 0.7; ``alpha_regulariser="box"`` for Eq. 6) and ``L_A`` the exact affinity loss.
 
     forward(probs (B, L+1, H, W), attention (B, L, H, W), embeddings (B, d, H, W),
-    box_masks, pseudo_labels, valid_mask=None, return_terms=False).
+    box_masks, pseudo_labels, valid_mask=None, *, return_terms=False): the scalar loss, or with
+    ``return_terms=True`` the pair ``(loss, terms)``, ``terms`` the dict of the unweighted
+    ``"gc"``, ``"aw"``, ``"alpha"`` and ``"affinity"`` losses.
     """
 
     def __init__(self, *, lambda_aw=10.0, lambda_alpha=1.0, lambda_a=1.0, gamma=0.7,
@@ -37,7 +39,7 @@ class Box2SegLoss(nn.Module):
         self.gamma, self.alpha_regulariser, self.affinity_mode = float(gamma), alpha_regulariser, affinity_mode
         self.sample_fraction, self.eps = float(sample_fraction), float(eps)
 
-    def forward(self, probs, attention, embeddings, box_masks, pseudo_labels, valid_mask=None, return_terms=False):
+    def forward(self, probs, attention, embeddings, box_masks, pseudo_labels, valid_mask=None, *, return_terms=False):
         terms = {
             "gc": pseudo_label_ce_loss(probs, pseudo_labels, eps=self.eps),
             "aw": attention_weighted_loss(probs, attention, box_masks, eps=self.eps),

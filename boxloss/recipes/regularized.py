@@ -59,7 +59,10 @@ class RegularizedLoss(nn.Module):
     ``negative`` (crops of other classes); those images take no other term.
 
     Each per-image term is averaged over the positive (resp. negative) images
-    of the batch; ``L_v`` is the batch quantity of Eq. 2.
+    of the batch; ``L_v`` is the batch quantity of Eq. 2.  ``forward`` returns
+    the scalar loss, or with ``return_terms=True`` the pair ``(loss, terms)``,
+    ``terms`` the dict of the unweighted ``"crf"``, ``"volumetric"``,
+    ``"positional"`` (and, with ``use_negative``, ``"negative"``) losses.
 
     Shape:
         fg_probs (B, H, W) or (B, 1, H, W) object probabilities; image (B, 3, H, W)
