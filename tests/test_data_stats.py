@@ -36,12 +36,14 @@ def test_statistics_of_known_samples():
     assert "three" in report and "n/a" in report
 
 
-def test_coverage_counts_pixel_centres():
+def test_coverage_counts_the_pixels_of_the_box_convention():
     cover = coverage_count(np.array([[0, 0, 2, 2], [1, 1, 3, 3], [0.6, 0, 1.4, 1]]), 4, 4)
     expected = np.zeros((4, 4), int)
     expected[0:2, 0:2] += 1
     expected[1:3, 1:3] += 1
-    np.testing.assert_array_equal(cover, expected)  # the thin third box covers no pixel centre
+    # The thin third box holds no pixel centre: like every box op, it covers the pixel holding its midpoint.
+    expected[0, 1] += 1
+    np.testing.assert_array_equal(cover, expected)
 
 
 def test_labels_outside_the_classes_raise():

@@ -81,7 +81,8 @@ class DatasetStatistics:
 
 
 def coverage_count(boxes: np.ndarray, height: int, width: int) -> np.ndarray:
-    """(H, W) int32: how many boxes cover each pixel centre (a 2-D difference array, no per-pixel loop)."""
+    """(H, W) int32: how many boxes cover each pixel, by the box convention of :mod:`boxloss.ops.boxes` (a 2-D
+    difference array, no per-pixel loop)."""
     diff = np.zeros((height + 1, width + 1), np.int32)
     for box in boxes:
         r0, r1, c0, c1 = box_pixel_ranges(box, height, width)
