@@ -68,10 +68,13 @@ def test_resize_is_tangs(scale_factor):
     p, im, m = _resize_like_tang(probs, image, valid, scale_factor)
     size = (int(24 * scale_factor),) * 2
     assert p.shape[2:] == im.shape[2:] == m.shape[1:] == size and m.dtype == torch.bool
-    torch.testing.assert_close(p, F.interpolate(probs, size=size, mode="bilinear", align_corners=False))
-    rows = torch.floor(torch.arange(size[0]) / scale_factor).long()
-    torch.testing.assert_close(im, image[:, :, rows][:, :, :, rows])
-    assert torch.equal(m, valid[:, rows][:, :, rows])
+    torch.testing.assert_close(p, F.interpolate(probs, scale_factor=scale_factor, mode="bilinear",
+                                                align_corners=False))
+    # Nearest neighbour: every output pixel is one input pixel, the same for the image and the mask.
+    nearest = F.interpolate(torch.arange(24.0 * 24).view(1, 1, 24, 24), scale_factor=scale_factor, mode="nearest")
+    index = nearest.long().flatten()
+    torch.testing.assert_close(im, image.flatten(2)[:, :, index].view_as(im))
+    assert torch.equal(m, valid.flatten(1)[:, index].view_as(m))
 
 
 # ----------------------------------------------------------------- against the exact Gaussian (documented tolerance)

@@ -11,6 +11,7 @@ from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 import boxloss  # noqa: E402
+from boxloss.ops.lattice import LatticeTensors  # noqa: E402
 from boxloss.reference import dense_crf_loss_lattice_reference  # noqa: E402
 from boxloss.reference.bilateral import lattice_filter_reference, permutohedral_lattice_reference  # noqa: E402
 from dense_crf_inputs import value_and_grad  # noqa: E402
@@ -71,9 +72,9 @@ def test_fuzz_lattice_and_filter_match_reference(problem, reverse):
     probs, image, kwargs = problem
     sigma_xy, sigma_rgb = kwargs["sigma_xy"], kwargs["sigma_rgb"]
     lattice = boxloss.PermutohedralLattice(image, sigma_xy, sigma_rgb)
-    ref = permutohedral_lattice_reference(image, sigma_xy, sigma_rgb)
-    assert torch.equal(lattice.tensors.splat_index, ref[0])
-    assert torch.equal(lattice.tensors.blur_neighbours, ref[2])
+    ref = LatticeTensors(*permutohedral_lattice_reference(image, sigma_xy, sigma_rgb))
+    assert torch.equal(lattice.tensors.splat_index, ref.splat_index)
+    assert torch.equal(lattice.tensors.blur_neighbours, ref.blur_neighbours)
     out = lattice.filter(probs, reverse=reverse)
     torch.testing.assert_close(out, lattice_filter_reference(probs, ref, reverse=reverse), rtol=1e-6, atol=1e-12)
     single_lattice = boxloss.PermutohedralLattice(image.float(), sigma_xy, sigma_rgb)
