@@ -1,9 +1,9 @@
 """Shared helpers for the boxloss kernel benchmarks.
 
-Everything here is independent of any particular op, so later benchmarks can
-reuse it:
+Everything here is independent of any particular op:
 
-* argument parsing helpers (``parse_sizes``, ``parse_int_list``, ``resolve_device``);
+* parsing helpers for the benchmarks' own options (``parse_sizes``, ``parse_int_list``,
+  ``resolve_device``; the shared command line is :mod:`benchmarks.cli`);
 * wall-clock timing with warm-up, median and min (``time_fn``);
 * copy bandwidth of the device (``copy_bandwidth``);
 * machine information (``machine_info``, ``format_machine_info``) and checks
@@ -27,6 +27,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -502,9 +503,16 @@ def mib(nbytes: float | None, digits: int = 2) -> str:
 
 
 def write_json(path: str | os.PathLike, payload: Any) -> Path:
+    """Writes ``payload`` as JSON atomically (a temporary file in the same folder, then a rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(payload, f, indent=2, sort_keys=False)
-        f.write("\n")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(payload, f, indent=2, sort_keys=False)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
     return path

@@ -5,7 +5,7 @@ all channels against 21 single-channel passes of the same lattice, and
 forward + backward of the loss at the sizes of Tang et al.'s training (B=12,
 C=21, 513 x 513, scale 0.5 and 1.0).  Run from the repository root:
 
-    python -m benchmarks.dense_crf            # the issue's sizes, CPU
+    python -m benchmarks.dense_crf            # default sizes, CPU
     python -m benchmarks.dense_crf --quick    # smoke test
     python -m benchmarks.dense_crf --device cuda
 
@@ -15,7 +15,7 @@ that follow the objects, through a softmax.  Timings are medians after a
 warm-up (the one-pass filter and the 21 single passes alternate call by call,
 3 x --repeats rounds, so that both see the same load); CPU peak memory comes
 from fresh child processes (as in
-benchmarks/sparse_crf.py).  Targets at the end: build + 21-channel filter under
+benchmarks/sparse_crf.py).  Checked at the end: build + 21-channel filter under
 0.3 s per megapixel on one core, and one pass over 21 channels at least 5x
 faster than 21 single-channel passes.
 
@@ -31,17 +31,14 @@ logits) against the brute-force loss.
 
 from __future__ import annotations
 
-import argparse
 import functools
-import json
 import sys
-import time
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from benchmarks import common
+from benchmarks import cli, common
 
 MODULE = "benchmarks.dense_crf"
 SIGMA_XY = 80.0
@@ -152,7 +149,7 @@ def measure_accuracy(size: int, sigmas, seeds) -> list[dict]:
     return rows
 
 
-def render_accuracy(rows) -> str:
+def render_accuracy(rows):
     headers = ["sigma_xy", "sigma_rgb", "filter raw", "lattice scale", "after scale", "normalised", "original raw",
                "loss value", "loss grad", "grad cosine"]
     body = []
@@ -163,7 +160,7 @@ def render_accuracy(rows) -> str:
             "n/a" if r["original_raw"] is None else f"{r['original_raw']:.3f}",
             f"{r['loss']:.4f}", f"{r['gradient']:.3f}", f"{r['cosine']:.4f}",
         ])
-    return common.format_table(headers, body)
+    return headers, body
 
 
 # --------------------------------------------------------------------------- filter timing
@@ -203,7 +200,7 @@ def time_filter(size: int, device, repeats: int, warmup: int, max_seconds: float
     }
 
 
-def render_filter(rows) -> str:
+def render_filter(rows):
     headers = ["image", "threads", "sigma_xy", "lattice points", "build ms", "21-ch filter ms", "21 x 1-ch ms",
                "one-pass speed-up", "build+21ch s/MP", "other CPU use"]
     body = []
@@ -215,7 +212,7 @@ def render_filter(rows) -> str:
             f"{r['per_megapixel_s']:.3f}",
             "n/a" if r["other_cpu_use"] is None else f"{r['other_cpu_use']:.0%}",
         ])
-    return common.format_table(headers, body)
+    return headers, body
 
 
 # --------------------------------------------------------------------------- loss timing
@@ -237,18 +234,13 @@ def make_step(cell, device, dtype=torch.float32, seed=0):
     return step, clear, probs
 
 
-def _memory_child(payload: dict) -> int:
-    try:
-        torch.set_num_threads(int(payload["threads"]))
-        step, clear, _ = make_step(tuple(payload["cell"]), "cpu", seed=payload["seed"])
-        result = common.cpu_peak_extra_bytes(step, cleanup=clear)
-    except Exception as exc:  # reported to the parent, which prints n/a
-        result = {"ok": False, "reason": f"{type(exc).__name__}: {exc}"}
-    common.child_report(result)
-    return 0
+def _memory_child(payload: dict) -> dict:
+    torch.set_num_threads(int(payload["threads"]))
+    step, clear, _ = make_step(tuple(payload["cell"]), "cpu", seed=payload["seed"])
+    return common.cpu_peak_extra_bytes(step, cleanup=clear)
 
 
-def render_loss(rows) -> str:
+def render_loss(rows):
     headers = ["B x C x H x W", "scale", "lattice size", "fwd+bwd ms med (min)", "ms / image", "MP/s (loss res.)",
                "peak extra MiB", "probs MiB", "other CPU use"]
     body = []
@@ -260,71 +252,45 @@ def render_loss(rows) -> str:
             f"{r['megapixels_per_s']:.2f}", common.mib(r["peak_extra_bytes"]), common.mib(r["probs_bytes"]),
             "n/a" if r["other_cpu_use"] is None else f"{r['other_cpu_use']:.0%}",
         ])
-    return common.format_table(headers, body)
+    return headers, body
 
 
-# --------------------------------------------------------------------------- main
+# --------------------------------------------------------------------------- run
 
 
-def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m benchmarks.dense_crf", description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--repeats", type=int, default=None, help="timed repeats (default 7; 3 with --quick)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed calls (default 2; 1 with --quick)")
-    p.add_argument("--max-seconds", type=float, default=None, help="timed seconds per measurement (default 20)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", default=None)
-    p.add_argument("--no-memory", action="store_true")
+def add_arguments(p) -> None:
     p.add_argument("--no-accuracy", action="store_true", help="skip the brute-force accuracy table")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads for the loss timings and the second filter row (default: torch's)")
-    p.add_argument("--quick", action="store_true")
-    args = p.parse_args(argv)
+
+
+def check(args, p) -> None:
     if args.threads is not None and args.threads < 1:
         p.error("--threads must be >= 1")
     args.filter_size = QUICK_FILTER_SIZE if args.quick else FILTER_SIZE
     args.loss_cells = QUICK_LOSS_CELLS if args.quick else LOSS_CELLS
-    args.repeats = args.repeats or (3 if args.quick else 7)
-    args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
-    args.max_seconds = args.max_seconds or (2.0 if args.quick else 20.0)
-    return args
 
 
-def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] == common.CHILD_FLAG:
-        return _memory_child(json.loads(argv[1]))
-    args = parse_args(argv)
-    device = common.resolve_device(args.device)
-    if device is None:
-        return 0
+def run(args, device, info) -> cli.Result:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    t0 = time.perf_counter()
-    info = common.machine_info(device)
-    print(common.format_machine_info(info))
-    if info.get("boxloss_extension_loaded") is not True:
-        print("WARNING: the boxloss extension is not loaded; the numbers are the PyTorch reference's.")
-    busy = common.busy_machine_warning(common.cpu_busy_fraction(), "before the benchmark")
-    if busy:
-        print(busy)
-
+    tables = []
     accuracy = []
     if not args.no_accuracy:
         sigmas = ACCURACY_SIGMAS[:1] if args.quick else ACCURACY_SIGMAS
         seeds = ACCURACY_SEEDS[:1] if args.quick else ACCURACY_SEEDS
         size = 32 if args.quick else ACCURACY_SIZE
         accuracy = measure_accuracy(size, sigmas, seeds)
-        print(f"\nLattice against the exact Gaussian (brute force), {size}x{size} natural images, worst of "
-              f"{len(seeds)} (relative L2 errors; loss value: relative error):")
-        print(render_accuracy(accuracy))
+        tables.append(cli.Table(
+            f"Lattice against the exact Gaussian (brute force), {size}x{size} natural images, worst of {len(seeds)} "
+            "(relative L2 errors; loss value: relative error)", *render_accuracy(accuracy)))
 
     threads = sorted({1, torch.get_num_threads()})
     filter_rows = [time_filter(args.filter_size, device, args.repeats, args.warmup, args.max_seconds, t)
                    for t in (threads if device.type == "cpu" else [torch.get_num_threads()])]
-    print(f"\nLattice build and filter, {CHANNELS} channels, float32, sigma_xy {SIGMA_XY} x size/513, "
-          f"sigma_rgb {SIGMA_RGB}:")
-    print(render_filter(filter_rows))
+    tables.append(cli.Table(
+        f"Lattice build and filter, {CHANNELS} channels, float32, sigma_xy {SIGMA_XY} x size/513, "
+        f"sigma_rgb {SIGMA_RGB}", *render_filter(filter_rows)))
 
     memory = {}
     if not args.no_memory and device.type == "cpu":
@@ -353,43 +319,45 @@ def main(argv=None) -> int:
             "probs_bytes": probs.numel() * probs.element_size(), "other_cpu_use": other,
         })
         del step, probs
-    print(f"\nDenseCRF loss forward + backward (float32, softmax probabilities, sigma_rgb {SIGMA_RGB}, "
-          f"sigma_xy {SIGMA_XY} at full resolution, {torch.get_num_threads()} threads):")
-    print(render_loss(loss_rows))
+    tables.append(cli.Table(
+        f"DenseCRF loss forward + backward (float32, softmax probabilities, sigma_rgb {SIGMA_RGB}, "
+        f"sigma_xy {SIGMA_XY} at full resolution, {torch.get_num_threads()} threads)", *render_loss(loss_rows)))
 
     one_core = [r for r in filter_rows if r["threads"] == 1]
-    lines, targets = [], {}
+    lines, checks = [], {}
     if one_core:
         r = one_core[0]
-        targets["per_megapixel_met"] = r["per_megapixel_s"] < PER_MP_TARGET_S
+        checks["per_megapixel_met"] = r["per_megapixel_s"] < PER_MP_TARGET_S
         lines.append(f"build + 21-channel filter < {PER_MP_TARGET_S} s per megapixel on one core: "
-                     f"{'MET' if targets['per_megapixel_met'] else 'NOT MET'} ({r['per_megapixel_s']:.3f} s/MP)")
+                     f"{'yes' if checks['per_megapixel_met'] else 'NO'} ({r['per_megapixel_s']:.3f} s/MP)")
     for r in filter_rows:
         met = r["one_pass_speedup"] >= ONE_PASS_TARGET
-        targets[f"one_pass_met_{r['threads']}_threads"] = met
+        checks[f"one_pass_met_{r['threads']}_threads"] = met
         lines.append(f"one pass over 21 channels >= {ONE_PASS_TARGET:g}x faster than 21 single-channel passes "
-                     f"({r['threads']} thread{'s' if r['threads'] > 1 else ''}): {'MET' if met else 'NOT MET'} "
+                     f"({r['threads']} thread{'s' if r['threads'] > 1 else ''}): {'yes' if met else 'NO'} "
                      f"({r['one_pass_speedup']:.1f}x)")
     if args.quick:
-        lines.append("(--quick sizes: the targets are set for 513 x 513)")
+        lines.append("(--quick sizes: the checks are set for 513 x 513)")
     noisy = [r for r in filter_rows + loss_rows if (r.get("other_cpu_use") or 0.0) > 0.15]
     if noisy:
         lines.append("WARNING: other processes used the CPUs during some measurements (column 'other CPU use'); "
                      "their timings are unreliable.")
-    print()
-    for line in lines:
-        print(line)
-    print(f"(total benchmark time {time.perf_counter() - t0:.1f} s)")
-    path = args.json or common.RESULTS_DIR / f"dense_crf_{device.type}{'_quick' if args.quick else ''}.json"
-    written = common.write_json(path, {
-        "benchmark": "dense_crf", "machine": info, "accuracy": accuracy, "filter": filter_rows, "loss": loss_rows,
-        "settings": {"sigma_xy": SIGMA_XY, "sigma_rgb": SIGMA_RGB, "channels": CHANNELS,
-                     "filter_size": args.filter_size, "loss_cells": [list(c) for c in args.loss_cells],
-                     "repeats": args.repeats, "warmup": args.warmup, "seed": args.seed, "dtype": "float32"},
-        "targets": targets, "lines": lines,
-    })
-    print(f"wrote {written}")
-    return 0
+    payload = {
+        "accuracy": accuracy, "filter": filter_rows, "loss": loss_rows, "checks": checks,
+        "constants": {"sigma_xy": SIGMA_XY, "sigma_rgb": SIGMA_RGB, "channels": CHANNELS,
+                      "filter_size": args.filter_size, "loss_cells": [list(c) for c in args.loss_cells]},
+    }
+    return cli.Result(tables, lines, payload)
+
+
+BENCHMARK = cli.Benchmark(
+    name="dense_crf", doc=__doc__, run=run, child=_memory_child, add_arguments=add_arguments, check=check,
+    defaults={"repeats": (7, 3), "warmup": (2, 1), "max_seconds": (20.0, 2.0)},
+)
+
+
+def main(argv=None) -> int:
+    return cli.main(BENCHMARK, argv)
 
 
 if __name__ == "__main__":
