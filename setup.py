@@ -25,6 +25,8 @@ from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_ARCH_LIST = "8.0;9.0+PTX"
+# The pinned tools of `pip install -e ".[dev]"`; .ci/run installs the same list.
+DEV_REQUIRES = ["ruff==0.17.6"]
 
 
 def env_flag(name):
@@ -159,10 +161,11 @@ setup(
     long_description=open(os.path.join(ROOT, "README.md")).read(),
     long_description_content_type="text/markdown",
     license="BSD-3-Clause",
+    license_files=["LICENSE"],
     python_requires=">=3.9",
     packages=find_packages(include=["boxloss", "boxloss.*"]),
     install_requires=["torch>=2.5", "numpy", "scipy", "pillow", "pycocotools", "opencv-python-headless", "pydensecrf2"],
-    extras_require={"test": ["pytest", "hypothesis", "expecttest", "scipy"]},
+    extras_require={"test": ["pytest", "hypothesis", "expecttest", "scipy"], "dev": DEV_REQUIRES},
     ext_modules=extensions(),
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     zip_safe=False,
