@@ -82,7 +82,7 @@ def test_resize_is_tangs(scale_factor):
 @pytest.mark.parametrize("sigma_xy, sigma_rgb", [(10.0, 15.0), (30.0, 15.0), (10.0, 40.0)])
 @pytest.mark.parametrize("with_mask", [False, True])
 def test_close_to_brute_force_on_natural_images(sigma_xy, sigma_rgb, with_mask):
-    # README, "Lattice accuracy": within 2 % in value and 15 % (relative L2) in
+    # docs/lattice.md, "Accuracy": within 2 % in value and 15 % (relative L2) in
     # gradient on natural images; the gradient through the softmax points the
     # same way (cosine > 0.99).
     logits, image, valid = natural_batch(1, 48, 4, seed=1, with_mask=with_mask)

@@ -146,7 +146,7 @@ def test_matches_kraehenbuehls_original_lattice(sigma_xy, sigma_rgb):
 
 
 def test_accuracy_against_brute_force_on_a_natural_image():
-    # The documented accuracy (README): the raw lattice output is a fairly
+    # The documented accuracy (docs/lattice.md): the raw lattice output is a fairly
     # constant fraction (about 0.55-0.6) of the exact Gaussian sum; normalised
     # filters filter(v) / filter(1), which CRF inference uses, are within a few
     # percent.  The original lattice has exactly this accuracy (test above).

@@ -1,5 +1,5 @@
-"""boxloss uncertainty losses (CPU kernels) against the references written
-from ../shared/papers/004 (Eq. 2-3, 8-11, 13-16)."""
+"""boxloss uncertainty losses (CPU kernels) against the references written from Neven et al.,
+"Weakly-Supervised Semantic Segmentation by Learning Label Uncertainty", arXiv:2110.05926 (Eq. 2-3, 8-11, 13-16)."""
 
 from __future__ import annotations
 

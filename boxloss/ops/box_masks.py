@@ -53,7 +53,7 @@ def boxes_to_masks(
     """Rasterises packed boxes (labels 1..L) onto (B, H, W) maps.
 
     Args:
-        boxes, box_batch, box_labels: packed boxes (:mod:`boxloss.boxes`); labels
+        boxes, box_batch, box_labels: packed boxes (:mod:`boxloss.ops.boxes`); labels
             are class channels in [1, num_classes]; 0 is the background.
         size: (H, W) of the map, or (B, H, W).
         num_classes: L, the number of object classes (the result has L + 1 channels).

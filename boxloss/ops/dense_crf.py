@@ -88,13 +88,13 @@ def dense_crf_loss(
     scale 0.5 with the default sigmas (8e8 at scale 1), so their 2e-9 is about
     0.1 here.
 
-    W is applied with the permutohedral lattice (:mod:`boxloss.lattice`, the
+    W is applied with the permutohedral lattice (:mod:`boxloss.ops.lattice`, the
     filter Tang et al. use): ``W = (L + L^T)/2 - diag(c)``, the lattice filter
     symmetrised over its two blur orders, minus the self-affinity ``c_i`` the
     lattice is known to give each pixel (a lower bound of its own weight, so
     every entry of W stays >= 0 and ``E >= 0`` exactly).  The loss then
     matches the exact Gaussian (brute force) to about 1-2 % on natural
-    images (README table); the lattice's overall scale cancels in ``E / Z``.
+    images (docs/lattice.md); the lattice's overall scale cancels in ``E / Z``.
 
     Gradient: :math:`\partial E / \partial S_k = W \mathbf 1 - 2 W S_k` at
     valid pixels (0 elsewhere), divided by ``Z`` when normalised.  ``W 1`` is
