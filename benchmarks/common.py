@@ -29,8 +29,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable
 
 import torch
 
@@ -288,7 +289,7 @@ class OtherCpuUse:
         t = os.times()
         return sum(fields), sum(fields) - idle, t.user + t.system
 
-    def start(self) -> "OtherCpuUse":
+    def start(self) -> OtherCpuUse:
         try:
             self._start = self._sample()
         except (OSError, ValueError, IndexError):

@@ -7,7 +7,7 @@ function, the argument and what it got.
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 

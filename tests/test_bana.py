@@ -8,11 +8,11 @@ import pytest
 import torch
 
 import boxloss
+from bana_inputs import make_bana_boxes, make_features
 from boxloss.reference.background_attention import (
     background_attention_reference,
     background_aware_pool_reference,
 )
-from bana_inputs import make_bana_boxes, make_features
 
 B, D, h, w, SCALE = 3, 6, 9, 11, 0.5
 IMAGE_H, IMAGE_W = 18, 22

@@ -9,14 +9,14 @@ import pytest
 import torch
 
 import boxloss
+from box_inputs import make_boxes
 from boxloss.losses import box2seg
-from boxloss.recipes import baselines
-from boxloss.ops.box_masks import box_priority, boxes_to_masks
-from boxloss.reference.boxes import box_front_index_reference
 from boxloss.metrics import confusion_matrix, fbeta_score, fill_rate_statistics, iou_table, mean_iou
+from boxloss.ops.box_masks import box_priority, boxes_to_masks
+from boxloss.recipes import baselines
 from boxloss.recipes.pseudo_labels import merge_box_masks
 from boxloss.reference import box2seg as ref
-from box_inputs import make_boxes
+from boxloss.reference.boxes import box_front_index_reference
 
 
 def _net_outputs(B=2, L=3, H=9, W=10, d=5, seed=0):

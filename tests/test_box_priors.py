@@ -9,15 +9,15 @@ import pytest
 import torch
 
 import boxloss
+from box_inputs import make_boxes, make_probs
+from boxloss.ops.boxes import box_pixel_ranges as box_ranges
 from boxloss.reference.box_priors import (
     box_row_col_max_reference,
     mil_box_loss_reference,
     projection_loss_reference,
     tight_box_loss_reference,
 )
-from boxloss.ops.boxes import box_pixel_ranges as box_ranges
 from boxloss.reference.boxes import box_pixel_ranges
-from box_inputs import make_boxes, make_probs
 
 OP = torch.ops.boxloss.box_row_col_max.default
 OP_BACKWARD = torch.ops.boxloss._box_row_col_max_backward.default

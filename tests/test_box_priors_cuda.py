@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import boxloss
-from boxloss.reference.box_priors import box_row_col_max_reference
 from box_inputs import make_boxes, make_probs
+from boxloss.reference.box_priors import box_row_col_max_reference
 
 pytestmark = pytest.mark.cuda
 

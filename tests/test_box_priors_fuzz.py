@@ -14,13 +14,13 @@ from hypothesis import given  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 import boxloss  # noqa: E402
+from box_inputs import make_probs  # noqa: E402
 from boxloss.reference.box_priors import (  # noqa: E402
     box_row_col_max_reference,
     mil_box_loss_reference,
     projection_loss_reference,
     tight_box_loss_reference,
 )
-from box_inputs import make_probs  # noqa: E402
 
 COORD = st.one_of(
     st.floats(-20, 60, allow_nan=False),

@@ -11,9 +11,9 @@ from scipy import ndimage
 
 import boxloss.data.synthetic as synthetic
 from boxloss.data import (
+    VOID,
     SyntheticBoxDataset,
     SyntheticConfig,
-    VOID,
     boxes_from_instances,
     cache_path,
     cache_root,

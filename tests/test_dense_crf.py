@@ -13,7 +13,6 @@ import torch.nn.functional as F
 
 import boxloss
 from boxloss.reference import dense_crf_loss_lattice_reference, dense_crf_loss_reference
-from boxloss.reference.bilateral import bilateral_filter_brute_force
 from dense_crf_inputs import at_scale, natural_batch, random_inputs, relative_error, value_and_grad
 
 OP = torch.ops.boxloss.dense_crf_loss.default
@@ -177,8 +176,11 @@ def test_gradient_is_w1_minus_2ws_and_tangs_through_softmax():
     kwargs = dict(sigma_xy=6.0, sigma_rgb=15.0, normalize=False)
     x = logits.clone().requires_grad_()
     boxloss.dense_crf_loss(x.softmax(1), image, **kwargs).backward()
-    from boxloss.reference.bilateral import permutohedral_lattice_reference, lattice_filter_reference, \
-        self_affinity_lower_bound
+    from boxloss.reference.bilateral import (
+        lattice_filter_reference,
+        permutohedral_lattice_reference,
+        self_affinity_lower_bound,
+    )
 
     lattice = permutohedral_lattice_reference(image, 6.0, 15.0)
     splat_weight = lattice[1]

@@ -16,7 +16,6 @@ from boxloss.reference import dense_crf_loss_lattice_reference  # noqa: E402
 from boxloss.reference.bilateral import lattice_filter_reference, permutohedral_lattice_reference  # noqa: E402
 from dense_crf_inputs import value_and_grad  # noqa: E402
 
-
 # Each example runs the PyTorch reference lattice (slow): a third of the
 # profile's examples keeps the file within a few seconds.
 _REFERENCE_EXAMPLES = max(10, settings().max_examples // 3)

@@ -11,7 +11,6 @@ import pytest
 import torch
 
 import boxloss
-from boxloss.reference import sparse_crf_loss_reference
 from sparse_crf_inputs import make_inputs, op_value_and_grad, reference_value_and_grad
 
 OP = torch.ops.boxloss.sparse_crf_loss.default

@@ -12,8 +12,8 @@ should see the same thing from all three. Conventions (the library's):
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -150,7 +150,7 @@ class BoxBatch:
     boxes_dropped: int = 0
     boxes_clipped: int = 0
 
-    def to(self, device) -> "BoxBatch":
+    def to(self, device) -> BoxBatch:
         """The batch with every tensor moved to ``device``."""
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
         return BoxBatch(move(self.images), move(self.masks), move(self.has_mask), move(self.valid), move(self.boxes),

@@ -19,6 +19,7 @@ from torch import nn
 
 from boxloss import _checks
 
+
 def _probs(fn, name, x, channels=None):
     _checks.check_tensor(fn, name, x, dim=4, layout="(B, C, H, W)")
     _checks.check_float_dtype(fn, name, x)

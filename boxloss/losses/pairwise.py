@@ -4,7 +4,7 @@ the DenseCRF loss on the permutohedral lattice (:func:`boxloss.dense_crf_loss`).
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn

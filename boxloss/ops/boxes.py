@@ -29,7 +29,8 @@ the same closed form for one box on the host (datasets, box crops, baselines).
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 

@@ -32,7 +32,6 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import nn
 
 from boxloss import _checks, _fallback
 from boxloss._extension import extension_loaded

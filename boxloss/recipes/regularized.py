@@ -115,7 +115,7 @@ class RegularizedLoss(nn.Module):
         self.distributed = bool(distributed)
 
     @classmethod
-    def paper(cls, variant: str, **overrides) -> "RegularizedLoss":
+    def paper(cls, variant: str, **overrides) -> RegularizedLoss:
         """The settings of Table 1: ``"ours"`` (centre prior, Eq. 3), ``"ours(T)"``
         (tight-box prior, Eq. 6) or ``"ours(T+N)"`` (Eq. 6 plus the negative loss)."""
         _checks.check_choice("RegularizedLoss.paper", "variant", variant, tuple(PAPER_VARIANTS))
