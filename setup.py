@@ -149,8 +149,10 @@ def extensions():
             extra_link_args=link_flags,
         )
     write_build_info(with_cuda, arch_list)
-    print(f"boxloss: building {'CPU and CUDA' if with_cuda else 'CPU'} kernels"
-          + (f" for TORCH_CUDA_ARCH_LIST={arch_list}" if with_cuda else ""))
+    print(
+        f"boxloss: building {'CPU and CUDA' if with_cuda else 'CPU'} kernels"
+        + (f" for TORCH_CUDA_ARCH_LIST={arch_list}" if with_cuda else "")
+    )
     return [ext]
 
 

@@ -65,8 +65,9 @@ def run(args, device, info) -> cli.Result:
     cells = [(s, side) for s in sizes for side in SIDES if side != "brute-force" or s * s <= BRUTE_FORCE_MAX_PIXELS]
     mem = {}
     if not args.no_memory:
-        payloads = [{"size": s, "side": side, "seed": args.seed, "threads": torch.get_num_threads()}
-                    for s, side in cells]
+        payloads = [
+            {"size": s, "side": side, "seed": args.seed, "threads": torch.get_num_threads()} for s, side in cells
+        ]
         mem = dict(zip(cells, common.run_children(MODULE, payloads, workers=1)))
     rows = []
     for s in sizes:
@@ -77,21 +78,37 @@ def run(args, device, info) -> cli.Result:
                 row.update(median_s=None, peak_extra_bytes=None, note="not run: m x m matrices do not fit")
             else:
                 step, clear = make_step(side, emb, probs)
-                timing = common.time_fn(step, repeats=args.repeats, warmup=args.warmup, setup=clear,
-                                        max_seconds=args.max_seconds)
+                timing = common.time_fn(
+                    step, repeats=args.repeats, warmup=args.warmup, setup=clear, max_seconds=args.max_seconds
+                )
                 m = mem.get((s, side), {})
-                row.update(median_s=timing["median_s"], min_s=timing["min_s"],
-                           peak_extra_bytes=m.get("peak_extra") if m.get("ok") else None)
+                row.update(
+                    median_s=timing["median_s"],
+                    min_s=timing["min_s"],
+                    peak_extra_bytes=m.get("peak_extra") if m.get("ok") else None,
+                )
             rows.append(row)
-    body = [[r["size"], r["side"], "n/a" if r["median_s"] is None else f"{r['median_s'] * 1e3:.1f}",
-             common.mib(r["peak_extra_bytes"]), r.get("note", "")] for r in rows]
+    body = [
+        [
+            r["size"],
+            r["side"],
+            "n/a" if r["median_s"] is None else f"{r['median_s'] * 1e3:.1f}",
+            common.mib(r["peak_extra_bytes"]),
+            r.get("note", ""),
+        ]
+        for r in rows
+    ]
     title = f"affinity_loss forward + backward, embeddings d = {D}, classes C = {C}, batch 1, float32"
     table = cli.Table(title, ["size", "mode", "fwd+bwd ms (median)", "peak extra MiB", "note"], body)
     return cli.Result([table], [], {"rows": rows, "d": D, "C": C})
 
 
 BENCHMARK = cli.Benchmark(
-    name="affinity", doc=__doc__, run=run, child=_child, devices=("cpu",),
+    name="affinity",
+    doc=__doc__,
+    run=run,
+    child=_child,
+    devices=("cpu",),
     defaults={"repeats": (7, 3), "warmup": (1, 1), "max_seconds": (20.0, 20.0)},
 )
 

@@ -55,10 +55,12 @@ def make_step(side, f, boxes, batch, scale):
             pooled, att = module(f, boxes, batch)
             queries = att.queries
         else:
-            attention, queries, _, _ = background_attention_reference(f, boxes, batch, grid_size=GRID,
-                                                                      spatial_scale=scale)
-            pooled = background_aware_pool_reference(f, attention, boxes, batch, output_size=OUTPUT,
-                                                     spatial_scale=scale)
+            attention, queries, _, _ = background_attention_reference(
+                f, boxes, batch, grid_size=GRID, spatial_scale=scale
+            )
+            pooled = background_aware_pool_reference(
+                f, attention, boxes, batch, output_size=OUTPUT, spatial_scale=scale
+            )
         (pooled.sum() + queries.sum()).backward()
 
     def clear():
@@ -88,37 +90,74 @@ def run(args, device, info) -> cli.Result:
     keys = [(c, side) for c in cells for side in sides]
     mem = {}
     if not args.no_memory:
-        mem = dict(zip(keys, common.run_children(MODULE, [{"cell": list(c), "side": s, "seed": args.seed, "threads": threads}
-                                                          for c, s in keys], workers=1)))
+        mem = dict(
+            zip(
+                keys,
+                common.run_children(
+                    MODULE,
+                    [{"cell": list(c), "side": s, "seed": args.seed, "threads": threads} for c, s in keys],
+                    workers=1,
+                ),
+            )
+        )
     rows = []
     for c in cells:
         f, boxes, batch, scale = make_inputs(c, seed=args.seed)
         medians = {}
         for side in sides:
             step, clear = make_step(side, f, boxes, batch, scale)
-            timing = common.time_fn(step, repeats=args.repeats, warmup=args.warmup, setup=clear,
-                                    max_seconds=args.max_seconds)
+            timing = common.time_fn(
+                step, repeats=args.repeats, warmup=args.warmup, setup=clear, max_seconds=args.max_seconds
+            )
             medians[side] = timing["median_s"]
             m = mem.get((c, side), {"reason": "--no-memory"})
-            rows.append({"B": c[0], "D": c[1], "size": f"{c[2]}x{c[3]}", "boxes_per_image": c[4], "side": side,
-                         "median_s": timing["median_s"], "min_s": timing["min_s"], "repeats": timing["repeats"],
-                         "peak_extra_bytes": m.get("peak_extra") if m.get("ok") else None,
-                         "memory_note": None if m.get("ok") else m.get("reason")})
+            rows.append(
+                {
+                    "B": c[0],
+                    "D": c[1],
+                    "size": f"{c[2]}x{c[3]}",
+                    "boxes_per_image": c[4],
+                    "side": side,
+                    "median_s": timing["median_s"],
+                    "min_s": timing["min_s"],
+                    "repeats": timing["repeats"],
+                    "peak_extra_bytes": m.get("peak_extra") if m.get("ok") else None,
+                    "memory_note": None if m.get("ok") else m.get("reason"),
+                }
+            )
         if len(sides) == 2:
             rows[-1]["speedup"] = None
             rows[-2]["speedup"] = medians["reference"] / medians["fused"]
-    body = [[r["B"], r["D"], r["size"], r["boxes_per_image"], r["side"], f"{r['median_s'] * 1e3:.1f}",
-             "" if r.get("speedup") is None else f"{r['speedup']:.1f}x", common.mib(r["peak_extra_bytes"])]
-            for r in rows]
-    title = (f"Background attention (grid {GRID}x{GRID}) + background-aware pooling ({OUTPUT}x{OUTPUT}) forward + "
-             f"backward, float32, {threads} threads")
-    table = cli.Table(title, ["B", "D", "h x w", "boxes/img", "side", "fwd+bwd ms (median)", "speed-up",
-                              "peak extra MiB"], body)
+    body = [
+        [
+            r["B"],
+            r["D"],
+            r["size"],
+            r["boxes_per_image"],
+            r["side"],
+            f"{r['median_s'] * 1e3:.1f}",
+            "" if r.get("speedup") is None else f"{r['speedup']:.1f}x",
+            common.mib(r["peak_extra_bytes"]),
+        ]
+        for r in rows
+    ]
+    title = (
+        f"Background attention (grid {GRID}x{GRID}) + background-aware pooling ({OUTPUT}x{OUTPUT}) forward + "
+        f"backward, float32, {threads} threads"
+    )
+    table = cli.Table(
+        title, ["B", "D", "h x w", "boxes/img", "side", "fwd+bwd ms (median)", "speed-up", "peak extra MiB"], body
+    )
     return cli.Result([table], [], {"rows": rows})
 
 
 BENCHMARK = cli.Benchmark(
-    name="background_attention", doc=__doc__, run=run, child=_child, add_arguments=add_arguments, devices=("cpu",),
+    name="background_attention",
+    doc=__doc__,
+    run=run,
+    child=_child,
+    add_arguments=add_arguments,
+    devices=("cpu",),
     defaults={"repeats": (5, 3), "warmup": (1, 1), "max_seconds": (30.0, 30.0)},
 )
 

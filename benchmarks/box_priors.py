@@ -57,8 +57,10 @@ def loss_fn(loss: str, side: str):
     from boxloss.reference import box_priors as ref
 
     table = {
-        ("tight", "fused"): boxloss.tight_box_loss, ("tight", "reference"): ref.tight_box_loss_reference,
-        ("mil", "fused"): boxloss.mil_box_loss, ("mil", "reference"): ref.mil_box_loss_reference,
+        ("tight", "fused"): boxloss.tight_box_loss,
+        ("tight", "reference"): ref.tight_box_loss_reference,
+        ("mil", "fused"): boxloss.mil_box_loss,
+        ("mil", "reference"): ref.mil_box_loss_reference,
     }
     return table[(loss, side)]
 
@@ -97,8 +99,10 @@ def _memory_child(payload: dict) -> dict:
 def run(args, device, info) -> cli.Result:
     cells = QUICK_CELLS if args.quick else DEFAULT_CELLS
     bw = common.copy_bandwidth(device, mib=32 if args.quick else 256)
-    lines = [f"copy bandwidth ({device.type}): {bw['gbps']:.1f} GB/s measured; nominal figure "
-             f"{REFERENCE_BANDWIDTH_GBPS:.0f} GB/s"]
+    lines = [
+        f"copy bandwidth ({device.type}): {bw['gbps']:.1f} GB/s measured; nominal figure "
+        f"{REFERENCE_BANDWIDTH_GBPS:.0f} GB/s"
+    ]
 
     memory = {}
     if not args.no_memory and device.type == "cpu":
@@ -107,8 +111,15 @@ def run(args, device, info) -> cli.Result:
             for loss in LOSSES:
                 for side in SIDES:
                     keys.append((cell, loss, side))
-                    payloads.append({"cell": list(cell), "loss": loss, "side": side, "seed": args.seed,
-                                     "threads": torch.get_num_threads()})
+                    payloads.append(
+                        {
+                            "cell": list(cell),
+                            "loss": loss,
+                            "side": side,
+                            "seed": args.seed,
+                            "threads": torch.get_num_threads(),
+                        }
+                    )
         memory = dict(zip(keys, common.run_children(MODULE, payloads)))
 
     rows = []
@@ -116,57 +127,97 @@ def run(args, device, info) -> cli.Result:
         B, C, H, W, n = cell
         probs, boxes, batch, labels = make_inputs(B, C, H, W, n, device, seed=args.seed)
         for loss in LOSSES:
-            row = {"size": f"{B}x{C}x{H}x{W}", "boxes_per_image": n, "loss": loss, "device": str(device),
-                   "probs_bytes": probs.numel() * probs.element_size(),
-                   "bytes_moved": moved_bytes(loss, probs, boxes, batch, labels)}
+            row = {
+                "size": f"{B}x{C}x{H}x{W}",
+                "boxes_per_image": n,
+                "loss": loss,
+                "device": str(device),
+                "probs_bytes": probs.numel() * probs.element_size(),
+                "bytes_moved": moved_bytes(loss, probs, boxes, batch, labels),
+            }
             for side in SIDES:
                 step, clear = make_step(loss, side, probs, boxes, batch, labels)
-                timing = common.time_fn(step, device=device, repeats=args.repeats, warmup=args.warmup, setup=clear,
-                                        max_seconds=args.max_seconds)
+                timing = common.time_fn(
+                    step,
+                    device=device,
+                    repeats=args.repeats,
+                    warmup=args.warmup,
+                    setup=clear,
+                    max_seconds=args.max_seconds,
+                )
                 clear()
                 if device.type == "cuda" and not args.no_memory:
                     mem = common.cuda_peak_extra_bytes(step, device, cleanup=clear)
                     clear()
                 else:
                     mem = memory.get((cell, loss, side))
-                row[side] = {"timing": timing,
-                             "peak_extra_bytes": mem.get("peak_extra") if mem and mem.get("ok") else None}
+                row[side] = {
+                    "timing": timing,
+                    "peak_extra_bytes": mem.get("peak_extra") if mem and mem.get("ok") else None,
+                }
             row["speedup"] = row["reference"]["timing"]["median_s"] / row["fused"]["timing"]["median_s"]
             row["bandwidth_fraction"] = row["bytes_moved"] / bw["bytes_per_s"] / row["fused"]["timing"]["median_s"]
             rows.append(row)
         del probs, boxes
 
-    headers = ["loss", "size (BxCxHxW)", "boxes/img", "fused ms med (min)", "ref ms med (min)", "speed-up",
-               "fused peak MiB", "ref peak MiB", "probs MiB", "BW frac"]
+    headers = [
+        "loss",
+        "size (BxCxHxW)",
+        "boxes/img",
+        "fused ms med (min)",
+        "ref ms med (min)",
+        "speed-up",
+        "fused peak MiB",
+        "ref peak MiB",
+        "probs MiB",
+        "BW frac",
+    ]
     body = []
     for r in rows:
         ft, rt = r["fused"]["timing"], r["reference"]["timing"]
-        body.append([r["loss"], r["size"], r["boxes_per_image"],
-                     f"{ft['median_s'] * 1e3:.2f} ({ft['min_s'] * 1e3:.2f})",
-                     f"{rt['median_s'] * 1e3:.2f} ({rt['min_s'] * 1e3:.2f})", f"{r['speedup']:.1f}x",
-                     common.mib(r["fused"]["peak_extra_bytes"]), common.mib(r["reference"]["peak_extra_bytes"]),
-                     common.mib(r["probs_bytes"]), f"{r['bandwidth_fraction']:.2f}"])
+        body.append(
+            [
+                r["loss"],
+                r["size"],
+                r["boxes_per_image"],
+                f"{ft['median_s'] * 1e3:.2f} ({ft['min_s'] * 1e3:.2f})",
+                f"{rt['median_s'] * 1e3:.2f} ({rt['min_s'] * 1e3:.2f})",
+                f"{r['speedup']:.1f}x",
+                common.mib(r["fused"]["peak_extra_bytes"]),
+                common.mib(r["reference"]["peak_extra_bytes"]),
+                common.mib(r["probs_bytes"]),
+                f"{r['bandwidth_fraction']:.2f}",
+            ]
+        )
     checks = {}
     at64 = [r["speedup"] for r in rows if r["boxes_per_image"] == 64]
     at1 = [r["speedup"] for r in rows if r["boxes_per_image"] == 1]
     if at64:
         checks["speedup_at_64_met"] = min(at64) >= SPEEDUP_AT_64
-        lines.append(f">= {SPEEDUP_AT_64:g}x at 64 boxes per image: {'yes' if checks['speedup_at_64_met'] else 'NO'}"
-                     f" (min {min(at64):.1f}x)")
+        lines.append(
+            f">= {SPEEDUP_AT_64:g}x at 64 boxes per image: {'yes' if checks['speedup_at_64_met'] else 'NO'}"
+            f" (min {min(at64):.1f}x)"
+        )
     if at1:
         checks["no_slower_at_1_met"] = min(at1) >= 1.0
-        lines.append(f"no slower at 1 box per image: {'yes' if checks['no_slower_at_1_met'] else 'NO'}"
-                     f" (min {min(at1):.1f}x)")
+        lines.append(
+            f"no slower at 1 box per image: {'yes' if checks['no_slower_at_1_met'] else 'NO'} (min {min(at1):.1f}x)"
+        )
     if args.quick:
         lines.append("(--quick sizes: the checks are set for the default sizes)")
-    title = ("tight_box_loss and mil_box_loss forward + backward, float32, softmax probabilities, random boxes "
-             "10-60 % of the image")
+    title = (
+        "tight_box_loss and mil_box_loss forward + backward, float32, softmax probabilities, random boxes "
+        "10-60 % of the image"
+    )
     payload = {"copy_bandwidth": bw, "cells": [list(c) for c in cells], "rows": rows, "checks": checks}
     return cli.Result([cli.Table(title, headers, body)], lines, payload)
 
 
 BENCHMARK = cli.Benchmark(
-    name="box_priors", doc=__doc__, run=run, child=_memory_child,
+    name="box_priors",
+    doc=__doc__,
+    run=run,
+    child=_memory_child,
     defaults={"repeats": (15, 3), "warmup": (2, 1), "max_seconds": (15.0, 2.0)},
 )
 

@@ -52,8 +52,12 @@ class Table:
         def cell(value: Any) -> str:
             return str(value).replace("|", "\\|")
 
-        lines = [self.title, "", "| " + " | ".join(cell(h) for h in self.headers) + " |",
-                 "|" + "---|" * len(self.headers)]
+        lines = [
+            self.title,
+            "",
+            "| " + " | ".join(cell(h) for h in self.headers) + " |",
+            "|" + "---|" * len(self.headers),
+        ]
         lines += ["| " + " | ".join(cell(c) for c in row) + " |" for row in self.rows]
         return "\n".join(lines)
 
@@ -117,18 +121,34 @@ def parser(spec: Benchmark) -> argparse.ArgumentParser:
     defaults = {**_DEFAULTS, **spec.defaults}
     p = argparse.ArgumentParser(prog=f"python -m {spec.module}", description=spec.description)
     p.add_argument("--quick", action="store_true", help="tiny sizes and few repeats: a smoke test")
-    p.add_argument("--device", default="cpu",
-                   help=f"{' or '.join(spec.devices)} (default cpu)" if len(spec.devices) > 1 else "cpu only")
-    p.add_argument("--repeats", type=int, default=None,
-                   help="timed repeats per measurement (default %d; %d with --quick)" % defaults["repeats"])
-    p.add_argument("--warmup", type=int, default=None,
-                   help="untimed calls before timing (default %d; %d with --quick)" % defaults["warmup"])
-    p.add_argument("--max-seconds", type=float, default=None,
-                   help="cap on the timed seconds per measurement, at least 3 repeats (default %g; %g with --quick)"
-                   % defaults["max_seconds"])
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help=f"{' or '.join(spec.devices)} (default cpu)" if len(spec.devices) > 1 else "cpu only",
+    )
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help="timed repeats per measurement (default %d; %d with --quick)" % defaults["repeats"],
+    )
+    p.add_argument(
+        "--warmup",
+        type=int,
+        default=None,
+        help="untimed calls before timing (default %d; %d with --quick)" % defaults["warmup"],
+    )
+    p.add_argument(
+        "--max-seconds",
+        type=float,
+        default=None,
+        help="cap on the timed seconds per measurement, at least 3 repeats (default %g; %g with --quick)"
+        % defaults["max_seconds"],
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the inputs (default 0)")
-    p.add_argument("--json", default=None,
-                   help=f"output path (default benchmarks/results/{spec.name}_<device>[_quick].json)")
+    p.add_argument(
+        "--json", default=None, help=f"output path (default benchmarks/results/{spec.name}_<device>[_quick].json)"
+    )
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
     if spec.add_arguments is not None:
         spec.add_arguments(p)
@@ -182,10 +202,18 @@ def run(spec: Benchmark, argv: Sequence[str]) -> Report | None:
             print(line)
     seconds = time.perf_counter() - start
     print(f"(total benchmark time {seconds:.1f} s)")
-    path = Path(args.json) if args.json else (
-        common.RESULTS_DIR / f"{spec.name}_{device.type}{'_quick' if args.quick else ''}.json")
-    payload = {"benchmark": spec.name, "machine": info, "settings": _settings(args), **result.payload,
-               "lines": result.lines}
+    path = (
+        Path(args.json)
+        if args.json
+        else (common.RESULTS_DIR / f"{spec.name}_{device.type}{'_quick' if args.quick else ''}.json")
+    )
+    payload = {
+        "benchmark": spec.name,
+        "machine": info,
+        "settings": _settings(args),
+        **result.payload,
+        "lines": result.lines,
+    }
     print(f"wrote {common.write_json(path, payload)}")
     return Report(spec.name, spec.description, result, info, _settings(args), seconds, path)
 
@@ -227,8 +255,11 @@ def render_results(reports: Sequence[Report], argv: Sequence[str]) -> str:
         "",
     ]
     if quick:
-        lines += ["**These are the `--quick` sizes: a smoke test of the benchmarks, not measurements to quote.** "
-                  "Run `python -m benchmarks --write-results` on a quiet machine for the real tables.", ""]
+        lines += [
+            "**These are the `--quick` sizes: a smoke test of the benchmarks, not measurements to quote.** "
+            "Run `python -m benchmarks --write-results` on a quiet machine for the real tables.",
+            "",
+        ]
     lines += [
         f"- machine: {first['cpu_model']}, {first['cpu_count']} cores, {first['torch_threads']} torch threads"
         + (f", GPU {first['gpu_name']} (CUDA {first['cuda_version']})" if "gpu_name" in first else ""),
@@ -246,14 +277,19 @@ def render_results(reports: Sequence[Report], argv: Sequence[str]) -> str:
         lines += ["", f"## {report.name}", "", report.description, ""]
         busy = report.info.get("cpu_busy_before")
         if busy is not None and busy > 0.15:
-            lines += [f"Other processes kept {busy:.0%} of the CPUs busy when this benchmark started; its timings "
-                      "are unreliable.", ""]
+            lines += [
+                f"Other processes kept {busy:.0%} of the CPUs busy when this benchmark started; its timings "
+                "are unreliable.",
+                "",
+            ]
         for table in report.result.tables:
             lines += [table.markdown(), ""]
         if report.result.lines:
             lines += [f"- {line}" for line in report.result.lines]
             lines.append("")
-        lines.append(f"({report.seconds:.0f} s; raw numbers in `{os.path.relpath(report.json_path, common.REPO_ROOT)}`)")
+        lines.append(
+            f"({report.seconds:.0f} s; raw numbers in `{os.path.relpath(report.json_path, common.REPO_ROOT)}`)"
+        )
     return "\n".join(lines).rstrip() + "\n"
 
 

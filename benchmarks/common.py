@@ -63,12 +63,12 @@ DTYPES = {
 
 
 def parse_int_list(text: str) -> list[int]:
-    """"4,8" -> [4, 8]."""
+    """ "4,8" -> [4, 8]."""
     return [int(part) for part in text.split(",") if part.strip()]
 
 
 def parse_sizes(text: str) -> list[tuple[int, int, int, int]]:
-    """"8x21x128,16x2x256x128" -> [(8, 21, 128, 128), (16, 2, 256, 128)].
+    """ "8x21x128,16x2x256x128" -> [(8, 21, 128, 128), (16, 2, 256, 128)].
 
     Each size is BxCxS (square S x S) or BxCxHxW.
     """
@@ -183,8 +183,10 @@ def time_interleaved(steps: dict, *, device, repeats: int, warmup: int, max_seco
             break
     for _, clear in steps.values():
         clear()
-    return {side: {"median_s": statistics.median(t), "min_s": min(t), "max_s": max(t), "repeats": len(t),
-                   "times_s": t} for side, t in times.items()}
+    return {
+        side: {"median_s": statistics.median(t), "min_s": min(t), "max_s": max(t), "repeats": len(t), "times_s": t}
+        for side, t in times.items()
+    }
 
 
 def copy_bandwidth(device: torch.device | str = "cpu", mib: int = 256, repeats: int = 10, warmup: int = 2) -> dict:
@@ -230,9 +232,7 @@ def _cpu_model() -> str:
 def _git_revision() -> dict:
     def git(*args: str) -> str | None:
         try:
-            out = subprocess.run(
-                ["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10, check=True
-            )
+            out = subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10, check=True)
         except (OSError, subprocess.SubprocessError):
             return None
         return out.stdout.strip()
@@ -467,7 +467,7 @@ def run_child(module: str, payload: dict, *, timeout: float = 600.0, env_extra: 
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith(RESULT_MARKER):
             try:
-                return json.loads(line[len(RESULT_MARKER):])
+                return json.loads(line[len(RESULT_MARKER) :])
             except json.JSONDecodeError:
                 break
     tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]

@@ -84,8 +84,10 @@ def make_inputs(B, C, H, W, device="cpu", dtype=torch.float32, seed=0):
             im, lg = im.roll(H // 3, 1), lg.roll(H // 3, 1)
         images.append(im)
         logits.append(lg)
-    return (torch.stack(logits).to(device=device, dtype=dtype).contiguous(),
-            torch.stack(images).to(device=device, dtype=dtype).contiguous())
+    return (
+        torch.stack(logits).to(device=device, dtype=dtype).contiguous(),
+        torch.stack(images).to(device=device, dtype=dtype).contiguous(),
+    )
 
 
 # --------------------------------------------------------------------------- accuracy
@@ -115,9 +117,13 @@ def measure_accuracy(size: int, sigmas, seeds) -> list[dict]:
         cells = []
         for seed in seeds:
             logits, image = make_inputs(1, 4, size, size, dtype=torch.float64, seed=seed)
-            values = torch.cat([torch.rand(1, 3, size, size, dtype=torch.float64,
-                                           generator=torch.Generator().manual_seed(seed)),
-                                torch.ones(1, 1, size, size, dtype=torch.float64)], 1)
+            values = torch.cat(
+                [
+                    torch.rand(1, 3, size, size, dtype=torch.float64, generator=torch.Generator().manual_seed(seed)),
+                    torch.ones(1, 1, size, size, dtype=torch.float64),
+                ],
+                1,
+            )
             lattice = boxloss.bilateral_filter(values, image, sigma_xy, sigma_rgb)
             exact = bilateral_filter_brute_force(values, image, sigma_xy, sigma_rgb)
             scale = float((lattice * exact).sum() / (exact * exact).sum())
@@ -140,8 +146,10 @@ def measure_accuracy(size: int, sigmas, seeds) -> list[dict]:
             cell["gradient"] = _relative(x.grad, y.grad)
             cell["cosine"] = float(F.cosine_similarity(x.grad.flatten(), y.grad.flatten(), dim=0))
             cells.append(cell)
-        worst = {k: (max(c[k] for c in cells) if k != "cosine" else min(c[k] for c in cells))
-                 for k in ("raw", "after_scale", "normalised", "loss", "gradient", "cosine")}
+        worst = {
+            k: (max(c[k] for c in cells) if k != "cosine" else min(c[k] for c in cells))
+            for k in ("raw", "after_scale", "normalised", "loss", "gradient", "cosine")
+        }
         worst["scale"] = [round(c["scale"], 3) for c in cells]
         originals = [c["original_raw"] for c in cells if c["original_raw"] is not None]
         worst["original_raw"] = max(originals) if originals else None
@@ -150,16 +158,34 @@ def measure_accuracy(size: int, sigmas, seeds) -> list[dict]:
 
 
 def render_accuracy(rows):
-    headers = ["sigma_xy", "sigma_rgb", "filter raw", "lattice scale", "after scale", "normalised", "original raw",
-               "loss value", "loss grad", "grad cosine"]
+    headers = [
+        "sigma_xy",
+        "sigma_rgb",
+        "filter raw",
+        "lattice scale",
+        "after scale",
+        "normalised",
+        "original raw",
+        "loss value",
+        "loss grad",
+        "grad cosine",
+    ]
     body = []
     for r in rows:
-        body.append([
-            r["sigma_xy"], r["sigma_rgb"], f"{r['raw']:.3f}", "-".join(f"{s:.2f}" for s in r["scale"]),
-            f"{r['after_scale']:.3f}", f"{r['normalised']:.4f}",
-            "n/a" if r["original_raw"] is None else f"{r['original_raw']:.3f}",
-            f"{r['loss']:.4f}", f"{r['gradient']:.3f}", f"{r['cosine']:.4f}",
-        ])
+        body.append(
+            [
+                r["sigma_xy"],
+                r["sigma_rgb"],
+                f"{r['raw']:.3f}",
+                "-".join(f"{s:.2f}" for s in r["scale"]),
+                f"{r['after_scale']:.3f}",
+                f"{r['normalised']:.4f}",
+                "n/a" if r["original_raw"] is None else f"{r['original_raw']:.3f}",
+                f"{r['loss']:.4f}",
+                f"{r['gradient']:.3f}",
+                f"{r['cosine']:.4f}",
+            ]
+        )
     return headers, body
 
 
@@ -183,17 +209,29 @@ def time_filter(size: int, device, repeats: int, warmup: int, max_seconds: float
         # that both see the same load on a shared machine.
         nothing = lambda: None  # noqa: E731
         sides = common.time_interleaved(
-            {"one": (lambda: lattice.filter(values), nothing),
-             "single": (lambda: [lattice.filter(v) for v in single], nothing)},
-            device=device, repeats=3 * repeats, warmup=warmup, max_seconds=max_seconds)
+            {
+                "one": (lambda: lattice.filter(values), nothing),
+                "single": (lambda: [lattice.filter(v) for v in single], nothing),
+            },
+            device=device,
+            repeats=3 * repeats,
+            warmup=warmup,
+            max_seconds=max_seconds,
+        )
         one_pass, passes = sides["one"], sides["single"]
         other = monitor.stop()
     finally:
         torch.set_num_threads(previous)
     megapixels = size * size / 1e6
     return {
-        "size": size, "threads": threads, "sigma_xy": SIGMA_XY * size / 513, "sigma_rgb": SIGMA_RGB,
-        "vertices": lattice.num_vertices[0], "build": build, "filter_21": one_pass, "single_passes_21": passes,
+        "size": size,
+        "threads": threads,
+        "sigma_xy": SIGMA_XY * size / 513,
+        "sigma_rgb": SIGMA_RGB,
+        "vertices": lattice.num_vertices[0],
+        "build": build,
+        "filter_21": one_pass,
+        "single_passes_21": passes,
         "per_megapixel_s": (build["median_s"] + one_pass["median_s"]) / megapixels,
         "one_pass_speedup": passes["median_s"] / one_pass["median_s"],
         "other_cpu_use": other,
@@ -201,17 +239,34 @@ def time_filter(size: int, device, repeats: int, warmup: int, max_seconds: float
 
 
 def render_filter(rows):
-    headers = ["image", "threads", "sigma_xy", "lattice points", "build ms", "21-ch filter ms", "21 x 1-ch ms",
-               "one-pass speed-up", "build+21ch s/MP", "other CPU use"]
+    headers = [
+        "image",
+        "threads",
+        "sigma_xy",
+        "lattice points",
+        "build ms",
+        "21-ch filter ms",
+        "21 x 1-ch ms",
+        "one-pass speed-up",
+        "build+21ch s/MP",
+        "other CPU use",
+    ]
     body = []
     for r in rows:
-        body.append([
-            f"{r['size']}x{r['size']}", r["threads"], f"{r['sigma_xy']:.1f}", r["vertices"],
-            f"{r['build']['median_s'] * 1e3:.1f}", f"{r['filter_21']['median_s'] * 1e3:.1f}",
-            f"{r['single_passes_21']['median_s'] * 1e3:.1f}", f"{r['one_pass_speedup']:.1f}x",
-            f"{r['per_megapixel_s']:.3f}",
-            "n/a" if r["other_cpu_use"] is None else f"{r['other_cpu_use']:.0%}",
-        ])
+        body.append(
+            [
+                f"{r['size']}x{r['size']}",
+                r["threads"],
+                f"{r['sigma_xy']:.1f}",
+                r["vertices"],
+                f"{r['build']['median_s'] * 1e3:.1f}",
+                f"{r['filter_21']['median_s'] * 1e3:.1f}",
+                f"{r['single_passes_21']['median_s'] * 1e3:.1f}",
+                f"{r['one_pass_speedup']:.1f}x",
+                f"{r['per_megapixel_s']:.3f}",
+                "n/a" if r["other_cpu_use"] is None else f"{r['other_cpu_use']:.0%}",
+            ]
+        )
     return headers, body
 
 
@@ -241,17 +296,33 @@ def _memory_child(payload: dict) -> dict:
 
 
 def render_loss(rows):
-    headers = ["B x C x H x W", "scale", "lattice size", "fwd+bwd ms med (min)", "ms / image", "MP/s (loss res.)",
-               "peak extra MiB", "probs MiB", "other CPU use"]
+    headers = [
+        "B x C x H x W",
+        "scale",
+        "lattice size",
+        "fwd+bwd ms med (min)",
+        "ms / image",
+        "MP/s (loss res.)",
+        "peak extra MiB",
+        "probs MiB",
+        "other CPU use",
+    ]
     body = []
     for r in rows:
         t = r["timing"]
-        body.append([
-            r["size"], r["scale"], f"{r['loss_h']}x{r['loss_w']}",
-            f"{t['median_s'] * 1e3:.1f} ({t['min_s'] * 1e3:.1f})", f"{t['median_s'] * 1e3 / r['B']:.1f}",
-            f"{r['megapixels_per_s']:.2f}", common.mib(r["peak_extra_bytes"]), common.mib(r["probs_bytes"]),
-            "n/a" if r["other_cpu_use"] is None else f"{r['other_cpu_use']:.0%}",
-        ])
+        body.append(
+            [
+                r["size"],
+                r["scale"],
+                f"{r['loss_h']}x{r['loss_w']}",
+                f"{t['median_s'] * 1e3:.1f} ({t['min_s'] * 1e3:.1f})",
+                f"{t['median_s'] * 1e3 / r['B']:.1f}",
+                f"{r['megapixels_per_s']:.2f}",
+                common.mib(r["peak_extra_bytes"]),
+                common.mib(r["probs_bytes"]),
+                "n/a" if r["other_cpu_use"] is None else f"{r['other_cpu_use']:.0%}",
+            ]
+        )
     return headers, body
 
 
@@ -260,8 +331,12 @@ def render_loss(rows):
 
 def add_arguments(p) -> None:
     p.add_argument("--no-accuracy", action="store_true", help="skip the brute-force accuracy table")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch threads for the loss timings and the second filter row (default: torch's)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads for the loss timings and the second filter row (default: torch's)",
+    )
 
 
 def check(args, p) -> None:
@@ -281,16 +356,26 @@ def run(args, device, info) -> cli.Result:
         seeds = ACCURACY_SEEDS[:1] if args.quick else ACCURACY_SEEDS
         size = 32 if args.quick else ACCURACY_SIZE
         accuracy = measure_accuracy(size, sigmas, seeds)
-        tables.append(cli.Table(
-            f"Lattice against the exact Gaussian (brute force), {size}x{size} natural images, worst of {len(seeds)} "
-            "(relative L2 errors; loss value: relative error)", *render_accuracy(accuracy)))
+        tables.append(
+            cli.Table(
+                f"Lattice against the exact Gaussian (brute force), {size}x{size} natural images, worst of {len(seeds)} "
+                "(relative L2 errors; loss value: relative error)",
+                *render_accuracy(accuracy),
+            )
+        )
 
     threads = sorted({1, torch.get_num_threads()})
-    filter_rows = [time_filter(args.filter_size, device, args.repeats, args.warmup, args.max_seconds, t)
-                   for t in (threads if device.type == "cpu" else [torch.get_num_threads()])]
-    tables.append(cli.Table(
-        f"Lattice build and filter, {CHANNELS} channels, float32, sigma_xy {SIGMA_XY} x size/513, "
-        f"sigma_rgb {SIGMA_RGB}", *render_filter(filter_rows)))
+    filter_rows = [
+        time_filter(args.filter_size, device, args.repeats, args.warmup, args.max_seconds, t)
+        for t in (threads if device.type == "cpu" else [torch.get_num_threads()])
+    ]
+    tables.append(
+        cli.Table(
+            f"Lattice build and filter, {CHANNELS} channels, float32, sigma_xy {SIGMA_XY} x size/513, "
+            f"sigma_rgb {SIGMA_RGB}",
+            *render_filter(filter_rows),
+        )
+    )
 
     memory = {}
     if not args.no_memory and device.type == "cpu":
@@ -301,8 +386,9 @@ def run(args, device, info) -> cli.Result:
         B, C, H, W, scale = cell
         step, clear, probs = make_step(cell, device, seed=args.seed)
         monitor = common.OtherCpuUse().start()
-        timing = common.time_fn(step, device=device, repeats=args.repeats, warmup=args.warmup, setup=clear,
-                                max_seconds=args.max_seconds)
+        timing = common.time_fn(
+            step, device=device, repeats=args.repeats, warmup=args.warmup, setup=clear, max_seconds=args.max_seconds
+        )
         other = monitor.stop()
         clear()
         if device.type == "cuda" and not args.no_memory:
@@ -311,47 +397,81 @@ def run(args, device, info) -> cli.Result:
         else:
             mem = memory.get(cell)
         lh, lw = int(H * scale), int(W * scale)
-        loss_rows.append({
-            "size": common.size_label(B, C, H, W), "B": B, "C": C, "H": H, "W": W, "scale": scale,
-            "loss_h": lh, "loss_w": lw, "timing": timing, "threads": torch.get_num_threads(),
-            "megapixels_per_s": B * lh * lw / 1e6 / timing["median_s"],
-            "peak_extra_bytes": mem.get("peak_extra") if mem and mem.get("ok") else None,
-            "probs_bytes": probs.numel() * probs.element_size(), "other_cpu_use": other,
-        })
+        loss_rows.append(
+            {
+                "size": common.size_label(B, C, H, W),
+                "B": B,
+                "C": C,
+                "H": H,
+                "W": W,
+                "scale": scale,
+                "loss_h": lh,
+                "loss_w": lw,
+                "timing": timing,
+                "threads": torch.get_num_threads(),
+                "megapixels_per_s": B * lh * lw / 1e6 / timing["median_s"],
+                "peak_extra_bytes": mem.get("peak_extra") if mem and mem.get("ok") else None,
+                "probs_bytes": probs.numel() * probs.element_size(),
+                "other_cpu_use": other,
+            }
+        )
         del step, probs
-    tables.append(cli.Table(
-        f"DenseCRF loss forward + backward (float32, softmax probabilities, sigma_rgb {SIGMA_RGB}, "
-        f"sigma_xy {SIGMA_XY} at full resolution, {torch.get_num_threads()} threads)", *render_loss(loss_rows)))
+    tables.append(
+        cli.Table(
+            f"DenseCRF loss forward + backward (float32, softmax probabilities, sigma_rgb {SIGMA_RGB}, "
+            f"sigma_xy {SIGMA_XY} at full resolution, {torch.get_num_threads()} threads)",
+            *render_loss(loss_rows),
+        )
+    )
 
     one_core = [r for r in filter_rows if r["threads"] == 1]
     lines, checks = [], {}
     if one_core:
         r = one_core[0]
         checks["per_megapixel_met"] = r["per_megapixel_s"] < PER_MP_TARGET_S
-        lines.append(f"build + 21-channel filter < {PER_MP_TARGET_S} s per megapixel on one core: "
-                     f"{'yes' if checks['per_megapixel_met'] else 'NO'} ({r['per_megapixel_s']:.3f} s/MP)")
+        lines.append(
+            f"build + 21-channel filter < {PER_MP_TARGET_S} s per megapixel on one core: "
+            f"{'yes' if checks['per_megapixel_met'] else 'NO'} ({r['per_megapixel_s']:.3f} s/MP)"
+        )
     for r in filter_rows:
         met = r["one_pass_speedup"] >= ONE_PASS_TARGET
         checks[f"one_pass_met_{r['threads']}_threads"] = met
-        lines.append(f"one pass over 21 channels >= {ONE_PASS_TARGET:g}x faster than 21 single-channel passes "
-                     f"({r['threads']} thread{'s' if r['threads'] > 1 else ''}): {'yes' if met else 'NO'} "
-                     f"({r['one_pass_speedup']:.1f}x)")
+        lines.append(
+            f"one pass over 21 channels >= {ONE_PASS_TARGET:g}x faster than 21 single-channel passes "
+            f"({r['threads']} thread{'s' if r['threads'] > 1 else ''}): {'yes' if met else 'NO'} "
+            f"({r['one_pass_speedup']:.1f}x)"
+        )
     if args.quick:
         lines.append("(--quick sizes: the checks are set for 513 x 513)")
     noisy = [r for r in filter_rows + loss_rows if (r.get("other_cpu_use") or 0.0) > 0.15]
     if noisy:
-        lines.append("WARNING: other processes used the CPUs during some measurements (column 'other CPU use'); "
-                     "their timings are unreliable.")
+        lines.append(
+            "WARNING: other processes used the CPUs during some measurements (column 'other CPU use'); "
+            "their timings are unreliable."
+        )
     payload = {
-        "accuracy": accuracy, "filter": filter_rows, "loss": loss_rows, "checks": checks,
-        "constants": {"sigma_xy": SIGMA_XY, "sigma_rgb": SIGMA_RGB, "channels": CHANNELS,
-                      "filter_size": args.filter_size, "loss_cells": [list(c) for c in args.loss_cells]},
+        "accuracy": accuracy,
+        "filter": filter_rows,
+        "loss": loss_rows,
+        "checks": checks,
+        "constants": {
+            "sigma_xy": SIGMA_XY,
+            "sigma_rgb": SIGMA_RGB,
+            "channels": CHANNELS,
+            "filter_size": args.filter_size,
+            "loss_cells": [list(c) for c in args.loss_cells],
+        },
     }
     return cli.Result(tables, lines, payload)
 
 
 BENCHMARK = cli.Benchmark(
-    name="dense_crf", doc=__doc__, run=run, child=_memory_child, add_arguments=add_arguments, check=check,
+    name="dense_crf",
+    doc=__doc__,
+    run=run,
+    child=_memory_child,
+    add_arguments=add_arguments,
+    check=check,
     defaults={"repeats": (7, 3), "warmup": (2, 1), "max_seconds": (20.0, 2.0)},
 )
 

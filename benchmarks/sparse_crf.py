@@ -102,10 +102,19 @@ def measure_cpu_memory(cells, dtype_name: str, seed: int) -> dict:
     for (B, C, H, W), nb in cells:
         for side in SIDES:
             keys.append((side, (B, C, H, W), nb))
-            payloads.append({
-                "side": side, "B": B, "C": C, "H": H, "W": W, "neighbourhood": nb,
-                "dtype": dtype_name, "seed": seed, "threads": torch.get_num_threads(),
-            })
+            payloads.append(
+                {
+                    "side": side,
+                    "B": B,
+                    "C": C,
+                    "H": H,
+                    "W": W,
+                    "neighbourhood": nb,
+                    "dtype": dtype_name,
+                    "seed": seed,
+                    "threads": torch.get_num_threads(),
+                }
+            )
     results = common.run_children(MODULE, payloads)
     return dict(zip(keys, results))
 
@@ -130,8 +139,12 @@ def add_arguments(p) -> None:
     p.add_argument("--sizes", default=None, help=f"comma-separated BxCxS or BxCxHxW (default {DEFAULT_SIZES})")
     p.add_argument("--neighbourhoods", default="4,8", help="comma-separated, from 4 and 8 (default 4,8)")
     p.add_argument("--dtype", default="float32", choices=sorted(common.DTYPES), help="default float32")
-    p.add_argument("--bandwidth-mib", type=int, default=None,
-                   help="size of each copy-bandwidth buffer in MiB (default 256; 32 with --quick)")
+    p.add_argument(
+        "--bandwidth-mib",
+        type=int,
+        default=None,
+        help="size of each copy-bandwidth buffer in MiB (default 256; 32 with --quick)",
+    )
 
 
 def check(args, p) -> None:
@@ -171,15 +184,27 @@ def run(args, device, info) -> cli.Result:
         image_bytes = image.numel() * elem
         moved = 2 * (probs_bytes + image_bytes) + probs_bytes
         row = {
-            "size": common.size_label(B, C, H, W), "B": B, "C": C, "H": H, "W": W,
-            "neighbourhood": nb, "dtype": args.dtype, "device": str(device),
-            "probs_bytes": probs_bytes, "image_bytes": image_bytes, "bytes_moved": moved,
+            "size": common.size_label(B, C, H, W),
+            "B": B,
+            "C": C,
+            "H": H,
+            "W": W,
+            "neighbourhood": nb,
+            "dtype": args.dtype,
+            "device": str(device),
+            "probs_bytes": probs_bytes,
+            "image_bytes": image_bytes,
+            "bytes_moved": moved,
         }
         monitor = common.OtherCpuUse().start()
         for side in SIDES:
             step, clear_grad = make_step(side, probs, image, nb)
             timing = common.time_fn(
-                step, device=device, repeats=args.repeats, warmup=args.warmup, setup=clear_grad,
+                step,
+                device=device,
+                repeats=args.repeats,
+                warmup=args.warmup,
+                setup=clear_grad,
                 max_seconds=args.max_seconds,
             )
             clear_grad()
@@ -188,8 +213,12 @@ def run(args, device, info) -> cli.Result:
                 clear_grad()
             else:
                 mem = cpu_memory.get((side, (B, C, H, W), nb))
-            row[side] = {"timing": timing, "memory": _memory_summary(mem, probs_bytes) if not args.no_memory
-                         else {"peak_extra_bytes": None, "workspace_bytes": None, "reason": "--no-memory"}}
+            row[side] = {
+                "timing": timing,
+                "memory": _memory_summary(mem, probs_bytes)
+                if not args.no_memory
+                else {"peak_extra_bytes": None, "workspace_bytes": None, "reason": "--no-memory"},
+            }
         row["other_cpu_use_during_timing"] = monitor.stop()
         fused_t = row["fused"]["timing"]["median_s"]
         ref_t = row["reference"]["timing"]["median_s"]
@@ -217,17 +246,23 @@ def run(args, device, info) -> cli.Result:
         "copy_bandwidth": bw,
         "reference_bandwidth_gbps": REFERENCE_BANDWIDTH_GBPS,
         "method": {
-            "memory": ("cuda max_memory_allocated" if device.type == "cuda" else
-                       "fresh child process, MALLOC_MMAP_THRESHOLD_=65536, VmHWM after clear_refs=5 minus VmRSS "
-                       "before"),
+            "memory": (
+                "cuda max_memory_allocated"
+                if device.type == "cuda"
+                else "fresh child process, MALLOC_MMAP_THRESHOLD_=65536, VmHWM after clear_refs=5 minus VmRSS before"
+            ),
             "bytes_moved_formula": "2*(probs_bytes + image_bytes) + probs_bytes",
-            "sigma": SIGMA, "kind": KIND, "reduction": REDUCTION,
+            "sigma": SIGMA,
+            "kind": KIND,
+            "reduction": REDUCTION,
         },
         "rows": rows,
         "checks": checks,
     }
-    title = (f"Sparse-CRF loss forward + backward, {args.dtype}, sigma {SIGMA}, {KIND}; workspace = peak extra "
-             "memory minus the returned gradient")
+    title = (
+        f"Sparse-CRF loss forward + backward, {args.dtype}, sigma {SIGMA}, {KIND}; workspace = peak extra "
+        "memory minus the returned gradient"
+    )
     return cli.Result([cli.Table(title, *render_table(rows))], lines, payload)
 
 
@@ -241,21 +276,37 @@ def _mem_pair(mem: dict) -> str:
 
 def render_table(rows):
     headers = [
-        "size (BxCxHxW)", "nb", "fused ms med (min)", "ref ms med (min)", "speed-up",
-        "fused peak MiB incl.grad / ws", "ref peak MiB incl.grad / ws", "probs MiB", "fused ws/probs", "BW frac", "other CPU use",
+        "size (BxCxHxW)",
+        "nb",
+        "fused ms med (min)",
+        "ref ms med (min)",
+        "speed-up",
+        "fused peak MiB incl.grad / ws",
+        "ref peak MiB incl.grad / ws",
+        "probs MiB",
+        "fused ws/probs",
+        "BW frac",
+        "other CPU use",
     ]
     body = []
     for r in rows:
         ft, rt = r["fused"]["timing"], r["reference"]["timing"]
         ratio = r["fused_workspace_over_probs"]
-        body.append([
-            r["size"], r["neighbourhood"],
-            f"{_ms(ft['median_s'])} ({_ms(ft['min_s'])})", f"{_ms(rt['median_s'])} ({_ms(rt['min_s'])})",
-            f"{r['speedup']:.1f}x", _mem_pair(r["fused"]["memory"]), _mem_pair(r["reference"]["memory"]),
-            common.mib(r["probs_bytes"]), "n/a" if ratio is None else f"{ratio:.3f}",
-            f"{r['bandwidth_fraction']:.2f}",
-            "n/a" if r.get("other_cpu_use_during_timing") is None else f"{r['other_cpu_use_during_timing']:.0%}",
-        ])
+        body.append(
+            [
+                r["size"],
+                r["neighbourhood"],
+                f"{_ms(ft['median_s'])} ({_ms(ft['min_s'])})",
+                f"{_ms(rt['median_s'])} ({_ms(rt['min_s'])})",
+                f"{r['speedup']:.1f}x",
+                _mem_pair(r["fused"]["memory"]),
+                _mem_pair(r["reference"]["memory"]),
+                common.mib(r["probs_bytes"]),
+                "n/a" if ratio is None else f"{ratio:.3f}",
+                f"{r['bandwidth_fraction']:.2f}",
+                "n/a" if r.get("other_cpu_use_during_timing") is None else f"{r['other_cpu_use_during_timing']:.0%}",
+            ]
+        )
     return headers, body
 
 
@@ -266,7 +317,9 @@ def evaluate_checks(rows) -> dict:
     ratios = [r["fused_workspace_over_probs"] for r in rows]
     if any(x is None for x in ratios):
         mem_met = None
-        reasons = sorted({r["fused"]["memory"].get("reason", "?") for r in rows if r["fused_workspace_over_probs"] is None})
+        reasons = sorted(
+            {r["fused"]["memory"].get("reason", "?") for r in rows if r["fused_workspace_over_probs"] is None}
+        )
         lines.append(f"fused workspace <= size of probs at every size: n/a (memory not measured: {'; '.join(reasons)})")
     else:
         mem_met = all(x <= 1.0 for x in ratios)
@@ -275,14 +328,22 @@ def evaluate_checks(rows) -> dict:
             f"(max workspace/probs {max(ratios):.3f})"
         )
     return {
-        "speedup_wanted": SPEEDUP_TARGET, "speedup_met": speed_met, "min_speedup": min_speedup,
-        "workspace_met": mem_met, "max_workspace_over_probs": None if mem_met is None else max(ratios),
+        "speedup_wanted": SPEEDUP_TARGET,
+        "speedup_met": speed_met,
+        "min_speedup": min_speedup,
+        "workspace_met": mem_met,
+        "max_workspace_over_probs": None if mem_met is None else max(ratios),
         "lines": lines,
     }
 
 
 BENCHMARK = cli.Benchmark(
-    name="sparse_crf", doc=__doc__, run=run, child=_memory_child, add_arguments=add_arguments, check=check,
+    name="sparse_crf",
+    doc=__doc__,
+    run=run,
+    child=_memory_child,
+    add_arguments=add_arguments,
+    check=check,
     defaults={"repeats": (15, 3), "warmup": (3, 1), "max_seconds": (20.0, 2.0)},
 )
 

@@ -62,8 +62,9 @@ def make_step(side, mu, log_var, target, samples, seed=0):
         generator = torch.Generator(device=mu.device).manual_seed(seed)
 
         def loss():
-            return uncertainty_ce_loss_reference(mu, log_var, target, samples=samples, noise="torch",
-                                                 generator=generator)
+            return uncertainty_ce_loss_reference(
+                mu, log_var, target, samples=samples, noise="torch", generator=generator
+            )
 
     def step():
         loss().backward()
@@ -101,8 +102,9 @@ def measure_cpu_memory(cells, seed):
     for size, samples in cells:
         for side in SIDES:
             keys.append((side, size, samples))
-            payloads.append({"side": side, "size": list(size), "samples": samples, "seed": seed,
-                             "threads": torch.get_num_threads()})
+            payloads.append(
+                {"side": side, "size": list(size), "samples": samples, "seed": seed, "threads": torch.get_num_threads()}
+            )
     return dict(zip(keys, common.run_children(MODULE, payloads, workers=1)))
 
 
@@ -111,9 +113,11 @@ def _peak(mem):
 
 
 def run(args, device, info) -> cli.Result:
-    lines = [f"settings: float32, T = {args.samples} (memory curve T = {', '.join(map(str, args.t_curve))}), every "
-             f"pixel uncertain, bootstrapping with routed gradients, repeats {args.repeats} (fused and reference "
-             f"alternating, capped at {args.max_seconds:g} s per row), warm-up {args.warmup}"]
+    lines = [
+        f"settings: float32, T = {args.samples} (memory curve T = {', '.join(map(str, args.t_curve))}), every "
+        f"pixel uncertain, bootstrapping with routed gradients, repeats {args.repeats} (fused and reference "
+        f"alternating, capped at {args.max_seconds:g} s per row), warm-up {args.warmup}"
+    ]
     cells = [(size, args.samples) for size in args.sizes]
     curve_size = args.sizes[0]
     cells += [(curve_size, t) for t in args.t_curve if (curve_size, t) not in cells]
@@ -125,12 +129,17 @@ def run(args, device, info) -> cli.Result:
     for size in args.sizes:
         B, C, H, W = size
         mu, log_var, target = make_inputs(B, C, H, W, device, seed=args.seed)
-        row = {"size": common.size_label(*size), "samples": args.samples, "device": str(device),
-               "mu_bytes": mu.numel() * mu.element_size()}
+        row = {
+            "size": common.size_label(*size),
+            "samples": args.samples,
+            "device": str(device),
+            "mu_bytes": mu.numel() * mu.element_size(),
+        }
         monitor = common.OtherCpuUse().start()
         steps = {side: make_step(side, mu, log_var, target, args.samples, args.seed) for side in SIDES}
-        timings = common.time_interleaved(steps, device=device, repeats=args.repeats, warmup=args.warmup,
-                                   max_seconds=args.max_seconds)
+        timings = common.time_interleaved(
+            steps, device=device, repeats=args.repeats, warmup=args.warmup, max_seconds=args.max_seconds
+        )
         for side in SIDES:
             step, clear = steps[side]
             timing = timings[side]
@@ -139,8 +148,11 @@ def run(args, device, info) -> cli.Result:
                 clear()
             else:
                 mem = memory.get((side, size, args.samples))
-            row[side] = {"timing": timing, "peak_extra_bytes": _peak(mem),
-                         "memory_note": None if _peak(mem) is not None else (mem or {}).get("reason", "not measured")}
+            row[side] = {
+                "timing": timing,
+                "peak_extra_bytes": _peak(mem),
+                "memory_note": None if _peak(mem) is not None else (mem or {}).get("reason", "not measured"),
+            }
         row["other_cpu_use_during_timing"] = monitor.stop()
         row["speedup"] = row["reference"]["timing"]["median_s"] / row["fused"]["timing"]["median_s"]
         fp, rp = row["fused"]["peak_extra_bytes"], row["reference"]["peak_extra_bytes"]
@@ -161,56 +173,95 @@ def run(args, device, info) -> cli.Result:
                 point[side] = _peak(memory.get((side, curve_size, t)))
         curve.append(point)
 
-    headers = ["size (BxCxHxW)", "T", "fused ms med (min)", "ref ms med (min)", "speed-up", "fused peak MiB",
-               "ref peak MiB", "ref/fused mem", "mu MiB", "other CPU use"]
+    headers = [
+        "size (BxCxHxW)",
+        "T",
+        "fused ms med (min)",
+        "ref ms med (min)",
+        "speed-up",
+        "fused peak MiB",
+        "ref peak MiB",
+        "ref/fused mem",
+        "mu MiB",
+        "other CPU use",
+    ]
     body = []
     for r in rows:
         ft, rt = r["fused"]["timing"], r["reference"]["timing"]
-        body.append([r["size"], r["samples"], f"{ft['median_s'] * 1e3:.1f} ({ft['min_s'] * 1e3:.1f})",
-                     f"{rt['median_s'] * 1e3:.1f} ({rt['min_s'] * 1e3:.1f})", f"{r['speedup']:.1f}x",
-                     common.mib(r["fused"]["peak_extra_bytes"], 1), common.mib(r["reference"]["peak_extra_bytes"], 1),
-                     "n/a" if r["memory_ratio"] is None else f"{r['memory_ratio']:.0f}x", common.mib(r["mu_bytes"], 1),
-                     "n/a" if r["other_cpu_use_during_timing"] is None else f"{r['other_cpu_use_during_timing']:.0%}"])
+        body.append(
+            [
+                r["size"],
+                r["samples"],
+                f"{ft['median_s'] * 1e3:.1f} ({ft['min_s'] * 1e3:.1f})",
+                f"{rt['median_s'] * 1e3:.1f} ({rt['min_s'] * 1e3:.1f})",
+                f"{r['speedup']:.1f}x",
+                common.mib(r["fused"]["peak_extra_bytes"], 1),
+                common.mib(r["reference"]["peak_extra_bytes"], 1),
+                "n/a" if r["memory_ratio"] is None else f"{r['memory_ratio']:.0f}x",
+                common.mib(r["mu_bytes"], 1),
+                "n/a" if r["other_cpu_use_during_timing"] is None else f"{r['other_cpu_use_during_timing']:.0%}",
+            ]
+        )
     tables = [
         cli.Table(f"uncertainty_ce_loss forward + backward, float32, T = {args.samples}", headers, body),
-        cli.Table(f"Peak extra memory (MiB) of one forward + backward against T at {common.size_label(*curve_size)}",
-                  ["T", "fused", "reference"],
-                  [[p["samples"], common.mib(p["fused"], 1), common.mib(p["reference"], 1)] for p in curve]),
+        cli.Table(
+            f"Peak extra memory (MiB) of one forward + backward against T at {common.size_label(*curve_size)}",
+            ["T", "fused", "reference"],
+            [[p["samples"], common.mib(p["fused"], 1), common.mib(p["reference"], 1)] for p in curve],
+        ),
     ]
     targets = {"speedup_target": SPEEDUP_TARGET, "memory_ratio_target": MEMORY_RATIO_TARGET}
     min_speedup = min(r["speedup"] for r in rows)
     targets["speedup_met"] = min_speedup >= SPEEDUP_TARGET
-    lines.append(f"speed-up >= {SPEEDUP_TARGET:g}x at every size: {'yes' if targets['speedup_met'] else 'NO'} "
-                 f"(min {min_speedup:.1f}x)")
+    lines.append(
+        f"speed-up >= {SPEEDUP_TARGET:g}x at every size: {'yes' if targets['speedup_met'] else 'NO'} "
+        f"(min {min_speedup:.1f}x)"
+    )
     fused_curve = [p["fused"] for p in curve]
     if all(v is not None for v in fused_curve):
         spread = (max(fused_curve) - min(fused_curve)) / max(max(fused_curve), 1)
         targets["flat_in_T_met"] = spread <= FLAT_TOLERANCE
         targets["fused_curve_spread"] = spread
-        lines.append(f"fused peak memory independent of T ({', '.join(map(str, args.t_curve))}): "
-                     f"{'yes' if targets['flat_in_T_met'] else 'NO'} (spread {spread:.1%} of the largest)")
+        lines.append(
+            f"fused peak memory independent of T ({', '.join(map(str, args.t_curve))}): "
+            f"{'yes' if targets['flat_in_T_met'] else 'NO'} (spread {spread:.1%} of the largest)"
+        )
     else:
         targets["flat_in_T_met"] = None
         lines.append("fused peak memory independent of T: n/a (memory not measured)")
     ratios = [r["memory_ratio"] for r in rows]
     if all(x is not None for x in ratios):
         targets["memory_ratio_met"] = min(ratios) >= MEMORY_RATIO_TARGET
-        lines.append(f"reference / fused peak memory >= {MEMORY_RATIO_TARGET:g}x at T = {args.samples}: "
-                     f"{'yes' if targets['memory_ratio_met'] else 'NO'} (min {min(ratios):.0f}x)")
+        lines.append(
+            f"reference / fused peak memory >= {MEMORY_RATIO_TARGET:g}x at T = {args.samples}: "
+            f"{'yes' if targets['memory_ratio_met'] else 'NO'} (min {min(ratios):.0f}x)"
+        )
     else:
         targets["memory_ratio_met"] = None
         lines.append("reference / fused peak memory: n/a (memory not measured)")
     if args.quick or [tuple(s) for s in args.sizes] != common.parse_sizes(DEFAULT_SIZES):
         lines.append(f"(the checks are set for the default sizes {DEFAULT_SIZES}; these sizes are informative only)")
-    payload = {"rows": rows, "t_curve": curve, "checks": targets, "memory_method": (
-        "cuda max_memory_allocated" if device.type == "cuda" else
-        "fresh child process, one at a time, MALLOC_MMAP_THRESHOLD_=65536, VmHWM after clear_refs=5 minus VmRSS "
-        "before")}
+    payload = {
+        "rows": rows,
+        "t_curve": curve,
+        "checks": targets,
+        "memory_method": (
+            "cuda max_memory_allocated"
+            if device.type == "cuda"
+            else "fresh child process, one at a time, MALLOC_MMAP_THRESHOLD_=65536, VmHWM after clear_refs=5 minus VmRSS "
+            "before"
+        ),
+    }
     return cli.Result(tables, lines, payload)
 
 
 BENCHMARK = cli.Benchmark(
-    name="uncertainty", doc=__doc__, run=run, child=_memory_child, add_arguments=add_arguments, check=check,
+    name="uncertainty",
+    doc=__doc__,
+    run=run,
+    child=_memory_child,
+    add_arguments=add_arguments,
+    check=check,
     defaults={"repeats": (10, 3), "warmup": (1, 1), "max_seconds": (40.0, 4.0)},
 )
 

@@ -63,8 +63,15 @@ def sparse_crf_loss(fn, probs, image, valid_mask, channels, sigma, neighbourhood
     _check_finite(fn, "image", image)
     _check_probabilities(fn, "probs", probs if channels is None else probs[:, channels])
     return sparse_crf_loss_reference(
-        probs, image, sigma=sigma, neighbourhood=neighbourhood, dilation=dilation, valid_mask=valid_mask,
-        kind=kind, channels=channels, reduction="none",
+        probs,
+        image,
+        sigma=sigma,
+        neighbourhood=neighbourhood,
+        dilation=dilation,
+        valid_mask=valid_mask,
+        kind=kind,
+        channels=channels,
+        reduction="none",
     )
 
 
@@ -107,7 +114,12 @@ def background_attention(fn, features, boxes, box_batch, grid_size, spatial_scal
 
     warn_fallback(fn)
     return background_attention_reference(
-        features, boxes, box_batch, grid_size=grid_size, spatial_scale=spatial_scale, bg_mask=bg_mask,
+        features,
+        boxes,
+        box_batch,
+        grid_size=grid_size,
+        spatial_scale=spatial_scale,
+        bg_mask=bg_mask,
         min_background=min_background,
     )
 
@@ -125,21 +137,31 @@ def background_aware_pool(fn, features, attention, boxes, box_batch, output_size
 # --------------------------------------------------------------------------- uncertainty
 
 
-def uncertainty_bce_loss(fn, mu, log_var, target, box_mask, pixel_perfect, tau, temperature, bootstrap,
-                         route_gradients):
+def uncertainty_bce_loss(
+    fn, mu, log_var, target, box_mask, pixel_perfect, tau, temperature, bootstrap, route_gradients
+):
     """(B, H, W) per-pixel losses, as ``boxloss::uncertainty_bce_loss``."""
     from boxloss.reference.uncertainty import uncertainty_bce_loss_reference
 
     warn_fallback(fn)
     _check_probabilities(fn, "target", target)
     return uncertainty_bce_loss_reference(
-        mu, log_var, target, box_mask, tau=tau, temperature=temperature, bootstrap=bootstrap,
-        pixel_perfect=pixel_perfect, route_gradients=route_gradients, reduction="none",
+        mu,
+        log_var,
+        target,
+        box_mask,
+        tau=tau,
+        temperature=temperature,
+        bootstrap=bootstrap,
+        pixel_perfect=pixel_perfect,
+        route_gradients=route_gradients,
+        reduction="none",
     )
 
 
-def uncertainty_ce_loss(fn, mu, log_var, target, box_mask, pixel_perfect, seed, samples, tau, bootstrap,
-                        route_gradients, ignore_index):
+def uncertainty_ce_loss(
+    fn, mu, log_var, target, box_mask, pixel_perfect, seed, samples, tau, bootstrap, route_gradients, ignore_index
+):
     """(B, H, W) per-pixel losses, as the first output of ``boxloss::uncertainty_ce_loss``; ``seed`` is the
     (key, offset) int64 tensor the op reads."""
     from boxloss.reference.uncertainty import uncertainty_ce_loss_reference
@@ -153,7 +175,17 @@ def uncertainty_ce_loss(fn, mu, log_var, target, box_mask, pixel_perfect, seed, 
         )
     key, offset = seed.tolist()
     return uncertainty_ce_loss_reference(
-        mu, log_var, target, samples=samples, seed=key, offset=offset, tau=tau, bootstrap=bootstrap,
-        box_mask=box_mask, pixel_perfect=pixel_perfect, ignore_index=ignore_index, reduction="none",
+        mu,
+        log_var,
+        target,
+        samples=samples,
+        seed=key,
+        offset=offset,
+        tau=tau,
+        bootstrap=bootstrap,
+        box_mask=box_mask,
+        pixel_perfect=pixel_perfect,
+        ignore_index=ignore_index,
+        reduction="none",
         route_gradients=route_gradients,
     )

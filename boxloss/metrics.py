@@ -13,8 +13,9 @@ from boxloss import _checks
 from boxloss.ops.box_masks import box_front_index, box_priority
 
 
-def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int, *, ignore_index: int = 255
-                     ) -> torch.Tensor:
+def confusion_matrix(
+    pred: torch.Tensor, target: torch.Tensor, num_classes: int, *, ignore_index: int = 255
+) -> torch.Tensor:
     """(C, C) int64, rows = true class, columns = predicted class; pixels whose target is
     ``ignore_index`` are left out.  pred and target: integer tensors of one shape.
     Targets or predictions outside [0, C) (other than ignore_index) raise ValueError."""
@@ -23,7 +24,9 @@ def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
     if not isinstance(pred, torch.Tensor) or not isinstance(target, torch.Tensor):
         raise TypeError(f"{fn}: pred and target must be tensors")
     if pred.shape != target.shape:
-        raise ValueError(f"{fn}: pred and target must have one shape, got {tuple(pred.shape)} and {tuple(target.shape)}")
+        raise ValueError(
+            f"{fn}: pred and target must have one shape, got {tuple(pred.shape)} and {tuple(target.shape)}"
+        )
     if pred.dtype.is_floating_point or target.dtype.is_floating_point:
         raise TypeError(f"{fn}: pred and target must be integer label maps, got {pred.dtype} and {target.dtype}")
     t = target.reshape(-1).long()
@@ -32,8 +35,10 @@ def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
     t, p = t[keep], p[keep]
     for name, x in (("target", t), ("pred", p)):
         if x.numel() and (int(x.min()) < 0 or int(x.max()) >= num_classes):
-            raise ValueError(f"{fn}: {name} must hold labels in [0, {num_classes}) (or {ignore_index} in target), "
-                             f"got values in [{int(x.min())}, {int(x.max())}]")
+            raise ValueError(
+                f"{fn}: {name} must hold labels in [0, {num_classes}) (or {ignore_index} in target), "
+                f"got values in [{int(x.min())}, {int(x.max())}]"
+            )
     return torch.bincount(t * num_classes + p, minlength=num_classes * num_classes).view(num_classes, num_classes)
 
 
@@ -71,8 +76,10 @@ def fbeta_score(pred: torch.Tensor, target: torch.Tensor, *, beta2: float = 0.3,
     Box to Tag and Back's Table 1."""
     fn = "fbeta_score"
     if pred.shape != target.shape or pred.dtype != torch.bool or target.dtype != torch.bool:
-        raise ValueError(f"{fn}: pred and target must be bool tensors of one shape, got {pred.dtype} "
-                         f"{tuple(pred.shape)} and {target.dtype} {tuple(target.shape)}")
+        raise ValueError(
+            f"{fn}: pred and target must be bool tensors of one shape, got {pred.dtype} "
+            f"{tuple(pred.shape)} and {target.dtype} {tuple(target.shape)}"
+        )
     if not beta2 > 0:
         raise ValueError(f"{fn}: beta2 must be positive, got {beta2}")
     if valid_mask is not None:
@@ -85,16 +92,25 @@ def fbeta_score(pred: torch.Tensor, target: torch.Tensor, *, beta2: float = 0.3,
     return torch.where(denom > 0, (1 + beta2) * precision * recall / denom.clamp_min(1e-300), torch.zeros_like(tp))
 
 
-def fill_rate_statistics(label_maps: torch.Tensor, boxes, box_batch, box_labels, num_classes: int, *,
-                         spatial_scale: float = 1.0, ignore_index: int = 255) -> dict:
+def fill_rate_statistics(
+    label_maps: torch.Tensor,
+    boxes,
+    box_batch,
+    box_labels,
+    num_classes: int,
+    *,
+    spatial_scale: float = 1.0,
+    ignore_index: int = 255,
+) -> dict:
     """Filling rate of every box: pixels of its class inside the box / box pixels (the
     box convention's covered pixels), from (B, H, W) label maps.  Returns
     ``{"per_box": (K,), "mean": (L+1,), "std": (L+1,), "count": (L+1,)}`` by class
     (NaN where a class has no box).  Box sums use integral images: no (K, H, W) tensor."""
     B, H, W = label_maps.shape
     C = num_classes + 1
-    _, ranges = box_front_index(boxes, box_batch, box_labels, box_priority(boxes), B, C, H, W, float(spatial_scale),
-                                fn="fill_rate_statistics")
+    _, ranges = box_front_index(
+        boxes, box_batch, box_labels, box_priority(boxes), B, C, H, W, float(spatial_scale), fn="fill_rate_statistics"
+    )
     onehot = torch.nn.functional.one_hot(torch.where(label_maps == ignore_index, 0, label_maps).long(), C)
     integral = torch.zeros(B, C, H + 1, W + 1, dtype=torch.long, device=label_maps.device)
     integral[:, :, 1:, 1:] = onehot.permute(0, 3, 1, 2).cumsum(2).cumsum(3)
@@ -103,13 +119,20 @@ def fill_rate_statistics(label_maps: torch.Tensor, boxes, box_batch, box_labels,
     r0, r1, c0, c1 = ranges.unbind(1)
     inside = flat[idx, r1, c1] - flat[idx, r0, c1] - flat[idx, r1, c0] + flat[idx, r0, c0]
     area = (r1 - r0) * (c1 - c0)
-    per_box = torch.where(area > 0, inside.double() / area.clamp_min(1).double(),
-                          torch.full_like(inside, float("nan"), dtype=torch.float64))
+    per_box = torch.where(
+        area > 0,
+        inside.double() / area.clamp_min(1).double(),
+        torch.full_like(inside, float("nan"), dtype=torch.float64),
+    )
     ok = area > 0
-    count = torch.zeros(C, dtype=torch.long, device=boxes.device).index_add_(0, box_labels[ok], torch.ones_like(box_labels[ok]))
+    count = torch.zeros(C, dtype=torch.long, device=boxes.device).index_add_(
+        0, box_labels[ok], torch.ones_like(box_labels[ok])
+    )
     s = torch.zeros(C, dtype=torch.float64, device=boxes.device).index_add_(0, box_labels[ok], per_box[ok])
     s2 = torch.zeros(C, dtype=torch.float64, device=boxes.device).index_add_(0, box_labels[ok], per_box[ok] ** 2)
     n = count.double()
     mean = torch.where(n > 0, s / n.clamp_min(1), torch.full_like(s, float("nan")))
-    var = torch.where(n > 0, (s2 / n.clamp_min(1) - mean.nan_to_num() ** 2).clamp_min(0), torch.full_like(s, float("nan")))
+    var = torch.where(
+        n > 0, (s2 / n.clamp_min(1) - mean.nan_to_num() ** 2).clamp_min(0), torch.full_like(s, float("nan"))
+    )
     return {"per_box": per_box, "mean": mean, "std": var.sqrt(), "count": count}

@@ -34,7 +34,7 @@ def scene(height: int, width: int, rects: list[tuple[int, int, int, int, int]], 
         region = np.zeros((height, width), bool)
         region[t:b, l:r] = True
         if holes and b - t > 2 and r - l > 2:
-            region[t + 1: b - 1, l + 1: r - 1: 2] = False
+            region[t + 1 : b - 1, l + 1 : r - 1 : 2] = False
         inst[region] = k + 1
     visible = [k for k in range(len(rects)) if (inst == k + 1).any()]
     lut = np.zeros(len(rects) + 1, np.int32)

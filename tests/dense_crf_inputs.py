@@ -29,8 +29,9 @@ def natural_image(size: int, seed: int = 0, *, dtype=torch.float64, device="cpu"
     return torch.from_numpy(image).permute(2, 0, 1)[None].to(device=device, dtype=dtype).contiguous()
 
 
-def natural_batch(B: int, size: int, C: int, *, seed: int = 0, dtype=torch.float64, device="cpu",
-                  with_mask: bool = False):
+def natural_batch(
+    B: int, size: int, C: int, *, seed: int = 0, dtype=torch.float64, device="cpu", with_mask: bool = False
+):
     """(logits (B, C, H, W), image (B, 3, H, W), valid (B, H, W) or None): smooth logits that
     follow the objects of the image, as a network's would; valid drops the void band."""
     images, logits, masks = [], [], []
@@ -41,7 +42,9 @@ def natural_batch(B: int, size: int, C: int, *, seed: int = 0, dtype=torch.float
         masks.append(m != 255)
         labels = torch.where(m == 255, torch.zeros_like(m), m) % C
         onehot = F.one_hot(labels, C).permute(2, 0, 1).to(torch.float64)[None]
-        logits.append(4 * F.avg_pool2d(onehot, 7, 1, 3) + torch.randn(1, C, size, size, generator=g, dtype=torch.float64))
+        logits.append(
+            4 * F.avg_pool2d(onehot, 7, 1, 3) + torch.randn(1, C, size, size, generator=g, dtype=torch.float64)
+        )
         images.append(torch.from_numpy(image).permute(2, 0, 1)[None].to(torch.float64))
     valid = torch.stack(masks).to(device) if with_mask else None
     return (torch.cat(logits).to(device=device, dtype=dtype), torch.cat(images).to(device=device, dtype=dtype), valid)

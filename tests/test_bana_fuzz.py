@@ -44,8 +44,15 @@ def problems(draw):
     seed = draw(st.integers(0, 2**16))
     g = torch.Generator().manual_seed(seed)
     f = torch.randn(B, D, h, w, generator=g, dtype=torch.float64) + 0.2
-    return (f, torch.tensor(boxes, dtype=torch.float64).reshape(-1, 4), torch.tensor(batch, dtype=torch.long),
-            scale, draw(st.integers(1, 5)), draw(st.integers(1, 3)), draw(st.sampled_from([0.0, 0.125, 0.5])))
+    return (
+        f,
+        torch.tensor(boxes, dtype=torch.float64).reshape(-1, 4),
+        torch.tensor(batch, dtype=torch.long),
+        scale,
+        draw(st.integers(1, 5)),
+        draw(st.integers(1, 3)),
+        draw(st.sampled_from([0.0, 0.125, 0.5])),
+    )
 
 
 @settings(max_examples=60)
@@ -57,7 +64,8 @@ def test_fuzz_against_reference(problem):
     bap = boxloss.BackgroundAwarePooling(grid_size=grid, output_size=S, spatial_scale=scale, min_background=min_bg)
     pooled, att = bap(x1, boxes, batch)
     ref_att, ref_q, ref_valid, ref_fallback = background_attention_reference(
-        x2, boxes, batch, grid_size=grid, spatial_scale=scale, min_background=min_bg)
+        x2, boxes, batch, grid_size=grid, spatial_scale=scale, min_background=min_bg
+    )
     ref_pooled = background_aware_pool_reference(x2, ref_att, boxes, batch, output_size=S, spatial_scale=scale)
     torch.testing.assert_close(att.attention, ref_att, rtol=1e-6, atol=1e-9)
     torch.testing.assert_close(att.queries, ref_q, rtol=1e-6, atol=1e-9)
@@ -78,7 +86,8 @@ def test_fuzz_bad_boxes_raise(problem, kind):
     with pytest.raises(ValueError):
         boxloss.background_attention(f, boxes, batch, grid_size=grid, spatial_scale=scale)
     with pytest.raises(ValueError):
-        boxloss.background_aware_pool(f, torch.zeros(f.shape[0], *f.shape[2:], dtype=f.dtype), boxes, batch,
-                                      output_size=S, spatial_scale=scale)
+        boxloss.background_aware_pool(
+            f, torch.zeros(f.shape[0], *f.shape[2:], dtype=f.dtype), boxes, batch, output_size=S, spatial_scale=scale
+        )
     with pytest.raises(ValueError):
         background_attention_reference(f, boxes, batch, grid_size=grid, spatial_scale=scale)

@@ -69,9 +69,12 @@ def test_noise_aware_loss_edge_cases_are_finite():
     y_crf, _ = _labels()
     for unreliable in ("nal", "ignore", "entropy", "bootstrap"):
         # ~S empty (labels agree), S empty (labels always differ), all ignored, zero features.
-        cases = [(phi, y_crf, y_crf.clone()), (phi, y_crf, torch.where(y_crf == 255, y_crf, (y_crf + 1) % 4)),
-                 (phi, torch.full_like(y_crf, 255), y_crf), (torch.zeros_like(phi, requires_grad=True), y_crf,
-                                                             (y_crf + 1) % 4)]
+        cases = [
+            (phi, y_crf, y_crf.clone()),
+            (phi, y_crf, torch.where(y_crf == 255, y_crf, (y_crf + 1) % 4)),
+            (phi, torch.full_like(y_crf, 255), y_crf),
+            (torch.zeros_like(phi, requires_grad=True), y_crf, (y_crf + 1) % 4),
+        ]
         for features, a, b in cases:
             out = _terms(features, weight, a, b, unreliable=unreliable, beta=0.5)
             assert torch.isfinite(out.loss), unreliable
@@ -159,7 +162,8 @@ def test_noise_aware_loss_gradcheck():
     for detach in (True, False):
         assert torch.autograd.gradcheck(
             lambda p, w: boxloss.noise_aware_loss(p, w, y_crf, y_ret, gamma=2.0, detach_confidence=detach),
-            (phi, weight))
+            (phi, weight),
+        )
 
 
 @pytest.mark.parametrize(

@@ -73,8 +73,14 @@ def test_boxes_to_masks_bad_input():
         boxes_to_masks(boxes, batch, labels, (4,), 2)
     with pytest.raises(ValueError, match="x1 >= x0"):
         boxes_to_masks(torch.tensor([[3.0, 0.0, 1.0, 4.0]]), batch, labels, (1, 4, 4), 2)
-    empty = boxes_to_masks(torch.zeros(0, 4), torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long),
-                           (1, 4, 4), 2, form="labels")
+    empty = boxes_to_masks(
+        torch.zeros(0, 4),
+        torch.zeros(0, dtype=torch.long),
+        torch.zeros(0, dtype=torch.long),
+        (1, 4, 4),
+        2,
+        form="labels",
+    )
     assert empty.eq(0).all()
 
 
@@ -86,12 +92,18 @@ def test_losses_match_references():
     m_onehot, valid = box2seg._one_hot_target("t", "m", m, y)
     checks = [
         (box2seg.box_ce_loss(y, bx, reduction="none"), [ref.ce_reference(y[i], bx[i]) for i in range(2)]),
-        (box2seg.attention_foreground_loss(y, a, bx, reduction="none"),
-         [ref.attention_fg_reference(y[i], a[i], bx[i]) for i in range(2)]),
-        (box2seg.attention_background_loss(y, bx, reduction="none"),
-         [ref.attention_bg_reference(y[i], bx[i]) for i in range(2)]),
-        (box2seg.fill_rate_hinge_loss(a, m, bx, reduction="none"),
-         [ref.fill_rate_hinge_reference(a[i], m_onehot[i], bx[i]) for i in range(2)]),
+        (
+            box2seg.attention_foreground_loss(y, a, bx, reduction="none"),
+            [ref.attention_fg_reference(y[i], a[i], bx[i]) for i in range(2)],
+        ),
+        (
+            box2seg.attention_background_loss(y, bx, reduction="none"),
+            [ref.attention_bg_reference(y[i], bx[i]) for i in range(2)],
+        ),
+        (
+            box2seg.fill_rate_hinge_loss(a, m, bx, reduction="none"),
+            [ref.fill_rate_hinge_reference(a[i], m_onehot[i], bx[i]) for i in range(2)],
+        ),
     ]
     for got, want in checks:
         want = torch.stack(want)
@@ -133,8 +145,10 @@ def test_exact_affinity_equals_brute_force(with_mask):
     for p, q in zip(gg, gw):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-12)
     small_valid = None if valid is None else valid[:1, :4, :4]
-    assert torch.autograd.gradcheck(lambda ee, yy: box2seg.affinity_loss(ee, yy, valid_mask=small_valid),
-                                    (e[:1, :, :4, :4].detach().requires_grad_(), y[:1, :, :4, :4].detach().requires_grad_()))
+    assert torch.autograd.gradcheck(
+        lambda ee, yy: box2seg.affinity_loss(ee, yy, valid_mask=small_valid),
+        (e[:1, :, :4, :4].detach().requires_grad_(), y[:1, :, :4, :4].detach().requires_grad_()),
+    )
 
 
 def test_sampled_affinity_is_class_balanced_and_close():
@@ -185,21 +199,22 @@ def _two_overlapping():
     # boxes of class 1 (big) and 2 (small) overlapping; both claim the overlap
     boxes = torch.tensor([[0.0, 0.0, 4.0, 4.0], [2.0, 2.0, 5.0, 5.0]])
     masks = torch.zeros(2, 5, 5, dtype=torch.bool)
-    masks[0, 1:4, 1:4] = True   # box 0's object: rows/cols 1..3 (row/col 0 is background in box 0)
-    masks[1, 2:5, 2:5] = True   # box 1's object fills its box
+    masks[0, 1:4, 1:4] = True  # box 0's object: rows/cols 1..3 (row/col 0 is background in box 0)
+    masks[1, 2:5, 2:5] = True  # box 1's object fills its box
     return masks, boxes, torch.tensor([0, 0]), torch.tensor([1, 2])
 
 
-@pytest.mark.parametrize("strategy, overlap, back", [
-    ("overlap-small", 2, 0), ("overlap-void", 255, 0), ("overlap-back-void", 255, 255),
-    ("overlap-rate", 1, 0)])  # both classes claim 9 pixels: the tie goes to the lower class
+@pytest.mark.parametrize(
+    "strategy, overlap, back",
+    [("overlap-small", 2, 0), ("overlap-void", 255, 0), ("overlap-back-void", 255, 255), ("overlap-rate", 1, 0)],
+)  # both classes claim 9 pixels: the tie goes to the lower class
 def test_merge_strategies_by_hand(strategy, overlap, back):
     masks, boxes, batch, labels = _two_overlapping()
     out = merge_box_masks(masks, boxes, batch, labels, (1, 5, 5), strategy=strategy)[0]
-    assert out[2, 2] == overlap and out[3, 3] == overlap      # claimed by both classes
-    assert out[1, 1] == 1 and out[4, 4] == 2                  # claimed by one
-    assert out[0, 0] == back                                  # background inside box 0
-    assert out[4, 0] == 0                                     # outside every box
+    assert out[2, 2] == overlap and out[3, 3] == overlap  # claimed by both classes
+    assert out[1, 1] == 1 and out[4, 4] == 2  # claimed by one
+    assert out[0, 0] == back  # background inside box 0
+    assert out[4, 0] == 0  # outside every box
 
 
 def test_overlap_rate_prefers_the_smaller_semantic_area():
@@ -225,8 +240,13 @@ def test_merge_same_class_and_bad_input():
         merge_box_masks(masks[:, :4], boxes, batch, torch.tensor([1, 2]), (1, 5, 5))
     with pytest.raises(ValueError, match="box_labels must be object classes"):
         merge_box_masks(masks, boxes, batch, torch.tensor([0, 2]), (1, 5, 5))
-    none = merge_box_masks(torch.zeros(0, 5, 5, dtype=torch.bool), torch.zeros(0, 4), torch.zeros(0, dtype=torch.long),
-                           torch.zeros(0, dtype=torch.long), (1, 5, 5))
+    none = merge_box_masks(
+        torch.zeros(0, 5, 5, dtype=torch.bool),
+        torch.zeros(0, 4),
+        torch.zeros(0, dtype=torch.long),
+        torch.zeros(0, dtype=torch.long),
+        (1, 5, 5),
+    )
     assert none.eq(0).all()
 
 
@@ -245,8 +265,10 @@ def test_grabcut_and_dense_crf_segment_the_object():
     img, boxes = _scene()
     truth = np.zeros((40, 50), bool)
     truth[10:30, 15:35] = True
-    for masks in (baselines.grabcut_box_masks(img, boxes),
-                  baselines.dense_crf_box_masks(img, boxes, [1], num_classes=2)):
+    for masks in (
+        baselines.grabcut_box_masks(img, boxes),
+        baselines.dense_crf_box_masks(img, boxes, [1], num_classes=2),
+    ):
         assert masks.shape == (1, 40, 50)
         f = fbeta_score(torch.as_tensor(masks), torch.as_tensor(truth[None]))
         assert f.item() > 0.95
@@ -298,10 +320,13 @@ def test_fill_rate_statistics_by_hand():
 
 def test_front_index_opcheck_and_cuda_registration():
     boxes, batch, labels = make_boxes(2, 3, 12, 10, 4, seed=5)
-    torch.library.opcheck(torch.ops.boxloss.box_front_index.default,
-                          (boxes, batch, labels, box_priority(boxes), 2, 3, 12, 10, 1.0))
-    assert torch._C._dispatch_has_kernel_for_dispatch_key("boxloss::box_front_index", "CUDA") == \
-        boxloss.cuda_kernels_built()
+    torch.library.opcheck(
+        torch.ops.boxloss.box_front_index.default, (boxes, batch, labels, box_priority(boxes), 2, 3, 12, 10, 1.0)
+    )
+    assert (
+        torch._C._dispatch_has_kernel_for_dispatch_key("boxloss::box_front_index", "CUDA")
+        == boxloss.cuda_kernels_built()
+    )
 
 
 @pytest.mark.cuda

@@ -29,8 +29,9 @@ def test_crop_geometry_border_and_void():
 
 def test_skips_are_counted():
     img = _image()
-    boxes = np.array([[10.0, 20.0, 80.0, 90.0], [70.0, 30.0, 100.0, 50.0], [0.0, 0.0, 30.0, 30.0],
-                      [5.0, 5.0, 5.0, 60.0]])
+    boxes = np.array(
+        [[10.0, 20.0, 80.0, 90.0], [70.0, 30.0, 100.0, 50.0], [0.0, 0.0, 30.0, 30.0], [5.0, 5.0, 5.0, 60.0]]
+    )
     ds = BoxCropDataset([(img, boxes, np.array([1, 2, 1, 1]))], 1)
     assert len(ds) == 0
     assert ds.skipped == {"other-class-overlap": 1, "small": 1, "empty": 1}

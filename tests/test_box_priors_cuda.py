@@ -18,8 +18,13 @@ pytestmark = pytest.mark.cuda
 OP = torch.ops.boxloss.box_row_col_max.default
 
 
-CASES = [(1, 1, 1, 1, 1, 1.0), (2, 3, 7, 9, 3, 1.0), (2, 21, 33, 17, 8, 0.125), (1, 2, 1, 300, 4, 1.0),
-         (2, 4, 130, 70, 16, 0.5)]
+CASES = [
+    (1, 1, 1, 1, 1, 1.0),
+    (2, 3, 7, 9, 3, 1.0),
+    (2, 21, 33, 17, 8, 0.125),
+    (1, 2, 1, 300, 4, 1.0),
+    (2, 4, 130, 70, 16, 0.5),
+]
 
 
 def _inputs(case, **kw):
@@ -72,7 +77,8 @@ def test_cuda_losses_match_cpu_and_gradcheck():
         torch.testing.assert_close(x_cuda.grad.cpu(), x_cpu.grad, rtol=1e-12, atol=1e-14)
         assert torch.autograd.gradcheck(
             lambda p: fn(p, boxes.cuda(), batch.cuda(), labels.cuda(), spatial_scale=scale),
-            (probs.cuda().requires_grad_(),))
+            (probs.cuda().requires_grad_(),),
+        )
 
 
 def test_cuda_opcheck_and_compile():

@@ -72,8 +72,10 @@ def test_fuzz_losses_match_reference(problem, loss, reduction):
     probs = make_probs(B, C, H, W, seed=seed, softmax=True)
     fast, ref = {
         "tight": (boxloss.tight_box_loss, tight_box_loss_reference),
-        "both": (lambda *a, **k: boxloss.tight_box_loss(*a, mode="both", **k),
-                 lambda *a, **k: tight_box_loss_reference(*a, mode="both", **k)),
+        "both": (
+            lambda *a, **k: boxloss.tight_box_loss(*a, mode="both", **k),
+            lambda *a, **k: tight_box_loss_reference(*a, mode="both", **k),
+        ),
         "mil": (boxloss.mil_box_loss, mil_box_loss_reference),
         "projection": (boxloss.projection_loss, projection_loss_reference),
     }[loss]
@@ -101,9 +103,13 @@ def test_fuzz_bad_boxes_raise(problem, corruption, fn):
     k = seed % boxes.shape[0]
     boxes, batch, labels = boxes.clone(), batch.clone(), labels.clone()
     message = {
-        "nan": "must not hold NaN", "inverted_x": "x1 >= x0", "inverted_y": "x1 >= x0",
-        "batch_high": "box_batch must lie", "batch_low": "box_batch must lie",
-        "label_high": "box_labels must lie", "label_low": "box_labels must lie",
+        "nan": "must not hold NaN",
+        "inverted_x": "x1 >= x0",
+        "inverted_y": "x1 >= x0",
+        "batch_high": "box_batch must lie",
+        "batch_low": "box_batch must lie",
+        "label_high": "box_labels must lie",
+        "label_low": "box_labels must lie",
     }[corruption]
     if corruption == "nan":
         boxes[k, seed % 4] = math.nan

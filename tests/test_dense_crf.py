@@ -26,9 +26,18 @@ def test_compiled_ops_are_loaded():
 
 # ----------------------------------------------------------------- the op against its reference (exact)
 
+
 @pytest.mark.parametrize(
-    "shape", [(1, 1, 1, 1), (2, 2, 1, 9), (1, 3, 8, 1), (2, 4, 9, 11), (1, 21, 13, 12), (3, 2, 16, 16),
-              (2, 21, 37, 41)],  # the last: several 512-pixel tiles of the CPU filter
+    "shape",
+    [
+        (1, 1, 1, 1),
+        (2, 2, 1, 9),
+        (1, 3, 8, 1),
+        (2, 4, 9, 11),
+        (1, 21, 13, 12),
+        (3, 2, 16, 16),
+        (2, 21, 37, 41),
+    ],  # the last: several 512-pixel tiles of the CPU filter
     ids=lambda s: "x".join(map(str, s)),
 )
 @pytest.mark.parametrize("mask_fraction", [None, 0.3])
@@ -47,8 +56,14 @@ def test_matches_lattice_reference_float64(shape, mask_fraction):
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_settings_match_lattice_reference(scale_factor, normalize, reduction):
     logits, image, valid = natural_batch(2, 24, 3, seed=3, with_mask=True)
-    kwargs = dict(sigma_xy=12.0, sigma_rgb=15.0, valid_mask=valid, scale_factor=scale_factor,
-                  normalize=normalize, reduction=reduction)
+    kwargs = dict(
+        sigma_xy=12.0,
+        sigma_rgb=15.0,
+        valid_mask=valid,
+        scale_factor=scale_factor,
+        normalize=normalize,
+        reduction=reduction,
+    )
     value, grad = value_and_grad(boxloss.dense_crf_loss, logits.softmax(1), image, **kwargs)
     reference = at_scale(dense_crf_loss_lattice_reference)
     ref_value, ref_grad = value_and_grad(reference, logits.softmax(1), image, **kwargs)
@@ -67,8 +82,7 @@ def test_resize_is_tangs(scale_factor):
     p, im, m = _resize_like_tang(probs, image, valid, scale_factor)
     size = (int(24 * scale_factor),) * 2
     assert p.shape[2:] == im.shape[2:] == m.shape[1:] == size and m.dtype == torch.bool
-    torch.testing.assert_close(p, F.interpolate(probs, scale_factor=scale_factor, mode="bilinear",
-                                                align_corners=False))
+    torch.testing.assert_close(p, F.interpolate(probs, scale_factor=scale_factor, mode="bilinear", align_corners=False))
     # Nearest neighbour: every output pixel is one input pixel, the same for the image and the mask.
     nearest = F.interpolate(torch.arange(24.0 * 24).view(1, 1, 24, 24), scale_factor=scale_factor, mode="nearest")
     index = nearest.long().flatten()
@@ -77,6 +91,7 @@ def test_resize_is_tangs(scale_factor):
 
 
 # ----------------------------------------------------------------- against the exact Gaussian (documented tolerance)
+
 
 @pytest.mark.parametrize("sigma_xy, sigma_rgb", [(10.0, 15.0), (30.0, 15.0), (10.0, 40.0)])
 @pytest.mark.parametrize("with_mask", [False, True])
@@ -110,13 +125,18 @@ def test_brute_force_reference_is_the_equation():
     expected = E / W.sum()
     got = dense_crf_loss_reference(probs, image, sigma_xy=2.0, sigma_rgb=30.0)
     torch.testing.assert_close(got, expected)
-    torch.testing.assert_close(boxloss.dense_crf_loss(probs, image, sigma_xy=2.0, sigma_rgb=30.0, normalize=False),
-                               boxloss.dense_crf_loss(probs, image, sigma_xy=2.0, sigma_rgb=30.0) *
-                               boxloss.dense_crf_loss(torch.full_like(probs, 0.5)[:, :1], image, sigma_xy=2.0,
-                                                      sigma_rgb=30.0, normalize=False) * 4)
+    torch.testing.assert_close(
+        boxloss.dense_crf_loss(probs, image, sigma_xy=2.0, sigma_rgb=30.0, normalize=False),
+        boxloss.dense_crf_loss(probs, image, sigma_xy=2.0, sigma_rgb=30.0)
+        * boxloss.dense_crf_loss(
+            torch.full_like(probs, 0.5)[:, :1], image, sigma_xy=2.0, sigma_rgb=30.0, normalize=False
+        )
+        * 4,
+    )
 
 
 # ----------------------------------------------------------------- properties
+
 
 def test_values_are_non_negative_and_at_most_one():
     for seed in range(4):
@@ -145,8 +165,9 @@ def test_invalid_pixels_enter_neither_as_i_nor_j():
     # Changing the probabilities of invalid pixels changes nothing ...
     other = probs.clone()
     other[..., :5] = other[..., :5].flip(1)
-    torch.testing.assert_close(boxloss.dense_crf_loss(other, image, sigma_xy=3.0, valid_mask=mask, normalize=False),
-                               base)
+    torch.testing.assert_close(
+        boxloss.dense_crf_loss(other, image, sigma_xy=3.0, valid_mask=mask, normalize=False), base
+    )
     # ... and their gradient is 0.
     _, grad = value_and_grad(boxloss.dense_crf_loss, probs, image, sigma_xy=3.0, valid_mask=mask)
     assert torch.all(grad[..., :5] == 0) and torch.any(grad[..., 5:] != 0)
@@ -162,8 +183,9 @@ def test_image_without_valid_pairs_contributes_zero():
     assert value[1].item() == 0.0 and value[0].item() > 0
     assert torch.all(grad[1] == 0)
     assert value[2].item() == 0.0 and torch.all(grad[2] == 0)  # one valid pixel: no pair
-    energy, grad = value_and_grad(boxloss.dense_crf_loss, probs, image, valid_mask=mask, reduction="none",
-                                  normalize=False)
+    energy, grad = value_and_grad(
+        boxloss.dense_crf_loss, probs, image, valid_mask=mask, reduction="none", normalize=False
+    )
     assert energy[1].item() == 0.0 and energy[2].item() == 0.0 and torch.all(grad[1:] == 0)
     mean = boxloss.dense_crf_loss(probs, image, valid_mask=mask)
     torch.testing.assert_close(mean, value.sum() / 3)
@@ -201,9 +223,13 @@ def test_gradcheck_float64(normalize):
     probs, image, mask = random_inputs(2, 3, 5, 6, seed=7, mask_fraction=0.2)
     probs.requires_grad_()
     assert torch.autograd.gradcheck(
-        lambda p: boxloss.dense_crf_loss(p, image, sigma_xy=2.0, sigma_rgb=30.0, valid_mask=mask,
-                                         normalize=normalize, reduction="none"),
-        (probs,), eps=1e-6, atol=1e-8, rtol=1e-6,
+        lambda p: boxloss.dense_crf_loss(
+            p, image, sigma_xy=2.0, sigma_rgb=30.0, valid_mask=mask, normalize=normalize, reduction="none"
+        ),
+        (probs,),
+        eps=1e-6,
+        atol=1e-8,
+        rtol=1e-6,
     )
 
 
@@ -224,6 +250,7 @@ def test_image_gets_no_gradient():
 
 
 # ----------------------------------------------------------------- opcheck, compile, module
+
 
 def _op_args(mask_fraction=None, seed=10):
     probs, image, mask = random_inputs(2, 3, 5, 6, seed=seed, mask_fraction=mask_fraction)
@@ -264,8 +291,9 @@ def test_torch_compile_fullgraph_matches_eager():
 def test_module_matches_function_and_repr():
     logits, image, valid = natural_batch(2, 16, 3, seed=13, with_mask=True)
     module = boxloss.DenseCRFLoss(sigma_rgb=20.0, sigma_xy=40.0, scale_factor=0.5, reduction="sum")
-    expected = boxloss.dense_crf_loss(logits.softmax(1), image, sigma_rgb=20.0, sigma_xy=40.0, scale_factor=0.5,
-                                      reduction="sum", valid_mask=valid)
+    expected = boxloss.dense_crf_loss(
+        logits.softmax(1), image, sigma_rgb=20.0, sigma_xy=40.0, scale_factor=0.5, reduction="sum", valid_mask=valid
+    )
     torch.testing.assert_close(module(logits.softmax(1), image, valid), expected)
     assert "scale_factor=0.5" in repr(module) and "sigma_xy=40.0" in repr(module)
 
@@ -279,6 +307,7 @@ def test_docstring_example_runs():
 
 
 # ----------------------------------------------------------------- dtypes, layouts, threads
+
 
 def test_float32_close_to_float64():
     logits, image, valid = natural_batch(2, 32, 5, seed=14, with_mask=True)
@@ -305,9 +334,13 @@ def test_non_contiguous_inputs():
     logits, image, valid = natural_batch(2, 20, 4, seed=16, with_mask=True)
     probs = logits.softmax(1)
     expected = value_and_grad(boxloss.dense_crf_loss, probs, image, valid_mask=valid, sigma_xy=6.0)
-    got = value_and_grad(boxloss.dense_crf_loss, probs.to(memory_format=torch.channels_last),
-                         image.to(memory_format=torch.channels_last), valid_mask=valid.transpose(1, 2).contiguous()
-                         .transpose(1, 2), sigma_xy=6.0)
+    got = value_and_grad(
+        boxloss.dense_crf_loss,
+        probs.to(memory_format=torch.channels_last),
+        image.to(memory_format=torch.channels_last),
+        valid_mask=valid.transpose(1, 2).contiguous().transpose(1, 2),
+        sigma_xy=6.0,
+    )
     torch.testing.assert_close(got[0], expected[0], rtol=0, atol=0)
     torch.testing.assert_close(got[1], expected[1], rtol=0, atol=0)
 
@@ -331,6 +364,7 @@ def test_deterministic_and_thread_independent():
 
 # ----------------------------------------------------------------- bad input
 
+
 def _good():
     probs, image, mask = random_inputs(2, 3, 6, 7, seed=18, mask_fraction=0.2, dtype=torch.float32)
     return dict(probs=probs, image=image, valid_mask=mask)
@@ -342,17 +376,32 @@ BAD_INPUTS = {
     "probs int": (lambda g: dict(g, probs=(g["probs"] > 0.5).long()), TypeError, "probs must be float"),
     "probs empty": (lambda g: dict(g, probs=g["probs"][:, :0]), ValueError, "non-empty"),
     "image 1 channel": (lambda g: dict(g, image=g["image"][:, :1]), ValueError, "3 \\(RGB\\) channels"),
-    "image 4 channels": (lambda g: dict(g, image=torch.cat([g["image"], g["image"][:, :1]], 1)), ValueError,
-                         "3 \\(RGB\\) channels"),
+    "image 4 channels": (
+        lambda g: dict(g, image=torch.cat([g["image"], g["image"][:, :1]], 1)),
+        ValueError,
+        "3 \\(RGB\\) channels",
+    ),
     "image mismatch": (lambda g: dict(g, image=g["image"][..., :5]), ValueError, "image must match probs"),
-    "image nan": (lambda g: dict(g, image=torch.where(g["image"] > 250, float("nan"), g["image"])), ValueError,
-                  "image must be finite"),
-    "image inf": (lambda g: dict(g, image=torch.where(g["image"] > 250, float("inf"), g["image"])), ValueError,
-                  "image must be finite"),
-    "probs nan": (lambda g: dict(g, probs=torch.where(g["probs"] > 0.8, float("nan"), g["probs"])), ValueError,
-                  "probs must hold probabilities in \\[0, 1\\], but it contains NaN"),
-    "probs inf": (lambda g: dict(g, probs=torch.where(g["probs"] > 0.8, float("inf"), g["probs"])), ValueError,
-                  "contains Inf"),
+    "image nan": (
+        lambda g: dict(g, image=torch.where(g["image"] > 250, float("nan"), g["image"])),
+        ValueError,
+        "image must be finite",
+    ),
+    "image inf": (
+        lambda g: dict(g, image=torch.where(g["image"] > 250, float("inf"), g["image"])),
+        ValueError,
+        "image must be finite",
+    ),
+    "probs nan": (
+        lambda g: dict(g, probs=torch.where(g["probs"] > 0.8, float("nan"), g["probs"])),
+        ValueError,
+        "probs must hold probabilities in \\[0, 1\\], but it contains NaN",
+    ),
+    "probs inf": (
+        lambda g: dict(g, probs=torch.where(g["probs"] > 0.8, float("inf"), g["probs"])),
+        ValueError,
+        "contains Inf",
+    ),
     "logits": (lambda g: dict(g, probs=g["probs"] * 8 - 4), ValueError, "not logits"),
     "sigma_rgb zero": (lambda g: dict(g, sigma_rgb=0.0), ValueError, "sigma_rgb must be a positive finite"),
     "sigma_xy negative": (lambda g: dict(g, sigma_xy=-80.0), ValueError, "sigma_xy must be a positive finite"),
@@ -426,6 +475,7 @@ def test_module_rejects_bad_settings():
 
 
 # ----------------------------------------------------------------- fallback path
+
 
 def _run_python(code, **env):
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=dict(os.environ, **env))

@@ -21,8 +21,10 @@ from dense_crf_inputs import at_scale, natural_batch, random_inputs, relative_er
 pytestmark = pytest.mark.cuda
 
 
-@pytest.mark.parametrize("shape, sigma_xy, sigma_rgb", [((1, 1, 1), 3.0, 15.0), ((2, 9, 1), 2.0, 10.0),
-                                                         ((3, 33, 29), 1.0, 3.0), ((2, 64, 48), 20.0, 15.0)])
+@pytest.mark.parametrize(
+    "shape, sigma_xy, sigma_rgb",
+    [((1, 1, 1), 3.0, 15.0), ((2, 9, 1), 2.0, 10.0), ((3, 33, 29), 1.0, 3.0), ((2, 64, 48), 20.0, 15.0)],
+)
 def test_cuda_lattice_describes_the_cpu_lattice(shape, sigma_xy, sigma_rgb):
     B, H, W = shape
     image = random_inputs(B, 1, H, W, seed=H * W)[1]
@@ -33,8 +35,12 @@ def test_cuda_lattice_describes_the_cpu_lattice(shape, sigma_xy, sigma_rgb):
     # Vertex numbers differ; what the lattices compute must not.
     values = torch.rand(B, 5, H, W, dtype=torch.float64)
     for reverse in (False, True):
-        torch.testing.assert_close(gpu.filter(values.cuda(), reverse=reverse).cpu(), cpu.filter(values, reverse=reverse),
-                                   rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(
+            gpu.filter(values.cuda(), reverse=reverse).cpu(),
+            cpu.filter(values, reverse=reverse),
+            rtol=1e-10,
+            atol=1e-12,
+        )
 
 
 @pytest.mark.parametrize("shape", [(1, 1, 1, 1), (2, 3, 7, 9), (3, 21, 33, 17), (1, 2, 1, 300), (2, 4, 130, 70)])
@@ -53,8 +59,9 @@ def test_cuda_loss_matches_cpu_and_reference_float64(shape, mask_fraction, scale
     torch.testing.assert_close(value.cpu(), cpu_value, rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(grad.cpu(), cpu_grad, rtol=1e-9, atol=1e-12)
     if H * W <= 64:
-        ref_value, ref_grad = value_and_grad(at_scale(dense_crf_loss_lattice_reference), probs, image,
-                                             valid_mask=mask, **kwargs)
+        ref_value, ref_grad = value_and_grad(
+            at_scale(dense_crf_loss_lattice_reference), probs, image, valid_mask=mask, **kwargs
+        )
         torch.testing.assert_close(value.cpu(), ref_value, rtol=1e-6, atol=1e-12)
         torch.testing.assert_close(grad.cpu(), ref_grad, rtol=1e-6, atol=1e-12)
 
@@ -87,7 +94,10 @@ def test_cuda_gradcheck():
     probs.requires_grad_()
     assert torch.autograd.gradcheck(
         lambda p: boxloss.dense_crf_loss(p, image, sigma_xy=2.0, sigma_rgb=30.0, valid_mask=mask, reduction="none"),
-        (probs,), eps=1e-6, atol=1e-8, rtol=1e-6,
+        (probs,),
+        eps=1e-6,
+        atol=1e-8,
+        rtol=1e-6,
     )
     values = torch.rand(2, 2, 5, 6, dtype=torch.float64, device="cuda", requires_grad=True)
     assert torch.autograd.gradcheck(lambda v: boxloss.bilateral_filter(v, image, 2.0, 30.0), (values,))

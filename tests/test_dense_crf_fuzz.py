@@ -95,10 +95,21 @@ def bad_calls(draw):
     probs = torch.rand(B, C, H, W, generator=g).softmax(1)
     image = torch.rand(B, 3, H, W, generator=g) * 255
     args = dict(probs=probs, image=image)
-    mutation = draw(st.sampled_from([
-        "sigma_xy", "sigma_rgb", "scale_factor", "image_channels", "image_values", "probs_values", "probs_shape",
-        "mask", "reduction",
-    ]))
+    mutation = draw(
+        st.sampled_from(
+            [
+                "sigma_xy",
+                "sigma_rgb",
+                "scale_factor",
+                "image_channels",
+                "image_values",
+                "probs_values",
+                "probs_shape",
+                "mask",
+                "reduction",
+            ]
+        )
+    )
     bad_number = st.sampled_from([0.0, -1.0, float("nan"), float("inf"), -float("inf")])
     if mutation in ("sigma_xy", "sigma_rgb", "scale_factor"):
         args[mutation] = draw(bad_number)

@@ -179,11 +179,22 @@ PLANTED = {
 
 
 def test_checker_reports_every_planted_offender(tmp_path):
-    for rel in ["boxloss/__init__.py", "boxloss/ops/__init__.py", "boxloss/ops/boxes.py", "boxloss/ops/lattice.py",
-                "boxloss/losses/__init__.py", "boxloss/losses/box2seg.py", "boxloss/losses/region_priors.py",
-                "boxloss/recipes/__init__.py", "boxloss/recipes/regularized.py", "boxloss/data/__init__.py",
-                "boxloss/data/box_crops.py", "boxloss/reference/__init__.py", "boxloss/reference/boxes.py",
-                "boxloss/reference/pairwise.py"]:
+    for rel in [
+        "boxloss/__init__.py",
+        "boxloss/ops/__init__.py",
+        "boxloss/ops/boxes.py",
+        "boxloss/ops/lattice.py",
+        "boxloss/losses/__init__.py",
+        "boxloss/losses/box2seg.py",
+        "boxloss/losses/region_priors.py",
+        "boxloss/recipes/__init__.py",
+        "boxloss/recipes/regularized.py",
+        "boxloss/data/__init__.py",
+        "boxloss/data/box_crops.py",
+        "boxloss/reference/__init__.py",
+        "boxloss/reference/boxes.py",
+        "boxloss/reference/pairwise.py",
+    ]:
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).write_text("")
     for rel, text in PLANTED.items():
@@ -192,32 +203,37 @@ def test_checker_reports_every_planted_offender(tmp_path):
     violations, unplaced = check_tree(tmp_path)
     assert unplaced == ["boxloss/stray.py"]
     offenders = sorted(v.split(":")[0] for v in violations)
-    assert offenders == sorted([
-        "boxloss/_checks.py",
-        "boxloss/data/planted.py",
-        "boxloss/losses/planted.py",
-        "boxloss/losses/planted_facade.py",
-        "boxloss/ops/planted.py",
-        "boxloss/ops/planted_data.py",
-        "boxloss/ops/planted_relative.py",
-        "boxloss/reference/planted.py",
-        "tools/script.py",
-    ]), violations
+    assert offenders == sorted(
+        [
+            "boxloss/_checks.py",
+            "boxloss/data/planted.py",
+            "boxloss/losses/planted.py",
+            "boxloss/losses/planted_facade.py",
+            "boxloss/ops/planted.py",
+            "boxloss/ops/planted_data.py",
+            "boxloss/ops/planted_relative.py",
+            "boxloss/reference/planted.py",
+            "tools/script.py",
+        ]
+    ), violations
 
 
-@pytest.mark.parametrize("importer, imported, allowed", [
-    ("boxloss.losses.box_priors", "boxloss.ops.row_col_max", True),
-    ("boxloss.ops.row_col_max", "boxloss.losses.box_priors", False),
-    ("boxloss.metrics", "boxloss.ops.box_masks", True),
-    ("boxloss.recipes.bana", "boxloss.losses.noise_aware", True),
-    ("boxloss.trainers.engine", "boxloss.recipes.bana", True),
-    ("boxloss.recipes.bana", "boxloss.trainers.engine", False),
-    ("boxloss", "boxloss.recipes.bana", True),
-    ("boxloss.ops.boxes", "boxloss", False),
-    ("boxloss.data.coco", "boxloss.ops.boxes", True),
-    ("boxloss.data.coco", "boxloss.ops.box_masks", False),
-    ("boxloss.reference.pairwise", "boxloss._checks", True),
-    ("boxloss.reference.pairwise", "boxloss._extension", False),
-])
+@pytest.mark.parametrize(
+    "importer, imported, allowed",
+    [
+        ("boxloss.losses.box_priors", "boxloss.ops.row_col_max", True),
+        ("boxloss.ops.row_col_max", "boxloss.losses.box_priors", False),
+        ("boxloss.metrics", "boxloss.ops.box_masks", True),
+        ("boxloss.recipes.bana", "boxloss.losses.noise_aware", True),
+        ("boxloss.trainers.engine", "boxloss.recipes.bana", True),
+        ("boxloss.recipes.bana", "boxloss.trainers.engine", False),
+        ("boxloss", "boxloss.recipes.bana", True),
+        ("boxloss.ops.boxes", "boxloss", False),
+        ("boxloss.data.coco", "boxloss.ops.boxes", True),
+        ("boxloss.data.coco", "boxloss.ops.box_masks", False),
+        ("boxloss.reference.pairwise", "boxloss._checks", True),
+        ("boxloss.reference.pairwise", "boxloss._extension", False),
+    ],
+)
 def test_rules(importer, imported, allowed):
     assert (offences(importer, imported) is None) is allowed

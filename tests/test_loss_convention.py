@@ -28,13 +28,27 @@ def _inputs():
     mu = torch.randn(B, C, H, W, generator=g, dtype=torch.float64).requires_grad_()
     log_var = torch.randn(B, C, H, W, generator=g, dtype=torch.float64).requires_grad_()
     return dict(
-        probs=probs, fg=fg, image=image, boxes=boxes, box_batch=box_batch, box_labels=box_labels,
-        box_masks=box_masks, attention=attention, embeddings=embeddings, pseudo=pseudo, features=features,
-        weight=weight, mu=mu, log_var=log_var, target=torch.randint(0, C, (B, H, W), generator=g),
+        probs=probs,
+        fg=fg,
+        image=image,
+        boxes=boxes,
+        box_batch=box_batch,
+        box_labels=box_labels,
+        box_masks=box_masks,
+        attention=attention,
+        embeddings=embeddings,
+        pseudo=pseudo,
+        features=features,
+        weight=weight,
+        mu=mu,
+        log_var=log_var,
+        target=torch.randint(0, C, (B, H, W), generator=g),
         binary_target=(torch.rand(B, H, W, generator=g) > 0.5).double(),
-        border=boxloss.image_border_mask(H, W), box_mask=torch.rand(B, H, W, generator=g) > 0.3,
+        border=boxloss.image_border_mask(H, W),
+        box_mask=torch.rand(B, H, W, generator=g) > 0.3,
         pooled=torch.randn(K, D, 1, 1, generator=g, dtype=torch.float64).requires_grad_(),
-        queries=torch.randn(B, 16, D, generator=g, dtype=torch.float64), valid=torch.ones(B, 16, dtype=torch.bool),
+        queries=torch.randn(B, 16, D, generator=g, dtype=torch.float64),
+        valid=torch.ones(B, 16, dtype=torch.bool),
     )
 
 
@@ -66,53 +80,85 @@ CASES = {
     "pseudo_label_ce_loss": (lambda **o: boxloss.pseudo_label_ce_loss(X["probs"], X["pseudo"], **o), (B,)),
     "PseudoLabelCELoss": (lambda **o: boxloss.PseudoLabelCELoss(**o)(X["probs"], X["pseudo"]), (B,)),
     "attention_foreground_loss": (
-        lambda **o: boxloss.attention_foreground_loss(X["probs"], X["attention"], X["box_masks"], **o), (B,)),
-    "attention_background_loss": (
-        lambda **o: boxloss.attention_background_loss(X["probs"], X["box_masks"], **o), (B,)),
+        lambda **o: boxloss.attention_foreground_loss(X["probs"], X["attention"], X["box_masks"], **o),
+        (B,),
+    ),
+    "attention_background_loss": (lambda **o: boxloss.attention_background_loss(X["probs"], X["box_masks"], **o), (B,)),
     "attention_weighted_loss": (
-        lambda **o: boxloss.attention_weighted_loss(X["probs"], X["attention"], X["box_masks"], **o), (B,)),
+        lambda **o: boxloss.attention_weighted_loss(X["probs"], X["attention"], X["box_masks"], **o),
+        (B,),
+    ),
     "AttentionWeightedLoss": (
-        lambda **o: boxloss.AttentionWeightedLoss(**o)(X["probs"], X["attention"], X["box_masks"]), (B,)),
+        lambda **o: boxloss.AttentionWeightedLoss(**o)(X["probs"], X["attention"], X["box_masks"]),
+        (B,),
+    ),
     "attention_box_regulariser": (
-        lambda **o: boxloss.attention_box_regulariser(X["attention"], X["box_masks"], **o), (B,)),
-    "AttentionBoxRegulariser": (
-        lambda **o: boxloss.AttentionBoxRegulariser(**o)(X["attention"], X["box_masks"]), (B,)),
+        lambda **o: boxloss.attention_box_regulariser(X["attention"], X["box_masks"], **o),
+        (B,),
+    ),
+    "AttentionBoxRegulariser": (lambda **o: boxloss.AttentionBoxRegulariser(**o)(X["attention"], X["box_masks"]), (B,)),
     "fill_rate_hinge_loss": (
-        lambda **o: boxloss.fill_rate_hinge_loss(X["attention"], X["pseudo"], X["box_masks"], **o), (B,)),
+        lambda **o: boxloss.fill_rate_hinge_loss(X["attention"], X["pseudo"], X["box_masks"], **o),
+        (B,),
+    ),
     "FillRateHingeLoss": (
-        lambda **o: boxloss.FillRateHingeLoss(**o)(X["attention"], X["pseudo"], X["box_masks"]), (B,)),
+        lambda **o: boxloss.FillRateHingeLoss(**o)(X["attention"], X["pseudo"], X["box_masks"]),
+        (B,),
+    ),
     "affinity_loss": (lambda **o: boxloss.affinity_loss(X["embeddings"], X["probs"], **o), (B,)),
     "AffinityLoss": (lambda **o: boxloss.AffinityLoss(**o)(X["embeddings"], X["probs"]), (B,)),
     "bap_classification_loss": (
-        lambda **o: boxloss.bap_classification_loss(X["pooled"], X["box_labels"], X["queries"], X["valid"],
-                                                    X["weight"], **o), None),
+        lambda **o: boxloss.bap_classification_loss(
+            X["pooled"], X["box_labels"], X["queries"], X["valid"], X["weight"], **o
+        ),
+        None,
+    ),
     "noise_aware_loss": (
-        lambda **o: boxloss.noise_aware_loss(X["features"], X["weight"], X["pseudo"], X["target"], **o), None),
+        lambda **o: boxloss.noise_aware_loss(X["features"], X["weight"], X["pseudo"], X["target"], **o),
+        None,
+    ),
     "NoiseAwareLoss": (
-        lambda **o: boxloss.NoiseAwareLoss()(X["features"], X["weight"], X["pseudo"], X["target"], **o), None),
+        lambda **o: boxloss.NoiseAwareLoss()(X["features"], X["weight"], X["pseudo"], X["target"], **o),
+        None,
+    ),
     "NoiseAwareCELoss": (
-        lambda **o: boxloss.NoiseAwareCELoss()(X["features"], X["weight"], X["pseudo"], X["target"], **o), None),
+        lambda **o: boxloss.NoiseAwareCELoss()(X["features"], X["weight"], X["pseudo"], X["target"], **o),
+        None,
+    ),
     "uncertainty_bce_loss": (
-        lambda **o: boxloss.uncertainty_bce_loss(X["mu"][:, 0], X["log_var"][:, 0], X["binary_target"],
-                                                 X["box_mask"], **o), (B, H, W)),
+        lambda **o: boxloss.uncertainty_bce_loss(
+            X["mu"][:, 0], X["log_var"][:, 0], X["binary_target"], X["box_mask"], **o
+        ),
+        (B, H, W),
+    ),
     "UncertaintyBCELoss": (
-        lambda **o: boxloss.UncertaintyBCELoss(**o)(X["mu"][:, 0], X["log_var"][:, 0], X["binary_target"],
-                                                    X["box_mask"]), (B, H, W)),
+        lambda **o: boxloss.UncertaintyBCELoss(**o)(
+            X["mu"][:, 0], X["log_var"][:, 0], X["binary_target"], X["box_mask"]
+        ),
+        (B, H, W),
+    ),
     "uncertainty_l2_loss": (
         lambda **o: boxloss.uncertainty_l2_loss(X["mu"][:, 0], X["log_var"][:, 0], X["binary_target"], **o),
-        (B, H, W)),
+        (B, H, W),
+    ),
     "UncertaintyL2Loss": (
         lambda **o: boxloss.UncertaintyL2Loss(**o)(X["mu"][:, 0], X["log_var"][:, 0], X["binary_target"]),
-        (B, H, W)),
+        (B, H, W),
+    ),
     "uncertainty_ce_loss": (
         lambda **o: boxloss.uncertainty_ce_loss(X["mu"], X["log_var"], X["target"], samples=3, seed=0, **o),
-        (B, H, W)),
+        (B, H, W),
+    ),
     "UncertaintyCELoss": (
         lambda **o: boxloss.UncertaintyCELoss(samples=3, **o)(X["mu"], X["log_var"], X["target"], seed=0),
-        (B, H, W)),
+        (B, H, W),
+    ),
     "Box2SegLoss": (
-        lambda **o: boxloss.Box2SegLoss()(X["probs"], X["attention"], X["embeddings"], X["box_masks"], X["pseudo"],
-                                          **o), None),
+        lambda **o: boxloss.Box2SegLoss()(
+            X["probs"], X["attention"], X["embeddings"], X["box_masks"], X["pseudo"], **o
+        ),
+        None,
+    ),
     "RegularizedLoss": (lambda **o: boxloss.RegularizedLoss()(X["fg"], X["image"], **o), None),
 }
 

@@ -91,15 +91,25 @@ def test_masks():
         (lambda: boxloss.volumetric_loss(torch.rand(2, 4, 4), lambda_s=-1), ValueError, "lambda_s must be"),
         (lambda: boxloss.volumetric_loss(torch.rand(2, 4, 4).long()), TypeError, "fg_probs must be float"),
         (lambda: boxloss.volumetric_loss(torch.rand(2, 4, 4), distributed=True), RuntimeError, "process group"),
-        (lambda: boxloss.positional_loss(torch.rand(2, 4, 4), border_width=-1), ValueError, "border_width must be >= 0"),
+        (
+            lambda: boxloss.positional_loss(torch.rand(2, 4, 4), border_width=-1),
+            ValueError,
+            "border_width must be >= 0",
+        ),
         (lambda: boxloss.positional_loss(torch.rand(2, 4, 4), centre_size=0), ValueError, "centre_size must be >= 1"),
         (lambda: boxloss.negative_loss(torch.rand(2, 4, 4), reduction="avg"), ValueError, "reduction must be one of"),
         (lambda: boxloss.negative_loss(torch.rand(2, 4, 4), valid_mask=torch.ones(2, 4, 4)), TypeError, "bool tensor"),
-        (lambda: boxloss.border_background_loss(torch.rand(2, 4, 4), torch.ones(3, 4, 4, dtype=torch.bool)),
-         ValueError, "border_mask must have shape"),
+        (
+            lambda: boxloss.border_background_loss(torch.rand(2, 4, 4), torch.ones(3, 4, 4, dtype=torch.bool)),
+            ValueError,
+            "border_mask must have shape",
+        ),
         (lambda: boxloss.border_background_loss(torch.rand(2, 4, 4), None), TypeError, "border_mask must be a bool"),
-        (lambda: boxloss.border_background_loss(torch.rand(2, 4, 4) + 1, torch.ones(4, 4, dtype=torch.bool)),
-         ValueError, "fg_probs must hold probabilities"),
+        (
+            lambda: boxloss.border_background_loss(torch.rand(2, 4, 4) + 1, torch.ones(4, 4, dtype=torch.bool)),
+            ValueError,
+            "fg_probs must hold probabilities",
+        ),
     ],
 )
 def test_bad_input_raises_clear_error(call, error, message):
@@ -166,8 +176,9 @@ def test_regularized_custom_boxes_and_masks():
     border[:, 0] = True
     loss_fn = boxloss.RegularizedLoss(use_negative=False)
     _, terms = loss_fn(x, image, boxes=boxes, spatial_scale=0.25, border_mask=border, return_terms=True)
-    tight = boxloss.tight_box_loss(x, boxes, torch.arange(2), torch.zeros(2, dtype=torch.long), spatial_scale=0.25,
-                                   reduction="none")
+    tight = boxloss.tight_box_loss(
+        x, boxes, torch.arange(2), torch.zeros(2, dtype=torch.long), spatial_scale=0.25, reduction="none"
+    )
     expected = (border_background_loss_reference(x[:, 0], border) + tight).mean()
     torch.testing.assert_close(terms["positional"], expected)
     with pytest.raises(ValueError, match="boxes must be a"):
@@ -194,7 +205,7 @@ def test_regularized_compiles_fullgraph():
 # Volumetric loss across two gloo processes
 
 
-_DDP_WORKER = r'''
+_DDP_WORKER = r"""
 import sys, torch, torch.distributed as dist
 import boxloss
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -212,7 +223,7 @@ loss = loss_fn(torch.sigmoid(ddp(local) - 1.0))
 loss.backward()
 torch.save({"loss": loss.detach(), "grads": [p.grad for p in model.parameters()]}, out_file)
 dist.destroy_process_group()
-'''
+"""
 
 
 def test_volumetric_ddp_matches_single_process(tmp_path):
@@ -223,8 +234,13 @@ def test_volumetric_ddp_matches_single_process(tmp_path):
     init_file = tmp_path / "init"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     procs = [
-        subprocess.Popen([sys.executable, str(script), str(r), "2", str(init_file), str(tmp_path / f"out{r}.pt")],
-                         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            [sys.executable, str(script), str(r), "2", str(init_file), str(tmp_path / f"out{r}.pt")],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for r in range(2)
     ]
     for p in procs:

@@ -66,10 +66,24 @@ def bad_calls(draw):
     B, C, H, W = draw(st.integers(1, 2)), draw(st.integers(1, 3)), draw(st.integers(1, 6)), draw(st.integers(1, 6))
     probs, image, mask = make_inputs(B, C, H, W, dtype=torch.float32, mask_fraction=0.2, seed=1)
     args = dict(probs=probs, image=image, valid_mask=mask)
-    mutation = draw(st.sampled_from([
-        "sigma", "neighbourhood", "dilation", "kind", "reduction", "channels", "probs_shape", "image_shape",
-        "mask_shape", "probs_values", "image_values", "dtype",
-    ]))
+    mutation = draw(
+        st.sampled_from(
+            [
+                "sigma",
+                "neighbourhood",
+                "dilation",
+                "kind",
+                "reduction",
+                "channels",
+                "probs_shape",
+                "image_shape",
+                "mask_shape",
+                "probs_values",
+                "image_values",
+                "dtype",
+            ]
+        )
+    )
     if mutation == "sigma":
         args["sigma"] = draw(st.sampled_from([0.0, -1.0, float("nan"), float("inf"), -float("inf")]))
     elif mutation == "neighbourhood":
@@ -81,10 +95,13 @@ def bad_calls(draw):
     elif mutation == "reduction":
         args["reduction"] = draw(st.text(max_size=5).filter(lambda r: r not in ("mean", "sum", "none")))
     elif mutation == "channels":
-        args["channels"] = draw(st.one_of(
-            st.just([]), st.lists(st.integers(C, C + 5), min_size=1, max_size=3),
-            st.lists(st.integers(-C - 5, -C - 1), min_size=1, max_size=3),
-        ))
+        args["channels"] = draw(
+            st.one_of(
+                st.just([]),
+                st.lists(st.integers(C, C + 5), min_size=1, max_size=3),
+                st.lists(st.integers(-C - 5, -C - 1), min_size=1, max_size=3),
+            )
+        )
     elif mutation == "probs_shape":
         args["probs"] = probs.reshape(-1) if draw(st.booleans()) else probs[..., None]
     elif mutation == "image_shape":

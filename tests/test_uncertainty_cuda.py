@@ -29,11 +29,13 @@ def _ce_ref(mu, log_var, target, *, seed, **kwargs):
 @pytest.mark.parametrize("bootstrap, route", [(True, True), (True, False), (False, True)])
 def test_cuda_ce_matches_cpu_and_reference_float64(shape, bootstrap, route, to_cuda):
     B, C, H, W = shape
-    mu, log_var, target, box_mask, pp = make_class_inputs(B, C, H, W, seed=B * 100 + C, ignore_fraction=0.1,
-                                                          box_fraction=0.7, pixel_perfect=[b == 1 for b in range(B)])
+    mu, log_var, target, box_mask, pp = make_class_inputs(
+        B, C, H, W, seed=B * 100 + C, ignore_fraction=0.1, box_fraction=0.7, pixel_perfect=[b == 1 for b in range(B)]
+    )
     kwargs = dict(samples=9, seed=(77, 3), tau=1.5, bootstrap=bootstrap, route_gradients=route, reduction="none")
-    cpu = value_and_grads(boxloss.uncertainty_ce_loss, mu, log_var, target, box_mask=box_mask, pixel_perfect=pp,
-                          **kwargs)
+    cpu = value_and_grads(
+        boxloss.uncertainty_ce_loss, mu, log_var, target, box_mask=box_mask, pixel_perfect=pp, **kwargs
+    )
     ref = value_and_grads(_ce_ref, mu, log_var, target, box_mask=box_mask, pixel_perfect=pp, **kwargs)
     m, s, t, bm, p = to_cuda(mu, log_var, target, box_mask, pp)
     got = value_and_grads(boxloss.uncertainty_ce_loss, m, s, t, box_mask=bm, pixel_perfect=p, **kwargs)
@@ -65,8 +67,9 @@ def test_cuda_ce_low_precision(dtype, to_cuda):
 
 @pytest.mark.parametrize("bootstrap, route", [(True, True), (True, False), (False, True)])
 def test_cuda_bce_matches_reference(bootstrap, route, to_cuda):
-    mu, log_var, target, box_mask, pp = make_binary_inputs(3, 33, 17, seed=11, soft=True,
-                                                           pixel_perfect=[False, True, False])
+    mu, log_var, target, box_mask, pp = make_binary_inputs(
+        3, 33, 17, seed=11, soft=True, pixel_perfect=[False, True, False]
+    )
     kwargs = dict(bootstrap=bootstrap, route_gradients=route, reduction="none")
     ref = value_and_grads(uncertainty_bce_loss_reference, mu, log_var, target, box_mask, pixel_perfect=pp, **kwargs)
     m, s, t, bm, p = to_cuda(mu, log_var, target, box_mask, pp)
@@ -80,9 +83,13 @@ def test_cuda_gradcheck():
     mu.requires_grad_()
     log_var.requires_grad_()
     assert torch.autograd.gradcheck(
-        lambda m, s: boxloss.uncertainty_ce_loss(m, s, target, samples=5, seed=3, tau=100.0, route_gradients=False,
-                                                 box_mask=box_mask, reduction="none"),
-        (mu, log_var), eps=1e-6, atol=1e-8, rtol=1e-6,
+        lambda m, s: boxloss.uncertainty_ce_loss(
+            m, s, target, samples=5, seed=3, tau=100.0, route_gradients=False, box_mask=box_mask, reduction="none"
+        ),
+        (mu, log_var),
+        eps=1e-6,
+        atol=1e-8,
+        rtol=1e-6,
     )
     bmu, blv, bt, bmask, _ = make_binary_inputs(2, 4, 5, device="cuda", seed=17, soft=True)
     bmu.requires_grad_()
@@ -94,18 +101,36 @@ def test_cuda_gradcheck():
 
 
 def test_cuda_opcheck():
-    mu, log_var, target, box_mask, pp = make_class_inputs(2, 5, 4, 6, device="cuda", seed=19, box_fraction=0.5,
-                                                          pixel_perfect=[False, True])
+    mu, log_var, target, box_mask, pp = make_class_inputs(
+        2, 5, 4, 6, device="cuda", seed=19, box_fraction=0.5, pixel_perfect=[False, True]
+    )
     seed = torch.tensor([7, 2])  # the seed stays on the CPU
     args = (mu.requires_grad_(), log_var.requires_grad_(), target, box_mask, pp, seed, 4, 1.5, True, False, 255)
     torch.library.opcheck(torch.ops.boxloss.uncertainty_ce_loss.default, args)
     loss, lse = torch.ops.boxloss.uncertainty_ce_loss.default(*args)
-    torch.library.opcheck(torch.ops.boxloss._uncertainty_ce_loss_backward.default,
-                          (torch.rand_like(loss), mu.detach(), log_var.detach(), target, box_mask, pp, seed,
-                           lse.detach(), 4, 1.5, True, False, 255))
+    torch.library.opcheck(
+        torch.ops.boxloss._uncertainty_ce_loss_backward.default,
+        (
+            torch.rand_like(loss),
+            mu.detach(),
+            log_var.detach(),
+            target,
+            box_mask,
+            pp,
+            seed,
+            lse.detach(),
+            4,
+            1.5,
+            True,
+            False,
+            255,
+        ),
+    )
     bmu, blv, bt, bmask, _ = make_binary_inputs(2, 5, 6, device="cuda", seed=23)
-    torch.library.opcheck(torch.ops.boxloss.uncertainty_bce_loss.default,
-                          (bmu.requires_grad_(), blv.requires_grad_(), bt, bmask, pp, 2.5, 0.2, True, True))
+    torch.library.opcheck(
+        torch.ops.boxloss.uncertainty_bce_loss.default,
+        (bmu.requires_grad_(), blv.requires_grad_(), bt, bmask, pp, 2.5, 0.2, True, True),
+    )
 
 
 def test_cuda_compile_fullgraph():
@@ -115,8 +140,9 @@ def test_cuda_compile_fullgraph():
 
 
 def test_cuda_deterministic():
-    mu, log_var, target, box_mask, _ = make_class_inputs(4, 21, 60, 50, dtype=torch.float32, device="cuda", seed=31,
-                                                          box_fraction=0.5)
+    mu, log_var, target, box_mask, _ = make_class_inputs(
+        4, 21, 60, 50, dtype=torch.float32, device="cuda", seed=31, box_fraction=0.5
+    )
     kwargs = dict(samples=20, seed=9, box_mask=box_mask, reduction="none")
     first = value_and_grads(boxloss.uncertainty_ce_loss, mu, log_var, target, **kwargs)
     second = value_and_grads(boxloss.uncertainty_ce_loss, mu, log_var, target, **kwargs)
@@ -134,8 +160,17 @@ def test_cuda_extreme_inputs_are_finite(dtype):
         mu[:, 3] = -mu_value
         lv = torch.full((2, C, 6, 5), lv_value, dtype=dtype, device="cuda")
         for bootstrap, route in [(True, True), (True, False), (False, True)]:
-            out = value_and_grads(boxloss.uncertainty_ce_loss, mu, lv, target, samples=20, seed=1,
-                                  bootstrap=bootstrap, route_gradients=route, reduction="none")
+            out = value_and_grads(
+                boxloss.uncertainty_ce_loss,
+                mu,
+                lv,
+                target,
+                samples=20,
+                seed=1,
+                bootstrap=bootstrap,
+                route_gradients=route,
+                reduction="none",
+            )
             assert all(torch.isfinite(t).all() for t in out)
 
 

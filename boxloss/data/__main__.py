@@ -1,11 +1,11 @@
 """Command line for the data module: generate the synthetic benchmark, report statistics, export to VOC or COCO.
 
-    python -m boxloss.data generate                      # default benchmark (6 classes, 256x256, 2000/500/500)
-    python -m boxloss.data stats                         # its statistics beside VOC 2012's
-    python -m boxloss.data stats --voc VOCdevkit/VOC2012 --voc-split val
-    python -m boxloss.data stats --coco annotations/instances_val2017.json --images val2017
-    python -m boxloss.data export --format voc --out synthetic_voc
-    python -m boxloss.data export --format coco --out synthetic_coco --image-format png
+python -m boxloss.data generate                      # default benchmark (6 classes, 256x256, 2000/500/500)
+python -m boxloss.data stats                         # its statistics beside VOC 2012's
+python -m boxloss.data stats --voc VOCdevkit/VOC2012 --voc-split val
+python -m boxloss.data stats --coco annotations/instances_val2017.json --images val2017
+python -m boxloss.data export --format voc --out synthetic_voc
+python -m boxloss.data export --format coco --out synthetic_coco --image-format png
 """
 
 from __future__ import annotations
@@ -37,7 +37,9 @@ def _splits(text: str) -> list[str]:
     names = [s for s in text.split(",") if s]
     bad = [s for s in names if s not in SPLITS]
     if bad or not names:
-        raise argparse.ArgumentTypeError(f"--splits must be a comma-separated subset of {','.join(SPLITS)}, got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"--splits must be a comma-separated subset of {','.join(SPLITS)}, got {text!r}"
+        )
     return names
 
 
@@ -47,9 +49,16 @@ def _add_synthetic(p: argparse.ArgumentParser) -> None:
     g.add_argument("--classes", type=int, default=6, help="object classes L, 1..20 (default 6)")
     g.add_argument("--size", type=_size, default=(256, 256), help="image size N or HxW (default 256)")
     for split in SPLITS:
-        g.add_argument(f"--{split}", type=int, default=DEFAULT_SPLIT_SIZES[split], metavar="N",
-                       help=f"{split} images (default {DEFAULT_SPLIT_SIZES[split]})")
-    g.add_argument("--cache-dir", default=None, help="cache root (default $BOXLOSS_DATA_CACHE or ~/.cache/boxloss/synthetic)")
+        g.add_argument(
+            f"--{split}",
+            type=int,
+            default=DEFAULT_SPLIT_SIZES[split],
+            metavar="N",
+            help=f"{split} images (default {DEFAULT_SPLIT_SIZES[split]})",
+        )
+    g.add_argument(
+        "--cache-dir", default=None, help="cache root (default $BOXLOSS_DATA_CACHE or ~/.cache/boxloss/synthetic)"
+    )
     g.add_argument("--no-cache", action="store_true", help="generate in memory, write no cache")
     g.add_argument("--workers", type=int, default=None, help="generation processes (default: CPU count, up to 8)")
 
@@ -60,13 +69,21 @@ def _config(args) -> SyntheticConfig:
 
 def _dataset(args, split: str) -> SyntheticBoxDataset:
     log = (lambda m: print(m, file=sys.stderr)) if not getattr(args, "json", False) else None
-    return SyntheticBoxDataset(split, getattr(args, split), _config(args), cache_dir=args.cache_dir,
-                               cache=not args.no_cache, workers=args.workers, log=log)
+    return SyntheticBoxDataset(
+        split,
+        getattr(args, split),
+        _config(args),
+        cache_dir=args.cache_dir,
+        cache=not args.no_cache,
+        workers=args.workers,
+        log=log,
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m boxloss.data", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m boxloss.data", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = p.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="generate (and cache) the synthetic benchmark, then print its statistics")
     _add_synthetic(g)
@@ -98,20 +115,30 @@ def main(argv: list[str] | None = None) -> int:
         for split in args.splits:
             t = time.perf_counter()
             ds = _dataset(args, split)
-            print(f"{split}: {len(ds)} images in {time.perf_counter() - t:.1f} s"
-                  + ("" if ds.cache_path is None else f", cached in {ds.cache_path}"))
+            print(
+                f"{split}: {len(ds)} images in {time.perf_counter() - t:.1f} s"
+                + ("" if ds.cache_path is None else f", cached in {ds.cache_path}")
+            )
             if split == args.splits[0]:
                 first = ds
         print()
-        print(format_report(compute_statistics(first, config.num_classes, config.class_names),
-                            f"synthetic {args.splits[0]}"))
+        print(
+            format_report(
+                compute_statistics(first, config.num_classes, config.class_names), f"synthetic {args.splits[0]}"
+            )
+        )
         return 0
     if args.command == "stats":
         if args.voc and args.coco:
             raise SystemExit("stats: give --voc or --coco, not both")
         if args.voc:
-            ds = VOCBoxDataset(args.voc, args.voc_split, masks=args.masks or None, image_set_dir=args.image_set_dir,
-                               on_error=args.on_error)
+            ds = VOCBoxDataset(
+                args.voc,
+                args.voc_split,
+                masks=args.masks or None,
+                image_set_dir=args.image_set_dir,
+                on_error=args.on_error,
+            )
             title = f"VOC {args.voc_split}"
         elif args.coco:
             if not args.images:
@@ -129,15 +156,20 @@ def main(argv: list[str] | None = None) -> int:
     t = time.perf_counter()
     if args.format == "voc":
         counts = export_voc(splits, args.out, config.class_names, image_format=args.image_format)
-        print(f"wrote VOC layout to {args.out}: " + ", ".join(f"{k} {v}" for k, v in counts.items())
-              + f" images ({time.perf_counter() - t:.1f} s)")
+        print(
+            f"wrote VOC layout to {args.out}: "
+            + ", ".join(f"{k} {v}" for k, v in counts.items())
+            + f" images ({time.perf_counter() - t:.1f} s)"
+        )
         print(f"load it with boxloss.data.VOCBoxDataset({args.out!r}, {args.splits[0]!r})")
     else:
         files = export_coco(splits, args.out, config.class_names, image_format=args.image_format)
         print(f"wrote COCO layout to {args.out} ({time.perf_counter() - t:.1f} s):")
         for split, f in files.items():
-            print(f"  {split}: {f}, images in {f.parent.parent / split}; "
-                  f"load with boxloss.data.COCOBoxDataset({str(f)!r}, {str(f.parent.parent / split)!r})")
+            print(
+                f"  {split}: {f}, images in {f.parent.parent / split}; "
+                f"load with boxloss.data.COCOBoxDataset({str(f)!r}, {str(f.parent.parent / split)!r})"
+            )
     return 0
 
 

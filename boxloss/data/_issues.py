@@ -69,15 +69,20 @@ def check_box(box, width: int, height: int, where: str, issues: InputIssues):
         issues.problem("non-finite box", f"{where} has a non-finite coordinate: {tuple(box)}")
         return None
     if x1 <= x0 or y1 <= y0:
-        issues.problem("zero-size box", f"{where} has zero or negative size: x0={x0:g}, y0={y0:g}, x1={x1:g}, "
-                       f"y1={y1:g} (continuous coordinates)")
+        issues.problem(
+            "zero-size box",
+            f"{where} has zero or negative size: x0={x0:g}, y0={y0:g}, x1={x1:g}, y1={y1:g} (continuous coordinates)",
+        )
         return None
     if x1 <= 0 or y1 <= 0 or x0 >= width or y0 >= height:
-        issues.problem("box outside image", f"{where} ({x0:g}, {y0:g}, {x1:g}, {y1:g}) lies outside the "
-                       f"{width}x{height} image")
+        issues.problem(
+            "box outside image", f"{where} ({x0:g}, {y0:g}, {x1:g}, {y1:g}) lies outside the {width}x{height} image"
+        )
         return None
     if x0 < 0 or y0 < 0 or x1 > width or y1 > height:
-        issues.repair("box clipped to image", f"{where} ({x0:g}, {y0:g}, {x1:g}, {y1:g}) extends outside the "
-                      f"{width}x{height} image")
+        issues.repair(
+            "box clipped to image",
+            f"{where} ({x0:g}, {y0:g}, {x1:g}, {y1:g}) extends outside the {width}x{height} image",
+        )
         return max(x0, 0.0), max(y0, 0.0), min(x1, float(width)), min(y1, float(height))
     return x0, y0, x1, y1

@@ -50,8 +50,19 @@ def _spans(boxes, H, W):
     return spans
 
 
-def crop_boxes(image, boxes, labels, class_id: int, *, image_index: int = 0, border: int = 3, min_side: int = 50,
-               skip_other_classes: bool = True, size: int = 256, skipped: Counter | None = None) -> list[BoxCrop]:
+def crop_boxes(
+    image,
+    boxes,
+    labels,
+    class_id: int,
+    *,
+    image_index: int = 0,
+    border: int = 3,
+    min_side: int = 50,
+    skip_other_classes: bool = True,
+    size: int = 256,
+    skipped: Counter | None = None,
+) -> list[BoxCrop]:
     """The crops of the boxes of ``class_id`` in one image (uint8 (H, W, 3)); skips are
     counted in ``skipped`` under ``"small"``, ``"other-class-overlap"`` and ``"empty"``."""
     fn = "crop_boxes"
@@ -68,7 +79,7 @@ def crop_boxes(image, boxes, labels, class_id: int, *, image_index: int = 0, bor
     skipped = skipped if skipped is not None else Counter()
     in_box = np.zeros((len(spans), H, W), dtype=bool)
     for k, (rows, cols) in enumerate(spans):
-        in_box[k, rows.start:rows.stop, cols.start:cols.stop] = True
+        in_box[k, rows.start : rows.stop, cols.start : cols.stop] = True
     crops = []
     for k, ((rows, cols), label) in enumerate(zip(spans, labels.tolist())):
         if label != class_id:
@@ -88,25 +99,32 @@ def crop_boxes(image, boxes, labels, class_id: int, *, image_index: int = 0, bor
         crop = np.zeros((h, w, 3), np.uint8)
         valid = np.zeros((h, w), bool)
         sy0, sx0, sy1, sx1 = max(y0, 0), max(x0, 0), min(y1, H), min(x1, W)
-        crop[sy0 - y0:sy1 - y0, sx0 - x0:sx1 - x0] = image[sy0:sy1, sx0:sx1]
-        valid[sy0 - y0:sy1 - y0, sx0 - x0:sx1 - x0] = True
+        crop[sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0] = image[sy0:sy1, sx0:sx1]
+        valid[sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0] = True
         margin = np.ones((h, w), bool)
-        margin[border:h - border, border:w - border] = False
+        margin[border : h - border, border : w - border] = False
         if others:
             other = in_box[others].any(0)[sy0:sy1, sx0:sx1]
             region = np.zeros((h, w), bool)
-            region[sy0 - y0:sy1 - y0, sx0 - x0:sx1 - x0] = other
+            region[sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0] = other
             valid &= ~(margin & region)
         img = torch.from_numpy(crop).permute(2, 0, 1)[None].float() / 255
         img = torch.nn.functional.interpolate(img, size=(size, size), mode="bilinear", align_corners=False)[0]
-        resize = lambda m: torch.nn.functional.interpolate(  # noqa: E731
-            torch.from_numpy(m)[None, None].float(), size=(size, size), mode="nearest")[0, 0] > 0.5
-        crops.append(BoxCrop(img.clamp(0, 1), resize(valid), resize(margin), int(label), image_index, k,
-                             (y0, x0, y1, x1)))
+        resize = lambda m: (
+            torch.nn.functional.interpolate(  # noqa: E731
+                torch.from_numpy(m)[None, None].float(), size=(size, size), mode="nearest"
+            )[0, 0]
+            > 0.5
+        )
+        crops.append(
+            BoxCrop(img.clamp(0, 1), resize(valid), resize(margin), int(label), image_index, k, (y0, x0, y1, x1))
+        )
     return crops
 
 
-def paste_crop(prediction: torch.Tensor, crop: BoxCrop, image_size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+def paste_crop(
+    prediction: torch.Tensor, crop: BoxCrop, image_size: tuple[int, int]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Maps a (S, S) crop prediction back to the image: (values (H, W), covered (H, W) bool).
 
     The prediction is resized bilinearly to the crop window, the part outside the
@@ -117,12 +135,13 @@ def paste_crop(prediction: torch.Tensor, crop: BoxCrop, image_size: tuple[int, i
     p = torch.as_tensor(prediction, dtype=torch.float32)
     if p.dim() != 2:
         raise ValueError(f"paste_crop: prediction must be (S, S), got shape {tuple(p.shape)}")
-    full = torch.nn.functional.interpolate(p[None, None], size=(y1 - y0, x1 - x0), mode="bilinear",
-                                           align_corners=False)[0, 0]
+    full = torch.nn.functional.interpolate(
+        p[None, None], size=(y1 - y0, x1 - x0), mode="bilinear", align_corners=False
+    )[0, 0]
     out = torch.zeros(H, W)
     covered = torch.zeros(H, W, dtype=torch.bool)
     sy0, sx0, sy1, sx1 = max(y0, 0), max(x0, 0), min(y1, H), min(x1, W)
-    out[sy0:sy1, sx0:sx1] = full[sy0 - y0:sy1 - y0, sx0 - x0:sx1 - x0]
+    out[sy0:sy1, sx0:sx1] = full[sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0]
     covered[sy0:sy1, sx0:sx1] = True
     return out, covered
 
@@ -135,15 +154,32 @@ class BoxCropDataset(torch.utils.data.Dataset):
     Items are :class:`BoxCrop`.
     """
 
-    def __init__(self, samples, class_id: int, *, border: int = 3, min_side: int = 50,
-                 skip_other_classes: bool = True, size: int = 256) -> None:
+    def __init__(
+        self,
+        samples,
+        class_id: int,
+        *,
+        border: int = 3,
+        min_side: int = 50,
+        skip_other_classes: bool = True,
+        size: int = 256,
+    ) -> None:
         self.skipped: Counter = Counter()
         self.crops: list[BoxCrop] = []
         for i, s in enumerate(samples):
             image, boxes, labels = (s.image, s.boxes, s.labels) if hasattr(s, "image") else s[:3]
-            self.crops += crop_boxes(image, boxes, labels, class_id, image_index=i, border=border,
-                                     min_side=min_side, skip_other_classes=skip_other_classes, size=size,
-                                     skipped=self.skipped)
+            self.crops += crop_boxes(
+                image,
+                boxes,
+                labels,
+                class_id,
+                image_index=i,
+                border=border,
+                min_side=min_side,
+                skip_other_classes=skip_other_classes,
+                size=size,
+                skipped=self.skipped,
+            )
         self.class_id = class_id
 
     def __len__(self) -> int:
@@ -153,5 +189,4 @@ class BoxCropDataset(torch.utils.data.Dataset):
         return self.crops[i]
 
     def __repr__(self) -> str:
-        return (f"BoxCropDataset(class_id={self.class_id}, crops={len(self.crops)}, "
-                f"skipped={dict(self.skipped)})")
+        return f"BoxCropDataset(class_id={self.class_id}, crops={len(self.crops)}, skipped={dict(self.skipped)})"

@@ -88,8 +88,9 @@ def decode_segmentation(seg, height: int, width: int) -> np.ndarray:
         counts = seg["counts"]
         rle = {"size": list(seg["size"]), "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
     with warnings.catch_warnings():  # pycocotools' compiled decoder predates numpy 2's __array__(copy=) protocol
-        warnings.filterwarnings("ignore", message=r"__array__ implementation doesn't accept a copy keyword",
-                                category=DeprecationWarning)
+        warnings.filterwarnings(
+            "ignore", message=r"__array__ implementation doesn't accept a copy keyword", category=DeprecationWarning
+        )
         return api.decode(rle).astype(bool)
 
 
@@ -130,8 +131,14 @@ def _void_regions(sample: Sample) -> dict[int, np.ndarray]:
     return {int(c): void & (nearest == c) for c in np.unique(nearest[void])}
 
 
-def export_coco(splits: Mapping[str, Iterable[Sample]], root: str | os.PathLike, class_names: Sequence[str], *,
-                image_format: str = "jpg", quality: int = 95) -> dict[str, Path]:
+def export_coco(
+    splits: Mapping[str, Iterable[Sample]],
+    root: str | os.PathLike,
+    class_names: Sequence[str],
+    *,
+    image_format: str = "jpg",
+    quality: int = 95,
+) -> dict[str, Path]:
     """Write samples in COCO layout under ``root``; returns the annotation file of each split.
 
     Categories get ids 1..L in class-channel order. Each box becomes a non-crowd annotation with its ``bbox``, its
@@ -158,8 +165,10 @@ def export_coco(splits: Mapping[str, Iterable[Sample]], root: str | os.PathLike,
         for s in samples:
             s.check(f"export_coco: sample {s.image_id!r}")
             if s.num_boxes and s.labels.max() > len(class_names):
-                raise ValueError(f"export_coco: sample {s.image_id!r} has label {int(s.labels.max())} but only "
-                                 f"{len(class_names)} class names")
+                raise ValueError(
+                    f"export_coco: sample {s.image_id!r} has label {int(s.labels.max())} but only "
+                    f"{len(class_names)} class names"
+                )
             if any(c in s.image_id for c in "/\\\n") or not s.image_id:
                 raise ValueError(f"export_coco: image_id {s.image_id!r} cannot be a file name")
             image_id = len(images) + 1
@@ -168,19 +177,37 @@ def export_coco(splits: Mapping[str, Iterable[Sample]], root: str | os.PathLike,
             images.append({"id": image_id, "file_name": name, "width": s.width, "height": s.height})
             regions = object_regions(s) if s.mask is not None else [None] * s.num_boxes
             for box, label, region in zip(s.boxes, s.labels, regions):
-                ann = {"id": len(annotations) + 1, "image_id": image_id, "category_id": int(label),
-                       "bbox": [float(v) for v in box_to_coco(box)], "iscrowd": 0,
-                       "area": float(region.sum()) if region is not None else float((box[2] - box[0]) * (box[3] - box[1]))}
+                ann = {
+                    "id": len(annotations) + 1,
+                    "image_id": image_id,
+                    "category_id": int(label),
+                    "bbox": [float(v) for v in box_to_coco(box)],
+                    "iscrowd": 0,
+                    "area": float(region.sum()) if region is not None else float((box[2] - box[0]) * (box[3] - box[1])),
+                }
                 if region is not None:
                     ann["segmentation"] = encode_rle(region)
                 annotations.append(ann)
             if s.mask is not None:
                 for label, region in sorted(_void_regions(s).items()):
-                    annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": label,
-                                        "bbox": _tight(region), "iscrowd": 1, "area": float(region.sum()),
-                                        "segmentation": encode_rle(region)})
-        doc = {"info": {"description": "written by boxloss.data.export_coco"}, "licenses": [], "images": images,
-               "annotations": annotations, "categories": categories}
+                    annotations.append(
+                        {
+                            "id": len(annotations) + 1,
+                            "image_id": image_id,
+                            "category_id": label,
+                            "bbox": _tight(region),
+                            "iscrowd": 1,
+                            "area": float(region.sum()),
+                            "segmentation": encode_rle(region),
+                        }
+                    )
+        doc = {
+            "info": {"description": "written by boxloss.data.export_coco"},
+            "licenses": [],
+            "images": images,
+            "annotations": annotations,
+            "categories": categories,
+        }
         path = root / "annotations" / f"instances_{split}.json"
         path.write_text(json.dumps(doc))
         files[split] = path
@@ -223,8 +250,10 @@ def _load_json(path: Path) -> dict:
     except UnicodeDecodeError as e:
         raise ValueError(f"{path}: not UTF-8 JSON ({e})") from None
     if not isinstance(doc, dict):
-        raise ValueError(f"{path}: the top level must be an object with images, annotations and categories, got "
-                         f"a {type(doc).__name__}")
+        raise ValueError(
+            f"{path}: the top level must be an object with images, annotations and categories, got "
+            f"a {type(doc).__name__}"
+        )
     for key in ("images", "annotations", "categories"):
         if not isinstance(doc.get(key), list):
             raise ValueError(f"{path}: '{key}' must be a list, got {type(doc.get(key)).__name__}")
@@ -285,9 +314,18 @@ class COCOBoxDataset(Dataset):
         ds.class_names  # ('person', 'bicycle', ...)
     """
 
-    def __init__(self, annotation_file: str | os.PathLike, image_dir: str | os.PathLike, *, masks: bool = True,
-                 categories: Sequence[str] | None = None, crowd: str = "void", on_error: str = "raise",
-                 check_files: bool = True, transform: Callable[[Sample], Sample] | None = None):
+    def __init__(
+        self,
+        annotation_file: str | os.PathLike,
+        image_dir: str | os.PathLike,
+        *,
+        masks: bool = True,
+        categories: Sequence[str] | None = None,
+        crowd: str = "void",
+        on_error: str = "raise",
+        check_files: bool = True,
+        transform: Callable[[Sample], Sample] | None = None,
+    ):
         path = Path(annotation_file)
         self.annotation_file, self.image_dir = path, Path(image_dir)
         owner = f"COCOBoxDataset({str(path)!r})"
@@ -328,10 +366,17 @@ class COCOBoxDataset(Dataset):
             if not isinstance(im, dict) or not all(k in im for k in ("id", "file_name", "width", "height")):
                 issues.problem("malformed image entry", f"{where} needs id, file_name, width and height, got {im!r}")
                 continue
-            if not (isinstance(im["width"], int) and isinstance(im["height"], int) and im["width"] > 0
-                    and im["height"] > 0 and isinstance(im["file_name"], str)):
-                issues.problem("malformed image entry", f"{where} has width={im['width']!r}, height={im['height']!r},"
-                               f" file_name={im['file_name']!r}")
+            if not (
+                isinstance(im["width"], int)
+                and isinstance(im["height"], int)
+                and im["width"] > 0
+                and im["height"] > 0
+                and isinstance(im["file_name"], str)
+            ):
+                issues.problem(
+                    "malformed image entry",
+                    f"{where} has width={im['width']!r}, height={im['height']!r}, file_name={im['file_name']!r}",
+                )
                 continue
             if im["id"] in entries:
                 issues.problem("duplicate image id", f"{where} repeats image id {im['id']!r}")
@@ -347,8 +392,10 @@ class COCOBoxDataset(Dataset):
                     issues.problem("unreadable image", f"{file}: cannot read the image header ({e})")
                     continue
                 if (h, w) != (im["height"], im["width"]):
-                    issues.problem("image size differs from annotation", f"{file} is {w}x{h} but {where} says "
-                                   f"{im['width']}x{im['height']}")
+                    issues.problem(
+                        "image size differs from annotation",
+                        f"{file} is {w}x{h} but {where} says {im['width']}x{im['height']}",
+                    )
                     continue
             entries[im["id"]] = _Entry(Path(im["file_name"]).stem, im["id"], file, im["height"], im["width"])
 
@@ -362,15 +409,18 @@ class COCOBoxDataset(Dataset):
             e = entries.get(a["image_id"])
             if e is None:
                 if not isinstance(a["image_id"], (int, str)) or a["image_id"] not in listed:
-                    issues.problem("annotation of unknown image", f"{where} refers to image_id {a['image_id']!r}, "
-                                   "which is not in images")
+                    issues.problem(
+                        "annotation of unknown image",
+                        f"{where} refers to image_id {a['image_id']!r}, which is not in images",
+                    )
                 continue  # an annotation of an image skipped above goes with it
             crowd_ann = bool(a.get("iscrowd", 0))
             seg = a.get("segmentation")
             if self.masks:
                 if seg is None:
-                    issues.problem("missing segmentation", f"{where} has no segmentation (masks=False loads boxes "
-                                   "only)")
+                    issues.problem(
+                        "missing segmentation", f"{where} has no segmentation (masks=False loads boxes only)"
+                    )
                     bad_images.add(a["image_id"])
                     continue
                 bad = _segmentation_problem(seg, e.height, e.width)
@@ -422,8 +472,10 @@ class COCOBoxDataset(Dataset):
         e = self.entries[i]
         image = read_image(e.path)
         if image.shape[:2] != (e.height, e.width):
-            raise ValueError(f"{e.path}: image is {image.shape[1]}x{image.shape[0]} but {self.annotation_file} says "
-                             f"{e.width}x{e.height}")
+            raise ValueError(
+                f"{e.path}: image is {image.shape[1]}x{image.shape[0]} but {self.annotation_file} says "
+                f"{e.width}x{e.height}"
+            )
         boxes = np.asarray(e.boxes, np.float32).reshape(-1, 4)
         labels = np.asarray(e.labels, np.int64)
         mask = instances = None

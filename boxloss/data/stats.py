@@ -34,14 +34,17 @@ from boxloss.ops.boxes import box_pixel_ranges
 
 #: Approximate PASCAL VOC 2012 figures, with their sources. Printed beside the measured ones; not exact values.
 VOC_REFERENCE = {
-    "images": ("1,464 seg. train (10,582 with SBD)",
-               "VOC 2012 segmentation train; SBD-augmented train_aug, as reported by BANA (CVPR 2021) Sec. 4.1 "
-               "and LPG Sec. IV"),
-    "boxes_per_image": ("~2.4",
-                        "VOC 2012 devkit statistics: ~3,500 objects in the 1,464 segmentation train images"),
-    "fill_range": ("~0.3 - 0.95",
-                   "per-class mean fill rates; the spread of VOC 2012 train fill rates is plotted in Box2Seg "
-                   "(ECCV 2020) Fig. 2 and BANA Fig. 4(b); widest for sofa, dining table, bicycle"),
+    "images": (
+        "1,464 seg. train (10,582 with SBD)",
+        "VOC 2012 segmentation train; SBD-augmented train_aug, as reported by BANA (CVPR 2021) Sec. 4.1 "
+        "and LPG Sec. IV",
+    ),
+    "boxes_per_image": ("~2.4", "VOC 2012 devkit statistics: ~3,500 objects in the 1,464 segmentation train images"),
+    "fill_range": (
+        "~0.3 - 0.95",
+        "per-class mean fill rates; the spread of VOC 2012 train fill rates is plotted in Box2Seg "
+        "(ECCV 2020) Fig. 2 and BANA Fig. 4(b); widest for sofa, dining table, bicycle",
+    ),
     "overlap": ("not published", "no published figure for the fraction of pixels in two or more boxes"),
 }
 
@@ -71,12 +74,17 @@ class DatasetStatistics:
 
     def to_dict(self) -> dict:
         return {
-            "num_images": self.num_images, "num_boxes": self.num_boxes, "boxes_per_image": self.boxes_per_image,
-            "class_fill": {n: (None if not np.isfinite(f) else float(f)) for n, f in
-                           zip(self.class_names, self.class_fill)},
+            "num_images": self.num_images,
+            "num_boxes": self.num_boxes,
+            "boxes_per_image": self.boxes_per_image,
+            "class_fill": {
+                n: (None if not np.isfinite(f) else float(f)) for n, f in zip(self.class_names, self.class_fill)
+            },
             "class_boxes": {n: int(c) for n, c in zip(self.class_names, self.class_boxes)},
-            "overlap_pixels": self.overlap_pixels, "images_with_overlap": self.images_with_overlap,
-            "border_boxes": self.border_boxes, "void_pixels": self.void_pixels,
+            "overlap_pixels": self.overlap_pixels,
+            "images_with_overlap": self.images_with_overlap,
+            "border_boxes": self.border_boxes,
+            "void_pixels": self.void_pixels,
         }
 
 
@@ -94,8 +102,9 @@ def coverage_count(boxes: np.ndarray, height: int, width: int) -> np.ndarray:
     return diff.cumsum(0).cumsum(1)[:height, :width]
 
 
-def compute_statistics(samples: Iterable[Sample], num_classes: int,
-                       class_names: Sequence[str] | None = None) -> DatasetStatistics:
+def compute_statistics(
+    samples: Iterable[Sample], num_classes: int, class_names: Sequence[str] | None = None
+) -> DatasetStatistics:
     """Statistics of any iterable of samples (a synthetic, VOC or COCO dataset). Fill rates need masks; samples
     without one count for everything else."""
     fill_sum = np.zeros(num_classes)
@@ -111,8 +120,9 @@ def compute_statistics(samples: Iterable[Sample], num_classes: int,
         k = s.num_boxes
         n_box += k
         if k and (s.labels.max() > num_classes or s.labels.min() < 1):
-            raise ValueError(f"compute_statistics: sample {s.image_id} has labels {s.labels.tolist()} outside "
-                             f"1..{num_classes}")
+            raise ValueError(
+                f"compute_statistics: sample {s.image_id} has labels {s.labels.tolist()} outside 1..{num_classes}"
+            )
         b = s.boxes.astype(np.float64)
         np.add.at(class_boxes, s.labels - 1, 1)
         if k:
@@ -136,10 +146,18 @@ def compute_statistics(samples: Iterable[Sample], num_classes: int,
     names = list(class_names) if class_names is not None else [str(c) for c in range(1, num_classes + 1)]
     size = ", ".join(f"{w}x{h}" for h, w in sorted(sizes)[:3]) + (" ..." if len(sizes) > 3 else "")
     return DatasetStatistics(
-        num_images=n_img, num_boxes=n_box, boxes_per_image=n_box / max(n_img, 1), class_fill=fill,
-        class_boxes=class_boxes, overlap_pixels=overlap_sum / max(n_img, 1),
-        images_with_overlap=n_overlap_img / max(n_img, 1), border_boxes=n_border / max(n_box, 1),
-        void_pixels=void_sum / max(n_mask, 1), class_names=names, image_size=size, images_with_mask=n_mask,
+        num_images=n_img,
+        num_boxes=n_box,
+        boxes_per_image=n_box / max(n_img, 1),
+        class_fill=fill,
+        class_boxes=class_boxes,
+        overlap_pixels=overlap_sum / max(n_img, 1),
+        images_with_overlap=n_overlap_img / max(n_img, 1),
+        border_boxes=n_border / max(n_box, 1),
+        void_pixels=void_sum / max(n_mask, 1),
+        class_names=names,
+        image_size=size,
+        images_with_mask=n_mask,
     )
 
 
@@ -160,8 +178,10 @@ def format_report(stats: DatasetStatistics, title: str = "dataset") -> str:
     lines = [f"{'':<{w0}}  {title:<{w1}}  PASCAL VOC 2012 (approx.)", "-" * (w0 + w1 + 30)]
     lines += [f"{a:<{w0}}  {b:<{w1}}  {c}" for a, b, c in rows]
     lines += ["", "per-class fill rate (pixels of the class in its box / non-void pixels in the box):"]
-    lines += [f"  {n:<14} {('%.2f' % f) if np.isfinite(f) else ' n/a'}   ({c} boxes)"
-              for n, f, c in zip(stats.class_names, stats.class_fill, stats.class_boxes)]
+    lines += [
+        f"  {n:<14} {('%.2f' % f) if np.isfinite(f) else ' n/a'}   ({c} boxes)"
+        for n, f, c in zip(stats.class_names, stats.class_fill, stats.class_boxes)
+    ]
     if stats.images_with_mask < stats.num_images:
         lines.append(f"  (fill rates from the {stats.images_with_mask} of {stats.num_images} images with masks)")
     lines += ["", "VOC figures are approximate; sources:"]

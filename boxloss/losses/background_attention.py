@@ -48,15 +48,18 @@ def bap_classification_loss(
     if box_labels.shape != (K,):
         raise ValueError(f"{fn}: box_labels must have shape (K,) = ({K},), got {tuple(box_labels.shape)}")
     if queries.shape[2] != D or classifier_weight.shape[1] != D:
-        raise ValueError(f"{fn}: pooled, queries and classifier_weight must share D = {D}, got "
-                         f"{queries.shape[2]} and {classifier_weight.shape[1]}")
+        raise ValueError(
+            f"{fn}: pooled, queries and classifier_weight must share D = {D}, got "
+            f"{queries.shape[2]} and {classifier_weight.shape[1]}"
+        )
     if valid.shape != queries.shape[:2]:
         raise ValueError(f"{fn}: valid must have shape {tuple(queries.shape[:2])}, got {tuple(valid.shape)}")
     box_samples = pooled.permute(0, 2, 3, 1).reshape(-1, D)
     box_targets = box_labels.repeat_interleave(pooled.shape[2] * pooled.shape[3])
     samples = torch.cat([box_samples, queries.reshape(-1, D)])
-    targets = torch.cat([box_targets, torch.zeros(queries.shape[0] * queries.shape[1], dtype=torch.long,
-                                                  device=queries.device)])
+    targets = torch.cat(
+        [box_targets, torch.zeros(queries.shape[0] * queries.shape[1], dtype=torch.long, device=queries.device)]
+    )
     weights = torch.cat([torch.ones_like(box_targets, dtype=samples.dtype), valid.reshape(-1).to(samples.dtype)])
     logits = F.linear(samples, classifier_weight, classifier_bias)
     ce = F.cross_entropy(logits, targets, reduction="none")

@@ -44,13 +44,16 @@ def _one_hot_target(fn, name, target, y, ignore_index=255):
         valid = target != ignore_index
         bad = valid & ((target < 0) | (target >= C))
         if not torch.compiler.is_compiling() and bool(bad.any()):
-            raise ValueError(f"{fn}: {name} must hold labels in [0, {C}) or {ignore_index} (void), "
-                             f"got {int(target[bad][0])}")
+            raise ValueError(
+                f"{fn}: {name} must hold labels in [0, {C}) or {ignore_index} (void), got {int(target[bad][0])}"
+            )
         onehot = torch.nn.functional.one_hot(torch.where(valid, target, 0), C).permute(0, 3, 1, 2).to(y.dtype)
         return onehot * valid[:, None], valid
     if target.shape != y.shape:
-        raise ValueError(f"{fn}: {name} must be a (B, H, W) label map or have the shape of the probabilities "
-                         f"{tuple(y.shape)}, got {tuple(target.shape)}")
+        raise ValueError(
+            f"{fn}: {name} must be a (B, H, W) label map or have the shape of the probabilities "
+            f"{tuple(y.shape)}, got {tuple(target.shape)}"
+        )
     return target.to(y.dtype), torch.ones(B, H, W, dtype=torch.bool, device=y.device)
 
 
@@ -109,8 +112,9 @@ def attention_background_loss(probs, box_masks, *, eps=1e-8, reduction="mean"):
 
 def attention_weighted_loss(probs, attention, box_masks, *, eps=1e-8, reduction="mean"):
     """L_AW = L_fg + L_bg (Eq. 5)."""
-    return attention_foreground_loss(probs, attention, box_masks, eps=eps, reduction=reduction) + \
-        attention_background_loss(probs, box_masks, eps=eps, reduction=reduction)
+    return attention_foreground_loss(
+        probs, attention, box_masks, eps=eps, reduction=reduction
+    ) + attention_background_loss(probs, box_masks, eps=eps, reduction=reduction)
 
 
 def attention_box_regulariser(attention, box_masks, *, reduction="mean"):
@@ -161,8 +165,17 @@ def fill_rate_hinge_loss(attention, pseudo_labels, box_masks, *, gamma=0.7, redu
     return _checks.reduce_per_image(hinge.sum(1), reduction)
 
 
-def affinity_loss(embeddings, probs, *, mode="exact", sample_fraction=0.1, valid_mask=None, labels=None,
-                  generator=None, reduction="mean"):
+def affinity_loss(
+    embeddings,
+    probs,
+    *,
+    mode="exact",
+    sample_fraction=0.1,
+    valid_mask=None,
+    labels=None,
+    generator=None,
+    reduction="mean",
+):
     r"""Pixel-embedding affinity loss (Eq. 9-10), as a mean over pixel pairs:
 
     .. math::
@@ -186,15 +199,18 @@ def affinity_loss(embeddings, probs, *, mode="exact", sample_fraction=0.1, valid
     y = _probs(fn, "probs", probs)
     _checks.check_float_dtype(fn, "embeddings", embeddings)
     if embeddings.shape[0] != y.shape[0] or embeddings.shape[2:] != y.shape[2:]:
-        raise ValueError(f"{fn}: embeddings must match probs in B, H and W ({tuple(y.shape)}), got "
-                         f"{tuple(embeddings.shape)}")
+        raise ValueError(
+            f"{fn}: embeddings must match probs in B, H and W ({tuple(y.shape)}), got {tuple(embeddings.shape)}"
+        )
     _checks.check_choice(fn, "mode", mode, ("exact", "sampled"))
     _checks.check_choice(fn, "reduction", reduction, _checks.REDUCTIONS)
     B, C, H, W = y.shape
     valid = torch.ones(B, H, W, dtype=torch.bool, device=y.device) if valid_mask is None else valid_mask
     if valid.shape != (B, H, W) or valid.dtype != torch.bool:
-        raise ValueError(f"{fn}: valid_mask must be a bool tensor of shape {(B, H, W)}, got "
-                         f"{getattr(valid, 'dtype', None)} {tuple(getattr(valid, 'shape', ()))}")
+        raise ValueError(
+            f"{fn}: valid_mask must be a bool tensor of shape {(B, H, W)}, got "
+            f"{getattr(valid, 'dtype', None)} {tuple(getattr(valid, 'shape', ()))}"
+        )
     b = torch.nn.functional.normalize(embeddings.to(y.dtype), dim=1, eps=1e-12).flatten(2)  # (B, d, m)
     yy = y.flatten(2)  # (B, C, m)
     v = valid.flatten(1).to(y.dtype)  # (B, m)
@@ -252,6 +268,7 @@ class _Settings(nn.Module):
 
 class BoxCELoss(_Settings):
     """Module form of :func:`box_ce_loss`: forward(probs, box_masks)."""
+
     _fn = staticmethod(box_ce_loss)
 
     def __init__(self, *, eps=1e-8, reduction="mean"):
@@ -260,6 +277,7 @@ class BoxCELoss(_Settings):
 
 class PseudoLabelCELoss(_Settings):
     """Module form of :func:`pseudo_label_ce_loss`: forward(probs, pseudo_labels)."""
+
     _fn = staticmethod(pseudo_label_ce_loss)
 
     def __init__(self, *, eps=1e-8, ignore_index=255, reduction="mean"):
@@ -268,6 +286,7 @@ class PseudoLabelCELoss(_Settings):
 
 class AttentionWeightedLoss(_Settings):
     """Module form of :func:`attention_weighted_loss`: forward(probs, attention, box_masks)."""
+
     _fn = staticmethod(attention_weighted_loss)
 
     def __init__(self, *, eps=1e-8, reduction="mean"):
@@ -276,6 +295,7 @@ class AttentionWeightedLoss(_Settings):
 
 class FillRateHingeLoss(_Settings):
     """Module form of :func:`fill_rate_hinge_loss`: forward(attention, pseudo_labels, box_masks)."""
+
     _fn = staticmethod(fill_rate_hinge_loss)
 
     def __init__(self, *, gamma=0.7, reduction="mean"):
@@ -284,6 +304,7 @@ class FillRateHingeLoss(_Settings):
 
 class AttentionBoxRegulariser(_Settings):
     """Module form of :func:`attention_box_regulariser`: forward(attention, box_masks)."""
+
     _fn = staticmethod(attention_box_regulariser)
 
     def __init__(self, *, reduction="mean"):
@@ -292,6 +313,7 @@ class AttentionBoxRegulariser(_Settings):
 
 class AffinityLoss(_Settings):
     """Module form of :func:`affinity_loss`: forward(embeddings, probs)."""
+
     _fn = staticmethod(affinity_loss)
 
     def __init__(self, *, mode="exact", sample_fraction=0.1, reduction="mean"):

@@ -96,9 +96,7 @@ def _whole_image_maxima(fn, probs, boxes, box_batch, box_labels, spatial_scale):
     B, C, H, W = probs.shape
     K = boxes.shape[0]
     planes = B * C
-    whole = torch.cat(
-        [boxes.new_zeros(planes, 2), boxes.new_full((planes, 2), float("inf"))], dim=1
-    )
+    whole = torch.cat([boxes.new_zeros(planes, 2), boxes.new_full((planes, 2), float("inf"))], dim=1)
     plane_index = torch.arange(planes, device=probs.device)
     row_max, col_max, ranges = row_col_max_dense(
         fn,
@@ -297,8 +295,15 @@ class TightBoxLoss(nn.Module):
         self.mode, self.reduction = mode, reduction
 
     def forward(self, probs, boxes, box_batch, box_labels):
-        return tight_box_loss(probs, boxes, box_batch, box_labels, spatial_scale=self.spatial_scale,
-                              mode=self.mode, reduction=self.reduction)
+        return tight_box_loss(
+            probs,
+            boxes,
+            box_batch,
+            box_labels,
+            spatial_scale=self.spatial_scale,
+            mode=self.mode,
+            reduction=self.reduction,
+        )
 
     def extra_repr(self) -> str:
         return f"spatial_scale={self.spatial_scale}, mode={self.mode!r}, reduction={self.reduction!r}"
@@ -307,8 +312,15 @@ class TightBoxLoss(nn.Module):
 class MILBoxLoss(nn.Module):
     """Module form of :func:`mil_box_loss`."""
 
-    def __init__(self, *, spatial_scale: float = 1.0, background_channel: int | None = 0, negatives: str = "all",
-                 eps: float = 1e-6, reduction: str = "mean") -> None:
+    def __init__(
+        self,
+        *,
+        spatial_scale: float = 1.0,
+        background_channel: int | None = 0,
+        negatives: str = "all",
+        eps: float = 1e-6,
+        reduction: str = "mean",
+    ) -> None:
         super().__init__()
         self.spatial_scale = _checks.check_positive("MILBoxLoss", "spatial_scale", spatial_scale)
         _checks.check_choice("MILBoxLoss", "negatives", negatives, NEGATIVES)
@@ -317,13 +329,23 @@ class MILBoxLoss(nn.Module):
         self.background_channel, self.negatives, self.reduction = background_channel, negatives, reduction
 
     def forward(self, probs, boxes, box_batch, box_labels):
-        return mil_box_loss(probs, boxes, box_batch, box_labels, spatial_scale=self.spatial_scale,
-                            background_channel=self.background_channel, negatives=self.negatives, eps=self.eps,
-                            reduction=self.reduction)
+        return mil_box_loss(
+            probs,
+            boxes,
+            box_batch,
+            box_labels,
+            spatial_scale=self.spatial_scale,
+            background_channel=self.background_channel,
+            negatives=self.negatives,
+            eps=self.eps,
+            reduction=self.reduction,
+        )
 
     def extra_repr(self) -> str:
-        return (f"spatial_scale={self.spatial_scale}, background_channel={self.background_channel}, "
-                f"negatives={self.negatives!r}, reduction={self.reduction!r}")
+        return (
+            f"spatial_scale={self.spatial_scale}, background_channel={self.background_channel}, "
+            f"negatives={self.negatives!r}, reduction={self.reduction!r}"
+        )
 
 
 class ProjectionLoss(nn.Module):
@@ -337,8 +359,15 @@ class ProjectionLoss(nn.Module):
         self.reduction = reduction
 
     def forward(self, probs, boxes, box_batch, box_labels):
-        return projection_loss(probs, boxes, box_batch, box_labels, spatial_scale=self.spatial_scale, eps=self.eps,
-                               reduction=self.reduction)
+        return projection_loss(
+            probs,
+            boxes,
+            box_batch,
+            box_labels,
+            spatial_scale=self.spatial_scale,
+            eps=self.eps,
+            reduction=self.reduction,
+        )
 
 
 class BorderBackgroundLoss(nn.Module):

@@ -115,8 +115,9 @@ def noise_aware_loss(
     B, D, H, W = features.shape
     C = classifier_weight.shape[0]
     if classifier_weight.shape[1] != D:
-        raise ValueError(f"{fn}: classifier_weight must have shape (C, D) with D = {D}, got "
-                         f"{tuple(classifier_weight.shape)}")
+        raise ValueError(
+            f"{fn}: classifier_weight must have shape (C, D) with D = {D}, got {tuple(classifier_weight.shape)}"
+        )
     for name, y in (("y_crf", y_crf), ("y_ret", y_ret)):
         _checks.check_tensor(fn, name, y, dim=3, layout="(B, H, W)")
         if y.dtype != torch.long:
@@ -190,18 +191,36 @@ class NoiseAwareLoss(nn.Module):
         >>> loss = nal(phi, classifier.weight, y_crf, y_ret)
     """
 
-    def __init__(self, *, gamma: float = 7.0, lam: float = 0.1, tau: float = 20.0, ignore_index: int = 255,
-                 detach_confidence: bool = True, unreliable: str = "nal") -> None:
+    def __init__(
+        self,
+        *,
+        gamma: float = 7.0,
+        lam: float = 0.1,
+        tau: float = 20.0,
+        ignore_index: int = 255,
+        detach_confidence: bool = True,
+        unreliable: str = "nal",
+    ) -> None:
         super().__init__()
         _checks.check_choice(type(self).__name__, "unreliable", unreliable, UNRELIABLE)
         self.gamma, self.lam, self.tau = gamma, lam, tau
         self.ignore_index, self.detach_confidence, self.unreliable = ignore_index, detach_confidence, unreliable
 
     def forward(self, features, classifier_weight, y_crf, y_ret, beta: float = 1.0, *, return_terms: bool = False):
-        return noise_aware_loss(features, classifier_weight, y_crf, y_ret, gamma=self.gamma, lam=self.lam,
-                                tau=self.tau, ignore_index=self.ignore_index,
-                                detach_confidence=self.detach_confidence, unreliable=self.unreliable,
-                                beta=beta, return_terms=return_terms)
+        return noise_aware_loss(
+            features,
+            classifier_weight,
+            y_crf,
+            y_ret,
+            gamma=self.gamma,
+            lam=self.lam,
+            tau=self.tau,
+            ignore_index=self.ignore_index,
+            detach_confidence=self.detach_confidence,
+            unreliable=self.unreliable,
+            beta=beta,
+            return_terms=return_terms,
+        )
 
     def extra_repr(self) -> str:
         return f"gamma={self.gamma}, lam={self.lam}, tau={self.tau}, unreliable={self.unreliable!r}"

@@ -48,8 +48,15 @@ class SparseCRFLoss(nn.Module):
 
     def forward(self, probs: torch.Tensor, image: torch.Tensor, valid_mask: torch.Tensor | None = None) -> torch.Tensor:
         return sparse_crf_loss(
-            probs, image, sigma=self.sigma, neighbourhood=self.neighbourhood, dilation=self.dilation,
-            valid_mask=valid_mask, kind=self.kind, channels=self.channels, reduction=self.reduction,
+            probs,
+            image,
+            sigma=self.sigma,
+            neighbourhood=self.neighbourhood,
+            dilation=self.dilation,
+            valid_mask=valid_mask,
+            kind=self.kind,
+            channels=self.channels,
+            reduction=self.reduction,
         )
 
     def extra_repr(self) -> str:
@@ -89,8 +96,14 @@ class DenseCRFLoss(nn.Module):
 
     def forward(self, probs: torch.Tensor, image: torch.Tensor, valid_mask: torch.Tensor | None = None) -> torch.Tensor:
         return dense_crf_loss(
-            probs, image, sigma_rgb=self.sigma_rgb, sigma_xy=self.sigma_xy, scale_factor=self.scale_factor,
-            valid_mask=valid_mask, reduction=self.reduction, normalize=self.normalize,
+            probs,
+            image,
+            sigma_rgb=self.sigma_rgb,
+            sigma_xy=self.sigma_xy,
+            scale_factor=self.scale_factor,
+            valid_mask=valid_mask,
+            reduction=self.reduction,
+            normalize=self.normalize,
         )
 
     def extra_repr(self) -> str:

@@ -16,7 +16,9 @@ from boxloss import _checks
 
 def _foreground(fn: str, name: str, x) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{fn}: {name} must be a torch.Tensor of shape (B, H, W) or (B, 1, H, W), got {type(x).__name__}")
+        raise TypeError(
+            f"{fn}: {name} must be a torch.Tensor of shape (B, H, W) or (B, 1, H, W), got {type(x).__name__}"
+        )
     if x.dim() == 4 and x.shape[1] == 1:
         x = x[:, 0]
     if x.dim() != 3:
@@ -41,7 +43,9 @@ def _pixel_mask(fn: str, name: str, mask, x: torch.Tensor) -> torch.Tensor:
     if mask.dtype != torch.bool:
         raise TypeError(f"{fn}: {name} must be a bool tensor, got {mask.dtype}")
     if mask.shape not in (x.shape, x.shape[1:]):
-        raise ValueError(f"{fn}: {name} must have shape {tuple(x.shape)} or {tuple(x.shape[1:])}, got {tuple(mask.shape)}")
+        raise ValueError(
+            f"{fn}: {name} must have shape {tuple(x.shape)} or {tuple(x.shape[1:])}, got {tuple(mask.shape)}"
+        )
     _checks.check_same(fn, name, mask, "the probabilities", x, what="device")
     return mask.expand(x.shape)
 
@@ -106,7 +110,12 @@ def _volumetric_from_sizes(sizes, include, s_min, lambda_s, distributed, process
 def _check_volumetric(fn, s_min, lambda_s):
     if isinstance(s_min, bool) or not isinstance(s_min, (int, float)) or not 0 <= s_min <= 1:
         raise ValueError(f"{fn}: s_min must be a number in [0, 1], got {s_min!r}")
-    if isinstance(lambda_s, bool) or not isinstance(lambda_s, (int, float)) or not lambda_s >= 0 or lambda_s == float("inf"):
+    if (
+        isinstance(lambda_s, bool)
+        or not isinstance(lambda_s, (int, float))
+        or not lambda_s >= 0
+        or lambda_s == float("inf")
+    ):
         raise ValueError(f"{fn}: lambda_s must be a finite number >= 0, got {lambda_s!r}")
     return float(s_min), float(lambda_s)
 
@@ -200,15 +209,22 @@ def negative_loss(
 class VolumetricLoss(nn.Module):
     """Module form of :func:`volumetric_loss`."""
 
-    def __init__(self, *, s_min: float = 0.15, lambda_s: float = 5.0, distributed: bool = False,
-                 process_group=None) -> None:
+    def __init__(
+        self, *, s_min: float = 0.15, lambda_s: float = 5.0, distributed: bool = False, process_group=None
+    ) -> None:
         super().__init__()
         self.s_min, self.lambda_s = _check_volumetric("VolumetricLoss", s_min, lambda_s)
         self.distributed, self.process_group = bool(distributed), process_group
 
     def forward(self, fg_probs, valid_mask=None):
-        return volumetric_loss(fg_probs, s_min=self.s_min, lambda_s=self.lambda_s, valid_mask=valid_mask,
-                               distributed=self.distributed, process_group=self.process_group)
+        return volumetric_loss(
+            fg_probs,
+            s_min=self.s_min,
+            lambda_s=self.lambda_s,
+            valid_mask=valid_mask,
+            distributed=self.distributed,
+            process_group=self.process_group,
+        )
 
     def extra_repr(self) -> str:
         return f"s_min={self.s_min}, lambda_s={self.lambda_s}, distributed={self.distributed}"
@@ -225,8 +241,13 @@ class PositionalLoss(nn.Module):
         self.reduction = reduction
 
     def forward(self, fg_probs, valid_mask=None):
-        return positional_loss(fg_probs, border_width=self.border_width, centre_size=self.centre_size,
-                               valid_mask=valid_mask, reduction=self.reduction)
+        return positional_loss(
+            fg_probs,
+            border_width=self.border_width,
+            centre_size=self.centre_size,
+            valid_mask=valid_mask,
+            reduction=self.reduction,
+        )
 
 
 class NegativeLoss(nn.Module):

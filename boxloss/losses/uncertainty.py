@@ -84,8 +84,15 @@ class UncertaintyBCELoss(nn.Module):
         >>> loss = criterion(mu, log_var, target, box_mask, pixel_perfect=pp)
     """
 
-    def __init__(self, *, tau: float = TAU, temperature: float = TEMPERATURE, bootstrap: bool = True,
-                 route_gradients: bool = True, reduction: str = "mean") -> None:
+    def __init__(
+        self,
+        *,
+        tau: float = TAU,
+        temperature: float = TEMPERATURE,
+        bootstrap: bool = True,
+        route_gradients: bool = True,
+        reduction: str = "mean",
+    ) -> None:
         super().__init__()
         name = "UncertaintyBCELoss"
         self.tau = _check_finite(name, "tau", tau)
@@ -97,13 +104,23 @@ class UncertaintyBCELoss(nn.Module):
 
     def forward(self, mu, log_var, target, box_mask=None, pixel_perfect=None):
         return uncertainty_bce_loss(
-            mu, log_var, target, box_mask, tau=self.tau, temperature=self.temperature, bootstrap=self.bootstrap,
-            pixel_perfect=pixel_perfect, route_gradients=self.route_gradients, reduction=self.reduction,
+            mu,
+            log_var,
+            target,
+            box_mask,
+            tau=self.tau,
+            temperature=self.temperature,
+            bootstrap=self.bootstrap,
+            pixel_perfect=pixel_perfect,
+            route_gradients=self.route_gradients,
+            reduction=self.reduction,
         )
 
     def extra_repr(self) -> str:
-        return (f"tau={self.tau}, temperature={self.temperature}, bootstrap={self.bootstrap}, "
-                f"route_gradients={self.route_gradients}, reduction={self.reduction!r}")
+        return (
+            f"tau={self.tau}, temperature={self.temperature}, bootstrap={self.bootstrap}, "
+            f"route_gradients={self.route_gradients}, reduction={self.reduction!r}"
+        )
 
 
 class UncertaintyL2Loss(nn.Module):
@@ -115,8 +132,7 @@ class UncertaintyL2Loss(nn.Module):
         self.reduction = reduction
 
     def forward(self, mu, log_var, target, box_mask=None, pixel_perfect=None):
-        return uncertainty_l2_loss(mu, log_var, target, box_mask, pixel_perfect=pixel_perfect,
-                                   reduction=self.reduction)
+        return uncertainty_l2_loss(mu, log_var, target, box_mask, pixel_perfect=pixel_perfect, reduction=self.reduction)
 
     def extra_repr(self) -> str:
         return f"reduction={self.reduction!r}"
@@ -132,9 +148,17 @@ class UncertaintyCELoss(nn.Module):
         >>> loss = criterion(mu, log_var, target, box_mask=boxes_as_mask, pixel_perfect=pp)
     """
 
-    def __init__(self, *, samples: int = SAMPLES, tau: float = TAU, bootstrap: bool = True,
-                 ignore_index: int = IGNORE_INDEX, route_gradients: bool = True, reduction: str = "mean",
-                 generator: torch.Generator | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        samples: int = SAMPLES,
+        tau: float = TAU,
+        bootstrap: bool = True,
+        ignore_index: int = IGNORE_INDEX,
+        route_gradients: bool = True,
+        reduction: str = "mean",
+        generator: torch.Generator | None = None,
+    ) -> None:
         super().__init__()
         name = "UncertaintyCELoss"
         self.samples = _checks.check_int(name, "samples", samples, minimum=1)
@@ -150,12 +174,24 @@ class UncertaintyCELoss(nn.Module):
 
     def forward(self, mu, log_var, target, box_mask=None, pixel_perfect=None, seed=None):
         return uncertainty_ce_loss(
-            mu, log_var, target, samples=self.samples, seed=seed, generator=None if seed is not None else self.generator,
-            tau=self.tau, bootstrap=self.bootstrap, box_mask=box_mask, pixel_perfect=pixel_perfect,
-            ignore_index=self.ignore_index, reduction=self.reduction, route_gradients=self.route_gradients,
+            mu,
+            log_var,
+            target,
+            samples=self.samples,
+            seed=seed,
+            generator=None if seed is not None else self.generator,
+            tau=self.tau,
+            bootstrap=self.bootstrap,
+            box_mask=box_mask,
+            pixel_perfect=pixel_perfect,
+            ignore_index=self.ignore_index,
+            reduction=self.reduction,
+            route_gradients=self.route_gradients,
         )
 
     def extra_repr(self) -> str:
-        return (f"samples={self.samples}, tau={self.tau}, bootstrap={self.bootstrap}, "
-                f"ignore_index={self.ignore_index}, route_gradients={self.route_gradients}, "
-                f"reduction={self.reduction!r}")
+        return (
+            f"samples={self.samples}, tau={self.tau}, bootstrap={self.bootstrap}, "
+            f"ignore_index={self.ignore_index}, route_gradients={self.route_gradients}, "
+            f"reduction={self.reduction!r}"
+        )

@@ -70,8 +70,9 @@ def _check_features_boxes(fn, features, boxes, box_batch, spatial_scale):
     if box_batch.dtype != torch.long:
         raise TypeError(f"{fn}: box_batch must be an int64 tensor, got {box_batch.dtype}")
     if box_batch.shape[0] != boxes.shape[0]:
-        raise ValueError(f"{fn}: box_batch must have shape (K,) = ({boxes.shape[0]},), got shape "
-                         f"{tuple(box_batch.shape)}")
+        raise ValueError(
+            f"{fn}: box_batch must have shape (K,) = ({boxes.shape[0]},), got shape {tuple(box_batch.shape)}"
+        )
     for name, t in (("boxes", boxes), ("box_batch", box_batch)):
         _checks.check_same(fn, name, t, "features", features, what="device")
     return _checks.check_positive(fn, "spatial_scale", spatial_scale)
@@ -146,8 +147,11 @@ def background_attention(
             features, boxes, box_batch, grid_size, spatial_scale, bg_mask, float(min_background)
         )
         return BackgroundAttention(attention, queries, valid, fallback)
-    return BackgroundAttention(*_fallback.background_attention(
-        fn, features, boxes, box_batch, grid_size, spatial_scale, bg_mask, float(min_background)))
+    return BackgroundAttention(
+        *_fallback.background_attention(
+            fn, features, boxes, box_batch, grid_size, spatial_scale, bg_mask, float(min_background)
+        )
+    )
 
 
 def background_aware_pool(
@@ -222,8 +226,9 @@ class BackgroundAwarePooling(nn.Module):
         torch.Size([1, 32, 2, 2])
     """
 
-    def __init__(self, *, grid_size: int = 4, output_size: int = 1, spatial_scale: float = 1.0,
-                 min_background: float = 0.125) -> None:
+    def __init__(
+        self, *, grid_size: int = 4, output_size: int = 1, spatial_scale: float = 1.0, min_background: float = 0.125
+    ) -> None:
         super().__init__()
         self.grid_size = grid_size
         self.output_size = output_size
@@ -240,19 +245,35 @@ class BackgroundAwarePooling(nn.Module):
             if bg_mask is not None:
                 _check_bg_mask(fn, bg_mask, features)
             pooled, attention, queries, valid, fallback, *_ = torch.ops.boxloss.background_attention_pool.default(
-                features, boxes, box_batch, grid_size, output_size, spatial_scale, bg_mask,
-                _check_min_background(fn, self.min_background))
+                features,
+                boxes,
+                box_batch,
+                grid_size,
+                output_size,
+                spatial_scale,
+                bg_mask,
+                _check_min_background(fn, self.min_background),
+            )
             return pooled, BackgroundAttention(attention, queries, valid, fallback)
-        att = background_attention(features, boxes, box_batch, grid_size=self.grid_size,
-                                   spatial_scale=self.spatial_scale, bg_mask=bg_mask,
-                                   min_background=self.min_background)
-        pooled = background_aware_pool(features, att.attention, boxes, box_batch, output_size=self.output_size,
-                                       spatial_scale=self.spatial_scale)
+        att = background_attention(
+            features,
+            boxes,
+            box_batch,
+            grid_size=self.grid_size,
+            spatial_scale=self.spatial_scale,
+            bg_mask=bg_mask,
+            min_background=self.min_background,
+        )
+        pooled = background_aware_pool(
+            features, att.attention, boxes, box_batch, output_size=self.output_size, spatial_scale=self.spatial_scale
+        )
         return pooled, att
 
     def extra_repr(self) -> str:
-        return (f"grid_size={self.grid_size}, output_size={self.output_size}, spatial_scale={self.spatial_scale}, "
-                f"min_background={self.min_background}")
+        return (
+            f"grid_size={self.grid_size}, output_size={self.output_size}, spatial_scale={self.spatial_scale}, "
+            f"min_background={self.min_background}"
+        )
 
 
 def _register() -> None:
@@ -273,8 +294,9 @@ def _register() -> None:
         )
 
     @torch.library.register_fake("boxloss::_background_attention_backward")
-    def _background_attention_backward_fake(grad_attention, grad_queries, features, queries, valid, fallback,
-                                            inside, background, grid_size):
+    def _background_attention_backward_fake(
+        grad_attention, grad_queries, features, queries, valid, fallback, inside, background, grid_size
+    ):
         return features.new_empty(features.shape)
 
     def setup_attention(ctx, inputs, output):
@@ -299,8 +321,7 @@ def _register() -> None:
         # Boxes and the background mask only select pixels: no gradient.
         return grad, None, None, None, None, None, None
 
-    torch.library.register_autograd("boxloss::background_attention", backward_attention,
-                                    setup_context=setup_attention)
+    torch.library.register_autograd("boxloss::background_attention", backward_attention, setup_context=setup_attention)
 
     @torch.library.register_fake("boxloss::background_aware_pool")
     def _background_aware_pool_fake(features, attention, boxes, box_batch, output_size, spatial_scale):
@@ -312,8 +333,9 @@ def _register() -> None:
         )
 
     @torch.library.register_fake("boxloss::_background_aware_pool_backward")
-    def _background_aware_pool_backward_fake(grad_pooled, features, attention, pooled, weight_sum, ranges, box_batch,
-                                             output_size):
+    def _background_aware_pool_backward_fake(
+        grad_pooled, features, attention, pooled, weight_sum, ranges, box_batch, output_size
+    ):
         return features.new_empty(features.shape), attention.new_empty(attention.shape)
 
     def setup_pool(ctx, inputs, output):
@@ -333,14 +355,18 @@ def _register() -> None:
         return (
             grad_features if ctx.needs_input_grad[0] else None,
             grad_attention if ctx.needs_input_grad[1] else None,
-            None, None, None, None,
+            None,
+            None,
+            None,
+            None,
         )
 
     torch.library.register_autograd("boxloss::background_aware_pool", backward_pool, setup_context=setup_pool)
 
     @torch.library.register_fake("boxloss::background_attention_pool")
-    def _background_attention_pool_fake(features, boxes, box_batch, grid_size, output_size, spatial_scale, bg_mask,
-                                        min_background):
+    def _background_attention_pool_fake(
+        features, boxes, box_batch, grid_size, output_size, spatial_scale, bg_mask, min_background
+    ):
         B, D, h, w = features.shape
         K, S, J = boxes.shape[0], output_size, grid_size * grid_size
         return (
@@ -362,14 +388,16 @@ def _register() -> None:
     def setup_attention_pool(ctx, inputs, output):
         features, _, box_batch, grid_size, output_size, _, _, _ = inputs
         pooled, attention, queries, valid, fallback, weight_sum, ranges, inside, background = output
-        ctx.save_for_backward(features, attention, queries, valid, fallback, pooled, weight_sum, ranges, box_batch,
-                              inside, background)
+        ctx.save_for_backward(
+            features, attention, queries, valid, fallback, pooled, weight_sum, ranges, box_batch, inside, background
+        )
         ctx.settings = (grid_size, output_size)
         ctx.mark_non_differentiable(valid, fallback, weight_sum, ranges, inside, background)
 
     def backward_attention_pool(ctx, grad_pooled, grad_attention, grad_queries, *_):
-        (features, attention, queries, valid, fallback, pooled, weight_sum, ranges, box_batch, inside,
-         background) = ctx.saved_tensors
+        (features, attention, queries, valid, fallback, pooled, weight_sum, ranges, box_batch, inside, background) = (
+            ctx.saved_tensors
+        )
         if not ctx.needs_input_grad[0]:
             return (None,) * 8
         if grad_pooled is None:
@@ -379,13 +407,27 @@ def _register() -> None:
         if grad_queries is None:
             grad_queries = queries.new_zeros(queries.shape)
         grad = torch.ops.boxloss._background_attention_pool_backward.default(
-            grad_pooled, grad_attention, grad_queries, features, attention, queries, valid, fallback, pooled,
-            weight_sum, ranges, box_batch, inside, background, *ctx.settings
+            grad_pooled,
+            grad_attention,
+            grad_queries,
+            features,
+            attention,
+            queries,
+            valid,
+            fallback,
+            pooled,
+            weight_sum,
+            ranges,
+            box_batch,
+            inside,
+            background,
+            *ctx.settings,
         )
         return grad, None, None, None, None, None, None, None
 
-    torch.library.register_autograd("boxloss::background_attention_pool", backward_attention_pool,
-                                    setup_context=setup_attention_pool)
+    torch.library.register_autograd(
+        "boxloss::background_attention_pool", backward_attention_pool, setup_context=setup_attention_pool
+    )
 
 
 if extension_loaded():

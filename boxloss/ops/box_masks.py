@@ -76,8 +76,11 @@ def boxes_to_masks(
     _checks.check_choice(fn, "order", order, ORDERS)
     _checks.check_choice(fn, "form", form, FORMS)
     num_classes = _checks.check_int(fn, "num_classes", num_classes, minimum=1)
-    if not isinstance(size, (tuple, list)) or len(size) not in (2, 3) or not all(
-            isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in size):
+    if (
+        not isinstance(size, (tuple, list))
+        or len(size) not in (2, 3)
+        or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in size)
+    ):
         raise ValueError(f"{fn}: size must be (H, W) or (B, H, W) of positive ints, got {size!r}")
     if len(size) == 3:
         batch, height, width = size
@@ -86,13 +89,16 @@ def boxes_to_masks(
         batch = batch_size if batch_size is not None else (int(box_batch.max()) + 1 if box_batch.numel() else 1)
     _checks.check_int(fn, "batch_size", batch, minimum=1)
     if not isinstance(boxes, torch.Tensor) or not boxes.dtype.is_floating_point:
-        raise TypeError(f"{fn}: boxes must be a floating-point tensor, got "
-                        f"{boxes.dtype if isinstance(boxes, torch.Tensor) else type(boxes).__name__}")
+        raise TypeError(
+            f"{fn}: boxes must be a floating-point tensor, got "
+            f"{boxes.dtype if isinstance(boxes, torch.Tensor) else type(boxes).__name__}"
+        )
     probe = boxes.new_empty((batch, num_classes + 1, 1, 1))
     spatial_scale = check_box_args(fn, probe, boxes, box_batch, box_labels, spatial_scale)
     priority = box_priority(boxes, order, spatial_scale)
-    front, ranges = box_front_index(boxes, box_batch, box_labels, priority, batch, num_classes + 1, height, width,
-                                    spatial_scale, fn=fn)
+    front, ranges = box_front_index(
+        boxes, box_batch, box_labels, priority, batch, num_classes + 1, height, width, spatial_scale, fn=fn
+    )
     if form == "union":
         return class_union(ranges, box_batch, box_labels, batch, num_classes + 1, height, width)
     # A zero label in front of the labels lets index -1 (no box) read the background.
@@ -103,16 +109,29 @@ def boxes_to_masks(
     return torch.nn.functional.one_hot(labels, num_classes + 1).permute(0, 3, 1, 2).to(torch.float32)
 
 
-def box_front_index(boxes, box_batch, box_labels, priority, batch: int, channels: int, height: int, width: int,
-                    spatial_scale: float, *, fn: str = "box_front_index"):
+def box_front_index(
+    boxes,
+    box_batch,
+    box_labels,
+    priority,
+    batch: int,
+    channels: int,
+    height: int,
+    width: int,
+    spatial_scale: float,
+    *,
+    fn: str = "box_front_index",
+):
     """(front (B, H, W) int64, ranges (K, 4) int64): at each pixel the index of the covering box with the
     smallest ``priority`` (ties: the lower index), -1 where no box covers it; ``ranges`` holds each box's
     covered ``row_begin, row_end, col_begin, col_end``.  The arguments are checked by the caller."""
     if extension_loaded():
         return torch.ops.boxloss.box_front_index.default(
-            boxes, box_batch, box_labels, priority, batch, channels, height, width, spatial_scale)
-    return _fallback.box_front_index(fn, boxes, box_batch, box_labels, priority, batch, channels, height, width,
-                                     spatial_scale)
+            boxes, box_batch, box_labels, priority, batch, channels, height, width, spatial_scale
+        )
+    return _fallback.box_front_index(
+        fn, boxes, box_batch, box_labels, priority, batch, channels, height, width, spatial_scale
+    )
 
 
 def class_union(ranges, box_batch, box_labels, batch, channels, height, width) -> torch.Tensor:
@@ -133,11 +152,9 @@ def class_union(ranges, box_batch, box_labels, batch, channels, height, width) -
 
 def _register() -> None:
     @torch.library.register_fake("boxloss::box_front_index")
-    def _box_front_index_fake(boxes, box_batch, box_labels, priority, batch, num_classes, height, width,
-                              spatial_scale):
+    def _box_front_index_fake(boxes, box_batch, box_labels, priority, batch, num_classes, height, width, spatial_scale):
         K = boxes.shape[0]
-        return (boxes.new_empty((batch, height, width), dtype=torch.long),
-                boxes.new_empty((K, 4), dtype=torch.long))
+        return (boxes.new_empty((batch, height, width), dtype=torch.long), boxes.new_empty((K, 4), dtype=torch.long))
 
 
 if extension_loaded():

@@ -142,8 +142,9 @@ def _covered_span(lo: float, hi: float, spatial_scale: float, size: int) -> tupl
     return mid, mid + 1
 
 
-def box_pixel_ranges(box: Sequence[float], height: int, width: int, *,
-                     spatial_scale: float = 1.0) -> tuple[int, int, int, int]:
+def box_pixel_ranges(
+    box: Sequence[float], height: int, width: int, *, spatial_scale: float = 1.0
+) -> tuple[int, int, int, int]:
     """The pixels one box ``(x0, y0, x1, y1)`` covers on a ``height`` x ``width`` map, by the convention above.
 
     Returns ``(row_begin, row_end, col_begin, col_end)`` (half-open), all 0 when

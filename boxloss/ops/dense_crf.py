@@ -142,8 +142,9 @@ def dense_crf_loss(
     else:
         energy, normaliser = _fallback.dense_crf_energy(_DENSE, probs, valid_mask, lattice.tensors)
     if normalize:
-        per_image = torch.where(normaliser > 0, energy / normaliser.clamp_min(torch.finfo(normaliser.dtype).tiny),
-                                torch.zeros_like(energy))
+        per_image = torch.where(
+            normaliser > 0, energy / normaliser.clamp_min(torch.finfo(normaliser.dtype).tiny), torch.zeros_like(energy)
+        )
     else:
         per_image = energy
     return _checks.reduce_per_image(per_image, reduction)

@@ -130,8 +130,7 @@ def _register() -> None:
         return probs.new_empty((probs.shape[0],))
 
     @torch.library.register_fake("boxloss::_sparse_crf_loss_backward")
-    def _sparse_crf_loss_backward_fake(grad, probs, image, valid_mask, channels, sigma, neighbourhood, dilation,
-                                       kind):
+    def _sparse_crf_loss_backward_fake(grad, probs, image, valid_mask, channels, sigma, neighbourhood, dilation, kind):
         # The real kernels return a contiguous (B, C, H, W) tensor whatever the
         # layout of probs.
         return probs.new_empty(probs.shape)

@@ -75,8 +75,9 @@ def _check_masks(fn: str, mu: torch.Tensor, box_mask, pixel_perfect, B: int, H: 
         _checks.check_same(fn, "box_mask", box_mask, "mu", mu, what="device")
     if pixel_perfect is not None:
         if not isinstance(pixel_perfect, torch.Tensor):
-            raise TypeError(f"{fn}: pixel_perfect must be a bool tensor of shape (B,), got "
-                            f"{type(pixel_perfect).__name__}")
+            raise TypeError(
+                f"{fn}: pixel_perfect must be a bool tensor of shape (B,), got {type(pixel_perfect).__name__}"
+            )
         if pixel_perfect.dtype != torch.bool:
             raise TypeError(f"{fn}: pixel_perfect must be a bool tensor, got {pixel_perfect.dtype}")
         if tuple(pixel_perfect.shape) != (B,):
@@ -364,13 +365,32 @@ def uncertainty_ce_loss(
 
     if extension_loaded():
         per_pixel, _ = torch.ops.boxloss.uncertainty_ce_loss.default(
-            mu, log_var, target, box_mask, pixel_perfect, seed_tensor, samples, tau, bootstrap, route_gradients,
+            mu,
+            log_var,
+            target,
+            box_mask,
+            pixel_perfect,
+            seed_tensor,
+            samples,
+            tau,
+            bootstrap,
+            route_gradients,
             ignore_index,
         )
     else:
         per_pixel = _fallback.uncertainty_ce_loss(
-            fn, mu, log_var, target, box_mask, pixel_perfect, seed_tensor, samples, tau, bootstrap,
-            route_gradients, ignore_index,
+            fn,
+            mu,
+            log_var,
+            target,
+            box_mask,
+            pixel_perfect,
+            seed_tensor,
+            samples,
+            tau,
+            bootstrap,
+            route_gradients,
+            ignore_index,
         )
     if reduction == "mean":
         count = (target != ignore_index).sum().clamp_min(1)
@@ -384,8 +404,9 @@ def _register() -> None:
         return mu.new_empty(mu.shape)
 
     @torch.library.register_fake("boxloss::_uncertainty_bce_loss_backward")
-    def _bce_backward_fake(grad, mu, log_var, target, box_mask, pixel_perfect, tau, temperature, bootstrap,
-                           route_gradients):
+    def _bce_backward_fake(
+        grad, mu, log_var, target, box_mask, pixel_perfect, tau, temperature, bootstrap, route_gradients
+    ):
         return mu.new_empty(mu.shape), mu.new_empty(mu.shape)
 
     def bce_setup_context(ctx, inputs, output):
@@ -405,14 +426,28 @@ def _register() -> None:
     torch.library.register_autograd("boxloss::uncertainty_bce_loss", bce_backward, setup_context=bce_setup_context)
 
     @torch.library.register_fake("boxloss::uncertainty_ce_loss")
-    def _ce_fake(mu, log_var, target, box_mask, pixel_perfect, seed, samples, tau, bootstrap, route_gradients,
-                 ignore_index):
+    def _ce_fake(
+        mu, log_var, target, box_mask, pixel_perfect, seed, samples, tau, bootstrap, route_gradients, ignore_index
+    ):
         shape = (mu.shape[0], mu.shape[2], mu.shape[3])
         return mu.new_empty(shape), mu.new_empty(shape)
 
     @torch.library.register_fake("boxloss::_uncertainty_ce_loss_backward")
-    def _ce_backward_fake(grad, mu, log_var, target, box_mask, pixel_perfect, seed, sample_lse, samples, tau,
-                          bootstrap, route_gradients, ignore_index):
+    def _ce_backward_fake(
+        grad,
+        mu,
+        log_var,
+        target,
+        box_mask,
+        pixel_perfect,
+        seed,
+        sample_lse,
+        samples,
+        tau,
+        bootstrap,
+        route_gradients,
+        ignore_index,
+    ):
         return mu.new_empty(mu.shape), mu.new_empty(mu.shape)
 
     def ce_setup_context(ctx, inputs, output):

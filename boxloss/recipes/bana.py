@@ -25,8 +25,14 @@ from boxloss.losses.noise_aware import COS_EPS
 from boxloss.ops.background_attention import background_attention
 from boxloss.ops.box_masks import boxes_to_masks
 
-DEFAULT_CRF = {"iterations": 10, "bilateral_weight": 4.0, "bilateral_xy": 55.0, "bilateral_rgb": 3.0,
-               "gaussian_weight": 3.0, "gaussian_xy": 3.0}
+DEFAULT_CRF = {
+    "iterations": 10,
+    "bilateral_weight": 4.0,
+    "bilateral_xy": 55.0,
+    "bilateral_rgb": 3.0,
+    "gaussian_weight": 3.0,
+    "gaussian_xy": 3.0,
+}
 
 
 class PseudoLabels(NamedTuple):
@@ -44,8 +50,9 @@ def _dense_crf(image: np.ndarray, unary: np.ndarray, crf: dict) -> np.ndarray:
     model = dcrf.DenseCRF2D(W, H, C)
     model.setUnaryEnergy(np.ascontiguousarray(unary_from_softmax(unary)))
     model.addPairwiseGaussian(sxy=crf["gaussian_xy"], compat=crf["gaussian_weight"])
-    model.addPairwiseBilateral(sxy=crf["bilateral_xy"], srgb=crf["bilateral_rgb"], rgbim=image,
-                               compat=crf["bilateral_weight"])
+    model.addPairwiseBilateral(
+        sxy=crf["bilateral_xy"], srgb=crf["bilateral_rgb"], rgbim=image, compat=crf["bilateral_weight"]
+    )
     return np.argmax(np.array(model.inference(int(crf["iterations"]))).reshape(C, H, W), axis=0)
 
 
@@ -99,8 +106,7 @@ def bana_pseudo_labels(
         image = image.detach().cpu().numpy()
     image = np.asarray(image)
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-        raise ValueError(f"{fn}: image must be a uint8 RGB array of shape (H, W, 3), got {image.dtype} "
-                         f"{image.shape}")
+        raise ValueError(f"{fn}: image must be a uint8 RGB array of shape (H, W, 3), got {image.dtype} {image.shape}")
     image = np.ascontiguousarray(image)
     _checks.check_tensor(fn, "features", features, dim=3, layout="(D, h, w)")
     _checks.check_tensor(fn, "classifier_weight", classifier_weight, dim=2, layout="(L + 1, D)")
@@ -120,19 +126,18 @@ def bana_pseudo_labels(
     boxes = torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4).cpu()
     box_labels = torch.as_tensor(box_labels).reshape(-1).to(torch.long).cpu()
     if box_labels.shape[0] != boxes.shape[0]:
-        raise ValueError(f"{fn}: box_labels must have one label per box ({boxes.shape[0]}), got "
-                         f"{box_labels.shape[0]}")
+        raise ValueError(f"{fn}: box_labels must have one label per box ({boxes.shape[0]}), got {box_labels.shape[0]}")
     if bool(((box_labels < 1) | (box_labels >= C)).any()):
         raise ValueError(f"{fn}: box_labels must lie in [1, {C - 1}], got {box_labels.tolist()}")
     scale = w / W
     box_batch = torch.zeros(boxes.shape[0], dtype=torch.long)
-    att = background_attention(features[None], boxes, box_batch, grid_size=grid_size, spatial_scale=scale,
-                               min_background=min_background)
+    att = background_attention(
+        features[None], boxes, box_batch, grid_size=grid_size, spatial_scale=scale, min_background=min_background
+    )
     A = att.attention[0]
     # Box masks per class at the image (union over boxes of a class) and feature resolutions.
     union = boxes_to_masks(boxes, box_batch, box_labels, (1, H, W), C - 1, form="union")[0]  # (C, H, W)
-    union_small = boxes_to_masks(boxes, box_batch, box_labels, (1, h, w), C - 1, spatial_scale=scale,
-                                 form="union")[0]
+    union_small = boxes_to_masks(boxes, box_batch, box_labels, (1, h, w), C - 1, spatial_scale=scale, form="union")[0]
     inside_small = ~union_small[0]
     cams = torch.relu(torch.einsum("dhw,cd->chw", features, weight))  # (C, h, w)
     peak = cams.flatten(1).amax(1).clamp_min(1e-12)[:, None, None]
@@ -141,8 +146,14 @@ def bana_pseudo_labels(
     up = F.interpolate(u[None], size=(H, W), mode="bilinear", align_corners=False)[0].clamp_min(0)
     present = [0] + sorted(set(box_labels.tolist()))
     inside = ~union[0]
-    unary = torch.stack([torch.where(inside, up[0], torch.ones_like(up[0])) if c == 0
-                         else torch.where(union[c], up[c], torch.zeros_like(up[c])) for c in present])
+    unary = torch.stack(
+        [
+            torch.where(inside, up[0], torch.ones_like(up[0]))
+            if c == 0
+            else torch.where(union[c], up[c], torch.zeros_like(up[c]))
+            for c in present
+        ]
+    )
     unary = unary + 1e-5
     unary = unary / unary.sum(0, keepdim=True)
     crf_labels = _dense_crf(image, unary.numpy().astype(np.float32), settings)

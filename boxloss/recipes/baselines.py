@@ -85,15 +85,29 @@ def grabcut_box_masks(image, boxes, *, iterations: int = 5, min_side: int = 3) -
         fg = (mask == cv2.GC_FGD) | (mask == cv2.GC_PR_FGD)
         out[k, rows, cols] = fg[rows, cols]
     if filled:
-        warnings.warn(f"{fn}: {filled} of {len(boxes)} boxes were filled instead (too small for GrabCut, "
-                      "covering the whole image, or GrabCut failed)", stacklevel=2)
+        warnings.warn(
+            f"{fn}: {filled} of {len(boxes)} boxes were filled instead (too small for GrabCut, "
+            "covering the whole image, or GrabCut failed)",
+            stacklevel=2,
+        )
     return out
 
 
-def dense_crf_box_masks(image, boxes, labels, num_classes: int, *, box_confidence: float = 0.6,
-                        outside_confidence: float = 0.9, iterations: int = 10, gaussian_sxy: float = 3.0,
-                        gaussian_compat: float = 3.0, bilateral_sxy: float = 80.0, bilateral_srgb: float = 13.0,
-                        bilateral_compat: float = 10.0) -> np.ndarray:
+def dense_crf_box_masks(
+    image,
+    boxes,
+    labels,
+    num_classes: int,
+    *,
+    box_confidence: float = 0.6,
+    outside_confidence: float = 0.9,
+    iterations: int = 10,
+    gaussian_sxy: float = 3.0,
+    gaussian_compat: float = 3.0,
+    bilateral_sxy: float = 80.0,
+    bilateral_srgb: float = 13.0,
+    bilateral_compat: float = 10.0,
+) -> np.ndarray:
     """(K, H, W) bool: one DenseCRF (Krähenbühl & Koltun) per image from box unaries.
 
     Unaries: outside every box, background with probability ``outside_confidence``;
@@ -131,8 +145,7 @@ def dense_crf_box_masks(image, boxes, labels, num_classes: int, *, box_confidenc
     inside = n_box > 0
     share = box_confidence / np.maximum(n_box, 1)
     for c in range(1, C):
-        probs[c] = np.where(covered[c], share, np.where(inside, (1 - box_confidence) * 0.1 / max(C - 1, 1),
-                                                        probs[c]))
+        probs[c] = np.where(covered[c], share, np.where(inside, (1 - box_confidence) * 0.1 / max(C - 1, 1), probs[c]))
     probs[0] = np.where(inside, 1 - box_confidence, probs[0])
     probs /= probs.sum(0, keepdims=True)
     crf = dcrf.DenseCRF2D(W, H, C)

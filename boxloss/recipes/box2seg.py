@@ -30,8 +30,18 @@ class Box2SegLoss(nn.Module):
     ``"gc"``, ``"aw"``, ``"alpha"`` and ``"affinity"`` losses.
     """
 
-    def __init__(self, *, lambda_aw=10.0, lambda_alpha=1.0, lambda_a=1.0, gamma=0.7,
-                 alpha_regulariser="fill-rate", affinity_mode="exact", sample_fraction=0.1, eps=1e-8):
+    def __init__(
+        self,
+        *,
+        lambda_aw=10.0,
+        lambda_alpha=1.0,
+        lambda_a=1.0,
+        gamma=0.7,
+        alpha_regulariser="fill-rate",
+        affinity_mode="exact",
+        sample_fraction=0.1,
+        eps=1e-8,
+    ):
         super().__init__()
         _checks.check_choice("Box2SegLoss", "alpha_regulariser", alpha_regulariser, ALPHA_REGULARISERS)
         _checks.check_choice("Box2SegLoss", "affinity_mode", affinity_mode, ("exact", "sampled"))
@@ -43,11 +53,19 @@ class Box2SegLoss(nn.Module):
         terms = {
             "gc": pseudo_label_ce_loss(probs, pseudo_labels, eps=self.eps),
             "aw": attention_weighted_loss(probs, attention, box_masks, eps=self.eps),
-            "alpha": (fill_rate_hinge_loss(attention, pseudo_labels, box_masks, gamma=self.gamma)
-                      if self.alpha_regulariser == "fill-rate" else attention_box_regulariser(attention, box_masks)),
-            "affinity": affinity_loss(embeddings, probs, mode=self.affinity_mode,
-                                      sample_fraction=self.sample_fraction, valid_mask=valid_mask),
+            "alpha": (
+                fill_rate_hinge_loss(attention, pseudo_labels, box_masks, gamma=self.gamma)
+                if self.alpha_regulariser == "fill-rate"
+                else attention_box_regulariser(attention, box_masks)
+            ),
+            "affinity": affinity_loss(
+                embeddings, probs, mode=self.affinity_mode, sample_fraction=self.sample_fraction, valid_mask=valid_mask
+            ),
         }
-        total = terms["gc"] + self.lambda_aw * terms["aw"] + self.lambda_alpha * terms["alpha"] + \
-            self.lambda_a * terms["affinity"]
+        total = (
+            terms["gc"]
+            + self.lambda_aw * terms["aw"]
+            + self.lambda_alpha * terms["alpha"]
+            + self.lambda_a * terms["affinity"]
+        )
         return (total, terms) if return_terms else total

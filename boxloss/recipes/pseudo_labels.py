@@ -80,14 +80,24 @@ def merge_box_masks(
     C = L + 1
     if K == 0:
         return torch.zeros(B, H, W, dtype=torch.long, device=boxes.device)
-    _, ranges = box_front_index(boxes, box_batch, box_labels, box_priority(boxes, "smaller-front", spatial_scale),
-                                B, C, H, W, float(spatial_scale), fn=fn)
+    _, ranges = box_front_index(
+        boxes,
+        box_batch,
+        box_labels,
+        box_priority(boxes, "smaller-front", spatial_scale),
+        B,
+        C,
+        H,
+        W,
+        float(spatial_scale),
+        fn=fn,
+    )
     if bool((box_labels < 1).any()):
         raise ValueError(f"{fn}: box_labels must be object classes in [1, {L}], got {int(box_labels.min())}")
     inside = _in_box(ranges, H, W)
     obj = masks & inside
     background_in_box = (inside & ~masks).view(K, -1)
-    flat = (box_batch * C + box_labels)
+    flat = box_batch * C + box_labels
     claims = torch.zeros(B * C, H * W, dtype=torch.int32, device=boxes.device)
     claims.index_add_(0, flat, obj.view(K, -1).to(torch.int32))
     claim = (claims > 0).view(B, C, H * W)
@@ -114,4 +124,3 @@ def merge_box_masks(
         counts.index_add_(0, box_batch, background_in_box.to(torch.int32))
         label = torch.where(counts > 0, torch.full_like(label, VOID), label)
     return label.view(B, H, W)
-

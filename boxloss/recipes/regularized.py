@@ -100,14 +100,22 @@ class RegularizedLoss(nn.Module):
         _checks.check_choice(fn, "tight_mode", tight_mode, ("either", "both"))
         if neighbourhood not in (4, 8) or isinstance(neighbourhood, bool):
             raise ValueError(f"{fn}: neighbourhood must be 4 or 8, got {neighbourhood!r}")
-        for name, value in (("lambda_crf", lambda_crf), ("lambda_v", lambda_v), ("lambda_p", lambda_p),
-                            ("lambda_neg", lambda_neg)):
+        for name, value in (
+            ("lambda_crf", lambda_crf),
+            ("lambda_v", lambda_v),
+            ("lambda_p", lambda_p),
+            ("lambda_neg", lambda_neg),
+        ):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
                 raise ValueError(f"{fn}: {name} must be a finite number >= 0, got {value!r}")
         self.s_min, self.lambda_s = _check_volumetric(fn, s_min, lambda_s)
         self.prior, self.use_negative, self.tight_mode = prior, bool(use_negative), tight_mode
         self.lambda_crf, self.lambda_v, self.lambda_p, self.lambda_neg = (
-            float(lambda_crf), float(lambda_v), float(lambda_p), float(lambda_neg))
+            float(lambda_crf),
+            float(lambda_v),
+            float(lambda_p),
+            float(lambda_neg),
+        )
         self.sigma = _checks.check_positive(fn, "sigma", sigma)
         self.neighbourhood = int(neighbourhood)
         self.border_width = _checks.check_int(fn, "border_width", border_width, minimum=0)
@@ -143,11 +151,13 @@ class RegularizedLoss(nn.Module):
         valid = None if valid_mask is None else _pixel_mask(fn, "valid_mask", valid_mask, x)
         positive = (~negative).to(x.dtype)
 
-        crf = sparse_crf_loss(x[:, None], image, sigma=self.sigma, neighbourhood=self.neighbourhood,
-                              valid_mask=valid, reduction="none")
+        crf = sparse_crf_loss(
+            x[:, None], image, sigma=self.sigma, neighbourhood=self.neighbourhood, valid_mask=valid, reduction="none"
+        )
         include = ~negative if valid is None else ~negative & valid.any(2).any(1)
-        volumetric = _volumetric_from_sizes(normalised_sizes(x, valid), include, self.s_min, self.lambda_s,
-                                            self.distributed, None)
+        volumetric = _volumetric_from_sizes(
+            normalised_sizes(x, valid), include, self.s_min, self.lambda_s, self.distributed, None
+        )
         if self.prior == "tight":
             if border_mask is None:
                 border = image_border_mask(H, W, self.border_width, device=x.device).expand(B, H, W)
@@ -160,31 +170,45 @@ class RegularizedLoss(nn.Module):
                 inner = torch.tensor([bw, bw, W - bw, H - bw], dtype=x.dtype, device=x.device)
                 boxes, spatial_scale = inner.expand(B, 4), 1.0
             elif not isinstance(boxes, torch.Tensor) or boxes.shape != (B, 4):
-                raise ValueError(f"{fn}: boxes must be a (B, 4) = ({B}, 4) tensor, one box per image, got "
-                                 f"{getattr(boxes, 'shape', boxes)}")
+                raise ValueError(
+                    f"{fn}: boxes must be a (B, 4) = ({B}, 4) tensor, one box per image, got "
+                    f"{getattr(boxes, 'shape', boxes)}"
+                )
             index = torch.arange(B, device=x.device)
             positional = border_background_loss(x, border, reduction="none") + tight_box_loss(
-                x[:, None], boxes, index, torch.zeros_like(index), spatial_scale=spatial_scale,
-                mode=self.tight_mode, reduction="none")
+                x[:, None],
+                boxes,
+                index,
+                torch.zeros_like(index),
+                spatial_scale=spatial_scale,
+                mode=self.tight_mode,
+                reduction="none",
+            )
         else:
-            positional = positional_loss(x, border_width=self.border_width, centre_size=self.centre_size,
-                                         valid_mask=valid, reduction="none")
+            positional = positional_loss(
+                x, border_width=self.border_width, centre_size=self.centre_size, valid_mask=valid, reduction="none"
+            )
         terms = {
             "crf": _weighted_mean(crf, positive),
             "volumetric": volumetric,
             "positional": _weighted_mean(positional, positive),
         }
-        total = self.lambda_crf * terms["crf"] + self.lambda_v * terms["volumetric"] + self.lambda_p * terms["positional"]
+        total = (
+            self.lambda_crf * terms["crf"] + self.lambda_v * terms["volumetric"] + self.lambda_p * terms["positional"]
+        )
         if self.use_negative:
-            terms["negative"] = _weighted_mean(negative_loss(x, valid_mask=valid, reduction="none"),
-                                               negative.to(x.dtype))
+            terms["negative"] = _weighted_mean(
+                negative_loss(x, valid_mask=valid, reduction="none"), negative.to(x.dtype)
+            )
             total = total + self.lambda_neg * terms["negative"]
         if return_terms:
             return total, terms
         return total
 
     def extra_repr(self) -> str:
-        return (f"prior={self.prior!r}, use_negative={self.use_negative}, s_min={self.s_min}, "
-                f"lambda_crf={self.lambda_crf}, lambda_v={self.lambda_v}, lambda_p={self.lambda_p}, "
-                f"lambda_s={self.lambda_s}, lambda_neg={self.lambda_neg}, sigma={self.sigma}, "
-                f"neighbourhood={self.neighbourhood}")
+        return (
+            f"prior={self.prior!r}, use_negative={self.use_negative}, s_min={self.s_min}, "
+            f"lambda_crf={self.lambda_crf}, lambda_v={self.lambda_v}, lambda_p={self.lambda_p}, "
+            f"lambda_s={self.lambda_s}, lambda_neg={self.lambda_neg}, sigma={self.sigma}, "
+            f"neighbourhood={self.neighbourhood}"
+        )

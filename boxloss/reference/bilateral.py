@@ -175,7 +175,7 @@ def _lattice_of_image(features: torch.Tensor):
     # (e_d has no stored coordinate: key - 1 and key + 1).
     low = vertex_keys.min(0).values - (D + 1)
     base = int((vertex_keys.max(0).values - low).max()) + D + 2
-    if base ** D >= 2**62:
+    if base**D >= 2**62:
         raise ValueError("permutohedral_lattice_reference: features span too large a range for the reference")
     codes = _encode(vertex_keys, low, base)
     sorted_codes, sorted_to_vertex = torch.sort(codes)
@@ -238,7 +238,9 @@ def lattice_filter_reference(values: torch.Tensor, lattice, *, reverse: bool = F
     return torch.stack(out)
 
 
-def original_lattice_filter(values: torch.Tensor, image: torch.Tensor, sigma_xy: float, sigma_rgb: float) -> torch.Tensor:
+def original_lattice_filter(
+    values: torch.Tensor, image: torch.Tensor, sigma_xy: float, sigma_rgb: float
+) -> torch.Tensor:
     """Krähenbühl's ``permutohedral.cpp`` (the lattice DenseCRF and Tang et al. use) through ``pydensecrf``.
 
     values (C, H, W), image (3, H, W); returns the raw (unnormalised) filter

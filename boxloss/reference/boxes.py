@@ -58,8 +58,7 @@ def box_front_index_reference(boxes, box_batch, box_labels, priority, batch, num
     front = torch.full((batch, height, width), -1, dtype=torch.long)
     best = torch.zeros((batch, height, width), dtype=torch.long)
     ranges = []
-    for k, (box, b, c, p) in enumerate(zip(boxes.tolist(), box_batch.tolist(), box_labels.tolist(),
-                                           priority.tolist())):
+    for k, (box, b, c, p) in enumerate(zip(boxes.tolist(), box_batch.tolist(), box_labels.tolist(), priority.tolist())):
         check_box("box_front_index", k, box, b, c, batch, num_classes)
         rows, cols = box_pixel_ranges(box, scale, height, width)
         ranges.append([rows.start, rows.stop, cols.start, cols.stop] if len(rows) else [0, 0, 0, 0])

@@ -84,8 +84,9 @@ def _energy_from_filter(S, valid, apply_w):
 
 def _reduce(energy, normaliser, normalize, reduction):
     if normalize:
-        per_image = torch.where(normaliser > 0, energy / normaliser.clamp_min(torch.finfo(normaliser.dtype).tiny),
-                                torch.zeros_like(energy))
+        per_image = torch.where(
+            normaliser > 0, energy / normaliser.clamp_min(torch.finfo(normaliser.dtype).tiny), torch.zeros_like(energy)
+        )
     else:
         per_image = energy
     if reduction == "mean":
@@ -147,7 +148,9 @@ def dense_crf_energy_lattice_reference(probs, valid_mask, lattice):
 
     energy, normaliser = _energy_from_filter(probs, valid, apply_w)
     paired = valid.flatten(1).sum(1) >= 2
-    return torch.where(paired, energy, torch.zeros_like(energy)), torch.where(paired, normaliser, torch.zeros_like(normaliser))
+    return torch.where(paired, energy, torch.zeros_like(energy)), torch.where(
+        paired, normaliser, torch.zeros_like(normaliser)
+    )
 
 
 def dense_crf_loss_lattice_reference(

@@ -32,8 +32,12 @@ def volumetric_loss_reference(x, *, s_min=0.15, lambda_s=5.0, valid_mask=None):
 def positional_loss_reference(x, *, border_width=3, centre_size=3):
     """x: (B, H, W).  (mean over the border B of x)^2 + (mean over the centre C of x - 1)^2 per image."""
     B, H, W = x.shape
-    border = [(i, j) for i in range(H) for j in range(W)
-              if i < border_width or j < border_width or i >= H - border_width or j >= W - border_width]
+    border = [
+        (i, j)
+        for i in range(H)
+        for j in range(W)
+        if i < border_width or j < border_width or i >= H - border_width or j >= W - border_width
+    ]
     r0, c0 = max((H - centre_size) // 2, 0), max((W - centre_size) // 2, 0)
     centre = [(i, j) for i in range(r0, min(r0 + centre_size, H)) for j in range(c0, min(c0 + centre_size, W))]
     return torch.stack([_mean_over(x[b], border) ** 2 + (_mean_over(x[b], centre) - 1) ** 2 for b in range(B)])
