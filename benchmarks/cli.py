@@ -130,20 +130,21 @@ def parser(spec: Benchmark) -> argparse.ArgumentParser:
         "--repeats",
         type=int,
         default=None,
-        help="timed repeats per measurement (default %d; %d with --quick)" % defaults["repeats"],
+        help="timed repeats per measurement (default {}; {} with --quick)".format(*defaults["repeats"]),
     )
     p.add_argument(
         "--warmup",
         type=int,
         default=None,
-        help="untimed calls before timing (default %d; %d with --quick)" % defaults["warmup"],
+        help="untimed calls before timing (default {}; {} with --quick)".format(*defaults["warmup"]),
     )
     p.add_argument(
         "--max-seconds",
         type=float,
         default=None,
-        help="cap on the timed seconds per measurement, at least 3 repeats (default %g; %g with --quick)"
-        % defaults["max_seconds"],
+        help="cap on the timed seconds per measurement, at least 3 repeats (default {:g}; {:g} with --quick)".format(
+            *defaults["max_seconds"]
+        ),
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the inputs (default 0)")
     p.add_argument(

@@ -204,7 +204,6 @@ def copy_bandwidth(device: torch.device | str = "cpu", mib: int = 256, repeats: 
     timing = time_fn(lambda: dst.copy_(src), device=device, repeats=repeats, warmup=warmup)
     moved = 2 * n * 4
     bytes_per_s = moved / timing["median_s"]
-    del src, dst
     return {
         "gbps": bytes_per_s / 1e9,
         "bytes_per_s": bytes_per_s,

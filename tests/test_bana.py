@@ -327,7 +327,7 @@ def test_fused_module_matches_two_ops(use):
         wp = torch.rand(pooled.shape, generator=g, dtype=torch.float64)
         wa = torch.rand(att.attention.shape, generator=g, dtype=torch.float64)
 
-        def objective(p, a):
+        def objective(p, a, wp=wp, wa=wa):
             if use == "pooled":
                 return (p * wp).sum()
             if use == "queries":

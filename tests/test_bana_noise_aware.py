@@ -161,7 +161,9 @@ def test_noise_aware_loss_gradcheck():
     y_crf, y_ret = _labels(B=1, H=3, W=3, seed=2, agree=0.5)
     for detach in (True, False):
         assert torch.autograd.gradcheck(
-            lambda p, w: boxloss.noise_aware_loss(p, w, y_crf, y_ret, gamma=2.0, detach_confidence=detach),
+            lambda p, w, detach=detach: boxloss.noise_aware_loss(
+                p, w, y_crf, y_ret, gamma=2.0, detach_confidence=detach
+            ),
             (phi, weight),
         )
 

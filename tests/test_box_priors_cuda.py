@@ -76,7 +76,7 @@ def test_cuda_losses_match_cpu_and_gradcheck():
         torch.testing.assert_close(b.cpu(), a, rtol=1e-12, atol=1e-14)
         torch.testing.assert_close(x_cuda.grad.cpu(), x_cpu.grad, rtol=1e-12, atol=1e-14)
         assert torch.autograd.gradcheck(
-            lambda p: fn(p, boxes.cuda(), batch.cuda(), labels.cuda(), spatial_scale=scale),
+            lambda p, fn=fn: fn(p, boxes.cuda(), batch.cuda(), labels.cuda(), spatial_scale=scale),
             (probs.cuda().requires_grad_(),),
         )
 

@@ -79,9 +79,9 @@ def _coco_doc(tmp_path, anns, categories=None, size=(10, 12)):
     return tmp_path / "ann.json"
 
 
-def _region(h, w, t, l, b, r):
+def _region(h, w, t, left, b, r):
     m = np.zeros((h, w), bool)
-    m[t:b, l:r] = True
+    m[t:b, left:r] = True
     return m
 
 

@@ -30,8 +30,8 @@ def scenes(draw):
     rects = []
     for _ in range(draw(st.integers(0, 5))):
         t = draw(st.integers(0, h - 1))
-        l = draw(st.integers(0, w - 1))
-        rects.append((draw(st.integers(1, 4)), t, l, draw(st.integers(t + 1, h)), draw(st.integers(l + 1, w))))
+        left = draw(st.integers(0, w - 1))
+        rects.append((draw(st.integers(1, 4)), t, left, draw(st.integers(t + 1, h)), draw(st.integers(left + 1, w))))
     return scene(h, w, rects, holes=draw(st.booleans()))
 
 

@@ -439,13 +439,13 @@ def test_nan_probs_at_invalid_pixels_still_raise():
 @pytest.mark.parametrize(
     "args, error, message",
     [
-        (lambda p, m, l: (p[0], m, *l), ValueError, "probs must have shape"),
-        (lambda p, m, l: (p[:1], m, *l), ValueError, "splat_index must have shape"),
-        (lambda p, m, l: (p.double(), m, *l), TypeError, "splat_weight must be"),
-        (lambda p, m, l: (p, m[:, 1:], *l), ValueError, "valid_mask must have shape"),
-        (lambda p, m, l: (p, m.int(), *l), TypeError, "valid_mask must be a bool"),
-        (lambda p, m, l: (p, m, l[0].clone().fill_(999), *l[1:]), ValueError, "outside its image's range"),
-        (lambda p, m, l: (p * 3, m, *l), ValueError, "probs must hold probabilities"),
+        (lambda p, m, lat: (p[0], m, *lat), ValueError, "probs must have shape"),
+        (lambda p, m, lat: (p[:1], m, *lat), ValueError, "splat_index must have shape"),
+        (lambda p, m, lat: (p.double(), m, *lat), TypeError, "splat_weight must be"),
+        (lambda p, m, lat: (p, m[:, 1:], *lat), ValueError, "valid_mask must have shape"),
+        (lambda p, m, lat: (p, m.int(), *lat), TypeError, "valid_mask must be a bool"),
+        (lambda p, m, lat: (p, m, lat[0].clone().fill_(999), *lat[1:]), ValueError, "outside its image's range"),
+        (lambda p, m, lat: (p * 3, m, *lat), ValueError, "probs must hold probabilities"),
     ],
 )
 def test_raw_op_rejects_bad_input_without_crashing(args, error, message):

@@ -70,8 +70,8 @@ def test_cuda_float32_close_to_cpu_and_brute_force(to_cuda):
     logits, image, valid = natural_batch(2, 48, 4, seed=3, dtype=torch.float32, with_mask=True)
     kwargs = dict(sigma_xy=10.0, valid_mask=valid, reduction="none")
     cpu_value, cpu_grad = value_and_grad(boxloss.dense_crf_loss, logits.softmax(1), image, **kwargs)
-    l, im, m = to_cuda(logits, image, valid)
-    value, grad = value_and_grad(boxloss.dense_crf_loss, l.softmax(1), im, **dict(kwargs, valid_mask=m))
+    lg, im, m = to_cuda(logits, image, valid)
+    value, grad = value_and_grad(boxloss.dense_crf_loss, lg.softmax(1), im, **dict(kwargs, valid_mask=m))
     torch.testing.assert_close(value.cpu(), cpu_value, rtol=1e-4, atol=1e-7)
     assert relative_error(grad.cpu(), cpu_grad) < 1e-4
     exact = dense_crf_loss_reference(logits.softmax(1).double(), image.double(), **kwargs)

@@ -110,12 +110,13 @@ def crop_boxes(
             valid &= ~(margin & region)
         img = torch.from_numpy(crop).permute(2, 0, 1)[None].float() / 255
         img = torch.nn.functional.interpolate(img, size=(size, size), mode="bilinear", align_corners=False)[0]
-        resize = lambda m: (
-            torch.nn.functional.interpolate(  # noqa: E731
+
+        def resize(m):
+            nearest = torch.nn.functional.interpolate(
                 torch.from_numpy(m)[None, None].float(), size=(size, size), mode="nearest"
-            )[0, 0]
-            > 0.5
-        )
+            )
+            return nearest[0, 0] > 0.5
+
         crops.append(
             BoxCrop(img.clamp(0, 1), resize(valid), resize(margin), int(label), image_index, k, (y0, x0, y1, x1))
         )

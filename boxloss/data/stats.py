@@ -179,7 +179,7 @@ def format_report(stats: DatasetStatistics, title: str = "dataset") -> str:
     lines += [f"{a:<{w0}}  {b:<{w1}}  {c}" for a, b, c in rows]
     lines += ["", "per-class fill rate (pixels of the class in its box / non-void pixels in the box):"]
     lines += [
-        f"  {n:<14} {('%.2f' % f) if np.isfinite(f) else ' n/a'}   ({c} boxes)"
+        f"  {n:<14} {f'{f:.2f}' if np.isfinite(f) else ' n/a'}   ({c} boxes)"
         for n, f, c in zip(stats.class_names, stats.class_fill, stats.class_boxes)
     ]
     if stats.images_with_mask < stats.num_images:
