@@ -6,7 +6,8 @@
     python -m benchmarks --write-results         # the same, then writes benchmarks/RESULTS.md from the numbers
                                                  # measured in this run (atomically)
 
-Every other option is passed to each benchmark (``python -m benchmarks.<name> --help`` lists them).
+Every other option goes to the benchmarks that take it (``python -m benchmarks.<name> --help`` lists them),
+e.g. ``--device cuda`` to all and ``--no-accuracy`` to dense_crf only; an option no benchmark takes is an error.
 """
 
 from __future__ import annotations
@@ -26,10 +27,14 @@ def main(argv=None) -> int:
         return 0
     write = WRITE_FLAG in argv
     passed = [a for a in argv if a != WRITE_FLAG]
+    unknown = set.intersection(*(cli.unknown_options(module.BENCHMARK, passed) for module in BENCHMARKS))
+    if unknown:
+        print(f"python -m benchmarks: no benchmark takes {', '.join(sorted(unknown))}", file=sys.stderr)
+        return 2
     reports = []
     for module in BENCHMARKS:
         print(f"==================== benchmarks.{module.BENCHMARK.name} ====================", flush=True)
-        report = cli.run(module.BENCHMARK, passed)
+        report = cli.run(module.BENCHMARK, passed, known_only=True)
         if report is not None:
             reports.append(report)
     if write:

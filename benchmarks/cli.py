@@ -156,9 +156,11 @@ def parser(spec: Benchmark) -> argparse.ArgumentParser:
     return p
 
 
-def parse_args(spec: Benchmark, argv: Sequence[str]) -> argparse.Namespace:
+def parse_args(spec: Benchmark, argv: Sequence[str], *, known_only: bool = False) -> argparse.Namespace:
+    """The options in ``argv``; with ``known_only`` the options of other benchmarks are ignored (``python -m
+    benchmarks`` passes its arguments to every benchmark)."""
     p = parser(spec)
-    args = p.parse_args(list(argv))
+    args = p.parse_known_args(list(argv))[0] if known_only else p.parse_args(list(argv))
     defaults = {**_DEFAULTS, **spec.defaults}
     for name, (full, quick) in defaults.items():
         if getattr(args, name) is None:
@@ -174,9 +176,14 @@ def _settings(args: argparse.Namespace) -> dict:
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items() if k != "json"}
 
 
-def run(spec: Benchmark, argv: Sequence[str]) -> Report | None:
+def unknown_options(spec: Benchmark, argv: Sequence[str]) -> set[str]:
+    """The options in ``argv`` that this benchmark does not take."""
+    return {a for a in parser(spec).parse_known_args(list(argv))[1] if a.startswith("-")}
+
+
+def run(spec: Benchmark, argv: Sequence[str], *, known_only: bool = False) -> Report | None:
     """Parses ``argv``, measures, prints and writes the JSON; None when the device is unavailable."""
-    args = parse_args(spec, argv)
+    args = parse_args(spec, argv, known_only=known_only)
     device = common.resolve_device(args.device)
     if device is None:
         return None
