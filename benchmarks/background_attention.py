@@ -1,6 +1,8 @@
 """Benchmark of BANA's background attention + background-aware pooling (Eq. 1-4):
 forward + backward of the fused ops against the loop-over-images/cells/boxes
-reference (boxloss.reference.background_attention), at these sizes:
+reference (boxloss.reference.background_attention).
+
+Sizes:
 
 * B = 20, D = 1024, 41 x 41 features (VGG-16 at stride 8 on 321 x 321 crops),
   1, 4 and 16 boxes per image;

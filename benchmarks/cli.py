@@ -110,6 +110,7 @@ class Benchmark:
 
     @property
     def description(self) -> str:
+        """The first paragraph of the module docstring."""
         return " ".join(self.doc.strip().split("\n\n")[0].split())
 
 

@@ -3,7 +3,9 @@ loss (boxloss.dense_crf_loss): accuracy against the exact Gaussian, time per
 megapixel of a lattice build plus a 21-channel filter on one core, one pass over
 all channels against 21 single-channel passes of the same lattice, and
 forward + backward of the loss at the sizes of Tang et al.'s training (B=12,
-C=21, 513 x 513, scale 0.5 and 1.0).  Run from the repository root:
+C=21, 513 x 513, scale 0.5 and 1.0).
+
+Run from the repository root:
 
     python -m benchmarks.dense_crf            # default sizes, CPU
     python -m benchmarks.dense_crf --quick    # smoke test

@@ -1,7 +1,8 @@
 """Benchmark of boxloss.uncertainty_ce_loss (fused, noise drawn in the kernel)
-against the materialising reference (boxloss.reference.uncertainty
-.uncertainty_ce_loss_reference with noise="torch": T x B x C x H x W samples
-from torch.randn, kept for backward, the way public PyTorch code does it).
+against the materialising reference
+(boxloss.reference.uncertainty.uncertainty_ce_loss_reference with
+noise="torch": T x B x C x H x W samples from torch.randn, kept for backward,
+the way public PyTorch code does it).
 
 Times forward + backward (median and min; the two sides alternate call by
 call, so that both see the same load on a shared machine), and measures the peak extra memory
