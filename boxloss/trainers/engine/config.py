@@ -28,8 +28,9 @@ class TrainerConfig:
     #: "small-unet", or a torchvision model (see engine.models.MODELS)
     model: str = "small-unet"
     #: encoder widths of the small U-Net
-    widths: tuple[int, ...] = (24, 48, 96, 160)
-    #: "synthetic" (the pre-training stand-in for ImageNet features, see engine.pretrain), "none", or a checkpoint path
+    widths: tuple[int, ...] = (16, 32, 64, 96)
+    #: "synthetic" (the pre-training stand-in for ImageNet features, see engine.pretrain), "torchvision" (a
+    #: torchvision model's ImageNet backbone from the local hub cache), "none", or a checkpoint path
     pretrained: str = "synthetic"
     #: torch threads (0: torch's default)
     threads: int = 0

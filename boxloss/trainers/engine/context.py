@@ -59,9 +59,11 @@ class Context:
             model = self.model_factory(heads=heads, in_channels=in_channels)
             how = "the user's model"
         else:
-            model = build_model(self.config.model, heads, in_channels=in_channels, widths=self.config.widths)
-            how = load_initial_weights(model, initial or self.config.pretrained, widths=self.config.widths,
-                                       log=self.run.info)
+            spec = initial or self.config.pretrained
+            model = build_model(self.config.model, heads, in_channels=in_channels, widths=self.config.widths,
+                                imagenet_backbone=spec == "torchvision")
+            how = ("torchvision's ImageNet backbone" if spec == "torchvision" else
+                   load_initial_weights(model, spec, widths=self.config.widths, log=self.run.info))
         self.run.info(f"[{job}] {type(model).__name__} with heads {heads}: {how}")
         return model.to(self.device)
 

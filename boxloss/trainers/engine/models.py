@@ -17,7 +17,7 @@ from torch import nn
 #: ImageNet mean/std: the normalisation every network here applies to its [0, 1] input.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-MODELS = ("small-unet", "deeplabv3-resnet50", "deeplabv3-mobilenet", "lraspp-mobilenet")
+MODELS = ("small-unet", "deeplabv3-resnet101", "deeplabv3-resnet50", "deeplabv3-mobilenet", "lraspp-mobilenet")
 
 
 def _groups(channels: int) -> int:
@@ -39,7 +39,7 @@ class ConvBlock(nn.Sequential):
 class Encoder(nn.Module):
     """Four stages at strides 2, 4, 8 and 16, each two :class:`ConvBlock`; returns the four feature maps."""
 
-    def __init__(self, in_channels: int = 3, widths: tuple[int, ...] = (24, 48, 96, 160)):
+    def __init__(self, in_channels: int = 3, widths: tuple[int, ...] = (16, 32, 64, 96)):
         super().__init__()
         self.widths = tuple(widths)
         stages, cin = [], in_channels
@@ -67,7 +67,7 @@ class SmallUNet(nn.Module):
         normalize: subtract the ImageNet mean and divide by its std from the first three input channels.
     """
 
-    def __init__(self, heads: dict[str, int], *, in_channels: int = 3, widths: tuple[int, ...] = (24, 48, 96, 160),
+    def __init__(self, heads: dict[str, int], *, in_channels: int = 3, widths: tuple[int, ...] = (16, 32, 64, 96),
                  normalize: bool = True):
         super().__init__()
         if not heads:
@@ -98,15 +98,17 @@ class TorchvisionSegmenter(nn.Module):
     """torchvision's DeepLabV3 or LR-ASPP (``weights=None``, nothing downloaded) with one extra 1 x 1 head per
     additional output, on the same features as the classifier's input."""
 
-    def __init__(self, name: str, heads: dict[str, int]):
+    def __init__(self, name: str, heads: dict[str, int], *, imagenet_backbone: bool = False):
         super().__init__()
         from torchvision.models import segmentation as seg
 
         self.heads = dict(heads)
         first, *rest = self.heads.items()
-        builders = {"deeplabv3-resnet50": seg.deeplabv3_resnet50, "deeplabv3-mobilenet": seg.deeplabv3_mobilenet_v3_large,
+        builders = {"deeplabv3-resnet101": seg.deeplabv3_resnet101, "deeplabv3-resnet50": seg.deeplabv3_resnet50,
+                    "deeplabv3-mobilenet": seg.deeplabv3_mobilenet_v3_large,
                     "lraspp-mobilenet": seg.lraspp_mobilenet_v3_large}
-        kwargs = {"weights": None, "weights_backbone": None, "num_classes": first[1]}
+        backbone = torchvision_backbone_weights(name) if imagenet_backbone else None
+        kwargs = {"weights": None, "weights_backbone": backbone, "num_classes": first[1]}
         if name != "lraspp-mobilenet":
             kwargs["aux_loss"] = False
         self.net = builders[name](**kwargs)
@@ -127,14 +129,35 @@ class TorchvisionSegmenter(nn.Module):
         return out
 
 
-def build_model(name: str, heads: dict[str, int], *, in_channels: int = 3, widths=(24, 48, 96, 160)) -> nn.Module:
-    """One of :data:`MODELS` with the given heads (torchvision models take 3 input channels only)."""
+def torchvision_backbone_weights(name: str):
+    """torchvision's ImageNet weights of ``name``'s backbone, only if they are already in torch's hub cache:
+    nothing is downloaded here, so a missing file is a clear error."""
+    import os
+
+    from torchvision.models import MobileNet_V3_Large_Weights, ResNet50_Weights, ResNet101_Weights
+
+    weights = {"deeplabv3-resnet101": ResNet101_Weights.IMAGENET1K_V1, "deeplabv3-resnet50": ResNet50_Weights.IMAGENET1K_V1,
+               "deeplabv3-mobilenet": MobileNet_V3_Large_Weights.IMAGENET1K_V1,
+               "lraspp-mobilenet": MobileNet_V3_Large_Weights.IMAGENET1K_V1}[name]
+    path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"pretrained=torchvision: {path} is not on this machine and nothing is downloaded; "
+                                f"copy torchvision's {weights} file there, or pass --weights PATH")
+    return weights
+
+
+def build_model(name: str, heads: dict[str, int], *, in_channels: int = 3, widths=(16, 32, 64, 96),
+                imagenet_backbone: bool = False) -> nn.Module:
+    """One of :data:`MODELS` with the given heads (torchvision models take 3 input channels only;
+    ``imagenet_backbone`` loads torchvision's ImageNet backbone weights from the local hub cache)."""
     if name == "small-unet":
+        if imagenet_backbone:
+            raise ValueError("pretrained=torchvision needs a torchvision model (--set model=deeplabv3-resnet101)")
         return SmallUNet(heads, in_channels=in_channels, widths=tuple(widths))
     if name in MODELS:
         if in_channels != 3:
             raise ValueError(f"build_model: {name} takes 3 input channels, got in_channels={in_channels}")
-        return TorchvisionSegmenter(name, heads)
+        return TorchvisionSegmenter(name, heads, imagenet_backbone=imagenet_backbone)
     raise ValueError(f"build_model: model must be one of {', '.join(MODELS)}, got {name!r}")
 
 

@@ -35,7 +35,7 @@ PRETRAIN_VERSION = 1
 
 @dataclass(frozen=True)
 class PretrainConfig:
-    widths: tuple[int, ...] = (24, 48, 96, 160)
+    widths: tuple[int, ...] = (16, 32, 64, 96)
     classes: tuple[int, ...] = tuple(range(7, 21))  # of the 20-class synthetic benchmark
     image_size: int = 96
     images: int = 3000
