@@ -16,7 +16,7 @@ Example:
 Command line: ``python -m boxloss.data generate | stats | export --format voc|coco`` (``--help`` for options).
 """
 
-from boxloss.data.box_crops import BoxCrop, BoxCropDataset, crop_boxes, paste_crop
+from boxloss.data.box_crops import BoxCrop, BoxCropDataset, CropBatch, collate_crops, crop_boxes, paste_crop
 from boxloss.data.coco import COCOBoxDataset, box_to_coco, coco_to_box, export_coco
 from boxloss.data.sample import VOID, BoxBatch, Sample, boxes_from_instances, collate_samples
 from boxloss.data.stats import VOC_REFERENCE, DatasetStatistics, compute_statistics, format_report
@@ -47,6 +47,7 @@ __all__ = [
     "BoxBatch",
     "BoxCrop",
     "BoxCropDataset",
+    "CropBatch",
     "COCOBoxDataset",
     "DEFAULT_SPLIT_SIZES",
     "DatasetStatistics",
@@ -65,6 +66,7 @@ __all__ = [
     "cache_path",
     "cache_root",
     "coco_to_box",
+    "collate_crops",
     "collate_samples",
     "compute_statistics",
     "crop_boxes",

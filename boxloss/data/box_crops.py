@@ -30,7 +30,10 @@ class BoxCrop:
     """One crop.  ``image`` (3, S, S) float32 in [0, 1]; ``valid`` (S, S) bool (False: void);
     ``border`` (S, S) bool, the margin (known background where valid); ``label`` the box class;
     ``image_index``, ``box_index`` where it came from; ``window`` (y0, x0, y1, x1), the crop in
-    image pixels including the margin (it may extend past the image: that part is void)."""
+    image pixels including the margin (it may extend past the image: that part is void); ``box`` (4,)
+    float32, the box inside the crop in crop pixels (the crop minus its margin, after resizing);
+    ``mask`` (S, S) uint8, the true mask of the box's class where the image has one (1 object, 0
+    background, 255 void or outside the image), else ``None``."""
 
     image: torch.Tensor
     valid: torch.Tensor
@@ -39,6 +42,53 @@ class BoxCrop:
     image_index: int
     box_index: int
     window: tuple[int, int, int, int]
+    box: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+
+
+@dataclass
+class CropBatch:
+    """Crops stacked for a network: ``images`` (N, 3, S, S), ``valid`` and ``border`` (N, S, S) bool, ``boxes``
+    (N, 4) in crop pixels, ``labels`` (N,), ``masks`` (N, S, S) uint8 or ``None`` (when any crop lacks one),
+    ``image_index`` and ``box_index`` (N,)."""
+
+    images: torch.Tensor
+    valid: torch.Tensor
+    border: torch.Tensor
+    boxes: torch.Tensor
+    labels: torch.Tensor
+    masks: torch.Tensor | None
+    image_index: torch.Tensor
+    box_index: torch.Tensor
+
+
+def collate_crops(crops: list[BoxCrop]) -> CropBatch:
+    """Stacks crops of one size into a :class:`CropBatch`; use as ``DataLoader(..., collate_fn=collate_crops)``."""
+    if len(crops) == 0:
+        raise ValueError("collate_crops: got an empty list of crops")
+    for i, c in enumerate(crops):
+        if not isinstance(c, BoxCrop):
+            raise TypeError(f"collate_crops: element {i} is a {type(c).__name__}, not a BoxCrop")
+        if c.image.shape != crops[0].image.shape:
+            raise ValueError(
+                f"collate_crops: crop {i} has shape {tuple(c.image.shape)}, crop 0 {tuple(crops[0].image.shape)}; "
+                "crop with one size"
+            )
+        if c.box is None:
+            raise ValueError(f"collate_crops: crop {i} has no box (make crops with crop_boxes)")
+    masks = None
+    if all(c.mask is not None for c in crops):
+        masks = torch.stack([c.mask for c in crops])
+    return CropBatch(
+        images=torch.stack([c.image for c in crops]),
+        valid=torch.stack([c.valid for c in crops]),
+        border=torch.stack([c.border for c in crops]),
+        boxes=torch.stack([c.box for c in crops]),
+        labels=torch.tensor([c.label for c in crops], dtype=torch.long),
+        masks=masks,
+        image_index=torch.tensor([c.image_index for c in crops], dtype=torch.long),
+        box_index=torch.tensor([c.box_index for c in crops], dtype=torch.long),
+    )
 
 
 def _spans(boxes, H, W):
@@ -62,9 +112,11 @@ def crop_boxes(
     skip_other_classes: bool = True,
     size: int = 256,
     skipped: Counter | None = None,
+    mask=None,
 ) -> list[BoxCrop]:
     """The crops of the boxes of ``class_id`` in one image (uint8 (H, W, 3)); skips are
-    counted in ``skipped`` under ``"small"``, ``"other-class-overlap"`` and ``"empty"``."""
+    counted in ``skipped`` under ``"small"``, ``"other-class-overlap"`` and ``"empty"``.
+    ``mask``, the image's (H, W) uint8 class mask (255 void), gives each crop its ``mask``."""
     fn = "crop_boxes"
     image = np.asarray(image)
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
@@ -73,6 +125,10 @@ def crop_boxes(
         raise ValueError(f"{fn}: border and min_side must be >= 0 and size >= 1, got {border}, {min_side}, {size}")
     labels = np.asarray(labels).reshape(-1)
     H, W = image.shape[:2]
+    if mask is not None:
+        mask = np.asarray(mask)
+        if mask.dtype != np.uint8 or mask.shape != (H, W):
+            raise ValueError(f"{fn}: mask must be a uint8 ({H}, {W}) array, got {mask.dtype} {mask.shape}")
     spans = _spans(boxes, H, W)
     if len(spans) != labels.shape[0]:
         raise ValueError(f"{fn}: labels must have one entry per box ({len(spans)}), got {labels.shape[0]}")
@@ -117,8 +173,31 @@ def crop_boxes(
             )
             return nearest[0, 0] > 0.5
 
+        box = torch.tensor(
+            [border * size / w, border * size / h, (w - border) * size / w, (h - border) * size / h],
+            dtype=torch.float32,
+        )
+        target = None
+        if mask is not None:
+            window = np.full((h, w), VOID, np.uint8)
+            m = mask[sy0:sy1, sx0:sx1]
+            window[sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0] = np.where(m == VOID, VOID, (m == class_id).astype(np.uint8))
+            nearest = torch.nn.functional.interpolate(  # as valid and border are resized
+                torch.from_numpy(window)[None, None].float(), size=(size, size), mode="nearest"
+            )
+            target = nearest[0, 0].to(torch.uint8)
         crops.append(
-            BoxCrop(img.clamp(0, 1), resize(valid), resize(margin), int(label), image_index, k, (y0, x0, y1, x1))
+            BoxCrop(
+                img.clamp(0, 1),
+                resize(valid),
+                resize(margin),
+                int(label),
+                image_index,
+                k,
+                (y0, x0, y1, x1),
+                box,
+                target,
+            )
         )
     return crops
 
@@ -180,6 +259,7 @@ class BoxCropDataset(torch.utils.data.Dataset):
                 skip_other_classes=skip_other_classes,
                 size=size,
                 skipped=self.skipped,
+                mask=getattr(s, "mask", None),
             )
         self.class_id = class_id
 
