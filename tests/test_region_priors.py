@@ -58,6 +58,20 @@ def test_positional_matches_reference(shape, border_width, centre_size):
     torch.testing.assert_close(_grad(a, x), _grad(b, x), rtol=1e-6, atol=1e-12)
 
 
+def test_positional_with_border_and_centre_masks_matches_reference():
+    x = _x(3, 9, 10, seed=8)
+    g = torch.Generator().manual_seed(3)
+    border = torch.rand(3, 9, 10, generator=g) > 0.6
+    centre = torch.rand(3, 9, 10, generator=g) > 0.8
+    centre[2] = False  # no centre pixel: that term is 0
+    a = boxloss.positional_loss(x, border_mask=border, centre_mask=centre, reduction="none")
+    b = positional_loss_reference(x, border_mask=border, centre_mask=centre)
+    torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-12)
+    torch.testing.assert_close(_grad(a, x), _grad(b, x), rtol=1e-6, atol=1e-12)
+    with pytest.raises(ValueError, match="border_mask must have shape"):
+        boxloss.positional_loss(x, border_mask=border[:, :4])
+
+
 def test_negative_and_border_match_reference():
     x = _x(3, 7, 8, seed=11)
     torch.testing.assert_close(boxloss.negative_loss(x, reduction="none"), negative_loss_reference(x))
@@ -189,6 +203,25 @@ def test_regularized_custom_boxes_and_masks():
         boxloss.RegularizedLoss(prior="middle")
     with pytest.raises(ValueError, match="variant must be one of"):
         boxloss.RegularizedLoss.paper("ours(N)")
+
+
+def test_regularized_centre_prior_uses_the_crop_margin_and_box_centre():
+    x, image = _crop_batch(B=2, H=16, W=16, seed=6)
+    boxes = torch.tensor([[2.0, 4.0, 10.0, 12.0], [0.0, 0.0, 16.0, 16.0]], dtype=torch.float64)
+    border = torch.zeros(2, 16, 16, dtype=torch.bool)
+    border[:, :, 0] = True
+    border[1, 15] = True
+    loss_fn = boxloss.RegularizedLoss.paper("ours")
+    _, terms = loss_fn(x, image, boxes=boxes, border_mask=border, return_terms=True)
+    centre = torch.zeros(2, 16, 16, dtype=torch.bool)
+    centre[0, 6:9, 4:7] = True  # the 3 x 3 square around the first box's centre (6, 8) -> rows 6..8, columns 4..6
+    centre[1, 6:9, 6:9] = True  # the whole-map box: the map's centre square
+    torch.testing.assert_close(centre[1], boxloss.image_centre_mask(16, 16, 3))
+    expected = positional_loss_reference(x[:, 0], border_mask=border, centre_mask=centre).mean()
+    torch.testing.assert_close(terms["positional"], expected)
+    # without them it is the map's border and centre, as before
+    _, plain = loss_fn(x, image, return_terms=True)
+    torch.testing.assert_close(plain["positional"], positional_loss_reference(x[:, 0]).mean())
 
 
 def test_regularized_compiles_fullgraph():

@@ -163,6 +163,8 @@ def positional_loss(
     border_width: int = 3,
     centre_size: int = 3,
     valid_mask: torch.Tensor | None = None,
+    border_mask: torch.Tensor | None = None,
+    centre_mask: torch.Tensor | None = None,
     reduction: str = "mean",
 ) -> torch.Tensor:
     r"""Centre/border positional prior (Eq. 3) for a single-class image crop.
@@ -171,18 +173,25 @@ def positional_loss(
         L_p(x) = \Big(\frac{1}{|\mathcal B|}\sum_{p\in\mathcal B} x_p\Big)^2
                + \Big(\frac{1}{|\mathcal C|}\sum_{p\in\mathcal C} x_p - 1\Big)^2
 
-    ``B``: the pixels within ``border_width`` of the image edge; ``C``: the
-    central ``centre_size`` square (see :func:`image_centre_mask`); both
-    restricted to ``valid_mask``.  An empty set's term is 0.  Reduction over
-    images: ``"mean"``, ``"sum"``, ``"none"`` (B,).
+    ``B``: the pixels within ``border_width`` of the image edge, or ``border_mask`` when given (a box crop's margin
+    from outside its box); ``C``: the central ``centre_size`` square (see :func:`image_centre_mask`), or
+    ``centre_mask`` when given; both restricted to ``valid_mask``. Masks are (B, H, W) or (H, W) bool. An empty
+    set's term is 0. Reduction over images: ``"mean"``, ``"sum"``, ``"none"`` (B,).
     """
     fn = "positional_loss"
     x = _foreground(fn, "fg_probs", fg_probs)
     _checks.check_choice(fn, "reduction", reduction, _checks.REDUCTIONS)
     B, H, W = x.shape
-    border = image_border_mask(H, W, _checks.check_int(fn, "border_width", border_width, minimum=0), device=x.device)
-    centre = image_centre_mask(H, W, _checks.check_int(fn, "centre_size", centre_size, minimum=1), device=x.device)
-    border, centre = border.expand(B, H, W), centre.expand(B, H, W)
+    border_width = _checks.check_int(fn, "border_width", border_width, minimum=0)
+    centre_size = _checks.check_int(fn, "centre_size", centre_size, minimum=1)
+    if border_mask is None:
+        border = image_border_mask(H, W, border_width, device=x.device).expand(B, H, W)
+    else:
+        border = _pixel_mask(fn, "border_mask", border_mask, x)
+    if centre_mask is None:
+        centre = image_centre_mask(H, W, centre_size, device=x.device).expand(B, H, W)
+    else:
+        centre = _pixel_mask(fn, "centre_mask", centre_mask, x)
     if valid_mask is not None:
         valid = _pixel_mask(fn, "valid_mask", valid_mask, x)
         border, centre = border & valid, centre & valid

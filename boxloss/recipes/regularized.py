@@ -38,6 +38,20 @@ PAPER_VARIANTS = {
 }
 
 
+def _box_centre_masks(boxes: torch.Tensor, height: int, width: int, size: int) -> torch.Tensor:
+    """(B, H, W) bool: a ``size`` x ``size`` square of pixels around each box's centre, clipped to the map (for a
+    box covering the whole map, the square of :func:`~boxloss.image_centre_mask`)."""
+    cy = (boxes[:, 1] + boxes[:, 3]) / 2
+    cx = (boxes[:, 0] + boxes[:, 2]) / 2
+    r0 = torch.floor(cy - size / 2).long().clamp(0, max(height - size, 0))
+    c0 = torch.floor(cx - size / 2).long().clamp(0, max(width - size, 0))
+    rows = torch.arange(height, device=boxes.device)[None, :]
+    cols = torch.arange(width, device=boxes.device)[None, :]
+    in_rows = (rows >= r0[:, None]) & (rows < r0[:, None] + size)
+    in_cols = (cols >= c0[:, None]) & (cols < c0[:, None] + size)
+    return in_rows[:, :, None] & in_cols[:, None, :]
+
+
 def _weighted_mean(per_image: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return (per_image * weight).sum() / weight.sum().clamp_min(1)
 
@@ -54,7 +68,9 @@ class RegularizedLoss(nn.Module):
     (:func:`~boxloss.border_background_loss`) plus the tight-box term
     (:func:`~boxloss.tight_box_loss`, ``tight_mode``) on the crop's box (by
     default the crop minus its border, i.e. the box the crop was cut around).
-    ``prior="centre"``: ``L_p`` is Eq. 3 (:func:`~boxloss.positional_loss`).
+    ``prior="centre"``: ``L_p`` is Eq. 3 (:func:`~boxloss.positional_loss`), whose border set is ``border_mask``
+    when given (else the map's border) and whose centre square lies at the centre of ``boxes`` when given (else at
+    the map's centre).
     ``use_negative``: add ``lambda_neg * L_neg`` over the images flagged
     ``negative`` (crops of other classes); those images take no other term.
 
@@ -185,8 +201,22 @@ class RegularizedLoss(nn.Module):
                 reduction="none",
             )
         else:
+            centre = None
+            if boxes is not None:
+                if not isinstance(boxes, torch.Tensor) or boxes.shape != (B, 4):
+                    raise ValueError(
+                        f"{fn}: boxes must be a (B, 4) = ({B}, 4) tensor, one box per image, got "
+                        f"{getattr(boxes, 'shape', boxes)}"
+                    )
+                centre = _box_centre_masks(boxes * spatial_scale, H, W, self.centre_size)
             positional = positional_loss(
-                x, border_width=self.border_width, centre_size=self.centre_size, valid_mask=valid, reduction="none"
+                x,
+                border_width=self.border_width,
+                centre_size=self.centre_size,
+                valid_mask=valid,
+                border_mask=border_mask,
+                centre_mask=centre,
+                reduction="none",
             )
         terms = {
             "crf": _weighted_mean(crf, positive),
