@@ -70,6 +70,7 @@ from boxloss.ops.row_col_max import BoxRowColMax, box_row_col_max
 from boxloss.ops.sparse_crf import sparse_crf_loss
 from boxloss.ops.uncertainty import uncertainty_bce_loss, uncertainty_ce_loss
 from boxloss.recipes.bana import PseudoLabels, bana_pseudo_labels
+from boxloss.recipes.baselines import box_fill_masks, dense_crf_box_masks, grabcut_box_masks
 from boxloss.recipes.box2seg import Box2SegLoss
 from boxloss.recipes.pseudo_labels import merge_box_masks
 from boxloss.recipes.regularized import RegularizedLoss
@@ -154,6 +155,9 @@ __all__ = [
     "PseudoLabels",
     "RegularizedLoss",
     "bana_pseudo_labels",
+    "box_fill_masks",
+    "dense_crf_box_masks",
+    "grabcut_box_masks",
     "merge_box_masks",
     # metrics
     "confusion_matrix",
@@ -162,3 +166,15 @@ __all__ = [
     "iou_table",
     "mean_iou",
 ]
+
+#: subpackages loaded on first use, so that ``import boxloss`` stays light: ``boxloss.data.SyntheticBoxDataset``
+#: and ``boxloss.trainers`` work after a plain ``import boxloss``
+_LAZY_SUBPACKAGES = ("data", "trainers")
+
+
+def __getattr__(name):
+    if name in _LAZY_SUBPACKAGES:
+        import importlib
+
+        return importlib.import_module(f"boxloss.{name}")
+    raise AttributeError(f"module 'boxloss' has no attribute {name!r}")
