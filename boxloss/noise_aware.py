@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from boxloss import _checks
+from boxloss import _checks, _pydensecrf
 
 UNRELIABLE = ("nal", "ignore", "entropy", "bootstrap")
 COS_EPS = 1e-8
@@ -215,12 +215,10 @@ class PseudoLabels(NamedTuple):
 
 
 def _dense_crf(image: np.ndarray, unary: np.ndarray, crf: dict) -> np.ndarray:
-    import pydensecrf.densecrf as dcrf
-    from pydensecrf.utils import unary_from_softmax
-
+    pydensecrf = _pydensecrf.load("bana_pseudo_labels")
     C, H, W = unary.shape
-    model = dcrf.DenseCRF2D(W, H, C)
-    model.setUnaryEnergy(np.ascontiguousarray(unary_from_softmax(unary)))
+    model = pydensecrf.DenseCRF2D(W, H, C)
+    model.setUnaryEnergy(np.ascontiguousarray(pydensecrf.unary_from_softmax(unary)))
     model.addPairwiseGaussian(sxy=crf["gaussian_xy"], compat=crf["gaussian_weight"])
     model.addPairwiseBilateral(sxy=crf["bilateral_xy"], srgb=crf["bilateral_rgb"], rgbim=image,
                                compat=crf["bilateral_weight"])
