@@ -1,13 +1,13 @@
 """The one place boxloss imports pydensecrf, Krähenbühl's DenseCRF (the ``pydensecrf2`` distribution).
 
 pydensecrf is a Cython extension built from source on the user's machine, and
-what it exposes depends on the Cython that built it: Cython 0.29 exports the
-C++ enums ``KernelType`` and ``NormalizationType`` both as enum classes and as
-module-level integers (``DIAG_KERNEL``, ``NO_NORMALIZATION``, ...), Cython 3
-only as enum classes.  Every build accepts the plain integers, so boxloss passes
-those: the values the installed build exports where it exports them, otherwise
-the values of the enums in pydensecrf's ``densecrf/include/pairwise.h`` (default
-C++ numbering, in declaration order).
+what it exposes depends on the Cython that built it: Cython 0.29 and 3.0 export
+the C++ enums ``KernelType`` and ``NormalizationType`` both as enum classes and
+as module-level integers (``DIAG_KERNEL``, ``NO_NORMALIZATION``, ...), Cython 3.1
+and later only as enum classes.  Every build accepts plain integers, so boxloss
+passes those: the values the installed build exports where it exports them,
+otherwise the values of the enums in pydensecrf's ``densecrf/include/pairwise.h``
+(default C++ numbering, in declaration order).
 
 :func:`load` imports pydensecrf once, checks that the installed build runs (a
 2 x 2 DenseCRF2D inference with both pairwise terms and a raw
