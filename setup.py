@@ -20,6 +20,7 @@ import os
 import shlex
 import shutil
 import sys
+import sysconfig
 
 from setuptools import find_packages, setup
 
@@ -156,6 +157,21 @@ def extensions():
     return [ext]
 
 
+class BuildExtensionKeepingObjects(BuildExtension):
+    """Compiles into build/temp.<platform>-<python> in the checkout, whichever command builds.
+
+    pip's editable install (setuptools' editable_wheel) would compile in a new
+    temporary directory each time, so that every ``pip install -e`` compiled
+    every source again.  In one kept directory ninja finds the objects of the
+    last build and recompiles only what a changed source, header or flag
+    affects; the link still runs.  ``--build-temp`` overrides the directory.
+    """
+
+    def initialize_options(self):
+        super().initialize_options()
+        self.build_temp = os.path.join(ROOT, "build", f"temp.{sysconfig.get_platform()}-{sys.implementation.cache_tag}")
+
+
 setup(
     name="boxloss",
     version="0.1.0",
@@ -169,6 +185,6 @@ setup(
     install_requires=["torch>=2.5", "numpy", "scipy", "pillow", "pycocotools", "opencv-python-headless", "pydensecrf2"],
     extras_require={"test": ["pytest", "hypothesis", "expecttest", "scipy"], "dev": DEV_REQUIRES},
     ext_modules=extensions(),
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": BuildExtensionKeepingObjects.with_options(use_ninja=True)},
     zip_safe=False,
 )

@@ -100,12 +100,18 @@ def _relative(a, b):
 
 
 def _original_filter(values, image, sigma_xy, sigma_rgb):
-    """Krähenbühl's lattice through pydensecrf (boxloss.reference.bilateral.original_lattice_filter), or None."""
+    """Krähenbühl's lattice through pydensecrf (boxloss.reference.bilateral.original_lattice_filter).
+
+    None where pydensecrf is not installed; an installed build that does not run raises.
+    """
+    from boxloss._pydensecrf import PyDenseCRFUnavailable
     from boxloss.reference.bilateral import original_lattice_filter
 
     try:
         return original_lattice_filter(values, image, sigma_xy, sigma_rgb)
-    except ImportError:
+    except PyDenseCRFUnavailable as exc:
+        if exc.installed:
+            raise
         return None
 
 

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from boxloss import _checks
+from boxloss import _checks, _pydensecrf
 from boxloss.losses.noise_aware import COS_EPS
 from boxloss.ops.background_attention import background_attention
 from boxloss.ops.box_masks import boxes_to_masks
@@ -43,12 +43,10 @@ class PseudoLabels(NamedTuple):
 
 
 def _dense_crf(image: np.ndarray, unary: np.ndarray, crf: dict) -> np.ndarray:
-    import pydensecrf.densecrf as dcrf
-    from pydensecrf.utils import unary_from_softmax
-
+    pydensecrf = _pydensecrf.load("bana_pseudo_labels")
     C, H, W = unary.shape
-    model = dcrf.DenseCRF2D(W, H, C)
-    model.setUnaryEnergy(np.ascontiguousarray(unary_from_softmax(unary)))
+    model = pydensecrf.DenseCRF2D(W, H, C)
+    model.setUnaryEnergy(np.ascontiguousarray(pydensecrf.unary_from_softmax(unary)))
     model.addPairwiseGaussian(sxy=crf["gaussian_xy"], compat=crf["gaussian_weight"])
     model.addPairwiseBilateral(
         sxy=crf["bilateral_xy"], srgb=crf["bilateral_rgb"], rgbim=image, compat=crf["bilateral_weight"]

@@ -19,6 +19,7 @@ import warnings
 import numpy as np
 import torch
 
+from boxloss import _pydensecrf
 from boxloss.ops.boxes import box_pixel_ranges
 
 
@@ -117,9 +118,6 @@ def dense_crf_box_masks(
     compat 3; bilateral sxy 80, srgb 13, compat 10).  Box k's mask: pixels of the
     box labelled with its class after ``iterations`` mean-field steps.
     """
-    import pydensecrf.densecrf as dcrf
-    from pydensecrf.utils import unary_from_softmax
-
     fn = "dense_crf_box_masks"
     image = _check_image(fn, image)
     H, W = image.shape[:2]
@@ -148,8 +146,9 @@ def dense_crf_box_masks(
         probs[c] = np.where(covered[c], share, np.where(inside, (1 - box_confidence) * 0.1 / max(C - 1, 1), probs[c]))
     probs[0] = np.where(inside, 1 - box_confidence, probs[0])
     probs /= probs.sum(0, keepdims=True)
-    crf = dcrf.DenseCRF2D(W, H, C)
-    crf.setUnaryEnergy(unary_from_softmax(probs))
+    pydensecrf = _pydensecrf.load(fn)
+    crf = pydensecrf.DenseCRF2D(W, H, C)
+    crf.setUnaryEnergy(pydensecrf.unary_from_softmax(probs))
     crf.addPairwiseGaussian(sxy=gaussian_sxy, compat=gaussian_compat)
     crf.addPairwiseBilateral(sxy=bilateral_sxy, srgb=bilateral_srgb, rgbim=image, compat=bilateral_compat)
     label_map = np.argmax(np.array(crf.inference(iterations)).reshape(C, H, W), axis=0)

@@ -248,20 +248,27 @@ def original_lattice_filter(
     one mean-field step of a CRF whose only pairwise term is the raw lattice
     filter, with a dummy label 0 of compatibility 0, so that
     ``log(Q1_k / Q1_0) - log(Q0_k / Q0_0)`` is exactly the filter output of
-    channel k.  Values must be positive.  Raises ImportError without pydensecrf.
+    channel k.  Values must be positive.  Raises
+    :class:`boxloss._pydensecrf.PyDenseCRFUnavailable` (an ImportError) when
+    pydensecrf is missing or its build does not run.
     """
     import numpy as np
-    import pydensecrf.densecrf as dcrf
+
+    from boxloss import _pydensecrf
+
+    pydensecrf = _pydensecrf.load("original_lattice_filter")
 
     C, H, W = values.shape
     feats = pixel_features(image[None].float(), sigma_xy, sigma_rgb)[0].numpy().T.copy().astype(np.float32)
     v = values.reshape(C, -1).numpy()
     Z = 2 * v.sum(0).max()
     p = np.concatenate([1 - v.sum(0, keepdims=True) / Z, v / Z]).astype(np.float32)
-    crf = dcrf.DenseCRF(H * W, C + 1)
+    crf = pydensecrf.DenseCRF(H * W, C + 1)
     crf.setUnaryEnergy(np.ascontiguousarray(-np.log(p)))
     compat = np.array([0.0] + [-1.0] * C, dtype=np.float32)
-    crf.addPairwiseEnergy(feats, compat=compat, kernel=dcrf.DIAG_KERNEL, normalization=dcrf.NO_NORMALIZATION)
+    crf.addPairwiseEnergy(
+        feats, compat=compat, kernel=pydensecrf.DIAG_KERNEL, normalization=pydensecrf.NO_NORMALIZATION
+    )
     q = np.array(crf.inference(1)).astype(np.float64)
     out = (np.log(q[1:] / q[:1]) - np.log(p[1:].astype(np.float64) / p[:1])) * Z
     return torch.from_numpy(out.reshape(C, H, W))
