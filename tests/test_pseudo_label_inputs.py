@@ -1,6 +1,7 @@
-"""BANA's pseudo labels on inputs a user passes by mistake: NaN or Inf in a float argument, an empty image or
-feature map, boxes with infinite corners, bad CRF settings.  Non-finite inputs raise instead of returning label
-maps (the arg-max of NaN is a label all the same); infinite box corners are clipped like any other."""
+"""Pseudo labels (BANA's, and the DenseCRF baseline's) on inputs a user passes by mistake: NaN or Inf in a float
+argument, an empty image or feature map, boxes with infinite corners, bad CRF settings.  Non-finite inputs raise
+instead of returning label maps (the arg-max of NaN is a label all the same) or crashing pydensecrf; infinite box
+corners are clipped like any other."""
 
 from __future__ import annotations
 
@@ -132,3 +133,33 @@ def test_fuzz_one_non_finite_value_anywhere_raises(name, value, seed):
     t.view(-1)[i] = value
     with pytest.raises(ValueError, match=f"{name} must be finite"):
         _call(image, features, weight, boxes, labels)
+
+
+@pytest.mark.parametrize(
+    "setting",
+    ["gaussian_sxy", "gaussian_compat", "bilateral_sxy", "bilateral_srgb", "bilateral_compat"],
+)
+@pytest.mark.parametrize("value", [math.nan, math.inf, 0.0, -1.0])
+def test_dense_crf_baseline_rejects_bad_settings(setting, value):
+    """A NaN kernel width crashes the process inside pydensecrf, so it must never get there."""
+    from boxloss.recipes.baselines import dense_crf_box_masks
+
+    image, *_ = _inputs()
+    with pytest.raises(ValueError, match=f"dense_crf_box_masks: {setting} must be a positive finite number"):
+        dense_crf_box_masks(image, np.array([[6.0, 4.0, 26.0, 20.0]]), [1], 2, **{setting: value})
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(box_confidence=math.nan), "box_confidence must be a probability"),
+        (dict(outside_confidence=1.0), "outside_confidence must be a probability"),
+        (dict(iterations=-1), "iterations must be an int >= 0"),
+    ],
+)
+def test_dense_crf_baseline_rejects_bad_confidences(kwargs, match):
+    from boxloss.recipes.baselines import dense_crf_box_masks
+
+    image, *_ = _inputs()
+    with pytest.raises(ValueError, match="dense_crf_box_masks: " + match):
+        dense_crf_box_masks(image, np.array([[6.0, 4.0, 26.0, 20.0]]), [1], 2, **kwargs)
