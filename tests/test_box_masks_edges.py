@@ -118,6 +118,20 @@ def test_boxes_to_masks_rejects_labels_that_are_not_object_classes(form, where, 
         boxes_to_masks(boxes, torch.tensor([0, 0]), labels, (1, 6, 6), 2, form=form)
 
 
+def test_boxes_to_masks_compiles_whole_and_still_rejects_background_boxes():
+    """The label check reads values, so it is skipped while torch.compile traces; the op then gets label 0 as -1,
+    out of its range, and raises at run time."""
+    boxes, batch, labels = _whole_and_small(INF)
+
+    def rasterise(b, bb, bl):
+        return boxes_to_masks(b, bb, bl, (1, 8, 8), 2, form="labels")
+
+    compiled = torch.compile(rasterise, fullgraph=True, backend="aot_eager")
+    assert torch.equal(compiled(boxes, batch, labels), rasterise(boxes, batch, labels))
+    with pytest.raises(Exception, match=r"box_labels must lie in \[0, 3\).*= -1"):
+        compiled(boxes, batch, torch.tensor([1, 0]))
+
+
 # --------------------------------------------------------------------------- merge_box_masks arguments
 
 

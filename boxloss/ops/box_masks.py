@@ -140,8 +140,10 @@ def boxes_to_masks(
     spatial_scale = check_box_args(fn, probe, boxes, box_batch, box_labels, spatial_scale)
     check_object_labels(fn, box_labels, num_classes)
     priority = _priority(boxes, order, spatial_scale, (height, width))
+    # Label 0 is given to the op as -1, out of its range, so a compiled graph (which skips the check above) raises.
+    op_labels = torch.where(box_labels > 0, box_labels, torch.full_like(box_labels, -1))
     front, ranges = box_front_index(
-        boxes, box_batch, box_labels, priority, batch, num_classes + 1, height, width, spatial_scale, fn=fn
+        boxes, box_batch, op_labels, priority, batch, num_classes + 1, height, width, spatial_scale, fn=fn
     )
     if form == "union":
         return class_union(ranges, box_batch, box_labels, batch, num_classes + 1, height, width)
@@ -156,7 +158,8 @@ def boxes_to_masks(
 def check_object_labels(fn: str, box_labels: torch.Tensor, num_classes: int | None) -> None:
     """Box labels are object classes 1..L: a box labelled 0 (the background) would paint background inside
     another box.  This reads the labels on the host (one synchronisation on CUDA, beside the one the op makes
-    to report bad boxes) and is skipped while torch.compile traces, where the op's own range check [0, L] runs."""
+    to report bad boxes) and is skipped while torch.compile traces; there the op's range check still raises for
+    a label above L, and boxes_to_masks hands it label 0 as -1 so that it raises for that too."""
     if torch.compiler.is_compiling() or box_labels.numel() == 0:
         return
     bad = box_labels < 1
