@@ -271,3 +271,54 @@ def test_fuzz_merge_of_full_masks_follows_the_front_box(problem, strategy):
 
 def test_public_names():
     assert boxloss.box_priority is box_priority and boxloss.merge_box_masks is merge_box_masks
+
+
+@given(_box_problems(), st.data())
+def test_fuzz_nan_anywhere_in_the_boxes_raises_naming_the_box(problem, data):
+    boxes, batch, labels, B, H, W, L, scale = problem
+    if boxes.shape[0] == 0:
+        return
+    k = data.draw(st.integers(0, boxes.shape[0] - 1))
+    c = data.draw(st.integers(0, 3))
+    boxes = boxes.clone()
+    boxes[k, c] = math.nan
+    match = rf"boxes must not hold NaN, got boxes\[{k}\]"
+    with pytest.raises(ValueError, match="boxes_to_masks: " + match):
+        boxes_to_masks(boxes, batch, labels, (B, H, W), L, spatial_scale=scale)
+    with pytest.raises(ValueError, match="box_priority: " + match):
+        box_priority(boxes, spatial_scale=scale, size=(H, W))
+    masks = torch.ones(boxes.shape[0], H, W, dtype=torch.bool)
+    with pytest.raises(ValueError, match="merge_box_masks: " + match):
+        merge_box_masks(masks, boxes, batch, labels, (B, H, W), spatial_scale=scale, num_classes=L)
+
+
+@pytest.mark.parametrize("scale", [math.nan, math.inf, 0.0, -1.0])
+def test_bad_spatial_scale_raises(scale):
+    boxes, batch, labels = _whole_and_small(INF)
+    match = "spatial_scale must be a positive finite number"
+    with pytest.raises(ValueError, match="boxes_to_masks: " + match):
+        boxes_to_masks(boxes, batch, labels, (1, 8, 8), 2, spatial_scale=scale)
+    with pytest.raises(ValueError, match="box_priority: " + match):
+        box_priority(boxes, spatial_scale=scale)
+    with pytest.raises(ValueError, match="merge_box_masks: " + match):
+        merge_box_masks(torch.ones(2, 8, 8, dtype=torch.bool), boxes, batch, labels, (1, 8, 8), spatial_scale=scale)
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (dict(box=[3.0, 0.0, 1.0, 4.0]), r"boxes must have x1 >= x0 and y1 >= y0, got boxes\[1\]"),
+        (dict(batch=[0, 1]), r"box_batch must lie in \[0, 1\), got box_batch\[1\] = 1"),
+        (dict(batch=[-1, 0]), r"box_batch must lie in \[0, 1\), got box_batch\[0\] = -1"),
+    ],
+)
+def test_bad_box_values_name_the_public_function(change, match):
+    boxes, batch, labels = _whole_and_small(1e12)
+    if "box" in change:
+        boxes[1] = torch.tensor(change["box"], dtype=boxes.dtype)
+    if "batch" in change:
+        batch = torch.tensor(change["batch"])
+    with pytest.raises(ValueError, match="boxes_to_masks: " + match):
+        boxes_to_masks(boxes, batch, labels, (1, 8, 8), 2)
+    with pytest.raises(ValueError, match="merge_box_masks: " + match):
+        merge_box_masks(torch.ones(2, 8, 8, dtype=torch.bool), boxes, batch, labels, (1, 8, 8))

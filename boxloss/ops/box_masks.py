@@ -138,7 +138,7 @@ def boxes_to_masks(
     _checks.check_int(fn, "batch_size", batch, minimum=1)
     probe = boxes.new_empty((batch, num_classes + 1, 1, 1))
     spatial_scale = check_box_args(fn, probe, boxes, box_batch, box_labels, spatial_scale)
-    check_object_labels(fn, box_labels, num_classes)
+    check_box_values(fn, boxes, box_batch, box_labels, batch, num_classes)
     priority = _priority(boxes, order, spatial_scale, (height, width))
     # Label 0 is given to the op as -1, out of its range, so a compiled graph (which skips the check above) raises.
     op_labels = torch.where(box_labels > 0, box_labels, torch.full_like(box_labels, -1))
@@ -155,23 +155,37 @@ def boxes_to_masks(
     return torch.nn.functional.one_hot(labels, num_classes + 1).permute(0, 3, 1, 2).to(torch.float32)
 
 
-def check_object_labels(fn: str, box_labels: torch.Tensor, num_classes: int | None) -> None:
-    """Box labels are object classes 1..L: a box labelled 0 (the background) would paint background inside
-    another box.  This reads the labels on the host (one synchronisation on CUDA, beside the one the op makes
-    to report bad boxes) and is skipped while torch.compile traces; there the op's range check still raises for
-    a label above L, and boxes_to_masks hands it label 0 as -1 so that it raises for that too."""
-    if torch.compiler.is_compiling() or box_labels.numel() == 0:
+def check_box_values(fn: str, boxes, box_batch, box_labels, batch: int, num_classes: int | None) -> None:
+    """Value checks of packed boxes, naming ``fn`` and the first bad box: NaN corners, ``x1 < x0`` or ``y1 < y0``,
+    ``box_batch`` outside [0, batch), and labels that are not object classes 1..L (a box labelled 0, the
+    background, would paint background inside another box).
+
+    The op checks the same values (labels in [0, L]) but names itself; this check reads one flag per box on the host
+    (on CUDA one synchronisation, beside the one the op makes to report bad boxes) and is skipped while
+    torch.compile traces, where the op's checks raise at run time instead (boxes_to_masks hands it label 0 as -1,
+    out of its range)."""
+    if torch.compiler.is_compiling() or boxes.shape[0] == 0:
         return
-    bad = box_labels < 1
+    nan = boxes.isnan().any(1)
+    inverted = (boxes[:, 2] < boxes[:, 0]) | (boxes[:, 3] < boxes[:, 1])
+    batch_bad = (box_batch < 0) | (box_batch >= batch)
+    label_bad = box_labels < 1
     if num_classes is not None:
-        bad |= box_labels > num_classes
-    if bool(bad.any()):
-        k = int(bad.nonzero()[0, 0])
-        top = "L" if num_classes is None else str(num_classes)
-        raise ValueError(
-            f"{fn}: box_labels must be object classes in [1, {top}] (0 is the background), "
-            f"got box_labels[{k}] = {int(box_labels[k])}"
-        )
+        label_bad |= box_labels > num_classes
+    bad = nan | inverted | batch_bad | label_bad
+    if not bool(bad.any()):
+        return
+    k = int(bad.nonzero()[0, 0])
+    if bool(nan[k]) or bool(inverted[k]):
+        what = "not hold NaN" if bool(nan[k]) else "have x1 >= x0 and y1 >= y0"
+        raise ValueError(f"{fn}: boxes must {what}, got boxes[{k}] = {tuple(boxes[k].tolist())}")
+    if bool(batch_bad[k]):
+        raise ValueError(f"{fn}: box_batch must lie in [0, {batch}), got box_batch[{k}] = {int(box_batch[k])}")
+    top = "L" if num_classes is None else str(num_classes)
+    raise ValueError(
+        f"{fn}: box_labels must be object classes in [1, {top}] (0 is the background), "
+        f"got box_labels[{k}] = {int(box_labels[k])}"
+    )
 
 
 def box_front_index(

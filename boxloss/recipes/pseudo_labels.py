@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from boxloss import _checks
-from boxloss.ops.box_masks import _priority, box_front_index, check_object_labels
+from boxloss.ops.box_masks import _priority, box_front_index, check_box_values
 from boxloss.ops.boxes import check_packed_boxes
 
 STRATEGIES = ("overlap-small", "overlap-void", "overlap-back-void", "overlap-rate")
@@ -92,7 +92,7 @@ def merge_box_masks(
         raise ValueError(f"{fn}: masks must have shape (K, H, W) = {(K, H, W)}, got {tuple(masks.shape)}")
     if K == 0:
         return torch.zeros(B, H, W, dtype=torch.long, device=boxes.device)
-    check_object_labels(fn, box_labels, num_classes)
+    check_box_values(fn, boxes, box_batch, box_labels, B, num_classes)
     L = int(box_labels.max()) if num_classes is None else num_classes
     C = L + 1
     priority = _priority(boxes, "smaller-front", spatial_scale, (H, W))
