@@ -420,3 +420,20 @@ def test_fuzz_existing_output_paths(state, overwrite, fmt):
         else:
             assert after == before
         assert not [p for p in base.rglob("*") if ".partial-" in p.name]
+
+
+@pytest.mark.parametrize("fmt", ["voc", "coco"])
+def test_overwrite_with_a_folder_in_the_way_moves_nothing(tmp_path, capsys, fmt):
+    """A folder where the export writes a file (or a file where it needs a folder) is found before any file moves."""
+    out = tmp_path / "out"
+    _user_folder("one file", out)
+    if fmt == "voc":
+        (out / "JPEGImages").write_text("a file where a folder belongs")
+    else:
+        (out / "annotations" / "instances_train.json").mkdir(parents=True)
+    before = _snapshot(out)
+    assert _export(fmt, out, "--overwrite") == 2
+    err = capsys.readouterr().err
+    assert "in the way of the export" in err and "Traceback" not in err
+    assert _snapshot(out) == before
+    _no_partial_left(tmp_path)

@@ -183,7 +183,7 @@ def _run(parser: argparse.ArgumentParser, args) -> int:
         _warn_empty_boxes(st)
         return 0
     config = _config(args)
-    check_output_folder("export", Path(args.out), args.overwrite)  # before generating anything
+    check_output_folder("", Path(args.out), args.overwrite)  # before generating anything
     splits = {split: _dataset(args, split) for split in args.splits}
     t = time.perf_counter()
     if args.format == "voc":

@@ -28,16 +28,17 @@ def _umask() -> int:
 
 def check_output_folder(owner: str, root: Path, overwrite: bool) -> None:
     """Raise if ``root`` cannot be written: a file (or a path through a file), or a non-empty folder without
-    ``overwrite``."""
+    ``overwrite``.  Messages start with ``owner: `` unless ``owner`` is empty."""
+    prefix = f"{owner}: " if owner else ""
     for p in (root, *root.parents):
         if p.exists() or p.is_symlink():
             if not p.is_dir():
                 what = "is a file" if p == root else f"lies inside {p}, which is a file"
-                raise NotADirectoryError(f"{owner}: the output folder {root} {what}, not a folder")
+                raise NotADirectoryError(f"{prefix}the output folder {root} {what}, not a folder")
             break
     if root.is_dir() and any(root.iterdir()) and not overwrite:
         raise FileExistsError(
-            f"{owner}: the output folder {root} is not empty; choose a new or empty folder, or pass "
+            f"{prefix}the output folder {root} is not empty; choose a new or empty folder, or pass "
             "overwrite=True (--overwrite on the command line) to replace the files the export writes"
         )
 
@@ -65,11 +66,17 @@ def staged_output(
         files = sorted(
             (p for p in staging.rglob("*") if not p.is_dir()), key=lambda p: is_index(p.relative_to(staging))
         )
+        for src in files:  # every destination is checked before anything is moved
+            relative = src.relative_to(staging)
+            for i in range(1, len(relative.parts) + 1):
+                dst = root.joinpath(*relative.parts[:i])
+                last = i == len(relative.parts)
+                if dst.is_dir() if last else (dst.exists() and not dst.is_dir()):
+                    what = "folder" if last else "file"
+                    raise FileExistsError(f"{owner}: {dst} is a {what} in the way of the export's {root / relative}")
         for src in files:
             dst = root / src.relative_to(staging)
             dst.parent.mkdir(parents=True, exist_ok=True)
-            if dst.is_dir():
-                raise IsADirectoryError(f"{owner}: cannot replace the folder {dst} with a file")
             os.replace(src, dst)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
