@@ -322,3 +322,12 @@ def test_bad_box_values_name_the_public_function(change, match):
         boxes_to_masks(boxes, batch, labels, (1, 8, 8), 2)
     with pytest.raises(ValueError, match="merge_box_masks: " + match):
         merge_box_masks(torch.ones(2, 8, 8, dtype=torch.bool), boxes, batch, labels, (1, 8, 8))
+
+
+@pytest.mark.parametrize("module", ["boxloss.ops.boxes", "boxloss.ops.box_masks", "boxloss.recipes.pseudo_labels"])
+def test_docstring_examples_run(module):
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module(module), extraglobs={"torch": torch}, verbose=False)
+    assert result.attempted > 0 and result.failed == 0

@@ -63,9 +63,9 @@ def merge_box_masks(
 
     Example:
         >>> masks = torch.ones(2, 4, 4, dtype=torch.bool)
-        >>> merge_box_masks(masks, torch.tensor([[0., 0., 3., 3.], [1., 1., 4., 4.]]), torch.tensor([0, 0]),
-        ...                 torch.tensor([1, 2]), (1, 4, 4), strategy="overlap-small")[0, 1]
-        tensor([1, 1, 1, 0])
+        >>> merge_box_masks(masks, torch.tensor([[0., 0., 4., 4.], [1., 1., 3., 3.]]), torch.tensor([0, 0]),
+        ...                 torch.tensor([1, 2]), (1, 4, 4), strategy="overlap-small")[0, 1]  # the smaller box wins
+        tensor([1, 2, 2, 1])
     """
     fn = "merge_box_masks"
     _checks.check_choice(fn, "strategy", strategy, STRATEGIES)
