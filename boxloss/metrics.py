@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from boxloss import _checks
-from boxloss.ops.box_masks import box_front_index, box_priority
+from boxloss.ops.box_masks import _priority, box_front_index
 
 
 def confusion_matrix(
@@ -42,10 +42,34 @@ def confusion_matrix(
     return torch.bincount(t * num_classes + p, minlength=num_classes * num_classes).view(num_classes, num_classes)
 
 
+def check_confusion_matrix(fn: str, cm) -> torch.Tensor:
+    """A confusion matrix is a square (C, C) tensor of non-negative integer counts (any integer dtype but bool),
+    as :func:`confusion_matrix` returns and sums of such matrices are.  That is all that can be checked: a square
+    integer label map with no negative value is also a valid table of counts, and is read as one."""
+    if not isinstance(cm, torch.Tensor):
+        raise TypeError(f"{fn}: cm must be a (C, C) confusion matrix tensor, got {type(cm).__name__}")
+    if cm.dim() != 2 or cm.shape[0] != cm.shape[1] or cm.shape[0] == 0:
+        raise ValueError(
+            f"{fn}: cm must be a square (C, C) confusion matrix with C >= 1 (rows true classes, columns "
+            f"predictions, as confusion_matrix returns), got shape {tuple(cm.shape)}"
+        )
+    if cm.dtype.is_floating_point or cm.dtype.is_complex or cm.dtype == torch.bool:
+        raise TypeError(
+            f"{fn}: cm must hold integer pixel counts (as confusion_matrix returns), got {cm.dtype}; "
+            "round a float matrix of counts with cm.round().long()"
+        )
+    negative = cm < 0
+    if bool(negative.any()):
+        i, j = negative.nonzero()[0].tolist()
+        raise ValueError(f"{fn}: cm must hold counts >= 0, got cm[{i}, {j}] = {int(cm[i, j])}")
+    return cm
+
+
 def mean_iou(cm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mIoU, per-class IoU) from a confusion matrix.  A class absent from both the
-    targets and the predictions has IoU NaN and is left out of the mean."""
-    cm = cm.to(torch.float64)
+    """(mIoU, per-class IoU) from a confusion matrix (C, C) of integer counts, rows true classes and columns
+    predictions (:func:`confusion_matrix`).  A class absent from both the targets and the predictions has IoU
+    NaN and is left out of the mean.  Anything but a square, non-negative integer matrix raises."""
+    cm = check_confusion_matrix("mean_iou", cm).to(torch.float64)
     tp = cm.diag()
     union = cm.sum(0) + cm.sum(1) - tp
     iou = torch.where(union > 0, tp / union.clamp_min(1), torch.full_like(tp, float("nan")))
@@ -56,6 +80,7 @@ def mean_iou(cm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def iou_table(cm: torch.Tensor, class_names=None) -> str:
     """The per-class IoU table as text (percent), with the mean."""
+    check_confusion_matrix("iou_table", cm)
     miou, iou = mean_iou(cm)
     names = class_names or [str(c) for c in range(cm.shape[0])]
     lines = [f"{'class':>16} | IoU (%)", "-" * 28]
@@ -75,14 +100,27 @@ def fbeta_score(pred: torch.Tensor, target: torch.Tensor, *, beta2: float = 0.3,
     0 where P + R = 0 (no true positive).  beta^2 = 0.3 weights precision more, as in
     Box to Tag and Back's Table 1."""
     fn = "fbeta_score"
+    for name, t in (("pred", pred), ("target", target)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{fn}: {name} must be a bool tensor of shape (N, ...), got {type(t).__name__}")
     if pred.shape != target.shape or pred.dtype != torch.bool or target.dtype != torch.bool:
         raise ValueError(
             f"{fn}: pred and target must be bool tensors of one shape, got {pred.dtype} "
             f"{tuple(pred.shape)} and {target.dtype} {tuple(target.shape)}"
         )
-    if not beta2 > 0:
-        raise ValueError(f"{fn}: beta2 must be positive, got {beta2}")
+    if pred.dim() < 1:
+        raise ValueError(f"{fn}: pred and target must have a leading item dimension (N, ...), got a 0-d tensor")
+    if isinstance(beta2, bool) or not isinstance(beta2, (int, float)) or not (0 < beta2 < float("inf")):
+        raise ValueError(f"{fn}: beta2 must be a positive finite number, got {beta2!r}")
     if valid_mask is not None:
+        if not isinstance(valid_mask, torch.Tensor) or valid_mask.dtype != torch.bool:
+            got = valid_mask.dtype if isinstance(valid_mask, torch.Tensor) else type(valid_mask).__name__
+            raise TypeError(f"{fn}: valid_mask must be a bool tensor of pred's shape {tuple(pred.shape)}, got {got}")
+        if valid_mask.shape != pred.shape:
+            raise ValueError(
+                f"{fn}: valid_mask must have pred's shape {tuple(pred.shape)}, got {tuple(valid_mask.shape)}"
+            )
+        _checks.check_same(fn, "valid_mask", valid_mask, "pred", pred, what="device")
         pred, target = pred & valid_mask, target & valid_mask
     dims = tuple(range(1, pred.dim()))
     tp = (pred & target).sum(dims).double()
@@ -109,7 +147,16 @@ def fill_rate_statistics(
     B, H, W = label_maps.shape
     C = num_classes + 1
     _, ranges = box_front_index(
-        boxes, box_batch, box_labels, box_priority(boxes), B, C, H, W, float(spatial_scale), fn="fill_rate_statistics"
+        boxes,
+        box_batch,
+        box_labels,
+        _priority(boxes, "smaller-front", float(spatial_scale), (H, W)),
+        B,
+        C,
+        H,
+        W,
+        float(spatial_scale),
+        fn="fill_rate_statistics",
     )
     onehot = torch.nn.functional.one_hot(torch.where(label_maps == ignore_index, 0, label_maps).long(), C)
     integral = torch.zeros(B, C, H + 1, W + 1, dtype=torch.long, device=label_maps.device)

@@ -63,7 +63,7 @@ def test_boxes_to_masks_forms_by_hand():
 
 def test_boxes_to_masks_bad_input():
     boxes, batch, labels = torch.tensor([[0.0, 0.0, 4.0, 4.0]]), torch.tensor([0]), torch.tensor([1])
-    with pytest.raises(ValueError, match="box_labels must lie"):
+    with pytest.raises(ValueError, match="box_labels must be object classes in"):
         boxes_to_masks(boxes, batch, torch.tensor([3]), (1, 4, 4), 2)
     with pytest.raises(ValueError, match="box_batch must lie"):
         boxes_to_masks(boxes, torch.tensor([1]), labels, (1, 4, 4), 2)

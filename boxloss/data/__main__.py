@@ -6,6 +6,10 @@ python -m boxloss.data stats --voc VOCdevkit/VOC2012 --voc-split val
 python -m boxloss.data stats --coco annotations/instances_val2017.json --images val2017
 python -m boxloss.data export --format voc --out synthetic_voc
 python -m boxloss.data export --format coco --out synthetic_coco --image-format png
+
+export refuses a folder that holds files unless --overwrite is given, and writes atomically (into a hidden staging
+folder beside --out, moved into place at the end). Bad input (a missing or broken file, an output path that is a
+file) prints one message naming the file and exits with status 2.
 """
 
 from __future__ import annotations
@@ -14,7 +18,9 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 
+from boxloss.data._output import check_output_folder
 from boxloss.data.coco import COCOBoxDataset, export_coco
 from boxloss.data.stats import compute_statistics, format_report
 from boxloss.data.synthetic import DEFAULT_SPLIT_SIZES, SPLITS, SyntheticBoxDataset, SyntheticConfig
@@ -105,11 +111,35 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--out", required=True, help="output folder")
     e.add_argument("--splits", type=_splits, default=list(SPLITS), help="splits to export (default all)")
     e.add_argument("--image-format", choices=("jpg", "png"), default="jpg", help="jpg (as VOC/COCO) or png (lossless)")
+    e.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="write into a folder that already holds files, replacing the files the export writes (default: refuse)",
+    )
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        return _run(parser, args)
+    except (OSError, ValueError) as e:
+        # Bad input: the message names the file and what is wrong; a traceback would only bury it.
+        print(f"python -m boxloss.data {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _warn_empty_boxes(st) -> None:
+    if st.boxes_without_object_pixels:
+        print(
+            f"warning: {st.boxes_without_object_pixels} box(es) hold no pixel of their class in the mask (first: "
+            f"{st.first_box_without_object_pixels}); their annotations may be wrong",
+            file=sys.stderr,
+        )
+
+
+def _run(parser: argparse.ArgumentParser, args) -> int:
     if args.command == "generate":
         config = _config(args)
         for split in args.splits:
@@ -130,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "stats":
         if args.voc and args.coco:
-            raise SystemExit("stats: give --voc or --coco, not both")
+            parser.error("stats: give --voc or --coco, not both")
         if args.voc:
             ds = VOCBoxDataset(
                 args.voc,
@@ -142,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
             title = f"VOC {args.voc_split}"
         elif args.coco:
             if not args.images:
-                raise SystemExit("stats: --coco needs --images DIR")
+                parser.error("stats: --coco needs --images DIR")
             ds = COCOBoxDataset(args.coco, args.images, on_error=args.on_error)
             title = "COCO"
         else:
@@ -150,12 +180,16 @@ def main(argv: list[str] | None = None) -> int:
             title = f"synthetic {args.split}"
         st = compute_statistics(ds, ds.num_classes, ds.class_names)
         print(json.dumps(st.to_dict(), indent=1) if args.json else format_report(st, title))
+        _warn_empty_boxes(st)
         return 0
     config = _config(args)
+    check_output_folder("", Path(args.out), args.overwrite)  # before generating anything
     splits = {split: _dataset(args, split) for split in args.splits}
     t = time.perf_counter()
     if args.format == "voc":
-        counts = export_voc(splits, args.out, config.class_names, image_format=args.image_format)
+        counts = export_voc(
+            splits, args.out, config.class_names, image_format=args.image_format, overwrite=args.overwrite
+        )
         print(
             f"wrote VOC layout to {args.out}: "
             + ", ".join(f"{k} {v}" for k, v in counts.items())
@@ -163,7 +197,9 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(f"load it with boxloss.data.VOCBoxDataset({args.out!r}, {args.splits[0]!r})")
     else:
-        files = export_coco(splits, args.out, config.class_names, image_format=args.image_format)
+        files = export_coco(
+            splits, args.out, config.class_names, image_format=args.image_format, overwrite=args.overwrite
+        )
         print(f"wrote COCO layout to {args.out} ({time.perf_counter() - t:.1f} s):")
         for split, f in files.items():
             print(

@@ -43,6 +43,7 @@ from torch.utils.data import Dataset
 
 from boxloss.data._images import image_size, read_image, write_image
 from boxloss.data._issues import InputIssues, check_box
+from boxloss.data._output import staged_output
 from boxloss.data.sample import VOID, Sample
 from boxloss.ops.boxes import box_pixel_ranges
 
@@ -138,12 +139,18 @@ def export_coco(
     *,
     image_format: str = "jpg",
     quality: int = 95,
+    overwrite: bool = False,
 ) -> dict[str, Path]:
     """Write samples in COCO layout under ``root``; returns the annotation file of each split.
 
     Categories get ids 1..L in class-channel order. Each box becomes a non-crowd annotation with its ``bbox``, its
     visible region as a compressed RLE and its ``area``; void pixels become crowd RLEs. ``image_format="png"`` is
     lossless; JPEG (COCO's) returns images only approximately. Masks and boxes always come back exactly.
+
+    ``root`` must be new or empty unless ``overwrite=True``, which replaces the files the export writes and keeps the
+    others.  Files are written into a hidden staging folder beside ``root`` and moved into place at the end (the
+    annotation files last), so an interrupted export leaves no dataset that looks complete
+    (:mod:`boxloss.data._output`).
 
     Example:
         >>> import tempfile
@@ -155,7 +162,16 @@ def export_coco(
     """
     if image_format not in ("jpg", "png"):
         raise ValueError(f"export_coco: image_format must be 'jpg' or 'png', got {image_format!r}")
-    root = Path(root)
+    with staged_output("export_coco", root, overwrite=overwrite, is_index=_is_coco_index) as staging:
+        files = _write_coco(splits, staging, class_names, image_format, quality)
+    return {split: Path(root) / path.relative_to(staging) for split, path in files.items()}
+
+
+def _is_coco_index(relative: Path) -> bool:
+    return relative.parts[0] == "annotations"
+
+
+def _write_coco(splits, root: Path, class_names, image_format: str, quality: int) -> dict[str, Path]:
     (root / "annotations").mkdir(parents=True, exist_ok=True)
     categories = [{"id": k, "name": n, "supercategory": "object"} for k, n in enumerate(class_names, 1)]
     files = {}
@@ -264,6 +280,48 @@ def _is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
+def _short(text: str, n: int = 24) -> str:
+    return repr(text if len(text) <= n else text[:n] + "...")
+
+
+def _compressed_rle_runs(counts: str) -> list[int] | None:
+    """The run lengths of a compressed COCO RLE string, or None if it is not one.
+
+    The format of pycocotools' ``rleFrString``: each run is a little-endian sequence of 5-bit groups stored as
+    ``chr(48 + group)``, bit 0x20 meaning "more groups follow" and bit 0x10 of the last group the sign; from the
+    third run on, the value is a difference to the run two before.  pycocotools decodes a string whose runs do not
+    cover the image into uninitialised memory instead of failing, so the loader checks this first."""
+    runs: list[int] = []
+    p, n = 0, len(counts)
+    while p < n:
+        x, k, more = 0, 0, True
+        while more:
+            if p >= n:
+                return None
+            c = ord(counts[p]) - 48
+            if not 0 <= c < 64:
+                return None
+            x |= (c & 0x1F) << (5 * k)
+            more = bool(c & 0x20)
+            p += 1
+            k += 1
+            if not more and c & 0x10:
+                x |= -1 << (5 * k)
+        if len(runs) > 2:
+            x += runs[-2]
+        runs.append(x)
+    return runs
+
+
+def _polygons_outside(seg, h: int, w: int) -> bool:
+    """Every polygon's vertices lie beyond one edge of the image, so the polygons cover no pixel."""
+    for p in seg:
+        xs, ys = p[0::2], p[1::2]
+        if not (max(xs) <= 0 or min(xs) >= w or max(ys) <= 0 or min(ys) >= h):
+            return False
+    return bool(seg)
+
+
 def _segmentation_problem(seg, h: int, w: int) -> tuple[str, str] | None:
     """(reason, detail) if ``seg`` is not a valid polygon list or RLE for an h x w image."""
     if isinstance(seg, list):
@@ -283,6 +341,19 @@ def _segmentation_problem(seg, h: int, w: int) -> tuple[str, str] | None:
                 return "malformed segmentation", f"uncompressed RLE counts must be ints >= 0 summing to {h * w}"
         elif not isinstance(counts, str):
             return "malformed segmentation", "RLE counts must be a string or a list of ints"
+        else:
+            runs = _compressed_rle_runs(counts)
+            if runs is None:
+                return (
+                    "malformed segmentation",
+                    f"compressed RLE counts {_short(counts)} are not a valid COCO RLE string",
+                )
+            if any(r < 0 for r in runs) or sum(runs) != h * w:
+                return (
+                    "malformed segmentation",
+                    f"compressed RLE counts {_short(counts)} decode to runs summing to {sum(runs)} (with "
+                    f"{sum(r < 0 for r in runs)} negative), not the {h * w} pixels of a {w}x{h} image",
+                )
         return None
     return "malformed segmentation", f"expected polygons or an RLE dict, got {type(seg).__name__}"
 
@@ -301,7 +372,8 @@ class COCOBoxDataset(Dataset):
             never give boxes.
         on_error: ``"raise"`` raises at the first bad input, naming the file and the entry; ``"skip"`` skips bad
             images and boxes, counts them in :attr:`skipped` / :attr:`repaired`, keeps messages in :attr:`skip_log`
-            and warns. A skipped box of a valid segmentation still paints its mask (no box); a segmentation of an
+            and warns. In both modes a box whose polygons lie wholly outside the image (no object pixel) is kept,
+            counted in :attr:`noticed` and warned about. A skipped box of a valid segmentation still paints its mask (no box); a segmentation of an
             unknown category paints void, so no pixel is silently mislabelled.
         check_files: check at construction that every image exists and has the size the JSON says (one header read
             per image); ``False`` defers that to loading, where a mismatch raises.
@@ -428,6 +500,12 @@ class COCOBoxDataset(Dataset):
                     issues.problem(bad[0], f"{where} (image {e.path.name}): {bad[1]}")
                     bad_images.add(a["image_id"])
                     continue
+                if isinstance(seg, list) and not crowd_ann and _polygons_outside(seg, e.height, e.width):
+                    issues.notice(
+                        "segmentation outside the image",
+                        f"{where} (image {e.path.name}): the polygon lies wholly outside the {e.width}x{e.height} "
+                        f"image, so its box {a.get('bbox')!r} holds no object pixel",
+                    )
             cid = a["category_id"]
             if cid not in cats:
                 issues.problem("unknown category", f"{where} has category_id {cid!r}, which is not in categories")
@@ -451,6 +529,7 @@ class COCOBoxDataset(Dataset):
             entries.pop(image, None)
         self.entries = list(entries.values())
         self.skipped, self.repaired, self.skip_log = issues.skipped, issues.repaired, issues.log
+        self.noticed = issues.noticed
         issues.report()
 
     @staticmethod
@@ -485,7 +564,12 @@ class COCOBoxDataset(Dataset):
             void = np.zeros((e.height, e.width), bool)
             things = []
             for a in e.anns:
-                region = decode_segmentation(a.segmentation, e.height, e.width)
+                try:
+                    region = decode_segmentation(a.segmentation, e.height, e.width)
+                except ValueError as err:
+                    raise ValueError(
+                        f"{self.annotation_file}: a segmentation of image {e.path.name} cannot be decoded ({err})"
+                    ) from None
                 if a.unknown or (a.crowd and self.crowd == "void"):
                     void |= region
                 elif not a.crowd:

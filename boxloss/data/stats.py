@@ -10,7 +10,10 @@ Definitions (per dataset):
 - fill rate of a box: pixels labelled with the box's class inside the box / pixels inside the box that are not void
   (void pixels are unknown, so they count on neither side); per class, the mean over its boxes;
 - pixels in >= 2 boxes: per image, the fraction of pixels whose centre lies in two or more boxes, averaged over images;
-- images with overlapping boxes, boxes touching the border, void pixels: fractions.
+- images with overlapping boxes, boxes touching the border, void pixels: fractions;
+- boxes without object pixels: boxes whose mask holds neither a pixel of their class nor a void pixel (which could
+  hide the object) inside them, an annotation error such as a COCO polygon lying outside its image; counted, and
+  the command line warns about them.
 
 Example:
     >>> from boxloss.data import SyntheticBoxDataset, SyntheticConfig, compute_statistics, format_report
@@ -66,6 +69,8 @@ class DatasetStatistics:
     class_names: list[str] = field(default_factory=list)
     image_size: str = ""
     images_with_mask: int = 0
+    boxes_without_object_pixels: int = 0
+    first_box_without_object_pixels: str = ""
 
     @property
     def fill_range(self) -> tuple[float, float]:
@@ -85,6 +90,7 @@ class DatasetStatistics:
             "images_with_overlap": self.images_with_overlap,
             "border_boxes": self.border_boxes,
             "void_pixels": self.void_pixels,
+            "boxes_without_object_pixels": self.boxes_without_object_pixels,
         }
 
 
@@ -110,7 +116,8 @@ def compute_statistics(
     fill_sum = np.zeros(num_classes)
     fill_n = np.zeros(num_classes, np.int64)
     class_boxes = np.zeros(num_classes, np.int64)
-    n_img = n_box = n_border = n_overlap_img = n_mask = 0
+    n_img = n_box = n_border = n_overlap_img = n_mask = n_empty = 0
+    first_empty = ""
     overlap_sum = void_sum = 0.0
     sizes = set()
     for s in samples:
@@ -133,10 +140,13 @@ def compute_statistics(
         if s.mask is not None:
             n_mask += 1
             void_sum += float((s.mask == VOID).mean())
-            for box, label in zip(b, s.labels):
+            for k, (box, label) in enumerate(zip(b, s.labels)):
                 area = (box[2] - box[0]) * (box[3] - box[1])
                 r0, r1, c0, c1 = box_pixel_ranges(box, h, w)
                 crop = s.mask[r0:r1, c0:c1]
+                if not ((crop == label) | (crop == VOID)).any():
+                    n_empty += 1
+                    first_empty = first_empty or f"image {s.image_id}, box {k} {tuple(float(v) for v in box)}"
                 known = area - float((crop == VOID).sum())
                 if known > 0:
                     fill_sum[label - 1] += float((crop == label).sum()) / known
@@ -158,6 +168,8 @@ def compute_statistics(
         class_names=names,
         image_size=size,
         images_with_mask=n_mask,
+        boxes_without_object_pixels=n_empty,
+        first_box_without_object_pixels=first_empty,
     )
 
 
@@ -172,6 +184,7 @@ def format_report(stats: DatasetStatistics, title: str = "dataset") -> str:
         ("images with overlapping boxes", f"{100 * stats.images_with_overlap:.1f}%", "-"),
         ("boxes touching the border", f"{100 * stats.border_boxes:.1f}%", "-"),
         ("void pixels", f"{100 * stats.void_pixels:.1f}%", "-"),
+        ("boxes without object pixels", f"{stats.boxes_without_object_pixels}", "-"),
     ]
     w0 = max(len(r[0]) for r in rows)
     w1 = max(len(title), max(len(r[1]) for r in rows))

@@ -39,6 +39,7 @@ from torch.utils.data import Dataset
 
 from boxloss.data._images import image_size, read_image, write_image
 from boxloss.data._issues import InputIssues, check_box
+from boxloss.data._output import staged_output
 from boxloss.data.sample import VOID, Sample
 
 VOC_CLASSES = (
@@ -112,6 +113,24 @@ def read_mask_png(path: str | os.PathLike, num_classes: int | None = None) -> np
     """Read a class mask PNG as (H, W) uint8: "P" (VOC) and "L" (SBD SegmentationClassAug) give their indices,
     RGB masks are mapped back through the VOC palette. Values other than 0..num_classes and 255 raise."""
     path = Path(path)
+    try:
+        mask = _decode_mask(path)
+    except FileNotFoundError:
+        raise
+    except (OSError, SyntaxError, Image.DecompressionBombError) as e:
+        raise ValueError(f"{path}: cannot decode the mask ({e})") from None
+    if num_classes is not None and mask.size:
+        bad = (mask > num_classes) & (mask != VOID)
+        if bad.any():
+            i, j = np.argwhere(bad)[0]
+            raise ValueError(
+                f"{path}: mask value {int(mask[i, j])} at row {i}, column {j} is neither a class "
+                f"(0..{num_classes}) nor void (255)"
+            )
+    return mask
+
+
+def _decode_mask(path: Path) -> np.ndarray:
     with Image.open(path) as img:
         mode = img.mode
         if mode in ("P", "L"):
@@ -138,14 +157,6 @@ def read_mask_png(path: str | os.PathLike, num_classes: int | None = None) -> np
             mask = arr.astype(np.uint8)
         else:
             raise ValueError(f"{path}: unsupported mask image mode {mode!r} (expected P, L or RGB)")
-    if num_classes is not None and mask.size:
-        bad = (mask > num_classes) & (mask != VOID)
-        if bad.any():
-            i, j = np.argwhere(bad)[0]
-            raise ValueError(
-                f"{path}: mask value {int(mask[i, j])} at row {i}, column {j} is neither a class "
-                f"(0..{num_classes}) nor void (255)"
-            )
     return mask
 
 
@@ -254,6 +265,7 @@ def export_voc(
     *,
     image_format: str = "jpg",
     quality: int = 95,
+    overwrite: bool = False,
 ) -> dict[str, int]:
     """Write samples in VOC layout under ``root``; returns the number of images written per split.
 
@@ -261,6 +273,10 @@ def export_voc(
     ``ImageSets/Segmentation/<split>.txt``. ``image_format="jpg"`` is what VOC uses (lossy, so images come back only
     approximately); ``"png"`` is lossless. Masks and boxes always come back exactly. ``class_names.txt`` records the
     class order, and :class:`VOCBoxDataset` reads it when given no ``class_names``.
+
+    ``root`` must be new or empty unless ``overwrite=True``, which replaces the files the export writes and keeps the
+    others.  Files are written into a hidden staging folder beside ``root`` and moved into place at the end (the
+    split lists last), so an interrupted export leaves no dataset that looks complete (:mod:`boxloss.data._output`).
 
     Example:
         >>> import tempfile
@@ -272,7 +288,15 @@ def export_voc(
     """
     if image_format not in ("jpg", "png"):
         raise ValueError(f"export_voc: image_format must be 'jpg' or 'png', got {image_format!r}")
-    root = Path(root)
+    with staged_output("export_voc", root, overwrite=overwrite, is_index=_is_voc_index) as staging:
+        return _write_voc(splits, staging, class_names, image_format, quality)
+
+
+def _is_voc_index(relative: Path) -> bool:
+    return relative.parts[0] == "ImageSets" or relative.name == CLASS_NAMES_FILE
+
+
+def _write_voc(splits, root: Path, class_names, image_format: str, quality: int) -> dict[str, int]:
     for sub in ("JPEGImages", "Annotations", "SegmentationClass", "ImageSets/Segmentation"):
         (root / sub).mkdir(parents=True, exist_ok=True)
     (root / CLASS_NAMES_FILE).write_text("".join(f"{n}\n" for n in class_names))

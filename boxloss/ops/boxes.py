@@ -102,15 +102,8 @@ def pack_boxes(
     return PackedBoxes(torch.cat(packed_boxes), torch.cat(packed_batch), torch.cat(packed_labels))
 
 
-def check_box_args(fn: str, probs, boxes, box_batch, box_labels, spatial_scale) -> float:
-    """Shape, dtype and device checks of the packed boxes against probs (B, C, H, W).
-
-    Value checks (NaN, x1 < x0, indices out of range) run inside the kernels.
-    """
-    _checks.check_tensor(fn, "probs", probs, dim=4, layout="(B, C, H, W)")
-    _checks.check_float_dtype(fn, "probs", probs)
-    if 0 in probs.shape:
-        raise ValueError(f"{fn}: probs must be non-empty in every dimension, got shape {tuple(probs.shape)}")
+def check_packed_boxes(fn: str, boxes, box_batch, box_labels) -> None:
+    """Type, shape and device checks of packed boxes (values are checked by the ops)."""
     _checks.check_tensor(fn, "boxes", boxes, dim=2, layout="(K, 4)")
     if boxes.shape[1] != 4:
         raise ValueError(f"{fn}: boxes must have shape (K, 4) holding x0, y0, x1, y1, got shape {tuple(boxes.shape)}")
@@ -123,9 +116,42 @@ def check_box_args(fn: str, probs, boxes, box_batch, box_labels, spatial_scale) 
             raise TypeError(f"{fn}: {name} must be an int64 tensor, got {t.dtype}")
         if t.shape[0] != K:
             raise ValueError(f"{fn}: {name} must have shape (K,) = ({K},), got shape {tuple(t.shape)}")
-    for name, t in (("boxes", boxes), ("box_batch", box_batch), ("box_labels", box_labels)):
-        _checks.check_same(fn, name, t, "probs", probs, what="device")
+        _checks.check_same(fn, name, t, "boxes", boxes, what="device")
+
+
+def check_box_args(fn: str, probs, boxes, box_batch, box_labels, spatial_scale) -> float:
+    """Shape, dtype and device checks of the packed boxes against probs (B, C, H, W).
+
+    Value checks (NaN, x1 < x0, indices out of range) run inside the kernels.
+    """
+    _checks.check_tensor(fn, "probs", probs, dim=4, layout="(B, C, H, W)")
+    _checks.check_float_dtype(fn, "probs", probs)
+    if 0 in probs.shape:
+        raise ValueError(f"{fn}: probs must be non-empty in every dimension, got shape {tuple(probs.shape)}")
+    check_packed_boxes(fn, boxes, box_batch, box_labels)
+    _checks.check_same(fn, "boxes", boxes, "probs", probs, what="device")
     return _checks.check_positive(fn, "spatial_scale", spatial_scale)
+
+
+def clipped_box_areas(
+    boxes: torch.Tensor, spatial_scale: float = 1.0, size: tuple[int, int] | None = None
+) -> torch.Tensor:
+    """(K,) float64 areas, in map pixels, of the boxes clipped to the map, as the convention clips them.
+
+    Map coordinates (``box * spatial_scale``) are clipped to ``[0, W] x [0, H]`` for ``size = (H, W)``, or to
+    ``[0, inf)`` without a size.  A box with no extent after clipping (zero width, wholly off the map, or two
+    infinite corners on one side) has area 0, so an infinite or huge box has at most the map's area and no
+    ``inf * 0`` or ``inf - inf`` turns into NaN.  NaN coordinates give area 0 here; the ops reject them.
+    """
+    corners = boxes.to(torch.float64) * spatial_scale
+    corners = corners.clamp_min(0.0)
+    if size is not None:
+        height, width = size
+        corners = torch.minimum(corners, corners.new_tensor([width, height, width, height], dtype=torch.float64))
+    x0, y0, x1, y1 = corners.unbind(1)
+    w, h = x1 - x0, y1 - y0
+    has_area = (x1 > x0) & (y1 > y0)
+    return torch.where(has_area, w * h, torch.zeros_like(w))
 
 
 def _covered_span(lo: float, hi: float, spatial_scale: float, size: int) -> tuple[int, int]:

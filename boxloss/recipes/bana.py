@@ -54,6 +54,23 @@ def _dense_crf(image: np.ndarray, unary: np.ndarray, crf: dict) -> np.ndarray:
     return np.argmax(np.array(model.inference(int(crf["iterations"]))).reshape(C, H, W), axis=0)
 
 
+def _check_finite(fn: str, name: str, t: torch.Tensor, when: str = "") -> None:
+    bad = ~torch.isfinite(t)
+    if bool(bad.any()):
+        where = tuple(bad.nonzero()[0].tolist())
+        raise ValueError(f"{fn}: {name} must be finite{when}, got {t[where].item()} at {name}{list(where)}")
+
+
+def _check_crf(fn: str, settings: dict) -> None:
+    it = settings["iterations"]
+    if isinstance(it, bool) or not isinstance(it, (int, float)) or not (it >= 0 and float(it).is_integer()):
+        raise ValueError(f"{fn}: crf['iterations'] must be a whole number >= 0, got {it!r}")
+    for key in DEFAULT_CRF:
+        v = settings[key]
+        if key != "iterations" and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < float("inf")):
+            raise ValueError(f"{fn}: crf[{key!r}] must be a positive finite number, got {v!r}")
+
+
 @torch.no_grad()
 def bana_pseudo_labels(
     image,
@@ -105,28 +122,56 @@ def bana_pseudo_labels(
     image = np.asarray(image)
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"{fn}: image must be a uint8 RGB array of shape (H, W, 3), got {image.dtype} {image.shape}")
+    if 0 in image.shape:
+        raise ValueError(f"{fn}: image must have at least one row and one column, got shape {image.shape}")
     image = np.ascontiguousarray(image)
     _checks.check_tensor(fn, "features", features, dim=3, layout="(D, h, w)")
+    _checks.check_float_dtype(fn, "features", features)
+    if 0 in features.shape:
+        raise ValueError(f"{fn}: features must be non-empty in every dimension, got shape {tuple(features.shape)}")
     _checks.check_tensor(fn, "classifier_weight", classifier_weight, dim=2, layout="(L + 1, D)")
+    _checks.check_float_dtype(fn, "classifier_weight", classifier_weight)
     settings = dict(DEFAULT_CRF)
     if crf is not None:
         unknown = set(crf) - set(DEFAULT_CRF)
         if unknown:
             raise ValueError(f"{fn}: crf has unknown keys {sorted(unknown)}; known: {sorted(DEFAULT_CRF)}")
         settings.update(crf)
+    _check_crf(fn, settings)
+    if isinstance(bg_threshold, bool) or not isinstance(bg_threshold, (int, float)) or not 0 <= bg_threshold <= 1:
+        raise ValueError(f"{fn}: bg_threshold must be a number in [0, 1], got {bg_threshold!r}")
     H, W = image.shape[:2]
+    # NaN or Inf would turn every CAM and correlation into NaN, and the arg-max of NaN is a label all the same.
+    _check_finite(fn, "features", features.detach())
+    _check_finite(fn, "classifier_weight", classifier_weight.detach())
     features = features.detach().to("cpu", torch.float32)
     weight = classifier_weight.detach().to("cpu", torch.float32)
+    _check_finite(fn, "features", features, " after conversion to float32 (the pseudo labels are computed in float32)")
+    _check_finite(
+        fn, "classifier_weight", weight, " after conversion to float32 (the pseudo labels are computed in float32)"
+    )
     D, h, w = features.shape
     C = weight.shape[0]
-    if weight.shape[1] != D:
-        raise ValueError(f"{fn}: classifier_weight must have shape (L + 1, D) with D = {D}, got {tuple(weight.shape)}")
-    boxes = torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4).cpu()
+    if weight.shape[1] != D or C < 2:
+        raise ValueError(
+            f"{fn}: classifier_weight must have shape (L + 1, D) with L >= 1 and D = {D}, got {tuple(weight.shape)}"
+        )
+    boxes = torch.as_tensor(boxes)
+    if boxes.dtype == torch.bool or boxes.dtype.is_complex:
+        raise TypeError(f"{fn}: boxes must hold real numbers x0, y0, x1, y1, got {boxes.dtype}")
+    if boxes.numel() == 0:
+        boxes = boxes.reshape(0, 4)
+    if boxes.dim() != 2 or boxes.shape[1] != 4:
+        raise ValueError(f"{fn}: boxes must have shape (K, 4) holding x0, y0, x1, y1, got shape {tuple(boxes.shape)}")
+    boxes = boxes.to(torch.float32).cpu()
     box_labels = torch.as_tensor(box_labels).reshape(-1).to(torch.long).cpu()
     if box_labels.shape[0] != boxes.shape[0]:
         raise ValueError(f"{fn}: box_labels must have one label per box ({boxes.shape[0]}), got {box_labels.shape[0]}")
     if bool(((box_labels < 1) | (box_labels >= C)).any()):
         raise ValueError(f"{fn}: box_labels must lie in [1, {C - 1}], got {box_labels.tolist()}")
+    if bool(boxes.isnan().any()):
+        k = int(boxes.isnan().any(1).nonzero()[0, 0])
+        raise ValueError(f"{fn}: boxes must not hold NaN, got boxes[{k}] = {tuple(boxes[k].tolist())}")
     scale = w / W
     box_batch = torch.zeros(boxes.shape[0], dtype=torch.long)
     att = background_attention(
@@ -138,6 +183,11 @@ def bana_pseudo_labels(
     union_small = boxes_to_masks(boxes, box_batch, box_labels, (1, h, w), C - 1, spatial_scale=scale, form="union")[0]
     inside_small = ~union_small[0]
     cams = torch.relu(torch.einsum("dhw,cd->chw", features, weight))  # (C, h, w)
+    if not bool(torch.isfinite(cams).all()):
+        raise ValueError(
+            f"{fn}: the class activation maps features . classifier_weight overflow float32 (largest |feature| "
+            f"{features.abs().max().item():.3g}, largest |weight| {weight.abs().max().item():.3g})"
+        )
     peak = cams.flatten(1).amax(1).clamp_min(1e-12)[:, None, None]
     u = cams / peak
     u[0] = torch.where(inside_small, torch.where(A >= bg_threshold, A, torch.zeros_like(A)), torch.ones_like(A))

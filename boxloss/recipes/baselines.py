@@ -128,6 +128,22 @@ def dense_crf_box_masks(
     C = num_classes + 1
     if any(not 1 <= c <= num_classes for c in labels):
         raise ValueError(f"{fn}: labels must lie in [1, {num_classes}], got {labels}")
+    # pydensecrf takes NaN or infinite kernel widths without complaint and crashes the process.
+    settings = dict(
+        gaussian_sxy=gaussian_sxy,
+        gaussian_compat=gaussian_compat,
+        bilateral_sxy=bilateral_sxy,
+        bilateral_srgb=bilateral_srgb,
+        bilateral_compat=bilateral_compat,
+    )
+    for name, v in settings.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < float("inf"):
+            raise ValueError(f"{fn}: {name} must be a positive finite number, got {v!r}")
+    for name, v in (("box_confidence", box_confidence), ("outside_confidence", outside_confidence)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 1:
+            raise ValueError(f"{fn}: {name} must be a probability in (0, 1), got {v!r}")
+    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 0:
+        raise ValueError(f"{fn}: iterations must be an int >= 0, got {iterations!r}")
     covered = np.zeros((C, H, W), dtype=bool)
     spans = []
     for box, c in zip(boxes, labels):

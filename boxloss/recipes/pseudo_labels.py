@@ -18,10 +18,12 @@ of two or more classes) are resolved by the strategy:
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from boxloss import _checks
-from boxloss.ops.box_masks import box_front_index, box_priority
+from boxloss.ops.box_masks import _priority, box_front_index, check_box_values
+from boxloss.ops.boxes import check_packed_boxes
 
 STRATEGIES = ("overlap-small", "overlap-void", "overlap-back-void", "overlap-rate")
 VOID = 255
@@ -61,57 +63,60 @@ def merge_box_masks(
 
     Example:
         >>> masks = torch.ones(2, 4, 4, dtype=torch.bool)
-        >>> merge_box_masks(masks, torch.tensor([[0., 0., 3., 3.], [1., 1., 4., 4.]]), torch.tensor([0, 0]),
-        ...                 torch.tensor([1, 2]), (1, 4, 4), strategy="overlap-small")[0, 1]
-        tensor([1, 1, 1, 0])
+        >>> merge_box_masks(masks, torch.tensor([[0., 0., 4., 4.], [1., 1., 3., 3.]]), torch.tensor([0, 0]),
+        ...                 torch.tensor([1, 2]), (1, 4, 4), strategy="overlap-small")[0, 1]  # the smaller box wins
+        tensor([1, 2, 2, 1])
     """
     fn = "merge_box_masks"
     _checks.check_choice(fn, "strategy", strategy, STRATEGIES)
-    if not isinstance(size, (tuple, list)) or len(size) != 3 or not all(isinstance(s, int) and s > 0 for s in size):
+    if (
+        not isinstance(size, (tuple, list))
+        or len(size) != 3
+        or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in size)
+    ):
         raise ValueError(f"{fn}: size must be (B, H, W) of positive ints, got {size!r}")
     B, H, W = size
+    check_packed_boxes(fn, boxes, box_batch, box_labels)
+    spatial_scale = _checks.check_positive(fn, "spatial_scale", spatial_scale)
+    if num_classes is not None:
+        _checks.check_int(fn, "num_classes", num_classes, minimum=1)
+    if not isinstance(masks, (torch.Tensor, np.ndarray)):
+        raise TypeError(
+            f"{fn}: masks must be a bool tensor or numpy array of shape (K, H, W), got {type(masks).__name__}"
+        )
     masks = torch.as_tensor(masks, device=boxes.device)
     K = boxes.shape[0]
     if masks.dtype != torch.bool:
         raise TypeError(f"{fn}: masks must be bool, got {masks.dtype}")
     if masks.shape != (K, H, W):
         raise ValueError(f"{fn}: masks must have shape (K, H, W) = {(K, H, W)}, got {tuple(masks.shape)}")
-    L = int(box_labels.max()) if num_classes is None and K else (num_classes or 1)
-    C = L + 1
     if K == 0:
         return torch.zeros(B, H, W, dtype=torch.long, device=boxes.device)
-    _, ranges = box_front_index(
-        boxes,
-        box_batch,
-        box_labels,
-        box_priority(boxes, "smaller-front", spatial_scale),
-        B,
-        C,
-        H,
-        W,
-        float(spatial_scale),
-        fn=fn,
-    )
-    if bool((box_labels < 1).any()):
-        raise ValueError(f"{fn}: box_labels must be object classes in [1, {L}], got {int(box_labels.min())}")
+    check_box_values(fn, boxes, box_batch, box_labels, B, num_classes)
+    L = int(box_labels.max()) if num_classes is None else num_classes
+    C = L + 1
+    priority = _priority(boxes, "smaller-front", spatial_scale, (H, W))
+    _, ranges = box_front_index(boxes, box_batch, box_labels, priority, B, C, H, W, spatial_scale, fn=fn)
     inside = _in_box(ranges, H, W)
     obj = masks & inside
-    background_in_box = (inside & ~masks).view(K, -1)
+    background_in_box = (inside & ~masks).reshape(K, -1)
     flat = box_batch * C + box_labels
     claims = torch.zeros(B * C, H * W, dtype=torch.int32, device=boxes.device)
-    claims.index_add_(0, flat, obj.view(K, -1).to(torch.int32))
+    claims.index_add_(0, flat, obj.reshape(K, -1).to(torch.int32))
     claim = (claims > 0).view(B, C, H * W)
     n_claim = claim.sum(1)
     single = claim.to(torch.int8).argmax(1)
     label = torch.where(n_claim == 1, single, torch.zeros_like(single))
     overlap = n_claim >= 2
     if strategy == "overlap-small":
-        priority_key = box_priority(boxes, "smaller-front", spatial_scale) * K + torch.arange(K, device=boxes.device)
-        big = torch.iinfo(torch.long).max
-        keys = torch.where(obj.view(K, -1), priority_key[:, None], torch.full_like(priority_key[:, None], big))
-        best = torch.full((B, H * W), big, dtype=torch.long, device=boxes.device)
+        # The rank of each box in front-to-back order (a stable sort keeps ties in index order); K means none.
+        front_to_back = torch.sort(priority, stable=True).indices
+        rank = torch.empty_like(priority)
+        rank[front_to_back] = torch.arange(K, device=boxes.device)
+        keys = torch.where(obj.reshape(K, -1), rank[:, None], torch.full_like(rank[:, None], K))
+        best = torch.full((B, H * W), K, dtype=torch.long, device=boxes.device)
         best.scatter_reduce_(0, box_batch[:, None].expand(K, H * W), keys, reduce="amin")
-        front = (best % K).clamp(0, K - 1)
+        front = front_to_back[best.clamp(max=K - 1)]
         label = torch.where(overlap, box_labels[front], label)
     elif strategy == "overlap-rate":
         area = claim.sum(2, keepdim=True)  # (B, C, 1) predicted semantic area per class
