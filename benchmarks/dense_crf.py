@@ -10,6 +10,7 @@ Run from the repository root:
     python -m benchmarks.dense_crf            # default sizes, CPU
     python -m benchmarks.dense_crf --quick    # smoke test
     python -m benchmarks.dense_crf --device cuda
+    python -m benchmarks.dense_crf --worst-case-memory   # peak memory of one 2048 x 2048 image only
 
 Images are natural-looking: the package's synthetic benchmark (textured objects
 and backgrounds, blur, noise; colours in [0, 255]); the loss gets smooth logits
@@ -20,6 +21,12 @@ from fresh child processes (as in
 benchmarks/sparse_crf.py).  Checked at the end: build + 21-channel filter under
 0.3 s per megapixel on one core, and one pass over 21 channels at least 5x
 faster than 21 single-channel passes.
+
+``--worst-case-memory`` measures, instead of the tables above, the peak extra
+memory of the loss (forward, and forward + backward) on one 3-class 2048 x 2048
+float32 image of uniform noise (the most lattice points per pixel), a natural
+image and colour ramps, each in a fresh child process, with the lattice's
+points per pixel (docs/dense_crf.md relates them).
 
 Accuracy: the brute-force Gaussian is O(N^2), so it is measured on 64 x 64
 images, sigma_xy scaled to the image as at 513 x 513 (80 * 64 / 513 = 10),
@@ -297,10 +304,105 @@ def make_step(cell, device, dtype=torch.float32, seed=0):
     return step, clear, probs
 
 
+def worst_case_image(kind: str, size: int, seed: int = 0) -> torch.Tensor:
+    """(1, 3, size, size) colours in [0, 255]: "noise" (uniform, every pixel its own colour: the most lattice
+    points), "smooth" (colour ramps: few lattice points) or "natural" (the synthetic benchmark's image)."""
+    if kind == "noise":
+        return torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(seed)) * 255
+    if kind == "smooth":
+        ramp = torch.linspace(0, 255, size)
+        return torch.stack(
+            [ramp[None, :].expand(size, size), ramp[:, None].expand(size, size), 255 - ramp[None, :].expand(size, size)]
+        )[None].contiguous()
+    image, _ = _sample(size, seed)
+    return torch.from_numpy(image).permute(2, 0, 1)[None].to(torch.float32).contiguous()
+
+
+def make_worst_case_step(kind: str, size: int, channels: int, backward: bool, seed: int = 0):
+    """The worst-case memory measurement: one image, float32, softmax probabilities, default sigmas, scale 1."""
+    import boxloss
+
+    image = worst_case_image(kind, size, seed)
+    logits = torch.randn(1, channels, size, size, generator=torch.Generator().manual_seed(seed + 1))
+    probs = logits.softmax(1).requires_grad_(backward)
+
+    def step():
+        loss = boxloss.dense_crf_loss(probs, image, sigma_rgb=SIGMA_RGB, sigma_xy=SIGMA_XY)
+        if backward:
+            loss.backward()
+
+    def clear():
+        probs.grad = None
+
+    return step, clear, probs, image
+
+
 def _memory_child(payload: dict) -> dict:
     torch.set_num_threads(int(payload["threads"]))
+    if "worst_case" in payload:
+        import boxloss
+
+        case = payload["worst_case"]
+        step, clear, probs, image = make_worst_case_step(
+            case["image"], case["size"], case["channels"], case["backward"]
+        )
+        result = common.cpu_peak_extra_bytes(step, cleanup=clear)
+        lattice = boxloss.PermutohedralLattice(image, SIGMA_XY, SIGMA_RGB)
+        result["lattice_points"] = int(lattice.num_vertices[0])
+        result["input_bytes"] = probs.numel() * probs.element_size() + image.numel() * image.element_size()
+        return result
     step, clear, _ = make_step(tuple(payload["cell"]), "cpu", seed=payload["seed"])
     return common.cpu_peak_extra_bytes(step, cleanup=clear)
+
+
+WORST_CASE_SIZE = 2048
+WORST_CASE_CHANNELS = 3
+QUICK_WORST_CASE_SIZE = 256
+
+
+def measure_worst_case_memory(size: int, channels: int, threads: int) -> list[dict]:
+    """Peak extra memory of dense_crf_loss (forward, and forward + backward) on noise, natural and smooth images of
+    size x size, each in a fresh child process; with the lattice size, per pixel and per lattice point."""
+    cases = [
+        {"image": kind, "size": size, "channels": channels, "backward": backward}
+        for kind in ("noise", "natural", "smooth")
+        for backward in (False, True)
+    ]
+    results = common.run_children(MODULE, [{"worst_case": c, "threads": threads} for c in cases], workers=1)
+    rows = []
+    for case, result in zip(cases, results):
+        row = dict(case)
+        if result.get("ok"):
+            row.update(
+                peak_extra_bytes=result["peak_extra"],
+                input_bytes=result["input_bytes"],
+                lattice_points=result["lattice_points"],
+            )
+        else:
+            row["error"] = result.get("reason")
+        rows.append(row)
+    return rows
+
+
+def render_worst_case(rows):
+    headers = ["image", "pass", "lattice points / pixel", "peak extra MiB", "x inputs", "bytes / pixel"]
+    body = []
+    for r in rows:
+        if "error" in r:
+            body.append([r["image"], "fwd+bwd" if r["backward"] else "fwd", "-", r["error"], "-", "-"])
+            continue
+        pixels = r["size"] * r["size"]
+        body.append(
+            [
+                r["image"],
+                "fwd+bwd" if r["backward"] else "fwd",
+                f"{r['lattice_points'] / pixels:.3f}",
+                common.mib(r["peak_extra_bytes"], 1),
+                f"{r['peak_extra_bytes'] / r['input_bytes']:.2f}",
+                f"{r['peak_extra_bytes'] / pixels:.1f}",
+            ]
+        )
+    return headers, body
 
 
 def render_loss(rows):
@@ -340,6 +442,13 @@ def render_loss(rows):
 def add_arguments(p) -> None:
     p.add_argument("--no-accuracy", action="store_true", help="skip the brute-force accuracy table")
     p.add_argument(
+        "--worst-case-memory",
+        action="store_true",
+        help=f"instead of the tables above, measure the peak memory of the loss on one {WORST_CASE_SIZE} x "
+        f"{WORST_CASE_SIZE} image (uniform noise, natural, smooth; forward and forward + backward; "
+        f"{QUICK_WORST_CASE_SIZE} x {QUICK_WORST_CASE_SIZE} with --quick) in fresh processes",
+    )
+    p.add_argument(
         "--threads",
         type=int,
         default=None,
@@ -358,6 +467,17 @@ def run(args, device, info) -> cli.Result:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     tables = []
+    if args.worst_case_memory:
+        size = QUICK_WORST_CASE_SIZE if args.quick else WORST_CASE_SIZE
+        worst = measure_worst_case_memory(size, WORST_CASE_CHANNELS, torch.get_num_threads())
+        tables.append(
+            cli.Table(
+                f"DenseCRF loss peak extra memory (CPU, fresh process), 1 x {WORST_CASE_CHANNELS} x {size} x {size} "
+                f"float32, sigma_xy {SIGMA_XY}, sigma_rgb {SIGMA_RGB}, scale 1",
+                *render_worst_case(worst),
+            )
+        )
+        return cli.Result(tables, [], {"worst_case_memory": worst})
     accuracy = []
     if not args.no_accuracy:
         sigmas = ACCURACY_SIGMAS[:1] if args.quick else ACCURACY_SIGMAS

@@ -56,6 +56,7 @@ from boxloss.losses.region_priors import (
 )
 from boxloss.losses.uncertainty import UncertaintyBCELoss, UncertaintyCELoss, UncertaintyL2Loss, uncertainty_l2_loss
 from boxloss.metrics import confusion_matrix, fbeta_score, fill_rate_statistics, iou_table, mean_iou
+from boxloss.ops._autograd import DoubleBackwardError
 from boxloss.ops.background_attention import (
     BackgroundAttention,
     BackgroundAwarePooling,
@@ -79,6 +80,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     # the compiled extension
+    "DoubleBackwardError",
     "cuda_kernels_built",
     "extension_error",
     "extension_loaded",

@@ -113,6 +113,7 @@ def background_attention(fn, features, boxes, box_batch, grid_size, spatial_scal
     from boxloss.reference.background_attention import background_attention_reference
 
     warn_fallback(fn)
+    _check_finite(fn, "features", features)
     return background_attention_reference(
         features,
         boxes,
@@ -129,6 +130,8 @@ def background_aware_pool(fn, features, attention, boxes, box_batch, output_size
     from boxloss.reference.background_attention import background_aware_pool_reference
 
     warn_fallback(fn)
+    _check_finite(fn, "features", features)
+    _check_probabilities(fn, "attention", attention, "values")
     return background_aware_pool_reference(
         features, attention, boxes, box_batch, output_size=output_size, spatial_scale=spatial_scale
     )
@@ -144,6 +147,8 @@ def uncertainty_bce_loss(
     from boxloss.reference.uncertainty import uncertainty_bce_loss_reference
 
     warn_fallback(fn)
+    _check_finite(fn, "mu", mu)
+    _check_finite(fn, "log_var", log_var)
     _check_probabilities(fn, "target", target)
     return uncertainty_bce_loss_reference(
         mu,
@@ -167,6 +172,8 @@ def uncertainty_ce_loss(
     from boxloss.reference.uncertainty import uncertainty_ce_loss_reference
 
     warn_fallback(fn)
+    _check_finite(fn, "mu", mu)
+    _check_finite(fn, "log_var", log_var)
     num_classes = mu.shape[1]
     labelled = target != ignore_index
     if not (~labelled | ((target >= 0) & (target < num_classes))).all():

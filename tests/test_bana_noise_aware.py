@@ -196,6 +196,38 @@ def test_noise_aware_loss_bad_inputs():
         boxloss.noise_aware_loss(phi, weight, torch.full_like(y_crf, 9), y_ret)
 
 
+@pytest.mark.parametrize("label", [9, 4, -1])
+def test_noise_aware_loss_checks_y_ret_labels(label):
+    # A y_ret label out of range would silently count as a disagreement: it raises, like y_crf.
+    y_crf, y_ret = _labels()
+    y_ret = y_ret.clone()
+    y_ret[0, 0, 0] = label
+    with pytest.raises(ValueError, match=f"^noise_aware_loss: y_ret must hold labels in \\[0, 4\\) .*got {label}"):
+        boxloss.noise_aware_loss(_features(), torch.randn(4, 5, dtype=torch.float64), y_crf, y_ret)
+    y_ret[0, 0, 0] = 255  # ignore_index stays allowed
+    boxloss.noise_aware_loss(_features(), torch.randn(4, 5, dtype=torch.float64), y_crf, y_ret)
+
+
+@pytest.mark.parametrize("fn", ["noise_aware_loss", "cosine_logits"])
+def test_classifier_weight_dtype_and_device_are_checked(fn):
+    # float32 features with float64 weights: a TypeError naming the argument, not one from inside einsum.
+    y_crf, y_ret = _labels()
+    phi, weight = _features().float(), torch.randn(4, 5, dtype=torch.float64)
+    call = getattr(boxloss, fn)
+    args = (phi, weight, y_crf, y_ret) if fn == "noise_aware_loss" else (phi, weight)
+    with pytest.raises(TypeError, match=f"^{fn}: classifier_weight must have the dtype of features"):
+        call(*args)
+
+
+def test_cosine_logits_of_huge_features_are_cosines():
+    # The norm of a huge (finite) vector would overflow to Inf and make its cosine 0: the vectors are rescaled first.
+    phi = torch.zeros(1, 2, 1, 1)
+    phi[0, :, 0, 0] = torch.tensor([3e38, 3e38])
+    weight = torch.tensor([[1.0, 1.0], [1.0, -1.0]])
+    logits = cosine_logits(phi, weight, tau=1.0)
+    torch.testing.assert_close(logits[0, :, 0, 0], torch.tensor([1.0, 0.0]), atol=1e-6, rtol=0)
+
+
 def _rendered_sample():
     from boxloss.data import SyntheticConfig
     from boxloss.data.synthetic import generate_sample

@@ -192,6 +192,65 @@ def test_loss_bad_inputs():
         box2seg.affinity_loss(e, y, mode="sampled", sample_fraction=0)
 
 
+@pytest.mark.parametrize(
+    "fn, target_name",
+    [(box2seg.box_ce_loss, "box_masks"), (box2seg.pseudo_label_ce_loss, "pseudo_labels")],
+)
+@pytest.mark.parametrize(
+    "mutation, error, message",
+    [
+        ("shape", ValueError, "must be a \\(B, H, W\\) label map or have the shape of the probabilities"),
+        ("float_map", TypeError, "as a label map must hold integers"),
+        ("label_7", ValueError, "must hold labels in \\[0, 4\\) or 255 \\(void\\), got 7"),
+        ("not_a_tensor", TypeError, "must be a \\(B, H, W\\) label map or a \\(B, C, H, W\\) one-hot tensor"),
+    ],
+)
+def test_cross_entropy_errors_name_the_target_argument(fn, target_name, mutation, error, message):
+    # The errors name the argument the caller passed (box_masks, pseudo_labels), not an internal "target".
+    y, _, _, bx, m = _net_outputs()
+    target = {
+        "shape": bx[:, :, :3],
+        "float_map": m.double(),
+        "label_7": torch.full_like(m, 7),
+        "not_a_tensor": m.tolist(),
+    }[mutation]
+    with pytest.raises(error, match=f"^{fn.__name__}: {target_name} {message}"):
+        fn(y, target)
+
+
+def test_fill_rate_hinge_errors_name_its_arguments():
+    y, a, _, bx, m = _net_outputs()
+    with pytest.raises(ValueError, match="^fill_rate_hinge_loss: pseudo_labels must have shape"):
+        box2seg.fill_rate_hinge_loss(a, m[:, :-1], bx)
+    with pytest.raises(ValueError, match="^fill_rate_hinge_loss: box_masks must be a"):
+        box2seg.fill_rate_hinge_loss(a, m, bx[:, :, :-1])
+    for gamma in (None, "0.7", True, 1.5, -0.1, float("nan")):
+        with pytest.raises(ValueError, match="^fill_rate_hinge_loss: gamma must be a number in \\[0, 1\\]"):
+            box2seg.fill_rate_hinge_loss(a, m, bx, gamma=gamma)
+    with pytest.raises(TypeError, match="^fill_rate_hinge_loss: attention must be"):
+        box2seg.fill_rate_hinge_loss(None, m, bx)
+    # fill_rates itself still names its own arguments.
+    with pytest.raises(ValueError, match="^fill_rates: masks must have shape"):
+        box2seg.fill_rates(m[:, :-1], bx, a)
+
+
+@pytest.mark.parametrize(
+    "labels, error, message",
+    [
+        (lambda m: m.transpose(1, 2), ValueError, "labels must have shape \\(B, H, W\\)"),
+        (lambda m: m.double(), TypeError, "labels must hold integer classes"),
+        (lambda m: torch.full_like(m, 4), ValueError, "labels must hold classes in \\[0, 4\\)"),
+        (lambda m: torch.full_like(m, -1), ValueError, "labels must hold classes in \\[0, 4\\)"),
+    ],
+)
+def test_sampled_affinity_checks_its_labels(labels, error, message):
+    # Labels of shape (B, W, H) for an H x W map would sample the wrong pixels: the shape, dtype and range raise.
+    y, _, e, _, m = _net_outputs(H=10, W=12)
+    m = torch.where(m == 255, 0, m)
+    with pytest.raises(error, match=f"^affinity_loss: {message}"):
+        box2seg.affinity_loss(e, y, mode="sampled", labels=labels(m))
+
+
 # --------------------------------------------------------------------------- pseudo ground truth
 
 

@@ -266,9 +266,30 @@ def test_opcheck_forward(mask_fraction):
 @pytest.mark.parametrize("mask_fraction", [None, 0.3])
 def test_opcheck_backward(mask_fraction):
     probs, mask, *lattice = _op_args(mask_fraction, seed=11)
-    _, _, filtered = OP(probs, mask, *lattice)
     grad = torch.rand(2, dtype=torch.float64)
-    torch.library.opcheck(OP_BACKWARD, (grad, probs, mask, filtered, *lattice))
+    # With inputs that require grad, opcheck also checks the backward op's own autograd formula.
+    torch.library.opcheck(OP_BACKWARD, (grad.requires_grad_(), probs.requires_grad_(), mask, *lattice))
+
+
+def test_backward_keeps_only_the_inputs_and_the_lattice():
+    # The backward filters the probabilities again: nothing of the size of the (C + 1)-channel filtered values is
+    # saved between the forward and the backward (it would be held across a whole network's forward).
+    probs, image, mask = random_inputs(2, 5, 12, 13, seed=4, mask_fraction=0.2, dtype=torch.float32)
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    x = probs.clone().requires_grad_()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = boxloss.dense_crf_loss(x, image, sigma_xy=4.0, valid_mask=mask)
+    lattice = LATTICE(image, 4.0, 15.0)
+    allowed = x.numel() * 4 + mask.numel() + sum(t.numel() * t.element_size() for t in lattice) + 256
+    assert sum(t.numel() * t.element_size() for t in saved) <= allowed
+    assert not any(t.dim() == 4 and t.shape[1] == probs.shape[1] + 1 for t in saved)
+    loss.backward()
+    assert torch.isfinite(x.grad).all()
 
 
 def test_torch_compile_fullgraph_matches_eager():
@@ -458,11 +479,10 @@ def test_raw_op_rejects_bad_input_without_crashing(args, error, message):
 def test_raw_backward_rejects_bad_shapes():
     g = _good()
     lattice = LATTICE(g["image"], 3.0, 15.0)
-    _, _, filtered = OP(g["probs"], g["valid_mask"], *lattice)
     with pytest.raises(ValueError, match="grad_energy must have shape"):
-        OP_BACKWARD(torch.ones(3), g["probs"], g["valid_mask"], filtered, *lattice)
-    with pytest.raises(ValueError, match="filtered must have shape"):
-        OP_BACKWARD(torch.ones(2), g["probs"], g["valid_mask"], filtered[:, 1:], *lattice)
+        OP_BACKWARD(torch.ones(3), g["probs"], g["valid_mask"], *lattice)
+    with pytest.raises(ValueError, match="probs must have shape"):
+        OP_BACKWARD(torch.ones(2), g["probs"][0], g["valid_mask"], *lattice)
 
 
 def test_module_rejects_bad_settings():

@@ -224,6 +224,21 @@ def test_regularized_centre_prior_uses_the_crop_margin_and_box_centre():
     torch.testing.assert_close(plain["positional"], positional_loss_reference(x[:, 0]).mean())
 
 
+@pytest.mark.parametrize("size", [(1, 1), (4, 4), (5, 5), (1, 17), (17, 6)])
+def test_regularized_small_maps_name_the_border_not_an_invented_box(size):
+    # The tight prior's default box is the crop minus its 3-pixel border; on a map too small for one the error says
+    # so and what to pass, rather than naming an inverted box the caller never passed.
+    H, W = size
+    x, image = _crop_batch(B=2, H=H, W=W, seed=3)
+    with pytest.raises(ValueError, match=f"^RegularizedLoss: .*border_width = 3 .* of a {H} x {W} map; pass boxes"):
+        boxloss.RegularizedLoss()(x, image)
+    # With boxes, a smaller border or the centre prior the same map works.
+    boxes = torch.tensor([[0.0, 0.0, W, H]] * 2, dtype=torch.float64)
+    assert torch.isfinite(boxloss.RegularizedLoss()(x, image, boxes=boxes))
+    assert torch.isfinite(boxloss.RegularizedLoss(border_width=0)(x, image))
+    assert torch.isfinite(boxloss.RegularizedLoss(prior="centre")(x, image))
+
+
 def test_regularized_compiles_fullgraph():
     x, image = _crop_batch(B=2, H=12, W=12, seed=9)
     x = x.detach().float()

@@ -35,6 +35,10 @@ def bap_classification_loss(
         queries, valid: from :func:`background_attention`.
         classifier_weight: (L+1, D); classifier_bias: optional (L+1,).
 
+    The float tensors share a dtype and a device and must be finite (NaN or
+    Inf raise ValueError in eager mode; inside ``torch.compile`` the value
+    check is skipped, as a compiled graph cannot branch on values).
+
     Example:
         >>> w = torch.randn(21, 8, requires_grad=True)
         >>> bap_classification_loss(torch.randn(3, 8, 1, 1), torch.tensor([1, 5, 20]),
@@ -54,6 +58,13 @@ def bap_classification_loss(
         )
     if valid.shape != queries.shape[:2]:
         raise ValueError(f"{fn}: valid must have shape {tuple(queries.shape[:2])}, got {tuple(valid.shape)}")
+    for name, t in (("queries", queries), ("classifier_weight", classifier_weight)):
+        _checks.check_same(fn, name, t, "pooled", pooled, what="dtype")
+        _checks.check_same(fn, name, t, "pooled", pooled, what="device")
+    finite = {"pooled": pooled, "queries": queries, "classifier_weight": classifier_weight}
+    if classifier_bias is not None:
+        finite["classifier_bias"] = classifier_bias
+    _checks.check_values(fn, **{name: (t, _checks.FINITE) for name, t in finite.items()})
     box_samples = pooled.permute(0, 2, 3, 1).reshape(-1, D)
     box_targets = box_labels.repeat_interleave(pooled.shape[2] * pooled.shape[3])
     samples = torch.cat([box_samples, queries.reshape(-1, D)])

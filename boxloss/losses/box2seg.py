@@ -8,7 +8,14 @@ ground truth (e.g. GrabCut per box, merged) as a (B, H, W) label map with void
 255 or a one-hot tensor.  Sums run over the m pixels of each image; every loss
 returns one value per image before its ``reduction`` ("mean" over images,
 "sum", or "none" for (B,)).  Logarithms clamp their argument at ``eps`` so no
-loss is infinite.  The total loss of Eq. 11 is :class:`boxloss.Box2SegLoss`
+loss is infinite.
+
+Values: ``y``, ``alpha`` and one-hot (or soft) targets must lie in [0, 1]
+(NaN, Inf and logits raise ValueError), embeddings must be finite, label maps
+hold labels in [0, C) or the void label.  These are eager-mode checks (one
+min/max pass per tensor and one device-to-host copy per call); inside
+``torch.compile`` they are skipped, since a compiled graph cannot branch on
+values.  The total loss of Eq. 11 is :class:`boxloss.Box2SegLoss`
 (:mod:`boxloss.recipes.box2seg`).
 """
 
@@ -31,15 +38,20 @@ def _probs(fn, name, x, channels=None):
 
 
 def _one_hot_target(fn, name, target, y, ignore_index=255):
-    """(one-hot float (B, C, H, W), valid (B, H, W) bool) from a label map or a one-hot tensor."""
+    """(one-hot float (B, C, H, W), valid (B, H, W) bool) from a label map or a one-hot tensor.
+
+    A one-hot (or soft) target's values are checked to lie in [0, 1] in eager mode."""
     B, C, H, W = y.shape
     if not isinstance(target, torch.Tensor):
-        raise TypeError(f"{fn}: {name} must be a tensor, got {type(target).__name__}")
+        raise TypeError(
+            f"{fn}: {name} must be a (B, H, W) label map or a (B, C, H, W) one-hot tensor, got {type(target).__name__}"
+        )
     if target.dim() == 3:
         if target.shape != (B, H, W):
             raise ValueError(f"{fn}: {name} must have shape {(B, H, W)} as a label map, got {tuple(target.shape)}")
-        if target.dtype.is_floating_point or target.dtype == torch.bool:
+        if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
             raise TypeError(f"{fn}: {name} as a label map must hold integers, got {target.dtype}")
+        _checks.check_same(fn, name, target, "the probabilities", y, what="device")
         target = target.long()
         valid = target != ignore_index
         bad = valid & ((target < 0) | (target >= C))
@@ -54,7 +66,12 @@ def _one_hot_target(fn, name, target, y, ignore_index=255):
             f"{fn}: {name} must be a (B, H, W) label map or have the shape of the probabilities "
             f"{tuple(y.shape)}, got {tuple(target.shape)}"
         )
-    return target.to(y.dtype), torch.ones(B, H, W, dtype=torch.bool, device=y.device)
+    if target.is_complex():
+        raise TypeError(f"{fn}: {name} as a one-hot tensor must hold real values in [0, 1], got {target.dtype}")
+    _checks.check_same(fn, name, target, "the probabilities", y, what="device")
+    onehot = target.to(y.dtype)
+    _checks.check_values(fn, **{name: (onehot, _checks.PROBABILITIES)})
+    return onehot, torch.ones(B, H, W, dtype=torch.bool, device=y.device)
 
 
 def _log(y, eps):
@@ -64,20 +81,21 @@ def _log(y, eps):
 def box_ce_loss(probs, box_masks, *, eps=1e-8, reduction="mean"):
     r"""L_box (Eq. 1): :math:`-\frac1m\sum_{c=0}^{L}\sum_i B(i,c)\log y(i,c)`, B from
     :func:`boxloss.boxes_to_masks` (one-hot or label map)."""
-    return _ce("box_ce_loss", probs, box_masks, eps, reduction)
+    return _ce("box_ce_loss", probs, "box_masks", box_masks, eps, reduction)
 
 
 def pseudo_label_ce_loss(probs, pseudo_labels, *, eps=1e-8, ignore_index=255, reduction="mean"):
     r"""L_GC (Eq. 2): :math:`-\frac1m\sum_c\sum_i M(i,c)\log y(i,c)` on a pseudo ground truth M
     (GrabCut, DenseCRF, ...).  Void pixels (``ignore_index`` in a label map) are left out
     and m counts the others."""
-    return _ce("pseudo_label_ce_loss", probs, pseudo_labels, eps, reduction, ignore_index)
+    return _ce("pseudo_label_ce_loss", probs, "pseudo_labels", pseudo_labels, eps, reduction, ignore_index)
 
 
-def _ce(fn, probs, target, eps, reduction, ignore_index=255):
+def _ce(fn, probs, target_name, target, eps, reduction, ignore_index=255):
     y = _probs(fn, "probs", probs)
     _checks.check_choice(fn, "reduction", reduction, _checks.REDUCTIONS)
-    onehot, valid = _one_hot_target(fn, "target", target, y, ignore_index)
+    onehot, valid = _one_hot_target(fn, target_name, target, y, ignore_index)
+    _checks.check_values(fn, probs=(y, _checks.PROBABILITIES))
     total = -(onehot * _log(y, eps)).sum((1, 2, 3))
     per_image = total / valid.sum((1, 2)).clamp_min(1).to(y.dtype)
     return _checks.reduce_per_image(per_image, reduction)
@@ -87,11 +105,15 @@ def attention_foreground_loss(probs, attention, box_masks, *, eps=1e-8, reductio
     r"""L_fg (Eq. 3), normalised by box size per class:
     :math:`-\sum_{c=1}^{L} \frac{\sum_i \alpha(i,c) B(i,c) \log y(i,c)}{\sum_i B(i,c)}`
     (a class without box pixels contributes 0)."""
-    fn = "attention_foreground_loss"
+    return _attention_foreground("attention_foreground_loss", probs, attention, box_masks, eps, reduction)
+
+
+def _attention_foreground(fn, probs, attention, box_masks, eps, reduction):
     y = _probs(fn, "probs", probs)
     a = _probs(fn, "attention", attention, y.shape[1] - 1)
     _checks.check_choice(fn, "reduction", reduction, _checks.REDUCTIONS)
     bx, _ = _one_hot_target(fn, "box_masks", box_masks, y)
+    _checks.check_values(fn, probs=(y, _checks.PROBABILITIES), attention=(a, _checks.PROBABILITIES))
     fg = bx[:, 1:]
     num = -(a * fg * _log(y[:, 1:], eps)).sum((2, 3))
     per_image = (num / fg.sum((2, 3)).clamp_min(1)).sum(1)
@@ -101,10 +123,14 @@ def attention_foreground_loss(probs, attention, box_masks, *, eps=1e-8, reductio
 def attention_background_loss(probs, box_masks, *, eps=1e-8, reduction="mean"):
     r"""L_bg (Eq. 4): :math:`-\frac{\sum_i B(i,0)\log y(i,0)}{\sum_i B(i,0)}` over the pixels outside
     every box (0 for an image without any)."""
-    fn = "attention_background_loss"
+    return _attention_background("attention_background_loss", probs, box_masks, eps, reduction)
+
+
+def _attention_background(fn, probs, box_masks, eps, reduction):
     y = _probs(fn, "probs", probs)
     _checks.check_choice(fn, "reduction", reduction, _checks.REDUCTIONS)
     bx, _ = _one_hot_target(fn, "box_masks", box_masks, y)
+    _checks.check_values(fn, probs=(y, _checks.PROBABILITIES))
     bg = bx[:, 0]
     per_image = -(bg * _log(y[:, 0], eps)).sum((1, 2)) / bg.sum((1, 2)).clamp_min(1)
     return _checks.reduce_per_image(per_image, reduction)
@@ -112,9 +138,10 @@ def attention_background_loss(probs, box_masks, *, eps=1e-8, reduction="mean"):
 
 def attention_weighted_loss(probs, attention, box_masks, *, eps=1e-8, reduction="mean"):
     """L_AW = L_fg + L_bg (Eq. 5)."""
-    return attention_foreground_loss(
-        probs, attention, box_masks, eps=eps, reduction=reduction
-    ) + attention_background_loss(probs, box_masks, eps=eps, reduction=reduction)
+    fn = "attention_weighted_loss"
+    return _attention_foreground(fn, probs, attention, box_masks, eps, reduction) + _attention_background(
+        fn, probs, box_masks, eps, reduction
+    )
 
 
 def attention_box_regulariser(attention, box_masks, *, reduction="mean"):
@@ -125,6 +152,7 @@ def attention_box_regulariser(attention, box_masks, *, reduction="mean"):
     _checks.check_choice(fn, "reduction", reduction, _checks.REDUCTIONS)
     shape = (a.shape[0], a.shape[1] + 1, a.shape[2], a.shape[3])
     bx, _ = _one_hot_target(fn, "box_masks", box_masks, a.new_empty(shape))
+    _checks.check_values(fn, attention=(a, _checks.PROBABILITIES))
     per_image = ((bx[:, 1:] - a) ** 2).sum((1, 2, 3))
     return _checks.reduce_per_image(per_image, reduction)
 
@@ -135,18 +163,29 @@ def fill_rates(masks, box_masks, attention=None):
     predicted :math:`\eta'_c = \sum_i B(i,c)\alpha(i,c) / \sum_i B(i,c)` (Eq. 8).  Classes
     without box pixels get 0.  ``masks`` and ``box_masks`` are one-hot (B, L+1, H, W)
     or label maps.  Returns (eta, eta_prime or None, has_box (B, L) bool)."""
-    fn = "fill_rates"
+    return _fill_rates("fill_rates", "masks", masks, box_masks, attention)
+
+
+def _fill_rates(fn, masks_name, masks, box_masks, attention):
     if attention is not None:
         a = _probs(fn, "attention", attention)
         shape = (a.shape[0], a.shape[1] + 1, a.shape[2], a.shape[3])
         ref = a.new_empty(shape)
     else:
+        for name, t in ((masks_name, masks), ("box_masks", box_masks)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{fn}: {name} must be a tensor, got {type(t).__name__}")
         ref_t = box_masks if box_masks.dim() == 4 else masks
         if ref_t.dim() != 4:
-            raise ValueError(f"{fn}: without attention, masks or box_masks must be one-hot (B, L+1, H, W) to give L")
+            raise ValueError(
+                f"{fn}: without attention, {masks_name} or box_masks must be one-hot (B, L+1, H, W) to give L, "
+                f"got shapes {tuple(masks.shape)} and {tuple(box_masks.shape)}"
+            )
         ref = torch.empty(ref_t.shape, dtype=torch.float32, device=ref_t.device)
     bx, _ = _one_hot_target(fn, "box_masks", box_masks, ref)
-    m, _ = _one_hot_target(fn, "masks", masks, ref)
+    m, _ = _one_hot_target(fn, masks_name, masks, ref)
+    if attention is not None:
+        _checks.check_values(fn, attention=(a, _checks.PROBABILITIES))
     area = bx[:, 1:].sum((2, 3))
     eta = m[:, 1:].sum((2, 3)) / area.clamp_min(1)
     eta_prime = None if attention is None else (bx[:, 1:] * a).sum((2, 3)) / area.clamp_min(1)
@@ -157,10 +196,12 @@ def fill_rate_hinge_loss(attention, pseudo_labels, box_masks, *, gamma=0.7, redu
     r"""L^fr_alpha: :math:`\max(0, \gamma\eta_c - \eta'_c)` per class with boxes (Eq. 7-8), summed over
     the classes of each image; gamma 0.7 in the paper.  eta is a constant (no gradient)."""
     fn = "fill_rate_hinge_loss"
-    if not 0 <= gamma <= 1:
-        raise ValueError(f"{fn}: gamma must lie in [0, 1], got {gamma}")
+    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0 <= gamma <= 1:
+        raise ValueError(f"{fn}: gamma must be a number in [0, 1], got {gamma!r}")
     _checks.check_choice(fn, "reduction", reduction, _checks.REDUCTIONS)
-    eta, eta_prime, has_box = fill_rates(pseudo_labels, box_masks, attention)
+    if attention is None:
+        raise TypeError(f"{fn}: attention must be a (B, L, H, W) tensor of attention maps, got None")
+    eta, eta_prime, has_box = _fill_rates(fn, "pseudo_labels", pseudo_labels, box_masks, attention)
     hinge = torch.clamp(gamma * eta.detach() - eta_prime, min=0) * has_box
     return _checks.reduce_per_image(hinge.sum(1), reduction)
 
@@ -205,12 +246,17 @@ def affinity_loss(
     _checks.check_choice(fn, "mode", mode, ("exact", "sampled"))
     _checks.check_choice(fn, "reduction", reduction, _checks.REDUCTIONS)
     B, C, H, W = y.shape
+    _checks.check_same(fn, "embeddings", embeddings, "probs", y, what="device")
     valid = torch.ones(B, H, W, dtype=torch.bool, device=y.device) if valid_mask is None else valid_mask
-    if valid.shape != (B, H, W) or valid.dtype != torch.bool:
+    if not isinstance(valid, torch.Tensor) or valid.shape != (B, H, W) or valid.dtype != torch.bool:
         raise ValueError(
             f"{fn}: valid_mask must be a bool tensor of shape {(B, H, W)}, got "
             f"{getattr(valid, 'dtype', None)} {tuple(getattr(valid, 'shape', ()))}"
         )
+    _checks.check_same(fn, "valid_mask", valid, "probs", y, what="device")
+    if labels is not None:
+        _check_labels(fn, labels, B, C, H, W, y.device)
+    _checks.check_values(fn, embeddings=(embeddings, _checks.FINITE), probs=(y, _checks.PROBABILITIES))
     b = torch.nn.functional.normalize(embeddings.to(y.dtype), dim=1, eps=1e-12).flatten(2)  # (B, d, m)
     yy = y.flatten(2)  # (B, C, m)
     v = valid.flatten(1).to(y.dtype)  # (B, m)
@@ -232,6 +278,24 @@ def affinity_loss(
         diff = bs.t() @ bs - ys.t() @ ys
         per_image.append(diff.square().mean() if idx.numel() else y.sum() * 0)
     return _checks.reduce_per_image(torch.stack(per_image), reduction)
+
+
+def _check_labels(fn, labels, B, C, H, W, device):
+    """labels (B, H, W) integer classes in [0, C) for the class-balanced sampling."""
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"{fn}: labels must be a (B, H, W) integer tensor, got {type(labels).__name__}")
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise TypeError(f"{fn}: labels must hold integer classes, got {labels.dtype}")
+    if tuple(labels.shape) != (B, H, W):
+        raise ValueError(f"{fn}: labels must have shape (B, H, W) = {(B, H, W)}, got {tuple(labels.shape)}")
+    if labels.device != device:
+        raise ValueError(f"{fn}: labels must be on the device of probs ({device}), got {labels.device}")
+    if not torch.compiler.is_compiling():
+        low, high = (int(v) for v in torch.aminmax(labels.reshape(-1)))
+        if low < 0 or high >= C:
+            raise ValueError(
+                f"{fn}: labels must hold classes in [0, {C}) for probs with {C} channels, got {low}..{high}"
+            )
 
 
 def _balanced_sample(labels, valid, num_classes, fraction, generator):

@@ -23,6 +23,22 @@ TIGHT_MODES = ("either", "both")
 NEGATIVES = ("all", "present")
 
 
+def _probability_maxima(fn: str, *maxima: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The row and column maxima a box loss reads, checked to be probabilities.
+
+    The losses read ``probs`` only through these maxima, so a value out of
+    [0, 1] that matters (Inf, or a logit above 1 or a row of logits below 0)
+    shows in them; NaN inside a box is already an error of the op.  In eager
+    mode a bad maximum raises ValueError; a compiled graph cannot branch on
+    values, so there the maxima are clamped to [0, 1], which keeps the loss
+    finite.  The clamp is a select, the identity with its gradient on [0, 1]
+    including the ends (``torch.clamp`` gives no gradient at a maximum of
+    exactly 1, a confident pixel).
+    """
+    _checks.check_values(fn, probs=(torch.cat([m.reshape(-1) for m in maxima]), _checks.PROBABILITIES))
+    return tuple(torch.where(m > 1, 1.0, torch.where(m < 0, 0.0, m)) for m in maxima)
+
+
 def _reduce_boxes(per_box: torch.Tensor, nonempty: torch.Tensor, reduction: str) -> torch.Tensor:
     """'mean': over the non-empty boxes (0, with a gradient, when there are none)."""
     if reduction == "none":
@@ -73,6 +89,7 @@ def tight_box_loss(
     _checks.check_choice(fn, "mode", mode, TIGHT_MODES)
     _checks.check_choice(fn, "reduction", reduction, _checks.REDUCTIONS)
     row_max, col_max, ranges = row_col_max_dense(fn, probs, boxes, box_batch, box_labels, spatial_scale)
+    row_max, col_max = _probability_maxima(fn, row_max, col_max)
     heights = (ranges[:, 1] - ranges[:, 0]).to(probs.dtype)
     widths = (ranges[:, 3] - ranges[:, 2]).to(probs.dtype)
     nonempty = (heights > 0) & (widths > 0)
@@ -182,6 +199,7 @@ def mil_box_loss(
     box_rows, box_cols, ranges, plane_rows, plane_cols = _whole_image_maxima(
         fn, probs, boxes, box_batch, box_labels, spatial_scale
     )
+    box_rows, box_cols, plane_rows, plane_cols = _probability_maxima(fn, box_rows, box_cols, plane_rows, plane_cols)
     row_in_box = covered(ranges, H, 0)
     col_in_box = covered(ranges, W, 2)
     positive = (-torch.log(box_rows.clamp_min(eps)) * row_in_box).sum(1) + (
@@ -240,6 +258,7 @@ def projection_loss(
     eps = _checks.check_positive(fn, "eps", eps)
     B, C, H, W = probs.shape
     _, _, ranges, plane_rows, plane_cols = _whole_image_maxima(fn, probs, boxes, box_batch, box_labels, spatial_scale)
+    plane_rows, plane_cols = _probability_maxima(fn, plane_rows, plane_cols)
     target_rows = _class_coverage(ranges, box_batch, box_labels, B, C, H, 0).to(probs.dtype)
     target_cols = _class_coverage(ranges, box_batch, box_labels, B, C, W, 2).to(probs.dtype)
 

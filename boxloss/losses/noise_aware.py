@@ -32,10 +32,42 @@ def cosine_logits(features: torch.Tensor, classifier_weight: torch.Tensor, tau: 
     """(B, C, H, W) logits tau * cos(phi(p), W_c) of the cosine classifier (supplement Eq. 3).
 
     Norms are clamped at 1e-8, so a zero feature vector has cosine 0 with every class.
+    ``features`` (B, D, H, W) and ``classifier_weight`` (C, D) share a dtype and a
+    device and must be finite (NaN or Inf raise ValueError in eager mode).
     """
-    phi = features / features.norm(dim=1, keepdim=True).clamp_min(COS_EPS)
-    w = classifier_weight / classifier_weight.norm(dim=1, keepdim=True).clamp_min(COS_EPS)
+    fn = "cosine_logits"
+    _check_classifier(fn, features, classifier_weight)
+    _checks.check_positive(fn, "tau", tau)
+    _checks.check_values(fn, features=(features, _checks.FINITE), classifier_weight=(classifier_weight, _checks.FINITE))
+    return _cosine_logits(features, classifier_weight, tau)
+
+
+def _unit(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """x / max(|x|, 1e-8) along dim.  Divided by its largest magnitude first, so that the
+    squares of huge (finite) values do not overflow the norm to Inf (which would make
+    the vector 0); the clamp still sends a zero vector to 0."""
+    scale = x.detach().abs().amax(dim, keepdim=True).clamp_min(1)
+    y = x / scale  # the same direction; |y| >= 1 wherever scale > 1, so the clamp only acts where scale = 1
+    return y / y.norm(dim=dim, keepdim=True).clamp_min(COS_EPS / scale)
+
+
+def _cosine_logits(features, classifier_weight, tau):
+    phi = _unit(features, 1)
+    w = _unit(classifier_weight, 1)
     return tau * torch.einsum("bdhw,cd->bchw", phi, w)
+
+
+def _check_classifier(fn, features, classifier_weight):
+    _checks.check_tensor(fn, "features", features, dim=4, layout="(B, D, H, W)")
+    _checks.check_float_dtype(fn, "features", features)
+    _checks.check_tensor(fn, "classifier_weight", classifier_weight, dim=2, layout="(C, D)")
+    if classifier_weight.shape[1] != features.shape[1]:
+        raise ValueError(
+            f"{fn}: classifier_weight must have shape (C, D) with D = {features.shape[1]}, "
+            f"got {tuple(classifier_weight.shape)}"
+        )
+    _checks.check_same(fn, "classifier_weight", classifier_weight, "features", features, what="dtype")
+    _checks.check_same(fn, "classifier_weight", classifier_weight, "features", features, what="device")
 
 
 def bootstrap_beta(iteration: int, max_iterations: int, power: float = 0.9) -> float:
@@ -80,9 +112,13 @@ def noise_aware_loss(
     ``detach_confidence=False`` to differentiate through Eq. 11-12).
 
     Args:
-        features: (B, D, H, W) phi (at the label resolution).
-        classifier_weight: (C, D) W, C = L + 1 classes (no bias).
-        y_crf, y_ret: (B, H, W) int64 labels in [0, C) or ignore_index.
+        features: (B, D, H, W) phi (at the label resolution), finite.
+        classifier_weight: (C, D) W, C = L + 1 classes (no bias), finite, the
+            dtype and device of ``features``.
+        y_crf, y_ret: (B, H, W) int64 labels in [0, C) or ignore_index.  Values
+            (NaN or Inf features or weights, labels out of range) are checked
+            in eager mode, not inside ``torch.compile`` (a compiled graph
+            cannot branch on values).
         gamma: damping of Eq. 12 (>= 1 in the paper, 7 by default).
         lam: lambda of Eq. 14.
         tau: scale of the cosine classifier.
@@ -109,15 +145,9 @@ def noise_aware_loss(
         ['ce', 'confidence', 'unreliable']
     """
     fn = "noise_aware_loss"
-    _checks.check_tensor(fn, "features", features, dim=4, layout="(B, D, H, W)")
-    _checks.check_float_dtype(fn, "features", features)
-    _checks.check_tensor(fn, "classifier_weight", classifier_weight, dim=2, layout="(C, D)")
+    _check_classifier(fn, features, classifier_weight)
     B, D, H, W = features.shape
     C = classifier_weight.shape[0]
-    if classifier_weight.shape[1] != D:
-        raise ValueError(
-            f"{fn}: classifier_weight must have shape (C, D) with D = {D}, got {tuple(classifier_weight.shape)}"
-        )
     for name, y in (("y_crf", y_crf), ("y_ret", y_ret)):
         _checks.check_tensor(fn, name, y, dim=3, layout="(B, H, W)")
         if y.dtype != torch.long:
@@ -134,15 +164,25 @@ def noise_aware_loss(
         raise ValueError(f"{fn}: beta must be a number in [0, 1], got {beta!r}")
     if not isinstance(return_terms, bool):
         raise TypeError(f"{fn}: return_terms must be a bool, got {type(return_terms).__name__}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"{fn}: ignore_index must be an int, got {type(ignore_index).__name__}")
+    if not torch.compiler.is_compiling():
+        _checks.check_values(
+            fn, features=(features, _checks.FINITE), classifier_weight=(classifier_weight, _checks.FINITE)
+        )
+        # A label out of range would index garbage (y_crf) or silently count as
+        # disagreement (y_ret): both are checked, on the values.
+        for name, y in (("y_crf", y_crf), ("y_ret", y_ret)):
+            bad = (y != ignore_index) & ((y < 0) | (y >= C))
+            if bool(bad.any()):
+                raise ValueError(
+                    f"{fn}: {name} must hold labels in [0, {C}) or ignore_index = {ignore_index}, got {int(y[bad][0])}"
+                )
 
-    logits = cosine_logits(features, classifier_weight, tau)
+    logits = _cosine_logits(features, classifier_weight, tau)
     log_h = logits.log_softmax(1)
     labelled = y_crf != ignore_index
     target = torch.where(labelled, y_crf, torch.zeros_like(y_crf))
-    # Labels out of range would index garbage: checked here, on the values (no graph break: it raises).
-    bad = labelled & ((y_crf < 0) | (y_crf >= C))
-    if bool(bad.any()):
-        raise ValueError(f"{fn}: y_crf must hold labels in [0, {C}) or ignore_index = {ignore_index}")
     nll = -log_h.gather(1, target.unsqueeze(1)).squeeze(1)  # (B, H, W)
     reliable = labelled & (y_ret == y_crf)
     unreliable_mask = labelled & ~reliable

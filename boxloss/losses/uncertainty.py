@@ -61,6 +61,9 @@ def uncertainty_l2_loss(
     mu, log_var, target, box_mask, pixel_perfect = _check_binary_args(
         _L2, mu, log_var, target, box_mask, pixel_perfect, reduction
     )
+    _checks.check_values(
+        _L2, mu=(mu, _checks.FINITE), log_var=(log_var, _checks.FINITE), target=(target, _checks.FINITE)
+    )
     squared = (target - mu) ** 2
     with_uncertainty = 0.5 * torch.exp(-log_var) * squared + 0.5 * log_var
     uncertain = torch.ones_like(squared, dtype=torch.bool) if box_mask is None else box_mask

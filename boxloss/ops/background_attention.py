@@ -47,6 +47,7 @@ from torch import nn
 
 from boxloss import _checks, _fallback
 from boxloss._extension import extension_loaded
+from boxloss.ops._autograd import first_order_only
 
 
 class BackgroundAttention(NamedTuple):
@@ -172,8 +173,10 @@ def background_aware_pool(
     Differentiable with respect to ``features`` and ``attention``.
 
     Args:
-        features: (B, D, h, w).
-        attention: (B, h, w) background attention A (values in [0, 1]).
+        features: (B, D, h, w), finite (NaN or Inf raise ValueError).
+        attention: (B, h, w) background attention A, values in [0, 1]; NaN, Inf
+            or values outside [0, 1] raise ValueError (weights 1 - A outside
+            [0, 1] would pool outside the range of the features).
         boxes, box_batch: packed boxes (:mod:`boxloss.ops.boxes`).
         output_size: S.
         spatial_scale: map coordinate = box coordinate x spatial_scale.
@@ -305,6 +308,7 @@ def _register() -> None:
         ctx.save_for_backward(features, queries, valid, fallback, inside, background)
         ctx.grid_size = grid_size
         ctx.mark_non_differentiable(valid, fallback, inside, background)
+        ctx.set_materialize_grads(False)
 
     def backward_attention(ctx, grad_attention, grad_queries, *_):
         features, queries, valid, fallback, inside, background = ctx.saved_tensors
@@ -344,6 +348,7 @@ def _register() -> None:
         ctx.save_for_backward(features, attention, pooled, weight_sum, ranges, box_batch)
         ctx.output_size = output_size
         ctx.mark_non_differentiable(weight_sum, ranges)
+        ctx.set_materialize_grads(False)
 
     def backward_pool(ctx, grad_pooled, *_):
         features, attention, pooled, weight_sum, ranges, box_batch = ctx.saved_tensors
@@ -393,6 +398,7 @@ def _register() -> None:
         )
         ctx.settings = (grid_size, output_size)
         ctx.mark_non_differentiable(valid, fallback, weight_sum, ranges, inside, background)
+        ctx.set_materialize_grads(False)
 
     def backward_attention_pool(ctx, grad_pooled, grad_attention, grad_queries, *_):
         (features, attention, queries, valid, fallback, pooled, weight_sum, ranges, box_batch, inside, background) = (
@@ -428,6 +434,11 @@ def _register() -> None:
     torch.library.register_autograd(
         "boxloss::background_attention_pool", backward_attention_pool, setup_context=setup_attention_pool
     )
+
+    # Second derivatives through the cosines, clamps and weighted means are not implemented.
+    first_order_only("_background_attention_backward", "background_attention")
+    first_order_only("_background_aware_pool_backward", "background_aware_pool")
+    first_order_only("_background_attention_pool_backward", "BackgroundAwarePooling")
 
 
 if extension_loaded():

@@ -99,8 +99,10 @@ def dense_crf_loss(
     Gradient: :math:`\partial E / \partial S_k = W \mathbf 1 - 2 W S_k` at
     valid pixels (0 elsewhere), divided by ``Z`` when normalised.  ``W 1`` is
     the same for every class, so through a softmax this is Tang's ``-2 W S``.
-    The backward reuses the forward's lattice and filters in reverse axis
-    order, so the gradient is exact for the op.  No gradient flows to ``image``.
+    The backward reuses the forward's lattice and filters in both axis orders
+    (it filters again rather than keep the forward's filtered values), so the
+    gradient is exact for the op.  Double backward is exact as well (the
+    Hessian is ``-2 W``).  No gradient flows to ``image``.
 
     Args:
         probs: probabilities in [0, 1] (a softmax output); NaN, Inf or values
@@ -138,7 +140,7 @@ def dense_crf_loss(
     compute = torch.float64 if probs.dtype == torch.float64 else torch.float32
     lattice = PermutohedralLattice(image.to(compute), sigma_xy, sigma_rgb)
     if extension_loaded():
-        energy, normaliser, _ = torch.ops.boxloss.dense_crf_loss.default(probs, valid_mask, *lattice.tensors)
+        energy, normaliser = torch.ops.boxloss.dense_crf_loss.default(probs, valid_mask, *lattice.tensors)
     else:
         energy, normaliser = _fallback.dense_crf_energy(_DENSE, probs, valid_mask, lattice.tensors)
     if normalize:
@@ -153,36 +155,58 @@ def dense_crf_loss(
 def _register() -> None:
     @torch.library.register_fake("boxloss::dense_crf_loss")
     def _dense_crf_loss_fake(probs, valid_mask, splat_index, splat_weight, blur_neighbours, vertex_offsets):
-        B, C, H, W = probs.shape
-        compute = torch.float64 if probs.dtype == torch.float64 else torch.float32
-        return (
-            probs.new_empty((B,)),
-            probs.new_empty((B,)),
-            probs.new_empty((B, C + 1, H, W), dtype=compute),
-        )
+        return probs.new_empty((probs.shape[0],)), probs.new_empty((probs.shape[0],))
 
     @torch.library.register_fake("boxloss::_dense_crf_loss_backward")
     def _dense_crf_loss_backward_fake(
-        grad_energy, probs, valid_mask, filtered, splat_index, splat_weight, blur_neighbours, vertex_offsets
+        grad_energy, probs, valid_mask, splat_index, splat_weight, blur_neighbours, vertex_offsets
     ):
         return probs.new_empty(probs.shape)
 
     def setup_context(ctx, inputs, output):
         probs, valid_mask, *lattice = inputs
-        _, normaliser, filtered = output
-        ctx.save_for_backward(probs, valid_mask, filtered, *lattice)
-        ctx.mark_non_differentiable(normaliser, filtered)
+        # Only the inputs: the backward filters the probabilities again instead of
+        # keeping the forward's (C + 1)-channel filtered values.
+        ctx.save_for_backward(probs, valid_mask, *lattice)
+        ctx.mark_non_differentiable(output[1])
+        ctx.set_materialize_grads(False)
 
-    def backward(ctx, grad_energy, _grad_normaliser, _grad_filtered):
-        probs, valid_mask, filtered, *lattice = ctx.saved_tensors
+    def backward(ctx, grad_energy, _grad_normaliser):
+        probs, valid_mask, *lattice = ctx.saved_tensors
         grad_probs = None
-        if ctx.needs_input_grad[0]:
-            grad_probs = torch.ops.boxloss._dense_crf_loss_backward.default(
-                grad_energy, probs, valid_mask, filtered, *lattice
-            )
+        if ctx.needs_input_grad[0] and grad_energy is not None:
+            grad_probs = torch.ops.boxloss._dense_crf_loss_backward.default(grad_energy, probs, valid_mask, *lattice)
         return grad_probs, None, None, None, None, None
 
     torch.library.register_autograd("boxloss::dense_crf_loss", backward, setup_context=setup_context)
+
+    # E is quadratic in S, so the backward G(g, S) = g m (W m - 2 W S) is linear in
+    # g and affine in S (the backward op recomputes its filters from S):
+    #   d<gg, G>/dg_b = sum over image b of gg * G(1, S),
+    #   d<gg, G>/dS   = G(g, gg) - G(g, 0) = -2 g m W (m gg)   (W symmetric),
+    # exact, with the backward op itself.
+    def backward_setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    def backward_backward(ctx, grad_grad_probs):
+        grad_energy, probs, valid_mask, *lattice = ctx.saved_tensors
+        if grad_grad_probs is None:
+            return (None,) * 7
+        gradient = torch.ops.boxloss._dense_crf_loss_backward.default
+        grad_grad_energy = grad_probs = None
+        if ctx.needs_input_grad[0]:
+            per_unit = gradient(torch.ones_like(grad_energy), probs, valid_mask, *lattice)
+            grad_grad_energy = (grad_grad_probs * per_unit).sum((1, 2, 3)).to(grad_energy.dtype)
+        if ctx.needs_input_grad[1]:
+            direction = grad_grad_probs.to(probs.dtype)
+            grad_probs = gradient(grad_energy, direction, valid_mask, *lattice) - gradient(
+                grad_energy, torch.zeros_like(direction), valid_mask, *lattice
+            )
+        return grad_grad_energy, grad_probs, None, None, None, None, None
+
+    torch.library.register_autograd(
+        "boxloss::_dense_crf_loss_backward", backward_backward, setup_context=backward_setup_context
+    )
 
 
 if extension_loaded():

@@ -140,12 +140,19 @@ def _register() -> None:
         _, _, row_index, col_index, _ = output
         ctx.save_for_backward(row_index, col_index)
         ctx.probs_shape = probs.shape
+        ctx.dtype = output[0].dtype
         ctx.mark_non_differentiable(row_index, col_index, output[4])
+        # No zero gradients for the index outputs (or for an unused maximum) are made up.
+        ctx.set_materialize_grads(False)
 
     def backward(ctx, grad_row_max, grad_col_max, _grad_row_index, _grad_col_index, _grad_ranges):
         row_index, col_index = ctx.saved_tensors
         grad_probs = None
-        if ctx.needs_input_grad[0]:
+        if ctx.needs_input_grad[0] and (grad_row_max is not None or grad_col_max is not None):
+            if grad_row_max is None:
+                grad_row_max = row_index.new_zeros(row_index.shape, dtype=ctx.dtype)
+            if grad_col_max is None:
+                grad_col_max = col_index.new_zeros(col_index.shape, dtype=ctx.dtype)
             grad_probs = torch.ops.boxloss._box_row_col_max_backward.default(
                 grad_row_max, grad_col_max, row_index, col_index, list(ctx.probs_shape)
             )
@@ -153,6 +160,31 @@ def _register() -> None:
         return grad_probs, None, None, None, None
 
     torch.library.register_autograd("boxloss::box_row_col_max", backward, setup_context=setup_context)
+
+    # The backward scatters each maximum's gradient to its arg-max pixel: linear in
+    # the incoming gradients, and the arg-max indices are piecewise constant in
+    # probs.  Its derivative is exact and cheap: a gather of the outer gradient
+    # at the same indices (and 0 for probs, whose maxima have no curvature).
+    def backward_setup_context(ctx, inputs, output):
+        grad_row_max, _, row_index, col_index, _ = inputs
+        ctx.save_for_backward(row_index, col_index)
+        ctx.dtype = grad_row_max.dtype
+
+    def backward_backward(ctx, grad_grad_probs):
+        row_index, col_index = ctx.saved_tensors
+        if grad_grad_probs is None:
+            return None, None, None, None, None
+        flat = grad_grad_probs.reshape(-1).to(ctx.dtype)
+        return _gather_at(flat, row_index), _gather_at(flat, col_index), None, None, None
+
+    torch.library.register_autograd(
+        "boxloss::_box_row_col_max_backward", backward_backward, setup_context=backward_setup_context
+    )
+
+
+def _gather_at(flat: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """flat[index] where index >= 0, 0 where it is -1 (a row or column the box does not cover)."""
+    return torch.where(index >= 0, flat[index.clamp_min(0)], flat.new_zeros(()))
 
 
 if extension_loaded():

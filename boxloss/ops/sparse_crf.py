@@ -152,6 +152,38 @@ def _register() -> None:
 
     torch.library.register_autograd("boxloss::sparse_crf_loss", backward, setup_context=setup_context)
 
+    # The backward G(grad, x) = grad_b * sum_q w_pq phi'(x_p, x_q) is linear in grad,
+    # piecewise constant in x for "l1" (sign(x_p - x_q)) and affine in x for
+    # "potts" (1 - 2 x_q).  So its derivative is exact with the backward op itself:
+    #   d<gg, G>/d grad_b = sum over image b of gg * G(1, x),
+    #   d<gg, G>/dx       = G(grad, gg) - G(grad, 0) for potts (the Hessian -2 W
+    #                       applied to gg, W symmetric), 0 for l1.
+    def backward_setup_context(ctx, inputs, output):
+        grad, probs, image, valid_mask, *settings = inputs
+        ctx.save_for_backward(grad, probs, image, valid_mask)
+        ctx.settings = settings
+
+    def backward_backward(ctx, grad_grad_probs):
+        grad, probs, image, valid_mask = ctx.saved_tensors
+        if grad_grad_probs is None:
+            return (None,) * 9
+        gradient = torch.ops.boxloss._sparse_crf_loss_backward.default
+        grad_grad = None
+        if ctx.needs_input_grad[0]:
+            per_unit = gradient(torch.ones_like(grad), probs, image, valid_mask, *ctx.settings)
+            grad_grad = (grad_grad_probs * per_unit).sum((1, 2, 3)).to(grad.dtype)
+        grad_probs = None
+        if ctx.needs_input_grad[1] and ctx.settings[-1] == "potts":
+            direction = grad_grad_probs.to(probs.dtype)
+            grad_probs = gradient(grad, direction, image, valid_mask, *ctx.settings) - gradient(
+                grad, torch.zeros_like(direction), image, valid_mask, *ctx.settings
+            )
+        return grad_grad, grad_probs, None, None, None, None, None, None, None
+
+    torch.library.register_autograd(
+        "boxloss::_sparse_crf_loss_backward", backward_backward, setup_context=backward_setup_context
+    )
+
 
 if extension_loaded():
     _register()

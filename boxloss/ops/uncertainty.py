@@ -35,6 +35,7 @@ import torch
 
 from boxloss import _checks, _fallback
 from boxloss._extension import extension_loaded
+from boxloss.ops._autograd import first_order_only
 
 TAU = 2.5  # the paper's threshold on sigma^2 (Sec. 4.1.2), also the multi-class default
 TEMPERATURE = 0.2  # Eq. 11
@@ -163,8 +164,9 @@ def uncertainty_bce_loss(
     bootstrapping there is nothing to route: both learn through ``L_u``.
 
     Args:
-        mu: mean logits.
-        log_var: log-variances ``s`` (see the module docstring for why a log).
+        mu: mean logits, finite.
+        log_var: log-variances ``s`` (see the module docstring for why a log),
+            finite.  NaN or Inf in ``mu`` or ``log_var`` raise ``ValueError``.
         target: object probability in [0, 1] (1 object, 0 background; soft
             targets allowed), converted to the dtype of ``mu``.  NaN or values
             outside [0, 1] raise ``ValueError``.
@@ -301,8 +303,10 @@ def uncertainty_ce_loss(
     None; a ``generator`` object cannot be traced.
 
     Args:
-        mu: mean logits.
-        log_var: per-class log-variances (diagonal covariance).
+        mu: mean logits, finite.
+        log_var: per-class log-variances (diagonal covariance), finite.  NaN or
+            Inf in ``mu`` or ``log_var`` raise ``ValueError`` (on any pixel,
+            ignored or not).
         target: class indices (any integer dtype) in [0, C) or ``ignore_index``;
             other values raise ``ValueError``.
         samples: T >= 1.  Memory does not depend on it; time grows linearly.
@@ -457,10 +461,11 @@ def _register() -> None:
         ctx.save_for_backward(mu, log_var, target, box_mask, pixel_perfect, seed, output[1])
         ctx.settings = settings
         ctx.mark_non_differentiable(output[1])
+        ctx.set_materialize_grads(False)
 
     def ce_backward(ctx, grad, _grad_sample_lse):
         grad_mu = grad_log_var = None
-        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+        if grad is not None and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
             mu, log_var, target, box_mask, pixel_perfect, seed, sample_lse = ctx.saved_tensors
             grad_mu, grad_log_var = torch.ops.boxloss._uncertainty_ce_loss_backward.default(
                 grad, mu, log_var, target, box_mask, pixel_perfect, seed, sample_lse, *ctx.settings
@@ -468,6 +473,10 @@ def _register() -> None:
         return grad_mu, grad_log_var, None, None, None, None, None, None, None, None, None
 
     torch.library.register_autograd("boxloss::uncertainty_ce_loss", ce_backward, setup_context=ce_setup_context)
+
+    # Second derivatives of the routed, Monte Carlo gradients are not implemented.
+    first_order_only("_uncertainty_bce_loss_backward", _BCE)
+    first_order_only("_uncertainty_ce_loss_backward", _CE)
 
 
 if extension_loaded():

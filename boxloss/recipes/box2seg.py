@@ -5,6 +5,7 @@ Eq. 11) with the paper's weights, over the losses of :mod:`boxloss.losses.box2se
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from boxloss import _checks
@@ -50,6 +51,14 @@ class Box2SegLoss(nn.Module):
         self.sample_fraction, self.eps = float(sample_fraction), float(eps)
 
     def forward(self, probs, attention, embeddings, box_masks, pseudo_labels, valid_mask=None, *, return_terms=False):
+        if all(isinstance(t, torch.Tensor) and t.numel() > 0 for t in (probs, attention, embeddings)):
+            # The terms check their own arguments too; this names the loss the caller called.
+            _checks.check_values(
+                "Box2SegLoss",
+                probs=(probs, _checks.PROBABILITIES),
+                attention=(attention, _checks.PROBABILITIES),
+                embeddings=(embeddings, _checks.FINITE),
+            )
         terms = {
             "gc": pseudo_label_ce_loss(probs, pseudo_labels, eps=self.eps),
             "aw": attention_weighted_loss(probs, attention, box_masks, eps=self.eps),

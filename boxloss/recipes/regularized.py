@@ -182,6 +182,12 @@ class RegularizedLoss(nn.Module):
             if valid is not None:
                 border = border & valid
             if boxes is None:
+                if H <= 2 * self.border_width or W <= 2 * self.border_width:
+                    raise ValueError(
+                        f"{fn}: prior='tight' without boxes takes the box as the crop minus its border of "
+                        f"border_width = {self.border_width} pixels, which leaves no pixel of a {H} x {W} map; "
+                        "pass boxes (one per image), or a border_width below half the map's smaller side"
+                    )
                 bw = float(self.border_width)
                 inner = torch.tensor([bw, bw, W - bw, H - bw], dtype=x.dtype, device=x.device)
                 boxes, spatial_scale = inner.expand(B, 4), 1.0

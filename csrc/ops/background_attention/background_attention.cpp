@@ -12,6 +12,7 @@
 
 #include <torch/library.h>
 
+#include <cmath>
 #include <sstream>
 
 #include "../row_col_max/row_col_max.h"
@@ -64,7 +65,27 @@ void check_finite(const char* op, const char* name, const at::Tensor& t) {
   // temporary; only when it is not (NaN, infinity, or an overflowing sum of
   // huge values) is each element tested.
   const bool finite = at::isfinite(t.sum()).item<bool>() || at::isfinite(t).all().item<bool>();
-  TORCH_CHECK_VALUE(finite, op, ": ", name, " must be finite, but it holds NaN or infinite values");
+  TORCH_CHECK_VALUE(finite, op, ": ", name, " must be finite, but it contains ",
+                    t.isnan().any().item<bool>() ? "NaN" : "Inf");
+}
+
+// Every value in [0, 1]: one min/max pass (NaN propagates into both, so it fails too).
+void check_unit_interval(const char* op, const char* name, const at::Tensor& t) {
+  if (t.numel() == 0) return;
+  const auto [min, max] = at::aminmax(t.reshape(-1));
+  const at::Tensor bounds = at::stack({min, max}).to(at::kCPU, at::kDouble);
+  const double low = bounds.data_ptr<double>()[0], high = bounds.data_ptr<double>()[1];
+  if (low >= 0 && high <= 1) return;
+  std::ostringstream what;
+  if (std::isnan(low) || std::isnan(high)) {
+    what << "NaN";
+  } else if (std::isinf(low) || std::isinf(high)) {
+    what << "Inf";
+  } else {
+    what << "values outside [0, 1] (min " << low << ", max " << high << ")";
+  }
+  TORCH_CHECK_VALUE(false, op, ": ", name, " must hold values in [0, 1] (the background attention A), but it contains ",
+                    what.str());
 }
 
 // Resolves the boxes under the box convention and raises for bad ones.
@@ -205,7 +226,7 @@ at::Tensor background_attention_backward_impl(const at::Tensor& grad_attention, 
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> background_aware_pool_impl(
     const at::Tensor& features, const at::Tensor& attention, const at::Tensor& boxes, const at::Tensor& box_batch,
-    int64_t output_size, double spatial_scale, const BackgroundAttentionKernels& kernels) {
+    int64_t output_size, double spatial_scale, const BackgroundAttentionKernels& kernels, bool check_values) {
   check_features(kPool, features);
   check_boxes(kPool, features, boxes, box_batch, spatial_scale);
   const int64_t B = features.size(0), D = features.size(1), h = features.size(2), w = features.size(3);
@@ -221,6 +242,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> background_aware_pool_impl(
   const at::ScalarType dtype = compute_dtype(features.scalar_type());
   const at::Tensor f = features.to(dtype).contiguous();
   const at::Tensor a = attention.to(dtype).contiguous();
+  if (check_values) {
+    check_finite(kPool, "features", f);
+    check_unit_interval(kPool, "attention", a);
+  }
   const at::Tensor ranges = resolve(kPool, boxes, box_batch, spatial_scale, B, h, w, kernels);
   const int64_t K = boxes.size(0);
   at::Tensor pooled = at::zeros({K, D, output_size, output_size}, f.options());
@@ -262,8 +287,8 @@ PoolingResult background_attention_pool_impl(const at::Tensor& features, const a
                                              double min_background, const BackgroundAttentionKernels& kernels) {
   auto [attention, queries, valid, fallback, inside, background] = background_attention_impl(
       features, boxes, box_batch, grid_size, spatial_scale, bg_mask, min_background, kernels);
-  auto [pooled, weight_sum, ranges] =
-      background_aware_pool_impl(features, attention, boxes, box_batch, output_size, spatial_scale, kernels);
+  auto [pooled, weight_sum, ranges] = background_aware_pool_impl(features, attention, boxes, box_batch, output_size,
+                                                                 spatial_scale, kernels, /*check_values=*/false);
   return {pooled, attention, queries, valid, fallback, weight_sum, ranges, inside, background};
 }
 

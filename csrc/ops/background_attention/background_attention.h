@@ -86,9 +86,11 @@ at::Tensor background_attention_backward_impl(const at::Tensor& grad_attention, 
                                               int64_t grid_size, const BackgroundAttentionKernels& kernels,
                                               at::Tensor* accumulate = nullptr);
 
+// check_values: raise for non-finite features or an attention outside [0, 1]
+// (off when the attention is the fused op's own, computed from checked features).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> background_aware_pool_impl(
     const at::Tensor& features, const at::Tensor& attention, const at::Tensor& boxes, const at::Tensor& box_batch,
-    int64_t output_size, double spatial_scale, const BackgroundAttentionKernels& kernels);
+    int64_t output_size, double spatial_scale, const BackgroundAttentionKernels& kernels, bool check_values = true);
 
 std::tuple<at::Tensor, at::Tensor> background_aware_pool_backward_impl(
     const at::Tensor& grad_pooled, const at::Tensor& features, const at::Tensor& attention, const at::Tensor& pooled,
