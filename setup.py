@@ -182,7 +182,10 @@ setup(
     license_files=["LICENSE"],
     python_requires=">=3.9",
     packages=find_packages(include=["boxloss", "boxloss.*"]),
-    install_requires=["torch>=2.5", "numpy", "scipy", "pillow", "pycocotools", "opencv-python-headless", "pydensecrf2"],
+    install_requires=[
+        "torch>=2.5", "torchvision", "numpy", "scipy", "pillow", "pycocotools", "opencv-python-headless", "pydensecrf2",
+        "matplotlib", "tqdm",
+    ],
     extras_require={"test": ["pytest", "hypothesis", "expecttest", "scipy"], "dev": DEV_REQUIRES},
     ext_modules=extensions(),
     cmdclass={"build_ext": BuildExtensionKeepingObjects.with_options(use_ninja=True)},

@@ -1,10 +1,19 @@
 import os
+import shutil
+import tempfile
 
 import pytest
 
 # The suite tests the compiled ops: without them the public functions would fall
 # back to the reference and the tests would compare the reference with itself.
 os.environ.setdefault("BOXLOSS_REQUIRE_EXTENSION", "1")
+
+# torch.compile's caches (FX graphs, AOTAutograd forward/backward pairs) are keyed by the traced forward graph, not by
+# the backward ops a custom op registers: an entry left by an earlier build of boxloss on the same machine can replay
+# a backward that calls an op this build no longer has.  Each session compiles into its own directory.
+_INDUCTOR_CACHE = None
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    _INDUCTOR_CACHE = os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="boxloss-tests-inductor-")
 
 try:
     from hypothesis import HealthCheck, settings
@@ -19,6 +28,11 @@ try:
     settings.load_profile("boxloss")
 except ImportError:  # pragma: no cover
     pass
+
+
+def pytest_unconfigure(config):
+    if _INDUCTOR_CACHE is not None:
+        shutil.rmtree(_INDUCTOR_CACHE, ignore_errors=True)
 
 
 def pytest_configure(config):
