@@ -55,6 +55,7 @@ from boxloss.noise_aware import (
     cosine_logits,
     noise_aware_loss,
 )
+from boxloss.ops.crf_inference import DenseCRF, dense_crf_inference
 from boxloss.metrics import confusion_matrix, fbeta_score, fill_rate_statistics, iou_table, mean_iou
 from boxloss.pseudo_labels import merge_box_masks
 from boxloss.pairwise import DenseCRFLoss, SparseCRFLoss, dense_crf_loss, sparse_crf_loss
@@ -120,6 +121,7 @@ __all__ = [
     "BilateralFilter",
     "BorderBackgroundLoss",
     "BoxRowColMax",
+    "DenseCRF",
     "DenseCRFLoss",
     "MILBoxLoss",
     "NegativeLoss",
@@ -138,6 +140,7 @@ __all__ = [
     "border_background_loss",
     "box_row_col_max",
     "cuda_kernels_built",
+    "dense_crf_inference",
     "dense_crf_loss",
     "extension_error",
     "extension_loaded",

@@ -1,0 +1,519 @@
+// CPU mean-field loop of DenseCRF inference (math.h), one image at a time.
+//
+// Everything stays pixel-major between the steps: each pixel's classes are one
+// row of `stride` values (the classes, then zeros up to a whole number of 16-
+// or 32-byte groups), and each lattice vertex's values are one row of the same
+// stride.  A step is then
+//
+//   blur:  each kernel's vertex rows along its d+1 axes (dst = src + (down + up) / 2);
+//   pixel: logits = -U_i + sum_k sum_r slice_k[i, r] grid_k[v_kr]   (the slice of both kernels)
+//          Q_i = softmax(logits)         (math.h softmax_pixels, over blocks of 16 pixels)
+//   splat: grid'_k[v_kr] += splat_k[i, r] Q_i                        (into each kernel's other grid)
+//
+// with the normalisers, kernel weights and lattice scale folded into the
+// per-pixel weights once (prepare_kernel): splat_k[i, r] = w_ir n_i m_i and
+// slice_k[i, r] = w_k alpha n_i w_ir m_i.  The unaries are transposed to rows
+// once, and the result back to planes once.  The softmax runs channel-major,
+// one vector lane per pixel, on blocks of 16 rows transposed in cache.
+//
+// One thread: the pixel pass and the splat run tile by tile, a tile's rows
+// staying in cache.  Several threads on one image: the pixel pass runs over
+// tiles in parallel into rows of the whole image, then the splat is split by
+// 64-byte blocks of channels (rows padded to whole blocks, as in the lattice
+// filter), each thread adding every pixel in order into its own columns, and
+// the blurs split by vertex ranges.  Every sum is taken in the same order
+// either way, so the results are the same bit for bit.
+//
+// The appearance lattice at BANA's sigmas (55, 3) has about one point per
+// pixel, so its two grids are tens of megabytes read at random: the loop is
+// bound by memory traffic (mostly the six blur passes), and the grids get
+// huge pages and prefetches (below).
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <new>
+#include <type_traits>
+#include <vector>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
+#include "boxloss/common/cpu_clones.h"
+#include "boxloss/crf_inference/cpu.h"
+
+namespace boxloss {
+namespace crf_inference {
+namespace cpu {
+namespace {
+
+constexpr int64_t kTile = 256;  // pixels per tile of the pixel pass: 24 KB of 24-float rows
+
+// Values per 64-byte block: the unit of the channel split among threads.
+template <typename scalar>
+constexpr int64_t kBlock = 64 / sizeof(scalar);
+
+// The vertex rows a loop will read a few iterations ahead are fetched early:
+// the rows of a lattice with ~1 point per pixel (the appearance kernel at
+// BANA's sigma_rgb = 3) are scattered over tens of megabytes, and the loops
+// are otherwise bound by the latency of those misses.
+constexpr int64_t kPrefetchAhead = 8;
+
+template <typename scalar>
+BOXLOSS_ALWAYS_INLINE void prefetch_row(const scalar* row, int64_t values, bool for_write) {
+  const char* p = reinterpret_cast<const char*>(row);
+  const int64_t bytes = values * static_cast<int64_t>(sizeof(scalar));
+  for (int64_t offset = 0; offset < bytes; offset += 64) {
+    if (for_write) {
+      __builtin_prefetch(p + offset, 1, 3);
+    } else {
+      __builtin_prefetch(p + offset, 0, 3);
+    }
+  }
+  if (bytes % 64 != 0 && (reinterpret_cast<uintptr_t>(p) % 64) + bytes % 64 > 64) {
+    __builtin_prefetch(p + bytes - 1, for_write ? 1 : 0, 3);
+  }
+}
+
+// 64-byte aligned, uninitialised (or zeroed) storage.  Blocks of 2 MiB and
+// more are aligned to 2 MiB and offered to the kernel for transparent huge
+// pages: the grids are read at random, and with 4 KiB pages nearly every
+// vertex row of a 30 MB grid would also miss the TLB (and fault its page in
+// on first touch).
+template <typename T>
+class AlignedBuffer {
+ public:
+  AlignedBuffer() = default;
+  explicit AlignedBuffer(int64_t n, bool zero = false) {
+    constexpr size_t kHugePage = size_t{2} << 20;
+    size_t bytes = std::max<size_t>(64, (static_cast<size_t>(n) * sizeof(T) + 63) / 64 * 64);
+    const bool huge = bytes >= kHugePage;
+    if (huge) bytes = (bytes + kHugePage - 1) / kHugePage * kHugePage;
+    data_ = static_cast<T*>(std::aligned_alloc(huge ? kHugePage : 64, bytes));
+    if (data_ == nullptr) throw std::bad_alloc();
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+    if (huge) madvise(data_, bytes, MADV_HUGEPAGE);  // advice only: a refusal changes nothing
+#endif
+    if (zero) std::memset(data_, 0, bytes);
+  }
+  ~AlignedBuffer() { std::free(data_); }
+  AlignedBuffer(const AlignedBuffer&) = delete;
+  AlignedBuffer& operator=(const AlignedBuffer&) = delete;
+  AlignedBuffer(AlignedBuffer&& other) noexcept : data_(other.data_) { other.data_ = nullptr; }
+  AlignedBuffer& operator=(AlignedBuffer&& other) noexcept {
+    std::swap(data_, other.data_);
+    return *this;
+  }
+  T* get() const { return data_; }
+
+ private:
+  T* data_ = nullptr;
+};
+
+// One kernel as the loop reads it: the lattice, the folded per-pixel weights
+// and the two vertex grids ((V + 1) rows each; row V is zero and stands in
+// for absent neighbours).  `splatted` is the grid the splat of the current Q
+// goes into, `result` the blurred grid the pixel pass slices.
+template <typename scalar>
+struct Kernel {
+  bool active = false;
+  int simplex = 0;
+  const int32_t* index = nullptr;
+  const int32_t* neighbours = nullptr;
+  int64_t axis_stride = 0;
+  int64_t num_vertices = 0;
+  AlignedBuffer<scalar> splat_weight;  // (N, simplex)
+  AlignedBuffer<scalar> slice_weight;  // (N, simplex)
+  AlignedBuffer<scalar> grid_a, grid_b;
+  scalar* splatted = nullptr;
+  scalar* result = nullptr;
+
+  scalar* other(const scalar* grid) const { return grid == grid_a.get() ? grid_b.get() : grid_a.get(); }
+};
+
+// What the pixel pass and the splat read: kernel k's index, weights and grid.
+template <typename scalar, int kSimplex>
+struct KernelView {
+  bool active;
+  const int32_t* __restrict index;
+  const scalar* __restrict weight;
+  scalar* grid;
+};
+
+template <typename scalar, int kSimplex>
+KernelView<scalar, kSimplex> slice_view(const Kernel<scalar>& k) {
+  return {k.active, k.index, k.slice_weight.get(), k.result};
+}
+
+template <typename scalar, int kSimplex>
+KernelView<scalar, kSimplex> splat_view(const Kernel<scalar>& k) {
+  return {k.active, k.index, k.splat_weight.get(), k.splatted};
+}
+
+// The row strides compiled as fixed-size loops.
+template <typename scalar, typename F>
+void with_row_width(int64_t stride, F&& f) {
+  using std::integral_constant;
+  if constexpr (sizeof(scalar) == 4) {
+    switch (stride) {
+      case 4: return f(integral_constant<int64_t, 4>());
+      case 8: return f(integral_constant<int64_t, 8>());
+      case 16: return f(integral_constant<int64_t, 16>());
+      case 24: return f(integral_constant<int64_t, 24>());
+      case 32: return f(integral_constant<int64_t, 32>());
+      default: return f(integral_constant<int64_t, 0>());
+    }
+  } else {
+    switch (stride) {
+      case 4: return f(integral_constant<int64_t, 4>());
+      case 8: return f(integral_constant<int64_t, 8>());
+      case 24: return f(integral_constant<int64_t, 24>());
+      default: return f(integral_constant<int64_t, 0>());
+    }
+  }
+}
+
+// -U of pixels [p0, p1) as rows (padding lanes 0); returns UnaryStatus bits.
+template <typename scalar>
+BOXLOSS_CPU_CLONES int32_t unary_rows(const scalar* __restrict unary, int64_t channels, int64_t num_pixels,
+                                      int64_t stride, int64_t p0, int64_t p1, scalar* __restrict rows) {
+  int32_t status = 0;
+  for (int64_t c = 0; c < channels; ++c) {
+    const scalar* __restrict plane = unary + c * num_pixels;
+    for (int64_t p = p0; p < p1; ++p) {
+      const scalar u = plane[p];
+      status |= unary_value_status(u);
+      rows[p * stride + c] = -u;
+    }
+  }
+  for (int64_t p = p0; p < p1; ++p) {
+    scalar* __restrict row = rows + p * stride;
+    bool all_infinite = true;
+    for (int64_t c = 0; c < channels; ++c) all_infinite = all_infinite && row[c] == negative_infinity<scalar>();
+    status |= all_infinite ? kUnaryAllInfinite : 0;
+    for (int64_t c = channels; c < stride; ++c) row[c] = scalar(0);
+  }
+  return status;
+}
+
+// Pixels per block of the softmax: one vector lane per pixel.
+constexpr int kSoftmaxPixels = 16;
+
+// Q of pixels [p0, p1) into rows (row of pixel p at rows + (p - p0) stride,
+// padding lanes 0): softmax(-U) alone, or with the messages sliced from both
+// kernels' grids.  The logits are formed row by row, then each block of
+// kSoftmaxPixels rows goes through math.h's softmax channel-major.
+template <typename scalar, int64_t kWidth>
+BOXLOSS_CPU_CLONES void pixel_pass(const scalar* __restrict neg_unary, const uint8_t* __restrict valid,
+                                   KernelView<scalar, kAppearanceSimplex> a, KernelView<scalar, kSmoothnessSimplex> s,
+                                   bool messages, int64_t channels, int64_t runtime_stride, int64_t p0, int64_t p1,
+                                   scalar* __restrict rows, scalar* __restrict block) {
+  const int64_t stride = kWidth > 0 ? kWidth : runtime_stride;
+  for (int64_t b0 = p0; b0 < p1; b0 += kSoftmaxPixels) {
+    const int64_t n = std::min<int64_t>(kSoftmaxPixels, p1 - b0);
+    for (int64_t p = b0; p < b0 + n; ++p) {
+      if (messages && a.active && p + kPrefetchAhead < p1) {
+        for (int r = 0; r < kAppearanceSimplex; ++r) {
+          prefetch_row(a.grid + static_cast<int64_t>(a.index[(p + kPrefetchAhead) * kAppearanceSimplex + r]) * stride,
+                       stride, false);
+        }
+      }
+      scalar* __restrict row = rows + (p - p0) * stride;
+      const scalar* __restrict nu = neg_unary + p * stride;
+      for (int64_t c = 0; c < stride; ++c) row[c] = nu[c];
+      if (messages && (valid == nullptr || valid[p])) {
+        if (a.active) {
+#pragma GCC unroll 6
+          for (int r = 0; r < kAppearanceSimplex; ++r) {
+            const scalar w = a.weight[p * kAppearanceSimplex + r];
+            const scalar* __restrict g = a.grid + static_cast<int64_t>(a.index[p * kAppearanceSimplex + r]) * stride;
+            for (int64_t c = 0; c < stride; ++c) row[c] += w * g[c];
+          }
+        }
+        if (s.active) {
+#pragma GCC unroll 3
+          for (int r = 0; r < kSmoothnessSimplex; ++r) {
+            const scalar w = s.weight[p * kSmoothnessSimplex + r];
+            const scalar* __restrict g = s.grid + static_cast<int64_t>(s.index[p * kSmoothnessSimplex + r]) * stride;
+            for (int64_t c = 0; c < stride; ++c) row[c] += w * g[c];
+          }
+        }
+      }
+    }
+    // Rows -> channel-major block (pixels past the end get logits 0), softmax, back.
+    const scalar* __restrict first = rows + (b0 - p0) * stride;
+    for (int64_t c = 0; c < channels; ++c) {
+      for (int t = 0; t < kSoftmaxPixels; ++t) block[c * kSoftmaxPixels + t] = t < n ? first[t * stride + c] : scalar(0);
+    }
+    softmax_pixels<scalar, kSoftmaxPixels>(block, channels);
+    for (int64_t t = 0; t < n; ++t) {
+      scalar* __restrict row = rows + (b0 - p0 + t) * stride;
+      for (int64_t c = 0; c < channels; ++c) row[c] = block[c * kSoftmaxPixels + t];
+      for (int64_t c = channels; c < stride; ++c) row[c] = scalar(0);
+    }
+  }
+}
+
+// Adds columns [c0, c0 + width) of the rows of pixels [p0, p1) (row of pixel
+// p at rows + (p - p0) stride) into both kernels' grids, in pixel order.
+// Invalid pixels send nothing.
+template <typename scalar, int64_t kWidth>
+BOXLOSS_CPU_CLONES void splat_pass(const uint8_t* __restrict valid, KernelView<scalar, kAppearanceSimplex> a,
+                                   KernelView<scalar, kSmoothnessSimplex> s, int64_t stride, int64_t c0,
+                                   int64_t runtime_width, int64_t p0, int64_t p1, const scalar* __restrict rows) {
+  const int64_t width = kWidth > 0 ? kWidth : runtime_width;
+  for (int64_t p = p0; p < p1; ++p) {
+    if (a.active && p + kPrefetchAhead < p1) {
+      for (int r = 0; r < kAppearanceSimplex; ++r) {
+        prefetch_row(a.grid + static_cast<int64_t>(a.index[(p + kPrefetchAhead) * kAppearanceSimplex + r]) * stride + c0,
+                     width, true);
+      }
+    }
+    if (valid != nullptr && !valid[p]) continue;
+    const scalar* __restrict q = rows + (p - p0) * stride + c0;
+    if (a.active) {
+#pragma GCC unroll 6
+      for (int r = 0; r < kAppearanceSimplex; ++r) {
+        const scalar w = a.weight[p * kAppearanceSimplex + r];
+        scalar* __restrict g = a.grid + static_cast<int64_t>(a.index[p * kAppearanceSimplex + r]) * stride + c0;
+        for (int64_t c = 0; c < width; ++c) g[c] += w * q[c];
+      }
+    }
+    if (s.active) {
+#pragma GCC unroll 3
+      for (int r = 0; r < kSmoothnessSimplex; ++r) {
+        const scalar w = s.weight[p * kSmoothnessSimplex + r];
+        scalar* __restrict g = s.grid + static_cast<int64_t>(s.index[p * kSmoothnessSimplex + r]) * stride + c0;
+        for (int64_t c = 0; c < width; ++c) g[c] += w * q[c];
+      }
+    }
+  }
+}
+
+// One blur pass along one axis for vertices [v0, v1): dst = src + (down + up) / 2.
+template <typename scalar, int64_t kWidth>
+BOXLOSS_CPU_CLONES void blur_pass(const int32_t* __restrict neighbours, const scalar* __restrict src,
+                                  scalar* __restrict dst, int64_t num_vertices, int64_t runtime_stride, int64_t v0,
+                                  int64_t v1) {
+  const int64_t stride = kWidth > 0 ? kWidth : runtime_stride;
+  const scalar half = scalar(0.5);
+  for (int64_t v = v0; v < v1; ++v) {
+    if (v + kPrefetchAhead < v1) {
+      const int32_t ahead_down = neighbours[2 * (v + kPrefetchAhead)];
+      const int32_t ahead_up = neighbours[2 * (v + kPrefetchAhead) + 1];
+      prefetch_row(src + (ahead_down < 0 ? num_vertices : ahead_down) * stride, stride, false);
+      prefetch_row(src + (ahead_up < 0 ? num_vertices : ahead_up) * stride, stride, false);
+    }
+    const int32_t down = neighbours[2 * v];
+    const int32_t up = neighbours[2 * v + 1];
+    const scalar* __restrict a = src + v * stride;
+    const scalar* __restrict n1 = src + (down < 0 ? num_vertices : down) * stride;
+    const scalar* __restrict n2 = src + (up < 0 ? num_vertices : up) * stride;
+    scalar* __restrict o = dst + v * stride;
+    for (int64_t c = 0; c < stride; ++c) o[c] = a[c] + half * (n1[c] + n2[c]);
+  }
+}
+
+// Q rows of pixels [p0, p1) (row of p at rows + (p - p0) stride) -> planes.
+template <typename scalar>
+void rows_to_planes(const scalar* __restrict rows, int64_t stride, int64_t channels, int64_t num_pixels, int64_t p0,
+                    int64_t p1, scalar* __restrict out) {
+  for (int64_t c = 0; c < channels; ++c) {
+    scalar* __restrict plane = out + c * num_pixels;
+    for (int64_t p = p0; p < p1; ++p) plane[p] = rows[(p - p0) * stride + c];
+  }
+}
+
+// Blurs kernel k's `splatted` grid along its axes (through the other grid)
+// and sets k.result to the grid holding the blurred values.
+template <typename scalar, int64_t kWidth>
+void blur_kernel(Kernel<scalar>& k, int64_t stride, const RangeRunner& runner) {
+  scalar* src = k.splatted;
+  scalar* dst = k.other(src);
+  const int64_t grain = std::max<int64_t>(256, (int64_t{1} << 16) / std::max<int64_t>(1, stride));
+  for (int axis = 0; axis < k.simplex; ++axis) {
+    const int32_t* neighbours = k.neighbours + axis * k.axis_stride;
+    runner(k.num_vertices, grain, [&](int64_t v0, int64_t v1) {
+      blur_pass<scalar, kWidth>(neighbours, src, dst, k.num_vertices, stride, v0, v1);
+    });
+    std::swap(src, dst);
+  }
+  k.result = src;
+}
+
+// The normaliser of kernel k (the filter of the valid mask, one channel) and
+// its folded per-pixel weights; allocates the grids of `stride` values per row.
+template <typename scalar, int kSimplex, int kDim>
+void prepare_kernel(const KernelLattice<scalar>& lattice, const uint8_t* valid, int64_t num_pixels, int64_t stride,
+                    const RangeRunner& runner, Kernel<scalar>* k) {
+  k->active = lattice.weight > 0.0;
+  if (!k->active) return;
+  k->simplex = kSimplex;
+  k->index = lattice.splat_index;
+  k->neighbours = lattice.neighbours;
+  k->axis_stride = lattice.axis_stride;
+  k->num_vertices = lattice.num_vertices;
+  const int64_t V = lattice.num_vertices;
+  const int32_t* index = lattice.splat_index;
+  const scalar* weight = lattice.splat_weight;
+  {
+    // L m: splat the mask, blur, slice (one channel).
+    AlignedBuffer<scalar> one_a(V + 1, true), one_b(V + 1, true);
+    scalar* src = one_a.get();
+    scalar* dst = one_b.get();
+    for (int64_t p = 0; p < num_pixels; ++p) {
+      if (valid != nullptr && !valid[p]) continue;
+      for (int r = 0; r < kSimplex; ++r) src[index[p * kSimplex + r]] += weight[p * kSimplex + r];
+    }
+    for (int axis = 0; axis < kSimplex; ++axis) {
+      const int32_t* neighbours = lattice.neighbours + axis * lattice.axis_stride;
+      runner(V, int64_t{1} << 14, [&](int64_t v0, int64_t v1) {
+        blur_pass<scalar, 1>(neighbours, src, dst, V, 1, v0, v1);
+      });
+      std::swap(src, dst);
+    }
+    const scalar alpha = permutohedral::alpha<scalar, kDim>();
+    const scalar scale = static_cast<scalar>(lattice.weight) * alpha;
+    k->splat_weight = AlignedBuffer<scalar>(num_pixels * kSimplex);
+    k->slice_weight = AlignedBuffer<scalar>(num_pixels * kSimplex);
+    scalar* splat_w = k->splat_weight.get();
+    scalar* slice_w = k->slice_weight.get();
+    const scalar* filtered = src;
+    runner(num_pixels, int64_t{1} << 12, [&](int64_t p0, int64_t p1) {
+      for (int64_t p = p0; p < p1; ++p) {
+        scalar sum = scalar(0);
+        for (int r = 0; r < kSimplex; ++r) sum += weight[p * kSimplex + r] * filtered[index[p * kSimplex + r]];
+        const bool is_valid = valid == nullptr || valid[p] != 0;
+        const scalar n = is_valid ? normaliser(alpha * sum) : scalar(0);
+        for (int r = 0; r < kSimplex; ++r) {
+          splat_w[p * kSimplex + r] = weight[p * kSimplex + r] * n;
+          slice_w[p * kSimplex + r] = scale * n * weight[p * kSimplex + r];
+        }
+      }
+    });
+  }
+  k->grid_a = AlignedBuffer<scalar>((V + 1) * stride, true);
+  k->grid_b = AlignedBuffer<scalar>((V + 1) * stride, true);
+  k->result = k->grid_b.get();
+}
+
+// Zeroes the vertex rows [0, V) of the grid that is not k's result and makes
+// it the splat target (row V stays zero: nothing writes it).
+template <typename scalar>
+void start_splat(Kernel<scalar>& k, int64_t stride, const RangeRunner& runner) {
+  if (!k.active) return;
+  scalar* grid = k.other(k.result);
+  const int64_t rows_per_chunk = std::max<int64_t>(1, (int64_t{1} << 16) / stride);
+  runner((k.num_vertices + rows_per_chunk - 1) / rows_per_chunk, 1, [&](int64_t b0, int64_t b1) {
+    const int64_t v0 = b0 * rows_per_chunk;
+    const int64_t v1 = std::min(k.num_vertices, b1 * rows_per_chunk);
+    std::memset(grid + v0 * stride, 0, static_cast<size_t>((v1 - v0) * stride) * sizeof(scalar));
+  });
+  k.splatted = grid;
+}
+
+template <typename scalar, int64_t kWidth>
+void run_image(const MeanFieldImage<scalar>& image, const scalar* neg_unary, int64_t stride, bool split,
+               const RangeRunner& runner) {
+  const int64_t N = image.num_pixels;
+  const int64_t C = image.channels;
+  Kernel<scalar> appearance, smoothness;
+  prepare_kernel<scalar, kAppearanceSimplex, kAppearanceSimplex - 1>(image.appearance, image.valid, N, stride, runner,
+                                                                     &appearance);
+  prepare_kernel<scalar, kSmoothnessSimplex, kSmoothnessSimplex - 1>(image.smoothness, image.valid, N, stride, runner,
+                                                                     &smoothness);
+  const bool parallel = runner.workers > 1;
+  const int64_t tiles = (N + kTile - 1) / kTile;
+  AlignedBuffer<scalar> rows(parallel ? N * stride : kTile * stride);
+  // A channel-major softmax block per tile task (at most one task per tile runs at once).
+  AlignedBuffer<scalar> blocks(tiles * kSoftmaxPixels * C);
+  const int64_t block = kBlock<scalar>;
+  for (int64_t t = 0; t <= image.iterations; ++t) {
+    const bool messages = t > 0;
+    const bool last = t == image.iterations;
+    if (messages) {
+      if (appearance.active) blur_kernel<scalar, kWidth>(appearance, stride, runner);
+      if (smoothness.active) blur_kernel<scalar, kWidth>(smoothness, stride, runner);
+    }
+    if (!last) {
+      start_splat(appearance, stride, runner);
+      start_splat(smoothness, stride, runner);
+    }
+    const auto a_slice = slice_view<scalar, kAppearanceSimplex>(appearance);
+    const auto s_slice = slice_view<scalar, kSmoothnessSimplex>(smoothness);
+    const auto a_splat = splat_view<scalar, kAppearanceSimplex>(appearance);
+    const auto s_splat = splat_view<scalar, kSmoothnessSimplex>(smoothness);
+    if (!parallel) {
+      for (int64_t tile = 0; tile < tiles; ++tile) {
+        const int64_t p0 = tile * kTile, p1 = std::min(N, p0 + kTile);
+        pixel_pass<scalar, kWidth>(neg_unary, image.valid, a_slice, s_slice, messages, C, stride, p0, p1, rows.get(),
+                                   blocks.get());
+        if (last) {
+          rows_to_planes(rows.get(), stride, C, N, p0, p1, image.out);
+        } else {
+          splat_pass<scalar, kWidth>(image.valid, a_splat, s_splat, stride, 0, stride, p0, p1, rows.get());
+        }
+      }
+      continue;
+    }
+    runner(tiles, 1, [&](int64_t t0, int64_t t1) {
+      const int64_t p0 = t0 * kTile, p1 = std::min(N, t1 * kTile);
+      pixel_pass<scalar, kWidth>(neg_unary, image.valid, a_slice, s_slice, messages, C, stride, p0, p1,
+                                 rows.get() + p0 * stride, blocks.get() + t0 * kSoftmaxPixels * C);
+    });
+    if (last) {
+      runner(tiles, 1, [&](int64_t t0, int64_t t1) {
+        const int64_t p0 = t0 * kTile, p1 = std::min(N, t1 * kTile);
+        rows_to_planes(rows.get() + p0 * stride, stride, C, N, p0, p1, image.out);
+      });
+    } else if (split) {
+      runner(stride / block, 1, [&](int64_t b0, int64_t b1) {
+        for (int64_t b = b0; b < b1; ++b) {
+          splat_pass<scalar, kBlock<scalar>>(image.valid, a_splat, s_splat, stride, b * block, block, 0, N,
+                                             rows.get());
+        }
+      });
+    } else {
+      splat_pass<scalar, kWidth>(image.valid, a_splat, s_splat, stride, 0, stride, 0, N, rows.get());
+    }
+  }
+}
+
+}  // namespace
+
+template <typename scalar>
+int32_t mean_field_image(const MeanFieldImage<scalar>& image, const RangeRunner& runner) {
+  const int64_t N = image.num_pixels;
+  const int64_t C = image.channels;
+  if (N == 0 || C == 0) return 0;
+  // Rows of whole 32-byte groups (16 bytes for up to 4 floats or 2 doubles).
+  const int64_t group = C <= 16 / static_cast<int64_t>(sizeof(scalar)) ? 16 / sizeof(scalar) : 32 / sizeof(scalar);
+  // Split the splat among threads by 64-byte channel blocks when there are
+  // two blocks or more and work enough to pay for the parallel regions.
+  const int64_t block = kBlock<scalar>;
+  const bool split = runner.workers > 1 && C > block && N * C >= (int64_t{1} << 16);
+  const int64_t stride = split ? round_up(C, block) : round_up(C, group);
+  AlignedBuffer<scalar> neg_unary(N * stride);
+  const int64_t tiles = (N + kTile - 1) / kTile;
+  std::vector<int32_t> tile_status(static_cast<size_t>(tiles), 0);
+  runner(tiles, 16, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      tile_status[static_cast<size_t>(t)] =
+          unary_rows(image.unary, C, N, stride, t * kTile, std::min(N, (t + 1) * kTile), neg_unary.get());
+    }
+  });
+  int32_t status = 0;
+  for (int32_t s : tile_status) status |= s;
+  if (status != 0) return status;
+  with_row_width<scalar>(stride, [&](auto width) {
+    run_image<scalar, width()>(image, neg_unary.get(), stride, split, runner);
+  });
+  return 0;
+}
+
+template int32_t mean_field_image<float>(const MeanFieldImage<float>&, const RangeRunner&);
+template int32_t mean_field_image<double>(const MeanFieldImage<double>&, const RangeRunner&);
+
+}  // namespace cpu
+}  // namespace crf_inference
+}  // namespace boxloss
