@@ -269,3 +269,45 @@ def dense_crf_inference_reference(
             q = torch.where(valid > 0, torch.softmax(logits, 0), q0)
         out.append(q.reshape(C, H, W))
     return torch.stack(out)
+
+
+# --------------------------------------------------------------------------- Krähenbühl's code
+
+
+def pydensecrf_inference(
+    unary: torch.Tensor,
+    image: torch.Tensor,
+    *,
+    bilateral=(4.0, 55.0, 3.0),
+    gaussian=(3.0, 3.0),
+    iterations: int = 10,
+) -> torch.Tensor:
+    """Krähenbühl's ``DenseCRF2D`` through ``pydensecrf``, image by image: what the op is compared with.
+
+    unary (B, C, H, W) (run in float32, as pydensecrf does); image (B, 3, H, W)
+    uint8, or floats that are rounded and clamped to [0, 255] (pydensecrf takes
+    uint8 colours); the kernels as ``addPairwiseGaussian(sxy, compat=w)`` and
+    ``addPairwiseBilateral(sxy, srgb, rgbim, compat=w)`` with their default
+    ``DIAG_KERNEL`` and ``NORMALIZE_SYMMETRIC``; a kernel of weight 0 is not
+    added.  Returns Q (B, C, H, W) float32 on the CPU.  Raises ImportError
+    without pydensecrf.
+    """
+    import numpy as np
+    import pydensecrf.densecrf as dcrf
+
+    B, C, H, W = unary.shape
+    if image.dtype != torch.uint8:
+        image = image.round().clamp(0, 255).to(torch.uint8)
+    out = []
+    for b in range(B):
+        crf = dcrf.DenseCRF2D(W, H, C)
+        crf.setUnaryEnergy(np.ascontiguousarray(unary[b].detach().cpu().float().reshape(C, H * W).numpy()))
+        if gaussian[0] > 0:
+            crf.addPairwiseGaussian(sxy=float(gaussian[1]), compat=float(gaussian[0]))
+        if bilateral[0] > 0:
+            rgb = np.ascontiguousarray(image[b].detach().cpu().permute(1, 2, 0).numpy())
+            crf.addPairwiseBilateral(sxy=float(bilateral[1]), srgb=float(bilateral[2]), rgbim=rgb,
+                                     compat=float(bilateral[0]))
+        q = np.array(crf.inference(int(iterations)), dtype=np.float32).reshape(C, H, W)
+        out.append(torch.from_numpy(q))
+    return torch.stack(out)
