@@ -184,6 +184,20 @@ def gaussian_filter_brute_force(values: torch.Tensor, features: torch.Tensor, *,
     return torch.cat(rows, 1)
 
 
+def gaussian_filter_separable(values: torch.Tensor, height: int, width: int, sigma_xy: float) -> torch.Tensor:
+    r"""The exact spatial Gaussian, :math:`\mathrm{out}_i = \sum_j \exp(-\lVert p_i - p_j \rVert^2 / 2\sigma^2) v_j`
+    over the whole image (no truncation), as the product of its x and y factors.
+
+    values (C, H*W) -> (C, H*W); O(N (H + W)) time.
+    """
+    def factor(n):
+        t = torch.arange(n, dtype=values.dtype, device=values.device)
+        return torch.exp(-0.5 * ((t[:, None] - t[None, :]) / sigma_xy) ** 2)
+
+    v = values.reshape(-1, height, width)
+    return (factor(height) @ v @ factor(width)).reshape(values.shape)
+
+
 def spatial_features(height: int, width: int, sigma_xy: float, *, dtype=torch.float64, device="cpu") -> torch.Tensor:
     """(H*W, 2) features (x / sigma_xy, y / sigma_xy) in row-major pixel order, as the kernels compute them."""
     ys, xs = torch.meshgrid(torch.arange(height, dtype=dtype), torch.arange(width, dtype=dtype), indexing="ij")
@@ -194,14 +208,15 @@ def spatial_features(height: int, width: int, sigma_xy: float, *, dtype=torch.fl
 # --------------------------------------------------------------------------- mean field
 
 
-def _kernel_filters(image: torch.Tensor, bilateral, gaussian, kernels: str, dtype):
+def _kernel_filters(image: torch.Tensor, bilateral, gaussian, kernels, dtype):
     """[(weight, filter)] of one (3, H, W) image, filter: (C, N) -> (C, N) = K v."""
     H, W = image.shape[1:]
     filters = []
     w_b, sxy_b, srgb = bilateral
     w_g, sxy_g = gaussian
+    appearance_kind, smoothness_kind = kernels
     if w_b > 0:
-        if kernels == "lattice":
+        if appearance_kind == "lattice":
             lattice = permutohedral_lattice_reference(image[None].to(dtype), sxy_b, srgb)
 
             def appearance(v, lattice=lattice):
@@ -213,16 +228,15 @@ def _kernel_filters(image: torch.Tensor, bilateral, gaussian, kernels: str, dtyp
                 return gaussian_filter_brute_force(v, feats)
         filters.append((w_b, appearance))
     if w_g > 0:
-        feats = spatial_features(H, W, sxy_g, dtype=dtype, device=image.device)
-        if kernels == "lattice":
-            lattice = permutohedral_lattice_nd(feats)
+        if smoothness_kind == "lattice":
+            lattice = permutohedral_lattice_nd(spatial_features(H, W, sxy_g, dtype=dtype, device=image.device))
 
             def smoothness(v, lattice=lattice):
                 return lattice_filter_nd(v, lattice)
         else:
 
-            def smoothness(v, feats=feats):
-                return gaussian_filter_brute_force(v, feats)
+            def smoothness(v):
+                return gaussian_filter_separable(v, H, W, sxy_g)
         filters.append((w_g, smoothness))
     return filters
 
@@ -235,7 +249,7 @@ def dense_crf_inference_reference(
     gaussian=(3.0, 3.0),
     iterations: int = 10,
     valid_mask: torch.Tensor | None = None,
-    kernels: str = "lattice",
+    kernels: str | tuple[str, str] = "lattice",
 ) -> torch.Tensor:
     r"""Q after ``iterations`` mean-field updates; see the module docstring.
 
@@ -245,10 +259,15 @@ def dense_crf_inference_reference(
     of 0 drops the kernel.  With ``valid_mask`` (B, H, W) bool, invalid pixels
     neither send messages (their Q is taken as 0 in every filter, the
     normalisation included) nor receive them (they keep :math:`Q^0`).  Runs in
-    float64 for float64 unaries, float32 otherwise; returns that dtype.
+    float64 for float64 unaries, float32 otherwise; returns that dtype.  ``kernels``:
+    "lattice", "exact", or a pair (appearance, smoothness) of them; the exact
+    appearance kernel is the O(N^2) brute force, the exact smoothness kernel
+    the separable Gaussian (fast at any size).
     """
-    if kernels not in ("lattice", "exact"):
-        raise ValueError(f"dense_crf_inference_reference: kernels must be 'lattice' or 'exact', got {kernels!r}")
+    pair = (kernels, kernels) if isinstance(kernels, str) else tuple(kernels)
+    if len(pair) != 2 or any(k not in ("lattice", "exact") for k in pair):
+        raise ValueError(f"dense_crf_inference_reference: kernels must be 'lattice', 'exact' or a pair of them, "
+                         f"got {kernels!r}")
     dtype = torch.float64 if unary.dtype == torch.float64 else torch.float32
     B, C, H, W = unary.shape
     out = []
@@ -257,7 +276,7 @@ def dense_crf_inference_reference(
         valid = torch.ones(H * W, dtype=dtype, device=unary.device)
         if valid_mask is not None:
             valid = valid_mask[b].reshape(H * W).to(dtype)
-        filters = _kernel_filters(image[b], bilateral, gaussian, kernels, dtype)
+        filters = _kernel_filters(image[b], bilateral, gaussian, pair, dtype)
         # D^(-1/2) of each kernel, with D = K m (the valid pixels only).
         norms = [1.0 / torch.sqrt(k(valid[None]) + 1e-20) for _, k in filters]
         q0 = torch.softmax(-u, 0)

@@ -28,10 +28,20 @@
 // pixel, so its two grids are tens of megabytes read at random: the loop is
 // bound by memory traffic (mostly the six blur passes), and the grids get
 // huge pages and prefetches (below).
+// No fused multiply-adds: whether GCC fuses `g += w * q` depends on the loop
+// it sits in and on the CPU's clone, and a fused and an unfused sum round
+// differently; unfused, every variant (one thread or several, first-use
+// splat or zeroed grid, AVX2 or baseline clone) adds in the same order and
+// rounds the same way.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("fp-contract=off")
+#endif
+
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
 #include <new>
+#include <stdexcept>
 #include <type_traits>
 #include <vector>
 
@@ -57,22 +67,16 @@ constexpr int64_t kBlock = 64 / sizeof(scalar);
 // the rows of a lattice with ~1 point per pixel (the appearance kernel at
 // BANA's sigma_rgb = 3) are scattered over tens of megabytes, and the loops
 // are otherwise bound by the latency of those misses.
-constexpr int64_t kPrefetchAhead = 8;
+constexpr int64_t kPrefetchAhead = 8;       // pixels: each prefetches its 6 appearance rows
+constexpr int64_t kBlurPrefetchAhead = 16;  // vertices of the blur (one row each)
 
 template <typename scalar>
 BOXLOSS_ALWAYS_INLINE void prefetch_row(const scalar* row, int64_t values, bool for_write) {
   const char* p = reinterpret_cast<const char*>(row);
   const int64_t bytes = values * static_cast<int64_t>(sizeof(scalar));
-  for (int64_t offset = 0; offset < bytes; offset += 64) {
-    if (for_write) {
-      __builtin_prefetch(p + offset, 1, 3);
-    } else {
-      __builtin_prefetch(p + offset, 0, 3);
-    }
-  }
-  if (bytes % 64 != 0 && (reinterpret_cast<uintptr_t>(p) % 64) + bytes % 64 > 64) {
-    __builtin_prefetch(p + bytes - 1, for_write ? 1 : 0, 3);
-  }
+  // Every 64-byte line of [p, p + bytes): one per 64 bytes, and the last byte's.
+  for (int64_t offset = 0; offset < bytes; offset += 64) __builtin_prefetch(p + offset, for_write ? 1 : 0, 3);
+  __builtin_prefetch(p + bytes - 1, for_write ? 1 : 0, 3);
 }
 
 // 64-byte aligned, uninitialised (or zeroed) storage.  Blocks of 2 MiB and
@@ -124,6 +128,8 @@ struct Kernel {
   int64_t num_vertices = 0;
   AlignedBuffer<scalar> splat_weight;  // (N, simplex)
   AlignedBuffer<scalar> slice_weight;  // (N, simplex)
+  AlignedBuffer<int32_t> order;        // (simplex, V): each axis's vertices in chain order
+  bool first_use = false;              // vertices numbered by first use in pixel order
   AlignedBuffer<scalar> grid_a, grid_b;
   scalar* splatted = nullptr;
   scalar* result = nullptr;
@@ -199,6 +205,111 @@ BOXLOSS_CPU_CLONES int32_t unary_rows(const scalar* __restrict unary, int64_t ch
 // Pixels per block of the softmax: one vector lane per pixel.
 constexpr int kSoftmaxPixels = 16;
 
+// The helpers that pass 32-byte vectors by value are always inlined, so the
+// baseline clone's note that such an argument changes the ABI (-Wpsabi)
+// never concerns a real call.
+#pragma GCC diagnostic ignored "-Wpsabi"
+
+// g values of one scalar type in a 32-byte vector: 8 floats or 4 doubles.
+template <typename scalar>
+constexpr int64_t kGroup = 32 / sizeof(scalar);
+template <typename scalar>
+struct GroupVector {
+  typedef scalar type __attribute__((vector_size(32)));
+};
+template <typename scalar>
+using Vec = typename GroupVector<scalar>::type;
+
+template <typename scalar>
+BOXLOSS_ALWAYS_INLINE Vec<scalar> load_group(const scalar* p) {
+  Vec<scalar> v;
+  __builtin_memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+template <typename scalar>
+BOXLOSS_ALWAYS_INLINE void store_group(scalar* p, Vec<scalar> v) {
+  __builtin_memcpy(p, &v, sizeof(v));
+}
+
+// In-register transpose of a g x g block: v[j] holds element i of row j on
+// entry and element j of row i on exit.
+template <typename scalar>
+BOXLOSS_ALWAYS_INLINE void transpose_group(Vec<scalar>* v) {
+  if constexpr (kGroup<scalar> == 8) {
+    Vec<scalar> t[8], u[8];
+    for (int i = 0; i < 8; i += 2) {
+      t[i] = __builtin_shufflevector(v[i], v[i + 1], 0, 8, 1, 9, 4, 12, 5, 13);
+      t[i + 1] = __builtin_shufflevector(v[i], v[i + 1], 2, 10, 3, 11, 6, 14, 7, 15);
+    }
+    for (int i = 0; i < 8; i += 4) {
+      u[i] = __builtin_shufflevector(t[i], t[i + 2], 0, 1, 8, 9, 4, 5, 12, 13);
+      u[i + 1] = __builtin_shufflevector(t[i], t[i + 2], 2, 3, 10, 11, 6, 7, 14, 15);
+      u[i + 2] = __builtin_shufflevector(t[i + 1], t[i + 3], 0, 1, 8, 9, 4, 5, 12, 13);
+      u[i + 3] = __builtin_shufflevector(t[i + 1], t[i + 3], 2, 3, 10, 11, 6, 7, 14, 15);
+    }
+    for (int i = 0; i < 4; ++i) {
+      v[i] = __builtin_shufflevector(u[i], u[i + 4], 0, 1, 2, 3, 8, 9, 10, 11);
+      v[i + 4] = __builtin_shufflevector(u[i], u[i + 4], 4, 5, 6, 7, 12, 13, 14, 15);
+    }
+  } else {
+    static_assert(kGroup<scalar> == 4, "32-byte groups of float or double");
+    const Vec<scalar> t0 = __builtin_shufflevector(v[0], v[1], 0, 4, 2, 6);
+    const Vec<scalar> t1 = __builtin_shufflevector(v[0], v[1], 1, 5, 3, 7);
+    const Vec<scalar> t2 = __builtin_shufflevector(v[2], v[3], 0, 4, 2, 6);
+    const Vec<scalar> t3 = __builtin_shufflevector(v[2], v[3], 1, 5, 3, 7);
+    v[0] = __builtin_shufflevector(t0, t2, 0, 1, 4, 5);
+    v[1] = __builtin_shufflevector(t1, t3, 0, 1, 4, 5);
+    v[2] = __builtin_shufflevector(t0, t2, 2, 3, 6, 7);
+    v[3] = __builtin_shufflevector(t1, t3, 2, 3, 6, 7);
+  }
+}
+
+// kSoftmaxPixels rows of `stride` values -> block[c * kSoftmaxPixels + t]
+// for every c < stride (rows of whole groups: g x g register transposes).
+template <typename scalar, int64_t kWidth>
+BOXLOSS_ALWAYS_INLINE void rows_to_block(const scalar* __restrict rows, int64_t runtime_stride,
+                                         scalar* __restrict block) {
+  const int64_t stride = kWidth > 0 ? kWidth : runtime_stride;
+  constexpr int64_t g = kGroup<scalar>;
+  if (stride % g != 0) {
+    for (int64_t c = 0; c < stride; ++c) {
+      for (int t = 0; t < kSoftmaxPixels; ++t) block[c * kSoftmaxPixels + t] = rows[t * stride + c];
+    }
+    return;
+  }
+  for (int64_t t0 = 0; t0 < kSoftmaxPixels; t0 += g) {
+    for (int64_t q = 0; q < stride; q += g) {
+      Vec<scalar> v[g];
+      for (int64_t j = 0; j < g; ++j) v[j] = load_group(rows + (t0 + j) * stride + q);
+      transpose_group<scalar>(v);
+      for (int64_t i = 0; i < g; ++i) store_group(block + (q + i) * kSoftmaxPixels + t0, v[i]);
+    }
+  }
+}
+
+// The inverse, into the first n rows.
+template <typename scalar, int64_t kWidth>
+BOXLOSS_ALWAYS_INLINE void block_to_rows(const scalar* __restrict block, int64_t runtime_stride, int64_t n,
+                                         scalar* __restrict rows) {
+  const int64_t stride = kWidth > 0 ? kWidth : runtime_stride;
+  constexpr int64_t g = kGroup<scalar>;
+  if (stride % g != 0) {
+    for (int64_t t = 0; t < n; ++t) {
+      for (int64_t c = 0; c < stride; ++c) rows[t * stride + c] = block[c * kSoftmaxPixels + t];
+    }
+    return;
+  }
+  for (int64_t t0 = 0; t0 < kSoftmaxPixels; t0 += g) {
+    for (int64_t q = 0; q < stride; q += g) {
+      Vec<scalar> v[g];
+      for (int64_t i = 0; i < g; ++i) v[i] = load_group(block + (q + i) * kSoftmaxPixels + t0);
+      transpose_group<scalar>(v);
+      for (int64_t j = 0; j < g && t0 + j < n; ++j) store_group(rows + (t0 + j) * stride + q, v[j]);
+    }
+  }
+}
+
 // Q of pixels [p0, p1) into rows (row of pixel p at rows + (p - p0) stride,
 // padding lanes 0): softmax(-U) alone, or with the messages sliced from both
 // kernels' grids.  The logits are formed row by row, then each block of
@@ -240,27 +351,51 @@ BOXLOSS_CPU_CLONES void pixel_pass(const scalar* __restrict neg_unary, const uin
         }
       }
     }
-    // Rows -> channel-major block (pixels past the end get logits 0), softmax, back.
-    const scalar* __restrict first = rows + (b0 - p0) * stride;
-    for (int64_t c = 0; c < channels; ++c) {
-      for (int t = 0; t < kSoftmaxPixels; ++t) block[c * kSoftmaxPixels + t] = t < n ? first[t * stride + c] : scalar(0);
+    // Rows -> channel-major block, softmax, back (rows past the end are zeroed
+    // first: their lanes compute softmax(0) and are not written back).
+    scalar* __restrict first = rows + (b0 - p0) * stride;
+    for (int64_t t = n; t < kSoftmaxPixels; ++t) {
+      for (int64_t c = 0; c < stride; ++c) first[t * stride + c] = scalar(0);
     }
+    rows_to_block<scalar, kWidth>(first, stride, block);
     softmax_pixels<scalar, kSoftmaxPixels>(block, channels);
-    for (int64_t t = 0; t < n; ++t) {
-      scalar* __restrict row = rows + (b0 - p0 + t) * stride;
-      for (int64_t c = 0; c < channels; ++c) row[c] = block[c * kSoftmaxPixels + t];
-      for (int64_t c = channels; c < stride; ++c) row[c] = scalar(0);
-    }
+    block_to_rows<scalar, kWidth>(block, stride, n, first);
   }
 }
 
 // Adds columns [c0, c0 + width) of the rows of pixels [p0, p1) (row of pixel
 // p at rows + (p - p0) stride) into both kernels' grids, in pixel order.
-// Invalid pixels send nothing.
-template <typename scalar, int64_t kWidth>
+// Invalid pixels send nothing.  A kernel whose vertices are numbered by first
+// use in pixel order (Kernel::first_use) needs no zeroed grid: the first
+// pixel to touch a vertex writes its row (`next` counts the vertices touched
+// so far, invalid pixels included), the others add to it.  0 + x = x, so the
+// sums are the same bit for bit as into a zeroed grid.
+template <typename scalar, int kSimplex, bool kFirstUse, int64_t kWidth>
+BOXLOSS_ALWAYS_INLINE void splat_kernel_pixel(KernelView<scalar, kSimplex> k, int64_t p, bool is_valid, int64_t stride,
+                                              int64_t c0, int64_t width, const scalar* __restrict q, int64_t* next) {
+#pragma GCC unroll 6
+  for (int r = 0; r < kSimplex; ++r) {
+    const int64_t v = k.index[p * kSimplex + r];
+    const scalar w = k.weight[p * kSimplex + r];
+    scalar* __restrict g = k.grid + v * stride + c0;
+    if (kFirstUse && v == *next) {
+      ++*next;
+      if (is_valid) {
+        for (int64_t c = 0; c < (kWidth > 0 ? kWidth : width); ++c) g[c] = w * q[c];
+      } else {
+        for (int64_t c = 0; c < (kWidth > 0 ? kWidth : width); ++c) g[c] = scalar(0);
+      }
+    } else if (is_valid) {
+      for (int64_t c = 0; c < (kWidth > 0 ? kWidth : width); ++c) g[c] += w * q[c];
+    }
+  }
+}
+
+template <typename scalar, int64_t kWidth, bool kFirstUse>
 BOXLOSS_CPU_CLONES void splat_pass(const uint8_t* __restrict valid, KernelView<scalar, kAppearanceSimplex> a,
                                    KernelView<scalar, kSmoothnessSimplex> s, int64_t stride, int64_t c0,
-                                   int64_t runtime_width, int64_t p0, int64_t p1, const scalar* __restrict rows) {
+                                   int64_t runtime_width, int64_t p0, int64_t p1, const scalar* __restrict rows,
+                                   int64_t* a_next, int64_t* s_next) {
   const int64_t width = kWidth > 0 ? kWidth : runtime_width;
   for (int64_t p = p0; p < p1; ++p) {
     if (a.active && p + kPrefetchAhead < p1) {
@@ -269,48 +404,92 @@ BOXLOSS_CPU_CLONES void splat_pass(const uint8_t* __restrict valid, KernelView<s
                      width, true);
       }
     }
-    if (valid != nullptr && !valid[p]) continue;
+    const bool is_valid = valid == nullptr || valid[p] != 0;
+    if (!kFirstUse && !is_valid) continue;
     const scalar* __restrict q = rows + (p - p0) * stride + c0;
-    if (a.active) {
-#pragma GCC unroll 6
-      for (int r = 0; r < kAppearanceSimplex; ++r) {
-        const scalar w = a.weight[p * kAppearanceSimplex + r];
-        scalar* __restrict g = a.grid + static_cast<int64_t>(a.index[p * kAppearanceSimplex + r]) * stride + c0;
-        for (int64_t c = 0; c < width; ++c) g[c] += w * q[c];
+    if (a.active) splat_kernel_pixel<scalar, kAppearanceSimplex, kFirstUse, kWidth>(a, p, is_valid, stride, c0, width, q, a_next);
+    if (s.active) splat_kernel_pixel<scalar, kSmoothnessSimplex, kFirstUse, kWidth>(s, p, is_valid, stride, c0, width, q, s_next);
+  }
+}
+
+// The blur runs in place along chains.  Along one axis, the vertices fall
+// into chains, each vertex's up neighbour the next in its chain (u is v's
+// neighbour up exactly when v is u's neighbour down).  Walking a chain
+// upwards and carrying the previous vertex's old row, every row is read once
+// and written once, with the same arithmetic as from a second grid
+// (old + (down + up) / 2): about two thirds of the memory traffic, and the
+// passes dominate the loop at BANA's sigmas.  The walk order is built once
+// per image (chain_order).
+
+// Vertices of each axis in chain order: every chain from its bottom (no
+// neighbour down) upwards, chains in the order of their bottom vertex.
+// Returns false if the links do not form chains covering every vertex once
+// (impossible for a lattice the builds made).
+bool chain_order(const int32_t* neighbours, int64_t axis_stride, int64_t num_vertices, int axes, int32_t* order,
+                 const RangeRunner& runner) {
+  std::vector<uint8_t> ok(static_cast<size_t>(axes), 0);
+  runner(axes, 1, [&](int64_t a0, int64_t a1) {
+    for (int64_t axis = a0; axis < a1; ++axis) {
+      const int32_t* n = neighbours + axis * axis_stride;
+      int32_t* o = order + axis * num_vertices;
+      int64_t k = 0;
+      bool good = true;
+      for (int64_t v = 0; v < num_vertices && good; ++v) {
+        if (n[2 * v] >= 0) continue;
+        for (int64_t u = v; u >= 0 && good; u = n[2 * u + 1]) {
+          good = k < num_vertices && u < num_vertices;
+          if (good) o[k++] = static_cast<int32_t>(u);
+        }
       }
+      ok[static_cast<size_t>(axis)] = good && k == num_vertices ? 1 : 0;
     }
-    if (s.active) {
-#pragma GCC unroll 3
-      for (int r = 0; r < kSmoothnessSimplex; ++r) {
-        const scalar w = s.weight[p * kSmoothnessSimplex + r];
-        scalar* __restrict g = s.grid + static_cast<int64_t>(s.index[p * kSmoothnessSimplex + r]) * stride + c0;
-        for (int64_t c = 0; c < width; ++c) g[c] += w * q[c];
-      }
+  });
+  for (uint8_t b : ok) {
+    if (!b) return false;
+  }
+  return true;
+}
+
+// Blurs the chains that start in [i0, i1) of one axis's chain order in place.
+template <typename scalar, int64_t kWidth>
+BOXLOSS_CPU_CLONES void blur_chains(const int32_t* __restrict neighbours, const int32_t* __restrict order,
+                                    scalar* __restrict grid, int64_t num_vertices, int64_t runtime_stride, int64_t i0,
+                                    int64_t i1, scalar* __restrict previous) {
+  const int64_t stride = kWidth > 0 ? kWidth : runtime_stride;
+  const scalar half = scalar(0.5);
+  // Start and end on the bottom of a chain.
+  while (i0 < num_vertices && i0 > 0 && neighbours[2 * static_cast<int64_t>(order[i0])] >= 0) ++i0;
+  while (i1 < num_vertices && neighbours[2 * static_cast<int64_t>(order[i1])] >= 0) ++i1;
+  for (int64_t i = i0; i < i1; ++i) {
+    if (i + kBlurPrefetchAhead < i1) {
+      prefetch_row(grid + static_cast<int64_t>(order[i + kBlurPrefetchAhead]) * stride, stride, true);
+    }
+    const int64_t v = order[i];
+    if (neighbours[2 * v] < 0) {
+      for (int64_t c = 0; c < stride; ++c) previous[c] = scalar(0);
+    }
+    const int32_t up = neighbours[2 * v + 1];
+    scalar* row = grid + v * stride;
+    const scalar* above = grid + (up < 0 ? num_vertices : up) * stride;
+    for (int64_t c = 0; c < stride; ++c) {
+      const scalar old = row[c];
+      row[c] = old + half * (previous[c] + above[c]);
+      previous[c] = old;
     }
   }
 }
 
-// One blur pass along one axis for vertices [v0, v1): dst = src + (down + up) / 2.
+// Blurs `grid` along the `axes` axes in place.
 template <typename scalar, int64_t kWidth>
-BOXLOSS_CPU_CLONES void blur_pass(const int32_t* __restrict neighbours, const scalar* __restrict src,
-                                  scalar* __restrict dst, int64_t num_vertices, int64_t runtime_stride, int64_t v0,
-                                  int64_t v1) {
-  const int64_t stride = kWidth > 0 ? kWidth : runtime_stride;
-  const scalar half = scalar(0.5);
-  for (int64_t v = v0; v < v1; ++v) {
-    if (v + kPrefetchAhead < v1) {
-      const int32_t ahead_down = neighbours[2 * (v + kPrefetchAhead)];
-      const int32_t ahead_up = neighbours[2 * (v + kPrefetchAhead) + 1];
-      prefetch_row(src + (ahead_down < 0 ? num_vertices : ahead_down) * stride, stride, false);
-      prefetch_row(src + (ahead_up < 0 ? num_vertices : ahead_up) * stride, stride, false);
-    }
-    const int32_t down = neighbours[2 * v];
-    const int32_t up = neighbours[2 * v + 1];
-    const scalar* __restrict a = src + v * stride;
-    const scalar* __restrict n1 = src + (down < 0 ? num_vertices : down) * stride;
-    const scalar* __restrict n2 = src + (up < 0 ? num_vertices : up) * stride;
-    scalar* __restrict o = dst + v * stride;
-    for (int64_t c = 0; c < stride; ++c) o[c] = a[c] + half * (n1[c] + n2[c]);
+void blur_in_place(const int32_t* neighbours, int64_t axis_stride, const int32_t* order, int64_t num_vertices,
+                   int axes, int64_t stride, scalar* grid, const RangeRunner& runner) {
+  const int64_t grain = std::max<int64_t>(256, (int64_t{1} << 16) / std::max<int64_t>(1, stride));
+  for (int axis = 0; axis < axes; ++axis) {
+    runner(num_vertices, grain, [&](int64_t i0, int64_t i1) {
+      AlignedBuffer<scalar> previous(stride);
+      blur_chains<scalar, kWidth>(neighbours + axis * axis_stride, order + axis * num_vertices, grid, num_vertices,
+                                  stride, i0, i1, previous.get());
+    });
   }
 }
 
@@ -324,21 +503,12 @@ void rows_to_planes(const scalar* __restrict rows, int64_t stride, int64_t chann
   }
 }
 
-// Blurs kernel k's `splatted` grid along its axes (through the other grid)
-// and sets k.result to the grid holding the blurred values.
+// Blurs kernel k's `splatted` grid in place; it becomes k.result.
 template <typename scalar, int64_t kWidth>
 void blur_kernel(Kernel<scalar>& k, int64_t stride, const RangeRunner& runner) {
-  scalar* src = k.splatted;
-  scalar* dst = k.other(src);
-  const int64_t grain = std::max<int64_t>(256, (int64_t{1} << 16) / std::max<int64_t>(1, stride));
-  for (int axis = 0; axis < k.simplex; ++axis) {
-    const int32_t* neighbours = k.neighbours + axis * k.axis_stride;
-    runner(k.num_vertices, grain, [&](int64_t v0, int64_t v1) {
-      blur_pass<scalar, kWidth>(neighbours, src, dst, k.num_vertices, stride, v0, v1);
-    });
-    std::swap(src, dst);
-  }
-  k.result = src;
+  blur_in_place<scalar, kWidth>(k.neighbours, k.axis_stride, k.order.get(), k.num_vertices, k.simplex, stride,
+                                k.splatted, runner);
+  k.result = k.splatted;
 }
 
 // The normaliser of kernel k (the filter of the valid mask, one channel) and
@@ -358,20 +528,17 @@ void prepare_kernel(const KernelLattice<scalar>& lattice, const uint8_t* valid, 
   const scalar* weight = lattice.splat_weight;
   {
     // L m: splat the mask, blur, slice (one channel).
-    AlignedBuffer<scalar> one_a(V + 1, true), one_b(V + 1, true);
-    scalar* src = one_a.get();
-    scalar* dst = one_b.get();
+    k->order = AlignedBuffer<int32_t>(kSimplex * V);
+    if (!chain_order(lattice.neighbours, lattice.axis_stride, V, kSimplex, k->order.get(), runner)) {
+      throw std::runtime_error("dense_crf_inference: a lattice's neighbour table does not form chains (internal error)");
+    }
+    AlignedBuffer<scalar> mask_grid(V + 1, true);
+    scalar* src = mask_grid.get();
     for (int64_t p = 0; p < num_pixels; ++p) {
       if (valid != nullptr && !valid[p]) continue;
       for (int r = 0; r < kSimplex; ++r) src[index[p * kSimplex + r]] += weight[p * kSimplex + r];
     }
-    for (int axis = 0; axis < kSimplex; ++axis) {
-      const int32_t* neighbours = lattice.neighbours + axis * lattice.axis_stride;
-      runner(V, int64_t{1} << 14, [&](int64_t v0, int64_t v1) {
-        blur_pass<scalar, 1>(neighbours, src, dst, V, 1, v0, v1);
-      });
-      std::swap(src, dst);
-    }
+    blur_in_place<scalar, 1>(lattice.neighbours, lattice.axis_stride, k->order.get(), V, kSimplex, 1, src, runner);
     const scalar alpha = permutohedral::alpha<scalar, kDim>();
     const scalar scale = static_cast<scalar>(lattice.weight) * alpha;
     k->splat_weight = AlignedBuffer<scalar>(num_pixels * kSimplex);
@@ -392,24 +559,34 @@ void prepare_kernel(const KernelLattice<scalar>& lattice, const uint8_t* valid, 
       }
     });
   }
+  // The CPU builds number vertices by first use in pixel order; checked, not assumed.
+  int64_t next = 0;
+  bool first_use = true;
+  for (int64_t i = 0; i < num_pixels * kSimplex && first_use; ++i) {
+    const int64_t v = index[i];
+    first_use = v <= next;
+    next += v == next ? 1 : 0;
+  }
+  k->first_use = first_use && next == V;
   k->grid_a = AlignedBuffer<scalar>((V + 1) * stride, true);
   k->grid_b = AlignedBuffer<scalar>((V + 1) * stride, true);
   k->result = k->grid_b.get();
 }
 
-// Zeroes the vertex rows [0, V) of the grid that is not k's result and makes
-// it the splat target (row V stays zero: nothing writes it).
+// Makes the grid that is not k's result the splat target, its vertex rows
+// [0, V) zeroed unless the splat writes them (row V stays zero: nothing writes it).
 template <typename scalar>
 void start_splat(Kernel<scalar>& k, int64_t stride, const RangeRunner& runner) {
   if (!k.active) return;
   scalar* grid = k.other(k.result);
+  k.splatted = grid;
+  if (k.first_use) return;  // the splat writes every row
   const int64_t rows_per_chunk = std::max<int64_t>(1, (int64_t{1} << 16) / stride);
   runner((k.num_vertices + rows_per_chunk - 1) / rows_per_chunk, 1, [&](int64_t b0, int64_t b1) {
     const int64_t v0 = b0 * rows_per_chunk;
     const int64_t v1 = std::min(k.num_vertices, b1 * rows_per_chunk);
     std::memset(grid + v0 * stride, 0, static_cast<size_t>((v1 - v0) * stride) * sizeof(scalar));
   });
-  k.splatted = grid;
 }
 
 template <typename scalar, int64_t kWidth>
@@ -422,11 +599,15 @@ void run_image(const MeanFieldImage<scalar>& image, const scalar* neg_unary, int
                                                                      &appearance);
   prepare_kernel<scalar, kSmoothnessSimplex, kSmoothnessSimplex - 1>(image.smoothness, image.valid, N, stride, runner,
                                                                      &smoothness);
+  // Both kernels' splats write first touches, or both go into zeroed grids.
+  const bool first_use = (!appearance.active || appearance.first_use) && (!smoothness.active || smoothness.first_use);
+  appearance.first_use = smoothness.first_use = first_use;
   const bool parallel = runner.workers > 1;
   const int64_t tiles = (N + kTile - 1) / kTile;
-  AlignedBuffer<scalar> rows(parallel ? N * stride : kTile * stride);
+  // Whole softmax blocks: the last block of the image zeroes and transposes rows past its end.
+  AlignedBuffer<scalar> rows((parallel ? round_up(N, kSoftmaxPixels) : kTile) * stride);
   // A channel-major softmax block per tile task (at most one task per tile runs at once).
-  AlignedBuffer<scalar> blocks(tiles * kSoftmaxPixels * C);
+  AlignedBuffer<scalar> blocks(tiles * kSoftmaxPixels * stride);
   const int64_t block = kBlock<scalar>;
   for (int64_t t = 0; t <= image.iterations; ++t) {
     const bool messages = t > 0;
@@ -443,7 +624,20 @@ void run_image(const MeanFieldImage<scalar>& image, const scalar* neg_unary, int
     const auto s_slice = slice_view<scalar, kSmoothnessSimplex>(smoothness);
     const auto a_splat = splat_view<scalar, kAppearanceSimplex>(appearance);
     const auto s_splat = splat_view<scalar, kSmoothnessSimplex>(smoothness);
+    const auto splat = [&](auto fixed_width, int64_t c0, int64_t width, int64_t p0, int64_t p1, const scalar* src,
+                           int64_t* a_next, int64_t* s_next) {
+      constexpr int64_t kFixed = decltype(fixed_width)::value;
+      if (first_use) {
+        splat_pass<scalar, kFixed, true>(image.valid, a_splat, s_splat, stride, c0, width, p0, p1, src, a_next, s_next);
+      } else {
+        splat_pass<scalar, kFixed, false>(image.valid, a_splat, s_splat, stride, c0, width, p0, p1, src, a_next,
+                                          s_next);
+      }
+    };
+    const std::integral_constant<int64_t, kWidth> row_width;
+    const std::integral_constant<int64_t, kBlock<scalar>> block_width;
     if (!parallel) {
+      int64_t a_next = 0, s_next = 0;
       for (int64_t tile = 0; tile < tiles; ++tile) {
         const int64_t p0 = tile * kTile, p1 = std::min(N, p0 + kTile);
         pixel_pass<scalar, kWidth>(neg_unary, image.valid, a_slice, s_slice, messages, C, stride, p0, p1, rows.get(),
@@ -451,7 +645,7 @@ void run_image(const MeanFieldImage<scalar>& image, const scalar* neg_unary, int
         if (last) {
           rows_to_planes(rows.get(), stride, C, N, p0, p1, image.out);
         } else {
-          splat_pass<scalar, kWidth>(image.valid, a_splat, s_splat, stride, 0, stride, p0, p1, rows.get());
+          splat(row_width, 0, stride, p0, p1, rows.get(), &a_next, &s_next);
         }
       }
       continue;
@@ -459,7 +653,7 @@ void run_image(const MeanFieldImage<scalar>& image, const scalar* neg_unary, int
     runner(tiles, 1, [&](int64_t t0, int64_t t1) {
       const int64_t p0 = t0 * kTile, p1 = std::min(N, t1 * kTile);
       pixel_pass<scalar, kWidth>(neg_unary, image.valid, a_slice, s_slice, messages, C, stride, p0, p1,
-                                 rows.get() + p0 * stride, blocks.get() + t0 * kSoftmaxPixels * C);
+                                 rows.get() + p0 * stride, blocks.get() + t0 * kSoftmaxPixels * stride);
     });
     if (last) {
       runner(tiles, 1, [&](int64_t t0, int64_t t1) {
@@ -469,12 +663,13 @@ void run_image(const MeanFieldImage<scalar>& image, const scalar* neg_unary, int
     } else if (split) {
       runner(stride / block, 1, [&](int64_t b0, int64_t b1) {
         for (int64_t b = b0; b < b1; ++b) {
-          splat_pass<scalar, kBlock<scalar>>(image.valid, a_splat, s_splat, stride, b * block, block, 0, N,
-                                             rows.get());
+          int64_t a_block_next = 0, s_block_next = 0;
+          splat(block_width, b * block, block, 0, N, rows.get(), &a_block_next, &s_block_next);
         }
       });
     } else {
-      splat_pass<scalar, kWidth>(image.valid, a_splat, s_splat, stride, 0, stride, 0, N, rows.get());
+      int64_t a_all_next = 0, s_all_next = 0;
+      splat(row_width, 0, stride, 0, N, rows.get(), &a_all_next, &s_all_next);
     }
   }
 }
