@@ -1,6 +1,7 @@
 """Runs every kernel benchmark at its default sizes (or all with --quick):
 
-    python -m benchmarks            # sparse_crf, box_priors, affinity, background_attention, dense_crf, uncertainty
+    python -m benchmarks            # sparse_crf, box_priors, affinity, background_attention, dense_crf,
+                                    # crf_inference, uncertainty
     python -m benchmarks --quick    # the smoke runs
 """
 
@@ -8,11 +9,11 @@ from __future__ import annotations
 
 import sys
 
-from benchmarks import affinity, background_attention, box_priors, dense_crf, sparse_crf, uncertainty
+from benchmarks import affinity, background_attention, box_priors, crf_inference, dense_crf, sparse_crf, uncertainty
 
 BENCHMARKS = (("sparse_crf", sparse_crf), ("box_priors", box_priors), ("affinity", affinity),
               ("background_attention", background_attention), ("dense_crf", dense_crf),
-              ("uncertainty", uncertainty))
+              ("crf_inference", crf_inference), ("uncertainty", uncertainty))
 
 
 def main(argv=None) -> int:

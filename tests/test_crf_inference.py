@@ -309,6 +309,21 @@ def test_deterministic_thread_and_batch_independent():
         assert torch.equal(r, results[0])
 
 
+def test_large_image_on_several_threads_is_bit_identical():
+    # From 2^16 pixels one image runs on every thread: pixel passes and blurs split by ranges, the
+    # splat by 64-byte channel blocks (21 classes: two blocks).
+    unary, image, _ = _unaries(1, 21, 257, seed=23, dtype=torch.float32)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = boxloss.dense_crf_inference(unary, image, **dict(BANA, iterations=3))
+        torch.set_num_threads(max(2, threads))
+        many = boxloss.dense_crf_inference(unary, image, **dict(BANA, iterations=3))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(single, many)
+
+
 def test_empty_batch():
     unary = torch.zeros(0, 3, 5, 6)
     q = boxloss.dense_crf_inference(unary, torch.zeros(0, 3, 5, 6))

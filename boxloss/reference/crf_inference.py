@@ -35,8 +35,9 @@ normalised symmetrically (its default ``NORMALIZE_SYMMETRIC``):
 :func:`dense_crf_inference_reference` computes ``K`` either on the
 permutohedral lattice (``kernels="lattice"``: the lattice that the compiled op
 and Krähenbühl's code use, 5-d for the appearance kernel and 2-d for the
-smoothness kernel) or exactly by brute force (``kernels="exact"``, O(N^2),
-small images only).  :func:`permutohedral_lattice_nd` and
+smoothness kernel) or exactly (``kernels="exact"``: the appearance kernel by
+brute force, O(N^2), small images only; the smoothness kernel as the product
+of its x and y Gaussians, any size), or one kernel each way.  :func:`permutohedral_lattice_nd` and
 :func:`lattice_filter_nd` restate the lattice of Adams, Baek & Davis
 (Eurographics 2010) for any feature dimension d, step for step as
 :mod:`boxloss.reference.bilateral` does for d = 5.

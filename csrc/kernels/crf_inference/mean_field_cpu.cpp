@@ -5,7 +5,7 @@
 // or 32-byte groups), and each lattice vertex's values are one row of the same
 // stride.  A step is then
 //
-//   blur:  each kernel's vertex rows along its d+1 axes (dst = src + (down + up) / 2);
+//   blur:  each kernel's grid along its d+1 axes, in place (row = row + (down + up) / 2, old values);
 //   pixel: logits = -U_i + sum_k sum_r slice_k[i, r] grid_k[v_kr]   (the slice of both kernels)
 //          Q_i = softmax(logits)         (math.h softmax_pixels, over blocks of 16 pixels)
 //   splat: grid'_k[v_kr] += splat_k[i, r] Q_i                        (into each kernel's other grid)
@@ -14,25 +14,27 @@
 // per-pixel weights once (prepare_kernel): splat_k[i, r] = w_ir n_i m_i and
 // slice_k[i, r] = w_k alpha n_i w_ir m_i.  The unaries are transposed to rows
 // once, and the result back to planes once.  The softmax runs channel-major,
-// one vector lane per pixel, on blocks of 16 rows transposed in cache.
+// one vector lane per pixel, on blocks of 16 rows transposed in registers.
 //
 // One thread: the pixel pass and the splat run tile by tile, a tile's rows
-// staying in cache.  Several threads on one image: the pixel pass runs over
-// tiles in parallel into rows of the whole image, then the splat is split by
-// 64-byte blocks of channels (rows padded to whole blocks, as in the lattice
-// filter), each thread adding every pixel in order into its own columns, and
-// the blurs split by vertex ranges.  Every sum is taken in the same order
+// staying in cache.  Several threads on one image (from
+// MeanFieldImage::parallel_pixels pixels): the pixel pass runs over tiles in
+// parallel into rows of the whole image, then the splat is split by 64-byte
+// blocks of channels (rows padded to whole blocks, as in the lattice filter),
+// each thread adding every pixel in order into its own columns, and the blurs
+// split by ranges of whole chains.  Every sum is taken in the same order
 // either way, so the results are the same bit for bit.
 //
 // The appearance lattice at BANA's sigmas (55, 3) has about one point per
-// pixel, so its two grids are tens of megabytes read at random: the loop is
-// bound by memory traffic (mostly the six blur passes), and the grids get
-// huge pages and prefetches (below).
-// No fused multiply-adds: whether GCC fuses `g += w * q` depends on the loop
-// it sits in and on the CPU's clone, and a fused and an unfused sum round
-// differently; unfused, every variant (one thread or several, first-use
-// splat or zeroed grid, AVX2 or baseline clone) adds in the same order and
-// rounds the same way.
+// pixel, so its grids are tens of megabytes read at random: the loop is bound
+// by memory traffic, mostly the six blur passes.  Hence the in-place blur
+// (blur_chains), the splat that writes instead of zeroing first
+// (splat_kernel_pixel), huge pages and prefetches.  Measured in a C++
+// harness on one core of a shared 2-core Xeon, the six blur passes of that
+// lattice (21 classes, 513 x 513): 40 ms from one grid into another, 19-25 ms
+// in place (prefetching 16 vertices ahead 19 ms, 8 ahead 20 ms), and 28 ms in
+// place with unpadded rows of 21 floats (rows split across cache lines).
+//
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC optimize("fp-contract=off")
 #endif
@@ -650,13 +652,13 @@ void run_image(const MeanFieldImage<scalar>& image, const scalar* neg_unary, int
       }
       continue;
     }
-    runner(tiles, 1, [&](int64_t t0, int64_t t1) {
+    runner(tiles, 4, [&](int64_t t0, int64_t t1) {
       const int64_t p0 = t0 * kTile, p1 = std::min(N, t1 * kTile);
       pixel_pass<scalar, kWidth>(neg_unary, image.valid, a_slice, s_slice, messages, C, stride, p0, p1,
                                  rows.get() + p0 * stride, blocks.get() + t0 * kSoftmaxPixels * stride);
     });
     if (last) {
-      runner(tiles, 1, [&](int64_t t0, int64_t t1) {
+      runner(tiles, 4, [&](int64_t t0, int64_t t1) {
         const int64_t p0 = t0 * kTile, p1 = std::min(N, t1 * kTile);
         rows_to_planes(rows.get() + p0 * stride, stride, C, N, p0, p1, image.out);
       });
@@ -677,16 +679,17 @@ void run_image(const MeanFieldImage<scalar>& image, const scalar* neg_unary, int
 }  // namespace
 
 template <typename scalar>
-int32_t mean_field_image(const MeanFieldImage<scalar>& image, const RangeRunner& runner) {
+int32_t mean_field_image(const MeanFieldImage<scalar>& image, const RangeRunner& given_runner) {
   const int64_t N = image.num_pixels;
   const int64_t C = image.channels;
   if (N == 0 || C == 0) return 0;
+  const RangeRunner runner =
+      N >= image.parallel_pixels ? given_runner : RangeRunner(permutohedral::cpu::run_serially);
   // Rows of whole 32-byte groups (16 bytes for up to 4 floats or 2 doubles).
   const int64_t group = C <= 16 / static_cast<int64_t>(sizeof(scalar)) ? 16 / sizeof(scalar) : 32 / sizeof(scalar);
-  // Split the splat among threads by 64-byte channel blocks when there are
-  // two blocks or more and work enough to pay for the parallel regions.
+  // Split the splat among threads by 64-byte channel blocks when there are two blocks or more.
   const int64_t block = kBlock<scalar>;
-  const bool split = runner.workers > 1 && C > block && N * C >= (int64_t{1} << 16);
+  const bool split = runner.workers > 1 && C > block;
   const int64_t stride = split ? round_up(C, block) : round_up(C, group);
   AlignedBuffer<scalar> neg_unary(N * stride);
   const int64_t tiles = (N + kTile - 1) / kTile;

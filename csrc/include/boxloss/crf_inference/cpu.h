@@ -47,6 +47,10 @@ struct MeanFieldImage {
   KernelLattice<scalar> smoothness;  // simplex kSmoothnessSimplex
   int64_t iterations = 1;
   scalar* out = nullptr;
+  // Pixels from which the loop uses the runner's workers: each step of a
+  // smaller image costs less than the dozen parallel regions it would open
+  // (tens of microseconds each on an idle machine, far more on a loaded one).
+  int64_t parallel_pixels = int64_t{1} << 16;
 };
 
 // Runs the mean-field loop of one image.  Returns UnaryStatus bits (0: all
