@@ -6,15 +6,15 @@
 // stride.  A step is then
 //
 //   blur:  each kernel's grid along its d+1 axes, in place (row = row + (down + up) / 2, old values);
-//   pixel: logits = -U_i + sum_k sum_r slice_k[i, r] grid_k[v_kr]   (the slice of both kernels)
+//   pixel: logits = sum_k sum_r slice_k[i, r] grid_k[v_kr] - U_i   (the slice of both kernels)
 //          Q_i = softmax(logits)         (math.h softmax_pixels, over blocks of 16 pixels)
 //   splat: grid'_k[v_kr] += splat_k[i, r] Q_i                        (into each kernel's other grid)
 //
-// with the normalisers, kernel weights and lattice scale folded into the
-// per-pixel weights once (prepare_kernel): splat_k[i, r] = w_ir n_i m_i and
-// slice_k[i, r] = w_k alpha n_i w_ir m_i.  The unaries are transposed to rows
-// once, and the result back to planes once.  The softmax runs channel-major,
-// one vector lane per pixel, on blocks of 16 rows transposed in registers.
+// with splat_k[i, r] = n_i w_ir (n_i: the normaliser, 0 at invalid pixels)
+// and slice_k[i, r] = (w_k alpha n_i) w_ir.  The softmax runs channel-major,
+// one vector lane per pixel, on blocks of 16 rows transposed in registers,
+// where the unaries are read from their planes; the result goes back to
+// planes once, after the last step.
 //
 // One thread: the pixel pass and the splat run tile by tile, a tile's rows
 // staying in cache.  Several threads on one image (from
@@ -116,7 +116,7 @@ class AlignedBuffer {
   T* data_ = nullptr;
 };
 
-// One kernel as the loop reads it: the lattice, the folded per-pixel weights
+// One kernel as the loop reads it: the lattice, the per-pixel normalisers
 // and the two vertex grids ((V + 1) rows each; row V is zero and stands in
 // for absent neighbours).  `splatted` is the grid the splat of the current Q
 // goes into, `result` the blurred grid the pixel pass slices.
@@ -128,8 +128,9 @@ struct Kernel {
   const int32_t* neighbours = nullptr;
   int64_t axis_stride = 0;
   int64_t num_vertices = 0;
-  AlignedBuffer<scalar> splat_weight;  // (N, simplex)
-  AlignedBuffer<scalar> slice_weight;  // (N, simplex)
+  const scalar* weight = nullptr;      // (N, simplex): the lattice's barycentric weights
+  AlignedBuffer<scalar> norm;          // (N): n_i m_i, the normaliser (0 at invalid pixels)
+  scalar scale = scalar(0);            // w_k alpha
   AlignedBuffer<int32_t> order;        // (simplex, V): each axis's vertices in chain order
   bool first_use = false;              // vertices numbered by first use in pixel order
   AlignedBuffer<scalar> grid_a, grid_b;
@@ -139,23 +140,30 @@ struct Kernel {
   scalar* other(const scalar* grid) const { return grid == grid_a.get() ? grid_b.get() : grid_a.get(); }
 };
 
-// What the pixel pass and the splat read: kernel k's index, weights and grid.
+// What the pixel pass and the splat read of kernel k: pixel p's vertex r is
+// index[p * kSimplex + r] in `grid`, with weight (scale * norm[p]) *
+// weight[p * kSimplex + r] in the slice and weight[p * kSimplex + r] * norm[p]
+// in the splat: a normaliser per pixel rather than (N, simplex) tables of
+// folded weights, since the loop is bound by memory traffic and two such
+// tables per kernel would add tens of megabytes at 513 x 513.
 template <typename scalar, int kSimplex>
 struct KernelView {
   bool active;
   const int32_t* __restrict index;
   const scalar* __restrict weight;
+  const scalar* __restrict norm;
+  scalar scale;  // the slice's w_k alpha; 1 for the splat
   scalar* grid;
 };
 
 template <typename scalar, int kSimplex>
 KernelView<scalar, kSimplex> slice_view(const Kernel<scalar>& k) {
-  return {k.active, k.index, k.slice_weight.get(), k.result};
+  return {k.active, k.index, k.weight, k.norm.get(), k.scale, k.result};
 }
 
 template <typename scalar, int kSimplex>
 KernelView<scalar, kSimplex> splat_view(const Kernel<scalar>& k) {
-  return {k.active, k.index, k.splat_weight.get(), k.splatted};
+  return {k.active, k.index, k.weight, k.norm.get(), scalar(1), k.splatted};
 }
 
 // The row strides compiled as fixed-size loops.
@@ -181,25 +189,23 @@ void with_row_width(int64_t stride, F&& f) {
   }
 }
 
-// -U of pixels [p0, p1) as rows (padding lanes 0); returns UnaryStatus bits.
+// UnaryStatus bits of the unaries (channels, num_pixels) of pixels [p0, p1).
 template <typename scalar>
-BOXLOSS_CPU_CLONES int32_t unary_rows(const scalar* __restrict unary, int64_t channels, int64_t num_pixels,
-                                      int64_t stride, int64_t p0, int64_t p1, scalar* __restrict rows) {
+BOXLOSS_CPU_CLONES int32_t unary_status(const scalar* __restrict unary, int64_t channels, int64_t num_pixels,
+                                        int64_t p0, int64_t p1) {
   int32_t status = 0;
-  for (int64_t c = 0; c < channels; ++c) {
-    const scalar* __restrict plane = unary + c * num_pixels;
-    for (int64_t p = p0; p < p1; ++p) {
-      const scalar u = plane[p];
-      status |= unary_value_status(u);
-      rows[p * stride + c] = -u;
+  uint8_t all_infinite[256];
+  for (int64_t t0 = p0; t0 < p1; t0 += 256) {
+    const int64_t n = std::min<int64_t>(256, p1 - t0);
+    for (int64_t t = 0; t < n; ++t) all_infinite[t] = 1;
+    for (int64_t c = 0; c < channels; ++c) {
+      const scalar* __restrict plane = unary + c * num_pixels + t0;
+      for (int64_t t = 0; t < n; ++t) {
+        status |= unary_value_status(plane[t]);
+        all_infinite[t] &= is_positive_infinity(plane[t]) ? 1 : 0;
+      }
     }
-  }
-  for (int64_t p = p0; p < p1; ++p) {
-    scalar* __restrict row = rows + p * stride;
-    bool all_infinite = true;
-    for (int64_t c = 0; c < channels; ++c) all_infinite = all_infinite && row[c] == negative_infinity<scalar>();
-    status |= all_infinite ? kUnaryAllInfinite : 0;
-    for (int64_t c = channels; c < stride; ++c) row[c] = scalar(0);
+    for (int64_t t = 0; t < n; ++t) status |= all_infinite[t] ? kUnaryAllInfinite : 0;
   }
   return status;
 }
@@ -314,52 +320,61 @@ BOXLOSS_ALWAYS_INLINE void block_to_rows(const scalar* __restrict block, int64_t
 
 // Q of pixels [p0, p1) into rows (row of pixel p at rows + (p - p0) stride,
 // padding lanes 0): softmax(-U) alone, or with the messages sliced from both
-// kernels' grids.  The logits are formed row by row, then each block of
-// kSoftmaxPixels rows goes through math.h's softmax channel-major.
+// kernels' grids.  The messages are summed row by row, then each block of
+// kSoftmaxPixels rows goes channel-major, where the unaries (planes) are
+// subtracted and math.h's softmax runs one pixel per vector lane.
 template <typename scalar, int64_t kWidth>
-BOXLOSS_CPU_CLONES void pixel_pass(const scalar* __restrict neg_unary, const uint8_t* __restrict valid,
-                                   KernelView<scalar, kAppearanceSimplex> a, KernelView<scalar, kSmoothnessSimplex> s,
-                                   bool messages, int64_t channels, int64_t runtime_stride, int64_t p0, int64_t p1,
-                                   scalar* __restrict rows, scalar* __restrict block) {
+BOXLOSS_CPU_CLONES void pixel_pass(const scalar* __restrict unary, int64_t num_pixels,
+                                   const uint8_t* __restrict valid, KernelView<scalar, kAppearanceSimplex> a,
+                                   KernelView<scalar, kSmoothnessSimplex> s, bool messages, int64_t channels,
+                                   int64_t runtime_stride, int64_t p0, int64_t p1, scalar* __restrict rows,
+                                   scalar* __restrict block) {
   const int64_t stride = kWidth > 0 ? kWidth : runtime_stride;
   for (int64_t b0 = p0; b0 < p1; b0 += kSoftmaxPixels) {
     const int64_t n = std::min<int64_t>(kSoftmaxPixels, p1 - b0);
-    for (int64_t p = b0; p < b0 + n; ++p) {
-      if (messages && a.active && p + kPrefetchAhead < p1) {
-        for (int r = 0; r < kAppearanceSimplex; ++r) {
-          prefetch_row(a.grid + static_cast<int64_t>(a.index[(p + kPrefetchAhead) * kAppearanceSimplex + r]) * stride,
-                       stride, false);
-        }
-      }
-      scalar* __restrict row = rows + (p - p0) * stride;
-      const scalar* __restrict nu = neg_unary + p * stride;
-      for (int64_t c = 0; c < stride; ++c) row[c] = nu[c];
-      if (messages && (valid == nullptr || valid[p])) {
-        if (a.active) {
-#pragma GCC unroll 6
-          for (int r = 0; r < kAppearanceSimplex; ++r) {
-            const scalar w = a.weight[p * kAppearanceSimplex + r];
-            const scalar* __restrict g = a.grid + static_cast<int64_t>(a.index[p * kAppearanceSimplex + r]) * stride;
-            for (int64_t c = 0; c < stride; ++c) row[c] += w * g[c];
-          }
-        }
-        if (s.active) {
-#pragma GCC unroll 3
-          for (int r = 0; r < kSmoothnessSimplex; ++r) {
-            const scalar w = s.weight[p * kSmoothnessSimplex + r];
-            const scalar* __restrict g = s.grid + static_cast<int64_t>(s.index[p * kSmoothnessSimplex + r]) * stride;
-            for (int64_t c = 0; c < stride; ++c) row[c] += w * g[c];
-          }
-        }
-      }
-    }
-    // Rows -> channel-major block, softmax, back (rows past the end are zeroed
-    // first: their lanes compute softmax(0) and are not written back).
     scalar* __restrict first = rows + (b0 - p0) * stride;
-    for (int64_t t = n; t < kSoftmaxPixels; ++t) {
-      for (int64_t c = 0; c < stride; ++c) first[t * stride + c] = scalar(0);
+    for (int64_t t = 0; t < kSoftmaxPixels; ++t) {
+      const int64_t p = b0 + t;
+      scalar* __restrict row = first + t * stride;
+      for (int64_t c = 0; c < stride; ++c) row[c] = scalar(0);
+      if (t >= n || !messages || (valid != nullptr && !valid[p])) continue;
+      if (a.active) {
+        if (p + kPrefetchAhead < p1) {
+          for (int r = 0; r < kAppearanceSimplex; ++r) {
+            prefetch_row(a.grid + static_cast<int64_t>(a.index[(p + kPrefetchAhead) * kAppearanceSimplex + r]) * stride,
+                         stride, false);
+          }
+        }
+        const scalar f = a.scale * a.norm[p];
+#pragma GCC unroll 6
+        for (int r = 0; r < kAppearanceSimplex; ++r) {
+          const scalar w = f * a.weight[p * kAppearanceSimplex + r];
+          const scalar* __restrict g = a.grid + static_cast<int64_t>(a.index[p * kAppearanceSimplex + r]) * stride;
+          for (int64_t c = 0; c < stride; ++c) row[c] += w * g[c];
+        }
+      }
+      if (s.active) {
+        const scalar f = s.scale * s.norm[p];
+#pragma GCC unroll 3
+        for (int r = 0; r < kSmoothnessSimplex; ++r) {
+          const scalar w = f * s.weight[p * kSmoothnessSimplex + r];
+          const scalar* __restrict g = s.grid + static_cast<int64_t>(s.index[p * kSmoothnessSimplex + r]) * stride;
+          for (int64_t c = 0; c < stride; ++c) row[c] += w * g[c];
+        }
+      }
     }
+    // Rows -> channel-major block; logits = messages - U; softmax; back.
+    // Lanes past the end hold logits 0 and are not written back.
     rows_to_block<scalar, kWidth>(first, stride, block);
+    for (int64_t c = 0; c < channels; ++c) {
+      const scalar* __restrict plane = unary + c * num_pixels + b0;
+      scalar* __restrict lane = block + c * kSoftmaxPixels;
+      if (n == kSoftmaxPixels) {
+        for (int t = 0; t < kSoftmaxPixels; ++t) lane[t] -= plane[t];
+      } else {
+        for (int64_t t = 0; t < n; ++t) lane[t] -= plane[t];
+      }
+    }
     softmax_pixels<scalar, kSoftmaxPixels>(block, channels);
     block_to_rows<scalar, kWidth>(block, stride, n, first);
   }
@@ -375,10 +390,11 @@ BOXLOSS_CPU_CLONES void pixel_pass(const scalar* __restrict neg_unary, const uin
 template <typename scalar, int kSimplex, bool kFirstUse, int64_t kWidth>
 BOXLOSS_ALWAYS_INLINE void splat_kernel_pixel(KernelView<scalar, kSimplex> k, int64_t p, bool is_valid, int64_t stride,
                                               int64_t c0, int64_t width, const scalar* __restrict q, int64_t* next) {
+  const scalar norm = k.norm[p];
 #pragma GCC unroll 6
   for (int r = 0; r < kSimplex; ++r) {
     const int64_t v = k.index[p * kSimplex + r];
-    const scalar w = k.weight[p * kSimplex + r];
+    const scalar w = k.weight[p * kSimplex + r] * norm;
     scalar* __restrict g = k.grid + v * stride + c0;
     if (kFirstUse && v == *next) {
       ++*next;
@@ -514,7 +530,7 @@ void blur_kernel(Kernel<scalar>& k, int64_t stride, const RangeRunner& runner) {
 }
 
 // The normaliser of kernel k (the filter of the valid mask, one channel) and
-// its folded per-pixel weights; allocates the grids of `stride` values per row.
+// its weight scale; allocates the grids of `stride` values per row.
 template <typename scalar, int kSimplex, int kDim>
 void prepare_kernel(const KernelLattice<scalar>& lattice, const uint8_t* valid, int64_t num_pixels, int64_t stride,
                     const RangeRunner& runner, Kernel<scalar>* k) {
@@ -542,22 +558,17 @@ void prepare_kernel(const KernelLattice<scalar>& lattice, const uint8_t* valid, 
     }
     blur_in_place<scalar, 1>(lattice.neighbours, lattice.axis_stride, k->order.get(), V, kSimplex, 1, src, runner);
     const scalar alpha = permutohedral::alpha<scalar, kDim>();
-    const scalar scale = static_cast<scalar>(lattice.weight) * alpha;
-    k->splat_weight = AlignedBuffer<scalar>(num_pixels * kSimplex);
-    k->slice_weight = AlignedBuffer<scalar>(num_pixels * kSimplex);
-    scalar* splat_w = k->splat_weight.get();
-    scalar* slice_w = k->slice_weight.get();
+    k->scale = static_cast<scalar>(lattice.weight) * alpha;
+    k->weight = weight;
+    k->norm = AlignedBuffer<scalar>(num_pixels);
+    scalar* norm = k->norm.get();
     const scalar* filtered = src;
     runner(num_pixels, int64_t{1} << 12, [&](int64_t p0, int64_t p1) {
       for (int64_t p = p0; p < p1; ++p) {
         scalar sum = scalar(0);
         for (int r = 0; r < kSimplex; ++r) sum += weight[p * kSimplex + r] * filtered[index[p * kSimplex + r]];
         const bool is_valid = valid == nullptr || valid[p] != 0;
-        const scalar n = is_valid ? normaliser(alpha * sum) : scalar(0);
-        for (int r = 0; r < kSimplex; ++r) {
-          splat_w[p * kSimplex + r] = weight[p * kSimplex + r] * n;
-          slice_w[p * kSimplex + r] = scale * n * weight[p * kSimplex + r];
-        }
+        norm[p] = is_valid ? normaliser(alpha * sum) : scalar(0);
       }
     });
   }
@@ -592,7 +603,7 @@ void start_splat(Kernel<scalar>& k, int64_t stride, const RangeRunner& runner) {
 }
 
 template <typename scalar, int64_t kWidth>
-void run_image(const MeanFieldImage<scalar>& image, const scalar* neg_unary, int64_t stride, bool split,
+void run_image(const MeanFieldImage<scalar>& image, int64_t stride, bool split,
                const RangeRunner& runner) {
   const int64_t N = image.num_pixels;
   const int64_t C = image.channels;
@@ -642,8 +653,8 @@ void run_image(const MeanFieldImage<scalar>& image, const scalar* neg_unary, int
       int64_t a_next = 0, s_next = 0;
       for (int64_t tile = 0; tile < tiles; ++tile) {
         const int64_t p0 = tile * kTile, p1 = std::min(N, p0 + kTile);
-        pixel_pass<scalar, kWidth>(neg_unary, image.valid, a_slice, s_slice, messages, C, stride, p0, p1, rows.get(),
-                                   blocks.get());
+        pixel_pass<scalar, kWidth>(image.unary, N, image.valid, a_slice, s_slice, messages, C, stride, p0, p1,
+                                   rows.get(), blocks.get());
         if (last) {
           rows_to_planes(rows.get(), stride, C, N, p0, p1, image.out);
         } else {
@@ -654,7 +665,7 @@ void run_image(const MeanFieldImage<scalar>& image, const scalar* neg_unary, int
     }
     runner(tiles, 4, [&](int64_t t0, int64_t t1) {
       const int64_t p0 = t0 * kTile, p1 = std::min(N, t1 * kTile);
-      pixel_pass<scalar, kWidth>(neg_unary, image.valid, a_slice, s_slice, messages, C, stride, p0, p1,
+      pixel_pass<scalar, kWidth>(image.unary, N, image.valid, a_slice, s_slice, messages, C, stride, p0, p1,
                                  rows.get() + p0 * stride, blocks.get() + t0 * kSoftmaxPixels * stride);
     });
     if (last) {
@@ -691,21 +702,17 @@ int32_t mean_field_image(const MeanFieldImage<scalar>& image, const RangeRunner&
   const int64_t block = kBlock<scalar>;
   const bool split = runner.workers > 1 && C > block;
   const int64_t stride = split ? round_up(C, block) : round_up(C, group);
-  AlignedBuffer<scalar> neg_unary(N * stride);
   const int64_t tiles = (N + kTile - 1) / kTile;
   std::vector<int32_t> tile_status(static_cast<size_t>(tiles), 0);
   runner(tiles, 16, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
-      tile_status[static_cast<size_t>(t)] =
-          unary_rows(image.unary, C, N, stride, t * kTile, std::min(N, (t + 1) * kTile), neg_unary.get());
+      tile_status[static_cast<size_t>(t)] = unary_status(image.unary, C, N, t * kTile, std::min(N, (t + 1) * kTile));
     }
   });
   int32_t status = 0;
   for (int32_t s : tile_status) status |= s;
   if (status != 0) return status;
-  with_row_width<scalar>(stride, [&](auto width) {
-    run_image<scalar, width()>(image, neg_unary.get(), stride, split, runner);
-  });
+  with_row_width<scalar>(stride, [&](auto width) { run_image<scalar, width()>(image, stride, split, runner); });
   return 0;
 }
 

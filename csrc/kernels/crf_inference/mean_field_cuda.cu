@@ -174,7 +174,8 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t p = i % n;
     const bool is_valid = mf.valid == nullptr || mf.valid[i] != 0;
     T* x = rows + i * channels;
-    for (int64_t c = 0; c < channels; ++c) x[c] = -mf.unary[(b * channels + c) * n + p];
+    // The messages first, then minus U: the order of the CPU loop's sums.
+    for (int64_t c = 0; c < channels; ++c) x[c] = T(0);
     if (messages && is_valid) {
       if (a.active) {
         for (int r = 0; r < AppearanceRows<T>::kSimplex; ++r) {
@@ -191,6 +192,7 @@ __global__ void __launch_bounds__(kThreads)
         }
       }
     }
+    for (int64_t c = 0; c < channels; ++c) x[c] -= mf.unary[(b * channels + c) * n + p];
     softmax_pixels<T, 1>(x, channels);
     if (last) {
       for (int64_t c = 0; c < channels; ++c) mf.out[(b * channels + c) * n + p] = x[c];
