@@ -41,8 +41,11 @@ def problems(draw):
     if draw(st.booleans()):
         mask = torch.rand(B, H, W, generator=g) >= draw(st.sampled_from([0.0, 0.3, 0.9, 1.0]))
     kwargs = dict(
-        bilateral=(draw(st.sampled_from([0.0, 0.5, 4.0, 20.0])), draw(st.sampled_from([0.5, 3.0, 55.0])),
-                   draw(st.sampled_from([1.0, 3.0, 15.0, 100.0]))),
+        bilateral=(
+            draw(st.sampled_from([0.0, 0.5, 4.0, 20.0])),
+            draw(st.sampled_from([0.5, 3.0, 55.0])),
+            draw(st.sampled_from([1.0, 3.0, 15.0, 100.0])),
+        ),
         gaussian=(draw(st.sampled_from([0.0, 1.0, 3.0])), draw(st.sampled_from([0.3, 1.0, 3.0, 20.0]))),
         iterations=draw(st.integers(1, 4)),
         valid_mask=mask,
@@ -68,11 +71,29 @@ def bad_calls(draw):
     unary = torch.rand(B, C, H, W, generator=g)
     image = torch.rand(B, 3, H, W, generator=g) * 255
     kwargs = {}
-    defect = draw(st.sampled_from([
-        "unary nan", "unary -inf", "unary all inf", "unary dtype", "unary dims", "image channels", "image shape",
-        "image nan", "image dtype", "mask dtype", "mask shape", "bilateral sigma", "bilateral weight",
-        "gaussian sigma", "gaussian weight", "iterations", "kernel tuple",
-    ]))
+    defect = draw(
+        st.sampled_from(
+            [
+                "unary nan",
+                "unary -inf",
+                "unary all inf",
+                "unary dtype",
+                "unary dims",
+                "image channels",
+                "image shape",
+                "image nan",
+                "image dtype",
+                "mask dtype",
+                "mask shape",
+                "bilateral sigma",
+                "bilateral weight",
+                "gaussian sigma",
+                "gaussian weight",
+                "iterations",
+                "kernel tuple",
+            ]
+        )
+    )
     b, c, y, x = (draw(st.integers(0, n - 1)) for n in (B, C, H, W))
     bad_number = draw(st.sampled_from([0.0, -1.0, float("nan"), float("inf"), -float("inf")]))
     if defect == "unary nan":
@@ -86,7 +107,7 @@ def bad_calls(draw):
     elif defect == "unary dims":
         unary = unary[0] if draw(st.booleans()) else unary[None]
     elif defect == "image channels":
-        image = image[:, :draw(st.sampled_from([1, 2]))] if draw(st.booleans()) else torch.cat([image, image], 1)
+        image = image[:, : draw(st.sampled_from([1, 2]))] if draw(st.booleans()) else torch.cat([image, image], 1)
     elif defect == "image shape":
         image = image[..., 1:] if W > 1 else torch.cat([image, image], 3)
     elif defect == "image nan":
@@ -108,8 +129,9 @@ def bad_calls(draw):
     elif defect == "iterations":
         kwargs["iterations"] = draw(st.sampled_from([0, -3, 2.5, None, True]))
     elif defect == "kernel tuple":
-        kwargs[draw(st.sampled_from(["bilateral", "gaussian"]))] = draw(st.sampled_from([(), (1.0,), 3.0, None,
-                                                                                          (1, 2, 3, 4)]))
+        kwargs[draw(st.sampled_from(["bilateral", "gaussian"]))] = draw(
+            st.sampled_from([(), (1.0,), 3.0, None, (1, 2, 3, 4)])
+        )
     return unary, image, kwargs
 
 

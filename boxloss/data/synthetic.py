@@ -71,6 +71,9 @@ class SyntheticConfig:
         distractors: maximum number of distractor shapes per image (0 disables them).
         noise: maximum standard deviation of the additive Gaussian noise, in [0, 1] colour units.
         blur: maximum Gaussian blur sigma in pixels.
+        class_ids: the class channels objects are drawn from (default ``None``: all of 1..L). A subset gives
+            class-disjoint datasets, e.g. for pre-training on classes a segmentation benchmark does not use, or LPG's
+            auxiliary and target sets; label values stay the class channels.
 
     Example:
         >>> from boxloss.data import SyntheticConfig
@@ -89,6 +92,7 @@ class SyntheticConfig:
     distractors: int = 3
     noise: float = 0.04
     blur: float = 1.0
+    class_ids: tuple[int, ...] | None = None
 
     def __post_init__(self):
         size = self.image_size
@@ -111,6 +115,13 @@ class SyntheticConfig:
             _check_float(name, getattr(self, name), 0.0, 1.0)
         _check_float("noise", self.noise, 0.0, 0.5)
         _check_float("blur", self.blur, 0.0, 10.0)
+        if self.class_ids is not None:
+            ids = tuple(self.class_ids) if isinstance(self.class_ids, (tuple, list)) else None
+            if not ids or any(isinstance(v, bool) or not isinstance(v, (int, np.integer)) for v in ids) \
+                    or len(set(ids)) != len(ids) or not all(1 <= v <= self.num_classes for v in ids):
+                raise ValueError(f"SyntheticConfig: class_ids must be distinct class channels in 1..{self.num_classes}"
+                                 f", got {self.class_ids!r}")
+            object.__setattr__(self, "class_ids", tuple(sorted(int(v) for v in ids)))
 
     @property
     def height(self) -> int:
@@ -127,6 +138,10 @@ class SyntheticConfig:
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["image_size"] = list(self.image_size)
+        if self.class_ids is None:  # absent from the key, so configs without a subset keep their cache
+            del d["class_ids"]
+        else:
+            d["class_ids"] = list(self.class_ids)
         return d
 
     def key(self) -> str:
@@ -396,7 +411,8 @@ def _render(config: SyntheticConfig, rng: np.random.Generator, details: dict | N
     H, W = config.image_size
     S = float(np.sqrt(H * W))
     L = config.num_classes
-    recipes = [class_recipe(k) for k in range(L)]
+    pool = [k - 1 for k in config.class_ids] if config.class_ids is not None else list(range(L))
+    recipes = {k: class_recipe(k) for k in pool}
     min_pixels = max(12, int(0.0015 * H * W))
 
     # --- geometry: objects, depth order, visibility -------------------------------------------------------------
@@ -406,10 +422,10 @@ def _render(config: SyntheticConfig, rng: np.random.Generator, details: dict | N
         overlap = bool(objects) and rng.random() < config.overlap_prob
         if overlap:
             other = objects[int(rng.integers(len(objects)))]
-            choices = [c for c in range(L) if c != other["cls"]] or [other["cls"]]
+            choices = [c for c in pool if c != other["cls"]] or [other["cls"]]
             cls = int(choices[int(rng.integers(len(choices)))])
         else:
-            cls = int(rng.integers(L))
+            cls = pool[int(rng.integers(len(pool)))]
         rec = recipes[cls]
         d = int(np.clip(S * rec.size * np.exp(rng.normal(0, 0.3)), 10, 0.95 * min(H, W)))
         mask = _shape_mask(rng, rec, d)
@@ -480,14 +496,14 @@ def _render(config: SyntheticConfig, rng: np.random.Generator, details: dict | N
         proj = xx * np.float32(np.cos(a)) + yy * np.float32(np.sin(a))
         t = rng.uniform(-0.4, 0.4) * S
         region = proj > t if rng.random() < 0.5 else np.abs(proj - t) < rng.uniform(0.05, 0.2) * S
-        c1, c2 = _class_colours(rng, recipes[int(rng.integers(L))]) if rng.random() < 0.5 else _random_colours(rng)
+        c1, c2 = _class_colours(rng, recipes[pool[int(rng.integers(len(pool)))]]) if rng.random() < 0.5 else _random_colours(rng)
         _paint(rng, img, region, (slice(0, H), slice(0, W)), c1, c2, TEXTURES[int(rng.integers(len(TEXTURES)))],
                rng.uniform(2.0, 8.0), S * 0.4, contrast=rng.uniform(0.2, 1.0))
     for _ in range(int(rng.integers(0, config.distractors + 1))):  # object-like shapes in mismatched colours
-        shape_cls, colour_cls = int(rng.integers(L)), int(rng.integers(L))
-        if L > 1:
+        shape_cls, colour_cls = pool[int(rng.integers(len(pool)))], pool[int(rng.integers(len(pool)))]
+        if len(pool) > 1:
             while colour_cls == shape_cls:
-                colour_cls = int(rng.integers(L))
+                colour_cls = pool[int(rng.integers(len(pool)))]
         d = int(np.clip(S * rng.uniform(0.1, 0.35), 6, 0.9 * min(H, W)))
         kind = rng.random()
         if kind < 0.35:  # a thick stroke
@@ -737,6 +753,14 @@ def load_or_generate(config: SyntheticConfig, split: str, num_images: int, *,
     run never leaves a half-written split that looks complete). Returns the arrays and the cache folder."""
     _rng(config, split, 0)  # validates split
     folder = cache_path(config, cache_dir)
+    for p in (folder, *folder.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise NotADirectoryError(
+                    f"synthetic cache: {p} is a file, so the cache folder {folder} cannot be made there; give "
+                    "cache_dir (--cache-dir) a folder, or cache=False (--no-cache) to write no cache"
+                )
+            break
     for m in _cached_sizes(folder, split) if folder.is_dir() else []:
         if m >= num_images:
             files = _split_files(folder, split, m)

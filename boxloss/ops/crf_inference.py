@@ -26,8 +26,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from boxloss import _checks
-from boxloss._extension import extension_loaded, warn_fallback
+from boxloss import _checks, _fallback
+from boxloss._extension import extension_loaded
 
 _FN = "dense_crf_inference"
 _IMAGE_DTYPES = (torch.uint8, torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -74,8 +74,9 @@ def _check_args(unary, image, bilateral, gaussian, iterations, valid_mask):
         if valid_mask.dtype != torch.bool:
             raise TypeError(f"{fn}: valid_mask must be a bool tensor, got {valid_mask.dtype}")
         if valid_mask.shape != (B, H, W):
-            raise ValueError(f"{fn}: valid_mask must have shape (B, H, W) = {(B, H, W)}, got shape "
-                             f"{tuple(valid_mask.shape)}")
+            raise ValueError(
+                f"{fn}: valid_mask must have shape (B, H, W) = {(B, H, W)}, got shape {tuple(valid_mask.shape)}"
+            )
         _checks.check_same(fn, "valid_mask", valid_mask, "unary", unary, what="device")
     bilateral = _check_kernel(fn, "bilateral", bilateral, ("weight", "sigma_xy", "sigma_rgb"))
     gaussian = _check_kernel(fn, "gaussian", gaussian, ("weight", "sigma_xy"))
@@ -128,6 +129,12 @@ def dense_crf_inference(
         Q (B, C, H, W) in the dtype of ``unary``, contiguous: per-pixel
         probabilities (sum 1 over C).
 
+    Shape:
+        - unary: :math:`(B, C, H, W)`, float16/bfloat16 (run in float32), float32 or float64.
+        - image: :math:`(B, 3, H, W)`, uint8 or any float dtype.
+        - valid_mask: :math:`(B, H, W)`, bool.
+        - output: :math:`(B, C, H, W)`, dtype of ``unary``.
+
     Not differentiable: a ``unary`` that requires grad raises ``ValueError``
     while grad mode is on (pass ``unary.detach()``).  float64 unaries run in
     float64 throughout (the tests' precision); the others in float32.  On the
@@ -146,27 +153,7 @@ def dense_crf_inference(
         return torch.ops.boxloss.dense_crf_inference.default(
             unary, image, valid_mask, *bilateral, *gaussian, iterations
         )
-    return _fallback_dense_crf_inference(_FN, unary, image, valid_mask, bilateral, gaussian, iterations)
-
-
-def _fallback_dense_crf_inference(fn, unary, image, valid_mask, bilateral, gaussian, iterations):
-    """The reference (on the same lattices) when the compiled ops are unavailable, after the checks the kernel makes."""
-    from boxloss.reference.crf_inference import dense_crf_inference_reference
-
-    warn_fallback(fn)
-    if torch.isnan(unary).any():
-        raise ValueError(f"{fn}: unary must not contain NaN")
-    if (unary == float("-inf")).any():
-        raise ValueError(f"{fn}: unary holds negative log-probabilities and must not be -inf")
-    if (unary == float("inf")).all(1).any():
-        raise ValueError(f"{fn}: unary is +inf for every class at some pixel (no label is possible there)")
-    if bilateral[0] > 0 and not torch.isfinite(image.double()).all():
-        raise ValueError(f"{fn}: image must be finite, but it contains NaN or Inf")
-    q = dense_crf_inference_reference(
-        unary, image.double() if unary.dtype == torch.float64 else image.float(), bilateral=bilateral,
-        gaussian=gaussian, iterations=iterations, valid_mask=valid_mask,
-    )
-    return q.to(unary.dtype)
+    return _fallback.dense_crf_inference(_FN, unary, image, valid_mask, bilateral, gaussian, iterations)
 
 
 class DenseCRF(nn.Module):
@@ -184,8 +171,14 @@ class DenseCRF(nn.Module):
         self.iterations = _checks.check_int("DenseCRF", "iterations", iterations, minimum=1)
 
     def forward(self, unary: torch.Tensor, image: torch.Tensor, valid_mask: torch.Tensor | None = None) -> torch.Tensor:
-        return dense_crf_inference(unary, image, bilateral=self.bilateral, gaussian=self.gaussian,
-                                   iterations=self.iterations, valid_mask=valid_mask)
+        return dense_crf_inference(
+            unary,
+            image,
+            bilateral=self.bilateral,
+            gaussian=self.gaussian,
+            iterations=self.iterations,
+            valid_mask=valid_mask,
+        )
 
     def extra_repr(self) -> str:
         return f"bilateral={self.bilateral}, gaussian={self.gaussian}, iterations={self.iterations}"
@@ -193,8 +186,17 @@ class DenseCRF(nn.Module):
 
 def _register() -> None:
     @torch.library.register_fake("boxloss::dense_crf_inference")
-    def _dense_crf_inference_fake(unary, image, valid_mask, bilateral_weight, bilateral_sigma_xy,
-                                  bilateral_sigma_rgb, gaussian_weight, gaussian_sigma_xy, iterations):
+    def _dense_crf_inference_fake(
+        unary,
+        image,
+        valid_mask,
+        bilateral_weight,
+        bilateral_sigma_xy,
+        bilateral_sigma_rgb,
+        gaussian_weight,
+        gaussian_sigma_xy,
+        iterations,
+    ):
         return unary.new_empty(unary.shape)
 
     def setup_context(ctx, inputs, output):

@@ -52,7 +52,6 @@ import torch
 
 from boxloss.reference.bilateral import lattice_filter_reference, permutohedral_lattice_reference, pixel_features
 
-
 # --------------------------------------------------------------------------- the lattice in d dimensions
 
 
@@ -164,9 +163,11 @@ def lattice_filter_nd(values: torch.Tensor, lattice: LatticeND, *, reverse: bool
     V = lattice.blur_neighbours.shape[1]
     weight = lattice.splat_weight.to(values.dtype)
     grid = values.new_zeros(V + 1, C)  # row V stands in for absent neighbours
-    grid = grid.index_add(0, lattice.splat_index.reshape(-1), (weight[:, :, None] * values.t()[:, None, :]).reshape(-1, C))
+    grid = grid.index_add(
+        0, lattice.splat_index.reshape(-1), (weight[:, :, None] * values.t()[:, None, :]).reshape(-1, C)
+    )
     nb = torch.where(lattice.blur_neighbours < 0, V, lattice.blur_neighbours)
-    for j in (range(d, -1, -1) if reverse else range(d + 1)):
+    for j in range(d, -1, -1) if reverse else range(d + 1):
         blurred = grid[:V] + 0.5 * (grid[nb[j, :, 0]] + grid[nb[j, :, 1]])
         grid = torch.cat([blurred, values.new_zeros(1, C)])
     alpha = 1.0 / (1.0 + 2.0 ** (-d))
@@ -191,6 +192,7 @@ def gaussian_filter_separable(values: torch.Tensor, height: int, width: int, sig
 
     values (C, H*W) -> (C, H*W); O(N (H + W)) time.
     """
+
     def factor(n):
         t = torch.arange(n, dtype=values.dtype, device=values.device)
         return torch.exp(-0.5 * ((t[:, None] - t[None, :]) / sigma_xy) ** 2)
@@ -227,6 +229,7 @@ def _kernel_filters(image: torch.Tensor, bilateral, gaussian, kernels, dtype):
 
             def appearance(v, feats=feats):
                 return gaussian_filter_brute_force(v, feats)
+
         filters.append((w_b, appearance))
     if w_g > 0:
         if smoothness_kind == "lattice":
@@ -238,6 +241,7 @@ def _kernel_filters(image: torch.Tensor, bilateral, gaussian, kernels, dtype):
 
             def smoothness(v):
                 return gaussian_filter_separable(v, H, W, sxy_g)
+
         filters.append((w_g, smoothness))
     return filters
 
@@ -267,8 +271,9 @@ def dense_crf_inference_reference(
     """
     pair = (kernels, kernels) if isinstance(kernels, str) else tuple(kernels)
     if len(pair) != 2 or any(k not in ("lattice", "exact") for k in pair):
-        raise ValueError(f"dense_crf_inference_reference: kernels must be 'lattice', 'exact' or a pair of them, "
-                         f"got {kernels!r}")
+        raise ValueError(
+            f"dense_crf_inference_reference: kernels must be 'lattice', 'exact' or a pair of them, got {kernels!r}"
+        )
     dtype = torch.float64 if unary.dtype == torch.float64 else torch.float32
     B, C, H, W = unary.shape
     out = []
@@ -309,12 +314,16 @@ def pydensecrf_inference(
     uint8 colours); the kernels as ``addPairwiseGaussian(sxy, compat=w)`` and
     ``addPairwiseBilateral(sxy, srgb, rgbim, compat=w)`` with their default
     ``DIAG_KERNEL`` and ``NORMALIZE_SYMMETRIC``; a kernel of weight 0 is not
-    added.  Returns Q (B, C, H, W) float32 on the CPU.  Raises ImportError
-    without pydensecrf.
+    added.  Returns Q (B, C, H, W) float32 on the CPU.  Raises
+    :class:`boxloss._pydensecrf.PyDenseCRFUnavailable` (an ImportError) when
+    pydensecrf is missing or its build does not run.
     """
     import numpy as np
-    import pydensecrf.densecrf as dcrf
 
+    from boxloss import _pydensecrf
+
+    dcrf = _pydensecrf.load("pydensecrf_inference")
+    pairwise = dict(kernel=dcrf.DIAG_KERNEL, normalization=dcrf.NORMALIZE_SYMMETRIC)
     B, C, H, W = unary.shape
     if image.dtype != torch.uint8:
         image = image.round().clamp(0, 255).to(torch.uint8)
@@ -323,11 +332,12 @@ def pydensecrf_inference(
         crf = dcrf.DenseCRF2D(W, H, C)
         crf.setUnaryEnergy(np.ascontiguousarray(unary[b].detach().cpu().float().reshape(C, H * W).numpy()))
         if gaussian[0] > 0:
-            crf.addPairwiseGaussian(sxy=float(gaussian[1]), compat=float(gaussian[0]))
+            crf.addPairwiseGaussian(sxy=float(gaussian[1]), compat=float(gaussian[0]), **pairwise)
         if bilateral[0] > 0:
             rgb = np.ascontiguousarray(image[b].detach().cpu().permute(1, 2, 0).numpy())
-            crf.addPairwiseBilateral(sxy=float(bilateral[1]), srgb=float(bilateral[2]), rgbim=rgb,
-                                     compat=float(bilateral[0]))
+            crf.addPairwiseBilateral(
+                sxy=float(bilateral[1]), srgb=float(bilateral[2]), rgbim=rgb, compat=float(bilateral[0]), **pairwise
+            )
         q = np.array(crf.inference(int(iterations)), dtype=np.float32).reshape(C, H, W)
         out.append(torch.from_numpy(q))
     return torch.stack(out)

@@ -173,11 +173,11 @@ void raise_for_unary_status(const char* op, const std::vector<int32_t>& status, 
   TORCH_CHECK_VALUE(nan.empty(), op, ": unary must not contain NaN, but batch element(s) ", at::IntArrayRef(nan),
                     " do", first_pixel(unary.isnan().any(1)));
   TORCH_CHECK_VALUE(negative.empty(), op,
-                    ": unary holds negative log-probabilities and must not be -inf (+inf marks an impossible "
+                    ": unary must not be -Inf (it holds negative log-probabilities; +Inf marks an impossible "
                     "label), but batch element(s) ",
-                    at::IntArrayRef(negative), " contain -inf", first_pixel((unary == -INFINITY).any(1)));
+                    at::IntArrayRef(negative), " contain -Inf", first_pixel((unary == -INFINITY).any(1)));
   TORCH_CHECK_VALUE(all_infinite.empty(), op,
-                    ": unary is +inf for every class at some pixel (no label is possible there) in batch element(s) ",
+                    ": unary is +Inf for every class at some pixel (no label is possible there) in batch element(s) ",
                     at::IntArrayRef(all_infinite), first_pixel((unary == INFINITY).all(1)));
 }
 

@@ -1,0 +1,29 @@
+"""Reference trainers: each paper's pipeline on the boxloss losses, as short worked examples over one engine.
+
+Run one with ``python -m boxloss.trainers <name> --preset quick`` (``--help`` for the settings of its ablation).
+The trainers:
+
+- ``box2tagback``: Ji & Veksler, "Weakly Supervised Semantic Segmentation: From Box to Tag and Back", BMVC 2021;
+- ``pretrain``: the stand-in for ImageNet features every quick preset starts from (see
+  :mod:`boxloss.trainers.engine.pretrain`).
+
+The engine (:mod:`boxloss.trainers.engine`) owns the loop, checkpoints, distributed training, logging, evaluation,
+figures and results; a trainer module holds its paper's algorithm: a ``Config`` dataclass of the paper's
+hyper-parameters, ``SETTINGS`` (the rows of its ablation) and ``run(ctx, settings) -> Results``.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+#: trainer name -> module
+TRAINERS = {
+    "box2tagback": "boxloss.trainers.box2tagback",
+}
+
+
+def trainer_module(name: str):
+    """The module of trainer ``name``."""
+    if name not in TRAINERS:
+        raise ValueError(f"unknown trainer {name!r}; the trainers are: {', '.join(TRAINERS)}")
+    return importlib.import_module(TRAINERS[name])
