@@ -1,7 +1,7 @@
 """Runs every kernel benchmark at its default sizes (or all with --quick):
 
     python -m benchmarks                         # sparse_crf, box_priors, affinity, background_attention,
-                                                 # dense_crf, uncertainty
+                                                 # dense_crf, crf_inference, uncertainty
     python -m benchmarks --quick                 # the smoke runs
     python -m benchmarks --write-results         # the same, then writes benchmarks/RESULTS.md from the numbers
                                                  # measured in this run (atomically)
@@ -14,9 +14,18 @@ from __future__ import annotations
 
 import sys
 
-from benchmarks import affinity, background_attention, box_priors, cli, dense_crf, sparse_crf, uncertainty
+from benchmarks import (
+    affinity,
+    background_attention,
+    box_priors,
+    cli,
+    crf_inference,
+    dense_crf,
+    sparse_crf,
+    uncertainty,
+)
 
-BENCHMARKS = (sparse_crf, box_priors, affinity, background_attention, dense_crf, uncertainty)
+BENCHMARKS = (sparse_crf, box_priors, affinity, background_attention, dense_crf, crf_inference, uncertainty)
 WRITE_FLAG = "--write-results"
 
 

@@ -65,6 +65,7 @@ from boxloss.ops.background_attention import (
 )
 from boxloss.ops.box_masks import box_priority, boxes_to_masks
 from boxloss.ops.boxes import PackedBoxes, pack_boxes
+from boxloss.ops.crf_inference import DenseCRF, dense_crf_inference
 from boxloss.ops.dense_crf import dense_crf_loss
 from boxloss.ops.lattice import BilateralFilter, PermutohedralLattice, bilateral_filter, permutohedral_lattice
 from boxloss.ops.row_col_max import BoxRowColMax, box_row_col_max
@@ -109,12 +110,14 @@ __all__ = [
     "negative_loss",
     "positional_loss",
     "volumetric_loss",
-    # pairwise: Sparse-CRF, the permutohedral lattice, DenseCRF
+    # pairwise: Sparse-CRF, the permutohedral lattice, the DenseCRF loss and mean-field inference
     "BilateralFilter",
+    "DenseCRF",
     "DenseCRFLoss",
     "PermutohedralLattice",
     "SparseCRFLoss",
     "bilateral_filter",
+    "dense_crf_inference",
     "dense_crf_loss",
     "permutohedral_lattice",
     "sparse_crf_loss",

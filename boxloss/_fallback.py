@@ -105,6 +105,33 @@ def dense_crf_energy(fn, probs, valid_mask, lattice):
     return energy.to(probs.dtype), normaliser.to(probs.dtype)
 
 
+def dense_crf_inference(fn, unary, image, valid_mask, bilateral, gaussian, iterations):
+    """Q (B, C, H, W) in the dtype of ``unary``, as ``boxloss::dense_crf_inference``."""
+    from boxloss.reference.crf_inference import dense_crf_inference_reference
+
+    warn_fallback(fn)
+    if torch.isnan(unary).any():
+        raise ValueError(f"{fn}: unary must not contain NaN")
+    if (unary == float("-inf")).any():
+        raise ValueError(
+            f"{fn}: unary must not be -Inf (it holds negative log-probabilities; +Inf marks an impossible label)"
+        )
+    if (unary == float("inf")).all(1).any():
+        raise ValueError(f"{fn}: unary is +Inf for every class at some pixel (no label is possible there)")
+    if bilateral[0] > 0:
+        _check_finite(fn, "image", image)
+    compute = torch.float64 if unary.dtype == torch.float64 else torch.float32
+    q = dense_crf_inference_reference(
+        unary.to(compute),
+        image.to(compute),
+        bilateral=bilateral,
+        gaussian=gaussian,
+        iterations=iterations,
+        valid_mask=valid_mask,
+    )
+    return q.to(unary.dtype)
+
+
 # --------------------------------------------------------------------------- background attention
 
 

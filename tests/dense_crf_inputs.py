@@ -1,4 +1,5 @@
-"""Input builders shared by the DenseCRF / lattice tests (CPU and CUDA) and benchmarks/dense_crf.py.
+"""Input builders shared by the DenseCRF / lattice / CRF inference tests (CPU and CUDA) and benchmarks/dense_crf.py,
+and pydensecrf's inference for the tests that compare with it.
 
 Natural-looking images come from the package's synthetic benchmark (textured
 objects and backgrounds, blur, noise, colours in [0, 255]); their probability
@@ -86,3 +87,19 @@ def at_scale(reference):
         return reference(probs, image, sigma_xy=sigma_xy, valid_mask=valid_mask, **kwargs)
 
     return loss
+
+
+def pydensecrf_inference_or_skip(unary, image, **settings):
+    """Krähenbühl's inference through pydensecrf (boxloss.reference.crf_inference.pydensecrf_inference); the test
+    is skipped where pydensecrf is not installed, and fails, with the reason, where its build does not run."""
+    import pytest
+
+    from boxloss._pydensecrf import PyDenseCRFUnavailable
+    from boxloss.reference.crf_inference import pydensecrf_inference
+
+    try:
+        return pydensecrf_inference(unary, image, **settings)
+    except PyDenseCRFUnavailable as exc:
+        if exc.installed:
+            raise
+        pytest.skip(str(exc))

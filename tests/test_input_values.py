@@ -1,7 +1,7 @@
-"""Values out of their domain, in every float argument of every op and loss: NaN, +Inf and -Inf anywhere, and for
-probability and attention arguments values outside [0, 1] and logits passed by mistake.  Each must raise ValueError
-naming the function (or, where noted, the op that checks the argument for it), the argument and what is wrong; never
-a finite result, an Inf or a NaN.
+"""Values out of their domain, in every float argument of every op and loss: NaN, +Inf and -Inf anywhere (NaN and
+-Inf for negative log-probabilities, where +Inf is a valid value), and for probability and attention arguments values
+outside [0, 1] and logits passed by mistake.  Each must raise ValueError naming the function (or, where noted, the op
+that checks the argument for it), the argument and what is wrong; never a finite result, an Inf or a NaN.
 
 A case is ``(function, argument, domain, build)``: ``build()`` returns ``(call, arguments)`` or ``(call, arguments,
 where)``, ``call(**arguments)`` runs the function, and the test corrupts ``arguments[argument]`` (the element at flat
@@ -24,6 +24,9 @@ P, F = "probabilities", "finite"
 # Probabilities read through row and column maxima (the box priors): a value raises when it can become a maximum
 # out of [0, 1]; a value below 0 next to a larger one changes nothing and is not reported (docs/box_priors.md).
 M = "maxima"
+# Negative log-probabilities (the unaries of CRF inference): +Inf is a label of probability 0, so one +Inf is valid
+# (every class +Inf at a pixel raises, tests/test_crf_inference.py); NaN and -Inf are not.
+U = "negative log-probabilities"
 B, C, H, W = 2, 3, 8, 9
 
 
@@ -74,6 +77,13 @@ def _sparse_crf():
 def _dense_crf():
     return (lambda probs, image: boxloss.dense_crf_loss(probs, image, sigma_xy=4.0)), {
         "probs": _softmax(B, C, H, W),
+        "image": 255 * _rand(B, 3, H, W, seed=2),
+    }
+
+
+def _crf_inference():
+    return (lambda unary, image: boxloss.dense_crf_inference(unary, image, iterations=2)), {
+        "unary": -torch.log(_softmax(B, C, H, W)),
         "image": 255 * _rand(B, 3, H, W, seed=2),
     }
 
@@ -251,6 +261,7 @@ FUNCTIONS = [
     # The lattice is built (and its image checked) by the op the loss and the filter share.
     ("dense_crf_loss", {"probs": P, "image": F}, _dense_crf, ("permutohedral_lattice",)),
     ("bilateral_filter", {"values": F, "image": F}, _bilateral, ("permutohedral_lattice", "lattice_filter")),
+    ("dense_crf_inference", {"unary": U, "image": F}, _crf_inference, ()),
     # NaN inside a box is an error of the op the box priors share.
     ("tight_box_loss", {"probs": M}, _box_prior(boxloss.tight_box_loss), ("box_row_col_max",)),
     ("mil_box_loss", {"probs": M}, _box_prior(boxloss.mil_box_loss), ("box_row_col_max",)),
@@ -315,6 +326,7 @@ CORRUPTIONS = {
     F: ["nan", "inf", "-inf"],
     P: ["nan", "inf", "-inf", "above_one", "below_zero", "logits"],
     M: ["nan", "inf", "above_one", "logits"],
+    U: ["nan", "-inf"],
 }
 EXPECTED_WORDS = {
     "nan": "NaN",

@@ -12,6 +12,8 @@ extension has loaded.  Backward ops are private: ``boxloss::_<op>_backward``.
 - :mod:`~boxloss.ops.sparse_crf`: ``sparse_crf_loss`` -> :func:`~boxloss.sparse_crf_loss`
 - :mod:`~boxloss.ops.lattice`: ``permutohedral_lattice``, ``lattice_filter`` -> :class:`~boxloss.PermutohedralLattice`
 - :mod:`~boxloss.ops.dense_crf`: ``dense_crf_loss`` -> :func:`~boxloss.dense_crf_loss`
+- :mod:`~boxloss.ops.crf_inference`: ``dense_crf_inference`` -> :func:`~boxloss.dense_crf_inference`,
+  :class:`~boxloss.DenseCRF`
 - :mod:`~boxloss.ops.background_attention`: ``background_attention``, ``background_aware_pool``,
   ``background_attention_pool`` -> :func:`~boxloss.background_attention`, :class:`~boxloss.BackgroundAwarePooling`
 - :mod:`~boxloss.ops.uncertainty`: ``uncertainty_bce_loss``, ``uncertainty_ce_loss``
