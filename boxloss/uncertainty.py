@@ -104,7 +104,17 @@ def _check_finite(fn: str, name: str, value) -> float:
     return value
 
 
-def _check_binary_args(fn, mu, log_var, target, box_mask, pixel_perfect, reduction):
+def _check_ignore_index(fn: str, ignore_index, *, binary: bool = False) -> int:
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"{fn}: ignore_index must be an int, got {type(ignore_index).__name__}")
+    if binary and ignore_index in (0, 1):
+        raise ValueError(f"{fn}: ignore_index must not be 0 or 1, the binary labels, got {ignore_index}")
+    return ignore_index
+
+
+def _check_binary_args(fn, mu, log_var, target, box_mask, pixel_perfect, reduction, ignore_index):
+    """The checked (B, H, W) inputs, the target with its void pixels set to 0, and the (B, H, W) bool map of the
+    pixels that are not void."""
     layout = "(B, H, W) or (B, 1, H, W)"
     mu = _as_map(fn, "mu", mu, batch_layout=layout)
     log_var = _as_map(fn, "log_var", log_var, batch_layout=layout)
@@ -123,7 +133,19 @@ def _check_binary_args(fn, mu, log_var, target, box_mask, pixel_perfect, reducti
     B, H, W = mu.shape
     box_mask, pixel_perfect = _check_masks(fn, mu, box_mask, pixel_perfect, B, H, W)
     _checks.check_choice(fn, "reduction", reduction, _checks.REDUCTIONS)
-    return mu, log_var, target.to(mu.dtype), box_mask, pixel_perfect
+    ignore_index = _check_ignore_index(fn, ignore_index, binary=True)
+    valid = target != ignore_index
+    target = torch.where(valid, target, torch.zeros((), dtype=target.dtype, device=target.device))
+    return mu, log_var, target.to(mu.dtype), box_mask, pixel_perfect, valid
+
+
+def _reduce_valid(per_pixel: torch.Tensor, valid: torch.Tensor, reduction: str) -> torch.Tensor:
+    """Void pixels set to 0 (no gradient reaches them), then the mean over the other pixels (0 when there are
+    none), the sum, or the per-pixel map."""
+    per_pixel = torch.where(valid, per_pixel, torch.zeros((), dtype=per_pixel.dtype, device=per_pixel.device))
+    if reduction == "mean":
+        return per_pixel.sum() / valid.sum().clamp_min(1).to(per_pixel.dtype)
+    return per_pixel.sum() if reduction == "sum" else per_pixel
 
 
 # ---------------------------------------------------------------- binary
@@ -141,6 +163,7 @@ def uncertainty_bce_loss(
     pixel_perfect: torch.Tensor | None = None,
     route_gradients: bool = True,
     reduction: str = "mean",
+    ignore_index: int = IGNORE_INDEX,
 ) -> torch.Tensor:
     r"""Binary cross-entropy with a Gaussian logit and uncertainty-based online
     bootstrapping (Eq. 8-11 of ../shared/papers/004), fused.
@@ -158,6 +181,7 @@ def uncertainty_bce_loss(
     and ``L = L_u + L_b`` (``L_u`` alone with ``bootstrap=False``).  Everywhere
     else (outside the boxes, and on every pixel of a ``pixel_perfect`` image: the
     paper's mixed batches) ``L = BCE(mu, y)``.  ``BCE(mu, y)`` takes logits.
+    Pixels whose target is ``ignore_index`` (void) contribute 0.
 
     **Gradient routing** (Sec. 3.3, ``route_gradients=True``, the default): the
     variance learns only through ``L_u`` (which sees ``mu`` as a constant), the
@@ -169,8 +193,8 @@ def uncertainty_bce_loss(
         mu: mean logits.
         log_var: log-variances ``s`` (see the module docstring for why a log).
         target: object probability in [0, 1] (1 object, 0 background; soft
-            targets allowed), converted to the dtype of ``mu``.  NaN or values
-            outside [0, 1] raise ``ValueError``.
+            targets allowed), or ``ignore_index`` at void pixels; converted to the
+            dtype of ``mu``.  NaN or other values outside [0, 1] raise ``ValueError``.
         box_mask: bool, True inside the boxes (where the label may be wrong);
             None: every pixel.
         tau: the threshold on ``sigma^2`` of Eq. 11 (the paper's 2.5).
@@ -179,8 +203,12 @@ def uncertainty_bce_loss(
         pixel_perfect: bool, one per image: True for images with pixel-perfect
             labels, which get plain BCE everywhere.
         route_gradients: see above.
-        reduction: ``"mean"`` over all B x H x W pixels, ``"sum"``, or ``"none"``
-            (the (B, H, W) per-pixel losses).
+        reduction: ``"mean"`` over the pixels whose target is not ``ignore_index``
+            (0, with a zero gradient, when there are none), ``"sum"``, or ``"none"``
+            (the (B, H, W) per-pixel losses, 0 at void pixels).
+        ignore_index: target value of void pixels (VOC's 255 by default, as
+            :func:`uncertainty_ce_loss`): they contribute 0 and no gradient.  Not
+            0 or 1.
 
     Shape:
         - mu, log_var, target: :math:`(B, H, W)` or :math:`(B, 1, H, W)`;
@@ -198,8 +226,8 @@ def uncertainty_bce_loss(
         ...                                     pixel_perfect=torch.tensor([True, False]))
         >>> loss.backward()
     """
-    mu, log_var, target, box_mask, pixel_perfect = _check_binary_args(
-        _BCE, mu, log_var, target, box_mask, pixel_perfect, reduction
+    mu, log_var, target, box_mask, pixel_perfect, valid = _check_binary_args(
+        _BCE, mu, log_var, target, box_mask, pixel_perfect, reduction, ignore_index
     )
     tau = _check_finite(_BCE, "tau", tau)
     temperature = _checks.check_positive(_BCE, "temperature", temperature)
@@ -212,15 +240,13 @@ def uncertainty_bce_loss(
     else:
         warn_fallback(_BCE)
         if not ((target >= 0) & (target <= 1)).all():
-            raise ValueError(f"{_BCE}: target must hold probabilities in [0, 1], but it contains NaN or values "
-                             "outside [0, 1]")
+            raise ValueError(f"{_BCE}: target must hold probabilities in [0, 1] or ignore_index, but it contains "
+                             "NaN or values outside [0, 1]")
         per_pixel = uncertainty_bce_loss_reference(
             mu, log_var, target, box_mask, tau=tau, temperature=temperature, bootstrap=bootstrap,
             pixel_perfect=pixel_perfect, route_gradients=route_gradients, reduction="none",
         )
-    if reduction == "mean":
-        return per_pixel.mean()
-    return per_pixel.sum() if reduction == "sum" else per_pixel
+    return _reduce_valid(per_pixel, valid, reduction)
 
 
 def uncertainty_l2_loss(
@@ -231,6 +257,7 @@ def uncertainty_l2_loss(
     *,
     pixel_perfect: torch.Tensor | None = None,
     reduction: str = "mean",
+    ignore_index: int = IGNORE_INDEX,
 ) -> torch.Tensor:
     r"""Regression loss with uncertainty (Eq. 2-3 of ../shared/papers/004).
 
@@ -242,7 +269,9 @@ def uncertainty_l2_loss(
     ``(y - mu)^2`` elsewhere (Eq. 3's pixel-perfect term).  Computed from
     ``s = log_var`` directly (no ``log(exp(s))``), so it is finite wherever
     ``e^{-s} (y - mu)^2`` is.  Plain PyTorch operations (elementwise, nothing to
-    fuse); autograd differentiates both ``mu`` and ``log_var``.
+    fuse); autograd differentiates both ``mu`` and ``log_var``.  Pixels whose
+    target is ``ignore_index`` (255 by default) contribute 0 and no gradient, and
+    ``reduction="mean"`` averages over the others, as in :func:`uncertainty_bce_loss`.
 
     Shape:
         - mu, log_var, target: :math:`(B, H, W)` or :math:`(B, 1, H, W)`, float.
@@ -254,8 +283,8 @@ def uncertainty_l2_loss(
         >>> target = (torch.rand(2, 32, 32) > 0.5).float()
         >>> boxloss.uncertainty_l2_loss(mu, log_var, target).backward()
     """
-    mu, log_var, target, box_mask, pixel_perfect = _check_binary_args(
-        _L2, mu, log_var, target, box_mask, pixel_perfect, reduction
+    mu, log_var, target, box_mask, pixel_perfect, valid = _check_binary_args(
+        _L2, mu, log_var, target, box_mask, pixel_perfect, reduction, ignore_index
     )
     squared = (target - mu) ** 2
     with_uncertainty = 0.5 * torch.exp(-log_var) * squared + 0.5 * log_var
@@ -263,9 +292,7 @@ def uncertainty_l2_loss(
     if pixel_perfect is not None:
         uncertain = uncertain & ~pixel_perfect[:, None, None]
     per_pixel = torch.where(uncertain, with_uncertainty, squared)
-    if reduction == "mean":
-        return per_pixel.mean()
-    return per_pixel.sum() if reduction == "sum" else per_pixel
+    return _reduce_valid(per_pixel, valid, reduction)
 
 
 # ---------------------------------------------------------------- multi-class
@@ -410,8 +437,7 @@ def uncertainty_ce_loss(
     tau = _checks.check_positive(fn, "tau", tau)
     bootstrap = _check_bool(fn, "bootstrap", bootstrap)
     route_gradients = _check_bool(fn, "route_gradients", route_gradients)
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"{fn}: ignore_index must be an int, got {type(ignore_index).__name__}")
+    ignore_index = _check_ignore_index(fn, ignore_index)
     _checks.check_choice(fn, "reduction", reduction, _checks.REDUCTIONS)
     seed_tensor = _seed_tensor(fn, seed, generator)
     target = target.long()
@@ -452,7 +478,7 @@ class UncertaintyBCELoss(nn.Module):
     """
 
     def __init__(self, *, tau: float = TAU, temperature: float = TEMPERATURE, bootstrap: bool = True,
-                 route_gradients: bool = True, reduction: str = "mean") -> None:
+                 route_gradients: bool = True, reduction: str = "mean", ignore_index: int = IGNORE_INDEX) -> None:
         super().__init__()
         name = "UncertaintyBCELoss"
         self.tau = _check_finite(name, "tau", tau)
@@ -461,32 +487,36 @@ class UncertaintyBCELoss(nn.Module):
         self.route_gradients = _check_bool(name, "route_gradients", route_gradients)
         _checks.check_choice(name, "reduction", reduction, _checks.REDUCTIONS)
         self.reduction = reduction
+        self.ignore_index = _check_ignore_index(name, ignore_index, binary=True)
 
     def forward(self, mu, log_var, target, box_mask=None, pixel_perfect=None):
         return uncertainty_bce_loss(
             mu, log_var, target, box_mask, tau=self.tau, temperature=self.temperature, bootstrap=self.bootstrap,
             pixel_perfect=pixel_perfect, route_gradients=self.route_gradients, reduction=self.reduction,
+            ignore_index=self.ignore_index,
         )
 
     def extra_repr(self) -> str:
         return (f"tau={self.tau}, temperature={self.temperature}, bootstrap={self.bootstrap}, "
-                f"route_gradients={self.route_gradients}, reduction={self.reduction!r}")
+                f"route_gradients={self.route_gradients}, reduction={self.reduction!r}, "
+                f"ignore_index={self.ignore_index}")
 
 
 class UncertaintyL2Loss(nn.Module):
     """Module form of :func:`uncertainty_l2_loss`."""
 
-    def __init__(self, *, reduction: str = "mean") -> None:
+    def __init__(self, *, reduction: str = "mean", ignore_index: int = IGNORE_INDEX) -> None:
         super().__init__()
         _checks.check_choice("UncertaintyL2Loss", "reduction", reduction, _checks.REDUCTIONS)
         self.reduction = reduction
+        self.ignore_index = _check_ignore_index("UncertaintyL2Loss", ignore_index, binary=True)
 
     def forward(self, mu, log_var, target, box_mask=None, pixel_perfect=None):
         return uncertainty_l2_loss(mu, log_var, target, box_mask, pixel_perfect=pixel_perfect,
-                                   reduction=self.reduction)
+                                   reduction=self.reduction, ignore_index=self.ignore_index)
 
     def extra_repr(self) -> str:
-        return f"reduction={self.reduction!r}"
+        return f"reduction={self.reduction!r}, ignore_index={self.ignore_index}"
 
 
 class UncertaintyCELoss(nn.Module):
@@ -507,9 +537,7 @@ class UncertaintyCELoss(nn.Module):
         self.samples = _checks.check_int(name, "samples", samples, minimum=1)
         self.tau = _checks.check_positive(name, "tau", tau)
         self.bootstrap = _check_bool(name, "bootstrap", bootstrap)
-        if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-            raise TypeError(f"{name}: ignore_index must be an int, got {type(ignore_index).__name__}")
-        self.ignore_index = ignore_index
+        self.ignore_index = _check_ignore_index(name, ignore_index)
         self.route_gradients = _check_bool(name, "route_gradients", route_gradients)
         _checks.check_choice(name, "reduction", reduction, _checks.REDUCTIONS)
         self.reduction = reduction
