@@ -296,6 +296,11 @@ def run(ctx: Context, settings: list[str]) -> None:
                 value, metric = miou_percent(evaluate_confusion(ctx, model, splits.val, K)), "miou"
             ctx.results.add(TABLE[setting], setting, metric, value)
             ctx.log(f"Table {TABLE[setting]} {setting}: validation {metric} {value:.2f}")
+            if setting in WITH_VARIANCE:
+                note = variance_diagnostics(ctx, setting, model, splits, chosen)
+                if note:
+                    ctx.log(note)
+                    ctx.results.notes.append(note)
             networks[setting] = model
         if ctx.run.main:
             if rows is BINARY:
@@ -328,6 +333,30 @@ def _check_pixel_perfect(ctx: Context, settings, n_pp: int) -> None:
     warning = "WARNING: " + text + "; running them on boxes alone (allow_no_pixel_perfect)"
     ctx.log(warning)
     ctx.results.notes.append(warning)
+
+
+def variance_diagnostics(ctx: Context, setting: str, model, splits: Splits, chosen: np.ndarray,
+                         limit: int = 64) -> str | None:
+    """Whether the variance learned the label uncertainty (Sec. 3.2): on box-labelled training images (up to
+    ``limit``), the mean sigma^2 inside the boxes on the pixels whose true label is background (where the box label
+    is wrong) and on the object, and the share of each above tau (where bootstrapping flips the target). The true
+    masks are read here only, never in training."""
+    cfg: Config = ctx.config
+    index = _bb_examples(splits, chosen, limit)
+    if not index:
+        return None
+    K = splits.num_classes
+    samples = [splits.train[i] for i in index]
+    var = predict_heads(ctx, model, samples)["log_var"].exp().amax(1)
+    in_box = torch.from_numpy(np.stack([box_label_map(s, K) for s in samples])) > 0
+    truth = torch.from_numpy(np.stack([s.mask for s in samples])).long()
+    tau = cfg.tau_ce if K > 1 else cfg.tau
+    parts = []
+    for name, where in (("background", in_box & (truth == 0)), ("object", in_box & (truth > 0) & (truth != 255))):
+        if bool(where.any()):
+            above = 100 * float((var[where] > tau).float().mean())
+            parts.append(f"{name} sigma^2 {float(var[where].mean()):.2f}, {above:.1f}% above tau {tau:g}")
+    return f"{setting}: inside the boxes of {len(samples)} box-labelled training images: " + "; ".join(parts)
 
 
 # ----------------------------------------------------------------------------------------------------- figures
