@@ -75,7 +75,6 @@ def test_grabcut_cache_is_reused_and_keyed_by_data_and_settings(tmp_path):
 
 
 def test_cached_labels_are_grabcut_merged_smaller_box_in_front(tmp_path):
-    from boxloss.baselines import grabcut_box_masks
     from boxloss.trainers.engine.context import Context
     from boxloss.trainers.engine.results import Results
     from boxloss.trainers.engine.run import Run
@@ -91,7 +90,7 @@ def test_cached_labels_are_grabcut_merged_smaller_box_in_front(tmp_path):
     i = list(splits.train).index(s)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # boxes too small for GrabCut are filled, with a warning
-        masks = grabcut_box_masks(s.image, s.boxes, iterations=cfg.grabcut_iterations)
+        masks = boxloss.grabcut_box_masks(s.image, s.boxes, iterations=cfg.grabcut_iterations)
     expected = boxloss.merge_box_masks(masks, torch.from_numpy(s.boxes), torch.zeros(s.num_boxes, dtype=torch.long),
                                        torch.from_numpy(s.labels), (1, s.height, s.width), strategy="overlap-small",
                                        num_classes=splits.num_classes)[0]

@@ -3,7 +3,7 @@ Learning for Weakly Supervised Segmentation", ECCV 2020.
 
 The pipeline, as the paper's Sec. 3-4:
 
-1. Sec. 3.1, the pseudo ground truth M: GrabCut inside every training box (:func:`boxloss.baselines.grabcut_box_masks`),
+1. Sec. 3.1, the pseudo ground truth M: GrabCut inside every training box (:func:`boxloss.grabcut_box_masks`),
    the boxes' masks merged into one label map with the smaller box in front, as the box tensor B is
    (:func:`boxloss.merge_box_masks`, ``overlap-small``). Computed once per image and kept in a cache beside the run
    (:func:`grabcut_labels`), keyed by a hash of the images, boxes and GrabCut settings.
@@ -138,14 +138,12 @@ def check_config(cfg: Config) -> None:
 
 def _grabcut_image(sample, num_classes: int, iterations: int) -> tuple[np.ndarray, int]:
     """M of one image (Sec. 3.1) and the number of boxes GrabCut could not segment (filled instead)."""
-    from boxloss.baselines import grabcut_box_masks
-
     H, W = sample.height, sample.width
     if sample.num_boxes == 0:
         return np.zeros((H, W), np.uint8), 0
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        masks = grabcut_box_masks(sample.image, sample.boxes, iterations=iterations)
+        masks = boxloss.grabcut_box_masks(sample.image, sample.boxes, iterations=iterations)
     filled = 0
     for w in caught:
         text = str(w.message)
