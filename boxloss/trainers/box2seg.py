@@ -34,6 +34,7 @@ dominates the other terms, as the paper says it forces the attention to the box'
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import warnings
@@ -45,6 +46,7 @@ import torch
 import torch.nn.functional as F
 
 import boxloss
+from boxloss.data import Sample
 from boxloss.trainers.engine import checkpoint, distributed
 from boxloss.trainers.engine.config import ConfigError, TrainerConfig
 from boxloss.trainers.engine.context import Context
@@ -79,8 +81,9 @@ SETTINGS = {
 #: the Table 3 rows that use the pixel embeddings (and so start from their pre-training, Sec. 4.1)
 WITH_AFFINITY = ("affinity", "box2seg")
 WITH_ATTENTION = ("aw-box", "aw-fr", "box2seg")
-#: Bumped when the pseudo labels a setting produces change, so old cache files are not reused.
-GRABCUT_CACHE_VERSION = 1
+#: Bumped when this module changes the pseudo labels it makes from the same images, boxes and settings, so old
+#: cache files are not reused (library changes are caught by :func:`library_fingerprint`).
+GRABCUT_CACHE_VERSION = 2
 
 
 @dataclass
@@ -155,10 +158,40 @@ def _grabcut_image(sample, num_classes: int, iterations: int) -> tuple[np.ndarra
     return labels.to(torch.uint8).numpy(), filled
 
 
+def _probe():
+    """A fixed 48 x 48 scene for :func:`library_fingerprint`: a disc and a rectangle on a noisy gradient, boxes with
+    fractional corners that overlap (the smaller in front) and one too small for GrabCut (filled)."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:48, 0:48]
+    image = np.stack([xx * 3, yy * 3, (xx + yy) * 2], -1).astype(float) + rng.normal(0, 12, (48, 48, 3))
+    image[(yy - 20) ** 2 + (xx - 18) ** 2 < 100] = (220, 40, 60)
+    image[30:42, 24:44] = (40, 60, 210)
+    sample = Sample(image=np.clip(image, 0, 255).astype(np.uint8),
+                    boxes=np.array([[5.5, 7.0, 31.5, 33.0], [20.0, 26.0, 47.0, 45.5], [40.0, 2.0, 42.0, 4.0]],
+                                   np.float32), labels=np.array([1, 2, 1], np.int64), mask=None,
+                    image_id="grabcut-probe")
+    return sample
+
+
+@functools.lru_cache(maxsize=None)
+def library_fingerprint(iterations: int) -> str:
+    """What the pseudo labels depend on besides the images, boxes and settings: the versions of OpenCV and
+    boxloss, and M of a fixed probe scene (:func:`_probe`), so that a change in either library that changes what
+    GrabCut or the merge return misses the cache instead of reading labels the code no longer makes."""
+    import cv2
+
+    labels, filled = _grabcut_image(_probe(), 2, iterations)
+    h = hashlib.sha256(f"{cv2.__version__} {boxloss.__version__} {filled}".encode())
+    h.update(np.ascontiguousarray(labels).tobytes())
+    return h.hexdigest()[:16]
+
+
 def _chunk_key(samples, num_classes: int, iterations: int) -> str:
-    """A hash of what a chunk of pseudo labels depends on: the images, boxes and labels, and the settings."""
+    """A hash of what a chunk of pseudo labels depends on: the images, boxes and labels, the settings and the
+    libraries (:func:`library_fingerprint`)."""
     h = hashlib.sha256(json.dumps({"version": GRABCUT_CACHE_VERSION, "iterations": iterations,
-                                   "num_classes": num_classes, "merge": "overlap-small"}, sort_keys=True).encode())
+                                   "num_classes": num_classes, "merge": "overlap-small",
+                                   "libraries": library_fingerprint(iterations)}, sort_keys=True).encode())
     for s in samples:
         for a in (s.image, s.boxes, s.labels):
             a = np.ascontiguousarray(a)
@@ -186,7 +219,7 @@ def grabcut_labels(ctx: Context, samples, num_classes: int, what: str, *, chunk:
     for start in range(0, len(samples), chunk):
         part_samples = [samples[i] for i in range(start, min(start + chunk, len(samples)))]
         path = folder / f"{_chunk_key(part_samples, num_classes, cfg.grabcut_iterations)}.pt"
-        part = _read_chunk(path, part_samples)
+        part = _read_chunk(path, part_samples, num_classes)
         if part is None and distributed.is_main():
             results = [_grabcut_image(s, num_classes, cfg.grabcut_iterations) for s in part_samples]
             part = [m for m, _ in results]
@@ -195,7 +228,7 @@ def grabcut_labels(ctx: Context, samples, num_classes: int, what: str, *, chunk:
             checkpoint.atomic_save([torch.from_numpy(m) for m in part], path)
         distributed.barrier()
         if part is None:
-            part = _read_chunk(path, part_samples)
+            part = _read_chunk(path, part_samples, num_classes)
         out += part
     note = f", {filled} boxes too small for GrabCut filled" if filled else ""
     ctx.log(f"GrabCut pseudo labels of {len(samples)} {what} images: {computed} computed{note}, "
@@ -203,7 +236,9 @@ def grabcut_labels(ctx: Context, samples, num_classes: int, what: str, *, chunk:
     return out
 
 
-def _read_chunk(path: Path, samples) -> list[np.ndarray] | None:
+def _read_chunk(path: Path, samples, num_classes: int) -> list[np.ndarray] | None:
+    """The label maps of a cache file, or None when it is missing or does not hold one uint8 map of labels
+    0..num_classes per sample (a damaged or foreign file is recomputed, never trusted)."""
     if not path.is_file():
         return None
     try:
@@ -211,7 +246,8 @@ def _read_chunk(path: Path, samples) -> list[np.ndarray] | None:
     except checkpoint.CheckpointError:
         return None
     if not isinstance(part, list) or len(part) != len(samples) or any(
-            not isinstance(m, torch.Tensor) or tuple(m.shape) != (s.height, s.width) for m, s in zip(part, samples)):
+            not isinstance(m, torch.Tensor) or m.dtype != torch.uint8 or tuple(m.shape) != (s.height, s.width)
+            or (m.numel() and int(m.max()) > num_classes) for m, s in zip(part, samples)):
         return None
     return [m.numpy() for m in part]
 
