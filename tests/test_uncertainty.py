@@ -564,6 +564,87 @@ def test_bce_float_precision_and_extremes(dtype):
                 assert torch.isfinite(t).all(), (mu_value, lv_value, bootstrap, route)
 
 
+# ------------------------------------------------------- void (binary)
+
+BINARY_LOSSES = {
+    "bce": (boxloss.uncertainty_bce_loss, uncertainty_bce_loss_reference),
+    "l2": (boxloss.uncertainty_l2_loss, uncertainty_l2_loss_reference),
+}
+
+
+def _with_void(target, seed, fraction=0.3, value=255):
+    g = torch.Generator().manual_seed(seed)
+    void = torch.rand(target.shape, generator=g) < fraction
+    return target.masked_fill(void, value), void
+
+
+@pytest.mark.parametrize("loss", list(BINARY_LOSSES))
+@pytest.mark.parametrize("ignore_index", [255, -1])
+def test_binary_void_pixels_are_left_out_like_the_multi_class_loss(loss, ignore_index):
+    fn, ref = BINARY_LOSSES[loss]
+    mu, log_var, target, box_mask, pp = make_binary_inputs(3, 6, 7, seed=_seed(loss, ignore_index), soft=True,
+                                                           pixel_perfect=[False, True, False])
+    with_void, void = _with_void(target, 5, value=ignore_index)
+    kwargs = dict(pixel_perfect=pp) | ({"route_gradients": False} if loss == "bce" else {})
+    # per pixel: the reference where the target is known, 0 (and no gradient) at void pixels
+    value, grad_mu, grad_s = value_and_grads(fn, mu, log_var, with_void, box_mask, reduction="none",
+                                             ignore_index=ignore_index, **kwargs)
+    ref_value, ref_mu, ref_s = value_and_grads(ref, mu, log_var, target, box_mask, reduction="none", **kwargs)
+    keep = ~void
+    torch.testing.assert_close(value[keep], ref_value[keep], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(grad_mu[keep], ref_mu[keep], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(grad_s[keep], ref_s[keep], rtol=1e-10, atol=1e-12)
+    assert torch.all(value[void] == 0) and torch.all(grad_mu[void] == 0) and torch.all(grad_s[void] == 0)
+    # mean over the known pixels (as uncertainty_ce_loss's), sum over them
+    mean = fn(mu, log_var, with_void, box_mask, ignore_index=ignore_index, **kwargs)
+    torch.testing.assert_close(mean, ref_value[keep].mean(), rtol=1e-12, atol=0)
+    total = fn(mu, log_var, with_void, box_mask, reduction="sum", ignore_index=ignore_index, **kwargs)
+    torch.testing.assert_close(total, ref_value[keep].sum(), rtol=1e-12, atol=0)
+    # without void pixels nothing changes
+    torch.testing.assert_close(fn(mu, log_var, target, box_mask, **kwargs), ref(mu, log_var, target, box_mask,
+                                                                                **kwargs).mean())
+
+
+@pytest.mark.parametrize("loss", list(BINARY_LOSSES))
+def test_binary_all_void_mean_is_zero_with_a_zero_gradient(loss):
+    fn, _ = BINARY_LOSSES[loss]
+    mu, log_var, _, box_mask, _ = make_binary_inputs(2, 4, 4, seed=_seed("all void", loss))
+    target = torch.full((2, 4, 4), 255.0, dtype=torch.float64)
+    value, grad_mu, grad_s = value_and_grads(fn, mu, log_var, target, box_mask)
+    assert value == 0 and torch.all(grad_mu == 0) and torch.all(grad_s == 0)
+
+
+def test_binary_void_with_integer_targets_and_modules():
+    mu, log_var, target, box_mask, pp = make_binary_inputs(2, 5, 6, seed=_seed("uint8 void"))
+    labels = target.to(torch.uint8)
+    labels[0, :2] = 255  # a VOC-style uint8 mask: 0 background, 1 object, 255 void
+    expected = _bce(mu, log_var, labels.double(), box_mask, pixel_perfect=pp)
+    torch.testing.assert_close(_bce(mu, log_var, labels, box_mask, pixel_perfect=pp), expected)
+    torch.testing.assert_close(boxloss.UncertaintyBCELoss()(mu, log_var, labels, box_mask, pp), expected)
+    torch.testing.assert_close(boxloss.UncertaintyL2Loss()(mu, log_var, labels, box_mask, pp),
+                               boxloss.uncertainty_l2_loss(mu, log_var, labels.double(), box_mask, pixel_perfect=pp))
+    assert "ignore_index=255" in repr(boxloss.UncertaintyBCELoss())
+    assert "ignore_index=7" in repr(boxloss.UncertaintyL2Loss(ignore_index=7))
+    labels[0, 0, 0] = 7  # neither a probability nor the ignore index
+    with pytest.raises(ValueError, match="target must hold probabilities"):
+        _bce(mu, log_var, labels, box_mask)
+
+
+@pytest.mark.parametrize("fn", [boxloss.uncertainty_bce_loss, boxloss.uncertainty_l2_loss,
+                                boxloss.UncertaintyBCELoss, boxloss.UncertaintyL2Loss])
+@pytest.mark.parametrize("ignore_index, error, message", [(1, ValueError, "must not be 0 or 1"),
+                                                          (0, ValueError, "must not be 0 or 1"),
+                                                          (255.0, TypeError, "ignore_index must be an int"),
+                                                          (True, TypeError, "ignore_index must be an int")])
+def test_binary_bad_ignore_index(fn, ignore_index, error, message):
+    mu, log_var, target, box_mask, _ = make_binary_inputs(1, 3, 3, seed=_seed("bad ignore"))
+    with pytest.raises(error, match=message):
+        if isinstance(fn, type):
+            fn(ignore_index=ignore_index)
+        else:
+            fn(mu, log_var, target, box_mask, ignore_index=ignore_index)
+
+
 # ------------------------------------------------------------------ L2
 
 
@@ -655,6 +736,7 @@ def test_torch_compile_fullgraph_matches_eager():
         2, 6, 8, 8, dtype=torch.float32, seed=83, box_fraction=0.5, pixel_perfect=[True, False]
     )
     bmu, blv, bt, bmask, _ = make_binary_inputs(2, 8, 8, dtype=torch.float32, seed=89)
+    bt, _ = _with_void(bt, 91, fraction=0.2)
 
     def step(m, s, bm, bs):
         ce = boxloss.uncertainty_ce_loss(

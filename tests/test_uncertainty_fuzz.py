@@ -76,6 +76,19 @@ def test_fuzz_ce_float32_finite_and_close(problem):
     assert (grad_s.double() - ref_s).abs().max() < 1e-3 * (1 + ref_s.abs().max())
 
 
+def _reference_with_void(void, reduction):
+    """The reference per pixel, 0 at void pixels, reduced over the others (the binary losses' void contract)."""
+
+    def loss(mu, log_var, target, box_mask, **kwargs):
+        per_pixel = uncertainty_bce_loss_reference(mu, log_var, target, box_mask, reduction="none", **kwargs)
+        per_pixel = per_pixel.masked_fill(void, 0.0)
+        if reduction == "mean":
+            return per_pixel.sum() / max(int((~void).sum()), 1)
+        return per_pixel.sum() if reduction == "sum" else per_pixel
+
+    return loss
+
+
 @settings(max_examples=60)
 @given(
     st.integers(1, 3),
@@ -88,21 +101,23 @@ def test_fuzz_ce_float32_finite_and_close(problem):
     st.floats(0.01, 2.0),
     st.sampled_from([None, 0.0, 0.5, 1.0]),
     st.sampled_from(["mean", "sum", "none"]),
+    st.sampled_from([0.0, 0.3, 1.0]),
     st.integers(0, 2**16),
 )
-def test_fuzz_bce_matches_reference(B, H, W, bootstrap, route, soft, tau, temperature, box_fraction, reduction, seed):
+def test_fuzz_bce_matches_reference(
+    B, H, W, bootstrap, route, soft, tau, temperature, box_fraction, reduction, void_fraction, seed
+):
     mu, log_var, target, box_mask, _ = make_binary_inputs(B, H, W, seed=seed, soft=soft, box_fraction=box_fraction)
+    void = torch.rand(B, H, W, generator=torch.Generator().manual_seed(seed + 1)) < void_fraction
     pp = torch.arange(B) % 2 == 1
-    kwargs = dict(
-        tau=tau,
-        temperature=temperature,
-        bootstrap=bootstrap,
-        route_gradients=route,
-        pixel_perfect=pp,
-        reduction=reduction,
+    kwargs = dict(tau=tau, temperature=temperature, bootstrap=bootstrap, route_gradients=route, pixel_perfect=pp)
+    with_void = target.masked_fill(void, 255)
+    value, grad_mu, grad_s = value_and_grads(
+        boxloss.uncertainty_bce_loss, mu, log_var, with_void, box_mask, reduction=reduction, **kwargs
     )
-    value, grad_mu, grad_s = value_and_grads(boxloss.uncertainty_bce_loss, mu, log_var, target, box_mask, **kwargs)
-    ref_value, ref_mu, ref_s = value_and_grads(uncertainty_bce_loss_reference, mu, log_var, target, box_mask, **kwargs)
+    ref_value, ref_mu, ref_s = value_and_grads(
+        _reference_with_void(void, reduction), mu, log_var, target, box_mask, **kwargs
+    )
     torch.testing.assert_close(value, ref_value, rtol=1e-9, atol=1e-11)
     torch.testing.assert_close(grad_mu, ref_mu, rtol=1e-9, atol=1e-11)
     torch.testing.assert_close(grad_s, ref_s, rtol=1e-9, atol=1e-11)

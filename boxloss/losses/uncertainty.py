@@ -20,6 +20,8 @@ from boxloss.ops.uncertainty import (
     _check_binary_args,
     _check_bool,
     _check_finite,
+    _check_ignore_index,
+    _reduce_valid,
     uncertainty_bce_loss,
     uncertainty_ce_loss,
 )
@@ -35,6 +37,7 @@ def uncertainty_l2_loss(
     *,
     pixel_perfect: torch.Tensor | None = None,
     reduction: str = "mean",
+    ignore_index: int = IGNORE_INDEX,
 ) -> torch.Tensor:
     r"""Regression loss with uncertainty (Eq. 2-3 of Neven et al.).
 
@@ -46,7 +49,9 @@ def uncertainty_l2_loss(
     ``(y - mu)^2`` elsewhere (Eq. 3's pixel-perfect term).  Computed from
     ``s = log_var`` directly (no ``log(exp(s))``), so it is finite wherever
     ``e^{-s} (y - mu)^2`` is.  Plain PyTorch operations (elementwise, nothing to
-    fuse); autograd differentiates both ``mu`` and ``log_var``.
+    fuse); autograd differentiates both ``mu`` and ``log_var``.  Pixels whose
+    target is ``ignore_index`` (255 by default) contribute 0 and no gradient, and
+    ``reduction="mean"`` averages over the others, as in :func:`uncertainty_bce_loss`.
 
     Shape:
         - mu, log_var, target: :math:`(B, H, W)` or :math:`(B, 1, H, W)`, float.
@@ -58,8 +63,8 @@ def uncertainty_l2_loss(
         >>> target = (torch.rand(2, 32, 32) > 0.5).float()
         >>> boxloss.uncertainty_l2_loss(mu, log_var, target).backward()
     """
-    mu, log_var, target, box_mask, pixel_perfect = _check_binary_args(
-        _L2, mu, log_var, target, box_mask, pixel_perfect, reduction
+    mu, log_var, target, box_mask, pixel_perfect, valid = _check_binary_args(
+        _L2, mu, log_var, target, box_mask, pixel_perfect, reduction, ignore_index
     )
     _checks.check_values(
         _L2, mu=(mu, _checks.FINITE), log_var=(log_var, _checks.FINITE), target=(target, _checks.FINITE)
@@ -70,9 +75,7 @@ def uncertainty_l2_loss(
     if pixel_perfect is not None:
         uncertain = uncertain & ~pixel_perfect[:, None, None]
     per_pixel = torch.where(uncertain, with_uncertainty, squared)
-    if reduction == "mean":
-        return per_pixel.mean()
-    return per_pixel.sum() if reduction == "sum" else per_pixel
+    return _reduce_valid(per_pixel, valid, reduction)
 
 
 # ---------------------------------------------------------------- modules
@@ -95,6 +98,7 @@ class UncertaintyBCELoss(nn.Module):
         bootstrap: bool = True,
         route_gradients: bool = True,
         reduction: str = "mean",
+        ignore_index: int = IGNORE_INDEX,
     ) -> None:
         super().__init__()
         name = "UncertaintyBCELoss"
@@ -104,6 +108,7 @@ class UncertaintyBCELoss(nn.Module):
         self.route_gradients = _check_bool(name, "route_gradients", route_gradients)
         _checks.check_choice(name, "reduction", reduction, _checks.REDUCTIONS)
         self.reduction = reduction
+        self.ignore_index = _check_ignore_index(name, ignore_index, binary=True)
 
     def forward(self, mu, log_var, target, box_mask=None, pixel_perfect=None):
         return uncertainty_bce_loss(
@@ -117,28 +122,38 @@ class UncertaintyBCELoss(nn.Module):
             pixel_perfect=pixel_perfect,
             route_gradients=self.route_gradients,
             reduction=self.reduction,
+            ignore_index=self.ignore_index,
         )
 
     def extra_repr(self) -> str:
         return (
             f"tau={self.tau}, temperature={self.temperature}, bootstrap={self.bootstrap}, "
-            f"route_gradients={self.route_gradients}, reduction={self.reduction!r}"
+            f"route_gradients={self.route_gradients}, reduction={self.reduction!r}, ignore_index={self.ignore_index}"
         )
 
 
 class UncertaintyL2Loss(nn.Module):
     """Module form of :func:`uncertainty_l2_loss`."""
 
-    def __init__(self, *, reduction: str = "mean") -> None:
+    def __init__(self, *, reduction: str = "mean", ignore_index: int = IGNORE_INDEX) -> None:
         super().__init__()
         _checks.check_choice("UncertaintyL2Loss", "reduction", reduction, _checks.REDUCTIONS)
         self.reduction = reduction
+        self.ignore_index = _check_ignore_index("UncertaintyL2Loss", ignore_index, binary=True)
 
     def forward(self, mu, log_var, target, box_mask=None, pixel_perfect=None):
-        return uncertainty_l2_loss(mu, log_var, target, box_mask, pixel_perfect=pixel_perfect, reduction=self.reduction)
+        return uncertainty_l2_loss(
+            mu,
+            log_var,
+            target,
+            box_mask,
+            pixel_perfect=pixel_perfect,
+            reduction=self.reduction,
+            ignore_index=self.ignore_index,
+        )
 
     def extra_repr(self) -> str:
-        return f"reduction={self.reduction!r}"
+        return f"reduction={self.reduction!r}, ignore_index={self.ignore_index}"
 
 
 class UncertaintyCELoss(nn.Module):
@@ -167,9 +182,7 @@ class UncertaintyCELoss(nn.Module):
         self.samples = _checks.check_int(name, "samples", samples, minimum=1)
         self.tau = _checks.check_positive(name, "tau", tau)
         self.bootstrap = _check_bool(name, "bootstrap", bootstrap)
-        if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-            raise TypeError(f"{name}: ignore_index must be an int, got {type(ignore_index).__name__}")
-        self.ignore_index = ignore_index
+        self.ignore_index = _check_ignore_index(name, ignore_index)
         self.route_gradients = _check_bool(name, "route_gradients", route_gradients)
         _checks.check_choice(name, "reduction", reduction, _checks.REDUCTIONS)
         self.reduction = reduction

@@ -102,7 +102,17 @@ def _check_finite(fn: str, name: str, value) -> float:
     return value
 
 
-def _check_binary_args(fn, mu, log_var, target, box_mask, pixel_perfect, reduction):
+def _check_ignore_index(fn: str, ignore_index, *, binary: bool = False) -> int:
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"{fn}: ignore_index must be an int, got {type(ignore_index).__name__}")
+    if binary and ignore_index in (0, 1):
+        raise ValueError(f"{fn}: ignore_index must not be 0 or 1, the binary labels, got {ignore_index}")
+    return ignore_index
+
+
+def _check_binary_args(fn, mu, log_var, target, box_mask, pixel_perfect, reduction, ignore_index):
+    """The checked (B, H, W) inputs, the target with its void pixels set to 0, and the (B, H, W) bool map of the
+    pixels that are not void."""
     layout = "(B, H, W) or (B, 1, H, W)"
     mu = _as_map(fn, "mu", mu, batch_layout=layout)
     log_var = _as_map(fn, "log_var", log_var, batch_layout=layout)
@@ -121,7 +131,19 @@ def _check_binary_args(fn, mu, log_var, target, box_mask, pixel_perfect, reducti
     B, H, W = mu.shape
     box_mask, pixel_perfect = _check_masks(fn, mu, box_mask, pixel_perfect, B, H, W)
     _checks.check_choice(fn, "reduction", reduction, _checks.REDUCTIONS)
-    return mu, log_var, target.to(mu.dtype), box_mask, pixel_perfect
+    ignore_index = _check_ignore_index(fn, ignore_index, binary=True)
+    valid = target != ignore_index
+    target = torch.where(valid, target, torch.zeros((), dtype=target.dtype, device=target.device))
+    return mu, log_var, target.to(mu.dtype), box_mask, pixel_perfect, valid
+
+
+def _reduce_valid(per_pixel: torch.Tensor, valid: torch.Tensor, reduction: str) -> torch.Tensor:
+    """Void pixels set to 0 (no gradient reaches them), then the mean over the other pixels (0 when there are
+    none), the sum, or the per-pixel map."""
+    per_pixel = torch.where(valid, per_pixel, torch.zeros((), dtype=per_pixel.dtype, device=per_pixel.device))
+    if reduction == "mean":
+        return per_pixel.sum() / valid.sum().clamp_min(1).to(per_pixel.dtype)
+    return per_pixel.sum() if reduction == "sum" else per_pixel
 
 
 # ---------------------------------------------------------------- binary
@@ -139,6 +161,7 @@ def uncertainty_bce_loss(
     pixel_perfect: torch.Tensor | None = None,
     route_gradients: bool = True,
     reduction: str = "mean",
+    ignore_index: int = IGNORE_INDEX,
 ) -> torch.Tensor:
     r"""Binary cross-entropy with a Gaussian logit and uncertainty-based online
     bootstrapping (Eq. 8-11 of Neven et al.), fused.
@@ -156,6 +179,7 @@ def uncertainty_bce_loss(
     and ``L = L_u + L_b`` (``L_u`` alone with ``bootstrap=False``).  Everywhere
     else (outside the boxes, and on every pixel of a ``pixel_perfect`` image: the
     paper's mixed batches) ``L = BCE(mu, y)``.  ``BCE(mu, y)`` takes logits.
+    Pixels whose target is ``ignore_index`` (void) contribute 0.
 
     **Gradient routing** (Sec. 3.3, ``route_gradients=True``, the default): the
     variance learns only through ``L_u`` (which sees ``mu`` as a constant), the
@@ -168,8 +192,9 @@ def uncertainty_bce_loss(
         log_var: log-variances ``s`` (see the module docstring for why a log),
             finite.  NaN or Inf in ``mu`` or ``log_var`` raise ``ValueError``.
         target: object probability in [0, 1] (1 object, 0 background; soft
-            targets allowed), converted to the dtype of ``mu``.  NaN or values
-            outside [0, 1] raise ``ValueError``.
+            targets allowed), or ``ignore_index`` at void pixels; converted to
+            the dtype of ``mu``.  NaN or other values outside [0, 1] raise
+            ``ValueError``.
         box_mask: bool, True inside the boxes (where the label may be wrong);
             None: every pixel.
         tau: the threshold on ``sigma^2`` of Eq. 11 (the paper's 2.5).
@@ -178,8 +203,12 @@ def uncertainty_bce_loss(
         pixel_perfect: bool, one per image: True for images with pixel-perfect
             labels, which get plain BCE everywhere.
         route_gradients: see above.
-        reduction: ``"mean"`` over all B x H x W pixels, ``"sum"``, or ``"none"``
-            (the (B, H, W) per-pixel losses).
+        reduction: ``"mean"`` over the pixels whose target is not ``ignore_index``
+            (0, with a zero gradient, when there are none), ``"sum"``, or ``"none"``
+            (the (B, H, W) per-pixel losses, 0 at void pixels).
+        ignore_index: target value of void pixels (VOC's 255 by default, as
+            :func:`uncertainty_ce_loss`): they contribute 0 and no gradient.  Not
+            0 or 1.
 
     Shape:
         - mu, log_var, target: :math:`(B, H, W)` or :math:`(B, 1, H, W)`;
@@ -197,8 +226,8 @@ def uncertainty_bce_loss(
         ...                                     pixel_perfect=torch.tensor([True, False]))
         >>> loss.backward()
     """
-    mu, log_var, target, box_mask, pixel_perfect = _check_binary_args(
-        _BCE, mu, log_var, target, box_mask, pixel_perfect, reduction
+    mu, log_var, target, box_mask, pixel_perfect, valid = _check_binary_args(
+        _BCE, mu, log_var, target, box_mask, pixel_perfect, reduction, ignore_index
     )
     tau = _check_finite(_BCE, "tau", tau)
     temperature = _checks.check_positive(_BCE, "temperature", temperature)
@@ -212,9 +241,7 @@ def uncertainty_bce_loss(
         per_pixel = _fallback.uncertainty_bce_loss(
             _BCE, mu, log_var, target, box_mask, pixel_perfect, tau, temperature, bootstrap, route_gradients
         )
-    if reduction == "mean":
-        return per_pixel.mean()
-    return per_pixel.sum() if reduction == "sum" else per_pixel
+    return _reduce_valid(per_pixel, valid, reduction)
 
 
 # ---------------------------------------------------------------- multi-class
@@ -361,8 +388,7 @@ def uncertainty_ce_loss(
     tau = _checks.check_positive(fn, "tau", tau)
     bootstrap = _check_bool(fn, "bootstrap", bootstrap)
     route_gradients = _check_bool(fn, "route_gradients", route_gradients)
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"{fn}: ignore_index must be an int, got {type(ignore_index).__name__}")
+    ignore_index = _check_ignore_index(fn, ignore_index)
     _checks.check_choice(fn, "reduction", reduction, _checks.REDUCTIONS)
     seed_tensor = _seed_tensor(fn, seed, generator)
     target = target.long()

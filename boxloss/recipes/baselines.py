@@ -47,17 +47,25 @@ def box_fill_masks(boxes, size: tuple[int, int]) -> np.ndarray:
     return out
 
 
-def grabcut_box_masks(image, boxes, *, iterations: int = 5, min_side: int = 3) -> np.ndarray:
+def grabcut_box_masks(image, boxes, *, iterations: int = 5, min_side: int = 3, seed: int = 0) -> np.ndarray:
     """(K, H, W) bool: GrabCut (``cv2.grabCut`` with ``GC_INIT_WITH_RECT``) inside each box.
 
     Pixels outside the box are background; definite and probable foreground inside it
     are object.  GrabCut needs background samples and a box of a few pixels: a box
     narrower than ``min_side``, covering the whole image, or whose model cannot be
     fitted is filled instead, with one warning that counts them.
+
+    GrabCut starts its colour models from k-means seeded by OpenCV's random
+    generator, so OpenCV's generator is set to ``seed`` (``cv2.setRNGSeed``) before
+    each box: the masks are a function of the image, the boxes and the settings,
+    whatever was drawn before (pseudo labels can be cached and recomputed in any
+    order).  This resets OpenCV's generator of the calling thread.
     """
     import cv2
 
     fn = "grabcut_box_masks"
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**31:
+        raise ValueError(f"{fn}: seed must be an integer in [0, 2^31), got {seed!r}")
     image = _check_image(fn, image)
     H, W = image.shape[:2]
     bgr = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
@@ -78,6 +86,7 @@ def grabcut_box_masks(image, boxes, *, iterations: int = 5, min_side: int = 3) -
         mask = np.zeros((H, W), np.uint8)
         bgd, fgd = np.zeros((1, 65), np.float64), np.zeros((1, 65), np.float64)
         try:
+            cv2.setRNGSeed(int(seed))
             cv2.grabCut(bgr, mask, rect, bgd, fgd, iterations, cv2.GC_INIT_WITH_RECT)
         except cv2.error:
             out[k, rows, cols] = True

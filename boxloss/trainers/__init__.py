@@ -4,6 +4,9 @@ Run one with ``python -m boxloss.trainers <name> --preset quick`` (``--help`` fo
 The trainers:
 
 - ``box2tagback``: Ji & Veksler, "Weakly Supervised Semantic Segmentation: From Box to Tag and Back", BMVC 2021;
+- ``box2seg``: Kulharia et al., "Box2Seg: Attention Weighted Loss and Discriminative Feature Learning for Weakly
+  Supervised Segmentation", ECCV 2020;
+- ``uncertainty``: Neven et al., "Weakly-Supervised Semantic Segmentation by Learning Label Uncertainty" (2021);
 - ``pretrain``: the stand-in for ImageNet features every quick preset starts from (see
   :mod:`boxloss.trainers.engine.pretrain`).
 
@@ -19,6 +22,8 @@ import importlib
 #: trainer name -> module
 TRAINERS = {
     "box2tagback": "boxloss.trainers.box2tagback",
+    "box2seg": "boxloss.trainers.box2seg",
+    "uncertainty": "boxloss.trainers.uncertainty",
 }
 
 
