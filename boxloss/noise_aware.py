@@ -25,7 +25,7 @@ supplement (Eq. 3) ``H_c(p) = softmax_c(tau cos(phi(p), W_c))``:
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -214,17 +214,28 @@ class PseudoLabels(NamedTuple):
     fallback: bool  # the attention fell back to A = 0 inside the boxes
 
 
-def _dense_crf(image: np.ndarray, unary: np.ndarray, crf: dict) -> np.ndarray:
-    import pydensecrf.densecrf as dcrf
-    from pydensecrf.utils import unary_from_softmax
+BACKGROUND_UNARIES = ("attention", "cam")
 
-    C, H, W = unary.shape
-    model = dcrf.DenseCRF2D(W, H, C)
-    model.setUnaryEnergy(np.ascontiguousarray(unary_from_softmax(unary)))
-    model.addPairwiseGaussian(sxy=crf["gaussian_xy"], compat=crf["gaussian_weight"])
-    model.addPairwiseBilateral(sxy=crf["bilateral_xy"], srgb=crf["bilateral_rgb"], rgbim=image,
-                               compat=crf["bilateral_weight"])
-    return np.argmax(np.array(model.inference(int(crf["iterations"]))).reshape(C, H, W), axis=0)
+
+def _pydensecrf_inference(unary: torch.Tensor, image: torch.Tensor, *, bilateral, gaussian, iterations: int
+                          ) -> torch.Tensor:
+    """Mean-field marginals Q (B, C, H, W) through pydensecrf, one image at a time: ``unary`` (B, C, H, W) negative
+    log-probabilities, ``image`` (B, 3, H, W) colours in [0, 255], ``bilateral`` = (weight, sigma_xy, sigma_rgb),
+    ``gaussian`` = (weight, sigma_xy) (pydensecrf's ``compat``, ``sxy`` and ``srgb``)."""
+    import pydensecrf.densecrf as dcrf
+
+    B, C, H, W = unary.shape
+    out = torch.empty(B, C, H, W, dtype=torch.float32)
+    for b in range(B):
+        rgb = np.ascontiguousarray(image[b].detach().cpu().float().round().clamp(0, 255).to(torch.uint8)
+                                   .permute(1, 2, 0).numpy())
+        model = dcrf.DenseCRF2D(W, H, C)
+        model.setUnaryEnergy(np.ascontiguousarray(unary[b].detach().cpu().float().reshape(C, -1).numpy()))
+        model.addPairwiseGaussian(sxy=float(gaussian[1]), compat=float(gaussian[0]))
+        model.addPairwiseBilateral(sxy=float(bilateral[1]), srgb=float(bilateral[2]), rgbim=rgb,
+                                   compat=float(bilateral[0]))
+        out[b] = torch.from_numpy(np.array(model.inference(int(iterations)), dtype=np.float32).reshape(C, H, W))
+    return out
 
 
 @torch.no_grad()
@@ -239,6 +250,8 @@ def bana_pseudo_labels(
     bg_threshold: float = 0.99,
     grid_size: int = 1,
     min_background: float = 0.125,
+    background: str = "attention",
+    inference: Callable | None = None,
 ) -> PseudoLabels:
     r"""Y_crf and Y_ret of one image (BANA Sec. 3.2, Eq. 5-9).
 
@@ -253,10 +266,14 @@ def bana_pseudo_labels(
        image size (the footnote), the box masks applied at image resolution;
        the channels of the classes present are normalised to sum to one per
        pixel (a small floor keeps every log finite) and their negative logs are
-       the DenseCRF unaries.  DenseCRF (pydensecrf) runs on the uint8 RGB image
-       with the official defaults ``crf`` = :data:`DEFAULT_CRF` (bilateral weight
-       4, xy 55, rgb 3; Gaussian weight 3, xy 3; 10 iterations).  A pixel that
-       the CRF gives a class whose boxes do not cover it becomes background.
+       the DenseCRF unaries.  DenseCRF runs on the uint8 RGB image with the
+       official defaults ``crf`` = :data:`DEFAULT_CRF` (bilateral weight 4, xy
+       55, rgb 3; Gaussian weight 3, xy 3; 10 iterations).  A pixel that the
+       CRF gives a class whose boxes do not cover it becomes background.
+       ``background="cam"`` replaces u_0 inside the boxes by the background
+       class's CAM, normalised like u_c (no threshold): the paper's "Y_crf w/o
+       u_0" row of Table 1, and what a network without background attention
+       (global average pooling) has.
     3. Prototypes q_c: the mean feature over the pixels of the feature map whose
        centre lies in class c of Y_crf (Eq. 8); a class of the image's boxes
        absent from Y_crf uses its classifier weight w_c.  C_c (Eq. 9) is
@@ -268,6 +285,11 @@ def bana_pseudo_labels(
         features: (D, h, w) feature map f of the classification network.
         classifier_weight: (L + 1, D) classifier w (row 0 the background).
         boxes: (K, 4) in image pixels; box_labels: (K,) in [1, L].
+        background: ``"attention"`` (u_0 = A, Eq. 7) or ``"cam"`` (u_0 from the background CAM).
+        inference: the mean-field DenseCRF, called as ``inference(unary, image, bilateral=(weight, xy, rgb),
+            gaussian=(weight, xy), iterations=n)`` with ``unary`` (1, C', H, W) float32 negative
+            log-probabilities of the C' classes present (background first) and ``image`` (1, 3, H, W) float32
+            colours in [0, 255]; it returns the marginals (1, C', H, W). Default: pydensecrf.
 
     Returns:
         :class:`PseudoLabels` (y_crf, y_ret as (H, W) int64, attention, fallback).
@@ -288,6 +310,10 @@ def bana_pseudo_labels(
         if unknown:
             raise ValueError(f"{fn}: crf has unknown keys {sorted(unknown)}; known: {sorted(DEFAULT_CRF)}")
         settings.update(crf)
+    _checks.check_choice(fn, "background", background, BACKGROUND_UNARIES)
+    if inference is not None and not callable(inference):
+        raise TypeError(f"{fn}: inference must be callable (unary, image, *, bilateral, gaussian, iterations), "
+                        f"got {type(inference).__name__}")
     H, W = image.shape[:2]
     features = features.detach().to("cpu", torch.float32)
     weight = classifier_weight.detach().to("cpu", torch.float32)
@@ -318,7 +344,10 @@ def bana_pseudo_labels(
     cams = torch.relu(torch.einsum("dhw,cd->chw", features, weight))  # (C, h, w)
     peak = cams.flatten(1).amax(1).clamp_min(1e-12)[:, None, None]
     u = cams / peak
-    u[0] = torch.where(inside_small, torch.where(A >= bg_threshold, A, torch.zeros_like(A)), torch.ones_like(A))
+    if background == "attention":
+        u[0] = torch.where(inside_small, torch.where(A >= bg_threshold, A, torch.zeros_like(A)), torch.ones_like(A))
+    else:
+        u[0] = torch.where(inside_small, u[0], torch.ones_like(A))
     up = F.interpolate(u[None], size=(H, W), mode="bilinear", align_corners=False)[0].clamp_min(0)
     present = [0] + sorted(set(box_labels.tolist()))
     inside = ~union[0]
@@ -326,8 +355,16 @@ def bana_pseudo_labels(
                          else torch.where(union[c], up[c], torch.zeros_like(up[c])) for c in present])
     unary = unary + 1e-5
     unary = unary / unary.sum(0, keepdim=True)
-    crf_labels = _dense_crf(image, unary.numpy().astype(np.float32), settings)
-    y_crf = torch.as_tensor(np.asarray(present))[torch.as_tensor(crf_labels)]
+    run = _pydensecrf_inference if inference is None else inference
+    image_t = torch.from_numpy(image).permute(2, 0, 1)[None].float()
+    # -log of the probabilities clipped at 1e-5, as pydensecrf's unary_from_softmax.
+    q = run(-unary.clamp_min(1e-5).log()[None].float(), image_t,
+            bilateral=(settings["bilateral_weight"], settings["bilateral_xy"], settings["bilateral_rgb"]),
+            gaussian=(settings["gaussian_weight"], settings["gaussian_xy"]), iterations=int(settings["iterations"]))
+    if not isinstance(q, torch.Tensor) or tuple(q.shape) != (1, len(present), H, W):
+        raise ValueError(f"{fn}: inference must return marginals of shape {(1, len(present), H, W)}, got "
+                         f"{tuple(q.shape) if isinstance(q, torch.Tensor) else type(q).__name__}")
+    y_crf = torch.as_tensor(np.asarray(present))[q[0].argmax(0).cpu()]
     # A class only inside its boxes (the CRF's smoothing can spill a little past a box edge).
     y_crf = torch.where(union.gather(0, y_crf[None])[0], y_crf, torch.zeros_like(y_crf))
 
