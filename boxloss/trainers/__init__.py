@@ -4,6 +4,8 @@ Run one with ``python -m boxloss.trainers <name> --preset quick`` (``--help`` fo
 The trainers:
 
 - ``box2tagback``: Ji & Veksler, "Weakly Supervised Semantic Segmentation: From Box to Tag and Back", BMVC 2021;
+- ``bana``: Oh, Kim & Ham, "Background-Aware Pooling and Noise-Aware Loss for Weakly-Supervised Semantic
+  Segmentation", CVPR 2021;
 - ``pretrain``: the stand-in for ImageNet features every quick preset starts from (see
   :mod:`boxloss.trainers.engine.pretrain`).
 
@@ -19,6 +21,7 @@ import importlib
 #: trainer name -> module
 TRAINERS = {
     "box2tagback": "boxloss.trainers.box2tagback",
+    "bana": "boxloss.trainers.bana",
 }
 
 

@@ -1,0 +1,635 @@
+"""BANA: Oh, Kim & Ham, "Background-Aware Pooling and Noise-Aware Loss for Weakly-Supervised Semantic Segmentation",
+CVPR 2021.
+
+The pipeline, as the paper's Sec. 3-4:
+
+1. Sec. 3.1, a classification network trained on boxes: a feature map f, background attention A from N x N grid
+   queries of the definite background (Eq. 1-3), each box pooled with the weights 1 - A (background-aware pooling,
+   Eq. 4) and an (L + 1)-way softmax classifier on the pooled box features (their box's class) and the queries
+   (background). ``gap`` is the same network and loss with every box average-pooled (A = 0), the paper's baseline.
+2. Sec. 3.2, pseudo labels of the training images: Y_crf, DenseCRF on the unaries u_c = CAM_c / max CAM_c inside the
+   boxes of class c and u_0 = A (Eq. 5-7); Y_ret, the arg-max of the cosine to class prototypes taken from Y_crf
+   (Eq. 8-9). Table 1 scores them (mIoU on the training split) beside ``box`` (each box filled, the smaller in
+   front), ``grabcut`` (OpenCV's GrabCut per box, the smaller in front), ``gap`` (the GAP network's CAMs with the
+   background CAM as u_0: it has no attention) and ``bap-crf-no-u0`` (the BAP network with the background CAM in
+   place of A).
+3. Sec. 3.3, a segmentation network with the cosine classifier (supplement Eq. 3) trained on Y_crf and Y_ret: the
+   cross-entropy on S, where they agree (Eq. 10), plus lambda times a term on ~S, where they differ: nothing
+   (``baseline``), entropy regularisation (``entropy``, supplement Eq. 4), bootstrapping (``bootstrap``, supplement
+   Eq. 6-7, beta on the poly schedule) or the confidence-weighted cross-entropy (``nal``, Eq. 11-14). Table 3 gives
+   the validation mIoU before and after DenseCRF post-processing (``-crf``).
+
+Every DenseCRF of the pipeline (Y_crf and the post-processing) goes through :func:`crf_inference`, the one place the
+backend is chosen (``crf_backend``).
+
+Where the paper is silent the defaults come from the official code or DeepLab and say so. At the quick preset's
+small images the CRF's spatial sigmas (the paper's, for VOC images of about 500 x 375 pixels) are scaled with the
+image size (``crf_reference_size``), as the Box to Tag and Back trainer scales its DenseCRF loss; the colour sigma
+is kept.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import boxloss
+from boxloss.trainers.engine import checkpoint
+from boxloss.trainers.engine.config import ConfigError, TrainerConfig
+from boxloss.trainers.engine.context import Context
+from boxloss.trainers.engine.data import Batches, Splits, hflip_augment, load_splits
+from boxloss.trainers.engine.evaluate import label_miou, miou_percent, segmentation_confusion
+from boxloss.trainers.engine.figures import save_loss_curves, save_panels
+from boxloss.trainers.engine.loop import poly_schedule
+from boxloss.trainers.engine.models import head_outputs
+
+NAME = "bana"
+SUMMARY = ("BANA (Oh, Kim & Ham, CVPR 2021): background-aware pooling, pseudo labels Y_crf / Y_ret, "
+           "noise-aware loss")
+TABLE1 = ("box", "grabcut", "gap", "bap-crf-no-u0", "bap-crf", "bap-ret")
+TABLE3 = ("baseline", "entropy", "bootstrap", "nal")
+#: Table 3 setting -> the ``unreliable`` term of :func:`boxloss.noise_aware_loss`
+UNRELIABLE_TERM = {"baseline": "ignore", "entropy": "entropy", "bootstrap": "bootstrap", "nal": "nal"}
+SETTINGS = {
+    "box": "Table 1: every box filled with its class (the smaller box in front)",
+    "grabcut": "Table 1: GrabCut per box (OpenCV), the smaller box in front",
+    "gap": "Table 1: Y_crf of a classification network with global average pooling (background CAM as u_0)",
+    "bap-crf-no-u0": "Table 1: Y_crf of the BAP network with the background CAM in place of u_0 = A",
+    "bap-crf": "Table 1: Y_crf of the BAP network (Eq. 5-7)",
+    "bap-ret": "Table 1: Y_ret of the BAP network (Eq. 8-9)",
+    "baseline": "Table 3: cross-entropy on S (Y_crf = Y_ret), ~S ignored; also -crf (DenseCRF post-processing)",
+    "entropy": "Table 3: plus entropy regularisation on ~S (supplement Eq. 4-5); also -crf",
+    "bootstrap": "Table 3: plus bootstrapping on ~S (supplement Eq. 6-8); also -crf",
+    "nal": "Table 3: the noise-aware loss, confidence-weighted CE on ~S (Eq. 10-14); also -crf",
+}
+POOLINGS = ("bap", "gap")
+CLASSIFIERS = ("linear", "cosine")
+OPTIMIZERS = ("sgd", "adamw")
+CRF_BACKENDS = ("boxloss", "pydensecrf")
+
+
+@dataclass
+class Config(TrainerConfig):
+    image_size: int = 321  # Sec. 4.1: 321 x 321 crops
+    batch_size: int = 20  # Sec. 4.1 (both stages, DeepLab-V1)
+    # Sec. 3.1 and 4.1: the classification network
+    feature_dim: int = 64  # channels of f (a head of the small network; the paper's VGG-16 has 1024)
+    grid_size: int = 4  # Sec. 4.1: N = 4 for training
+    pool_size: int = 2  # official code: each box pooled into 2 x 2 bins (RoIAlign, footnote 2)
+    min_background: float = 0.125  # official code: less definite background than this pools plainly
+    classifier: str = "linear"  # Sec. 3.1: (L+1)-way softmax classifier; "cosine": supplement Eq. 3's
+    classifier_std: float = 0.01  # Sec. 4.1: classifier weights from N(0, 0.01^2)
+    stage1_steps: int = 7937  # Sec. 4.1: 15 epochs of 10,582 images at batch 20
+    stage1_optimizer: str = "sgd"  # Sec. 4.1: SGD, momentum 0.9, weight decay 5e-4
+    stage1_lr: float = 1e-4  # Sec. 4.1: pre-trained layers
+    stage1_new_lr: float = 1e-3  # Sec. 4.1: the classifier (here also the layers that start untrained)
+    stage1_decay_at: float = 10 / 15  # Sec. 4.1: learning rates divided by 10 after 10 of 15 epochs
+    # Sec. 3.2 and 4.1: pseudo labels
+    label_grid_size: int = 1  # Sec. 4.1: N = 1 for the attention of u_0
+    bg_threshold: float = 0.99  # Sec. 4.1: u_0 = A where A >= 0.99 ("confident background")
+    crf_backend: str = "pydensecrf"  # "boxloss" (boxloss.dense_crf_inference) or "pydensecrf"
+    crf_bilateral: tuple[float, ...] = (4.0, 55.0, 3.0)  # official code: weight, sigma_xy, sigma_rgb
+    crf_gaussian: tuple[float, ...] = (3.0, 3.0)  # official code: weight, sigma_xy
+    crf_iterations: int = 10  # official code
+    crf_reference_size: int = 0  # 0: sigma_xy as given; else scaled by image_size / crf_reference_size
+    # Sec. 3.3 and 4.1: the segmentation network (DeepLab-V1's settings)
+    seg_feature_dim: int = 64  # channels of phi (a head of the small network)
+    tau: float = 20.0  # supplement Sec. 4: scale of the cosine classifier
+    gamma: float = 7.0  # Sec. 4.1
+    lam: float = 0.1  # Sec. 4.1 (and supplement Sec. 5 for entropy and bootstrapping)
+    seg_steps: int = 23810  # Sec. 4.1: DeepLab-V1 for 45 epochs of 10,582 images at batch 20
+    seg_optimizer: str = "sgd"  # DeepLab: SGD, momentum 0.9, weight decay 5e-4, poly decay (power 0.9)
+    seg_lr: float = 1e-3  # DeepLab-V1
+    seg_new_lr: float = 1e-2  # DeepLab-V1: the classifier at 10 times the rate
+    figures: int = 6  # images in the figures
+
+    PRESET_OVERRIDES = {
+        "paper": {},
+        "quick": {"image_size": 96, "train_images": 500, "val_images": 150, "batch_size": 16,
+                  "feature_dim": 32, "seg_feature_dim": 32,
+                  "stage1_steps": 500, "stage1_optimizer": "adamw", "stage1_lr": 1e-3, "stage1_new_lr": 1e-3,
+                  "seg_steps": 500, "seg_optimizer": "adamw", "seg_lr": 1e-3, "seg_new_lr": 1e-3,
+                  "crf_reference_size": 400},
+    }
+
+    def __post_init__(self):
+        check_values(self)
+
+
+def check_values(cfg: Config) -> None:
+    """Clear errors for values the pipeline cannot run with (raised when the config is made, so before a run
+    directory is created)."""
+    choices = {"classifier": CLASSIFIERS, "stage1_optimizer": OPTIMIZERS, "seg_optimizer": OPTIMIZERS,
+               "crf_backend": CRF_BACKENDS}
+    for name, allowed in choices.items():
+        if getattr(cfg, name) not in allowed:
+            raise ConfigError(f"bana: {name} must be one of {', '.join(allowed)}, got {getattr(cfg, name)!r}")
+    for name in ("feature_dim", "seg_feature_dim", "grid_size", "pool_size", "label_grid_size", "crf_iterations",
+                 "batch_size"):
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"bana: {name} must be >= 1, got {getattr(cfg, name)}")
+    for name in ("stage1_steps", "seg_steps", "crf_reference_size"):
+        if getattr(cfg, name) < 0:
+            raise ConfigError(f"bana: {name} must be >= 0, got {getattr(cfg, name)}")
+    for name in ("stage1_lr", "stage1_new_lr", "seg_lr", "seg_new_lr", "tau", "gamma", "classifier_std"):
+        if not getattr(cfg, name) > 0:
+            raise ConfigError(f"bana: {name} must be > 0, got {getattr(cfg, name)}")
+    for name in ("bg_threshold", "min_background", "stage1_decay_at"):
+        if not 0.0 <= getattr(cfg, name) <= 1.0:
+            raise ConfigError(f"bana: {name} must lie in [0, 1], got {getattr(cfg, name)}")
+    if cfg.lam < 0:
+        raise ConfigError(f"bana: lam must be >= 0, got {cfg.lam}")
+    if len(cfg.crf_bilateral) != 3 or len(cfg.crf_gaussian) != 2:
+        raise ConfigError(f"bana: crf_bilateral is (weight, sigma_xy, sigma_rgb) and crf_gaussian (weight, sigma_xy); "
+                          f"got {cfg.crf_bilateral} and {cfg.crf_gaussian}")
+    if min(cfg.crf_bilateral[1:] + cfg.crf_gaussian[1:]) <= 0 or min(cfg.crf_bilateral[0], cfg.crf_gaussian[0]) < 0:
+        raise ConfigError(f"bana: the CRF sigmas must be > 0 and its weights >= 0, got crf_bilateral="
+                          f"{cfg.crf_bilateral}, crf_gaussian={cfg.crf_gaussian}")
+
+
+def check_backend(cfg: Config) -> None:
+    """The CRF backend is installed (checked when the pipeline starts)."""
+    if cfg.crf_backend == "boxloss" and not hasattr(boxloss, "dense_crf_inference"):
+        raise ConfigError("bana: crf_backend=boxloss needs boxloss.dense_crf_inference, which this installation "
+                          "lacks; use --set crf_backend=pydensecrf")
+    if cfg.crf_backend == "pydensecrf":
+        try:
+            import pydensecrf.densecrf  # noqa: F401
+        except ImportError:
+            raise ConfigError("bana: crf_backend=pydensecrf needs pydensecrf (pip install pydensecrf2), or use "
+                              "--set crf_backend=boxloss") from None
+
+
+# ----------------------------------------------------------------------------------------------------- DenseCRF
+
+
+def crf_inference(unary: torch.Tensor, image: torch.Tensor, *, backend: str, bilateral, gaussian,
+                  iterations: int) -> torch.Tensor:
+    """Mean-field DenseCRF (Potts, Krähenbühl & Koltun): ``unary`` (B, C, H, W) negative log-probabilities and
+    ``image`` (B, 3, H, W) colours in [0, 255] -> the marginals Q (B, C, H, W) after ``iterations`` steps.
+    ``bilateral`` = (weight, sigma_xy, sigma_rgb), ``gaussian`` = (weight, sigma_xy). Every CRF of the pipeline runs
+    here; ``backend`` is ``"boxloss"`` (the permutohedral lattice, batched) or ``"pydensecrf"`` (one image at a
+    time)."""
+    if backend == "boxloss":
+        return boxloss.dense_crf_inference(unary, image, bilateral=tuple(bilateral), gaussian=tuple(gaussian),
+                                           iterations=iterations)
+    import pydensecrf.densecrf as dcrf
+
+    B, C, H, W = unary.shape
+    out = torch.empty(B, C, H, W, dtype=torch.float32)
+    for b in range(B):
+        rgb = image[b].detach().float().round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+        crf = dcrf.DenseCRF2D(W, H, C)
+        crf.setUnaryEnergy(np.ascontiguousarray(unary[b].detach().float().reshape(C, -1).cpu().numpy()))
+        crf.addPairwiseGaussian(sxy=float(gaussian[1]), compat=float(gaussian[0]))
+        crf.addPairwiseBilateral(sxy=float(bilateral[1]), srgb=float(bilateral[2]),
+                                 rgbim=np.ascontiguousarray(rgb), compat=float(bilateral[0]))
+        out[b] = torch.from_numpy(np.array(crf.inference(int(iterations)), dtype=np.float32).reshape(C, H, W))
+    return out
+
+
+def crf_settings(cfg: Config) -> dict:
+    """The CRF's parameters for this run's images (spatial sigmas scaled when ``crf_reference_size`` is set)."""
+    scale = cfg.image_size / cfg.crf_reference_size if cfg.crf_reference_size else 1.0
+    w_bi, xy_bi, rgb = cfg.crf_bilateral
+    w_g, xy_g = cfg.crf_gaussian
+    return {"bilateral": (float(w_bi), float(xy_bi) * scale, float(rgb)),
+            "gaussian": (float(w_g), float(xy_g) * scale), "iterations": int(cfg.crf_iterations)}
+
+
+def _crf(cfg: Config):
+    """:func:`crf_inference` with this run's backend and parameters: ``fn(unary, image) -> Q``."""
+    return functools.partial(crf_inference, backend=cfg.crf_backend, **crf_settings(cfg))
+
+
+# ----------------------------------------------------------------------------------------------------- losses
+
+
+def noise_aware_terms(phi, weight, y_crf, y_ret, **kwargs) -> tuple[torch.Tensor, dict]:
+    """:func:`boxloss.noise_aware_loss` as (loss, terms): ``ce`` (Eq. 10), ``unreliable`` (the term on ~S) and
+    ``confidence`` (Eq. 12, (B, H, W))."""
+    out = boxloss.noise_aware_loss(phi, weight, y_crf, y_ret, **kwargs)
+    return out.loss, {"ce": out.ce, "unreliable": out.unreliable, "confidence": out.confidence}
+
+
+class FeatureClassifier(nn.Module):
+    """A network's ``"features"`` head after a ReLU (the penultimate features of the paper's VGG-16 and DeepLab are
+    ReLU outputs) and a classifier of L + 1 rows without bias (CAM_c = ReLU(f . w_c), Eq. 6)."""
+
+    def __init__(self, net: nn.Module, dim: int, classes: int, std: float):
+        super().__init__()
+        self.net = net
+        self.classifier = nn.Parameter(torch.randn(classes, dim) * std)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.relu(head_outputs(self.net(images))["features"])
+
+
+def classification_loss(cfg: Config, pooled, box_labels, queries, valid, weight) -> torch.Tensor:
+    """Sec. 3.1's cross-entropy over the pooled box features (their class) and the valid queries (background), with
+    the linear classifier or the cosine one (tau cos(x, w_c))."""
+    if cfg.classifier == "cosine":
+        pooled = F.normalize(pooled, dim=1, eps=1e-8)
+        queries = F.normalize(queries, dim=2, eps=1e-8)
+        weight = cfg.tau * F.normalize(weight, dim=1, eps=1e-8)
+    return boxloss.bap_classification_loss(pooled, box_labels, queries, valid, weight)
+
+
+def _optimizer(model: nn.Module, kind: str, lr: float, new_lr: float):
+    """Pre-trained layers (an ``encoder``/``backbone``) at ``lr``, the others at ``new_lr``; SGD with DeepLab's
+    momentum 0.9 and weight decay 5e-4, or AdamW."""
+    old, new = [], []
+    for name, p in model.named_parameters():
+        (old if ".encoder." in name or ".backbone." in name else new).append(p)
+    groups = [g for g in ({"params": old, "lr": lr}, {"params": new, "lr": new_lr}) if g["params"]]
+    if kind == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=0.9, weight_decay=5e-4)
+    return torch.optim.AdamW(groups, lr=lr, weight_decay=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------------- stage 1
+
+
+def train_classifier(ctx: Context, pooling: str, train, L: int) -> FeatureClassifier:
+    """Sec. 3.1: the classification network with background-aware pooling (``bap``) or average pooling (``gap``)."""
+    cfg: Config = ctx.config
+    job = f"stage1/{pooling}"
+    model = FeatureClassifier(ctx.new_model(job, {"features": cfg.feature_dim}), cfg.feature_dim, L + 1,
+                              cfg.classifier_std).to(ctx.device)
+    bap = boxloss.BackgroundAwarePooling(grid_size=cfg.grid_size, output_size=cfg.pool_size,
+                                         min_background=cfg.min_background)
+
+    def step(m, batch, clock):
+        images = batch.images.to(ctx.device)
+        boxes, box_batch = batch.boxes.to(ctx.device), batch.box_batch.to(ctx.device)
+        with clock.model_forward():
+            f = m(images)
+        clock.watch(f)
+        with clock.loss_forward():
+            if pooling == "bap":
+                pooled, att = bap(f, boxes, box_batch)
+            else:  # the same queries for the background samples; every box averaged (A = 0)
+                att = boxloss.background_attention(f, boxes, box_batch, grid_size=cfg.grid_size,
+                                                   min_background=cfg.min_background)
+                pooled = boxloss.background_aware_pool(f, torch.zeros_like(att.attention), boxes, box_batch,
+                                                       output_size=cfg.pool_size)
+            loss = classification_loss(cfg, pooled, batch.box_labels.to(ctx.device), att.queries, att.valid,
+                                       model.classifier)
+        return loss, {"fallback": att.fallback.float().mean()}
+
+    steps = cfg.stage1_steps
+    opt = _optimizer(model, cfg.stage1_optimizer, cfg.stage1_lr, cfg.stage1_new_lr)
+    decay = round(cfg.stage1_decay_at * steps)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 if s < decay else 0.1)
+    batches = Batches(train, cfg.batch_size, cfg.seed, augment=hflip_augment)
+    ctx.fit(job, model, step, batches, steps=steps, optimizer=opt, scheduler=sched)
+    return model.eval()
+
+
+@torch.no_grad()
+def features_of(model: FeatureClassifier, samples, device, batch_size: int = 16):
+    """f of each sample, (D, H, W) on the CPU, in eval mode."""
+    model.eval()
+    out = []
+    for i in range(0, len(samples), batch_size):
+        batch = boxloss.data.collate_samples([samples[j] for j in range(i, min(i + batch_size, len(samples)))])
+        f = model(batch.images.to(device)).float().cpu()
+        for k, j in enumerate(range(i, min(i + batch_size, len(samples)))):
+            s = samples[j]
+            out.append(f[k, :, :s.height, :s.width])
+    return out
+
+
+def pseudo_labels(ctx: Context, model: FeatureClassifier, samples, background: str) -> dict:
+    """Sec. 3.2 on every sample: ``y_crf``, ``y_ret`` (uint8 (H, W) each) and ``attention`` (A at grid
+    ``label_grid_size``); ``background`` is ``"attention"`` (u_0 = A, Eq. 7) or ``"cam"``."""
+    cfg: Config = ctx.config
+    crf = crf_settings(cfg)
+    settings = {"iterations": crf["iterations"], "bilateral_weight": crf["bilateral"][0],
+                "bilateral_xy": crf["bilateral"][1], "bilateral_rgb": crf["bilateral"][2],
+                "gaussian_weight": crf["gaussian"][0], "gaussian_xy": crf["gaussian"][1]}
+    inference = functools.partial(crf_inference, backend=cfg.crf_backend)
+    weight = model.classifier.detach().cpu()
+    out = {"y_crf": [], "y_ret": [], "attention": [], "fallback": 0}
+    for s, f in zip(samples, features_of(model, samples, ctx.device)):
+        if s.num_boxes == 0:
+            zero = torch.zeros(s.height, s.width, dtype=torch.uint8)
+            out["y_crf"].append(zero)
+            out["y_ret"].append(zero)
+            out["attention"].append(torch.ones(s.height, s.width))
+            continue
+        p = boxloss.bana_pseudo_labels(s.image, f, weight, torch.as_tensor(s.boxes), torch.as_tensor(s.labels),
+                                       crf=settings, bg_threshold=cfg.bg_threshold, grid_size=cfg.label_grid_size,
+                                       min_background=cfg.min_background, background=background,
+                                       inference=inference)
+        out["y_crf"].append(p.y_crf.to(torch.uint8))
+        out["y_ret"].append(p.y_ret.to(torch.uint8))
+        out["attention"].append(p.attention.float())
+        out["fallback"] += int(p.fallback)
+    return out
+
+
+def box_labels(samples, L: int) -> list[torch.Tensor]:
+    """Table 1 ``box``: every box filled with its class, the smaller box in front."""
+    out = []
+    for s in samples:
+        if s.num_boxes == 0:
+            out.append(torch.zeros(s.height, s.width, dtype=torch.uint8))
+            continue
+        out.append(boxloss.boxes_to_masks(torch.from_numpy(s.boxes), torch.zeros(s.num_boxes, dtype=torch.long),
+                                          torch.from_numpy(s.labels), (1, s.height, s.width), L,
+                                          form="labels")[0].to(torch.uint8))
+    return out
+
+
+def grabcut_labels(ctx: Context, samples, L: int) -> list[torch.Tensor]:
+    """Table 1 ``grabcut``: OpenCV's GrabCut in each box, merged with the smaller box in front."""
+    from boxloss.baselines import grabcut_box_masks
+
+    out, notes = [], []
+    for s in samples:
+        if s.num_boxes == 0:
+            out.append(torch.zeros(s.height, s.width, dtype=torch.uint8))
+            continue
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            masks = grabcut_box_masks(s.image, s.boxes)
+        notes += [str(w.message) for w in caught]
+        out.append(boxloss.merge_box_masks(torch.from_numpy(masks), torch.from_numpy(s.boxes),
+                                           torch.zeros(s.num_boxes, dtype=torch.long), torch.from_numpy(s.labels),
+                                           (1, s.height, s.width), strategy="overlap-small",
+                                           num_classes=L)[0].to(torch.uint8))
+    if notes:
+        ctx.log(f"grabcut: {len(notes)} of {len(samples)} images had boxes filled instead (e.g. {notes[0]})")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------- stage 2
+
+
+def _flip_labelled(item, rng):
+    image, y_crf, y_ret = item
+    if rng.random() < 0.5:
+        return np.ascontiguousarray(image[:, ::-1]), y_crf.flip(-1), y_ret.flip(-1)
+    return item
+
+
+def _collate_labelled(items):
+    """Images (B, 3, H, W) in [0, 1] and both label maps (B, H, W) int64, padded bottom/right (labels with 255)."""
+    H = max(i[0].shape[0] for i in items)
+    W = max(i[0].shape[1] for i in items)
+    images = torch.zeros(len(items), 3, H, W)
+    y_crf = torch.full((len(items), H, W), 255, dtype=torch.long)
+    y_ret = torch.full((len(items), H, W), 255, dtype=torch.long)
+    for k, (image, a, b) in enumerate(items):
+        h, w = image.shape[:2]
+        images[k, :, :h, :w] = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 255
+        y_crf[k, :h, :w] = a.long()
+        y_ret[k, :h, :w] = b.long()
+    return images, y_crf, y_ret
+
+
+def train_segmentation(ctx: Context, setting: str, train, labels: dict, L: int, figure_items=None):
+    """Sec. 3.3: the segmentation network on Y_crf and Y_ret with the loss of ``setting`` (Table 3)."""
+    cfg: Config = ctx.config
+    job = f"stage2/{setting}"
+    model = FeatureClassifier(ctx.new_model(job, {"features": cfg.seg_feature_dim}), cfg.seg_feature_dim, L + 1,
+                              cfg.classifier_std).to(ctx.device)
+    items = [(s.image, a, b) for s, a, b in zip(train, labels["y_crf"], labels["y_ret"])]
+    batches = Batches(items, cfg.batch_size, cfg.seed, collate=_collate_labelled, augment=_flip_labelled)
+    steps = cfg.seg_steps
+    snapshots = ConfidenceSnapshots(ctx, job, model, figure_items, steps) if figure_items else None
+
+    def step(m, batch, clock):
+        images, y_crf, y_ret = (t.to(ctx.device) for t in batch)
+        if snapshots is not None:
+            snapshots.maybe_take(clock.steps)
+        beta = boxloss.bootstrap_beta(clock.steps, steps) if setting == "bootstrap" else 1.0
+        with clock.model_forward():
+            phi = m(images)
+        clock.watch(phi)
+        with clock.loss_forward():
+            loss, terms = noise_aware_terms(phi, model.classifier, y_crf, y_ret, gamma=cfg.gamma, lam=cfg.lam,
+                                            tau=cfg.tau, unreliable=UNRELIABLE_TERM[setting], beta=beta)
+        return loss, {"ce": terms["ce"], "unreliable": terms["unreliable"]}
+
+    opt = _optimizer(model, cfg.seg_optimizer, cfg.seg_lr, cfg.seg_new_lr)
+    ctx.fit(job, model, step, batches, steps=steps, optimizer=opt, scheduler=poly_schedule(opt, steps))
+    if snapshots is not None:
+        snapshots.maybe_take(steps)
+    return model.eval(), snapshots
+
+
+class ConfidenceSnapshots:
+    """The confidence map (Eq. 12) of a few training images at 0, 1/4, 1/2, 3/4 and all of training (the paper's
+    Fig. 5), kept in the run's cache so that a resumed run still draws the earlier ones."""
+
+    def __init__(self, ctx: Context, job: str, model, items, steps: int):
+        self.ctx, self.model, self.items = ctx, model, items
+        self.at = sorted({round(steps * k / 4) for k in range(5)})
+        self.path = ctx.run.path / "cache" / (job.replace("/", "__") + "-confidence.pt")
+        self.maps = checkpoint.load(self.path) if self.path.is_file() else {}
+
+    @torch.no_grad()
+    def maybe_take(self, step: int) -> None:
+        if step not in self.at or step in self.maps or not self.ctx.run.main:
+            return
+        cfg: Config = self.ctx.config
+        images, y_crf, y_ret = (t.to(self.ctx.device) for t in _collate_labelled(self.items))
+        was = self.model.training
+        self.model.eval()
+        _, terms = noise_aware_terms(self.model(images), self.model.classifier, y_crf, y_ret, gamma=cfg.gamma,
+                                     lam=cfg.lam, tau=cfg.tau)
+        self.model.train(was)
+        self.maps[step] = terms["confidence"].float().cpu()
+        checkpoint.atomic_save(self.maps, self.path)
+
+
+def predict_labels(model: FeatureClassifier, images: torch.Tensor, cfg: Config, *, crf: bool) -> torch.Tensor:
+    """(B, H, W) labels: the arg-max of the cosine classifier, or of the DenseCRF marginals on its softmax."""
+    was = model.training
+    model.eval()
+    with torch.no_grad():
+        phi = model(images.to(model.classifier.device))
+        logits = boxloss.cosine_logits(phi, model.classifier, cfg.tau).float().cpu()
+    model.train(was)
+    if not crf:
+        return logits.argmax(1)
+    unary = -logits.log_softmax(1).clamp_min(math.log(1e-5))  # probabilities clipped at 1e-5, as pydensecrf's
+    q = _crf(cfg)(unary, images.detach().cpu() * 255)
+    return q.argmax(1)
+
+
+# ----------------------------------------------------------------------------------------------------- pipeline
+
+
+def run(ctx: Context, settings: list[str]) -> None:
+    cfg: Config = ctx.config
+    check_backend(cfg)
+    splits: Splits = load_splits(cfg.data, num_classes=cfg.num_classes, image_size=cfg.image_size,
+                                 train_images=cfg.train_images, val_images=cfg.val_images, data_seed=cfg.data_seed,
+                                 log=ctx.log)
+    ctx.log(f"data: {splits.description}; DenseCRF: {cfg.crf_backend}, {crf_settings(cfg)}")
+    L = splits.num_classes
+    train = splits.train
+    truth = [torch.from_numpy(s.mask) for s in train]
+    want3 = [s for s in TABLE3 if s in settings]
+
+    # Table 1 baselines that need no training
+    labels: dict[str, list] = {}
+    if "box" in settings:
+        labels["box"] = box_labels(train, L)
+    if "grabcut" in settings:
+        labels["grabcut"] = ctx.run.cached("grabcut", lambda: grabcut_labels(ctx, train, L))
+
+    # Sec. 3.1: classification networks; Sec. 3.2: their pseudo labels
+    networks, pseudo = {}, {}
+    if "gap" in settings:
+        networks["gap"] = train_classifier(ctx, "gap", train, L)
+        pseudo["gap"] = ctx.run.cached("pseudo/gap", lambda: pseudo_labels(ctx, networks["gap"], train, "cam"))
+        labels["gap"] = pseudo["gap"]["y_crf"]
+    if any(s in settings for s in ("bap-crf-no-u0", "bap-crf", "bap-ret")) or want3:
+        networks["bap"] = train_classifier(ctx, "bap", train, L)
+        pseudo["bap"] = ctx.run.cached("pseudo/bap", lambda: pseudo_labels(ctx, networks["bap"], train, "attention"))
+        labels["bap-crf"], labels["bap-ret"] = pseudo["bap"]["y_crf"], pseudo["bap"]["y_ret"]
+        if "bap-crf-no-u0" in settings:
+            pseudo["bap-no-u0"] = ctx.run.cached(
+                "pseudo/bap-no-u0", lambda: pseudo_labels(ctx, networks["bap"], train, "cam"))
+            labels["bap-crf-no-u0"] = pseudo["bap-no-u0"]["y_crf"]
+        fallback = pseudo["bap"]["fallback"]
+        if fallback:
+            ctx.log(f"pseudo labels: {fallback} of {len(train)} images had too little background for the attention "
+                    "(A = 0 inside their boxes)")
+    for setting in TABLE1:
+        if setting in settings:
+            miou = label_miou(labels[setting], truth, L)
+            ctx.results.add("1", setting, "miou", miou)
+            ctx.log(f"Table 1 {setting}: mIoU {miou:.2f} (training split)")
+    if "bap" in pseudo:
+        agree = torch.cat([(a == b).flatten() for a, b in zip(pseudo["bap"]["y_crf"], pseudo["bap"]["y_ret"])])
+        ctx.log(f"Y_crf and Y_ret agree on {100 * agree.float().mean():.1f}% of the training pixels (S)")
+    _attention_figure(ctx, train, networks, pseudo, L)
+    _pseudo_figure(ctx, train, labels, pseudo, L)
+
+    # Sec. 3.3: segmentation networks on Y_crf and Y_ret (Table 3)
+    n_fig = min(cfg.figures, len(train))
+    figure_items = [(train[i].image, pseudo["bap"]["y_crf"][i], pseudo["bap"]["y_ret"][i]) for i in range(n_fig)] \
+        if want3 else None
+    segmenters = {}
+    for setting in want3:
+        model, snapshots = train_segmentation(ctx, setting, train, pseudo["bap"], L,
+                                              figure_items if setting == "nal" else None)
+        segmenters[setting] = model
+        for crf in (False, True):
+            cm = segmentation_confusion(model, splits.val, L, device=ctx.device,
+                                        predict=functools.partial(predict_labels, cfg=cfg, crf=crf))
+            name = setting + ("-crf" if crf else "")
+            ctx.results.add("3", name, "miou", miou_percent(cm))
+            ctx.log(f"Table 3 {name}: validation mIoU {miou_percent(cm):.2f}")
+        if snapshots is not None:
+            _confidence_figure(ctx, train, figure_items, snapshots, L)
+    _prediction_figure(ctx, splits, segmenters, L)
+    if ctx.run.main and (ctx.run.path / "metrics.jsonl").is_file():
+        save_loss_curves(ctx.run.file("figures", "loss_curves.png"), ctx.run.path / "metrics.jsonl")
+
+
+# ----------------------------------------------------------------------------------------------------- figures
+
+
+def _cam_map(model: FeatureClassifier, f: torch.Tensor, sample) -> np.ndarray:
+    """max_c u_c (Eq. 5): each class's CAM over its maximum, inside that class's boxes."""
+    cams = torch.relu(torch.einsum("dhw,cd->chw", f, model.classifier.detach().cpu()))
+    u = cams / cams.flatten(1).amax(1).clamp_min(1e-12)[:, None, None]
+    inside = boxloss.boxes_to_masks(torch.from_numpy(sample.boxes), torch.zeros(sample.num_boxes, dtype=torch.long),
+                                    torch.from_numpy(sample.labels), (1, sample.height, sample.width),
+                                    u.shape[0] - 1, form="union")[0]
+    inside[0] = False
+    return (u * inside).amax(0).numpy()
+
+
+def _attention_figure(ctx: Context, train, networks: dict, pseudo: dict, L: int) -> None:
+    """The paper's Fig. 4: CAMs (and background attention) of the GAP and the BAP networks."""
+    if not ctx.run.main or not networks:
+        return
+    cfg: Config = ctx.config
+    n = min(cfg.figures, len(train))
+    samples = [train[i] for i in range(n)]
+    columns = {}
+    for name in ("gap", "bap"):
+        if name not in networks:
+            continue
+        feats = features_of(networks[name], samples, ctx.device)
+        att = []
+        for s, f in zip(samples, feats):
+            if s.num_boxes:
+                a = boxloss.background_attention(f[None], torch.from_numpy(s.boxes),
+                                                 torch.zeros(s.num_boxes, dtype=torch.long),
+                                                 grid_size=cfg.label_grid_size,
+                                                 min_background=cfg.min_background).attention[0]
+            else:
+                a = torch.ones(s.height, s.width)
+            att.append(a.numpy())
+        columns[f"{name.upper()}: attention A"] = att
+        columns[f"{name.upper()}: CAM u_c"] = [_cam_map(networks[name], f, s) for s, f in zip(samples, feats)]
+    columns["ground truth"] = [s.mask for s in samples]
+    save_panels(ctx.run.file("figures", "attention_and_cams.png"), [s.image for s in samples], columns,
+                boxes=[s.boxes for s in samples], labels=[s.labels for s in samples], num_classes=L,
+                title="Fig. 4: background attention A (grid 1) and CAMs, GAP against BAP (training images)")
+
+
+def _with_unreliable(y_crf: torch.Tensor, y_ret: torch.Tensor) -> np.ndarray:
+    return torch.where(y_crf == y_ret, y_crf, torch.full_like(y_crf, 255)).numpy()
+
+
+def _pseudo_figure(ctx: Context, train, labels: dict, pseudo: dict, L: int) -> None:
+    if not ctx.run.main or not labels:
+        return
+    n = min(ctx.config.figures, len(train))
+    columns = {k: [labels[k][i].numpy() for i in range(n)] for k in TABLE1 if k in labels}
+    if "bap" in pseudo:
+        columns["unreliable (white)"] = [_with_unreliable(pseudo["bap"]["y_crf"][i], pseudo["bap"]["y_ret"][i])
+                                         for i in range(n)]
+    columns["ground truth"] = [train[i].mask for i in range(n)]
+    save_panels(ctx.run.file("figures", "pseudo_labels.png"), [train[i].image for i in range(n)], columns,
+                boxes=[train[i].boxes for i in range(n)], labels=[train[i].labels for i in range(n)],
+                num_classes=L, title="Table 1: pseudo labels of training images; Y_crf with ~S (Y_crf != Y_ret) "
+                                     "in white")
+
+
+def _confidence_figure(ctx: Context, train, items, snapshots: ConfidenceSnapshots, L: int) -> None:
+    if not ctx.run.main:
+        return
+    n = len(items)
+    columns = {"Y_crf, ~S white": [_with_unreliable(a, b) for _, a, b in items]}
+    steps = max(snapshots.at) or 1
+    for step in sorted(snapshots.maps):
+        columns[f"sigma at {100 * step // steps}%"] = [snapshots.maps[step][i].numpy() for i in range(n)]
+    columns["ground truth"] = [train[i].mask for i in range(n)]
+    save_panels(ctx.run.file("figures", "confidence.png"), [train[i].image for i in range(n)], columns,
+                boxes=[train[i].boxes for i in range(n)], labels=[train[i].labels for i in range(n)],
+                num_classes=L, title="Fig. 5: the confidence map sigma (Eq. 12) during training with the NAL")
+
+
+def _prediction_figure(ctx: Context, splits: Splits, segmenters: dict, L: int) -> None:
+    if not ctx.run.main or not segmenters:
+        return
+    cfg: Config = ctx.config
+    n = min(cfg.figures, len(splits.val))
+    val = [splits.val[i] for i in range(n)]
+    images = boxloss.data.collate_samples(val).images.to(ctx.device)
+    columns = {}
+    for name, model in segmenters.items():
+        columns[name] = list(predict_labels(model, images, cfg, crf=False).numpy())
+    last = list(segmenters)[-1]
+    columns[f"{last}-crf"] = list(predict_labels(segmenters[last], images, cfg, crf=True).numpy())
+    columns["ground truth"] = [s.mask for s in val]
+    save_panels(ctx.run.file("figures", "predictions.png"), [s.image for s in val], columns,
+                boxes=[s.boxes for s in val], labels=[s.labels for s in val], num_classes=L,
+                title="Table 3: segmentation networks on validation images")
