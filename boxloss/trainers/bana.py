@@ -22,6 +22,12 @@ The pipeline, as the paper's Sec. 3-4:
 Every DenseCRF of the pipeline (Y_crf and the post-processing) goes through :func:`crf_inference`, the one place the
 backend is chosen (``crf_backend``).
 
+The classification network's features f are, as in the paper, a pre-trained backbone's output at stride 8 with only
+the classifier new (``stage1_features="encoder"``). A new head at input resolution (``"head"``) lets background-aware
+pooling take a shortcut: r_i is a normalised weighted mean, so one pixel per bin with A = 0 classifies the box, and
+freshly trained features learn to mark a few discriminative pixels as foreground and the rest of the object as
+background; the pseudo labels then cover parts of objects.
+
 Where the paper is silent the defaults come from the official code or DeepLab and say so. At the quick preset's
 small images the CRF's spatial sigmas (the paper's, for VOC images of about 500 x 375 pixels) are scaled with the
 image size (``crf_reference_size``), as the Box to Tag and Back trainer scales its DenseCRF loss; the colour sigma
@@ -48,7 +54,7 @@ from boxloss.trainers.engine.data import Batches, Splits, hflip_augment, load_sp
 from boxloss.trainers.engine.evaluate import label_miou, miou_percent, segmentation_confusion
 from boxloss.trainers.engine.figures import save_loss_curves, save_panels
 from boxloss.trainers.engine.loop import poly_schedule
-from boxloss.trainers.engine.models import head_outputs
+from boxloss.trainers.engine.models import IMAGENET_MEAN, IMAGENET_STD, head_outputs
 
 NAME = "bana"
 SUMMARY = ("BANA (Oh, Kim & Ham, CVPR 2021): background-aware pooling, pseudo labels Y_crf / Y_ret, "
@@ -73,6 +79,7 @@ POOLINGS = ("bap", "gap")
 CLASSIFIERS = ("linear", "cosine")
 OPTIMIZERS = ("sgd", "adamw")
 CRF_BACKENDS = ("boxloss", "pydensecrf")
+STAGE1_FEATURES = ("encoder", "head")
 
 
 @dataclass
@@ -80,7 +87,12 @@ class Config(TrainerConfig):
     image_size: int = 321  # Sec. 4.1: 321 x 321 crops
     batch_size: int = 20  # Sec. 4.1 (both stages, DeepLab-V1)
     # Sec. 3.1 and 4.1: the classification network
-    feature_dim: int = 64  # channels of f (a head of the small network; the paper's VGG-16 has 1024)
+    #: f: "encoder", the pre-trained encoder's output at ``feature_stride`` (a torchvision model: its backbone's
+    #: output), as the paper's VGG-16 features at stride 8 after their ReLU; or "head", a new ``feature_dim``-channel
+    #: head of the whole network at input resolution
+    stage1_features: str = "encoder"
+    feature_stride: int = 8  # Sec. 4.1 (AffinityNet's VGG-16): the classification network's features at stride 8
+    feature_dim: int = 64  # channels of f with stage1_features=head
     grid_size: int = 4  # Sec. 4.1: N = 4 for training
     pool_size: int = 2  # official code: each box pooled into 2 x 2 bins (RoIAlign, footnote 2)
     min_background: float = 0.125  # official code: less definite background than this pools plainly
@@ -101,6 +113,9 @@ class Config(TrainerConfig):
     crf_reference_size: int = 0  # 0: sigma_xy as given; else scaled by image_size / crf_reference_size
     # Sec. 3.3 and 4.1: the segmentation network (DeepLab-V1's settings)
     seg_feature_dim: int = 64  # channels of phi (a head of the small network)
+    #: the small network's phi at stride 2 (its decoder's resolution; 1: upsampled to the input), the loss on the
+    #: labels at phi's pixel centres and the prediction upsampled bilinearly, as DeepLab at its output stride 8
+    seg_output_stride: int = 2
     tau: float = 20.0  # supplement Sec. 4: scale of the cosine classifier
     gamma: float = 7.0  # Sec. 4.1
     lam: float = 0.1  # Sec. 4.1 (and supplement Sec. 5 for entropy and bootstrapping)
@@ -127,10 +142,12 @@ def check_values(cfg: Config) -> None:
     """Clear errors for values the pipeline cannot run with (raised when the config is made, so before a run
     directory is created)."""
     choices = {"classifier": CLASSIFIERS, "stage1_optimizer": OPTIMIZERS, "seg_optimizer": OPTIMIZERS,
-               "crf_backend": CRF_BACKENDS}
+               "crf_backend": CRF_BACKENDS, "stage1_features": STAGE1_FEATURES}
     for name, allowed in choices.items():
         if getattr(cfg, name) not in allowed:
             raise ConfigError(f"bana: {name} must be one of {', '.join(allowed)}, got {getattr(cfg, name)!r}")
+    if cfg.seg_output_stride not in (1, 2):
+        raise ConfigError(f"bana: seg_output_stride must be 1 or 2, got {cfg.seg_output_stride}")
     for name in ("feature_dim", "seg_feature_dim", "grid_size", "pool_size", "label_grid_size", "crf_iterations",
                  "batch_size"):
         if getattr(cfg, name) < 1:
@@ -146,6 +163,10 @@ def check_values(cfg: Config) -> None:
             raise ConfigError(f"bana: {name} must lie in [0, 1], got {getattr(cfg, name)}")
     if cfg.lam < 0:
         raise ConfigError(f"bana: lam must be >= 0, got {cfg.lam}")
+    stride = cfg.feature_stride
+    if stride < 2 or stride & (stride - 1) or stride > 2 ** len(cfg.widths):
+        raise ConfigError(f"bana: feature_stride must be a power of two from 2 to {2 ** len(cfg.widths)} (the "
+                          f"encoder's strides), got {stride}")
     if len(cfg.crf_bilateral) != 3 or len(cfg.crf_gaussian) != 2:
         raise ConfigError(f"bana: crf_bilateral is (weight, sigma_xy, sigma_rgb) and crf_gaussian (weight, sigma_xy); "
                           f"got {cfg.crf_bilateral} and {cfg.crf_gaussian}")
@@ -220,16 +241,45 @@ def noise_aware_terms(phi, weight, y_crf, y_ret, **kwargs) -> tuple[torch.Tensor
 
 
 class FeatureClassifier(nn.Module):
-    """A network's ``"features"`` head after a ReLU (the penultimate features of the paper's VGG-16 and DeepLab are
-    ReLU outputs) and a classifier of L + 1 rows without bias (CAM_c = ReLU(f . w_c), Eq. 6)."""
+    """Features f after a ReLU (the penultimate features of the paper's VGG-16 and DeepLab are ReLU outputs) and a
+    classifier of L + 1 rows without bias (CAM_c = ReLU(f . w_c), Eq. 6).
 
-    def __init__(self, net: nn.Module, dim: int, classes: int, std: float):
+    ``take`` None: f is the ``"features"`` head of ``net`` (at input resolution); an int: f is that stage of
+    ``net``, an encoder returning its stages' feature maps; a string: that entry of the dict ``net`` returns (a
+    torchvision backbone). A backbone's input is normalised with the ImageNet mean and std first."""
+
+    def __init__(self, net: nn.Module, dim: int, classes: int, std: float, take: int | str | None = None):
         super().__init__()
         self.net = net
+        self.take = take
         self.classifier = nn.Parameter(torch.randn(classes, dim) * std)
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return torch.relu(head_outputs(self.net(images))["features"])
+        if self.take is None:
+            return torch.relu(head_outputs(self.net(images))["features"])
+        return torch.relu(self.net((images - self.mean) / self.std)[self.take])
+
+
+def classification_network(ctx: Context, job: str, classes: int) -> FeatureClassifier:
+    """Sec. 3.1's feature extractor and classifier (see ``stage1_features``): the small U-Net's encoder up to
+    ``feature_stride``, a torchvision model's backbone, or a new head of the whole network."""
+    cfg: Config = ctx.config
+    net = ctx.new_model(job, {"features": cfg.feature_dim})
+    if cfg.stage1_features == "head":
+        return FeatureClassifier(net, cfg.feature_dim, classes, cfg.classifier_std).to(ctx.device)
+    encoder = getattr(net, "encoder", None)
+    if encoder is not None and hasattr(encoder, "widths"):
+        stage = int(math.log2(cfg.feature_stride)) - 1
+        return FeatureClassifier(encoder, encoder.widths[stage], classes, cfg.classifier_std, stage).to(ctx.device)
+    backbone = getattr(getattr(net, "net", None), "backbone", None)
+    if backbone is not None:
+        with torch.no_grad():
+            dim = backbone(torch.zeros(1, 3, 64, 64))["out"].shape[1]
+        return FeatureClassifier(backbone, dim, classes, cfg.classifier_std, "out").to(ctx.device)
+    raise ConfigError("bana: stage1_features=encoder needs the small U-Net's encoder or a torchvision model's "
+                      "backbone; with another network use --set stage1_features=head")
 
 
 def classification_loss(cfg: Config, pooled, box_labels, queries, valid, weight) -> torch.Tensor:
@@ -261,10 +311,7 @@ def train_classifier(ctx: Context, pooling: str, train, L: int) -> FeatureClassi
     """Sec. 3.1: the classification network with background-aware pooling (``bap``) or average pooling (``gap``)."""
     cfg: Config = ctx.config
     job = f"stage1/{pooling}"
-    model = FeatureClassifier(ctx.new_model(job, {"features": cfg.feature_dim}), cfg.feature_dim, L + 1,
-                              cfg.classifier_std).to(ctx.device)
-    bap = boxloss.BackgroundAwarePooling(grid_size=cfg.grid_size, output_size=cfg.pool_size,
-                                         min_background=cfg.min_background)
+    model = classification_network(ctx, job, L + 1)
 
     def step(m, batch, clock):
         images = batch.images.to(ctx.device)
@@ -272,14 +319,17 @@ def train_classifier(ctx: Context, pooling: str, train, L: int) -> FeatureClassi
         with clock.model_forward():
             f = m(images)
         clock.watch(f)
+        scale = f.shape[-1] / images.shape[-1]
         with clock.loss_forward():
             if pooling == "bap":
+                bap = boxloss.BackgroundAwarePooling(grid_size=cfg.grid_size, output_size=cfg.pool_size,
+                                                     spatial_scale=scale, min_background=cfg.min_background)
                 pooled, att = bap(f, boxes, box_batch)
             else:  # the same queries for the background samples; every box averaged (A = 0)
                 att = boxloss.background_attention(f, boxes, box_batch, grid_size=cfg.grid_size,
-                                                   min_background=cfg.min_background)
+                                                   spatial_scale=scale, min_background=cfg.min_background)
                 pooled = boxloss.background_aware_pool(f, torch.zeros_like(att.attention), boxes, box_batch,
-                                                       output_size=cfg.pool_size)
+                                                       output_size=cfg.pool_size, spatial_scale=scale)
             loss = classification_loss(cfg, pooled, batch.box_labels.to(ctx.device), att.queries, att.valid,
                                        model.classifier)
         return loss, {"fallback": att.fallback.float().mean()}
@@ -301,9 +351,10 @@ def features_of(model: FeatureClassifier, samples, device, batch_size: int = 16)
     for i in range(0, len(samples), batch_size):
         batch = boxloss.data.collate_samples([samples[j] for j in range(i, min(i + batch_size, len(samples)))])
         f = model(batch.images.to(device)).float().cpu()
+        scale = f.shape[-1] / batch.images.shape[-1]
         for k, j in enumerate(range(i, min(i + batch_size, len(samples)))):
             s = samples[j]
-            out.append(f[k, :, :s.height, :s.width])
+            out.append(f[k, :, :math.ceil(s.height * scale), :math.ceil(s.width * scale)])
     return out
 
 
@@ -323,7 +374,7 @@ def pseudo_labels(ctx: Context, model: FeatureClassifier, samples, background: s
             zero = torch.zeros(s.height, s.width, dtype=torch.uint8)
             out["y_crf"].append(zero)
             out["y_ret"].append(zero)
-            out["attention"].append(torch.ones(s.height, s.width))
+            out["attention"].append(torch.ones(f.shape[1:]))
             continue
         p = boxloss.bana_pseudo_labels(s.image, f, weight, torch.as_tensor(s.boxes), torch.as_tensor(s.labels),
                                        crf=settings, bg_threshold=cfg.bg_threshold, grid_size=cfg.label_grid_size,
@@ -400,8 +451,10 @@ def train_segmentation(ctx: Context, setting: str, train, labels: dict, L: int, 
     """Sec. 3.3: the segmentation network on Y_crf and Y_ret with the loss of ``setting`` (Table 3)."""
     cfg: Config = ctx.config
     job = f"stage2/{setting}"
-    model = FeatureClassifier(ctx.new_model(job, {"features": cfg.seg_feature_dim}), cfg.seg_feature_dim, L + 1,
-                              cfg.classifier_std).to(ctx.device)
+    net = ctx.new_model(job, {"features": cfg.seg_feature_dim})
+    if hasattr(net, "output_stride"):
+        net.output_stride = cfg.seg_output_stride
+    model = FeatureClassifier(net, cfg.seg_feature_dim, L + 1, cfg.classifier_std).to(ctx.device)
     items = [(s.image, a, b) for s, a, b in zip(train, labels["y_crf"], labels["y_ret"])]
     batches = Batches(items, cfg.batch_size, cfg.seed, collate=_collate_labelled, augment=_flip_labelled)
     steps = cfg.seg_steps
@@ -415,6 +468,7 @@ def train_segmentation(ctx: Context, setting: str, train, labels: dict, L: int, 
         with clock.model_forward():
             phi = m(images)
         clock.watch(phi)
+        y_crf, y_ret = at_resolution(y_crf, phi), at_resolution(y_ret, phi)
         with clock.loss_forward():
             loss, terms = noise_aware_terms(phi, model.classifier, y_crf, y_ret, gamma=cfg.gamma, lam=cfg.lam,
                                             tau=cfg.tau, unreliable=UNRELIABLE_TERM[setting], beta=beta)
@@ -425,6 +479,17 @@ def train_segmentation(ctx: Context, setting: str, train, labels: dict, L: int, 
     if snapshots is not None:
         snapshots.maybe_take(steps)
     return model.eval(), snapshots
+
+
+def at_resolution(labels: torch.Tensor, phi: torch.Tensor) -> torch.Tensor:
+    """(B, H, W) labels at the (h, w) of ``phi``: the label at each of its pixels' centres."""
+    H, W = labels.shape[-2:]
+    h, w = phi.shape[-2:]
+    if (h, w) == (H, W):
+        return labels
+    rows = ((torch.arange(h, device=labels.device) + 0.5) * H / h).long().clamp(max=H - 1)
+    cols = ((torch.arange(w, device=labels.device) + 0.5) * W / w).long().clamp(max=W - 1)
+    return labels[:, rows][:, :, cols]
 
 
 class ConfidenceSnapshots:
@@ -445,8 +510,9 @@ class ConfidenceSnapshots:
         images, y_crf, y_ret = (t.to(self.ctx.device) for t in _collate_labelled(self.items))
         was = self.model.training
         self.model.eval()
-        _, terms = noise_aware_terms(self.model(images), self.model.classifier, y_crf, y_ret, gamma=cfg.gamma,
-                                     lam=cfg.lam, tau=cfg.tau)
+        phi = self.model(images)
+        _, terms = noise_aware_terms(phi, self.model.classifier, at_resolution(y_crf, phi), at_resolution(y_ret, phi),
+                                     gamma=cfg.gamma, lam=cfg.lam, tau=cfg.tau)
         self.model.train(was)
         self.maps[step] = terms["confidence"].float().cpu()
         checkpoint.atomic_save(self.maps, self.path)
@@ -459,6 +525,8 @@ def predict_labels(model: FeatureClassifier, images: torch.Tensor, cfg: Config, 
     with torch.no_grad():
         phi = model(images.to(model.classifier.device))
         logits = boxloss.cosine_logits(phi, model.classifier, cfg.tau).float().cpu()
+    if logits.shape[-2:] != images.shape[-2:]:
+        logits = F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=False)
     model.train(was)
     if not crf:
         return logits.argmax(1)
@@ -543,15 +611,21 @@ def run(ctx: Context, settings: list[str]) -> None:
 # ----------------------------------------------------------------------------------------------------- figures
 
 
+def _upsampled(maps: torch.Tensor, sample) -> torch.Tensor:
+    """(C, h, w) maps at the feature resolution, bilinearly at the image's (the paper's footnote 3)."""
+    return F.interpolate(maps[None].float(), size=(sample.height, sample.width), mode="bilinear",
+                         align_corners=False)[0]
+
+
 def _cam_map(model: FeatureClassifier, f: torch.Tensor, sample) -> np.ndarray:
-    """max_c u_c (Eq. 5): each class's CAM over its maximum, inside that class's boxes."""
+    """max_c u_c (Eq. 5): each class's CAM over its maximum, upsampled, inside that class's boxes."""
     cams = torch.relu(torch.einsum("dhw,cd->chw", f, model.classifier.detach().cpu()))
-    u = cams / cams.flatten(1).amax(1).clamp_min(1e-12)[:, None, None]
+    u = _upsampled(cams / cams.flatten(1).amax(1).clamp_min(1e-12)[:, None, None], sample)
     inside = boxloss.boxes_to_masks(torch.from_numpy(sample.boxes), torch.zeros(sample.num_boxes, dtype=torch.long),
                                     torch.from_numpy(sample.labels), (1, sample.height, sample.width),
                                     u.shape[0] - 1, form="union")[0]
     inside[0] = False
-    return (u * inside).amax(0).numpy()
+    return (u * inside).amax(0).clamp(0, 1).numpy()
 
 
 def _attention_figure(ctx: Context, train, networks: dict, pseudo: dict, L: int) -> None:
@@ -566,22 +640,14 @@ def _attention_figure(ctx: Context, train, networks: dict, pseudo: dict, L: int)
         if name not in networks:
             continue
         feats = features_of(networks[name], samples, ctx.device)
-        att = []
-        for s, f in zip(samples, feats):
-            if s.num_boxes:
-                a = boxloss.background_attention(f[None], torch.from_numpy(s.boxes),
-                                                 torch.zeros(s.num_boxes, dtype=torch.long),
-                                                 grid_size=cfg.label_grid_size,
-                                                 min_background=cfg.min_background).attention[0]
-            else:
-                a = torch.ones(s.height, s.width)
-            att.append(a.numpy())
-        columns[f"{name.upper()}: attention A"] = att
+        columns[f"{name.upper()}: attention A"] = [_upsampled(pseudo[name]["attention"][i][None], s)[0].numpy()
+                                                   for i, s in enumerate(samples)]
         columns[f"{name.upper()}: CAM u_c"] = [_cam_map(networks[name], f, s) for s, f in zip(samples, feats)]
     columns["ground truth"] = [s.mask for s in samples]
     save_panels(ctx.run.file("figures", "attention_and_cams.png"), [s.image for s in samples], columns,
                 boxes=[s.boxes for s in samples], labels=[s.labels for s in samples], num_classes=L,
-                title="Fig. 4: background attention A (grid 1) and CAMs, GAP against BAP (training images)")
+                title=f"Fig. 4: background attention A (grid {cfg.label_grid_size}) and CAMs, GAP against BAP "
+                      "(training images)")
 
 
 def _with_unreliable(y_crf: torch.Tensor, y_ret: torch.Tensor) -> np.ndarray:
@@ -610,7 +676,11 @@ def _confidence_figure(ctx: Context, train, items, snapshots: ConfidenceSnapshot
     columns = {"Y_crf, ~S white": [_with_unreliable(a, b) for _, a, b in items]}
     steps = max(snapshots.at) or 1
     for step in sorted(snapshots.maps):
-        columns[f"sigma at {100 * step // steps}%"] = [snapshots.maps[step][i].numpy() for i in range(n)]
+        maps = snapshots.maps[step][:, None]
+        maps = F.interpolate(maps, size=(max(a.shape[0] for _, a, _ in items), max(a.shape[1] for _, a, _ in items)),
+                             mode="nearest")[:, 0]
+        columns[f"sigma at {100 * step // steps}%"] = [maps[i, :a.shape[0], :a.shape[1]].numpy()
+                                                       for i, (_, a, _) in enumerate(items)]
     columns["ground truth"] = [train[i].mask for i in range(n)]
     save_panels(ctx.run.file("figures", "confidence.png"), [train[i].image for i in range(n)], columns,
                 boxes=[train[i].boxes for i in range(n)], labels=[train[i].labels for i in range(n)],
