@@ -221,3 +221,19 @@ def test_small_unet_heads_at_stride_two_are_the_upsampled_heads_before_upsamplin
         torch.testing.assert_close(up, full[name])
     with pytest.raises(ValueError, match="output_stride must be 1 or 2"):
         SmallUNet({"logits": 3}, output_stride=4)
+
+
+def test_denormals_are_flushed_on_every_pool_thread():
+    from boxloss.trainers.engine.context import set_flush_denormal
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        tiny = torch.full((4_000_000,), 1e-39)
+        assert set_flush_denormal(True)
+        assert bool(((tiny * 1.0) == 0).all()), "some pool thread still computes subnormal floats"
+        set_flush_denormal(False)
+        assert bool(((tiny * 1.0) != 0).all())
+    finally:
+        set_flush_denormal(False)
+        torch.set_num_threads(threads)

@@ -20,7 +20,9 @@ The pipeline, as the paper's Sec. 3-4:
    the validation mIoU before and after DenseCRF post-processing (``-crf``).
 
 Every DenseCRF of the pipeline (Y_crf and the post-processing) goes through :func:`crf_inference`, the one place the
-backend is chosen (``crf_backend``).
+backend is chosen (``crf_backend``): ``"boxloss"``, the batched mean-field on the boxloss lattice
+(``boxloss.dense_crf_inference``), is the default where the installed boxloss has it; otherwise ``"pydensecrf"``,
+Krähenbühl's code one image at a time (``boxloss.pydensecrf_inference``).
 
 The classification network's features f are, as in the paper, a pre-trained backbone's output at stride 8 with only
 the classifier new (``stage1_features="encoder"``); ``"head"`` takes them from a new head of the whole network at
@@ -56,8 +58,7 @@ from boxloss.trainers.engine.loop import poly_schedule
 from boxloss.trainers.engine.models import IMAGENET_MEAN, IMAGENET_STD, head_outputs
 
 NAME = "bana"
-SUMMARY = ("BANA (Oh, Kim & Ham, CVPR 2021): background-aware pooling, pseudo labels Y_crf / Y_ret, "
-           "noise-aware loss")
+SUMMARY = "BANA (Oh, Kim & Ham, CVPR 2021): background-aware pooling, pseudo labels Y_crf / Y_ret, noise-aware loss"
 TABLE1 = ("box", "grabcut", "gap", "bap-crf-no-u0", "bap-crf", "bap-ret")
 TABLE3 = ("baseline", "entropy", "bootstrap", "nal")
 #: Table 3 setting -> the ``unreliable`` term of :func:`boxloss.noise_aware_loss`
@@ -78,6 +79,8 @@ POOLINGS = ("bap", "gap")
 CLASSIFIERS = ("linear", "cosine")
 OPTIMIZERS = ("sgd", "adamw")
 CRF_BACKENDS = ("boxloss", "pydensecrf")
+#: the boxloss mean-field where this installation has it, else pydensecrf (see :func:`crf_inference`)
+DEFAULT_CRF_BACKEND = "boxloss" if hasattr(boxloss, "dense_crf_inference") else "pydensecrf"
 STAGE1_FEATURES = ("encoder", "head")
 
 
@@ -105,7 +108,8 @@ class Config(TrainerConfig):
     # Sec. 3.2 and 4.1: pseudo labels
     label_grid_size: int = 1  # Sec. 4.1: N = 1 for the attention of u_0
     bg_threshold: float = 0.99  # Sec. 4.1: u_0 = A where A >= 0.99 ("confident background")
-    crf_backend: str = "pydensecrf"  # "boxloss" (boxloss.dense_crf_inference) or "pydensecrf"
+    #: not in the paper (it uses pydensecrf): "boxloss" (boxloss.dense_crf_inference) or "pydensecrf"
+    crf_backend: str = DEFAULT_CRF_BACKEND
     crf_bilateral: tuple[float, ...] = (4.0, 55.0, 3.0)  # official code: weight, sigma_xy, sigma_rgb
     crf_gaussian: tuple[float, ...] = (3.0, 3.0)  # official code: weight, sigma_xy
     crf_iterations: int = 10  # official code
@@ -126,10 +130,21 @@ class Config(TrainerConfig):
 
     PRESET_OVERRIDES = {
         "paper": {},
-        "quick": {"image_size": 96, "train_images": 400, "val_images": 150, "batch_size": 16, "seg_feature_dim": 32,
-                  "stage1_steps": 1000, "stage1_lr": 1e-2, "stage1_new_lr": 1e-2,
-                  "seg_steps": 600, "seg_optimizer": "adamw", "seg_lr": 1e-3, "seg_new_lr": 1e-3,
-                  "crf_reference_size": 400},
+        "quick": {
+            "image_size": 96,
+            "train_images": 400,
+            "val_images": 150,
+            "batch_size": 16,
+            "seg_feature_dim": 32,
+            "stage1_steps": 1000,
+            "stage1_lr": 1e-2,
+            "stage1_new_lr": 1e-2,
+            "seg_steps": 600,
+            "seg_optimizer": "adamw",
+            "seg_lr": 1e-3,
+            "seg_new_lr": 1e-3,
+            "crf_reference_size": 400,
+        },
     }
 
     def __post_init__(self):
@@ -139,15 +154,27 @@ class Config(TrainerConfig):
 def check_values(cfg: Config) -> None:
     """Clear errors for values the pipeline cannot run with (raised when the config is made, so before a run
     directory is created)."""
-    choices = {"classifier": CLASSIFIERS, "stage1_optimizer": OPTIMIZERS, "seg_optimizer": OPTIMIZERS,
-               "crf_backend": CRF_BACKENDS, "stage1_features": STAGE1_FEATURES}
+    choices = {
+        "classifier": CLASSIFIERS,
+        "stage1_optimizer": OPTIMIZERS,
+        "seg_optimizer": OPTIMIZERS,
+        "crf_backend": CRF_BACKENDS,
+        "stage1_features": STAGE1_FEATURES,
+    }
     for name, allowed in choices.items():
         if getattr(cfg, name) not in allowed:
             raise ConfigError(f"bana: {name} must be one of {', '.join(allowed)}, got {getattr(cfg, name)!r}")
     if cfg.seg_output_stride not in (1, 2):
         raise ConfigError(f"bana: seg_output_stride must be 1 or 2, got {cfg.seg_output_stride}")
-    for name in ("feature_dim", "seg_feature_dim", "grid_size", "pool_size", "label_grid_size", "crf_iterations",
-                 "batch_size"):
+    for name in (
+        "feature_dim",
+        "seg_feature_dim",
+        "grid_size",
+        "pool_size",
+        "label_grid_size",
+        "crf_iterations",
+        "batch_size",
+    ):
         if getattr(cfg, name) < 1:
             raise ConfigError(f"bana: {name} must be >= 1, got {getattr(cfg, name)}")
     for name in ("stage1_steps", "seg_steps", "crf_reference_size"):
@@ -163,55 +190,55 @@ def check_values(cfg: Config) -> None:
         raise ConfigError(f"bana: lam must be >= 0, got {cfg.lam}")
     stride = cfg.feature_stride
     if stride < 2 or stride & (stride - 1) or stride > 2 ** len(cfg.widths):
-        raise ConfigError(f"bana: feature_stride must be a power of two from 2 to {2 ** len(cfg.widths)} (the "
-                          f"encoder's strides), got {stride}")
+        raise ConfigError(
+            f"bana: feature_stride must be a power of two from 2 to {2 ** len(cfg.widths)} (the "
+            f"encoder's strides), got {stride}"
+        )
     if len(cfg.crf_bilateral) != 3 or len(cfg.crf_gaussian) != 2:
-        raise ConfigError(f"bana: crf_bilateral is (weight, sigma_xy, sigma_rgb) and crf_gaussian (weight, sigma_xy); "
-                          f"got {cfg.crf_bilateral} and {cfg.crf_gaussian}")
+        raise ConfigError(
+            f"bana: crf_bilateral is (weight, sigma_xy, sigma_rgb) and crf_gaussian (weight, sigma_xy); "
+            f"got {cfg.crf_bilateral} and {cfg.crf_gaussian}"
+        )
     if min(cfg.crf_bilateral[1:] + cfg.crf_gaussian[1:]) <= 0 or min(cfg.crf_bilateral[0], cfg.crf_gaussian[0]) < 0:
-        raise ConfigError(f"bana: the CRF sigmas must be > 0 and its weights >= 0, got crf_bilateral="
-                          f"{cfg.crf_bilateral}, crf_gaussian={cfg.crf_gaussian}")
+        raise ConfigError(
+            f"bana: the CRF sigmas must be > 0 and its weights >= 0, got crf_bilateral="
+            f"{cfg.crf_bilateral}, crf_gaussian={cfg.crf_gaussian}"
+        )
 
 
 def check_backend(cfg: Config) -> None:
     """The CRF backend is installed (checked when the pipeline starts)."""
     if cfg.crf_backend == "boxloss" and not hasattr(boxloss, "dense_crf_inference"):
-        raise ConfigError("bana: crf_backend=boxloss needs boxloss.dense_crf_inference, which this installation "
-                          "lacks; use --set crf_backend=pydensecrf")
+        raise ConfigError(
+            "bana: crf_backend=boxloss needs boxloss.dense_crf_inference, which this installation "
+            "lacks; use --set crf_backend=pydensecrf"
+        )
     if cfg.crf_backend == "pydensecrf":
-        try:
-            import pydensecrf.densecrf  # noqa: F401
-        except ImportError:
-            raise ConfigError("bana: crf_backend=pydensecrf needs pydensecrf (pip install pydensecrf2), or use "
-                              "--set crf_backend=boxloss") from None
+        try:  # a 1 x 1 inference: pydensecrf is imported and its build checked once per process
+            boxloss.pydensecrf_inference(torch.zeros(1, 2, 1, 1), torch.zeros(1, 3, 1, 1), iterations=1)
+        except ImportError as exc:
+            other = "; or use --set crf_backend=boxloss" if hasattr(boxloss, "dense_crf_inference") else ""
+            raise ConfigError(f"bana: crf_backend=pydensecrf: {exc}{other}") from None
 
 
 # ----------------------------------------------------------------------------------------------------- DenseCRF
 
 
-def crf_inference(unary: torch.Tensor, image: torch.Tensor, *, backend: str, bilateral, gaussian,
-                  iterations: int) -> torch.Tensor:
+def crf_inference(
+    unary: torch.Tensor, image: torch.Tensor, *, backend: str, bilateral, gaussian, iterations: int
+) -> torch.Tensor:
     """Mean-field DenseCRF (Potts, Krähenbühl & Koltun): ``unary`` (B, C, H, W) negative log-probabilities and
     ``image`` (B, 3, H, W) colours in [0, 255] -> the marginals Q (B, C, H, W) after ``iterations`` steps.
     ``bilateral`` = (weight, sigma_xy, sigma_rgb), ``gaussian`` = (weight, sigma_xy). Every CRF of the pipeline runs
     here; ``backend`` is ``"boxloss"`` (the permutohedral lattice, batched) or ``"pydensecrf"`` (one image at a
     time)."""
     if backend == "boxloss":
-        return boxloss.dense_crf_inference(unary, image, bilateral=tuple(bilateral), gaussian=tuple(gaussian),
-                                           iterations=iterations)
-    import pydensecrf.densecrf as dcrf
-
-    B, C, H, W = unary.shape
-    out = torch.empty(B, C, H, W, dtype=torch.float32)
-    for b in range(B):
-        rgb = image[b].detach().float().round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-        crf = dcrf.DenseCRF2D(W, H, C)
-        crf.setUnaryEnergy(np.ascontiguousarray(unary[b].detach().float().reshape(C, -1).cpu().numpy()))
-        crf.addPairwiseGaussian(sxy=float(gaussian[1]), compat=float(gaussian[0]))
-        crf.addPairwiseBilateral(sxy=float(bilateral[1]), srgb=float(bilateral[2]),
-                                 rgbim=np.ascontiguousarray(rgb), compat=float(bilateral[0]))
-        out[b] = torch.from_numpy(np.array(crf.inference(int(iterations)), dtype=np.float32).reshape(C, H, W))
-    return out
+        return boxloss.dense_crf_inference(
+            unary, image, bilateral=tuple(bilateral), gaussian=tuple(gaussian), iterations=iterations
+        )
+    return boxloss.pydensecrf_inference(
+        unary, image, bilateral=tuple(bilateral), gaussian=tuple(gaussian), iterations=iterations
+    )
 
 
 def crf_settings(cfg: Config) -> dict:
@@ -219,8 +246,11 @@ def crf_settings(cfg: Config) -> dict:
     scale = cfg.image_size / cfg.crf_reference_size if cfg.crf_reference_size else 1.0
     w_bi, xy_bi, rgb = cfg.crf_bilateral
     w_g, xy_g = cfg.crf_gaussian
-    return {"bilateral": (float(w_bi), float(xy_bi) * scale, float(rgb)),
-            "gaussian": (float(w_g), float(xy_g) * scale), "iterations": int(cfg.crf_iterations)}
+    return {
+        "bilateral": (float(w_bi), float(xy_bi) * scale, float(rgb)),
+        "gaussian": (float(w_g), float(xy_g) * scale),
+        "iterations": int(cfg.crf_iterations),
+    }
 
 
 def _crf(cfg: Config):
@@ -229,13 +259,6 @@ def _crf(cfg: Config):
 
 
 # ----------------------------------------------------------------------------------------------------- losses
-
-
-def noise_aware_terms(phi, weight, y_crf, y_ret, **kwargs) -> tuple[torch.Tensor, dict]:
-    """:func:`boxloss.noise_aware_loss` as (loss, terms): ``ce`` (Eq. 10), ``unreliable`` (the term on ~S) and
-    ``confidence`` (Eq. 12, (B, H, W))."""
-    out = boxloss.noise_aware_loss(phi, weight, y_crf, y_ret, **kwargs)
-    return out.loss, {"ce": out.ce, "unreliable": out.unreliable, "confidence": out.confidence}
 
 
 class FeatureClassifier(nn.Module):
@@ -276,8 +299,10 @@ def classification_network(ctx: Context, job: str, classes: int) -> FeatureClass
         with torch.no_grad():
             dim = backbone(torch.zeros(1, 3, 64, 64))["out"].shape[1]
         return FeatureClassifier(backbone, dim, classes, cfg.classifier_std, "out").to(ctx.device)
-    raise ConfigError("bana: stage1_features=encoder needs the small U-Net's encoder or a torchvision model's "
-                      "backbone; with another network use --set stage1_features=head")
+    raise ConfigError(
+        "bana: stage1_features=encoder needs the small U-Net's encoder or a torchvision model's "
+        "backbone; with another network use --set stage1_features=head"
+    )
 
 
 def classification_loss(cfg: Config, pooled, box_labels, queries, valid, weight) -> torch.Tensor:
@@ -320,16 +345,23 @@ def train_classifier(ctx: Context, pooling: str, train, L: int) -> FeatureClassi
         scale = f.shape[-1] / images.shape[-1]
         with clock.loss_forward():
             if pooling == "bap":
-                bap = boxloss.BackgroundAwarePooling(grid_size=cfg.grid_size, output_size=cfg.pool_size,
-                                                     spatial_scale=scale, min_background=cfg.min_background)
+                bap = boxloss.BackgroundAwarePooling(
+                    grid_size=cfg.grid_size,
+                    output_size=cfg.pool_size,
+                    spatial_scale=scale,
+                    min_background=cfg.min_background,
+                )
                 pooled, att = bap(f, boxes, box_batch)
             else:  # the same queries for the background samples; every box averaged (A = 0)
-                att = boxloss.background_attention(f, boxes, box_batch, grid_size=cfg.grid_size,
-                                                   spatial_scale=scale, min_background=cfg.min_background)
-                pooled = boxloss.background_aware_pool(f, torch.zeros_like(att.attention), boxes, box_batch,
-                                                       output_size=cfg.pool_size, spatial_scale=scale)
-            loss = classification_loss(cfg, pooled, batch.box_labels.to(ctx.device), att.queries, att.valid,
-                                       model.classifier)
+                att = boxloss.background_attention(
+                    f, boxes, box_batch, grid_size=cfg.grid_size, spatial_scale=scale, min_background=cfg.min_background
+                )
+                pooled = boxloss.background_aware_pool(
+                    f, torch.zeros_like(att.attention), boxes, box_batch, output_size=cfg.pool_size, spatial_scale=scale
+                )
+            loss = classification_loss(
+                cfg, pooled, batch.box_labels.to(ctx.device), att.queries, att.valid, model.classifier
+            )
         return loss, {"fallback": att.fallback.float().mean()}
 
     steps = cfg.stage1_steps
@@ -352,7 +384,7 @@ def features_of(model: FeatureClassifier, samples, device, batch_size: int = 16)
         scale = f.shape[-1] / batch.images.shape[-1]
         for k, j in enumerate(range(i, min(i + batch_size, len(samples)))):
             s = samples[j]
-            out.append(f[k, :, :math.ceil(s.height * scale), :math.ceil(s.width * scale)])
+            out.append(f[k, :, : math.ceil(s.height * scale), : math.ceil(s.width * scale)])
     return out
 
 
@@ -361,9 +393,14 @@ def pseudo_labels(ctx: Context, model: FeatureClassifier, samples, background: s
     ``label_grid_size``); ``background`` is ``"attention"`` (u_0 = A, Eq. 7) or ``"cam"``."""
     cfg: Config = ctx.config
     crf = crf_settings(cfg)
-    settings = {"iterations": crf["iterations"], "bilateral_weight": crf["bilateral"][0],
-                "bilateral_xy": crf["bilateral"][1], "bilateral_rgb": crf["bilateral"][2],
-                "gaussian_weight": crf["gaussian"][0], "gaussian_xy": crf["gaussian"][1]}
+    settings = {
+        "iterations": crf["iterations"],
+        "bilateral_weight": crf["bilateral"][0],
+        "bilateral_xy": crf["bilateral"][1],
+        "bilateral_rgb": crf["bilateral"][2],
+        "gaussian_weight": crf["gaussian"][0],
+        "gaussian_xy": crf["gaussian"][1],
+    }
     inference = functools.partial(crf_inference, backend=cfg.crf_backend)
     weight = model.classifier.detach().cpu()
     out = {"y_crf": [], "y_ret": [], "attention": [], "fallback": 0}
@@ -374,10 +411,19 @@ def pseudo_labels(ctx: Context, model: FeatureClassifier, samples, background: s
             out["y_ret"].append(zero)
             out["attention"].append(torch.ones(f.shape[1:]))
             continue
-        p = boxloss.bana_pseudo_labels(s.image, f, weight, torch.as_tensor(s.boxes), torch.as_tensor(s.labels),
-                                       crf=settings, bg_threshold=cfg.bg_threshold, grid_size=cfg.label_grid_size,
-                                       min_background=cfg.min_background, background=background,
-                                       inference=inference)
+        p = boxloss.bana_pseudo_labels(
+            s.image,
+            f,
+            weight,
+            torch.as_tensor(s.boxes),
+            torch.as_tensor(s.labels),
+            crf=settings,
+            bg_threshold=cfg.bg_threshold,
+            grid_size=cfg.label_grid_size,
+            min_background=cfg.min_background,
+            background=background,
+            inference=inference,
+        )
         out["y_crf"].append(p.y_crf.to(torch.uint8))
         out["y_ret"].append(p.y_ret.to(torch.uint8))
         out["attention"].append(p.attention.float())
@@ -395,8 +441,14 @@ def cam_precision(model: FeatureClassifier, samples, L: int, device) -> float:
             continue
         cams = torch.relu(torch.einsum("dhw,cd->chw", f, model.classifier.detach().cpu()))
         u = _upsampled(cams / cams.flatten(1).amax(1).clamp_min(1e-12)[:, None, None], s).clamp_min(0)
-        inside = boxloss.boxes_to_masks(torch.from_numpy(s.boxes), torch.zeros(s.num_boxes, dtype=torch.long),
-                                        torch.from_numpy(s.labels), (1, s.height, s.width), L, form="union")[0]
+        inside = boxloss.boxes_to_masks(
+            torch.from_numpy(s.boxes),
+            torch.zeros(s.num_boxes, dtype=torch.long),
+            torch.from_numpy(s.labels),
+            (1, s.height, s.width),
+            L,
+            form="union",
+        )[0]
         mask = torch.from_numpy(s.mask.astype(np.int64))
         labelled = mask != 255
         for c in set(s.labels.tolist()):
@@ -414,16 +466,21 @@ def box_labels(samples, L: int) -> list[torch.Tensor]:
         if s.num_boxes == 0:
             out.append(torch.zeros(s.height, s.width, dtype=torch.uint8))
             continue
-        out.append(boxloss.boxes_to_masks(torch.from_numpy(s.boxes), torch.zeros(s.num_boxes, dtype=torch.long),
-                                          torch.from_numpy(s.labels), (1, s.height, s.width), L,
-                                          form="labels")[0].to(torch.uint8))
+        out.append(
+            boxloss.boxes_to_masks(
+                torch.from_numpy(s.boxes),
+                torch.zeros(s.num_boxes, dtype=torch.long),
+                torch.from_numpy(s.labels),
+                (1, s.height, s.width),
+                L,
+                form="labels",
+            )[0].to(torch.uint8)
+        )
     return out
 
 
 def grabcut_labels(ctx: Context, samples, L: int) -> list[torch.Tensor]:
     """Table 1 ``grabcut``: OpenCV's GrabCut in each box, merged with the smaller box in front."""
-    from boxloss.baselines import grabcut_box_masks
-
     out, notes = [], []
     for s in samples:
         if s.num_boxes == 0:
@@ -431,12 +488,19 @@ def grabcut_labels(ctx: Context, samples, L: int) -> list[torch.Tensor]:
             continue
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            masks = grabcut_box_masks(s.image, s.boxes)
+            masks = boxloss.grabcut_box_masks(s.image, s.boxes)
         notes += [str(w.message) for w in caught]
-        out.append(boxloss.merge_box_masks(torch.from_numpy(masks), torch.from_numpy(s.boxes),
-                                           torch.zeros(s.num_boxes, dtype=torch.long), torch.from_numpy(s.labels),
-                                           (1, s.height, s.width), strategy="overlap-small",
-                                           num_classes=L)[0].to(torch.uint8))
+        out.append(
+            boxloss.merge_box_masks(
+                torch.from_numpy(masks),
+                torch.from_numpy(s.boxes),
+                torch.zeros(s.num_boxes, dtype=torch.long),
+                torch.from_numpy(s.labels),
+                (1, s.height, s.width),
+                strategy="overlap-small",
+                num_classes=L,
+            )[0].to(torch.uint8)
+        )
     if notes:
         ctx.log(f"grabcut: {len(notes)} of {len(samples)} images had boxes filled instead (e.g. {notes[0]})")
     return out
@@ -490,8 +554,18 @@ def train_segmentation(ctx: Context, setting: str, train, labels: dict, L: int, 
         clock.watch(phi)
         y_crf, y_ret = at_resolution(y_crf, phi), at_resolution(y_ret, phi)
         with clock.loss_forward():
-            loss, terms = noise_aware_terms(phi, model.classifier, y_crf, y_ret, gamma=cfg.gamma, lam=cfg.lam,
-                                            tau=cfg.tau, unreliable=UNRELIABLE_TERM[setting], beta=beta)
+            loss, terms = boxloss.noise_aware_loss(
+                phi,
+                model.classifier,
+                y_crf,
+                y_ret,
+                gamma=cfg.gamma,
+                lam=cfg.lam,
+                tau=cfg.tau,
+                unreliable=UNRELIABLE_TERM[setting],
+                beta=beta,
+                return_terms=True,
+            )
         return loss, {"ce": terms["ce"], "unreliable": terms["unreliable"]}
 
     opt = _optimizer(model, cfg.seg_optimizer, cfg.seg_lr, cfg.seg_new_lr)
@@ -531,8 +605,16 @@ class ConfidenceSnapshots:
         was = self.model.training
         self.model.eval()
         phi = self.model(images)
-        _, terms = noise_aware_terms(phi, self.model.classifier, at_resolution(y_crf, phi), at_resolution(y_ret, phi),
-                                     gamma=cfg.gamma, lam=cfg.lam, tau=cfg.tau)
+        _, terms = boxloss.noise_aware_loss(
+            phi,
+            self.model.classifier,
+            at_resolution(y_crf, phi),
+            at_resolution(y_ret, phi),
+            gamma=cfg.gamma,
+            lam=cfg.lam,
+            tau=cfg.tau,
+            return_terms=True,
+        )
         self.model.train(was)
         self.maps[step] = terms["confidence"].float().cpu()
         checkpoint.atomic_save(self.maps, self.path)
@@ -561,9 +643,15 @@ def predict_labels(model: FeatureClassifier, images: torch.Tensor, cfg: Config, 
 def run(ctx: Context, settings: list[str]) -> None:
     cfg: Config = ctx.config
     check_backend(cfg)
-    splits: Splits = load_splits(cfg.data, num_classes=cfg.num_classes, image_size=cfg.image_size,
-                                 train_images=cfg.train_images, val_images=cfg.val_images, data_seed=cfg.data_seed,
-                                 log=ctx.log)
+    splits: Splits = load_splits(
+        cfg.data,
+        num_classes=cfg.num_classes,
+        image_size=cfg.image_size,
+        train_images=cfg.train_images,
+        val_images=cfg.val_images,
+        data_seed=cfg.data_seed,
+        log=ctx.log,
+    )
     ctx.log(f"data: {splits.description}; DenseCRF: {cfg.crf_backend}, {crf_settings(cfg)}")
     ctx.results.notes.append(f"DenseCRF ({cfg.crf_backend}): {crf_settings(cfg)}")
     L = splits.num_classes
@@ -590,12 +678,15 @@ def run(ctx: Context, settings: list[str]) -> None:
         labels["bap-crf"], labels["bap-ret"] = pseudo["bap"]["y_crf"], pseudo["bap"]["y_ret"]
         if "bap-crf-no-u0" in settings:
             pseudo["bap-no-u0"] = ctx.run.cached(
-                "pseudo/bap-no-u0", lambda: pseudo_labels(ctx, networks["bap"], train, "cam"))
+                "pseudo/bap-no-u0", lambda: pseudo_labels(ctx, networks["bap"], train, "cam")
+            )
             labels["bap-crf-no-u0"] = pseudo["bap-no-u0"]["y_crf"]
         fallback = pseudo["bap"]["fallback"]
         if fallback:
-            ctx.log(f"pseudo labels: {fallback} of {len(train)} images had too little background for the attention "
-                    "(A = 0 inside their boxes)")
+            ctx.log(
+                f"pseudo labels: {fallback} of {len(train)} images had too little background for the attention "
+                "(A = 0 inside their boxes)"
+            )
     for setting in TABLE1:
         if setting in settings:
             miou = label_miou(labels[setting], truth, L)
@@ -616,16 +707,21 @@ def run(ctx: Context, settings: list[str]) -> None:
 
     # Sec. 3.3: segmentation networks on Y_crf and Y_ret (Table 3)
     n_fig = min(cfg.figures, len(train))
-    figure_items = [(train[i].image, pseudo["bap"]["y_crf"][i], pseudo["bap"]["y_ret"][i]) for i in range(n_fig)] \
-        if want3 else None
+    figure_items = (
+        [(train[i].image, pseudo["bap"]["y_crf"][i], pseudo["bap"]["y_ret"][i]) for i in range(n_fig)]
+        if want3
+        else None
+    )
     segmenters = {}
     for setting in want3:
-        model, snapshots = train_segmentation(ctx, setting, train, pseudo["bap"], L,
-                                              figure_items if setting == "nal" else None)
+        model, snapshots = train_segmentation(
+            ctx, setting, train, pseudo["bap"], L, figure_items if setting == "nal" else None
+        )
         segmenters[setting] = model
         for crf in (False, True):
-            cm = segmentation_confusion(model, splits.val, L, device=ctx.device,
-                                        predict=functools.partial(predict_labels, cfg=cfg, crf=crf))
+            cm = segmentation_confusion(
+                model, splits.val, L, device=ctx.device, predict=functools.partial(predict_labels, cfg=cfg, crf=crf)
+            )
             name = setting + ("-crf" if crf else "")
             ctx.results.add("3", name, "miou", miou_percent(cm))
             ctx.log(f"Table 3 {name}: validation mIoU {miou_percent(cm):.2f}")
@@ -641,17 +737,23 @@ def run(ctx: Context, settings: list[str]) -> None:
 
 def _upsampled(maps: torch.Tensor, sample) -> torch.Tensor:
     """(C, h, w) maps at the feature resolution, bilinearly at the image's (the paper's footnote 3)."""
-    return F.interpolate(maps[None].float(), size=(sample.height, sample.width), mode="bilinear",
-                         align_corners=False)[0]
+    return F.interpolate(maps[None].float(), size=(sample.height, sample.width), mode="bilinear", align_corners=False)[
+        0
+    ]
 
 
 def _cam_map(model: FeatureClassifier, f: torch.Tensor, sample) -> np.ndarray:
     """max_c u_c (Eq. 5): each class's CAM over its maximum, upsampled, inside that class's boxes."""
     cams = torch.relu(torch.einsum("dhw,cd->chw", f, model.classifier.detach().cpu()))
     u = _upsampled(cams / cams.flatten(1).amax(1).clamp_min(1e-12)[:, None, None], sample)
-    inside = boxloss.boxes_to_masks(torch.from_numpy(sample.boxes), torch.zeros(sample.num_boxes, dtype=torch.long),
-                                    torch.from_numpy(sample.labels), (1, sample.height, sample.width),
-                                    u.shape[0] - 1, form="union")[0]
+    inside = boxloss.boxes_to_masks(
+        torch.from_numpy(sample.boxes),
+        torch.zeros(sample.num_boxes, dtype=torch.long),
+        torch.from_numpy(sample.labels),
+        (1, sample.height, sample.width),
+        u.shape[0] - 1,
+        form="union",
+    )[0]
     inside[0] = False
     return (u * inside).amax(0).clamp(0, 1).numpy()
 
@@ -668,14 +770,21 @@ def _attention_figure(ctx: Context, train, networks: dict, pseudo: dict, L: int)
         if name not in networks:
             continue
         feats = features_of(networks[name], samples, ctx.device)
-        columns[f"{name.upper()}: attention A"] = [_upsampled(pseudo[name]["attention"][i][None], s)[0].numpy()
-                                                   for i, s in enumerate(samples)]
+        columns[f"{name.upper()}: attention A"] = [
+            _upsampled(pseudo[name]["attention"][i][None], s)[0].numpy() for i, s in enumerate(samples)
+        ]
         columns[f"{name.upper()}: CAM u_c"] = [_cam_map(networks[name], f, s) for s, f in zip(samples, feats)]
     columns["ground truth"] = [s.mask for s in samples]
-    save_panels(ctx.run.file("figures", "attention_and_cams.png"), [s.image for s in samples], columns,
-                boxes=[s.boxes for s in samples], labels=[s.labels for s in samples], num_classes=L,
-                title=f"Fig. 4: background attention A (grid {cfg.label_grid_size}) and CAMs, GAP against BAP "
-                      "(training images)")
+    save_panels(
+        ctx.run.file("figures", "attention_and_cams.png"),
+        [s.image for s in samples],
+        columns,
+        boxes=[s.boxes for s in samples],
+        labels=[s.labels for s in samples],
+        num_classes=L,
+        title=f"Fig. 4: background attention A (grid {cfg.label_grid_size}) and CAMs, GAP against BAP "
+        "(training images)",
+    )
 
 
 def _with_unreliable(y_crf: torch.Tensor, y_ret: torch.Tensor) -> np.ndarray:
@@ -688,13 +797,19 @@ def _pseudo_figure(ctx: Context, train, labels: dict, pseudo: dict, L: int) -> N
     n = min(ctx.config.figures, len(train))
     columns = {k: [labels[k][i].numpy() for i in range(n)] for k in TABLE1 if k in labels}
     if "bap" in pseudo:
-        columns["unreliable (white)"] = [_with_unreliable(pseudo["bap"]["y_crf"][i], pseudo["bap"]["y_ret"][i])
-                                         for i in range(n)]
+        columns["unreliable (white)"] = [
+            _with_unreliable(pseudo["bap"]["y_crf"][i], pseudo["bap"]["y_ret"][i]) for i in range(n)
+        ]
     columns["ground truth"] = [train[i].mask for i in range(n)]
-    save_panels(ctx.run.file("figures", "pseudo_labels.png"), [train[i].image for i in range(n)], columns,
-                boxes=[train[i].boxes for i in range(n)], labels=[train[i].labels for i in range(n)],
-                num_classes=L, title="Table 1: pseudo labels of training images; Y_crf with ~S (Y_crf != Y_ret) "
-                                     "in white")
+    save_panels(
+        ctx.run.file("figures", "pseudo_labels.png"),
+        [train[i].image for i in range(n)],
+        columns,
+        boxes=[train[i].boxes for i in range(n)],
+        labels=[train[i].labels for i in range(n)],
+        num_classes=L,
+        title="Table 1: pseudo labels of training images; Y_crf with ~S (Y_crf != Y_ret) in white",
+    )
 
 
 def _confidence_figure(ctx: Context, train, items, snapshots: ConfidenceSnapshots, L: int) -> None:
@@ -705,14 +820,22 @@ def _confidence_figure(ctx: Context, train, items, snapshots: ConfidenceSnapshot
     steps = max(snapshots.at) or 1
     for step in sorted(snapshots.maps):
         maps = snapshots.maps[step][:, None]
-        maps = F.interpolate(maps, size=(max(a.shape[0] for _, a, _ in items), max(a.shape[1] for _, a, _ in items)),
-                             mode="nearest")[:, 0]
-        columns[f"sigma at {100 * step // steps}%"] = [maps[i, :a.shape[0], :a.shape[1]].numpy()
-                                                       for i, (_, a, _) in enumerate(items)]
+        maps = F.interpolate(
+            maps, size=(max(a.shape[0] for _, a, _ in items), max(a.shape[1] for _, a, _ in items)), mode="nearest"
+        )[:, 0]
+        columns[f"sigma at {100 * step // steps}%"] = [
+            maps[i, : a.shape[0], : a.shape[1]].numpy() for i, (_, a, _) in enumerate(items)
+        ]
     columns["ground truth"] = [train[i].mask for i in range(n)]
-    save_panels(ctx.run.file("figures", "confidence.png"), [train[i].image for i in range(n)], columns,
-                boxes=[train[i].boxes for i in range(n)], labels=[train[i].labels for i in range(n)],
-                num_classes=L, title="Fig. 5: the confidence map sigma (Eq. 12) during training with the NAL")
+    save_panels(
+        ctx.run.file("figures", "confidence.png"),
+        [train[i].image for i in range(n)],
+        columns,
+        boxes=[train[i].boxes for i in range(n)],
+        labels=[train[i].labels for i in range(n)],
+        num_classes=L,
+        title="Fig. 5: the confidence map sigma (Eq. 12) during training with the NAL",
+    )
 
 
 def _prediction_figure(ctx: Context, splits: Splits, segmenters: dict, L: int) -> None:
@@ -728,6 +851,12 @@ def _prediction_figure(ctx: Context, splits: Splits, segmenters: dict, L: int) -
     last = list(segmenters)[-1]
     columns[f"{last}-crf"] = list(predict_labels(segmenters[last], images, cfg, crf=True).numpy())
     columns["ground truth"] = [s.mask for s in val]
-    save_panels(ctx.run.file("figures", "predictions.png"), [s.image for s in val], columns,
-                boxes=[s.boxes for s in val], labels=[s.labels for s in val], num_classes=L,
-                title="Table 3: segmentation networks on validation images")
+    save_panels(
+        ctx.run.file("figures", "predictions.png"),
+        [s.image for s in val],
+        columns,
+        boxes=[s.boxes for s in val],
+        labels=[s.labels for s in val],
+        num_classes=L,
+        title="Table 3: segmentation networks on validation images",
+    )
