@@ -350,3 +350,53 @@ def test_pseudo_labels_background_from_the_cam():
     assert (cam.y_crf.numpy()[true_bg_in_box] == 0).mean() > 0.8
     with pytest.raises(ValueError, match="background must be one of"):
         boxloss.bana_pseudo_labels(s.image, feats, weight, s.boxes, s.labels, background="gap")
+
+
+def test_pseudo_labels_let_the_crf_decide_where_the_cam_is_weak():
+    """Inside a box, a weak CAM against u_0 = 0 (A below the threshold) is an uncertain unary (a softmax over the u,
+    as the official code makes it), so the pairwise terms give background to box pixels coloured like the
+    background outside, and keep the class on the object's own colour."""
+    pytest.importorskip("pydensecrf.densecrf")
+    H = W = 40
+    image = np.full((H, W, 3), 120, np.uint8)
+    image[8:32, 8:20] = (220, 40, 40)  # the object: the left part of the box
+    boxes = torch.tensor([[8.0, 8.0, 32.0, 32.0]])
+    # Features at stride 4: background (1, 0) outside the box; inside it the object (0.2, 1) and, right of it,
+    # background-coloured pixels (1, 0.5), whose cosine to the background query (0.89) is below the threshold 0.99.
+    f = torch.zeros(2, 10, 10)
+    f[0] = 1.0
+    f[:, 2:8, 2:5] = torch.tensor([0.2, 1.0])[:, None, None]
+    f[:, 2:8, 5:8] = torch.tensor([1.0, 0.5])[:, None, None]
+    weight = torch.eye(2)  # w_0 = (1, 0), w_1 = (0, 1): CAM_1 is 1 on the object and 0.5 right of it
+    out = boxloss.bana_pseudo_labels(image, f, weight, boxes, torch.tensor([1]))
+    assert float(out.attention[2:8, 5:8].max()) < 0.99  # no confident background inside the box
+    y = out.y_crf
+    assert (y[10:30, 10:18] == 1).float().mean() > 0.95  # the object keeps its class
+    assert (y[10:30, 23:32] == 0).float().mean() > 0.95  # the background-coloured part of the box is background
+    assert bool((y[:8] == 0).all() and (y[32:] == 0).all())
+
+
+def test_pseudo_labels_normalise_each_box_by_its_own_maximum():
+    """Eq. 5 with the official code's normalisation: a box whose CAM is weak everywhere still gets u_c = 1 at its
+    strongest pixel, and a second box of the same class with a stronger CAM does not lower it."""
+    H = W = 32
+    image = np.full((H, W, 3), 100, np.uint8)
+    boxes = torch.tensor([[0.0, 0.0, 12.0, 12.0], [20.0, 20.0, 32.0, 32.0]])
+    f = torch.zeros(2, 8, 8)
+    f[0] = 1.0
+    f[:, :3, :3] = torch.tensor([0.0, 0.1])[:, None, None]  # weak CAM in box 0
+    f[:, 5:, 5:] = torch.tensor([0.0, 5.0])[:, None, None]  # strong CAM in box 1
+    calls = []
+
+    def inference(unary, image, **kwargs):
+        calls.append(unary)
+        return torch.softmax(-unary, 1)
+
+    boxloss.bana_pseudo_labels(image, f, torch.eye(2), boxes, torch.tensor([1, 1]), inference=inference)
+    probs = torch.softmax(-calls[0][0], 0)  # the probabilities the unaries came from (inside the boxes)
+    # u_0 = 0 (A = 0: the box features are orthogonal to the background's) and u_1 = 1 in the middle of each box:
+    # softmax(0, 1) in both boxes, whatever the scale of their CAMs.
+    expected = torch.softmax(torch.tensor([0.0, 1.0]), 0)
+    torch.testing.assert_close(probs[:, 5, 5], expected)
+    torch.testing.assert_close(probs[:, 26, 26], expected)
+    assert float(probs[0, 0, 20]) > 0.99  # outside the boxes: background
