@@ -74,6 +74,7 @@ from boxloss.ops.uncertainty import uncertainty_bce_loss, uncertainty_ce_loss
 from boxloss.recipes.bana import PseudoLabels, bana_pseudo_labels
 from boxloss.recipes.baselines import box_fill_masks, dense_crf_box_masks, grabcut_box_masks
 from boxloss.recipes.box2seg import Box2SegLoss
+from boxloss.recipes.dense_crf import pydensecrf_inference
 from boxloss.recipes.pseudo_labels import merge_box_masks
 from boxloss.recipes.regularized import RegularizedLoss
 
@@ -164,6 +165,7 @@ __all__ = [
     "dense_crf_box_masks",
     "grabcut_box_masks",
     "merge_box_masks",
+    "pydensecrf_inference",
     # metrics
     "confusion_matrix",
     "fbeta_score",

@@ -275,3 +275,128 @@ def test_pseudo_labels_on_rendered_image():
         boxloss.bana_pseudo_labels(s.image, feats, weight, s.boxes, np.zeros(len(s.labels), np.int64))
     with pytest.raises(ValueError, match="unknown keys"):
         boxloss.bana_pseudo_labels(s.image, feats, weight, s.boxes, s.labels, crf={"iters": 3})
+
+
+def _rendered_features(s, stride=8, seed=0):
+    """Features a trained network might give (see test_pseudo_labels_on_rendered_image)."""
+    import torch.nn.functional as F
+
+    H, W = s.image.shape[:2]
+    h, w = H // stride, W // stride
+    img = torch.as_tensor(s.image).permute(2, 0, 1).float()[None] / 255
+    mask = torch.as_tensor(s.mask.astype(np.int64))
+    onehot = F.one_hot(torch.where(mask == 255, 0, mask), 4).permute(2, 0, 1).float()[None]
+    feats = torch.cat([F.adaptive_avg_pool2d(img, (h, w)), 2 * F.adaptive_avg_pool2d(onehot, (h, w))], 1)[0]
+    return feats + 0.05 * torch.randn(feats.shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _no_crf(unary, image, *, bilateral, gaussian, iterations):
+    """Mean-field with no pairwise term: the marginals are the unaries' own probabilities."""
+    return torch.softmax(-unary, 1)
+
+
+def test_pseudo_labels_call_the_given_inference():
+    s = _rendered_sample()
+    H, W = s.image.shape[:2]
+    feats = _rendered_features(s)
+    weight = torch.cat([torch.zeros(4, 3), 2 * torch.eye(4)], 1)
+    calls = []
+
+    def inference(unary, image, **kwargs):
+        calls.append((unary, image, kwargs))
+        return _no_crf(unary, image, **kwargs)
+
+    out = boxloss.bana_pseudo_labels(
+        s.image, feats, weight, s.boxes, s.labels, inference=inference, crf={"iterations": 4}
+    )
+    ((unary, image, kwargs),) = calls
+    present = 1 + len(set(s.labels.tolist()))
+    assert unary.shape == (1, present, H, W) and unary.dtype == torch.float32 and torch.isfinite(unary).all()
+    assert torch.equal(image[0].permute(1, 2, 0), torch.as_tensor(s.image).float())
+    assert kwargs == {"bilateral": (4.0, 55.0, 3.0), "gaussian": (3.0, 3.0), "iterations": 4}
+    # Without a pairwise term Y_crf is the arg-max of the unaries: the true classes on most labelled box pixels.
+    from boxloss import box_fill_masks
+
+    m = (s.mask != 255) & box_fill_masks(s.boxes, (H, W)).any(0)
+    assert (out.y_crf.numpy()[m] == s.mask[m]).mean() > 0.8
+    with pytest.raises(ValueError, match="inference must return marginals of shape"):
+        boxloss.bana_pseudo_labels(s.image, feats, weight, s.boxes, s.labels, inference=lambda u, i, **k: u[:, :1])
+    with pytest.raises(TypeError, match="inference must be callable"):
+        boxloss.bana_pseudo_labels(s.image, feats, weight, s.boxes, s.labels, inference="pydensecrf")
+
+
+def test_pseudo_labels_background_from_the_cam():
+    """background="cam" takes u_0 from the background CAM (Table 1's "w/o u_0"), "attention" from A (Eq. 7)."""
+    s = _rendered_sample()
+    H, W = s.image.shape[:2]
+    feats = _rendered_features(s)
+    # Class CAMs positive everywhere (the colour channels), the background CAM zero everywhere.
+    weight = torch.cat([torch.full((4, 3), 0.3), 2 * torch.eye(4)], 1)
+    weight[0] = 0
+    from boxloss import box_fill_masks
+
+    true_bg_in_box = (s.mask == 0) & box_fill_masks(s.boxes, (H, W)).any(0)
+    assert true_bg_in_box.sum() > 50
+    # At stride 2 the upsampling spreads little of u_0 = 1 from outside the boxes into them.
+    feats = _rendered_features(s, stride=2)
+    kw = {"inference": _no_crf, "bg_threshold": 0.5}
+    att = boxloss.bana_pseudo_labels(s.image, feats, weight, s.boxes, s.labels, background="attention", **kw)
+    cam = boxloss.bana_pseudo_labels(s.image, feats, weight, s.boxes, s.labels, background="cam", **kw)
+    assert (att.y_crf.numpy()[true_bg_in_box] == 0).mean() > 0.8
+    assert (cam.y_crf.numpy()[true_bg_in_box] == 0).mean() < 0.2
+    # With the background row of the classifier on the background channel the CAM finds it again.
+    weight[0, 3] = 2.0
+    cam = boxloss.bana_pseudo_labels(s.image, feats, weight, s.boxes, s.labels, background="cam", **kw)
+    assert (cam.y_crf.numpy()[true_bg_in_box] == 0).mean() > 0.8
+    with pytest.raises(ValueError, match="background must be one of"):
+        boxloss.bana_pseudo_labels(s.image, feats, weight, s.boxes, s.labels, background="gap")
+
+
+def test_pseudo_labels_let_the_crf_decide_where_the_cam_is_weak():
+    """Inside a box, a weak CAM against u_0 = 0 (A below the threshold) is an uncertain unary (a softmax over the u,
+    as the official code makes it), so the pairwise terms give background to box pixels coloured like the
+    background outside, and keep the class on the object's own colour."""
+    pytest.importorskip("pydensecrf.densecrf")
+    H = W = 40
+    image = np.full((H, W, 3), 120, np.uint8)
+    image[8:32, 8:20] = (220, 40, 40)  # the object: the left part of the box
+    boxes = torch.tensor([[8.0, 8.0, 32.0, 32.0]])
+    # Features at stride 4: background (1, 0) outside the box; inside it the object (0.2, 1) and, right of it,
+    # background-coloured pixels (1, 0.5), whose cosine to the background query (0.89) is below the threshold 0.99.
+    f = torch.zeros(2, 10, 10)
+    f[0] = 1.0
+    f[:, 2:8, 2:5] = torch.tensor([0.2, 1.0])[:, None, None]
+    f[:, 2:8, 5:8] = torch.tensor([1.0, 0.5])[:, None, None]
+    weight = torch.eye(2)  # w_0 = (1, 0), w_1 = (0, 1): CAM_1 is 1 on the object and 0.5 right of it
+    out = boxloss.bana_pseudo_labels(image, f, weight, boxes, torch.tensor([1]))
+    assert float(out.attention[2:8, 5:8].max()) < 0.99  # no confident background inside the box
+    y = out.y_crf
+    assert (y[10:30, 10:18] == 1).float().mean() > 0.95  # the object keeps its class
+    assert (y[10:30, 23:32] == 0).float().mean() > 0.95  # the background-coloured part of the box is background
+    assert bool((y[:8] == 0).all() and (y[32:] == 0).all())
+
+
+def test_pseudo_labels_normalise_each_box_by_its_own_maximum():
+    """Eq. 5 with the official code's normalisation: a box whose CAM is weak everywhere still gets u_c = 1 at its
+    strongest pixel, and a second box of the same class with a stronger CAM does not lower it."""
+    H = W = 32
+    image = np.full((H, W, 3), 100, np.uint8)
+    boxes = torch.tensor([[0.0, 0.0, 12.0, 12.0], [20.0, 20.0, 32.0, 32.0]])
+    f = torch.zeros(2, 8, 8)
+    f[0] = 1.0
+    f[:, :3, :3] = torch.tensor([0.0, 0.1])[:, None, None]  # weak CAM in box 0
+    f[:, 5:, 5:] = torch.tensor([0.0, 5.0])[:, None, None]  # strong CAM in box 1
+    calls = []
+
+    def inference(unary, image, **kwargs):
+        calls.append(unary)
+        return torch.softmax(-unary, 1)
+
+    boxloss.bana_pseudo_labels(image, f, torch.eye(2), boxes, torch.tensor([1, 1]), inference=inference)
+    probs = torch.softmax(-calls[0][0], 0)  # the probabilities the unaries came from (inside the boxes)
+    # u_0 = 0 (A = 0: the box features are orthogonal to the background's) and u_1 = 1 in the middle of each box:
+    # softmax(0, 1) in both boxes, whatever the scale of their CAMs.
+    expected = torch.softmax(torch.tensor([0.0, 1.0]), 0)
+    torch.testing.assert_close(probs[:, 5, 5], expected)
+    torch.testing.assert_close(probs[:, 26, 26], expected)
+    assert float(probs[0, 0, 20]) > 0.99  # outside the boxes: background

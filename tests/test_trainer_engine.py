@@ -206,6 +206,23 @@ def test_results_json_layout(tmp_path):
     assert d["rows"] == [{"table": "1", "setting": "box", "metric": "fbeta", "value": 50.0}]
 
 
+def test_small_unet_heads_at_stride_two_are_the_upsampled_heads_before_upsampling():
+    from boxloss.trainers.engine.models import SmallUNet
+
+    torch.manual_seed(0)
+    net = SmallUNet({"logits": 3, "aux": 2}, widths=(4, 8, 8, 8)).eval()
+    x = torch.rand(2, 3, 20, 23)
+    full = net(x)
+    net.output_stride = 2
+    half = net(x)
+    assert half["logits"].shape == (2, 3, 10, 12) and half["aux"].shape == (2, 2, 10, 12)
+    for name in full:
+        up = F.interpolate(half[name], size=(20, 23), mode="bilinear", align_corners=False)
+        torch.testing.assert_close(up, full[name])
+    with pytest.raises(ValueError, match="output_stride must be 1 or 2"):
+        SmallUNet({"logits": 3}, output_stride=4)
+
+
 def test_denormals_are_flushed_on_every_pool_thread():
     from boxloss.trainers.engine.context import set_flush_denormal
 

@@ -14,16 +14,19 @@ the inputs of the noise-aware loss (:func:`boxloss.noise_aware_loss`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from boxloss import _checks, _pydensecrf
+from boxloss import _checks
 from boxloss.losses.noise_aware import COS_EPS
 from boxloss.ops.background_attention import background_attention
 from boxloss.ops.box_masks import boxes_to_masks
+from boxloss.ops.boxes import box_pixel_ranges
+from boxloss.recipes.dense_crf import pydensecrf_inference
 
 DEFAULT_CRF = {
     "iterations": 10,
@@ -42,16 +45,7 @@ class PseudoLabels(NamedTuple):
     fallback: bool  # the attention fell back to A = 0 inside the boxes
 
 
-def _dense_crf(image: np.ndarray, unary: np.ndarray, crf: dict) -> np.ndarray:
-    pydensecrf = _pydensecrf.load("bana_pseudo_labels")
-    C, H, W = unary.shape
-    model = pydensecrf.DenseCRF2D(W, H, C)
-    model.setUnaryEnergy(np.ascontiguousarray(pydensecrf.unary_from_softmax(unary)))
-    model.addPairwiseGaussian(sxy=crf["gaussian_xy"], compat=crf["gaussian_weight"])
-    model.addPairwiseBilateral(
-        sxy=crf["bilateral_xy"], srgb=crf["bilateral_rgb"], rgbim=image, compat=crf["bilateral_weight"]
-    )
-    return np.argmax(np.array(model.inference(int(crf["iterations"]))).reshape(C, H, W), axis=0)
+BACKGROUND_UNARIES = ("attention", "cam")
 
 
 def _check_finite(fn: str, name: str, t: torch.Tensor, when: str = "") -> None:
@@ -63,8 +57,8 @@ def _check_finite(fn: str, name: str, t: torch.Tensor, when: str = "") -> None:
 
 def _check_crf(fn: str, settings: dict) -> None:
     it = settings["iterations"]
-    if isinstance(it, bool) or not isinstance(it, (int, float)) or not (it >= 0 and float(it).is_integer()):
-        raise ValueError(f"{fn}: crf['iterations'] must be a whole number >= 0, got {it!r}")
+    if isinstance(it, bool) or not isinstance(it, (int, float)) or not (it >= 1 and float(it).is_integer()):
+        raise ValueError(f"{fn}: crf['iterations'] must be a whole number >= 1 (mean-field steps), got {it!r}")
     for key in DEFAULT_CRF:
         v = settings[key]
         if key != "iterations" and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < float("inf")):
@@ -83,24 +77,35 @@ def bana_pseudo_labels(
     bg_threshold: float = 0.99,
     grid_size: int = 1,
     min_background: float = 0.125,
+    background: str = "attention",
+    inference: Callable | None = None,
 ) -> PseudoLabels:
     r"""Y_crf and Y_ret of one image (BANA Sec. 3.2, Eq. 5-9).
 
     1. A from :func:`boxloss.background_attention` (grid_size 1 by default, the
        paper's setting for pseudo labels) at the feature resolution, the boxes
        scaled by ``w / W``.
-    2. Unaries at the feature resolution: ``u_c = CAM_c / max_p CAM_c`` (max over
-       the whole map, 0 if the CAM is 0 everywhere) inside the boxes of class c
-       and 0 elsewhere; ``u_0 = A`` where ``A >= bg_threshold`` (the "confident
-       background" of the paper's hyperparameter section) and 0 elsewhere inside
-       the boxes, 1 outside them.  u_0 and u_c are upsampled bilinearly to the
-       image size (the footnote), the box masks applied at image resolution;
-       the channels of the classes present are normalised to sum to one per
-       pixel (a small floor keeps every log finite) and their negative logs are
-       the DenseCRF unaries.  DenseCRF (pydensecrf) runs on the uint8 RGB image
-       with the official defaults ``crf`` = :data:`DEFAULT_CRF` (bilateral weight
-       4, xy 55, rgb 3; Gaussian weight 3, xy 3; 10 iterations).  A pixel that
-       the CRF gives a class whose boxes do not cover it becomes background.
+    2. Unaries: the CAMs and ``u_0`` at the feature resolution, upsampled
+       bilinearly to the image size (the footnote); ``u_0 = A`` where
+       ``A >= bg_threshold`` (the "confident background" of the paper's
+       hyperparameter section) and 0 elsewhere inside the boxes, 1 outside
+       them.  ``u_c`` (Eq. 5) is the CAM of each box of class c over its
+       maximum in that box (the official code's normalisation; where boxes of
+       one class overlap, the larger value; 0 for a CAM that is 0 in the box)
+       and 0 outside the boxes of c.  The paper leaves open how the u become
+       the DenseCRF's probabilities; as the official code, a softmax over the
+       classes present inside the boxes (each u in [0, 1], so a weak CAM
+       against ``u_0 = 0`` stays uncertain and the pairwise terms decide) and
+       background outside them; the unaries are their negative logs, clipped
+       at 1e-5 as pydensecrf's ``unary_from_softmax``.  DenseCRF runs on the
+       uint8 RGB image with the official defaults ``crf`` =
+       :data:`DEFAULT_CRF` (bilateral weight 4, xy 55, rgb 3; Gaussian weight
+       3, xy 3; 10 iterations), through pydensecrf unless ``inference`` is
+       given.  Y_crf is the arg-max of the marginals over the background and
+       the classes whose boxes cover the pixel.  ``background="cam"`` replaces
+       u_0 inside the boxes by the background class's CAM over its maximum (no
+       threshold): the paper's "Y_crf w/o u_0" row of Table 1, and what a
+       network without background attention (global average pooling) has.
     3. Prototypes q_c: the mean feature over the pixels of the feature map whose
        centre lies in class c of Y_crf (Eq. 8); a class of the image's boxes
        absent from Y_crf uses its classifier weight w_c.  C_c (Eq. 9) is
@@ -112,6 +117,12 @@ def bana_pseudo_labels(
         features: (D, h, w) feature map f of the classification network.
         classifier_weight: (L + 1, D) classifier w (row 0 the background).
         boxes: (K, 4) in image pixels; box_labels: (K,) in [1, L].
+        background: ``"attention"`` (u_0 = A, Eq. 7) or ``"cam"`` (u_0 from the background CAM).
+        inference: the mean-field DenseCRF, called as ``inference(unary, image, bilateral=(weight, xy, rgb),
+            gaussian=(weight, xy), iterations=n)`` with ``unary`` (1, C', H, W) float32 negative
+            log-probabilities of the C' classes present (background first) and ``image`` (1, 3, H, W) float32
+            colours in [0, 255]; it returns the marginals (1, C', H, W), finite.  Default:
+            :func:`boxloss.pydensecrf_inference`.
 
     Returns:
         :class:`PseudoLabels` (y_crf, y_ret as (H, W) int64, attention, fallback).
@@ -140,6 +151,12 @@ def bana_pseudo_labels(
     _check_crf(fn, settings)
     if isinstance(bg_threshold, bool) or not isinstance(bg_threshold, (int, float)) or not 0 <= bg_threshold <= 1:
         raise ValueError(f"{fn}: bg_threshold must be a number in [0, 1], got {bg_threshold!r}")
+    _checks.check_choice(fn, "background", background, BACKGROUND_UNARIES)
+    if inference is not None and not callable(inference):
+        raise TypeError(
+            f"{fn}: inference must be callable (unary, image, *, bilateral, gaussian, iterations), "
+            f"got {type(inference).__name__}"
+        )
     H, W = image.shape[:2]
     # NaN or Inf would turn every CAM and correlation into NaN, and the arg-max of NaN is a label all the same.
     _check_finite(fn, "features", features.detach())
@@ -188,26 +205,51 @@ def bana_pseudo_labels(
             f"{fn}: the class activation maps features . classifier_weight overflow float32 (largest |feature| "
             f"{features.abs().max().item():.3g}, largest |weight| {weight.abs().max().item():.3g})"
         )
-    peak = cams.flatten(1).amax(1).clamp_min(1e-12)[:, None, None]
-    u = cams / peak
-    u[0] = torch.where(inside_small, torch.where(A >= bg_threshold, A, torch.zeros_like(A)), torch.ones_like(A))
-    up = F.interpolate(u[None], size=(H, W), mode="bilinear", align_corners=False)[0].clamp_min(0)
     present = [0] + sorted(set(box_labels.tolist()))
+    slot = {c: i for i, c in enumerate(present)}
+    # u_c and u_0 at the feature resolution, upsampled bilinearly to the image (the paper's footnote 3).
+    small = torch.empty(len(present), h, w)
+    small[1:] = cams[present[1:]]
+    if background == "attention":
+        small[0] = torch.where(inside_small, torch.where(A >= bg_threshold, A, torch.zeros_like(A)), torch.ones_like(A))
+    else:
+        small[0] = torch.where(inside_small, cams[0] / cams[0].max().clamp_min(1e-12), torch.ones_like(A))
+    up = F.interpolate(small[None], size=(H, W), mode="bilinear", align_corners=False)[0].clamp_min(0)
+    # Eq. 5: the CAM of each box over its maximum in that box (the official code's normalisation); where boxes of one
+    # class overlap, the larger value.
+    u = torch.zeros(len(present), H, W)
+    u[0] = torch.where(union[0], torch.ones_like(up[0]), up[0])
+    for box, c in zip(boxes.tolist(), box_labels.tolist()):
+        r0, r1, c0, c1 = box_pixel_ranges(box, H, W)
+        if r1 > r0 and c1 > c0:
+            cam = up[slot[c], r0:r1, c0:c1]
+            u[slot[c], r0:r1, c0:c1] = torch.maximum(u[slot[c], r0:r1, c0:c1], cam / cam.max().clamp_min(1e-12))
+    # Probabilities as the official code makes them: inside the boxes a softmax over the classes present, so that
+    # a weak CAM against u_0 = 0 stays uncertain and the pairwise terms decide; outside them background.
     inside = ~union[0]
-    unary = torch.stack(
-        [
-            torch.where(inside, up[0], torch.ones_like(up[0]))
-            if c == 0
-            else torch.where(union[c], up[c], torch.zeros_like(up[c]))
-            for c in present
-        ]
+    probs = torch.zeros_like(u)
+    probs[0] = 1.0
+    probs[:, inside] = torch.softmax(u[:, inside], 0)
+    run = pydensecrf_inference if inference is None else inference
+    image_t = torch.from_numpy(image).permute(2, 0, 1)[None].float()
+    # -log of the probabilities clipped at 1e-5, as pydensecrf's unary_from_softmax.
+    q = run(
+        -probs.clamp_min(1e-5).log()[None].float(),
+        image_t,
+        bilateral=(settings["bilateral_weight"], settings["bilateral_xy"], settings["bilateral_rgb"]),
+        gaussian=(settings["gaussian_weight"], settings["gaussian_xy"]),
+        iterations=int(settings["iterations"]),
     )
-    unary = unary + 1e-5
-    unary = unary / unary.sum(0, keepdim=True)
-    crf_labels = _dense_crf(image, unary.numpy().astype(np.float32), settings)
-    y_crf = torch.as_tensor(np.asarray(present))[torch.as_tensor(crf_labels)]
-    # A class only inside its boxes (the CRF's smoothing can spill a little past a box edge).
-    y_crf = torch.where(union.gather(0, y_crf[None])[0], y_crf, torch.zeros_like(y_crf))
+    if not isinstance(q, torch.Tensor) or tuple(q.shape) != (1, len(present), H, W):
+        got = tuple(q.shape) if isinstance(q, torch.Tensor) else type(q).__name__
+        raise ValueError(f"{fn}: inference must return marginals of shape {(1, len(present), H, W)}, got {got}")
+    if not bool(torch.isfinite(q).all()):
+        raise ValueError(f"{fn}: inference returned marginals that are not finite (NaN or Inf)")
+    # A class only inside its boxes: its marginal is dropped elsewhere before the arg-max (the CRF's smoothing can
+    # spill a little past a box edge).
+    allowed = torch.stack([torch.ones(H, W, dtype=torch.bool) if c == 0 else union[c] for c in present])
+    q = torch.where(allowed, q[0].detach().cpu().float(), torch.full((len(present), H, W), -1.0))
+    y_crf = torch.as_tensor(np.asarray(present))[q.argmax(0)]
 
     # Eq. 8: prototypes from Y_crf sampled at the feature map's pixel centres.
     ys = ((torch.arange(h, dtype=torch.float64) + 0.5) * H / h).floor().clamp(max=H - 1).long()
@@ -221,7 +263,6 @@ def bana_pseudo_labels(
         q_hat = q / q.norm().clamp_min(COS_EPS)
         corr.append(torch.einsum("dhw,d->hw", f_hat, q_hat))
     corr_up = F.interpolate(torch.stack(corr)[None], size=(H, W), mode="bilinear", align_corners=False)[0]
-    allowed = torch.stack([torch.ones(H, W, dtype=torch.bool) if c == 0 else union[c] for c in present])
     corr_up = torch.where(allowed, corr_up, torch.full_like(corr_up, -float("inf")))
     y_ret = torch.as_tensor(np.asarray(present))[corr_up.argmax(0)]
     return PseudoLabels(y_crf.long(), y_ret.long(), A, bool(att.fallback[0]))

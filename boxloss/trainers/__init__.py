@@ -7,6 +7,8 @@ The trainers:
 - ``box2seg``: Kulharia et al., "Box2Seg: Attention Weighted Loss and Discriminative Feature Learning for Weakly
   Supervised Segmentation", ECCV 2020;
 - ``uncertainty``: Neven et al., "Weakly-Supervised Semantic Segmentation by Learning Label Uncertainty" (2021);
+- ``bana``: Oh, Kim & Ham, "Background-Aware Pooling and Noise-Aware Loss for Weakly-Supervised Semantic
+  Segmentation", CVPR 2021;
 - ``pretrain``: the stand-in for ImageNet features every quick preset starts from (see
   :mod:`boxloss.trainers.engine.pretrain`).
 
@@ -24,6 +26,7 @@ TRAINERS = {
     "box2tagback": "boxloss.trainers.box2tagback",
     "box2seg": "boxloss.trainers.box2seg",
     "uncertainty": "boxloss.trainers.uncertainty",
+    "bana": "boxloss.trainers.bana",
 }
 
 

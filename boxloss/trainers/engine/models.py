@@ -65,15 +65,21 @@ class SmallUNet(nn.Module):
         in_channels: input channels (3 for images; LPG's generator takes more).
         widths: encoder widths of the four stages.
         normalize: subtract the ImageNet mean and divide by its std from the first three input channels.
+        output_stride: 1, the heads at the input size; or 2, at the decoder's own resolution (``ceil(H / 2)`` x
+            ``ceil(W / 2)``, not upsampled), where a loss over every pixel costs a quarter (DeepLab computes its loss
+            at its output stride). An attribute, so it can be set on a built model.
     """
 
     def __init__(self, heads: dict[str, int], *, in_channels: int = 3, widths: tuple[int, ...] = (16, 32, 64, 96),
-                 normalize: bool = True):
+                 normalize: bool = True, output_stride: int = 1):
         super().__init__()
         if not heads:
             raise ValueError("SmallUNet: heads must name at least one output")
+        if output_stride not in (1, 2):
+            raise ValueError(f"SmallUNet: output_stride must be 1 or 2, got {output_stride!r}")
         self.heads = dict(heads)
         self.normalize = normalize
+        self.output_stride = output_stride
         self.encoder = Encoder(in_channels, widths)
         w = list(widths)
         self.decoder = nn.ModuleList(ConvBlock(w[i + 1] + w[i], w[i]) for i in reversed(range(len(w) - 1)))
@@ -90,6 +96,8 @@ class SmallUNet(nn.Module):
         for block, skip in zip(self.decoder, reversed(feats[:-1])):
             y = F.interpolate(y, size=skip.shape[-2:], mode="bilinear", align_corners=False)
             y = block(torch.cat([y, skip], 1))
+        if self.output_stride == 2:
+            return {name: conv(y) for name, conv in self.out.items()}
         return {name: F.interpolate(conv(y), size=size, mode="bilinear", align_corners=False)
                 for name, conv in self.out.items()}
 
