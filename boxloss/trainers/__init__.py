@@ -19,6 +19,7 @@ import importlib
 #: trainer name -> module
 TRAINERS = {
     "box2tagback": "boxloss.trainers.box2tagback",
+    "lpg": "boxloss.trainers.lpg",
 }
 
 
