@@ -173,7 +173,7 @@ def test_box_windows_round_trip():
     b = collate_samples(samples)
     B, _, H, W = b.images.shape
     masks = b.masks.masked_fill(~b.valid, 255)
-    y = lpg.generator_targets(masks, b.boxes, b.box_batch, b.box_labels, 6, 32, 0.25)
+    y = lpg.generator_targets(masks, b.boxes, b.box_batch, b.box_labels, 32, 0.25)
     assert y.shape == (b.boxes.shape[0], 32, 32) and set(y.unique().tolist()) <= {0, 1, 255}
     pasted = lpg.paste_windows((y == 1).float(), lpg.box_windows(b.boxes, 0.25), b.box_batch, H, W) > 0.5
     merged = boxloss.merge_box_masks(pasted, b.boxes, b.box_batch, b.box_labels, (B, H, W), strategy="overlap-rate",
@@ -240,3 +240,13 @@ def test_generators_folder_is_checked(tmp_path):
             "generator_stride": 2, "crop_size": 16, "crop_context": 0.25}}, tmp_path / "g" / f"lpg-stage-{s}.pt")
     with pytest.raises(ConfigError, match="generator_width=16"):
         _run(tiny_config(f"generators={tmp_path / 'g'}"), tmp_path / "run2")
+
+
+def test_class_box_maps_match_the_library_union():
+    b = collate_samples(_target_batch(8))
+    union = boxloss.boxes_to_masks(b.boxes, b.box_batch, b.box_labels, (8, 48, 48), 6, form="union")
+    assert torch.equal(lpg.class_box_maps(b.boxes, b.box_batch, b.box_labels, 48, 48), union[b.box_batch, b.box_labels])
+    boxes = torch.tensor([[0.3, 0.6, 4.5, 5.49], [1.0, 1.0, 2.0, 2.0], [6.2, 6.0, 6.7, 7.0]])  # fractional edges
+    batch, labels = torch.tensor([0, 0, 0]), torch.tensor([1, 1, 2])
+    union = boxloss.boxes_to_masks(boxes, batch, labels, (1, 8, 8), 2, form="union")
+    assert torch.equal(lpg.class_box_maps(boxes, batch, labels, 8, 8), union[batch, labels])

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -185,6 +184,10 @@ class ClassSubset(Sequence):
                       None if s.mask is None else self.lut[s.mask], s.image_id, instances, s.valid, dict(s.info))
 
 
+#: class channels of the synthetic benchmark (an object's look depends on its channel only, not on num_classes)
+SYNTHETIC_CLASSES = 20
+
+
 def _check_classes(what: str, ids: Sequence[int], L: int) -> tuple[int, ...]:
     ids = tuple(int(c) for c in ids)
     if not ids or len(set(ids)) != len(ids) or not all(1 <= c <= L for c in ids):
@@ -196,14 +199,8 @@ def load_datasets(cfg: Config, log=print) -> tuple[Sequence[Sample], tuple[str, 
     """(auxiliary training samples, their class names, the target splits), each relabelled to 1..L of its own."""
     synthetic_target = cfg.data == "synthetic"
     L = cfg.num_classes
-    default_aux = tuple(range(1, L // 2 + 1))
     if synthetic_target:
-        aux_ids = _check_classes("aux_classes", cfg.aux_classes or default_aux, L)
-        target_ids = _check_classes("target_classes", cfg.target_classes
-                                    or tuple(c for c in range(1, L + 1) if c not in aux_ids), L)
-        if cfg.aux == "synthetic" and set(aux_ids) & set(target_ids):
-            raise ConfigError(f"aux_classes {aux_ids} and target_classes {target_ids} share "
-                              f"{sorted(set(aux_ids) & set(target_ids))}: the two sets must be class-disjoint")
+        target_ids = _check_classes("target_classes", cfg.target_classes or range(L // 2 + 1, L + 1), L)
         raw = load_splits("synthetic", num_classes=L, image_size=cfg.image_size, train_images=cfg.train_images,
                           val_images=cfg.val_images, data_seed=cfg.data_seed, class_ids=target_ids, log=log)
     else:
@@ -220,8 +217,12 @@ def load_datasets(cfg: Config, log=print) -> tuple[Sequence[Sample], tuple[str, 
     if cfg.aux == "synthetic":
         from boxloss.data import SyntheticBoxDataset, SyntheticConfig
 
-        aux_ids = _check_classes("aux_classes", cfg.aux_classes or default_aux, L)
-        syn = SyntheticConfig(seed=cfg.aux_data_seed, num_classes=L, image_size=cfg.image_size, class_ids=aux_ids)
+        aux_ids = _check_classes("aux_classes", cfg.aux_classes or range(1, L // 2 + 1), SYNTHETIC_CLASSES)
+        if synthetic_target and set(aux_ids) & set(target_ids):
+            raise ConfigError(f"aux_classes {aux_ids} and target_classes {target_ids} share "
+                              f"{sorted(set(aux_ids) & set(target_ids))}: the two sets must be class-disjoint")
+        syn = SyntheticConfig(seed=cfg.aux_data_seed, num_classes=max(L, *aux_ids), image_size=cfg.image_size,
+                              class_ids=aux_ids)
         names = tuple(syn.class_names[c - 1] for c in aux_ids)
         aux = InMemory(ClassSubset(SyntheticBoxDataset("train", cfg.aux_images, syn, log=log), aux_ids, names))
     else:
@@ -380,6 +381,19 @@ def _slots(box_batch: torch.Tensor, batch: int) -> tuple[torch.Tensor, int]:
     return slot, int(counts.max()) if K else 0
 
 
+def _window_grid(windows: torch.Tensor, n: int, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (K, n, n, 2) ``grid_sample`` grid of n x n sample centres over each window, and (K, n, n) whether each
+    sample lies inside the image."""
+    K = windows.shape[0]
+    t = (torch.arange(n, device=windows.device, dtype=windows.dtype) + 0.5) / n  # sample centres in [0, 1]
+    x = windows[:, 0:1] + t[None] * (windows[:, 2:3] - windows[:, 0:1])  # (K, n) image x
+    y = windows[:, 1:2] + t[None] * (windows[:, 3:4] - windows[:, 1:2])
+    gx = (2 * x / width - 1)[:, None, :].expand(K, n, n)  # align_corners=False: -1 and +1 are the image edges
+    gy = (2 * y / height - 1)[:, :, None].expand(K, n, n)
+    inside = ((y >= 0) & (y < height))[:, :, None] & ((x >= 0) & (x < width))[:, None, :]
+    return torch.stack([gx, gy], -1), inside
+
+
 def sample_windows(maps: torch.Tensor, windows: torch.Tensor, box_batch: torch.Tensor, size: int) -> torch.Tensor:
     """(K, C, size, size): the maps (B, C, H, W) of each box's image resampled over its window (bilinear, zero
     outside the image). A window more than ``size`` pixels across is supersampled (up to 4 x 4 points per crop
@@ -396,31 +410,28 @@ def sample_windows(maps: torch.Tensor, windows: torch.Tensor, box_batch: torch.T
     factors = torch.ceil(span / size).clamp(1, 4).long()
     for factor in factors.unique().tolist():
         pick = (factors == factor).nonzero()[:, 0]
-        out[pick] = _sample(maps, windows[pick], box_batch[pick], size, int(factor))
+        n = size * int(factor)
+        grid, inside = _window_grid(windows[pick].to(maps.dtype), n, H, W)
+        slot, most = _slots(box_batch[pick], B)
+        packed = maps.new_zeros((B, most, n, n, 2))
+        packed[box_batch[pick], slot] = grid
+        # border padding keeps samples near the edge exact; samples outside the image are zeroed afterwards
+        crops = F.grid_sample(maps, packed.view(B, most * n, n, 2), mode="bilinear", padding_mode="border",
+                              align_corners=False).view(B, C, most, n, n)[box_batch[pick], :, slot]
+        crops = crops * inside[:, None].to(maps.dtype)
+        out[pick] = F.avg_pool2d(crops, int(factor)) if factor > 1 else crops
     return out
 
 
-def _sample(maps: torch.Tensor, windows: torch.Tensor, box_batch: torch.Tensor, size: int, factor: int
-            ) -> torch.Tensor:
-    B, C, H, W = maps.shape
-    K = windows.shape[0]
-    n = size * factor
-    t = (torch.arange(n, device=maps.device, dtype=maps.dtype) + 0.5) / n  # sample centres in [0, 1]
-    x = windows[:, 0:1] + t[None] * (windows[:, 2:3] - windows[:, 0:1])  # (K, n) image x
-    y = windows[:, 1:2] + t[None] * (windows[:, 3:4] - windows[:, 1:2])
-    gx = (2 * x / W - 1)[:, None, :].expand(K, n, n)  # grid_sample, align_corners=False: -1/+1 are the image edges
-    gy = (2 * y / H - 1)[:, :, None].expand(K, n, n)
-    grid = torch.stack([gx, gy], -1)
-    slot, most = _slots(box_batch, B)
-    packed = maps.new_zeros((B, most, n, n, 2))
-    packed[box_batch, slot] = grid.to(maps.dtype)
-    # border padding keeps samples near the edge exact; samples outside the image are zeroed afterwards
-    out = F.grid_sample(maps, packed.view(B, most * n, n, 2), mode="bilinear", padding_mode="border",
-                        align_corners=False)  # (B, C, most * n, n)
-    out = out.view(B, C, most, n, n)[box_batch, :, slot]  # (K, C, n, n)
-    inside = ((y >= 0) & (y < H))[:, :, None] & ((x >= 0) & (x < W))[:, None, :]
-    out = out * inside[:, None].to(out.dtype)
-    return F.avg_pool2d(out, factor) if factor > 1 else out
+def sample_box_maps(maps: torch.Tensor, windows: torch.Tensor, size: int) -> torch.Tensor:
+    """(K, C, size, size): per-box maps (K, C, H, W) resampled over each box's window (bilinear at the crop's
+    resolution, zero outside the image). For smooth maps (probabilities, box and class masks)."""
+    K, C, H, W = maps.shape
+    if K == 0:
+        return maps.new_zeros(0, C, size, size)
+    grid, inside = _window_grid(windows.to(maps.dtype), size, H, W)
+    out = F.grid_sample(maps, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return out * inside[:, None].to(maps.dtype)
 
 
 def paste_windows(crops: torch.Tensor, windows: torch.Tensor, box_batch: torch.Tensor, height: int,
@@ -439,6 +450,20 @@ def paste_windows(crops: torch.Tensor, windows: torch.Tensor, box_batch: torch.T
     return out * inside.to(out.dtype)
 
 
+def class_box_maps(boxes: torch.Tensor, box_batch: torch.Tensor, box_labels: torch.Tensor, height: int,
+                   width: int) -> torch.Tensor:
+    """(K, H, W) bool: for each box, the union of the boxes of its class in its image (the channel of its class in
+    :func:`boxloss.boxes_to_masks` ``form="union"``, for its box alone), by the library's box convention: a box
+    covers the pixels whose centres lie inside it."""
+    cols = torch.arange(width, device=boxes.device, dtype=boxes.dtype) + 0.5
+    rows = torch.arange(height, device=boxes.device, dtype=boxes.dtype) + 0.5
+    in_x = (cols[None] >= boxes[:, 0:1]) & (cols[None] < boxes[:, 2:3])
+    in_y = (rows[None] >= boxes[:, 1:2]) & (rows[None] < boxes[:, 3:4])
+    inside = (in_y[:, :, None] & in_x[:, None, :]).flatten(1).float()  # (K, H * W)
+    same = (box_batch[:, None] == box_batch[None]) & (box_labels[:, None] == box_labels[None])
+    return (same.float() @ inside > 0).view(-1, height, width)
+
+
 def generator_inputs(images: torch.Tensor, probs: torch.Tensor, boxes: torch.Tensor, box_batch: torch.Tensor,
                      box_labels: torch.Tensor, num_classes: int, size: int, context: float) -> torch.Tensor:
     """(K, 5, S, S): per box, its window of the image (3), its class's box map (1) and f's probability of its
@@ -447,29 +472,24 @@ def generator_inputs(images: torch.Tensor, probs: torch.Tensor, boxes: torch.Ten
     K = boxes.shape[0]
     if K == 0:
         return images.new_zeros(0, 5, size, size)
-    union = boxloss.boxes_to_masks(boxes, box_batch, box_labels, (B, H, W), num_classes, form="union")
-    C = num_classes + 1
-    crops = sample_windows(torch.cat([images, probs, union.to(images.dtype)], 1), box_windows(boxes, context),
-                           box_batch, size)
-    k = torch.arange(K, device=images.device)
-    return torch.cat([crops[:, :3], crops[k, 3 + C + box_labels][:, None], crops[k, 3 + box_labels][:, None]], 1)
+    windows = box_windows(boxes, context)
+    own = torch.stack([class_box_maps(boxes, box_batch, box_labels, H, W).to(images.dtype),
+                       probs[box_batch, box_labels]], 1)
+    return torch.cat([sample_windows(images, windows, box_batch, size), sample_box_maps(own, windows, size)], 1)
 
 
 def generator_targets(masks: torch.Tensor, boxes: torch.Tensor, box_batch: torch.Tensor, box_labels: torch.Tensor,
-                      num_classes: int, size: int, context: float) -> torch.Tensor:
+                      size: int, context: float) -> torch.Tensor:
     """(K, S, S) int64: 1 where the crop pixel is mostly the box's class in the true mask (B, H, W), 0 elsewhere,
     255 (ignored) where most of it is void or outside the image."""
     K = boxes.shape[0]
     if K == 0:
         return masks.new_zeros(0, size, size)
-    C = num_classes + 1
-    onehot = F.one_hot(masks.clamp_max(C), C + 1).permute(0, 3, 1, 2).float()  # channel C: void
-    shares = sample_windows(onehot, box_windows(boxes, context), box_batch, size)
-    k = torch.arange(K, device=masks.device)
-    known = shares[:, :C].sum(1)
-    obj = shares[k, box_labels]
-    target = (obj > known / 2).long()
-    return target.masked_fill(known < 0.5, 255)
+    own = masks[box_batch]
+    maps = torch.stack([own == box_labels[:, None, None], own == 255, torch.ones_like(own, dtype=torch.bool)], 1)
+    obj, void, inside = sample_box_maps(maps.float(), box_windows(boxes, context), size).unbind(1)
+    known = inside - void
+    return (obj > known / 2).long().masked_fill(known < 0.5, 255)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -555,6 +575,21 @@ def _safe_ce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return total / (target != 255).sum().clamp_min(1)
 
 
+class WithMasks(Sequence):
+    """The samples with their masks replaced by pseudo masks, sample by sample (nothing is copied up front)."""
+
+    def __init__(self, samples: Sequence[Sample], masks: Sequence[torch.Tensor]):
+        if len(samples) != len(masks):
+            raise ValueError(f"WithMasks: {len(samples)} samples but {len(masks)} masks")
+        self.samples, self.masks = samples, masks
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> Sample:
+        return dataclasses.replace(self.samples[i], mask=self.masks[i].numpy())
+
+
 def _seg_optimizer(model: nn.Module, cfg: Config):
     if cfg.seg_optimizer == "adamw":
         return torch.optim.AdamW(model.parameters(), lr=cfg.seg_lr, weight_decay=1e-4)
@@ -577,8 +612,7 @@ def train_segmenter(ctx: Context, job: str, samples: Sequence[Sample], labels: S
     model = ctx.new_model(job, {"logits": num_classes + 1})
     if init is not None:
         model.load_state_dict(init.state_dict())
-    items = [dataclasses.replace(s, mask=lab.numpy()) for s, lab in zip(samples, labels)]
-    batches = Batches(items, cfg.batch_size, cfg.seed, augment=hflip_augment)
+    batches = Batches(WithMasks(samples, labels), cfg.batch_size, cfg.seed, augment=hflip_augment)
 
     def step(m, batch, clock):
         images = batch.images.to(ctx.device)
@@ -606,8 +640,7 @@ class GeneratorBatches(Batches):
             x = generator_inputs(b.images, probs, b.boxes, b.box_batch, b.box_labels, num_classes, cfg.crop_size,
                                  cfg.crop_context)
             masks = b.masks.masked_fill(~b.valid, 255)
-            y = generator_targets(masks, b.boxes, b.box_batch, b.box_labels, num_classes, cfg.crop_size,
-                                  cfg.crop_context)
+            y = generator_targets(masks, b.boxes, b.box_batch, b.box_labels, cfg.crop_size, cfg.crop_context)
             return x, y
 
         super().__init__(samples, cfg.generator_batch, cfg.seed, collate=collate, augment=hflip_augment)
