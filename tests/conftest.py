@@ -23,3 +23,28 @@ except ImportError:  # pragma: no cover
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: needs a CUDA device (skipped without one)")
+
+
+def pytest_runtest_setup(item):
+    """Tests marked ``cuda`` (the tests/*_cuda.py files set ``pytestmark = pytest.mark.cuda``) are skipped
+    without a CUDA device, and fail when a device is present but boxloss was built without CUDA kernels."""
+    if item.get_closest_marker("cuda") is None:
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    import boxloss
+
+    if not boxloss.cuda_kernels_built():
+        pytest.fail("a CUDA device is present but boxloss was built without CUDA kernels")
+
+
+@pytest.fixture
+def to_cuda():
+    """to_cuda(*tensors): the tensors on the CUDA device (None stays None)."""
+
+    def move(*tensors):
+        return [None if t is None else t.to("cuda") for t in tensors]
+
+    return move

@@ -2,13 +2,14 @@
 pseudo labels of Sec. 3.2 on a rendered image with its boxes."""
 
 import math
+import types
 
 import numpy as np
 import pytest
 import torch
 
 import boxloss
-from boxloss.noise_aware import bootstrap_beta, cosine_logits
+from boxloss.losses.noise_aware import bootstrap_beta, cosine_logits
 
 
 def _labels(B=2, H=6, W=7, C=4, seed=0, agree=0.6):
@@ -55,7 +56,7 @@ def test_noise_aware_loss_by_hand(gamma, lam, tau):
     phi = _features()
     weight = torch.randn(4, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     y_crf, y_ret = _labels()
-    out = boxloss.noise_aware_loss(phi, weight, y_crf, y_ret, gamma=gamma, lam=lam, tau=tau)
+    out = _terms(phi, weight, y_crf, y_ret, gamma=gamma, lam=lam, tau=tau)
     loss, ce, wce = _loss_by_loops(phi, weight, y_crf, y_ret, gamma, lam, tau)
     assert math.isclose(out.loss.item(), loss, rel_tol=1e-9)
     assert math.isclose(out.ce.item(), ce, rel_tol=1e-9)
@@ -68,17 +69,20 @@ def test_noise_aware_loss_edge_cases_are_finite():
     y_crf, _ = _labels()
     for unreliable in ("nal", "ignore", "entropy", "bootstrap"):
         # ~S empty (labels agree), S empty (labels always differ), all ignored, zero features.
-        cases = [(phi, y_crf, y_crf.clone()), (phi, y_crf, torch.where(y_crf == 255, y_crf, (y_crf + 1) % 4)),
-                 (phi, torch.full_like(y_crf, 255), y_crf), (torch.zeros_like(phi, requires_grad=True), y_crf,
-                                                             (y_crf + 1) % 4)]
+        cases = [
+            (phi, y_crf, y_crf.clone()),
+            (phi, y_crf, torch.where(y_crf == 255, y_crf, (y_crf + 1) % 4)),
+            (phi, torch.full_like(y_crf, 255), y_crf),
+            (torch.zeros_like(phi, requires_grad=True), y_crf, (y_crf + 1) % 4),
+        ]
         for features, a, b in cases:
-            out = boxloss.noise_aware_loss(features, weight, a, b, unreliable=unreliable, beta=0.5)
+            out = _terms(features, weight, a, b, unreliable=unreliable, beta=0.5)
             assert torch.isfinite(out.loss), unreliable
             out.loss.backward()
             assert torch.isfinite(weight.grad).all()
-    out = boxloss.noise_aware_loss(phi, weight, y_crf, y_crf.clone())
+    out = _terms(phi, weight, y_crf, y_crf.clone())
     assert out.unreliable.item() == 0.0
-    zero = boxloss.noise_aware_loss(torch.zeros_like(phi), weight, y_crf, (y_crf + 1) % 4)
+    zero = _terms(torch.zeros_like(phi), weight, y_crf, (y_crf + 1) % 4)
     # Zero features: every cosine is 0, sigma = 1, H uniform.
     assert torch.allclose(zero.unreliable, torch.tensor(math.log(4.0), dtype=torch.float64))
 
@@ -89,7 +93,7 @@ def test_unreliable_options_table3_loop():
     y_crf, y_ret = _labels()
     results = {}
     for setting in ("ignore", "entropy", "bootstrap", "nal"):
-        results[setting] = boxloss.noise_aware_loss(phi, weight, y_crf, y_ret, unreliable=setting, beta=0.3)
+        results[setting] = _terms(phi, weight, y_crf, y_ret, unreliable=setting, beta=0.3)
     assert results["ignore"].loss.item() == pytest.approx(results["ignore"].ce.item())
     logp = cosine_logits(phi, weight, 20.0).log_softmax(1)
     mask = (y_crf != 255) & (y_crf != y_ret)
@@ -101,21 +105,50 @@ def test_unreliable_options_table3_loop():
     bs = -(soft * logp).sum(1)[mask].mean()
     assert results["bootstrap"].unreliable.item() == pytest.approx(bs.item(), rel=1e-9)
     # beta = 1: bootstrapping is the plain cross-entropy on ~S.
-    b1 = boxloss.noise_aware_loss(phi, weight, y_crf, y_ret, unreliable="bootstrap", beta=1.0)
+    b1 = _terms(phi, weight, y_crf, y_ret, unreliable="bootstrap", beta=1.0)
     nll = -logp.gather(1, target[:, None])[:, 0]
     assert b1.unreliable.item() == pytest.approx(nll[mask].mean().item(), rel=1e-9)
     assert bootstrap_beta(0, 100) == 1.0 and bootstrap_beta(100, 100) == 0.0
     assert 0 < bootstrap_beta(50, 100) < 1
 
 
+def _terms(*args, **kwargs):
+    """The loss and its terms as attributes."""
+    loss, terms = boxloss.noise_aware_loss(*args, return_terms=True, **kwargs)
+    assert set(terms) == {"ce", "unreliable", "confidence"}
+    return types.SimpleNamespace(loss=loss, **terms)
+
+
+def test_loss_is_a_tensor_and_terms_on_request():
+    phi = _features().requires_grad_(True)
+    weight = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+    y_crf, y_ret = _labels()
+    loss = boxloss.noise_aware_loss(phi, weight, y_crf, y_ret, lam=0.5)
+    assert isinstance(loss, torch.Tensor) and loss.dim() == 0
+    loss.backward()
+    assert phi.grad is not None and weight.grad is not None
+    again, terms = boxloss.noise_aware_loss(phi, weight, y_crf, y_ret, lam=0.5, return_terms=True)
+    torch.testing.assert_close(again, loss)
+    torch.testing.assert_close(again, terms["ce"] + 0.5 * terms["unreliable"])
+    assert terms["confidence"].shape == y_crf.shape
+    module = boxloss.NoiseAwareLoss(lam=0.5)
+    assert boxloss.NoiseAwareCELoss is boxloss.NoiseAwareLoss
+    torch.testing.assert_close(module(phi, weight, y_crf, y_ret), loss)
+    module_loss, module_terms = module(phi, weight, y_crf, y_ret, return_terms=True)
+    torch.testing.assert_close(module_loss, loss)
+    torch.testing.assert_close(module_terms["unreliable"], terms["unreliable"])
+    with pytest.raises(TypeError, match="return_terms must be a bool"):
+        boxloss.noise_aware_loss(phi, weight, y_crf, y_ret, return_terms="yes")
+
+
 def test_confidence_detach_and_module():
     phi = _features().requires_grad_(True)
     weight = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
     y_crf, y_ret = _labels()
-    out = boxloss.noise_aware_loss(phi, weight, y_crf, y_ret)
+    out = _terms(phi, weight, y_crf, y_ret)
     assert not out.confidence.requires_grad
     assert ((out.confidence >= 0) & (out.confidence <= 1)).all()
-    out2 = boxloss.noise_aware_loss(phi, weight, y_crf, y_ret, detach_confidence=False)
+    out2 = _terms(phi, weight, y_crf, y_ret, detach_confidence=False)
     assert out2.confidence.requires_grad
     torch.testing.assert_close(out.loss, out2.loss)
     module = boxloss.NoiseAwareCELoss(gamma=7, lam=0.1)
@@ -128,8 +161,11 @@ def test_noise_aware_loss_gradcheck():
     y_crf, y_ret = _labels(B=1, H=3, W=3, seed=2, agree=0.5)
     for detach in (True, False):
         assert torch.autograd.gradcheck(
-            lambda p, w: boxloss.noise_aware_loss(p, w, y_crf, y_ret, gamma=2.0, detach_confidence=detach).loss,
-            (phi, weight))
+            lambda p, w, detach=detach: boxloss.noise_aware_loss(
+                p, w, y_crf, y_ret, gamma=2.0, detach_confidence=detach
+            ),
+            (phi, weight),
+        )
 
 
 @pytest.mark.parametrize(
@@ -158,6 +194,38 @@ def test_noise_aware_loss_bad_inputs():
         boxloss.noise_aware_loss(phi, weight[:, :3], y_crf, y_ret)
     with pytest.raises(ValueError, match="y_crf must hold labels"):
         boxloss.noise_aware_loss(phi, weight, torch.full_like(y_crf, 9), y_ret)
+
+
+@pytest.mark.parametrize("label", [9, 4, -1])
+def test_noise_aware_loss_checks_y_ret_labels(label):
+    # A y_ret label out of range would silently count as a disagreement: it raises, like y_crf.
+    y_crf, y_ret = _labels()
+    y_ret = y_ret.clone()
+    y_ret[0, 0, 0] = label
+    with pytest.raises(ValueError, match=f"^noise_aware_loss: y_ret must hold labels in \\[0, 4\\) .*got {label}"):
+        boxloss.noise_aware_loss(_features(), torch.randn(4, 5, dtype=torch.float64), y_crf, y_ret)
+    y_ret[0, 0, 0] = 255  # ignore_index stays allowed
+    boxloss.noise_aware_loss(_features(), torch.randn(4, 5, dtype=torch.float64), y_crf, y_ret)
+
+
+@pytest.mark.parametrize("fn", ["noise_aware_loss", "cosine_logits"])
+def test_classifier_weight_dtype_and_device_are_checked(fn):
+    # float32 features with float64 weights: a TypeError naming the argument, not one from inside einsum.
+    y_crf, y_ret = _labels()
+    phi, weight = _features().float(), torch.randn(4, 5, dtype=torch.float64)
+    call = getattr(boxloss, fn)
+    args = (phi, weight, y_crf, y_ret) if fn == "noise_aware_loss" else (phi, weight)
+    with pytest.raises(TypeError, match=f"^{fn}: classifier_weight must have the dtype of features"):
+        call(*args)
+
+
+def test_cosine_logits_of_huge_features_are_cosines():
+    # The norm of a huge (finite) vector would overflow to Inf and make its cosine 0: the vectors are rescaled first.
+    phi = torch.zeros(1, 2, 1, 1)
+    phi[0, :, 0, 0] = torch.tensor([3e38, 3e38])
+    weight = torch.tensor([[1.0, 1.0], [1.0, -1.0]])
+    logits = cosine_logits(phi, weight, tau=1.0)
+    torch.testing.assert_close(logits[0, :, 0, 0], torch.tensor([1.0, 0.0]), atol=1e-6, rtol=0)
 
 
 def _rendered_sample():
@@ -192,7 +260,7 @@ def test_pseudo_labels_on_rendered_image():
     present = {0, *s.labels.tolist()}
     assert set(out.y_crf.unique().tolist()) <= present and set(out.y_ret.unique().tolist()) <= present
     # Outside every box both are background.
-    from boxloss.baselines import box_fill_masks
+    from boxloss.recipes.baselines import box_fill_masks
 
     inside = box_fill_masks(s.boxes, (H, W)).any(0)
     assert (out.y_crf.numpy()[~inside] == 0).all() and (out.y_ret.numpy()[~inside] == 0).all()

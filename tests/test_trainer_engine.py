@@ -204,3 +204,19 @@ def test_results_json_layout(tmp_path):
     d = json.loads(json.dumps(r.to_dict()))
     assert set(d) >= {"trainer", "preset", "seed", "rows", "timing"}
     assert d["rows"] == [{"table": "1", "setting": "box", "metric": "fbeta", "value": 50.0}]
+
+
+def test_denormals_are_flushed_on_every_pool_thread():
+    from boxloss.trainers.engine.context import set_flush_denormal
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        tiny = torch.full((4_000_000,), 1e-39)
+        assert set_flush_denormal(True)
+        assert bool(((tiny * 1.0) == 0).all()), "some pool thread still computes subnormal floats"
+        set_flush_denormal(False)
+        assert bool(((tiny * 1.0) != 0).all())
+    finally:
+        set_flush_denormal(False)
+        torch.set_num_threads(threads)

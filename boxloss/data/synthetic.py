@@ -753,6 +753,14 @@ def load_or_generate(config: SyntheticConfig, split: str, num_images: int, *,
     run never leaves a half-written split that looks complete). Returns the arrays and the cache folder."""
     _rng(config, split, 0)  # validates split
     folder = cache_path(config, cache_dir)
+    for p in (folder, *folder.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise NotADirectoryError(
+                    f"synthetic cache: {p} is a file, so the cache folder {folder} cannot be made there; give "
+                    "cache_dir (--cache-dir) a folder, or cache=False (--no-cache) to write no cache"
+                )
+            break
     for m in _cached_sizes(folder, split) if folder.is_dir() else []:
         if m >= num_images:
             files = _split_files(folder, split, m)

@@ -35,7 +35,8 @@ import torch
 import torch.nn.functional as F
 
 import boxloss
-from boxloss.box_crops import BoxCrop, crop_boxes, paste_crop
+from boxloss.data import BoxCrop, CropBatch, collate_crops, crop_boxes, paste_crop
+from boxloss.trainers.engine import distributed
 from boxloss.trainers.engine.config import TrainerConfig
 from boxloss.trainers.engine.context import Context
 from boxloss.trainers.engine.data import Batches, Splits, hflip_augment, load_splits
@@ -110,60 +111,30 @@ class Config(TrainerConfig):
 # ----------------------------------------------------------------------------------------------------- crops
 
 
-@dataclass
-class CropSet:
-    """The crops of one purpose with what scoring them needs: their images' true class masks in the window."""
-
-    crops: list[BoxCrop]
-    boxes: torch.Tensor  # (N, 4) each crop's box in crop pixels
-    targets: list[np.ndarray]  # (h, w) uint8 true mask of the crop window at image resolution: 1 object, 255 void
-
-
-def _crop_box(crop: BoxCrop, border: int, size: int) -> list[float]:
-    y0, x0, y1, x1 = crop.window
-    h, w = y1 - y0, x1 - x0
-    return [border * size / w, border * size / h, (w - border) * size / w, (h - border) * size / h]
-
-
-def _window_target(sample, crop: BoxCrop) -> np.ndarray:
-    y0, x0, y1, x1 = crop.window
-    H, W = sample.mask.shape
-    out = np.full((y1 - y0, x1 - x0), 255, np.uint8)
-    sy0, sx0, sy1, sx1 = max(y0, 0), max(x0, 0), min(y1, H), min(x1, W)
-    m = sample.mask[sy0:sy1, sx0:sx1]
-    out[sy0 - y0:sy1 - y0, sx0 - x0:sx1 - x0] = np.where(m == 255, 255, (m == crop.label).astype(np.uint8))
-    return out
-
-
-def make_crops(samples, class_id: int, cfg: Config, *, training_set: bool) -> CropSet:
+def make_crops(samples, class_id: int, cfg: Config, *, training_set: bool) -> list[BoxCrop]:
     """The single-class dataset of Sec. 4.1 (``training_set``), or every box of the class (for pseudo GT)."""
-    crops, targets = [], []
+    crops = []
     for i, s in enumerate(samples):
-        cs = crop_boxes(s.image, s.boxes, s.labels, class_id, image_index=i, border=cfg.crop_border,
-                        min_side=cfg.crop_min_side if training_set else 0, skip_other_classes=training_set,
-                        size=cfg.crop_size)
-        crops += cs
-        if s.mask is not None:
-            targets += [_window_target(s, c) for c in cs]
-    boxes = torch.tensor([_crop_box(c, cfg.crop_border, cfg.crop_size) for c in crops], dtype=torch.float32)
-    return CropSet(crops, boxes.reshape(-1, 4), targets)
+        crops += crop_boxes(s.image, s.boxes, s.labels, class_id, image_index=i, border=cfg.crop_border,
+                            min_side=cfg.crop_min_side if training_set else 0, skip_other_classes=training_set,
+                            size=cfg.crop_size, mask=s.mask)
+    return crops
 
 
 def _flip_crop(item, rng):
-    crop, box, negative = item
+    crop, negative = item
     if rng.random() < 0.5:
         S = crop.image.shape[-1]
+        x0, y0, x1, y1 = crop.box.tolist()
         crop = dataclasses.replace(crop, image=crop.image.flip(-1), valid=crop.valid.flip(-1),
-                                   border=crop.border.flip(-1))
-        box = torch.stack([S - box[2], box[1], S - box[0], box[3]])
-    return crop, box, negative
+                                   border=crop.border.flip(-1), box=torch.tensor([S - x1, y0, S - x0, y1]),
+                                   mask=None if crop.mask is None else crop.mask.flip(-1))
+    return crop, negative
 
 
-def _collate_crops(items):
-    crops, boxes, negative = zip(*items)
-    return {"image": torch.stack([c.image for c in crops]), "valid": torch.stack([c.valid for c in crops]),
-            "border": torch.stack([c.border for c in crops]), "boxes": torch.stack(boxes),
-            "negative": torch.tensor(negative, dtype=torch.bool)}
+def _collate(items):
+    crops, negative = zip(*items)
+    return collate_crops(list(crops)), torch.tensor(negative, dtype=torch.bool)
 
 
 class _Mixed:
@@ -175,11 +146,13 @@ class _Mixed:
 
     def iterate(self, start, stop):
         for step in range(start, stop):
-            if self.neg is None:
-                yield self.pos.batch(step)
-                continue
-            a, b = self.pos.batch(step), self.neg.batch(step)
-            yield {k: torch.cat([a[k], b[k]]) for k in a}
+            crops, negative = self.pos.batch(step)
+            if self.neg is not None:
+                other, other_negative = self.neg.batch(step)
+                crops = CropBatch(*(None if a is None or b is None else torch.cat([a, b])
+                                    for a, b in zip(dataclasses.astuple(crops), dataclasses.astuple(other))))
+                negative = torch.cat([negative, other_negative])
+            yield crops, negative
 
 
 def _normalise(images: torch.Tensor) -> torch.Tensor:
@@ -188,40 +161,37 @@ def _normalise(images: torch.Tensor) -> torch.Tensor:
     return (images - mean) / std
 
 
-def train_single_class(ctx: Context, setting: str, class_id: int, crops: CropSet, negatives: CropSet | None):
+def train_single_class(ctx: Context, setting: str, class_id: int, crops: list[BoxCrop], negatives: list[BoxCrop]):
     """One single-class network of Table 1 (Sec. 4.2)."""
     cfg: Config = ctx.config
     job = f"single/{setting}/class-{class_id}"
     model = ctx.new_model(job, {"logits": 1})
-    use_neg = setting == "ours(T+N)" and negatives is not None and len(negatives.crops) > 0
-    n_neg = round(cfg.single_batch * cfg.negative_fraction) if use_neg else 0
-    pos_items = [(c, b, False) for c, b in zip(crops.crops, crops.boxes)]
-    pos = Batches(pos_items, cfg.single_batch - n_neg, cfg.seed * 7919 + class_id, collate=_collate_crops,
-                  augment=_flip_crop)
+    n_neg = round(cfg.single_batch * cfg.negative_fraction) if setting == "ours(T+N)" and negatives else 0
+    pos = Batches([(c, False) for c in crops], cfg.single_batch - n_neg, cfg.seed * 7919 + class_id,
+                  collate=_collate, augment=_flip_crop)
     neg = None
     if n_neg:
-        neg_items = [(c, b, True) for c, b in zip(negatives.crops, negatives.boxes)]
-        neg = Batches(neg_items, n_neg, cfg.seed * 7919 + 1000 + class_id, collate=_collate_crops,
+        neg = Batches([(c, True) for c in negatives], n_neg, cfg.seed * 7919 + 1000 + class_id, collate=_collate,
                       augment=_flip_crop)
     lambda_crf = cfg.lambda_crf * cfg.crop_size / 256
     steps = cfg.single_steps
 
     def step(m, batch, clock):
+        crops, negative = batch
         t = clock.steps / max(1, steps - 1)
         sigma = cfg.sigma_start + (cfg.sigma - cfg.sigma_start) * min(1.0, t)
         loss_fn = boxloss.RegularizedLoss.paper(
             setting, s_min=cfg.s_min, lambda_crf=lambda_crf, lambda_v=cfg.lambda_v, lambda_p=cfg.lambda_p,
             lambda_s=cfg.lambda_s, lambda_neg=cfg.lambda_neg, sigma=sigma, neighbourhood=cfg.neighbourhood,
-            tight_mode=cfg.tight_mode)
-        images = batch["image"].to(ctx.device)
+            tight_mode=cfg.tight_mode, distributed=distributed.world_size() > 1)
+        images = crops.images.to(ctx.device)
         with clock.model_forward():
             logits = head_outputs(m(images))["logits"]
         clock.watch(logits)
         with clock.loss_forward():
-            fg = torch.sigmoid(logits)
-            loss, terms = loss_fn(fg, _normalise(images), negative=batch["negative"].to(ctx.device),
-                                  border_mask=batch["border"].to(ctx.device), boxes=batch["boxes"].to(ctx.device),
-                                  valid_mask=batch["valid"].to(ctx.device), return_terms=True)
+            loss, terms = loss_fn(torch.sigmoid(logits), _normalise(images), negative=negative.to(ctx.device),
+                                  border_mask=crops.border.to(ctx.device), boxes=crops.boxes.to(ctx.device),
+                                  valid_mask=crops.valid.to(ctx.device), return_terms=True)
         return loss, terms
 
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.single_lr, weight_decay=1e-4)
@@ -253,14 +223,26 @@ def _inner(crop: BoxCrop, border: int) -> tuple[slice, slice]:
     return slice(border, y1 - y0 - border), slice(border, x1 - x0 - border)
 
 
-def fbeta_of_crops(crops: CropSet, predictions: list[np.ndarray], border: int) -> float:
+def _window_target(sample, crop: BoxCrop) -> np.ndarray:
+    """The true mask of the crop's class in its window at image resolution: 1 object, 0 background, 255 void."""
+    y0, x0, y1, x1 = crop.window
+    H, W = sample.mask.shape
+    out = np.full((y1 - y0, x1 - x0), 255, np.uint8)
+    sy0, sx0, sy1, sx1 = max(y0, 0), max(x0, 0), min(y1, H), min(x1, W)
+    m = sample.mask[sy0:sy1, sx0:sx1]
+    out[sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0] = np.where(m == 255, 255, (m == crop.label).astype(np.uint8))
+    return out
+
+
+def fbeta_of_crops(samples, crops: list[BoxCrop], predictions: list[np.ndarray], border: int) -> float:
     """Mean F-beta (beta^2 = 0.3, percent) of box segmentations at image resolution, inside each box, void left out."""
     scores = []
-    for crop, target, pred in zip(crops.crops, crops.targets, predictions):
+    for crop, pred in zip(crops, predictions):
         rows, cols = _inner(crop, border)
-        t, p = torch.from_numpy(target[rows, cols]), torch.from_numpy(np.asarray(pred)[rows, cols])
-        valid = t != 255
-        scores.append(float(boxloss.fbeta_score(p[None].bool(), (t == 1)[None], valid_mask=valid[None])[0]))
+        target = torch.from_numpy(_window_target(samples[crop.image_index], crop)[rows, cols])
+        p = torch.from_numpy(np.asarray(pred)[rows, cols])
+        valid = target != 255
+        scores.append(float(boxloss.fbeta_score(p[None].bool(), (target == 1)[None], valid_mask=valid[None])[0]))
     return 100 * float(np.mean(scores)) if scores else float("nan")
 
 
@@ -279,7 +261,7 @@ def run(ctx: Context, settings: list[str]) -> None:
 
     # Sec. 4.1: the single-class datasets
     single = {c: make_crops(train, c, cfg, training_set=True) for c in classes}
-    ctx.log("single-class crops per class: " + ", ".join(f"{c}: {len(single[c].crops)}" for c in classes))
+    ctx.log("single-class crops per class: " + ", ".join(f"{c}: {len(single[c])}" for c in classes))
 
     # Table 1
     networks = {}
@@ -287,17 +269,17 @@ def run(ctx: Context, settings: list[str]) -> None:
         per_class = []
         for c in classes:
             crops = single[c]
-            if not crops.crops:
+            if not crops:
                 continue
             if setting in BASELINES:
                 preds = _baseline_predictions(setting, train, crops, L, cfg)
             else:
-                negatives = _negatives(single, c)
+                negatives = [k for other, cs in single.items() if other != c for k in cs]
                 model = train_single_class(ctx, setting, c, crops, negatives)
                 networks[(setting, c)] = model
-                probs = segment_crops(ctx, model, crops.crops)
-                preds = [_window_prediction(p, k, cfg.threshold) for p, k in zip(probs, crops.crops)]
-            per_class.append(fbeta_of_crops(crops, preds, cfg.crop_border))
+                probs = segment_crops(ctx, model, crops)
+                preds = [_window_prediction(p, k, cfg.threshold) for p, k in zip(probs, crops)]
+            per_class.append(fbeta_of_crops(train, crops, preds, cfg.crop_border))
         if setting in settings:
             ctx.results.add("1", setting, "fbeta", float(np.mean(per_class)))
             ctx.log(f"Table 1 {setting}: F-beta {np.mean(per_class):.2f} (per class "
@@ -341,21 +323,10 @@ def _needs_pseudo(settings) -> bool:
     return any(s in settings for s in MERGES) or "final" in settings or "final-no-crf" in settings
 
 
-def _negatives(single: dict, class_id: int) -> CropSet:
-    crops, boxes = [], []
-    for c, cs in single.items():
-        if c != class_id:
-            crops += cs.crops
-            boxes.append(cs.boxes)
-    return CropSet(crops, torch.cat(boxes) if boxes else torch.zeros(0, 4), [])
-
-
-def _baseline_predictions(setting: str, samples, crops: CropSet, L: int, cfg: Config) -> list[np.ndarray]:
-    from boxloss.baselines import dense_crf_box_masks, grabcut_box_masks
-
+def _baseline_predictions(setting: str, samples, crops: list[BoxCrop], L: int, cfg: Config) -> list[np.ndarray]:
     cache: dict[int, np.ndarray] = {}
     out = []
-    for crop in crops.crops:
+    for crop in crops:
         s = samples[crop.image_index]
         y0, x0, y1, x1 = crop.window
         if setting == "box":
@@ -365,10 +336,10 @@ def _baseline_predictions(setting: str, samples, crops: CropSet, L: int, cfg: Co
             out.append(pred)
             continue
         if setting == "grabcut":
-            full = grabcut_box_masks(s.image, s.boxes[crop.box_index:crop.box_index + 1])[0]
+            full = boxloss.grabcut_box_masks(s.image, s.boxes[crop.box_index:crop.box_index + 1])[0]
         else:
             if crop.image_index not in cache:
-                cache[crop.image_index] = dense_crf_box_masks(s.image, s.boxes, s.labels, L)
+                cache[crop.image_index] = boxloss.dense_crf_box_masks(s.image, s.boxes, s.labels, L)
             full = cache[crop.image_index][crop.box_index]
         H, W = full.shape
         pred = np.zeros((y1 - y0, x1 - x0), bool)
@@ -385,8 +356,8 @@ def _box_masks(ctx, samples, networks, setting, cfg, classes) -> list[torch.Tens
         if (setting, c) not in networks:
             continue
         crops = make_crops(samples, c, cfg, training_set=False)
-        probs = segment_crops(ctx, networks[(setting, c)], crops.crops)
-        for p, crop in zip(probs, crops.crops):
+        probs = segment_crops(ctx, networks[(setting, c)], crops)
+        for p, crop in zip(probs, crops):
             s = samples[crop.image_index]
             values, covered = paste_crop(p, crop, (s.height, s.width))
             masks[crop.image_index][crop.box_index] = (values > cfg.threshold) & covered
