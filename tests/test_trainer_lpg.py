@@ -18,9 +18,25 @@ from boxloss.trainers.engine.evaluate import label_miou
 from boxloss.trainers.engine.models import SmallUNet
 
 #: a whole pipeline of two stages in seconds: 48-pixel images, a few steps per job, tiny networks
-TINY = ["image_size=48", "train_images=16", "val_images=8", "aux_images=16", "pretrained=none", "widths=8,8,8,8",
-        "batch_size=4", "seg_steps=3", "generator_steps=4", "generator_batch=4", "generator_width=8",
-        "generator_depth=2", "crop_size=16", "stages=2", "checkpoint_every=2", "figures=2", "threads=1"]
+TINY = [
+    "image_size=48",
+    "train_images=16",
+    "val_images=8",
+    "aux_images=16",
+    "pretrained=none",
+    "widths=8,8,8,8",
+    "batch_size=4",
+    "seg_steps=3",
+    "generator_steps=4",
+    "generator_batch=4",
+    "generator_width=8",
+    "generator_depth=2",
+    "crop_size=16",
+    "stages=2",
+    "checkpoint_every=2",
+    "figures=2",
+    "threads=1",
+]
 
 
 def tiny_config(*extra):
@@ -33,8 +49,19 @@ def _run(cfg, out, **kw):
 
 def test_rows_of_the_paper_tables():
     rows = lpg.table_rows(list(lpg.SETTINGS), 3)
-    assert rows == ["box", "stage-1", "stage-2", "stage-3", "fixed-stage-1", "fixed-stage-2", "fixed-stage-3",
-                    "lpg-stage-1", "lpg-stage-2", "lpg-stage-3", "densecrf"]
+    assert rows == [
+        "box",
+        "stage-1",
+        "stage-2",
+        "stage-3",
+        "fixed-stage-1",
+        "fixed-stage-2",
+        "fixed-stage-3",
+        "lpg-stage-1",
+        "lpg-stage-2",
+        "lpg-stage-3",
+        "densecrf",
+    ]
     assert lpg.table_rows(["stage-3", "box"], 4) == ["stage-3", "stage-4", "box"]
     assert lpg.table_rows(["stage-3", "lpg-stage-1"], 2) == ["lpg-stage-1"]
 
@@ -54,11 +81,23 @@ def test_em_pipeline_on_tiny_data(tmp_path):
         assert state["stage"] == s and state["architecture"]["generator"] == "hourglass"
         lpg.build_generator(tiny_config()).load_state_dict(state["model"])
     jobs = {p.stem for p in (out / "checkpoints").glob("*.pt")}
-    assert {"aux__f__stage-1", "aux__g__stage-1", "aux__f__stage-2", "aux__g__stage-2", "target__f__box",
-            "target__f__stage-1", "target__f__stage-2", "target__f__fixed-stage-1",
-            "target__f__fixed-stage-2"} <= jobs
-    for name in ("fig3_target_pseudo_masks.png", "fig3_aux_pseudo_masks.png", "target_predictions.png",
-                 "loss_curves.png"):
+    assert {
+        "aux__f__stage-1",
+        "aux__g__stage-1",
+        "aux__f__stage-2",
+        "aux__g__stage-2",
+        "target__f__box",
+        "target__f__stage-1",
+        "target__f__stage-2",
+        "target__f__fixed-stage-1",
+        "target__f__fixed-stage-2",
+    } <= jobs
+    for name in (
+        "fig3_target_pseudo_masks.png",
+        "fig3_aux_pseudo_masks.png",
+        "target_predictions.png",
+        "loss_curves.png",
+    ):
         assert (out / "figures" / name).stat().st_size > 0
     times = json.loads((out / "stage_times.json").read_text())
     assert {"aux stage 1", "aux stage 2", "target stage 1", "target stage 2 (fixed)"} <= set(times)
@@ -87,7 +126,7 @@ def test_resume_continues_an_interrupted_stage(tmp_path, monkeypatch, job):
     with pytest.raises(_Killed):
         _run(cfg, tmp_path / "cut")
     monkeypatch.setattr(checkpoint, "atomic_save", save)
-    state = checkpoint.load((tmp_path / "cut" / "checkpoints" / (job.replace("/", "__") + ".pt")))
+    state = checkpoint.load(tmp_path / "cut" / "checkpoints" / (job.replace("/", "__") + ".pt"))
     assert not state["done"] and state["step"] == 2
     log = []
     resumed = _run(cfg, tmp_path / "cut", resume=True, log=log.append)
@@ -139,10 +178,15 @@ def test_generator_is_class_agnostic():
     pseudo = lpg.lpg_pseudo_labels(_Copy(), _Oracle(b.masks, 6), samples, 6, cfg, "cpu", batch_size=len(samples))
     assert label_miou(pseudo, truth, 6) > 90
     swap = np.array([0, 1, 2, 3, 5, 4, 6])  # classes 4 and 5 trade channels
-    swapped = [dataclasses.replace(s, labels=swap[s.labels], mask=np.where(s.mask == 255, 255, swap[
-        np.minimum(s.mask, 6)]).astype(np.uint8)) for s in samples]
-    again = lpg.lpg_pseudo_labels(_Copy(), _Oracle(collate_samples(swapped).masks, 6), swapped, 6, cfg, "cpu",
-                                  batch_size=len(samples))
+    swapped = [
+        dataclasses.replace(
+            s, labels=swap[s.labels], mask=np.where(s.mask == 255, 255, swap[np.minimum(s.mask, 6)]).astype(np.uint8)
+        )
+        for s in samples
+    ]
+    again = lpg.lpg_pseudo_labels(
+        _Copy(), _Oracle(collate_samples(swapped).masks, 6), swapped, 6, cfg, "cpu", batch_size=len(samples)
+    )
     for p, q in zip(pseudo, again):
         assert torch.equal(torch.from_numpy(swap)[p.long()], q.long())
 
@@ -176,14 +220,16 @@ def test_box_windows_round_trip():
     y = lpg.generator_targets(masks, b.boxes, b.box_batch, b.box_labels, 32, 0.25)
     assert y.shape == (b.boxes.shape[0], 32, 32) and set(y.unique().tolist()) <= {0, 1, 255}
     pasted = lpg.paste_windows((y == 1).float(), lpg.box_windows(b.boxes, 0.25), b.box_batch, H, W) > 0.5
-    merged = boxloss.merge_box_masks(pasted, b.boxes, b.box_batch, b.box_labels, (B, H, W), strategy="overlap-rate",
-                                     num_classes=6)
+    merged = boxloss.merge_box_masks(
+        pasted, b.boxes, b.box_batch, b.box_labels, (B, H, W), strategy="overlap-rate", num_classes=6
+    )
     assert label_miou(list(merged), [torch.from_numpy(s.mask) for s in samples], 6) > 95
     ones = torch.ones(1, 1, 8, 8)
     crop = lpg.sample_windows(ones, torch.tensor([[-8.0, 0.0, 8.0, 8.0]]), torch.tensor([0]), 4)
     assert torch.equal(crop[0, 0, :, :2], torch.zeros(4, 2)) and torch.equal(crop[0, 0, :, 2:], torch.ones(4, 2))
-    big = lpg.sample_windows(ones.expand(2, 1, 8, 8), torch.tensor([[0.0, 0.0, 8.0, 8.0], [2.0, 2.0, 4.0, 4.0]]),
-                             torch.tensor([1, 0]), 2)
+    big = lpg.sample_windows(
+        ones.expand(2, 1, 8, 8), torch.tensor([[0.0, 0.0, 8.0, 8.0], [2.0, 2.0, 4.0, 4.0]]), torch.tensor([1, 0]), 2
+    )
     assert torch.allclose(big, torch.ones_like(big))
     assert lpg.sample_windows(ones, torch.zeros(0, 4), torch.zeros(0, dtype=torch.long), 4).shape == (0, 1, 4, 4)
 
@@ -197,9 +243,15 @@ def test_real_data_split_drops_the_target_classes(tmp_path):
     aux_samples = [generate_sample(cfg, "train", i) for i in range(10)]
     files = export_coco({"train": aux_samples}, tmp_path / "coco", coco_names, image_format="png")
     tcfg = SyntheticConfig(seed=6, num_classes=3, image_size=48)
-    export_voc({"train": [generate_sample(tcfg, "train", i) for i in range(6)],
-                "val": [generate_sample(tcfg, "val", i) for i in range(3)]}, tmp_path / "voc", voc_names,
-               image_format="png")
+    export_voc(
+        {
+            "train": [generate_sample(tcfg, "train", i) for i in range(6)],
+            "val": [generate_sample(tcfg, "val", i) for i in range(3)],
+        },
+        tmp_path / "voc",
+        voc_names,
+        image_format="png",
+    )
     config = tiny_config(f"aux=coco:{files['train']}:{tmp_path / 'coco' / 'train'}", f"data=voc:{tmp_path / 'voc'}")
     aux, names, target = lpg.load_datasets(config, log=None)
     assert names == ("giraffe", "zebra") and target.class_names == tuple(voc_names)
@@ -209,21 +261,27 @@ def test_real_data_split_drops_the_target_classes(tmp_path):
         original = next(s for s in kept if s.image_id == a.image_id)
         assert set(a.labels.tolist()) <= {1, 2}
         assert (a.labels == original.labels[np.isin(original.labels, [3, 4])] - 2).all()
-        expect = np.where(np.isin(original.mask, [1, 2]), 0, np.where(original.mask == 255, 255,
-                                                                         np.maximum(original.mask.astype(int) - 2, 0)))
+        expect = np.where(
+            np.isin(original.mask, [1, 2]),
+            0,
+            np.where(original.mask == 255, 255, np.maximum(original.mask.astype(int) - 2, 0)),
+        )
         assert (a.mask == expect).all()
     with pytest.raises(ConfigError, match="must not intersect.*person"):
         lpg.load_datasets(dataclasses.replace(config, aux_classes=(1, 3)), log=None)
 
 
-@pytest.mark.parametrize("change, words", [
-    ({"aux_classes": (1, 2), "target_classes": (2, 3)}, "class-disjoint"),
-    ({"aux_classes": (0,)}, "aux_classes must be distinct class channels"),
-    ({"stages": 0}, "stages must be >= 1"),
-    ({"generator": "unet"}, "generator must be one of"),
-    ({"crop_size": 20}, "crop_size .20. must be a multiple"),
-    ({"seg_optimizer": "lbfgs"}, "seg_optimizer must be"),
-])
+@pytest.mark.parametrize(
+    "change, words",
+    [
+        ({"aux_classes": (1, 2), "target_classes": (2, 3)}, "class-disjoint"),
+        ({"aux_classes": (0,)}, "aux_classes must be distinct class channels"),
+        ({"stages": 0}, "stages must be >= 1"),
+        ({"generator": "unet"}, "generator must be one of"),
+        ({"crop_size": 20}, "crop_size .20. must be a multiple"),
+        ({"seg_optimizer": "lbfgs"}, "seg_optimizer must be"),
+    ],
+)
 def test_bad_settings_name_the_setting(tmp_path, change, words):
     cfg = dataclasses.replace(tiny_config(), **change)
     with pytest.raises(ConfigError, match=words):
@@ -235,9 +293,22 @@ def test_generators_folder_is_checked(tmp_path):
         _run(tiny_config(f"generators={tmp_path}"), tmp_path / "run")
     g = lpg.build_generator(tiny_config("generator_width=16"))
     for s in (1, 2):
-        checkpoint.atomic_save({"stage": s, "model": g.state_dict(), "architecture": {
-            "generator": "hourglass", "generator_width": 16, "generator_depth": 2, "generator_stacks": 1,
-            "generator_stride": 2, "crop_size": 16, "crop_context": 0.25}}, tmp_path / "g" / f"lpg-stage-{s}.pt")
+        checkpoint.atomic_save(
+            {
+                "stage": s,
+                "model": g.state_dict(),
+                "architecture": {
+                    "generator": "hourglass",
+                    "generator_width": 16,
+                    "generator_depth": 2,
+                    "generator_stacks": 1,
+                    "generator_stride": 2,
+                    "crop_size": 16,
+                    "crop_context": 0.25,
+                },
+            },
+            tmp_path / "g" / f"lpg-stage-{s}.pt",
+        )
     with pytest.raises(ConfigError, match="generator_width=16"):
         _run(tiny_config(f"generators={tmp_path / 'g'}"), tmp_path / "run2")
 

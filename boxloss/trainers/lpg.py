@@ -62,8 +62,10 @@ PAPER_STAGES = 3
 SETTINGS = {
     "box": "Table II: f trained on the boxes only",
     **{f"stage-{s}": f"Table II: f after stage {s}, pseudo masks from the stage-wise generators" for s in (1, 2, 3)},
-    **{f"fixed-stage-{s}": f"Table II: f after stage {s}, pseudo masks from the final generator at every stage"
-       for s in (1, 2, 3)},
+    **{
+        f"fixed-stage-{s}": f"Table II: f after stage {s}, pseudo masks from the final generator at every stage"
+        for s in (1, 2, 3)
+    },
     **{f"lpg-stage-{s}": f"Table III: the stage-{s} pseudo masks on the target's training split" for s in (1, 2, 3)},
     "densecrf": "Table III: DenseCRF pseudo masks from the boxes",
 }
@@ -118,10 +120,23 @@ class Config(TrainerConfig):
 
     PRESET_OVERRIDES = {
         "paper": {"image_size": 321},
-        "quick": {"image_size": 64, "train_images": 300, "val_images": 150, "aux_images": 300, "batch_size": 16,
-                  "seg_steps": 250, "seg_lr": 1e-3, "seg_optimizer": "adamw", "generator_width": 32,
-                  "generator_depth": 3, "generator_stacks": 1, "crop_size": 48, "generator_batch": 12,
-                  "generator_steps": 300, "generator_lr": 1e-3},
+        "quick": {
+            "image_size": 64,
+            "train_images": 300,
+            "val_images": 150,
+            "aux_images": 300,
+            "batch_size": 16,
+            "seg_steps": 250,
+            "seg_lr": 1e-3,
+            "seg_optimizer": "adamw",
+            "generator_width": 32,
+            "generator_depth": 3,
+            "generator_stacks": 1,
+            "crop_size": 48,
+            "generator_batch": 12,
+            "generator_steps": 300,
+            "generator_lr": 1e-3,
+        },
     }
 
 
@@ -137,11 +152,15 @@ def check_config(cfg: Config) -> None:
         if getattr(cfg, name) < 1:
             raise ConfigError(f"{name} must be >= 1, got {getattr(cfg, name)}")
     if cfg.generator_depth < 0 or cfg.generator_stacks < 1:
-        raise ConfigError(f"generator_depth must be >= 0 and generator_stacks >= 1, got {cfg.generator_depth} and "
-                          f"{cfg.generator_stacks}")
-    if cfg.crop_size % (cfg.generator_stride * 2 ** cfg.generator_depth):
-        raise ConfigError(f"crop_size ({cfg.crop_size}) must be a multiple of generator_stride * 2 ** "
-                          f"generator_depth ({cfg.generator_stride * 2 ** cfg.generator_depth})")
+        raise ConfigError(
+            f"generator_depth must be >= 0 and generator_stacks >= 1, got {cfg.generator_depth} and "
+            f"{cfg.generator_stacks}"
+        )
+    if cfg.crop_size % (cfg.generator_stride * 2**cfg.generator_depth):
+        raise ConfigError(
+            f"crop_size ({cfg.crop_size}) must be a multiple of generator_stride * 2 ** "
+            f"generator_depth ({cfg.generator_stride * 2**cfg.generator_depth})"
+        )
     if not 0 <= cfg.crop_context <= 4:
         raise ConfigError(f"crop_context must be in [0, 4], got {cfg.crop_context}")
     if cfg.seg_steps < 0 or cfg.generator_steps < 0:
@@ -186,8 +205,16 @@ class ClassSubset(Sequence):
             renumber = np.zeros(len(keep) + 1, np.int32)
             renumber[1 + np.flatnonzero(keep)] = np.arange(1, int(keep.sum()) + 1, dtype=np.int32)
             instances = renumber[instances]
-        return Sample(s.image, s.boxes[keep], self.lut[s.labels[keep]].astype(np.int64),
-                      None if s.mask is None else self.lut[s.mask], s.image_id, instances, s.valid, dict(s.info))
+        return Sample(
+            s.image,
+            s.boxes[keep],
+            self.lut[s.labels[keep]].astype(np.int64),
+            None if s.mask is None else self.lut[s.mask],
+            s.image_id,
+            instances,
+            s.valid,
+            dict(s.info),
+        )
 
 
 #: class channels of the synthetic benchmark (an object's look depends on its channel only, not on num_classes)
@@ -207,18 +234,37 @@ def load_datasets(cfg: Config, log=print) -> tuple[Sequence[Sample], tuple[str, 
     L = cfg.num_classes
     if synthetic_target:
         target_ids = _check_classes("target_classes", cfg.target_classes or range(L // 2 + 1, L + 1), L)
-        raw = load_splits("synthetic", num_classes=L, image_size=cfg.image_size, train_images=cfg.train_images,
-                          val_images=cfg.val_images, data_seed=cfg.data_seed, class_ids=target_ids, log=log)
+        raw = load_splits(
+            "synthetic",
+            num_classes=L,
+            image_size=cfg.image_size,
+            train_images=cfg.train_images,
+            val_images=cfg.val_images,
+            data_seed=cfg.data_seed,
+            class_ids=target_ids,
+            log=log,
+        )
     else:
-        raw = load_splits(cfg.data, num_classes=L, image_size=cfg.image_size, train_images=cfg.train_images,
-                          val_images=cfg.val_images, data_seed=cfg.data_seed, log=log)
-        target_ids = _check_classes("target_classes", cfg.target_classes or range(1, raw.num_classes + 1),
-                                    raw.num_classes)
+        raw = load_splits(
+            cfg.data,
+            num_classes=L,
+            image_size=cfg.image_size,
+            train_images=cfg.train_images,
+            val_images=cfg.val_images,
+            data_seed=cfg.data_seed,
+            log=log,
+        )
+        target_ids = _check_classes(
+            "target_classes", cfg.target_classes or range(1, raw.num_classes + 1), raw.num_classes
+        )
     target_names = tuple(raw.class_names[c - 1] for c in target_ids)
     subset = InMemory if synthetic_target else (lambda x: x)
-    target = Splits(subset(ClassSubset(raw.train, target_ids, target_names)),
-                    subset(ClassSubset(raw.val, target_ids, target_names)), target_names,
-                    f"{raw.description}; target classes {', '.join(target_names)}")
+    target = Splits(
+        subset(ClassSubset(raw.train, target_ids, target_names)),
+        subset(ClassSubset(raw.val, target_ids, target_names)),
+        target_names,
+        f"{raw.description}; target classes {', '.join(target_names)}",
+    )
 
     if cfg.aux == "synthetic":
         from boxloss.data import SyntheticBoxDataset, SyntheticConfig
@@ -226,23 +272,35 @@ def load_datasets(cfg: Config, log=print) -> tuple[Sequence[Sample], tuple[str, 
         others = [c for c in range(1, SYNTHETIC_CLASSES + 1) if not (synthetic_target and c in target_ids)]
         aux_ids = _check_classes("aux_classes", cfg.aux_classes or others, SYNTHETIC_CLASSES)
         if synthetic_target and set(aux_ids) & set(target_ids):
-            raise ConfigError(f"aux_classes {aux_ids} and target_classes {target_ids} share "
-                              f"{sorted(set(aux_ids) & set(target_ids))}: the two sets must be class-disjoint")
-        syn = SyntheticConfig(seed=cfg.aux_data_seed, num_classes=max(L, *aux_ids), image_size=cfg.image_size,
-                              class_ids=aux_ids)
+            raise ConfigError(
+                f"aux_classes {aux_ids} and target_classes {target_ids} share "
+                f"{sorted(set(aux_ids) & set(target_ids))}: the two sets must be class-disjoint"
+            )
+        syn = SyntheticConfig(
+            seed=cfg.aux_data_seed, num_classes=max(L, *aux_ids), image_size=cfg.image_size, class_ids=aux_ids
+        )
         names = tuple(syn.class_names[c - 1] for c in aux_ids)
         aux = InMemory(ClassSubset(SyntheticBoxDataset("train", cfg.aux_images, syn, log=log), aux_ids, names))
     else:
         aux_raw = load_splits(cfg.aux, log=log)
         taken = {canonical_class_name(n) for n in target_names}
-        aux_ids = _check_classes("aux_classes", cfg.aux_classes or tuple(
-            c for c in range(1, aux_raw.num_classes + 1)
-            if canonical_class_name(aux_raw.class_names[c - 1]) not in taken), aux_raw.num_classes)
+        aux_ids = _check_classes(
+            "aux_classes",
+            cfg.aux_classes
+            or tuple(
+                c
+                for c in range(1, aux_raw.num_classes + 1)
+                if canonical_class_name(aux_raw.class_names[c - 1]) not in taken
+            ),
+            aux_raw.num_classes,
+        )
         names = tuple(aux_raw.class_names[c - 1] for c in aux_ids)
         aux = ClassSubset(aux_raw.train, aux_ids, names)
     if len(aux) == 0 or aux[0].mask is None:
-        raise ConfigError(f"aux={cfg.aux}: the auxiliary set needs images with pixel masks, got "
-                          f"{'no images' if len(aux) == 0 else 'images without masks'}")
+        raise ConfigError(
+            f"aux={cfg.aux}: the auxiliary set needs images with pixel masks, got "
+            f"{'no images' if len(aux) == 0 else 'images without masks'}"
+        )
     shared = sorted({canonical_class_name(n) for n in names} & {canonical_class_name(n) for n in target_names})
     if shared:
         raise ConfigError(f"the auxiliary and target classes must not intersect; both have {', '.join(shared)}")
@@ -263,8 +321,14 @@ class Residual(nn.Module):
     def __init__(self, cin: int, cout: int | None = None, stride: int = 1):
         super().__init__()
         cout = cout or cin
-        self.body = nn.Sequential(_gn(cin), nn.ReLU(), nn.Conv2d(cin, cout, 3, stride, 1, bias=False), _gn(cout),
-                                  nn.ReLU(), nn.Conv2d(cout, cout, 3, 1, 1, bias=False))
+        self.body = nn.Sequential(
+            _gn(cin),
+            nn.ReLU(),
+            nn.Conv2d(cin, cout, 3, stride, 1, bias=False),
+            _gn(cout),
+            nn.ReLU(),
+            nn.Conv2d(cout, cout, 3, 1, 1, bias=False),
+        )
         self.skip = nn.Identity() if cin == cout and stride == 1 else nn.Conv2d(cin, cout, 1, stride, bias=False)
 
     def forward(self, x):
@@ -360,8 +424,9 @@ class ResNetGenerator(nn.Module):
 
 def build_generator(cfg: Config) -> nn.Module:
     if cfg.generator == "hourglass":
-        return HourglassGenerator(5, cfg.generator_width, cfg.generator_depth, cfg.generator_stacks,
-                                  cfg.generator_stride)
+        return HourglassGenerator(
+            5, cfg.generator_width, cfg.generator_depth, cfg.generator_stacks, cfg.generator_stride
+        )
     return ResNetGenerator(5, cfg.generator_width, cfg.generator_stride)
 
 
@@ -373,8 +438,9 @@ def box_windows(boxes: torch.Tensor, context: float) -> torch.Tensor:
     """(K, 4) ``x0, y0, x1, y1`` windows: each box grown by ``context`` times its width / height on each side."""
     w = (boxes[:, 2] - boxes[:, 0]).clamp_min(1.0)
     h = (boxes[:, 3] - boxes[:, 1]).clamp_min(1.0)
-    return torch.stack([boxes[:, 0] - context * w, boxes[:, 1] - context * h, boxes[:, 2] + context * w,
-                        boxes[:, 3] + context * h], 1)
+    return torch.stack(
+        [boxes[:, 0] - context * w, boxes[:, 1] - context * h, boxes[:, 2] + context * w, boxes[:, 3] + context * h], 1
+    )
 
 
 def _slots(box_batch: torch.Tensor, batch: int) -> tuple[torch.Tensor, int]:
@@ -423,8 +489,9 @@ def sample_windows(maps: torch.Tensor, windows: torch.Tensor, box_batch: torch.T
         packed = maps.new_zeros((B, most, n, n, 2))
         packed[box_batch[pick], slot] = grid
         # border padding keeps samples near the edge exact; samples outside the image are zeroed afterwards
-        crops = F.grid_sample(maps, packed.view(B, most * n, n, 2), mode="bilinear", padding_mode="border",
-                              align_corners=False).view(B, C, most, n, n)[box_batch[pick], :, slot]
+        crops = F.grid_sample(
+            maps, packed.view(B, most * n, n, 2), mode="bilinear", padding_mode="border", align_corners=False
+        ).view(B, C, most, n, n)[box_batch[pick], :, slot]
         crops = crops * inside[:, None].to(maps.dtype)
         out[pick] = F.avg_pool2d(crops, int(factor)) if factor > 1 else crops
     return out
@@ -441,8 +508,9 @@ def sample_box_maps(maps: torch.Tensor, windows: torch.Tensor, size: int) -> tor
     return out * inside[:, None].to(maps.dtype)
 
 
-def paste_windows(crops: torch.Tensor, windows: torch.Tensor, box_batch: torch.Tensor, height: int,
-                  width: int) -> torch.Tensor:
+def paste_windows(
+    crops: torch.Tensor, windows: torch.Tensor, box_batch: torch.Tensor, height: int, width: int
+) -> torch.Tensor:
     """(K, height, width): each (S, S) crop resampled back over its window in its image (0 outside the window)."""
     K = crops.shape[0]
     if K == 0:
@@ -457,8 +525,9 @@ def paste_windows(crops: torch.Tensor, windows: torch.Tensor, box_batch: torch.T
     return out * inside.to(out.dtype)
 
 
-def class_box_maps(boxes: torch.Tensor, box_batch: torch.Tensor, box_labels: torch.Tensor, height: int,
-                   width: int) -> torch.Tensor:
+def class_box_maps(
+    boxes: torch.Tensor, box_batch: torch.Tensor, box_labels: torch.Tensor, height: int, width: int
+) -> torch.Tensor:
     """(K, H, W) bool: for each box, the union of the boxes of its class in its image (the channel of its class in
     :func:`boxloss.boxes_to_masks` ``form="union"``, for its box alone), by the library's box convention: a box
     covers the pixels whose centres lie inside it."""
@@ -471,8 +540,16 @@ def class_box_maps(boxes: torch.Tensor, box_batch: torch.Tensor, box_labels: tor
     return (same.float() @ inside > 0).view(-1, height, width)
 
 
-def generator_inputs(images: torch.Tensor, probs: torch.Tensor, boxes: torch.Tensor, box_batch: torch.Tensor,
-                     box_labels: torch.Tensor, num_classes: int, size: int, context: float) -> torch.Tensor:
+def generator_inputs(
+    images: torch.Tensor,
+    probs: torch.Tensor,
+    boxes: torch.Tensor,
+    box_batch: torch.Tensor,
+    box_labels: torch.Tensor,
+    num_classes: int,
+    size: int,
+    context: float,
+) -> torch.Tensor:
     """(K, 5, S, S): per box, its window of the image (3), its class's box map (1) and f's probability of its
     class (1): g's inputs y^b, x and f(x; theta) for one box (Sec. III-B)."""
     B, _, H, W = images.shape
@@ -480,13 +557,20 @@ def generator_inputs(images: torch.Tensor, probs: torch.Tensor, boxes: torch.Ten
     if K == 0:
         return images.new_zeros(0, 5, size, size)
     windows = box_windows(boxes, context)
-    own = torch.stack([class_box_maps(boxes, box_batch, box_labels, H, W).to(images.dtype),
-                       probs[box_batch, box_labels]], 1)
+    own = torch.stack(
+        [class_box_maps(boxes, box_batch, box_labels, H, W).to(images.dtype), probs[box_batch, box_labels]], 1
+    )
     return torch.cat([sample_windows(images, windows, box_batch, size), sample_box_maps(own, windows, size)], 1)
 
 
-def generator_targets(masks: torch.Tensor, boxes: torch.Tensor, box_batch: torch.Tensor, box_labels: torch.Tensor,
-                      size: int, context: float) -> torch.Tensor:
+def generator_targets(
+    masks: torch.Tensor,
+    boxes: torch.Tensor,
+    box_batch: torch.Tensor,
+    box_labels: torch.Tensor,
+    size: int,
+    context: float,
+) -> torch.Tensor:
     """(K, S, S) int64: 1 where the crop pixel is mostly the box's class in the true mask (B, H, W), 0 elsewhere,
     255 (ignored) where most of it is void or outside the image."""
     K = boxes.shape[0]
@@ -514,8 +598,16 @@ def class_probabilities(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def lpg_pseudo_labels(generator: nn.Module, segmenter: nn.Module, samples: Sequence[Sample], num_classes: int,
-                      cfg: Config, device, *, batch_size: int = 16) -> list[torch.Tensor]:
+def lpg_pseudo_labels(
+    generator: nn.Module,
+    segmenter: nn.Module,
+    samples: Sequence[Sample],
+    num_classes: int,
+    cfg: Config,
+    device,
+    *,
+    batch_size: int = 16,
+) -> list[torch.Tensor]:
     """Eq. 7: per image, g's object masks of its boxes (psi = argmax of the two channels), merged into one (H, W)
     uint8 label map by the overlapping rate; pixels in no box are background."""
     was = generator.training
@@ -526,14 +618,19 @@ def lpg_pseudo_labels(generator: nn.Module, segmenter: nn.Module, samples: Seque
         b = collate_samples(chunk).to(device)
         B, _, H, W = b.images.shape
         probs = class_probabilities(segmenter, b.images)
-        x = generator_inputs(b.images, probs, b.boxes, b.box_batch, b.box_labels, num_classes, cfg.crop_size,
-                             cfg.crop_context)
-        fg = torch.cat([generator(x[j:j + 64])[-1].softmax(1)[:, 1] for j in range(0, x.shape[0], 64)]) \
-            if x.shape[0] else x.new_zeros(0, cfg.crop_size, cfg.crop_size)
+        x = generator_inputs(
+            b.images, probs, b.boxes, b.box_batch, b.box_labels, num_classes, cfg.crop_size, cfg.crop_context
+        )
+        fg = (
+            torch.cat([generator(x[j : j + 64])[-1].softmax(1)[:, 1] for j in range(0, x.shape[0], 64)])
+            if x.shape[0]
+            else x.new_zeros(0, cfg.crop_size, cfg.crop_size)
+        )
         masks = paste_windows(fg, box_windows(b.boxes, cfg.crop_context), b.box_batch, H, W) > 0.5
-        labels = boxloss.merge_box_masks(masks, b.boxes, b.box_batch, b.box_labels, (B, H, W),
-                                         strategy="overlap-rate", num_classes=num_classes)
-        out += [labels[j, :s.height, :s.width].to(torch.uint8).cpu() for j, s in enumerate(chunk)]
+        labels = boxloss.merge_box_masks(
+            masks, b.boxes, b.box_batch, b.box_labels, (B, H, W), strategy="overlap-rate", num_classes=num_classes
+        )
+        out += [labels[j, : s.height, : s.width].to(torch.uint8).cpu() for j, s in enumerate(chunk)]
     generator.train(was)
     return out
 
@@ -545,9 +642,16 @@ def box_pseudo_labels(samples: Sequence[Sample], num_classes: int) -> list[torch
         if s.num_boxes == 0:
             out.append(torch.zeros(s.height, s.width, dtype=torch.uint8))
             continue
-        out.append(boxloss.boxes_to_masks(torch.from_numpy(s.boxes), torch.zeros(s.num_boxes, dtype=torch.long),
-                                          torch.from_numpy(s.labels), (1, s.height, s.width), num_classes,
-                                          form="labels")[0].to(torch.uint8))
+        out.append(
+            boxloss.boxes_to_masks(
+                torch.from_numpy(s.boxes),
+                torch.zeros(s.num_boxes, dtype=torch.long),
+                torch.from_numpy(s.labels),
+                (1, s.height, s.width),
+                num_classes,
+                form="labels",
+            )[0].to(torch.uint8)
+        )
     return out
 
 
@@ -562,13 +666,27 @@ def densecrf_pseudo_labels(samples: Sequence[Sample], num_classes: int, cfg: Con
             out.append(torch.zeros(s.height, s.width, dtype=torch.uint8))
             continue
         scale = min(s.height, s.width) / 513
-        masks = dense_crf_box_masks(s.image, s.boxes, s.labels, num_classes,
-                                    bilateral_sxy=cfg.crf_bilateral_sxy * scale,
-                                    bilateral_srgb=cfg.crf_bilateral_srgb, gaussian_sxy=cfg.crf_gaussian_sxy)
+        masks = dense_crf_box_masks(
+            s.image,
+            s.boxes,
+            s.labels,
+            num_classes,
+            bilateral_sxy=cfg.crf_bilateral_sxy * scale,
+            bilateral_srgb=cfg.crf_bilateral_srgb,
+            gaussian_sxy=cfg.crf_gaussian_sxy,
+        )
         boxes = torch.from_numpy(s.boxes)
-        out.append(boxloss.merge_box_masks(torch.from_numpy(masks), boxes, torch.zeros(len(boxes), dtype=torch.long),
-                                           torch.from_numpy(s.labels), (1, s.height, s.width),
-                                           strategy="overlap-rate", num_classes=num_classes)[0].to(torch.uint8))
+        out.append(
+            boxloss.merge_box_masks(
+                torch.from_numpy(masks),
+                boxes,
+                torch.zeros(len(boxes), dtype=torch.long),
+                torch.from_numpy(s.labels),
+                (1, s.height, s.width),
+                strategy="overlap-rate",
+                num_classes=num_classes,
+            )[0].to(torch.uint8)
+        )
     return out
 
 
@@ -606,13 +724,27 @@ def _seg_optimizer(model: nn.Module, cfg: Config):
     groups = {(a, b): [] for a in (False, True) for b in (False, True)}
     for name, p in model.named_parameters():
         groups[(id(p) in last, name.endswith("bias"))].append(p)
-    return torch.optim.SGD([{"params": ps, "lr": cfg.seg_lr * (10 if is_last else 1) * (2 if bias else 1)}
-                            for (is_last, bias), ps in groups.items() if ps],
-                           lr=cfg.seg_lr, momentum=0.9, weight_decay=5e-4)
+    return torch.optim.SGD(
+        [
+            {"params": ps, "lr": cfg.seg_lr * (10 if is_last else 1) * (2 if bias else 1)}
+            for (is_last, bias), ps in groups.items()
+            if ps
+        ],
+        lr=cfg.seg_lr,
+        momentum=0.9,
+        weight_decay=5e-4,
+    )
 
 
-def train_segmenter(ctx: Context, job: str, samples: Sequence[Sample], labels: Sequence[torch.Tensor],
-                    num_classes: int, *, init: nn.Module | None = None) -> nn.Module:
+def train_segmenter(
+    ctx: Context,
+    job: str,
+    samples: Sequence[Sample],
+    labels: Sequence[torch.Tensor],
+    num_classes: int,
+    *,
+    init: nn.Module | None = None,
+) -> nn.Module:
     """The M-step (Eq. 4): f trained with cross-entropy on the pseudo masks ``labels`` (void ignored); it starts
     from ``init``'s weights when given (Sec. III-C), else from the run's initial weights."""
     cfg: Config = ctx.config
@@ -644,8 +776,9 @@ class GeneratorBatches(Batches):
         def collate(items):
             b = collate_samples(items).to(device)
             probs = class_probabilities(segmenter, b.images)
-            x = generator_inputs(b.images, probs, b.boxes, b.box_batch, b.box_labels, num_classes, cfg.crop_size,
-                                 cfg.crop_context)
+            x = generator_inputs(
+                b.images, probs, b.boxes, b.box_batch, b.box_labels, num_classes, cfg.crop_size, cfg.crop_context
+            )
             masks = b.masks.masked_fill(~b.valid, 255)
             y = generator_targets(masks, b.boxes, b.box_batch, b.box_labels, cfg.crop_size, cfg.crop_context)
             return x, y
@@ -653,8 +786,15 @@ class GeneratorBatches(Batches):
         super().__init__(samples, cfg.generator_batch, cfg.seed, collate=collate, augment=hflip_augment)
 
 
-def train_generator(ctx: Context, job: str, samples: Sequence[Sample], segmenter: nn.Module, num_classes: int, *,
-                    init: nn.Module | None = None) -> nn.Module:
+def train_generator(
+    ctx: Context,
+    job: str,
+    samples: Sequence[Sample],
+    segmenter: nn.Module,
+    num_classes: int,
+    *,
+    init: nn.Module | None = None,
+) -> nn.Module:
     """The E-step (Eq. 6): g trained with cross-entropy against the true masks, its inputs the boxes, the images
     and f's current predictions (every stack's output supervised, as Newell et al.)."""
     cfg: Config = ctx.config
@@ -664,8 +804,9 @@ def train_generator(ctx: Context, job: str, samples: Sequence[Sample], segmenter
     if init is not None:
         model.load_state_dict(init.state_dict())
         how = "from the previous stage's generator"
-    ctx.log(f"[{job}] {type(model).__name__}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
-            f"{how}")
+    ctx.log(
+        f"[{job}] {type(model).__name__}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {how}"
+    )
 
     def step(m, batch, clock):
         x, y = batch
@@ -680,8 +821,15 @@ def train_generator(ctx: Context, job: str, samples: Sequence[Sample], segmenter
         return loss, {"ce": loss, "crops": x.shape[0]}
 
     opt = torch.optim.Adam(model.parameters(), lr=cfg.generator_lr, betas=(0.9, 0.999))
-    ctx.fit(job, model, step, GeneratorBatches(samples, segmenter, num_classes, cfg, ctx.device),
-            steps=cfg.generator_steps, optimizer=opt, scheduler=poly_schedule(opt, cfg.generator_steps))
+    ctx.fit(
+        job,
+        model,
+        step,
+        GeneratorBatches(samples, segmenter, num_classes, cfg, ctx.device),
+        steps=cfg.generator_steps,
+        optimizer=opt,
+        scheduler=poly_schedule(opt, cfg.generator_steps),
+    )
     model.eval()
     return model
 
@@ -691,10 +839,22 @@ def save_generator(ctx: Context, stage: int, model: nn.Module) -> None:
     if not ctx.run.main:
         return
     cfg: Config = ctx.config
-    arch = {k: getattr(cfg, k) for k in ("generator", "generator_width", "generator_depth", "generator_stacks",
-                                         "generator_stride", "crop_size", "crop_context")}
-    checkpoint.atomic_save({"stage": stage, "model": model.state_dict(), "architecture": arch},
-                           ctx.run.file("generators", f"lpg-stage-{stage}.pt"))
+    arch = {
+        k: getattr(cfg, k)
+        for k in (
+            "generator",
+            "generator_width",
+            "generator_depth",
+            "generator_stacks",
+            "generator_stride",
+            "crop_size",
+            "crop_context",
+        )
+    }
+    checkpoint.atomic_save(
+        {"stage": stage, "model": model.state_dict(), "architecture": arch},
+        ctx.run.file("generators", f"lpg-stage-{stage}.pt"),
+    )
 
 
 def load_generators(ctx: Context, folder: str, stages: int) -> dict[int, nn.Module]:
@@ -706,8 +866,10 @@ def load_generators(ctx: Context, folder: str, stages: int) -> dict[int, nn.Modu
     for s in range(1, stages + 1):
         path = Path(folder) / f"lpg-stage-{s}.pt"
         if not path.is_file():
-            raise FileNotFoundError(f"generators={folder}: {path.name} is missing (a run with stages={stages} "
-                                    "writes lpg-stage-1.pt .. lpg-stage-<stages>.pt)")
+            raise FileNotFoundError(
+                f"generators={folder}: {path.name} is missing (a run with stages={stages} "
+                "writes lpg-stage-1.pt .. lpg-stage-<stages>.pt)"
+            )
         state = checkpoint.load(path)
         arch = state["architecture"]
         mine = {k: getattr(cfg, k) for k in arch}
@@ -760,8 +922,10 @@ class StageClock:
             parts[part] = round(parts.get(part, 0.0) + time.perf_counter() - t0, 2)
 
     def lines(self) -> list[str]:
-        return [f"time {stage}: {sum(parts.values()):.1f} s ("
-                + ", ".join(f"{k} {v:.1f} s" for k, v in parts.items()) + ")" for stage, parts in self.parts.items()]
+        return [
+            f"time {stage}: {sum(parts.values()):.1f} s (" + ", ".join(f"{k} {v:.1f} s" for k, v in parts.items()) + ")"
+            for stage, parts in self.parts.items()
+        ]
 
 
 def run(ctx: Context, settings: list[str]) -> None:
@@ -786,8 +950,10 @@ def run(ctx: Context, settings: list[str]) -> None:
     ctx.log(f"target set: {target.description} (relabelled to channels 1..{Lt})")
     truth = [torch.from_numpy(s.mask) for s in train] if len(train) and train[0].mask is not None else None
     if truth is None and (mask_rows or "densecrf" in rows):
-        raise ConfigError("Table III scores pseudo masks against the target's training masks, and this target "
-                          "set has none; leave out lpg-stage-* and densecrf (--settings)")
+        raise ConfigError(
+            "Table III scores pseudo masks against the target's training masks, and this target "
+            "set has none; leave out lpg-stage-* and densecrf (--settings)"
+        )
 
     # Sec. III-B, Fig. 1: the bi-level EM on the auxiliary set
     generators: dict[int, nn.Module] = {}
@@ -801,8 +967,9 @@ def run(ctx: Context, settings: list[str]) -> None:
     finals: dict[str, nn.Module] = {}
     figure = {"box": box_pseudo_labels(train, Lt)}
     if truth is not None:
-        ctx.results.notes.append(f"target pseudo masks from the boxes alone: mIoU "
-                                 f"{label_miou(figure['box'], truth, Lt):.2f}")
+        ctx.results.notes.append(
+            f"target pseudo masks from the boxes alone: mIoU {label_miou(figure['box'], truth, Lt):.2f}"
+        )
 
     def evaluate(setting: str, model: nn.Module, stage: str) -> None:
         with clock.time(stage, "evaluation"):
@@ -832,8 +999,9 @@ def run(ctx: Context, settings: list[str]) -> None:
         figure[f"lpg-stage-{s}"] = labels
         if s in mask_rows:
             ctx.results.add("III", f"lpg-stage-{s}", "miou", label_miou(labels, truth, Lt))
-            ctx.log(f"Table III lpg-stage-{s}: pseudo-mask mIoU "
-                    f"{ctx.results.value('III', f'lpg-stage-{s}', 'miou'):.2f}")
+            ctx.log(
+                f"Table III lpg-stage-{s}: pseudo-mask mIoU {ctx.results.value('III', f'lpg-stage-{s}', 'miou'):.2f}"
+            )
         if s > chain_f:
             break
         with clock.time(stage, "M-step f"):
@@ -850,8 +1018,9 @@ def run(ctx: Context, settings: list[str]) -> None:
                 f = train_segmenter(ctx, f"target/f/box-stage-{s}", train, figure["box"], Lt, init=f)
             with clock.time(stage, "evaluation"):
                 score = miou_percent(segmentation_confusion(f, val, Lt, device=ctx.device))
-            ctx.results.notes.append(f"control, f trained further on the boxes alone to stage {s}: validation "
-                                     f"mIoU {score:.2f}")
+            ctx.results.notes.append(
+                f"control, f trained further on the boxes alone to stage {s}: validation mIoU {score:.2f}"
+            )
             ctx.log(f"control box-stage-{s}: validation mIoU {score:.2f}")
 
     f = f_box
@@ -860,19 +1029,27 @@ def run(ctx: Context, settings: list[str]) -> None:
         with clock.time(stage, "pseudo masks"):
             labels = lpg_pseudo_labels(generators[S], f, train, Lt, cfg, ctx.device)
         if truth is not None:
-            ctx.results.notes.append(f"fixed-generator pseudo masks at stage {s}: mIoU "
-                                     f"{label_miou(labels, truth, Lt):.2f}")
+            ctx.results.notes.append(
+                f"fixed-generator pseudo masks at stage {s}: mIoU {label_miou(labels, truth, Lt):.2f}"
+            )
         with clock.time(stage, "M-step f"):
-            f = train_segmenter(ctx, f"target/f/fixed-stage-{s}", train, labels, Lt,
-                                init=f if cfg.seg_continue else None)
+            f = train_segmenter(
+                ctx, f"target/f/fixed-stage-{s}", train, labels, Lt, init=f if cfg.seg_continue else None
+            )
         finals[f"fixed-stage-{s}"] = f
         if s in fixed_rows:
             evaluate(f"fixed-stage-{s}", f, stage)
 
     if truth is not None:
         figure["ground truth"] = truth
-    _pseudo_figure(ctx, train, figure, Lt, "fig3_target_pseudo_masks.png",
-                   "Fig. 3: pseudo masks of target training images by stage (white: void)")
+    _pseudo_figure(
+        ctx,
+        train,
+        figure,
+        Lt,
+        "fig3_target_pseudo_masks.png",
+        "Fig. 3: pseudo masks of target training images by stage (white: void)",
+    )
     _prediction_figure(ctx, val, finals, Lt)
     ctx.results.notes += clock.lines()
     ctx.run.write_json("stage_times.json", clock.parts)
@@ -882,8 +1059,9 @@ def run(ctx: Context, settings: list[str]) -> None:
         save_loss_curves(ctx.run.file("figures", "loss_curves.png"), ctx.run.path / "metrics.jsonl")
 
 
-def auxiliary_em(ctx: Context, aux: Sequence[Sample], num_classes: int, stages: int, clock: StageClock
-                 ) -> dict[int, nn.Module]:
+def auxiliary_em(
+    ctx: Context, aux: Sequence[Sample], num_classes: int, stages: int, clock: StageClock
+) -> dict[int, nn.Module]:
     """Fig. 1: the pseudo masks start as the boxes; stage s trains f on them (M-step, Eq. 4), then g_s on f's
     predictions against the true masks (E-step, Eq. 6), and regenerates them with g_s (Eq. 3). Returns the
     generators by stage, each also saved in ``generators/``."""
@@ -897,11 +1075,11 @@ def auxiliary_em(ctx: Context, aux: Sequence[Sample], num_classes: int, stages: 
     for s in range(1, stages + 1):
         stage = f"aux stage {s}"
         with clock.time(stage, "M-step f"):
-            f = train_segmenter(ctx, f"aux/f/stage-{s}", aux, pseudo, num_classes,
-                                init=f if cfg.seg_continue else None)
+            f = train_segmenter(ctx, f"aux/f/stage-{s}", aux, pseudo, num_classes, init=f if cfg.seg_continue else None)
         with clock.time(stage, "E-step g"):
-            g = train_generator(ctx, f"aux/g/stage-{s}", aux, f, num_classes,
-                                init=g if cfg.generator_warm_start else None)
+            g = train_generator(
+                ctx, f"aux/g/stage-{s}", aux, f, num_classes, init=g if cfg.generator_warm_start else None
+            )
         save_generator(ctx, s, g)
         generators[s] = g
         with clock.time(stage, "pseudo masks"):
@@ -910,8 +1088,14 @@ def auxiliary_em(ctx: Context, aux: Sequence[Sample], num_classes: int, stages: 
         score = label_miou(pseudo, truth, num_classes)
         ctx.results.notes.append(f"auxiliary pseudo masks of stage {s}: mIoU {score:.2f}")
         ctx.log(f"aux stage {s}: pseudo-mask mIoU {score:.2f} on the auxiliary training set")
-    _pseudo_figure(ctx, aux, figure, num_classes, "fig3_aux_pseudo_masks.png",
-                   "auxiliary set: pseudo masks of the EM stages (white: void)")
+    _pseudo_figure(
+        ctx,
+        aux,
+        figure,
+        num_classes,
+        "fig3_aux_pseudo_masks.png",
+        "auxiliary set: pseudo masks of the EM stages (white: void)",
+    )
     return generators
 
 
@@ -924,9 +1108,15 @@ def _pseudo_figure(ctx: Context, samples, columns: dict, L: int, name: str, titl
     cols = {k: [v[i].numpy() if isinstance(v[i], torch.Tensor) else v[i] for i in range(n)] for k, v in columns.items()}
     if "ground truth" not in cols and samples[0].mask is not None:
         cols["ground truth"] = [samples[i].mask for i in range(n)]
-    save_panels(ctx.run.file("figures", name), [samples[i].image for i in range(n)], cols,
-                boxes=[samples[i].boxes for i in range(n)], labels=[samples[i].labels for i in range(n)],
-                num_classes=L, title=title)
+    save_panels(
+        ctx.run.file("figures", name),
+        [samples[i].image for i in range(n)],
+        cols,
+        boxes=[samples[i].boxes for i in range(n)],
+        labels=[samples[i].labels for i in range(n)],
+        num_classes=L,
+        title=title,
+    )
 
 
 def _prediction_figure(ctx: Context, val, finals: dict, L: int) -> None:
@@ -937,8 +1127,12 @@ def _prediction_figure(ctx: Context, val, finals: dict, L: int) -> None:
     images = collate_samples(samples).images.to(ctx.device)
     cols = {k: list(class_probabilities(m, images).argmax(1).cpu().numpy()) for k, m in finals.items()}
     cols["ground truth"] = [s.mask for s in samples]
-    save_panels(ctx.run.file("figures", "target_predictions.png"), [s.image for s in samples], cols,
-                boxes=[s.boxes for s in samples], labels=[s.labels for s in samples], num_classes=L,
-                title="Table II: f on target validation images")
-
-
+    save_panels(
+        ctx.run.file("figures", "target_predictions.png"),
+        [s.image for s in samples],
+        cols,
+        boxes=[s.boxes for s in samples],
+        labels=[s.labels for s in samples],
+        num_classes=L,
+        title="Table II: f on target validation images",
+    )
