@@ -14,6 +14,7 @@ from boxloss.trainers import lpg
 from boxloss.trainers.__main__ import run_trainer
 from boxloss.trainers.engine import checkpoint
 from boxloss.trainers.engine.config import ConfigError
+from boxloss.trainers.engine.data import load_splits
 from boxloss.trainers.engine.evaluate import label_miou
 from boxloss.trainers.engine.models import SmallUNet
 
@@ -163,6 +164,78 @@ class _Oracle(torch.nn.Module):
         return torch.nn.functional.one_hot(self.masks.clamp_max(self.C - 1), self.C).permute(0, 3, 1, 2).float() * 9
 
 
+def test_stage_3_alone(tmp_path):
+    """``--settings stage-3``: the whole stage-wise chain runs (the EM's three generators, f from the boxes through
+    stage 3) and only its row is written; neither the fixed-generator chain nor DenseCRF runs."""
+    out = tmp_path / "run"
+    results = run_trainer(lpg, tiny_config("stages=3"), out, settings=["stage-3"], progress=False, log=None)
+    assert [(r["table"], r["setting"], r["metric"]) for r in results.rows] == [("II", "stage-3", "miou")]
+    jobs = {p.stem for p in (out / "checkpoints").glob("*.pt")}
+    assert jobs == {f"aux__{n}__stage-{s}" for n in "fg" for s in (1, 2, 3)} | {
+        "target__f__box",
+        "target__f__stage-1",
+        "target__f__stage-2",
+        "target__f__stage-3",
+    }
+    assert sorted(p.name for p in (out / "generators").iterdir()) == [f"lpg-stage-{s}.pt" for s in (1, 2, 3)]
+
+
+def test_target_split_is_the_benchmark_every_trainer_uses():
+    """The default target is the num_classes-class synthetic benchmark itself (the images every other trainer
+    trains and scores on), and the auxiliary classes are a configuration: here 7..12, relabelled 1..6."""
+    cfg = tiny_config("aux_classes=7,8,9,10,11,12", "aux_images=12")
+    aux, names, target = lpg.load_datasets(cfg, log=None)
+    plain = load_splits("synthetic", num_classes=6, image_size=48, train_images=16, val_images=8, log=None)
+    assert target.class_names == plain.class_names and names == tuple(f"syn{c:02d}" for c in range(7, 13))
+    for mine, theirs in ((target.train, plain.train), (target.val, plain.val)):
+        assert len(mine) == len(theirs)
+        for a, b in zip(mine, theirs):
+            assert a.image_id == b.image_id and np.array_equal(a.image, b.image)
+            assert np.array_equal(a.boxes, b.boxes) and np.array_equal(a.labels, b.labels)
+            assert np.array_equal(a.mask, b.mask)
+    assert len(aux) == 12 and all(set(s.labels.tolist()) <= set(range(1, 7)) for s in aux)
+    assert any(s.num_boxes for s in aux) and all(
+        set(np.unique(s.mask).tolist()) <= {0, 1, 2, 3, 4, 5, 6, 255} for s in aux
+    )
+    default = lpg.load_datasets(tiny_config("aux_images=4"), log=None)[1]
+    assert default == tuple(f"syn{c:02d}" for c in range(7, 21))  # every synthetic class the target lacks
+
+
+def _pydensecrf_inference(unary, image, *, bilateral, gaussian, iterations, valid_mask=None):
+    """boxloss.dense_crf_inference's contract, run by pydensecrf (DenseCRF2D, one image at a time)."""
+    from boxloss import _pydensecrf
+
+    crf_module = _pydensecrf.load("test")
+    B, C, H, W = unary.shape
+    out = []
+    for b in range(B):
+        crf = crf_module.DenseCRF2D(W, H, C)
+        crf.setUnaryEnergy(np.ascontiguousarray(unary[b].reshape(C, -1).numpy(), dtype=np.float32))
+        crf.addPairwiseGaussian(sxy=gaussian[1], compat=gaussian[0])
+        rgb = np.ascontiguousarray(image[b].permute(1, 2, 0).numpy())
+        crf.addPairwiseBilateral(sxy=bilateral[1], srgb=bilateral[2], rgbim=rgb, compat=bilateral[0])
+        out.append(torch.from_numpy(np.array(crf.inference(iterations)).reshape(C, H, W)))
+    return torch.stack(out)
+
+
+def test_densecrf_baseline_is_the_same_through_either_implementation(monkeypatch):
+    """Table III's DenseCRF: the batched path (boxloss.dense_crf_inference) builds the unaries and kernels that
+    boxloss.dense_crf_box_masks gives pydensecrf, so with the same CRF underneath both give the same labels."""
+    pytest.importorskip("pydensecrf.densecrf")
+    cfg = tiny_config()
+    samples = _target_batch(10) + [
+        dataclasses.replace(_target_batch(1)[0], boxes=np.zeros((0, 4), np.float32), labels=np.zeros(0, np.int64))
+    ]
+    monkeypatch.delattr(boxloss, "dense_crf_inference", raising=False)
+    per_image = lpg.densecrf_pseudo_labels(samples, 6, cfg)
+    monkeypatch.setattr(boxloss, "dense_crf_inference", _pydensecrf_inference, raising=False)
+    batched = lpg.densecrf_pseudo_labels(samples, 6, cfg)
+    assert all(torch.equal(a, b) for a, b in zip(per_image, batched)) and len(batched) == len(samples)
+    assert not batched[-1].any()  # no box: all background
+    truth = [torch.from_numpy(s.mask) for s in samples[:-1]]
+    assert label_miou(batched[:-1], truth, 6) > label_miou(lpg.box_pseudo_labels(samples[:-1], 6), truth, 6) - 20
+
+
 def test_generator_is_class_agnostic():
     """g sees no class: its input is five maps for any number of classes, each box reads f's probability of its
     own class, and relabelling the classes (f's channels with them) relabels the pseudo masks and nothing else."""
@@ -193,7 +266,14 @@ def test_generator_is_class_agnostic():
 
 def test_unseen_classes_get_masks(tmp_path):
     """The EM on classes 1..3 deployed on classes 4..6: every target class gets object pixels in its boxes."""
-    cfg = tiny_config("generator_steps=30", "generator_lr=3e-3", "seg_steps=10", "stages=1")
+    cfg = tiny_config(
+        "generator_steps=30",
+        "generator_lr=3e-3",
+        "seg_steps=10",
+        "stages=1",
+        "aux_classes=1,2,3",
+        "target_classes=4,5,6",
+    )
     out = tmp_path / "run"
     run_trainer(lpg, cfg, out, settings=["lpg-stage-1"], progress=False, log=None)
     aux, names, target = lpg.load_datasets(cfg, log=None)
@@ -280,6 +360,9 @@ def test_real_data_split_drops_the_target_classes(tmp_path):
         ({"generator": "unet"}, "generator must be one of"),
         ({"crop_size": 20}, "crop_size .20. must be a multiple"),
         ({"seg_optimizer": "lbfgs"}, "seg_optimizer must be"),
+        ({"crf_box_confidence": 1.5}, "crf_box_confidence must be a probability"),
+        ({"crf_gaussian_sxy": float("nan")}, "crf_gaussian_sxy must be a positive finite number"),
+        ({"num_classes": 20}, "none is left for the auxiliary set"),
     ],
 )
 def test_bad_settings_name_the_setting(tmp_path, change, words):

@@ -4,6 +4,8 @@ Run one with ``python -m boxloss.trainers <name> --preset quick`` (``--help`` fo
 The trainers:
 
 - ``box2tagback``: Ji & Veksler, "Weakly Supervised Semantic Segmentation: From Box to Tag and Back", BMVC 2021;
+- ``lpg``: Xie et al., "Learning Class-Agnostic Pseudo Mask Generation for Box-Supervised Semantic Segmentation"
+  (IEEE Transactions on Multimedia);
 - ``pretrain``: the stand-in for ImageNet features every quick preset starts from (see
   :mod:`boxloss.trainers.engine.pretrain`).
 

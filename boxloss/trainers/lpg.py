@@ -4,13 +4,14 @@ Segmentation" (IEEE Transactions on Multimedia).
 The pipeline, as the paper's Sec. III-IV:
 
 1. Two class-disjoint datasets: an auxiliary set with pixel masks and a target set with boxes only. On the synthetic
-   benchmark the target is classes L/2 + 1..L of the L-class benchmark (4, 5, 6 by default) and the auxiliary set
-   every other synthetic class (1..3 and 7..20: 17 classes against 3, as the paper's 60 COCO classes against VOC's
-   20; with only classes 1..L/2 a generator learns those three classes' looks and hardly transfers). ``aux_classes``
-   and ``target_classes`` choose others. With ``aux="coco:ANNOTATIONS:IMAGES"`` and ``data="voc:PATH"`` the
-   auxiliary classes are COCO's minus those whose names the target has (the paper's COCO-60 / VOC split). Each set
-   is relabelled to class channels 1..L of its own, in the order of its source's channels; objects of dropped
-   classes become background in the masks.
+   benchmark the target is, by default, the L-class benchmark every trainer uses (classes 1..L, ``num_classes``,
+   ``image_size``, ``train_images``, ``val_images`` and ``data_seed`` as theirs) and the auxiliary set is
+   ``aux_images`` images of every other synthetic class (L + 1..20: 14 classes against 6, as the paper's 60 COCO
+   classes against VOC's 20), drawn with their own seed ``aux_data_seed``. ``target_classes`` and ``aux_classes``
+   choose other class channels (e.g. the target 4..6 and the auxiliary set 1..3). With
+   ``aux="coco:ANNOTATIONS:IMAGES"`` and ``data="voc:PATH"`` the auxiliary classes are COCO's minus those whose
+   names the target has (the paper's COCO-60 / VOC split). Each set is relabelled to class channels 1..L of its
+   own, in the order of its source's channels; objects of dropped classes become background in the masks.
 2. The generator g (Sec. III-B, "Network Architectures"): class-agnostic, one box at a time. For every box, a window
    around it (``crop_context`` of its size on each side) is sampled to ``crop_size`` squares from three maps: the
    image, the class's box map (the union of the boxes of the box's class, Sec. III's y^b) and f's softmax
@@ -77,10 +78,10 @@ class Config(TrainerConfig):
     # Sec. IV-A: the two datasets
     #: the auxiliary set with pixel masks: "synthetic", "coco:ANNOTATIONS:IMAGES" or "voc:PATH"
     aux: str = "synthetic"
-    #: auxiliary class channels (default: synthetic, the 20 synthetic classes but the target's; real data, every
-    #: class whose name the target lacks)
+    #: auxiliary class channels (default: synthetic, every synthetic class the target lacks; real data, every class
+    #: whose name the target lacks)
     aux_classes: tuple[int, ...] = ()
-    #: target class channels (default: synthetic, L/2 + 1..L; real data, all)
+    #: target class channels (default: all, 1..num_classes on the synthetic benchmark)
     target_classes: tuple[int, ...] = ()
     aux_images: int = 2000  # synthetic auxiliary training images (real data: the whole training split)
     aux_data_seed: int = 1  # seed of the synthetic auxiliary images (the target's is data_seed)
@@ -109,10 +110,17 @@ class Config(TrainerConfig):
     generator_warm_start: bool = True  # not in the paper: g_s starts from g_{s-1}
     #: a folder of generators saved by an earlier run (``<run>/generators``): deploy them, skip the auxiliary EM
     generators: str = ""
-    # Table III's DenseCRF baseline (Krähenbühl & Koltun with DeepLab's pairwise settings at 513 pixels)
-    crf_bilateral_sxy: float = 80.0  # DeepLab, at 513-pixel images; scaled with the image size
-    crf_bilateral_srgb: float = 13.0  # DeepLab
-    crf_gaussian_sxy: float = 3.0  # DeepLab
+    # Table III's DenseCRF baseline (Krähenbühl & Koltun, "Efficient Inference in Fully Connected CRFs with Gaussian
+    # Edge Potentials", NeurIPS 2011). Not in the paper: the settings are boxloss.dense_crf_box_masks's defaults
+    # (pydensecrf's example pairwise settings and its box unaries)
+    crf_bilateral_sxy: float = 80.0  # at 513-pixel images (VOC's crop size); scaled with the image size
+    crf_bilateral_srgb: float = 13.0
+    crf_bilateral_weight: float = 10.0  # pydensecrf's compat
+    crf_gaussian_sxy: float = 3.0  # in pixels at every image size
+    crf_gaussian_weight: float = 3.0
+    crf_iterations: int = 10
+    crf_box_confidence: float = 0.6  # inside boxes: the boxes' classes share this probability
+    crf_outside_confidence: float = 0.9  # outside every box: the background's probability
     figures: int = 6  # training images in the figures
     #: not in the paper: also train f further on the boxes alone, stage by stage, so that each stage-s row has a
     #: control of equal training length (its mIoU goes to the run's notes)
@@ -163,6 +171,20 @@ def check_config(cfg: Config) -> None:
         )
     if not 0 <= cfg.crop_context <= 4:
         raise ConfigError(f"crop_context must be in [0, 4], got {cfg.crop_context}")
+    for name in ("crf_box_confidence", "crf_outside_confidence"):
+        if not 0 < getattr(cfg, name) < 1:
+            raise ConfigError(f"{name} must be a probability in (0, 1), got {getattr(cfg, name)}")
+    for name in (
+        "crf_bilateral_sxy",
+        "crf_bilateral_srgb",
+        "crf_bilateral_weight",
+        "crf_gaussian_sxy",
+        "crf_gaussian_weight",
+    ):
+        if not 0 < getattr(cfg, name) < float("inf"):
+            raise ConfigError(f"{name} must be a positive finite number, got {getattr(cfg, name)}")
+    if cfg.crf_iterations < 1:
+        raise ConfigError(f"crf_iterations must be >= 1, got {cfg.crf_iterations}")
     if cfg.seg_steps < 0 or cfg.generator_steps < 0:
         raise ConfigError(f"seg_steps and generator_steps must be >= 0, got {cfg.seg_steps}, {cfg.generator_steps}")
 
@@ -233,7 +255,7 @@ def load_datasets(cfg: Config, log=print) -> tuple[Sequence[Sample], tuple[str, 
     synthetic_target = cfg.data == "synthetic"
     L = cfg.num_classes
     if synthetic_target:
-        target_ids = _check_classes("target_classes", cfg.target_classes or range(L // 2 + 1, L + 1), L)
+        target_ids = _check_classes("target_classes", cfg.target_classes or range(1, L + 1), L)
         raw = load_splits(
             "synthetic",
             num_classes=L,
@@ -241,7 +263,8 @@ def load_datasets(cfg: Config, log=print) -> tuple[Sequence[Sample], tuple[str, 
             train_images=cfg.train_images,
             val_images=cfg.val_images,
             data_seed=cfg.data_seed,
-            class_ids=target_ids,
+            # all L classes: the benchmark (and cache) every trainer uses; a subset draws only those classes
+            class_ids=None if sorted(target_ids) == list(range(1, L + 1)) else target_ids,
             log=log,
         )
     else:
@@ -270,6 +293,11 @@ def load_datasets(cfg: Config, log=print) -> tuple[Sequence[Sample], tuple[str, 
         from boxloss.data import SyntheticBoxDataset, SyntheticConfig
 
         others = [c for c in range(1, SYNTHETIC_CLASSES + 1) if not (synthetic_target and c in target_ids)]
+        if not cfg.aux_classes and not others:
+            raise ConfigError(
+                f"the target takes all {SYNTHETIC_CLASSES} synthetic classes and none is left for the auxiliary set; "
+                "set target_classes or aux_classes"
+            )
         aux_ids = _check_classes("aux_classes", cfg.aux_classes or others, SYNTHETIC_CLASSES)
         if synthetic_target and set(aux_ids) & set(target_ids):
             raise ConfigError(
@@ -277,7 +305,7 @@ def load_datasets(cfg: Config, log=print) -> tuple[Sequence[Sample], tuple[str, 
                 f"{sorted(set(aux_ids) & set(target_ids))}: the two sets must be class-disjoint"
             )
         syn = SyntheticConfig(
-            seed=cfg.aux_data_seed, num_classes=max(L, *aux_ids), image_size=cfg.image_size, class_ids=aux_ids
+            seed=cfg.aux_data_seed, num_classes=SYNTHETIC_CLASSES, image_size=cfg.image_size, class_ids=aux_ids
         )
         names = tuple(syn.class_names[c - 1] for c in aux_ids)
         aux = InMemory(ClassSubset(SyntheticBoxDataset("train", cfg.aux_images, syn, log=log), aux_ids, names))
@@ -656,37 +684,106 @@ def box_pseudo_labels(samples: Sequence[Sample], num_classes: int) -> list[torch
 
 
 def densecrf_pseudo_labels(samples: Sequence[Sample], num_classes: int, cfg: Config) -> list[torch.Tensor]:
-    """Table III's baseline: DenseCRF from box unaries per image (its per-box masks merged by Eq. 7, which keeps
-    the CRF's label where boxes overlap). The one place the DenseCRF implementation is chosen."""
-    from boxloss.baselines import dense_crf_box_masks
+    """Table III's baseline: DenseCRF (Krähenbühl & Koltun) from box unaries, per image; each box's mask (its
+    pixels the CRF labels with its class) merged by Eq. 7, as the generator's are.
 
-    out = []
-    for s in samples:
+    The one place the DenseCRF implementation is chosen: :func:`boxloss.dense_crf_inference` (batched, on the
+    library's lattices) when the library has it, else :func:`boxloss.dense_crf_box_masks` (pydensecrf, one image at
+    a time). Both start from the unaries of :func:`boxloss.dense_crf_box_masks` (:func:`box_unary`)."""
+    settings = _crf_settings(cfg)
+    out: list[torch.Tensor | None] = [None] * len(samples)
+    if hasattr(boxloss, "dense_crf_inference"):
+        masks = _dense_crf_inference_masks(samples, num_classes, settings)
+    else:
+        masks = {}
+        for i, s in enumerate(samples):
+            if s.num_boxes:
+                scaled = dict(settings, bilateral_sxy=settings["bilateral_sxy"] * min(s.height, s.width) / 513)
+                masks[i] = torch.from_numpy(
+                    boxloss.dense_crf_box_masks(s.image, s.boxes, s.labels, num_classes, **scaled)
+                )
+    for i, s in enumerate(samples):
         if s.num_boxes == 0:
-            out.append(torch.zeros(s.height, s.width, dtype=torch.uint8))
+            out[i] = torch.zeros(s.height, s.width, dtype=torch.uint8)
             continue
-        scale = min(s.height, s.width) / 513
-        masks = dense_crf_box_masks(
-            s.image,
-            s.boxes,
-            s.labels,
-            num_classes,
-            bilateral_sxy=cfg.crf_bilateral_sxy * scale,
-            bilateral_srgb=cfg.crf_bilateral_srgb,
-            gaussian_sxy=cfg.crf_gaussian_sxy,
-        )
         boxes = torch.from_numpy(s.boxes)
-        out.append(
-            boxloss.merge_box_masks(
-                torch.from_numpy(masks),
-                boxes,
-                torch.zeros(len(boxes), dtype=torch.long),
-                torch.from_numpy(s.labels),
-                (1, s.height, s.width),
-                strategy="overlap-rate",
-                num_classes=num_classes,
-            )[0].to(torch.uint8)
+        out[i] = boxloss.merge_box_masks(
+            masks[i],
+            boxes,
+            torch.zeros(len(boxes), dtype=torch.long),
+            torch.from_numpy(s.labels),
+            (1, s.height, s.width),
+            strategy="overlap-rate",
+            num_classes=num_classes,
+        )[0].to(torch.uint8)
+    return out
+
+
+def _crf_settings(cfg: Config) -> dict:
+    """The keyword arguments of :func:`boxloss.dense_crf_box_masks` (bilateral_sxy at 513 pixels)."""
+    return {
+        "box_confidence": cfg.crf_box_confidence,
+        "outside_confidence": cfg.crf_outside_confidence,
+        "iterations": cfg.crf_iterations,
+        "gaussian_sxy": cfg.crf_gaussian_sxy,
+        "gaussian_compat": cfg.crf_gaussian_weight,
+        "bilateral_sxy": cfg.crf_bilateral_sxy,
+        "bilateral_srgb": cfg.crf_bilateral_srgb,
+        "bilateral_compat": cfg.crf_bilateral_weight,
+    }
+
+
+def box_unary(covered: torch.Tensor, box_confidence: float, outside_confidence: float) -> torch.Tensor:
+    """(B, C, H, W) float32 unaries ``-log P`` of :func:`boxloss.dense_crf_box_masks` from ``covered`` (B, C, H, W)
+    bool, the union of each class's boxes (channel 0 unused): outside every box the background has probability
+    ``outside_confidence``; inside boxes ``box_confidence`` is shared by the classes whose boxes cover the pixel and
+    the background gets ``1 - box_confidence``; the other classes a tenth of that, shared; then normalised and
+    clipped at 1e-5 as pydensecrf's ``unary_from_softmax``."""
+    C = covered.shape[1]
+    cov = covered[:, 1:].float()
+    n_box = cov.sum(1, keepdim=True)
+    inside = n_box > 0
+    probs = torch.full(covered.shape, (1 - outside_confidence) / max(C - 1, 1), dtype=torch.float32)
+    probs[:, 0] = outside_confidence
+    other = (1 - box_confidence) * 0.1 / max(C - 1, 1)
+    objects = torch.where(cov > 0, box_confidence / n_box.clamp_min(1), torch.where(inside, other, probs[:, 1:]))
+    probs = torch.cat([torch.where(inside, 1 - box_confidence, probs[:, :1]), objects], 1)
+    probs = probs / probs.sum(1, keepdim=True)
+    return -probs.clamp(1e-5, 1.0).log()
+
+
+def _dense_crf_inference_masks(samples: Sequence[Sample], num_classes: int, settings: dict) -> dict:
+    """Per-box masks (K, H, W) bool by :func:`boxloss.dense_crf_inference`, images of one size in batches."""
+    out = {}
+    todo = [i for i, s in enumerate(samples) if s.num_boxes]
+    while todo:
+        size = (samples[todo[0]].height, samples[todo[0]].width)
+        chunk = [i for i in todo if (samples[i].height, samples[i].width) == size][:16]
+        todo = [i for i in todo if i not in chunk]
+        b = collate_samples([samples[i] for i in chunk])
+        H, W = size
+        covered = boxloss.boxes_to_masks(
+            b.boxes, b.box_batch, b.box_labels, (len(chunk), H, W), num_classes, form="union"
         )
+        unary = box_unary(covered, settings["box_confidence"], settings["outside_confidence"])
+        image = torch.from_numpy(np.stack([samples[i].image for i in chunk])).permute(0, 3, 1, 2).contiguous()
+        sxy = settings["bilateral_sxy"] * min(H, W) / 513
+        with torch.no_grad():
+            q = boxloss.dense_crf_inference(
+                unary,
+                image,
+                bilateral=(settings["bilateral_compat"], sxy, settings["bilateral_srgb"]),
+                gaussian=(settings["gaussian_compat"], settings["gaussian_sxy"]),
+                iterations=settings["iterations"],
+            )
+        labels = q.argmax(1)  # (B, H, W)
+        K = b.boxes.shape[0]
+        own = boxloss.boxes_to_masks(
+            b.boxes, torch.arange(K), torch.ones(K, dtype=torch.long), (K, H, W), 1, form="union"
+        )[:, 1]  # each box's pixels
+        box_masks = own & (labels[b.box_batch] == b.box_labels[:, None, None])
+        for j, i in enumerate(chunk):
+            out[i] = box_masks[b.box_batch == j]
     return out
 
 
