@@ -9,6 +9,8 @@ The trainers:
 - ``uncertainty``: Neven et al., "Weakly-Supervised Semantic Segmentation by Learning Label Uncertainty" (2021);
 - ``bana``: Oh, Kim & Ham, "Background-Aware Pooling and Noise-Aware Loss for Weakly-Supervised Semantic
   Segmentation", CVPR 2021;
+- ``lpg``: Xie et al., "Learning Class-Agnostic Pseudo Mask Generation for Box-Supervised Semantic Segmentation"
+  (IEEE Transactions on Multimedia);
 - ``pretrain``: the stand-in for ImageNet features every quick preset starts from (see
   :mod:`boxloss.trainers.engine.pretrain`).
 
@@ -27,6 +29,7 @@ TRAINERS = {
     "box2seg": "boxloss.trainers.box2seg",
     "uncertainty": "boxloss.trainers.uncertainty",
     "bana": "boxloss.trainers.bana",
+    "lpg": "boxloss.trainers.lpg",
 }
 
 
