@@ -1,6 +1,7 @@
-// Per-pixel math of the uncertainty losses (Uncertainty-based online
-// bootstrapping, ../shared/papers/004, Sec. 3), shared by the CPU and CUDA
-// kernels.  Torch-free: tests/cpp builds it with CMake alone.
+// Per-pixel math of the uncertainty losses (the uncertainty-based online
+// bootstrapping of Neven et al., "Weakly-Supervised Semantic Segmentation by
+// Learning Label Uncertainty", arXiv:2110.05926, Sec. 3), shared by the CPU
+// and CUDA kernels.  Torch-free: tests/cpp builds it with CMake alone.
 //
 // The network predicts a mean logit mu and a log-variance s = log sigma^2.
 //
