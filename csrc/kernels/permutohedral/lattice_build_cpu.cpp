@@ -90,11 +90,6 @@ class VertexTable {
   uint64_t mask_ = 0;
 };
 
-template <typename scalar>
-BOXLOSS_ALWAYS_INLINE bool is_finite(scalar v) {
-  return (v - v) == scalar(0);
-}
-
 // Locates every pixel's simplex and numbers its vertices; returns the status bits.
 template <typename scalar>
 BOXLOSS_CPU_CLONES int32_t splat_pixels(const scalar* __restrict image, int64_t height, int64_t width,
@@ -123,7 +118,7 @@ BOXLOSS_CPU_CLONES int32_t splat_pixels(const scalar* __restrict image, int64_t 
       Simplex<scalar> simplex;
       locate(feature, &simplex);
       if (!simplex.ok) {
-        const bool finite = is_finite(red[p]) && is_finite(green[p]) && is_finite(blue[p]);
+        const bool finite = math::is_finite(red[p]) && math::is_finite(green[p]) && math::is_finite(blue[p]);
         status |= finite ? kFeaturesTooLarge : kImageNotFinite;
         for (int r = 0; r < kVertices; ++r) {
           index[r] = 0;

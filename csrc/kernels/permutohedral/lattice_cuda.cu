@@ -35,11 +35,6 @@ __device__ __forceinline__ int64_t global_stride() {
   return static_cast<int64_t>(gridDim.x) * blockDim.x;
 }
 
-template <typename T>
-__device__ __forceinline__ bool finite_value(T v) {
-  return (v - v) == T(0);
-}
-
 // Slot (within the image's table) holding `key`, claimed for `entry` if no
 // slot holds it yet.
 __device__ int64_t insert_key(const BuildBuffers& buffers, int64_t b, const int32_t* key, int32_t entry) {
@@ -91,7 +86,7 @@ __global__ void __launch_bounds__(kThreads)
     T* weight = splat_weight + g * kVertices;
     int32_t* slot = buffers.entry_slot + g * kVertices;
     if (!simplex.ok) {
-      const bool finite = finite_value(red) && finite_value(green) && finite_value(blue);
+      const bool finite = math::is_finite(red) && math::is_finite(green) && math::is_finite(blue);
       atomicOr(buffers.status + b, finite ? kFeaturesTooLarge : kImageNotFinite);
       for (int r = 0; r < kVertices; ++r) {
         weight[r] = T(0);
@@ -153,7 +148,7 @@ __global__ void __launch_bounds__(kThreads)
     T value;
     if (c < input.channels) {
       value = valid ? input.values[(b * input.channels + c) * n + p] : T(0);
-      if (!finite_value(value)) atomicOr(status + b, kValuesNotFinite);
+      if (!math::is_finite(value)) atomicOr(status + b, kValuesNotFinite);
     } else {
       value = static_cast<T>(valid);
     }

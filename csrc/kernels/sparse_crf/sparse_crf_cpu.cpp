@@ -104,7 +104,7 @@ BOXLOSS_ALWAYS_INLINE int32_t row_status(const Problem& problem, int64_t b, int6
   for (int64_t k = 0; k < problem.image_channels; ++k) {
     const scalar* __restrict row = image + k * plane + y * width;
     for (int64_t x = 0; x < width; ++x) {
-      image_bad |= static_cast<int32_t>(not_finite(static_cast<acc>(row[x])));
+      image_bad |= static_cast<int32_t>(!is_finite(static_cast<acc>(row[x])));
     }
   }
   return (probs_bad ? kProbsOutOfRange : 0) | (image_bad ? kImageNotFinite : 0);

@@ -101,7 +101,7 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
     }
     const T* img = image + b * problem.image_channels * plane;
     for (int64_t k = 0; k < problem.image_channels; ++k) {
-      bad |= not_finite(load(img + k * plane + pixel)) ? kImageNotFinite : 0;
+      bad |= is_finite(load(img + k * plane + pixel)) ? 0 : kImageNotFinite;
     }
     if (bad) atomicOr(status + b, bad);
 

@@ -41,7 +41,7 @@ BOXLOSS_ALWAYS_INLINE int32_t binary_forward_segment(const BinaryProblem& p, int
   int32_t bad = 0;
   for (int64_t i = begin; i < end; ++i) {
     const acc yi = static_cast<acc>(y[i]);
-    bad |= static_cast<int32_t>(!(yi >= acc(0) && yi <= acc(1)));
+    bad |= static_cast<int32_t>(math::outside_unit_interval(yi));
     const bool uncertain = kHasMask ? (image_uncertain & (mask[i] != 0)) : image_uncertain;
     acc l, g_mu, g_s;
     binary_pixel<kBootstrap, true>(static_cast<acc>(mu[i]), static_cast<acc>(s[i]), yi, uncertain, st, &l, &g_mu,

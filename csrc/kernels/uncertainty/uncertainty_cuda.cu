@@ -32,7 +32,7 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
                                    p.uncertain(i), st, &l, &g_mu, &g_s);
   if (loss != nullptr) {
     loss[i] = l;
-    if (!(y >= scalar(0) && y <= scalar(1))) atomicOr(status, static_cast<int32_t>(kTargetNotProbability));
+    if (math::outside_unit_interval(y)) atomicOr(status, static_cast<int32_t>(kTargetNotProbability));
   } else {
     grad_mu[i] = grad[i] * g_mu;
     grad_log_var[i] = grad[i] * g_s;

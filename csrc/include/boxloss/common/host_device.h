@@ -98,5 +98,20 @@ BOXLOSS_HD_INLINE double exp_clamped(double x) {
   return exp(x);
 }
 
+// The input checks of the kernels, written with plain compares so that a loop
+// over pixels that calls them vectorises.
+//
+// True when v is finite: v - v is 0 for every finite v and NaN otherwise.
+template <typename T>
+BOXLOSS_HD_ALWAYS_INLINE bool is_finite(T v) {
+  return (v - v) == T(0);
+}
+
+// True when v is NaN, +-Inf, or outside [0, 1] (NaN fails every ordered compare).
+template <typename T>
+BOXLOSS_HD_ALWAYS_INLINE bool outside_unit_interval(T v) {
+  return !(v >= T(0) && v <= T(1));
+}
+
 }  // namespace math
 }  // namespace boxloss

@@ -94,18 +94,9 @@ enum StatusBits : int32_t {
   kImageNotFinite = 2,    // NaN or Inf in the image
 };
 
-// True when v is NaN, +-Inf, or outside [0, 1]; written with plain compares so
-// that it vectorises (NaN fails every ordered compare).
-template <typename acc>
-BOXLOSS_HD_INLINE bool outside_unit_interval(acc v) {
-  return !(v >= acc(0) && v <= acc(1));
-}
-
-// True when v is NaN or +-Inf: v - v is 0 for every finite v and NaN otherwise.
-template <typename acc>
-BOXLOSS_HD_INLINE bool not_finite(acc v) {
-  return !((v - v) == acc(0));
-}
+// The probabilities' and the image's checks (host_device.h).
+using math::is_finite;
+using math::outside_unit_interval;
 
 }  // namespace sparse_crf
 }  // namespace boxloss
