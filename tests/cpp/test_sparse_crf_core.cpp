@@ -564,6 +564,68 @@ void test_exp() {
   CHECK(boxloss::math::exp_nonpositive(-0.5) == std::exp(-0.5), "exp_nonpositive(double) is exp");
 }
 
+// pair_weights (math.h) as a CUDA thread calls it, for one pair with the
+// channel count read at run time, and as the CPU core calls it, for a run of a
+// row with the channel sum unrolled for K = 3 and 1: the same weights, equal
+// to the definition (naive_weight).
+template <typename T>
+void test_pair_weight_forms() {
+  using acc = acc_t<T>;
+  const auto to_acc = [](T v) { return static_cast<acc>(v); };
+  for (int64_t K = 1; K <= 5; ++K) {
+    for (int with_mask = 0; with_mask < 2; ++with_mask) {
+      Config c;
+      c.height = 4, c.width = 37, c.image_channels = K, c.with_mask = with_mask != 0, c.sigma = 0.3;
+      c.seed = static_cast<uint64_t>(40 + 2 * K + with_mask);
+      const Data<T> d = make_data<T>(c);
+      const Problem p = d.problem();
+      const int64_t plane = d.plane();
+      const acc scale = sc::weight_exponent_scale<acc>(c.sigma);
+      const T* image = d.image.data();
+      const uint8_t* valid = d.valid.empty() ? nullptr : d.valid.data();
+      std::vector<acc> row_weight(static_cast<size_t>(c.width)), scratch(static_cast<size_t>(c.width));
+      for (int32_t o = 0; o < 8; ++o) {
+        const sc::Offset offset = sc::neighbour_offset(o, 2);
+        int64_t x_begin, x_end;
+        sc::paired_x_range(c.width, offset.dx, &x_begin, &x_end);
+        for (int64_t y = 0; y < c.height; ++y) {
+          const int64_t y2 = y + offset.dy;
+          if (y2 < 0 || y2 >= c.height) continue;
+          const int64_t count = x_end - x_begin;
+          const T* row_p = image + y * c.width + x_begin;
+          const T* row_q = image + y2 * c.width + offset.dx + x_begin;
+          const uint8_t* vp = valid == nullptr ? nullptr : valid + y * c.width + x_begin;
+          const uint8_t* vq = valid == nullptr ? nullptr : valid + y2 * c.width + offset.dx + x_begin;
+          if (K == 3) {
+            sc::pair_weights<3>(row_p, row_q, plane, K, vp, vq, count, scale, to_acc, scratch.data(), row_weight.data());
+          } else if (K == 1) {
+            sc::pair_weights<1>(row_p, row_q, plane, K, vp, vq, count, scale, to_acc, scratch.data(), row_weight.data());
+          } else {
+            sc::pair_weights<0>(row_p, row_q, plane, K, vp, vq, count, scale, to_acc, scratch.data(), row_weight.data());
+          }
+          for (int64_t x = x_begin; x < x_end; ++x) {
+            const int64_t pp = y * c.width + x, q = y2 * c.width + x + offset.dx;
+            acc squared, one;
+            sc::pair_weights<0>(image + pp, image + q, plane, p.image_channels, valid == nullptr ? nullptr : valid + pp,
+                                valid == nullptr ? nullptr : valid + q, 1, scale, to_acc, &squared, &one);
+            const double want = naive_weight(d, 0, pp, q);
+            const double row = static_cast<double>(row_weight[x - x_begin]);
+            const double eps = std::numeric_limits<acc>::epsilon();
+            const std::string what = format("[K=%lld mask=%d offset %d y=%lld x=%lld]", static_cast<long long>(K),
+                                            with_mask, o, static_cast<long long>(y), static_cast<long long>(x));
+            CHECK(std::fabs(static_cast<double>(one) - row) <= 4 * eps * row,
+                  what + format(" one pair %.9g, row %.9g", static_cast<double>(one), row));
+            // The exponent -||I_p - I_q||^2 / (2 sigma^2) carries a few rounding errors of its own size.
+            const double exponent = want > 0 ? -std::log(want) : 0.0;
+            CHECK(std::fabs(static_cast<double>(one) - want) <= 8 * eps * (1 + exponent) * want,
+                  what + format(" one pair %.9g, definition %.9g", static_cast<double>(one), want));
+          }
+        }
+      }
+    }
+  }
+}
+
 // ---------------------------------------------------------------------------
 // Problem generation
 
@@ -588,6 +650,8 @@ std::vector<Config> make_configs() {
       Config big = c; big.dilation = 7; add(big);  // dilation larger than the image
       Config mid = c; mid.height = 9; mid.width = 2; mid.dilation = 3; add(mid);  // > width, < height
       Config k1 = c; k1.image_channels = 1; k1.with_mask = true; k1.channels = {2, 0}; add(k1);
+      Config k2 = c; k2.image_channels = 2; add(k2);  // channel count read at run time
+      Config k4 = c; k4.image_channels = 4; k4.with_mask = true; k4.width = 29; add(k4);
       Config one = c; one.num_channels = 4; one.channels = {3}; one.dilation = 2; add(one);
       Config wide = c; wide.height = 3; wide.width = 37; wide.with_mask = true; add(wide);  // vector tails
       Config wider = c; wider.batch = 1; wider.height = 2; wider.width = 70; wider.dilation = 3; add(wider);
@@ -610,7 +674,8 @@ std::vector<Config> make_configs() {
     if (shape == 0) c.height = 1;
     if (shape == 1) c.width = 1;
     if (shape == 2) c.width = pick(10, 40);
-    c.image_channels = pick(0, 1) ? 3 : 1;
+    const int64_t image_channels[] = {3, 3, 1, 2, 4};
+    c.image_channels = image_channels[pick(0, 4)];
     c.neighbourhood = pick(0, 1) ? 8 : 4;
     c.dilation = static_cast<int32_t>(pick(0, 5) == 0 ? std::max(c.height, c.width) + pick(0, 2) : pick(1, 3));
     c.with_mask = pick(0, 1) == 1;
@@ -644,6 +709,8 @@ void run_all(const std::vector<Config>& configs) {
 
 int main() {
   test_exp();
+  test_pair_weight_forms<float>();
+  test_pair_weight_forms<double>();
   const std::vector<Config> configs = make_configs();
   run_all<float>(configs);
   run_all<double>(configs);

@@ -42,6 +42,17 @@ using acc_t = typename AccType<T>::type;
 
 namespace math {
 
+// *p, read through the GPU's read-only data cache (__ldg) in device code: for
+// inputs a kernel never writes.
+template <typename T>
+BOXLOSS_HD_ALWAYS_INLINE T load_read_only(const T* p) {
+#if defined(__CUDA_ARCH__)
+  return __ldg(p);
+#else
+  return *p;
+#endif
+}
+
 BOXLOSS_HD_INLINE float bits_to_float(int32_t bits) {
 #if defined(__CUDA_ARCH__)
   return __int_as_float(bits);
