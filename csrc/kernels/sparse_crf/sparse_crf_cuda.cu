@@ -8,6 +8,7 @@
 
 #include <algorithm>
 
+#include "boxloss/common/block_sum.cuh"
 #include "boxloss/sparse_crf/cuda.h"
 
 namespace boxloss {
@@ -67,21 +68,6 @@ __device__ __forceinline__ acc_t<T> pair_weight_at(const Problem& problem, const
   return weight;
 }
 
-template <typename acc>
-__device__ __forceinline__ acc block_sum(acc v) {
-  __shared__ acc warp_sums[kThreadsPerBlock / 32];
-  for (int shift = 16; shift > 0; shift >>= 1) v += __shfl_down_sync(0xffffffffu, v, shift);
-  const int lane = threadIdx.x & 31;
-  const int warp = threadIdx.x >> 5;
-  if (lane == 0) warp_sums[warp] = v;
-  __syncthreads();
-  v = threadIdx.x < kThreadsPerBlock / 32 ? warp_sums[threadIdx.x] : acc(0);
-  if (warp == 0) {
-    for (int shift = 16; shift > 0; shift >>= 1) v += __shfl_down_sync(0xffffffffu, v, shift);
-  }
-  return v;
-}
-
 template <typename T, Kind kind>
 __global__ void __launch_bounds__(kThreadsPerBlock)
     forward_kernel(Problem problem, int64_t batch_begin, int64_t blocks_per_image,
@@ -121,7 +107,7 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
       total += w * term;
     }
   }
-  total = block_sum(total);
+  total = cuda_common::block_sum<kThreadsPerBlock>(total);
   if (threadIdx.x == 0) partial_sums[b * blocks_per_image + blockIdx.x] = total;
 }
 
