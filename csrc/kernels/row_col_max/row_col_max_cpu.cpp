@@ -123,15 +123,7 @@ void resolve_boxes(const double* boxes, const int64_t* box_batch, const int64_t*
                    int64_t end, double spatial_scale, int64_t batch, int64_t num_channels, int64_t height,
                    int64_t width, int64_t* ranges, int32_t* status) {
   for (int64_t k = begin; k < end; ++k) {
-    const double* b = boxes + 4 * k;
-    status[k] = boxes::box_status(b[0], b[1], b[2], b[3], box_batch[k], box_labels[k], batch, num_channels);
-    const boxes::BoxPixels px = status[k] == 0
-                                    ? boxes::box_pixels(b[0], b[1], b[2], b[3], spatial_scale, height, width)
-                                    : boxes::BoxPixels{0, 0, 0, 0};
-    ranges[4 * k + 0] = px.row_begin;
-    ranges[4 * k + 1] = px.row_end;
-    ranges[4 * k + 2] = px.col_begin;
-    ranges[4 * k + 3] = px.col_end;
+    resolve_box(boxes, box_batch, box_labels, k, spatial_scale, batch, num_channels, height, width, ranges, status);
   }
 }
 

@@ -22,15 +22,7 @@ __global__ void resolve_boxes_kernel(const double* __restrict boxes, const int64
                                      int64_t width, int64_t* __restrict ranges, int32_t* __restrict status) {
   const int64_t k = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (k >= num_boxes) return;
-  const double* b = boxes + 4 * k;
-  const int32_t s = boxes::box_status(b[0], b[1], b[2], b[3], box_batch[k], box_labels[k], batch, num_channels);
-  status[k] = s;
-  const boxes::BoxPixels px =
-      s == 0 ? boxes::box_pixels(b[0], b[1], b[2], b[3], spatial_scale, height, width) : boxes::BoxPixels{0, 0, 0, 0};
-  ranges[4 * k + 0] = px.row_begin;
-  ranges[4 * k + 1] = px.row_end;
-  ranges[4 * k + 2] = px.col_begin;
-  ranges[4 * k + 3] = px.col_end;
+  resolve_box(boxes, box_batch, box_labels, k, spatial_scale, batch, num_channels, height, width, ranges, status);
 }
 
 template <typename scalar>
