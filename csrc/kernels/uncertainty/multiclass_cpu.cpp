@@ -7,7 +7,9 @@
 // log-sum-exp over samples all run 32 pixels at a time (target_clones builds
 // them for AVX2 and AVX-512).  Per chunk the kernel keeps a few (classes x
 // lanes) buffers; no (samples x classes x pixels) tensor ever exists, and the
-// backward regenerates the forward's noise.
+// backward regenerates the forward's noise.  The per-pixel math is that of
+// math.h, which the CUDA kernel runs one pixel per thread: the step before
+// the samples (ClassProblem::head_at) and the functions the lane loops call.
 #include "boxloss/uncertainty/cpu.h"
 
 #include <algorithm>
@@ -35,19 +37,12 @@ BOXLOSS_ALWAYS_INLINE void load_lanes(const scalar* __restrict src, int64_t n, a
   }
 }
 
-// What a chunk knows before any sample is drawn: the targets, which lanes
-// carry the uncertainty term, and the cross-entropy of mu (with the target y
-// at certain pixels and the bootstrapped y* of Eq. 16 at uncertain ones).
+// The head (math.h) of a chunk's lanes, and what the kernel needs besides.
 template <typename acc>
-struct ChunkHead {
-  int32_t y[L];           // target, 0 where ignored or out of range
-  int32_t ce_target[L];   // the class CE(mu, .) is taken against
-  acc valid[L];           // 1 where the target is not ignore_index
-  acc uncertain[L];       // 1 where L_u applies (valid, inside a box, not pixel-perfect)
-  acc mu_max[L];          // max_c mu_c
-  acc mu_sum[L];          // sum_c exp(mu_c - max)
-  acc ce[L];              // CE(mu, ce_target)
-  int64_t n = 0;          // lanes that are pixels
+struct Chunk {
+  ClassHead<acc, L> head;
+  int64_t pixel0 = 0;  // flat pixel of lane 0
+  int64_t n = 0;       // lanes that are pixels
   bool any_uncertain = false;
   int32_t status = 0;
 };
@@ -76,91 +71,25 @@ struct ChunkBuffers {
   acc* grad_s = nullptr;   // sum_t g_t eps_t (backward)
 };
 
+// Loads mu and the log-variance of chunk `chunk` into the lane buffers and
+// computes its head.
 template <typename scalar>
 BOXLOSS_ALWAYS_INLINE void load_chunk(const ClassProblem& p, int64_t chunk, ChunkBuffers<acc_t<scalar>>& buf,
-                                      ChunkHead<acc_t<scalar>>& head, int64_t* pixel0) {
-  using acc = acc_t<scalar>;
+                                      Chunk<acc_t<scalar>>& out) {
   const int64_t C = p.num_classes;
   const int64_t chunks_per_image = (p.plane + L - 1) / L;
   const int64_t b = chunk / chunks_per_image;
   const int64_t i0 = (chunk % chunks_per_image) * L;
-  const int64_t n = std::min<int64_t>(L, p.plane - i0);
-  head.n = n;
-  *pixel0 = b * p.plane + i0;
-  const scalar* mu = static_cast<const scalar*>(p.mu) + b * C * p.plane + i0;
-  const scalar* s = static_cast<const scalar*>(p.log_var) + b * C * p.plane + i0;
+  out.n = std::min<int64_t>(L, p.plane - i0);
+  out.pixel0 = b * p.plane + i0;
+  const int64_t offset = p.class_offset(out.pixel0);
+  const scalar* mu = static_cast<const scalar*>(p.mu) + offset;
+  const scalar* s = static_cast<const scalar*>(p.log_var) + offset;
   for (int64_t c = 0; c < C; ++c) {
-    load_lanes(mu + c * p.plane, n, buf.mu + c * L);
-    load_lanes(s + c * p.plane, n, buf.log_var + c * L);
+    load_lanes(mu + c * p.plane, out.n, buf.mu + c * L);
+    load_lanes(s + c * p.plane, out.n, buf.log_var + c * L);
   }
-
-  const int64_t* target = p.target + *pixel0;
-  const bool pp = p.pixel_perfect != nullptr && p.pixel_perfect[b] != 0;
-  int32_t bad = 0;
-  int32_t any = 0;
-  for (int p_ = 0; p_ < L; ++p_) {
-    const int64_t t = target[p_ < n ? p_ : n - 1];
-    const bool valid = t != p.ignore_index;
-    const bool in_range = t >= 0 && t < C;
-    bad |= static_cast<int32_t>(valid && !in_range);
-    head.y[p_] = in_range ? static_cast<int32_t>(t) : 0;
-    head.valid[p_] = valid ? acc(1) : acc(0);
-    const bool in_box = p.box_mask == nullptr || p.box_mask[*pixel0 + (p_ < n ? p_ : n - 1)] != 0;
-    const bool uncertain = valid && in_box && !pp;
-    head.uncertain[p_] = uncertain ? acc(1) : acc(0);
-    any |= static_cast<int32_t>(uncertain && p_ < n);
-  }
-  head.status = bad ? kTargetOutOfRange : 0;
-  head.any_uncertain = any != 0;
-
-  // Softmax statistics of mu, arg-max of mu (lowest index of the maximum) and
-  // the largest log-variance: everything Eq. 16 and the CE terms need.  Local
-  // arrays, and every function evaluated unconditionally, keep the loops
-  // vectorisable.
-  int32_t argmax[L], ce_target[L];
-  acc mu_max[L], s_max[L], mu_sum[L], ce[L];
-  for (int p_ = 0; p_ < L; ++p_) {
-    mu_max[p_] = buf.mu[p_];
-    argmax[p_] = 0;
-    s_max[p_] = buf.log_var[p_];
-  }
-  for (int64_t c = 1; c < C; ++c) {
-    const acc* __restrict m = buf.mu + c * L;
-    const acc* __restrict lv = buf.log_var + c * L;
-    for (int p_ = 0; p_ < L; ++p_) {
-      const bool greater = m[p_] > mu_max[p_];
-      argmax[p_] = greater ? static_cast<int32_t>(c) : argmax[p_];
-      mu_max[p_] = greater ? m[p_] : mu_max[p_];
-      s_max[p_] = lv[p_] > s_max[p_] ? lv[p_] : s_max[p_];
-    }
-  }
-  const acc log_tau = static_cast<acc>(p.log_tau);
-  const bool bootstrap = p.bootstrap;
-  for (int p_ = 0; p_ < L; ++p_) {
-    const bool flip = bootstrap & (head.uncertain[p_] != acc(0)) & (s_max[p_] > log_tau);
-    ce_target[p_] = flip ? argmax[p_] : head.y[p_];
-    mu_sum[p_] = acc(0);
-    ce[p_] = acc(0);
-  }
-  // Two loops: with the select in the loop of the exp, GCC sinks the exp into
-  // a branch and leaves both scalar.  The target's mu is picked by a 0/1
-  // factor: GCC 12 vectorised the equivalent select of this loop into wrong
-  // sums (caught by tests/cpp/test_uncertainty_core.cpp).
-  for (int64_t c = 0; c < C; ++c) {
-    const acc* __restrict m = buf.mu + c * L;
-    for (int p_ = 0; p_ < L; ++p_) mu_sum[p_] += math::exp_nonpositive(m[p_] - mu_max[p_]);
-  }
-  for (int64_t c = 0; c < C; ++c) {
-    const acc* __restrict m = buf.mu + c * L;
-    const int32_t cc = static_cast<int32_t>(c);
-    for (int p_ = 0; p_ < L; ++p_) ce[p_] -= (ce_target[p_] == cc ? acc(1) : acc(0)) * m[p_];
-  }
-  for (int p_ = 0; p_ < L; ++p_) {
-    head.ce[p_] = ce[p_] + mu_max[p_] + math::log_positive(mu_sum[p_]);
-    head.ce_target[p_] = ce_target[p_];
-    head.mu_max[p_] = mu_max[p_];
-    head.mu_sum[p_] = mu_sum[p_];
-  }
+  out.status = p.head_at<L>(out.pixel0, out.n, buf.mu, buf.log_var, L, &out.head, &out.any_uncertain);
 }
 
 // l_t = mu + sigma eps_t for every class of sample t (sigma already in
@@ -180,7 +109,7 @@ BOXLOSS_ALWAYS_INLINE void draw_logits(const ClassProblem& p, uint32_t sample, c
     const int64_t classes = std::min<int64_t>(4, C - 4 * k);
     for (int64_t j = 0; j < classes; ++j) {
       const int64_t o = (4 * k + j) * L;
-      for (int p_ = 0; p_ < L; ++p_) logit[o + p_] = mu[o + p_] + sigma[o + p_] * z[j][p_];
+      for (int p_ = 0; p_ < L; ++p_) logit[o + p_] = sample_logit(mu[o + p_], sigma[o + p_], z[j][p_]);
       if (noise != nullptr) {
         for (int p_ = 0; p_ < L; ++p_) noise[o + p_] = z[j][p_];
       }
@@ -206,8 +135,20 @@ BOXLOSS_ALWAYS_INLINE void logit_max_and_target(int64_t C, const acc* __restrict
 }
 
 template <typename acc>
-BOXLOSS_ALWAYS_INLINE void sigma_from_log_var(int64_t C, acc* __restrict values) {
-  for (int64_t i = 0; i < C * L; ++i) values[i] = math::exp_clamped(acc(0.5) * values[i]);
+BOXLOSS_ALWAYS_INLINE void sigma_from_log_var_lanes(int64_t C, acc* __restrict values) {
+  for (int64_t i = 0; i < C * L; ++i) values[i] = sigma_from_log_var(values[i]);
+}
+
+// The counter words of the chunk's pixels (lanes past the image end get
+// words too; their noise is never used).
+template <typename Word>
+BOXLOSS_ALWAYS_INLINE void chunk_pixel_words(const ClassProblem& p, int64_t pixel0, Word* __restrict pixel_lo,
+                                             Word* __restrict pixel_hi) {
+  for (int p_ = 0; p_ < L; ++p_) {
+    const PixelWords words = pixel_words(p.key, static_cast<uint64_t>(pixel0 + p_));
+    pixel_lo[p_] = words.lo;
+    pixel_hi[p_] = words.hi;
+  }
 }
 
 template <typename scalar, typename Word>
@@ -216,27 +157,24 @@ BOXLOSS_CPU_CLONES int32_t class_forward_impl(const ClassProblem& p, int64_t chu
   using acc = acc_t<scalar>;
   const int64_t C = p.num_classes;
   ChunkBuffers<acc> buf(C, /*backward=*/false);
-  ChunkHead<acc> head;
+  Chunk<acc> current;
+  const ClassHead<acc, L>& head = current.head;
   const acc log_samples = static_cast<acc>(std::log(static_cast<double>(p.samples)));
   int32_t status = 0;
   for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
-    int64_t pixel0;
-    load_chunk<scalar>(p, chunk, buf, head, &pixel0);
-    status |= head.status;
+    load_chunk<scalar>(p, chunk, buf, current);
+    const int64_t pixel0 = current.pixel0;
+    status |= current.status;
     acc lse_samples[L];
     for (int p_ = 0; p_ < L; ++p_) lse_samples[p_] = acc(0);
-    if (head.any_uncertain) {
+    if (current.any_uncertain) {
       Word pixel_lo[L], pixel_hi[L];
-      for (int p_ = 0; p_ < L; ++p_) {
-        const PixelWords words = pixel_words(p.key, static_cast<uint64_t>(pixel0 + p_));
-        pixel_lo[p_] = words.lo;
-        pixel_hi[p_] = words.hi;
-      }
-      sigma_from_log_var(C, buf.log_var);
+      chunk_pixel_words(p, pixel0, pixel_lo, pixel_hi);
+      sigma_from_log_var_lanes(C, buf.log_var);
       // Online log-sum-exp over samples of a_t = l_{t,y} - LSE_c l_{t,c}.
       acc run_max[L], run_sum[L];
       for (int p_ = 0; p_ < L; ++p_) {
-        run_max[p_] = std::numeric_limits<acc>::lowest();
+        run_max[p_] = -std::numeric_limits<acc>::infinity();
         run_sum[p_] = acc(0);
       }
       for (int64_t t = 0; t < p.samples; ++t) {
@@ -250,23 +188,16 @@ BOXLOSS_CPU_CLONES int32_t class_forward_impl(const ClassProblem& p, int64_t chu
           for (int p_ = 0; p_ < L; ++p_) sum[p_] += math::exp_nonpositive(l[p_] - m[p_]);
         }
         for (int p_ = 0; p_ < L; ++p_) {
-          const acc a = (ly[p_] - m[p_]) - math::log_positive(sum[p_]);  // no cancellation against a large max
-          const acc new_max = a > run_max[p_] ? a : run_max[p_];
-          run_sum[p_] = run_sum[p_] * math::exp_nonpositive(run_max[p_] - new_max) +
-                        math::exp_nonpositive(a - new_max);
-          run_max[p_] = new_max;
+          log_sum_exp_add(log_softmax_at(ly[p_], m[p_], sum[p_]), &run_max[p_], &run_sum[p_]);
         }
       }
       for (int p_ = 0; p_ < L; ++p_) {
-        lse_samples[p_] = head.uncertain[p_] != acc(0) ? run_max[p_] + math::log_positive(run_sum[p_]) : acc(0);
+        lse_samples[p_] = head.uncertain[p_] != acc(0) ? log_sum_exp_value(run_max[p_], run_sum[p_]) : acc(0);
       }
     }
-    const bool with_ce = p.bootstrap;
-    for (int64_t p_ = 0; p_ < head.n; ++p_) {
-      const bool uncertain = head.uncertain[p_] != acc(0);
-      const acc uncertain_loss = log_samples - lse_samples[p_] + (with_ce ? head.ce[p_] : acc(0));
-      const acc l = uncertain ? uncertain_loss : head.ce[p_];
-      loss[pixel0 + p_] = static_cast<scalar>(head.valid[p_] != acc(0) ? l : acc(0));
+    for (int64_t p_ = 0; p_ < current.n; ++p_) {
+      loss[pixel0 + p_] = static_cast<scalar>(class_pixel_loss(head.valid[p_] != acc(0), head.uncertain[p_] != acc(0),
+                                                               p.bootstrap, head.ce[p_], lse_samples[p_], log_samples));
       sample_lse[pixel0 + p_] = static_cast<scalar>(lse_samples[p_]);
     }
   }
@@ -279,30 +210,29 @@ BOXLOSS_CPU_CLONES void class_backward_impl(const ClassProblem& p, const scalar*
                                             scalar* grad_log_var) {
   using acc = acc_t<scalar>;
   const int64_t C = p.num_classes;
-  // Which terms send a gradient to mu at uncertain pixels (Sec. 3.3 routing).
-  const bool ce_to_mu = p.bootstrap;
-  const bool samples_to_mu = !p.bootstrap || !p.route_gradients;
   ChunkBuffers<acc> buf(C, /*backward=*/true);
-  ChunkHead<acc> head;
+  Chunk<acc> current;
+  const ClassHead<acc, L>& head = current.head;
   for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
-    int64_t pixel0;
-    load_chunk<scalar>(p, chunk, buf, head, &pixel0);
-    const int64_t b = pixel0 / p.plane;
-    const int64_t i0 = pixel0 - b * p.plane;
-    acc g_out[L];
-    load_lanes(grad + pixel0, head.n, g_out);
-    for (int p_ = 0; p_ < L; ++p_) g_out[p_] = head.valid[p_] != acc(0) ? g_out[p_] : acc(0);
+    load_chunk<scalar>(p, chunk, buf, current);
+    const int64_t pixel0 = current.pixel0;
+    // Per lane: how much of the incoming gradient reaches each term (Sec. 3.3).
+    acc g_in[L], ce_weight[L], samples_weight[L], log_var_weight[L];
+    load_lanes(grad + pixel0, current.n, g_in);
+    for (int p_ = 0; p_ < L; ++p_) {
+      const ClassGradientWeights<acc> w = class_gradient_weights(
+          g_in[p_], head.valid[p_] != acc(0), head.uncertain[p_] != acc(0), p.bootstrap, p.route_gradients);
+      ce_weight[p_] = w.ce;
+      samples_weight[p_] = w.samples;
+      log_var_weight[p_] = w.log_var;
+    }
 
-    if (head.any_uncertain) {
+    if (current.any_uncertain) {
       acc lse_samples[L];
-      load_lanes(sample_lse + pixel0, head.n, lse_samples);
+      load_lanes(sample_lse + pixel0, current.n, lse_samples);
       Word pixel_lo[L], pixel_hi[L];
-      for (int p_ = 0; p_ < L; ++p_) {
-        const PixelWords words = pixel_words(p.key, static_cast<uint64_t>(pixel0 + p_));
-        pixel_lo[p_] = words.lo;
-        pixel_hi[p_] = words.hi;
-      }
-      sigma_from_log_var(C, buf.log_var);
+      chunk_pixel_words(p, pixel0, pixel_lo, pixel_hi);
+      sigma_from_log_var_lanes(C, buf.log_var);
       for (int64_t i = 0; i < C * L; ++i) {
         buf.grad_mu[i] = acc(0);
         buf.grad_s[i] = acc(0);
@@ -320,13 +250,11 @@ BOXLOSS_CPU_CLONES void class_backward_impl(const ClassProblem& p, const scalar*
             sum[p_] += l[p_];
           }
         }
-        // w_t = softmax over samples of a_t, from the forward's LSE_t a_t.
+        // w_t (0 at lanes without L_u), from the forward's LSE_t a_t.
         for (int p_ = 0; p_ < L; ++p_) {
-          const acc a = (ly[p_] - m[p_]) - math::log_positive(sum[p_]);  // no cancellation against a large max
-          w[p_] = math::exp_nonpositive(a - lse_samples[p_]) * head.uncertain[p_];
+          w[p_] = sample_weight(log_softmax_at(ly[p_], m[p_], sum[p_]), lse_samples[p_]) * head.uncertain[p_];
           w_over_sum[p_] = w[p_] / sum[p_];
         }
-        // dL_u/dl_{t,c} = w_t (softmax(l_t)_c - [c = y])
         for (int64_t c = 0; c < C; ++c) {
           const int32_t cc = static_cast<int32_t>(c);
           const acc* __restrict e = buf.logit + c * L;
@@ -334,7 +262,7 @@ BOXLOSS_CPU_CLONES void class_backward_impl(const ClassProblem& p, const scalar*
           acc* __restrict gm = buf.grad_mu + c * L;
           acc* __restrict gs = buf.grad_s + c * L;
           for (int p_ = 0; p_ < L; ++p_) {
-            const acc g = e[p_] * w_over_sum[p_] - (head.y[p_] == cc ? w[p_] : acc(0));
+            const acc g = sample_logit_gradient(e[p_], w_over_sum[p_], w[p_], head.y[p_] == cc);
             gm[p_] += g;
             gs[p_] += g * z[p_];
           }
@@ -342,40 +270,35 @@ BOXLOSS_CPU_CLONES void class_backward_impl(const ClassProblem& p, const scalar*
       }
     }
 
-    // Outputs: CE(mu, ce_target) at certain pixels (and at uncertain ones with
-    // bootstrapping), plus the sample sums where they reach mu; 0.5 sigma
-    // sum_t g_t eps_t for the log-variance.
-    scalar* out_mu = grad_mu + b * C * p.plane + i0;
-    scalar* out_s = grad_log_var + b * C * p.plane + i0;
-    // Per lane: how much of the CE gradient and of the sample sums reach mu.
-    acc inv_sum[L], ce_weight[L], sample_weight[L];
-    for (int p_ = 0; p_ < L; ++p_) {
-      const bool uncertain = head.uncertain[p_] != acc(0);
-      inv_sum[p_] = acc(1) / head.mu_sum[p_];
-      ce_weight[p_] = (!uncertain || ce_to_mu) ? g_out[p_] : acc(0);
-      sample_weight[p_] = (uncertain && samples_to_mu) ? g_out[p_] : acc(0);
-    }
+    // Outputs: the weighted CE gradient plus the sample sums where they reach
+    // mu; the log-variance gradient from sum_t g_t eps_t.  The sample sums are
+    // 0 at lanes without L_u (their w_t is 0) and are not kept for chunks
+    // without any.
+    scalar* out_mu = grad_mu + p.class_offset(pixel0);
+    scalar* out_s = grad_log_var + p.class_offset(pixel0);
+    acc inv_sum[L];
+    for (int p_ = 0; p_ < L; ++p_) inv_sum[p_] = acc(1) / head.mu_sum[p_];
     for (int64_t c = 0; c < C; ++c) {
       const acc* __restrict m = buf.mu + c * L;
       const int32_t cc = static_cast<int32_t>(c);
       acc g_mu[L], g_s[L];
-      for (int p_ = 0; p_ < L; ++p_) {
-        const acc ce_grad = math::exp_nonpositive(m[p_] - head.mu_max[p_]) * inv_sum[p_] -
-                            (head.ce_target[p_] == cc ? acc(1) : acc(0));
-        g_mu[p_] = ce_weight[p_] * ce_grad;
-        g_s[p_] = acc(0);
-      }
-      if (head.any_uncertain) {
+      if (current.any_uncertain) {
         const acc* __restrict sigma = buf.log_var + c * L;
         const acc* __restrict gm = buf.grad_mu + c * L;
         const acc* __restrict gs = buf.grad_s + c * L;
         for (int p_ = 0; p_ < L; ++p_) {
-          // grad_mu and grad_s are 0 at certain lanes (their w_t is 0)
-          g_mu[p_] += sample_weight[p_] * gm[p_];
-          g_s[p_] = g_out[p_] * acc(0.5) * sigma[p_] * gs[p_];
+          const acc ce_grad = ce_gradient(m[p_], head.mu_max[p_], inv_sum[p_], head.ce_target[p_] == cc);
+          g_mu[p_] = class_mu_gradient(ce_weight[p_], ce_grad, samples_weight[p_], gm[p_]);
+          g_s[p_] = class_log_var_gradient(log_var_weight[p_], sigma[p_], gs[p_]);
+        }
+      } else {
+        for (int p_ = 0; p_ < L; ++p_) {
+          const acc ce_grad = ce_gradient(m[p_], head.mu_max[p_], inv_sum[p_], head.ce_target[p_] == cc);
+          g_mu[p_] = class_mu_gradient(ce_weight[p_], ce_grad, samples_weight[p_], acc(0));
+          g_s[p_] = acc(0);
         }
       }
-      for (int64_t p_ = 0; p_ < head.n; ++p_) {
+      for (int64_t p_ = 0; p_ < current.n; ++p_) {
         out_mu[c * p.plane + p_] = static_cast<scalar>(g_mu[p_]);
         out_s[c * p.plane + p_] = static_cast<scalar>(g_s[p_]);
       }
