@@ -20,11 +20,14 @@ import os
 import shlex
 import shutil
 import sys
+import sysconfig
 
 from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_ARCH_LIST = "8.0;9.0+PTX"
+# The pinned tools of `pip install -e ".[dev]"`; .ci/run installs the same list.
+DEV_REQUIRES = ["ruff==0.17.6"]
 
 
 def env_flag(name):
@@ -147,9 +150,26 @@ def extensions():
             extra_link_args=link_flags,
         )
     write_build_info(with_cuda, arch_list)
-    print(f"boxloss: building {'CPU and CUDA' if with_cuda else 'CPU'} kernels"
-          + (f" for TORCH_CUDA_ARCH_LIST={arch_list}" if with_cuda else ""))
+    print(
+        f"boxloss: building {'CPU and CUDA' if with_cuda else 'CPU'} kernels"
+        + (f" for TORCH_CUDA_ARCH_LIST={arch_list}" if with_cuda else "")
+    )
     return [ext]
+
+
+class BuildExtensionKeepingObjects(BuildExtension):
+    """Compiles into build/temp.<platform>-<python> in the checkout, whichever command builds.
+
+    pip's editable install (setuptools' editable_wheel) would compile in a new
+    temporary directory each time, so that every ``pip install -e`` compiled
+    every source again.  In one kept directory ninja finds the objects of the
+    last build and recompiles only what a changed source, header or flag
+    affects; the link still runs.  ``--build-temp`` overrides the directory.
+    """
+
+    def initialize_options(self):
+        super().initialize_options()
+        self.build_temp = os.path.join(ROOT, "build", f"temp.{sysconfig.get_platform()}-{sys.implementation.cache_tag}")
 
 
 setup(
@@ -159,11 +179,23 @@ setup(
     long_description=open(os.path.join(ROOT, "README.md")).read(),
     long_description_content_type="text/markdown",
     license="BSD-3-Clause",
+    license_files=["LICENSE"],
     python_requires=">=3.9",
     packages=find_packages(include=["boxloss", "boxloss.*"]),
-    install_requires=["torch>=2.5", "numpy", "scipy", "pillow", "pycocotools", "opencv-python-headless", "pydensecrf2"],
-    extras_require={"test": ["pytest", "hypothesis", "expecttest", "scipy"]},
+    install_requires=[
+        "torch>=2.5",
+        "torchvision",
+        "numpy",
+        "scipy",
+        "pillow",
+        "pycocotools",
+        "opencv-python-headless",
+        "pydensecrf2",
+        "matplotlib",
+        "tqdm",
+    ],
+    extras_require={"test": ["pytest", "hypothesis", "expecttest", "scipy"], "dev": DEV_REQUIRES},
     ext_modules=extensions(),
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": BuildExtensionKeepingObjects.with_options(use_ninja=True)},
     zip_safe=False,
 )

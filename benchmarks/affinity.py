@@ -12,14 +12,11 @@ need about 256 GiB per matrix and is reported as not run.
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
-import time
 
 import torch
 
-from benchmarks import common
+from benchmarks import cli, common
 
 MODULE = "benchmarks.affinity"
 D, C = 32, 21
@@ -56,56 +53,68 @@ def make_step(side, emb, probs):
     return step, clear
 
 
-def _child(payload):
-    try:
-        torch.set_num_threads(int(payload["threads"]))
-        emb, probs = make_inputs(payload["size"])
-        step, clear = make_step(payload["side"], emb, probs)
-        result = common.cpu_peak_extra_bytes(step, cleanup=clear)
-    except Exception as exc:
-        result = {"ok": False, "reason": f"{type(exc).__name__}: {exc}"}
-    common.child_report(result)
-    return 0
+def _child(payload: dict) -> dict:
+    torch.set_num_threads(int(payload["threads"]))
+    emb, probs = make_inputs(payload["size"], seed=payload["seed"])
+    step, clear = make_step(payload["side"], emb, probs)
+    return common.cpu_peak_extra_bytes(step, cleanup=clear)
 
 
-def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] == common.CHILD_FLAG:
-        return _child(json.loads(argv[1]))
-    p = argparse.ArgumentParser(prog="python -m benchmarks.affinity", description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--repeats", type=int, default=None)
-    p.add_argument("--json", default=None)
-    args = p.parse_args(argv)
+def run(args, device, info) -> cli.Result:
     sizes = QUICK_SIZES if args.quick else DEFAULT_SIZES
-    repeats = args.repeats or (3 if args.quick else 7)
-    t0 = time.perf_counter()
-    print(common.format_machine_info(common.machine_info("cpu")))
     cells = [(s, side) for s in sizes for side in SIDES if side != "brute-force" or s * s <= BRUTE_FORCE_MAX_PIXELS]
-    mem = dict(zip(cells, common.run_children(MODULE, [{"size": s, "side": side, "threads": torch.get_num_threads()}
-                                                       for s, side in cells], workers=1)))
+    mem = {}
+    if not args.no_memory:
+        payloads = [
+            {"size": s, "side": side, "seed": args.seed, "threads": torch.get_num_threads()} for s, side in cells
+        ]
+        mem = dict(zip(cells, common.run_children(MODULE, payloads, workers=1)))
     rows = []
     for s in sizes:
-        emb, probs = make_inputs(s)
+        emb, probs = make_inputs(s, seed=args.seed)
         for side in SIDES:
             row = {"size": f"{s}x{s}", "pixels": s * s, "side": side}
-            if (s, side) not in mem:
+            if (s, side) not in cells:
                 row.update(median_s=None, peak_extra_bytes=None, note="not run: m x m matrices do not fit")
             else:
                 step, clear = make_step(side, emb, probs)
-                timing = common.time_fn(step, repeats=repeats, warmup=1, setup=clear, max_seconds=20.0)
-                m = mem[(s, side)]
-                row.update(median_s=timing["median_s"], min_s=timing["min_s"],
-                           peak_extra_bytes=m.get("peak_extra") if m.get("ok") else None)
+                timing = common.time_fn(
+                    step, repeats=args.repeats, warmup=args.warmup, setup=clear, max_seconds=args.max_seconds
+                )
+                m = mem.get((s, side), {})
+                row.update(
+                    median_s=timing["median_s"],
+                    min_s=timing["min_s"],
+                    peak_extra_bytes=m.get("peak_extra") if m.get("ok") else None,
+                )
             rows.append(row)
-    body = [[r["size"], r["side"], "n/a" if r["median_s"] is None else f"{r['median_s'] * 1e3:.1f}",
-             common.mib(r["peak_extra_bytes"]), r.get("note", "")] for r in rows]
-    print()
-    print(common.format_table(["size", "mode", "fwd+bwd ms (median)", "peak extra MiB", "note"], body))
-    print(f"(embeddings d = {D}, classes C = {C}, batch 1, float32; total {time.perf_counter() - t0:.1f} s)")
-    path = args.json or common.RESULTS_DIR / f"affinity_cpu{'_quick' if args.quick else ''}.json"
-    print(f"wrote {common.write_json(path, {'benchmark': 'affinity', 'rows': rows, 'd': D, 'C': C})}")
-    return 0
+    body = [
+        [
+            r["size"],
+            r["side"],
+            "n/a" if r["median_s"] is None else f"{r['median_s'] * 1e3:.1f}",
+            common.mib(r["peak_extra_bytes"]),
+            r.get("note", ""),
+        ]
+        for r in rows
+    ]
+    title = f"affinity_loss forward + backward, embeddings d = {D}, classes C = {C}, batch 1, float32"
+    table = cli.Table(title, ["size", "mode", "fwd+bwd ms (median)", "peak extra MiB", "note"], body)
+    return cli.Result([table], [], {"rows": rows, "d": D, "C": C})
+
+
+BENCHMARK = cli.Benchmark(
+    name="affinity",
+    doc=__doc__,
+    run=run,
+    child=_child,
+    devices=("cpu",),
+    defaults={"repeats": (7, 3), "warmup": (1, 1), "max_seconds": (20.0, 20.0)},
+)
+
+
+def main(argv=None) -> int:
+    return cli.main(BENCHMARK, argv)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
 """Benchmark of BANA's background attention + background-aware pooling (Eq. 1-4):
 forward + backward of the fused ops against the loop-over-images/cells/boxes
-reference (boxloss.reference.background_attention), with the issue's sizes:
+reference (boxloss.reference.background_attention).
+
+Sizes:
 
 * B = 20, D = 1024, 41 x 41 features (VGG-16 at stride 8 on 321 x 321 crops),
   1, 4 and 16 boxes per image;
@@ -17,14 +19,11 @@ The fused side is ``BackgroundAwarePooling`` (one fused op for attention and poo
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
-import time
 
 import torch
 
-from benchmarks import common
+from benchmarks import cli, common
 
 MODULE = "benchmarks.background_attention"
 # (B, D, h, w, boxes per image)
@@ -58,10 +57,12 @@ def make_step(side, f, boxes, batch, scale):
             pooled, att = module(f, boxes, batch)
             queries = att.queries
         else:
-            attention, queries, _, _ = background_attention_reference(f, boxes, batch, grid_size=GRID,
-                                                                      spatial_scale=scale)
-            pooled = background_aware_pool_reference(f, attention, boxes, batch, output_size=OUTPUT,
-                                                     spatial_scale=scale)
+            attention, queries, _, _ = background_attention_reference(
+                f, boxes, batch, grid_size=GRID, spatial_scale=scale
+            )
+            pooled = background_aware_pool_reference(
+                f, attention, boxes, batch, output_size=OUTPUT, spatial_scale=scale
+            )
         (pooled.sum() + queries.sum()).backward()
 
     def clear():
@@ -70,67 +71,101 @@ def make_step(side, f, boxes, batch, scale):
     return step, clear
 
 
-def _child(payload):
-    try:
-        torch.set_num_threads(int(payload["threads"]))
-        f, boxes, batch, scale = make_inputs(tuple(payload["cell"]))
-        step, clear = make_step(payload["side"], f, boxes, batch, scale)
-        result = common.cpu_peak_extra_bytes(step, cleanup=clear)
-    except Exception as exc:
-        result = {"ok": False, "reason": f"{type(exc).__name__}: {exc}"}
-    common.child_report(result)
-    return 0
+def _child(payload: dict) -> dict:
+    torch.set_num_threads(int(payload["threads"]))
+    f, boxes, batch, scale = make_inputs(tuple(payload["cell"]), seed=payload["seed"])
+    step, clear = make_step(payload["side"], f, boxes, batch, scale)
+    return common.cpu_peak_extra_bytes(step, cleanup=clear)
 
 
-def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] == common.CHILD_FLAG:
-        return _child(json.loads(argv[1]))
-    p = argparse.ArgumentParser(prog=f"python -m {MODULE}", description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--repeats", type=int, default=None)
-    p.add_argument("--json", default=None)
+def add_arguments(p) -> None:
     p.add_argument("--sides", default=",".join(SIDES), help="comma-separated subset of: " + ", ".join(SIDES))
     p.add_argument("--boxes", default=None, help="comma-separated boxes per image to keep (default: all cells)")
-    args = p.parse_args(argv)
+
+
+def run(args, device, info) -> cli.Result:
     sides = tuple(s for s in SIDES if s in args.sides.split(","))
     cells = QUICK_CELLS if args.quick else DEFAULT_CELLS
     if args.boxes:
         cells = [c for c in cells if c[4] in common.parse_int_list(args.boxes)]
-    repeats = args.repeats or (3 if args.quick else 5)
-    t0 = time.perf_counter()
-    print(common.format_machine_info(common.machine_info("cpu")))
     threads = torch.get_num_threads()
     keys = [(c, side) for c in cells for side in sides]
-    mem = dict(zip(keys, common.run_children(MODULE, [{"cell": list(c), "side": s, "threads": threads}
-                                                      for c, s in keys], workers=1)))
+    mem = {}
+    if not args.no_memory:
+        mem = dict(
+            zip(
+                keys,
+                common.run_children(
+                    MODULE,
+                    [{"cell": list(c), "side": s, "seed": args.seed, "threads": threads} for c, s in keys],
+                    workers=1,
+                ),
+            )
+        )
     rows = []
     for c in cells:
-        f, boxes, batch, scale = make_inputs(c)
+        f, boxes, batch, scale = make_inputs(c, seed=args.seed)
         medians = {}
         for side in sides:
             step, clear = make_step(side, f, boxes, batch, scale)
-            timing = common.time_fn(step, repeats=repeats, warmup=1, setup=clear, max_seconds=30.0)
+            timing = common.time_fn(
+                step, repeats=args.repeats, warmup=args.warmup, setup=clear, max_seconds=args.max_seconds
+            )
             medians[side] = timing["median_s"]
-            m = mem[(c, side)]
-            rows.append({"B": c[0], "D": c[1], "size": f"{c[2]}x{c[3]}", "boxes_per_image": c[4], "side": side,
-                         "median_s": timing["median_s"], "min_s": timing["min_s"], "repeats": timing["repeats"],
-                         "peak_extra_bytes": m.get("peak_extra") if m.get("ok") else None,
-                         "memory_note": None if m.get("ok") else m.get("reason")})
+            m = mem.get((c, side), {"reason": "--no-memory"})
+            rows.append(
+                {
+                    "B": c[0],
+                    "D": c[1],
+                    "size": f"{c[2]}x{c[3]}",
+                    "boxes_per_image": c[4],
+                    "side": side,
+                    "median_s": timing["median_s"],
+                    "min_s": timing["min_s"],
+                    "repeats": timing["repeats"],
+                    "peak_extra_bytes": m.get("peak_extra") if m.get("ok") else None,
+                    "memory_note": None if m.get("ok") else m.get("reason"),
+                }
+            )
         if len(sides) == 2:
             rows[-1]["speedup"] = None
             rows[-2]["speedup"] = medians["reference"] / medians["fused"]
-    body = [[r["B"], r["D"], r["size"], r["boxes_per_image"], r["side"], f"{r['median_s'] * 1e3:.1f}",
-             "" if r.get("speedup") is None else f"{r['speedup']:.1f}x", common.mib(r["peak_extra_bytes"])]
-            for r in rows]
-    print()
-    print(common.format_table(["B", "D", "h x w", "boxes/img", "side", "fwd+bwd ms (median)", "speed-up",
-                               "peak extra MiB"], body))
-    print(f"(grid {GRID}x{GRID}, pooling {OUTPUT}x{OUTPUT}, float32, {threads} threads; "
-          f"total {time.perf_counter() - t0:.1f} s)")
-    path = args.json or common.RESULTS_DIR / f"background_attention_cpu{'_quick' if args.quick else ''}.json"
-    print(f"wrote {common.write_json(path, {'benchmark': 'background_attention', 'rows': rows})}")
-    return 0
+    body = [
+        [
+            r["B"],
+            r["D"],
+            r["size"],
+            r["boxes_per_image"],
+            r["side"],
+            f"{r['median_s'] * 1e3:.1f}",
+            "" if r.get("speedup") is None else f"{r['speedup']:.1f}x",
+            common.mib(r["peak_extra_bytes"]),
+        ]
+        for r in rows
+    ]
+    title = (
+        f"Background attention (grid {GRID}x{GRID}) + background-aware pooling ({OUTPUT}x{OUTPUT}) forward + "
+        f"backward, float32, {threads} threads"
+    )
+    table = cli.Table(
+        title, ["B", "D", "h x w", "boxes/img", "side", "fwd+bwd ms (median)", "speed-up", "peak extra MiB"], body
+    )
+    return cli.Result([table], [], {"rows": rows})
+
+
+BENCHMARK = cli.Benchmark(
+    name="background_attention",
+    doc=__doc__,
+    run=run,
+    child=_child,
+    add_arguments=add_arguments,
+    devices=("cpu",),
+    defaults={"repeats": (5, 3), "warmup": (1, 1), "max_seconds": (30.0, 30.0)},
+)
+
+
+def main(argv=None) -> int:
+    return cli.main(BENCHMARK, argv)
 
 
 if __name__ == "__main__":

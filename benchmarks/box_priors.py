@@ -7,11 +7,11 @@ one forward + backward in a fresh child process per cell (as
 benchmarks/sparse_crf.py does), and the fraction of the machine's copy
 bandwidth the fused op reaches.  Run from the repository root:
 
-    python -m benchmarks.box_priors            # the sizes, CPU
+    python -m benchmarks.box_priors            # default sizes, CPU
     python -m benchmarks.box_priors --quick    # smoke test
     python -m benchmarks.box_priors --device cuda
 
-Targets at the end: the fused losses are >= 10x faster than the reference at
+Checked at the end: the fused losses are >= 10x faster than the reference at
 64 boxes per image, and no slower at 1 box per image.
 
 Bytes moved by the fused forward + backward, the bandwidth floor's numerator:
@@ -22,14 +22,11 @@ rows and columns) + the gradient written once.
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
-import time
 
 import torch
 
-from benchmarks import common
+from benchmarks import cli, common
 
 MODULE = "benchmarks.box_priors"
 # (B, C, H, W, boxes per image)
@@ -60,8 +57,10 @@ def loss_fn(loss: str, side: str):
     from boxloss.reference import box_priors as ref
 
     table = {
-        ("tight", "fused"): boxloss.tight_box_loss, ("tight", "reference"): ref.tight_box_loss_reference,
-        ("mil", "fused"): boxloss.mil_box_loss, ("mil", "reference"): ref.mil_box_loss_reference,
+        ("tight", "fused"): boxloss.tight_box_loss,
+        ("tight", "reference"): ref.tight_box_loss_reference,
+        ("mil", "fused"): boxloss.mil_box_loss,
+        ("mil", "reference"): ref.mil_box_loss_reference,
     }
     return table[(loss, side)]
 
@@ -90,124 +89,141 @@ def moved_bytes(loss, probs, boxes, batch, labels) -> int:
     return pixels * elem + probs.numel() * elem
 
 
-def _memory_child(payload: dict) -> int:
-    try:
-        torch.set_num_threads(int(payload["threads"]))
-        probs, boxes, batch, labels = make_inputs(*payload["cell"], seed=payload["seed"])
-        step, clear = make_step(payload["loss"], payload["side"], probs, boxes, batch, labels)
-        result = common.cpu_peak_extra_bytes(step, cleanup=clear)
-    except Exception as exc:
-        result = {"ok": False, "reason": f"{type(exc).__name__}: {exc}"}
-    common.child_report(result)
-    return 0
+def _memory_child(payload: dict) -> dict:
+    torch.set_num_threads(int(payload["threads"]))
+    probs, boxes, batch, labels = make_inputs(*payload["cell"], seed=payload["seed"])
+    step, clear = make_step(payload["loss"], payload["side"], probs, boxes, batch, labels)
+    return common.cpu_peak_extra_bytes(step, cleanup=clear)
 
 
-def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m benchmarks.box_priors", description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--repeats", type=int, default=None, help="timed repeats (default 15; 3 with --quick)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed calls (default 2; 1 with --quick)")
-    p.add_argument("--max-seconds", type=float, default=None, help="timed seconds per side and cell (default 15)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", default=None)
-    p.add_argument("--no-memory", action="store_true")
-    p.add_argument("--quick", action="store_true")
-    args = p.parse_args(argv)
-    args.cells = QUICK_CELLS if args.quick else DEFAULT_CELLS
-    args.repeats = args.repeats or (3 if args.quick else 15)
-    args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
-    args.max_seconds = args.max_seconds or (2.0 if args.quick else 15.0)
-    return args
-
-
-def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] == common.CHILD_FLAG:
-        return _memory_child(json.loads(argv[1]))
-    args = parse_args(argv)
-    device = common.resolve_device(args.device)
-    if device is None:
-        return 0
-    t0 = time.perf_counter()
-    info = common.machine_info(device)
-    print(common.format_machine_info(info))
+def run(args, device, info) -> cli.Result:
+    cells = QUICK_CELLS if args.quick else DEFAULT_CELLS
     bw = common.copy_bandwidth(device, mib=32 if args.quick else 256)
-    print(f"copy bandwidth ({device.type}): {bw['gbps']:.1f} GB/s measured; brief's figure "
-          f"{REFERENCE_BANDWIDTH_GBPS:.0f} GB/s")
+    lines = [
+        f"copy bandwidth ({device.type}): {bw['gbps']:.1f} GB/s measured; nominal figure "
+        f"{REFERENCE_BANDWIDTH_GBPS:.0f} GB/s"
+    ]
 
     memory = {}
     if not args.no_memory and device.type == "cpu":
         keys, payloads = [], []
-        for cell in args.cells:
+        for cell in cells:
             for loss in LOSSES:
                 for side in SIDES:
                     keys.append((cell, loss, side))
-                    payloads.append({"cell": list(cell), "loss": loss, "side": side, "seed": args.seed,
-                                     "threads": torch.get_num_threads()})
+                    payloads.append(
+                        {
+                            "cell": list(cell),
+                            "loss": loss,
+                            "side": side,
+                            "seed": args.seed,
+                            "threads": torch.get_num_threads(),
+                        }
+                    )
         memory = dict(zip(keys, common.run_children(MODULE, payloads)))
 
     rows = []
-    for cell in args.cells:
+    for cell in cells:
         B, C, H, W, n = cell
         probs, boxes, batch, labels = make_inputs(B, C, H, W, n, device, seed=args.seed)
         for loss in LOSSES:
-            row = {"size": f"{B}x{C}x{H}x{W}", "boxes_per_image": n, "loss": loss, "device": str(device),
-                   "probs_bytes": probs.numel() * probs.element_size(),
-                   "bytes_moved": moved_bytes(loss, probs, boxes, batch, labels)}
+            row = {
+                "size": f"{B}x{C}x{H}x{W}",
+                "boxes_per_image": n,
+                "loss": loss,
+                "device": str(device),
+                "probs_bytes": probs.numel() * probs.element_size(),
+                "bytes_moved": moved_bytes(loss, probs, boxes, batch, labels),
+            }
             for side in SIDES:
                 step, clear = make_step(loss, side, probs, boxes, batch, labels)
-                timing = common.time_fn(step, device=device, repeats=args.repeats, warmup=args.warmup, setup=clear,
-                                        max_seconds=args.max_seconds)
+                timing = common.time_fn(
+                    step,
+                    device=device,
+                    repeats=args.repeats,
+                    warmup=args.warmup,
+                    setup=clear,
+                    max_seconds=args.max_seconds,
+                )
                 clear()
                 if device.type == "cuda" and not args.no_memory:
                     mem = common.cuda_peak_extra_bytes(step, device, cleanup=clear)
                     clear()
                 else:
                     mem = memory.get((cell, loss, side))
-                row[side] = {"timing": timing,
-                             "peak_extra_bytes": mem.get("peak_extra") if mem and mem.get("ok") else None}
+                row[side] = {
+                    "timing": timing,
+                    "peak_extra_bytes": mem.get("peak_extra") if mem and mem.get("ok") else None,
+                }
             row["speedup"] = row["reference"]["timing"]["median_s"] / row["fused"]["timing"]["median_s"]
             row["bandwidth_fraction"] = row["bytes_moved"] / bw["bytes_per_s"] / row["fused"]["timing"]["median_s"]
             rows.append(row)
         del probs, boxes
 
-    headers = ["loss", "size (BxCxHxW)", "boxes/img", "fused ms med (min)", "ref ms med (min)", "speed-up",
-               "fused peak MiB", "ref peak MiB", "probs MiB", "BW frac"]
+    headers = [
+        "loss",
+        "size (BxCxHxW)",
+        "boxes/img",
+        "fused ms med (min)",
+        "ref ms med (min)",
+        "speed-up",
+        "fused peak MiB",
+        "ref peak MiB",
+        "probs MiB",
+        "BW frac",
+    ]
     body = []
     for r in rows:
         ft, rt = r["fused"]["timing"], r["reference"]["timing"]
-        body.append([r["loss"], r["size"], r["boxes_per_image"],
-                     f"{ft['median_s'] * 1e3:.2f} ({ft['min_s'] * 1e3:.2f})",
-                     f"{rt['median_s'] * 1e3:.2f} ({rt['min_s'] * 1e3:.2f})", f"{r['speedup']:.1f}x",
-                     common.mib(r["fused"]["peak_extra_bytes"]), common.mib(r["reference"]["peak_extra_bytes"]),
-                     common.mib(r["probs_bytes"]), f"{r['bandwidth_fraction']:.2f}"])
-    print()
-    print(common.format_table(headers, body))
-    targets = {}
+        body.append(
+            [
+                r["loss"],
+                r["size"],
+                r["boxes_per_image"],
+                f"{ft['median_s'] * 1e3:.2f} ({ft['min_s'] * 1e3:.2f})",
+                f"{rt['median_s'] * 1e3:.2f} ({rt['min_s'] * 1e3:.2f})",
+                f"{r['speedup']:.1f}x",
+                common.mib(r["fused"]["peak_extra_bytes"]),
+                common.mib(r["reference"]["peak_extra_bytes"]),
+                common.mib(r["probs_bytes"]),
+                f"{r['bandwidth_fraction']:.2f}",
+            ]
+        )
+    checks = {}
     at64 = [r["speedup"] for r in rows if r["boxes_per_image"] == 64]
     at1 = [r["speedup"] for r in rows if r["boxes_per_image"] == 1]
-    lines = []
     if at64:
-        targets["speedup_at_64_met"] = min(at64) >= SPEEDUP_AT_64
-        lines.append(f">= {SPEEDUP_AT_64:g}x at 64 boxes per image: {'MET' if targets['speedup_at_64_met'] else 'NOT MET'}"
-                     f" (min {min(at64):.1f}x)")
+        checks["speedup_at_64_met"] = min(at64) >= SPEEDUP_AT_64
+        lines.append(
+            f">= {SPEEDUP_AT_64:g}x at 64 boxes per image: {'yes' if checks['speedup_at_64_met'] else 'NO'}"
+            f" (min {min(at64):.1f}x)"
+        )
     if at1:
-        targets["no_slower_at_1_met"] = min(at1) >= 1.0
-        lines.append(f"no slower at 1 box per image: {'MET' if targets['no_slower_at_1_met'] else 'NOT MET'}"
-                     f" (min {min(at1):.1f}x)")
+        checks["no_slower_at_1_met"] = min(at1) >= 1.0
+        lines.append(
+            f"no slower at 1 box per image: {'yes' if checks['no_slower_at_1_met'] else 'NO'} (min {min(at1):.1f}x)"
+        )
     if args.quick:
-        lines.append("(--quick sizes: the targets are set for the default sizes)")
-    print()
-    for line in lines:
-        print(line)
-    print(f"(total benchmark time {time.perf_counter() - t0:.1f} s)")
-    path = args.json or common.RESULTS_DIR / f"box_priors_{device.type}{'_quick' if args.quick else ''}.json"
-    written = common.write_json(path, {"benchmark": "box_priors", "machine": info, "copy_bandwidth": bw,
-                                       "settings": {"cells": [list(c) for c in args.cells], "repeats": args.repeats,
-                                                    "warmup": args.warmup, "seed": args.seed, "dtype": "float32"},
-                                       "rows": rows, "targets": targets, "lines": lines})
-    print(f"wrote {written}")
-    return 0
+        lines.append("(--quick sizes: the checks are set for the default sizes)")
+    title = (
+        "tight_box_loss and mil_box_loss forward + backward, float32, softmax probabilities, random boxes "
+        "10-60 % of the image"
+    )
+    payload = {"copy_bandwidth": bw, "cells": [list(c) for c in cells], "rows": rows, "checks": checks}
+    return cli.Result([cli.Table(title, headers, body)], lines, payload)
+
+
+BENCHMARK = cli.Benchmark(
+    name="box_priors",
+    doc=__doc__,
+    run=run,
+    child=_memory_child,
+    defaults={"repeats": (15, 3), "warmup": (2, 1), "max_seconds": (15.0, 2.0)},
+)
+
+
+def main(argv=None) -> int:
+    return cli.main(BENCHMARK, argv)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,9 @@
 """Shared helpers for the boxloss kernel benchmarks.
 
-Everything here is independent of any particular op, so later benchmarks can
-reuse it:
+Everything here is independent of any particular op:
 
-* argument parsing helpers (``parse_sizes``, ``parse_int_list``, ``resolve_device``);
+* parsing helpers for the benchmarks' own options (``parse_sizes``, ``parse_int_list``,
+  ``resolve_device``; the shared command line is :mod:`benchmarks.cli`);
 * wall-clock timing with warm-up, median and min (``time_fn``);
 * copy bandwidth of the device (``copy_bandwidth``);
 * machine information (``machine_info``, ``format_machine_info``) and checks
@@ -27,9 +27,11 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable
 
 import torch
 
@@ -61,12 +63,12 @@ DTYPES = {
 
 
 def parse_int_list(text: str) -> list[int]:
-    """"4,8" -> [4, 8]."""
+    """ "4,8" -> [4, 8]."""
     return [int(part) for part in text.split(",") if part.strip()]
 
 
 def parse_sizes(text: str) -> list[tuple[int, int, int, int]]:
-    """"8x21x128,16x2x256x128" -> [(8, 21, 128, 128), (16, 2, 256, 128)].
+    """ "8x21x128,16x2x256x128" -> [(8, 21, 128, 128), (16, 2, 256, 128)].
 
     Each size is BxCxS (square S x S) or BxCxHxW.
     """
@@ -181,8 +183,10 @@ def time_interleaved(steps: dict, *, device, repeats: int, warmup: int, max_seco
             break
     for _, clear in steps.values():
         clear()
-    return {side: {"median_s": statistics.median(t), "min_s": min(t), "max_s": max(t), "repeats": len(t),
-                   "times_s": t} for side, t in times.items()}
+    return {
+        side: {"median_s": statistics.median(t), "min_s": min(t), "max_s": max(t), "repeats": len(t), "times_s": t}
+        for side, t in times.items()
+    }
 
 
 def copy_bandwidth(device: torch.device | str = "cpu", mib: int = 256, repeats: int = 10, warmup: int = 2) -> dict:
@@ -200,7 +204,6 @@ def copy_bandwidth(device: torch.device | str = "cpu", mib: int = 256, repeats: 
     timing = time_fn(lambda: dst.copy_(src), device=device, repeats=repeats, warmup=warmup)
     moved = 2 * n * 4
     bytes_per_s = moved / timing["median_s"]
-    del src, dst
     return {
         "gbps": bytes_per_s / 1e9,
         "bytes_per_s": bytes_per_s,
@@ -228,9 +231,7 @@ def _cpu_model() -> str:
 def _git_revision() -> dict:
     def git(*args: str) -> str | None:
         try:
-            out = subprocess.run(
-                ["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10, check=True
-            )
+            out = subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10, check=True)
         except (OSError, subprocess.SubprocessError):
             return None
         return out.stdout.strip()
@@ -287,7 +288,7 @@ class OtherCpuUse:
         t = os.times()
         return sum(fields), sum(fields) - idle, t.user + t.system
 
-    def start(self) -> "OtherCpuUse":
+    def start(self) -> OtherCpuUse:
         try:
             self._start = self._sample()
         except (OSError, ValueError, IndexError):
@@ -465,7 +466,7 @@ def run_child(module: str, payload: dict, *, timeout: float = 600.0, env_extra: 
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith(RESULT_MARKER):
             try:
-                return json.loads(line[len(RESULT_MARKER):])
+                return json.loads(line[len(RESULT_MARKER) :])
             except json.JSONDecodeError:
                 break
     tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
@@ -502,9 +503,16 @@ def mib(nbytes: float | None, digits: int = 2) -> str:
 
 
 def write_json(path: str | os.PathLike, payload: Any) -> Path:
+    """Writes ``payload`` as JSON atomically (a temporary file in the same folder, then a rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(payload, f, indent=2, sort_keys=False)
-        f.write("\n")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(payload, f, indent=2, sort_keys=False)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
     return path

@@ -3,11 +3,14 @@ loss (boxloss.dense_crf_loss): accuracy against the exact Gaussian, time per
 megapixel of a lattice build plus a 21-channel filter on one core, one pass over
 all channels against 21 single-channel passes of the same lattice, and
 forward + backward of the loss at the sizes of Tang et al.'s training (B=12,
-C=21, 513 x 513, scale 0.5 and 1.0).  Run from the repository root:
+C=21, 513 x 513, scale 0.5 and 1.0).
 
-    python -m benchmarks.dense_crf            # the issue's sizes, CPU
+Run from the repository root:
+
+    python -m benchmarks.dense_crf            # default sizes, CPU
     python -m benchmarks.dense_crf --quick    # smoke test
     python -m benchmarks.dense_crf --device cuda
+    python -m benchmarks.dense_crf --worst-case-memory   # peak memory of one 2048 x 2048 image only
 
 Images are natural-looking: the package's synthetic benchmark (textured objects
 and backgrounds, blur, noise; colours in [0, 255]); the loss gets smooth logits
@@ -15,9 +18,15 @@ that follow the objects, through a softmax.  Timings are medians after a
 warm-up (the one-pass filter and the 21 single passes alternate call by call,
 3 x --repeats rounds, so that both see the same load); CPU peak memory comes
 from fresh child processes (as in
-benchmarks/sparse_crf.py).  Targets at the end: build + 21-channel filter under
+benchmarks/sparse_crf.py).  Checked at the end: build + 21-channel filter under
 0.3 s per megapixel on one core, and one pass over 21 channels at least 5x
 faster than 21 single-channel passes.
+
+``--worst-case-memory`` measures, instead of the tables above, the peak extra
+memory of the loss (forward, and forward + backward) on one 3-class 2048 x 2048
+float32 image of uniform noise (the most lattice points per pixel), a natural
+image and colour ramps, each in a fresh child process, with the lattice's
+points per pixel (docs/dense_crf.md relates them).
 
 Accuracy: the brute-force Gaussian is O(N^2), so it is measured on 64 x 64
 images, sigma_xy scaled to the image as at 513 x 513 (80 * 64 / 513 = 10),
@@ -31,17 +40,14 @@ logits) against the brute-force loss.
 
 from __future__ import annotations
 
-import argparse
 import functools
-import json
 import sys
-import time
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from benchmarks import common
+from benchmarks import cli, common
 
 MODULE = "benchmarks.dense_crf"
 SIGMA_XY = 80.0
@@ -87,8 +93,10 @@ def make_inputs(B, C, H, W, device="cpu", dtype=torch.float32, seed=0):
             im, lg = im.roll(H // 3, 1), lg.roll(H // 3, 1)
         images.append(im)
         logits.append(lg)
-    return (torch.stack(logits).to(device=device, dtype=dtype).contiguous(),
-            torch.stack(images).to(device=device, dtype=dtype).contiguous())
+    return (
+        torch.stack(logits).to(device=device, dtype=dtype).contiguous(),
+        torch.stack(images).to(device=device, dtype=dtype).contiguous(),
+    )
 
 
 # --------------------------------------------------------------------------- accuracy
@@ -99,12 +107,18 @@ def _relative(a, b):
 
 
 def _original_filter(values, image, sigma_xy, sigma_rgb):
-    """Krähenbühl's lattice through pydensecrf (boxloss.reference.bilateral.original_lattice_filter), or None."""
+    """Krähenbühl's lattice through pydensecrf (boxloss.reference.bilateral.original_lattice_filter).
+
+    None where pydensecrf is not installed; an installed build that does not run raises.
+    """
+    from boxloss._pydensecrf import PyDenseCRFUnavailable
     from boxloss.reference.bilateral import original_lattice_filter
 
     try:
         return original_lattice_filter(values, image, sigma_xy, sigma_rgb)
-    except ImportError:
+    except PyDenseCRFUnavailable as exc:
+        if exc.installed:
+            raise
         return None
 
 
@@ -118,9 +132,13 @@ def measure_accuracy(size: int, sigmas, seeds) -> list[dict]:
         cells = []
         for seed in seeds:
             logits, image = make_inputs(1, 4, size, size, dtype=torch.float64, seed=seed)
-            values = torch.cat([torch.rand(1, 3, size, size, dtype=torch.float64,
-                                           generator=torch.Generator().manual_seed(seed)),
-                                torch.ones(1, 1, size, size, dtype=torch.float64)], 1)
+            values = torch.cat(
+                [
+                    torch.rand(1, 3, size, size, dtype=torch.float64, generator=torch.Generator().manual_seed(seed)),
+                    torch.ones(1, 1, size, size, dtype=torch.float64),
+                ],
+                1,
+            )
             lattice = boxloss.bilateral_filter(values, image, sigma_xy, sigma_rgb)
             exact = bilateral_filter_brute_force(values, image, sigma_xy, sigma_rgb)
             scale = float((lattice * exact).sum() / (exact * exact).sum())
@@ -143,8 +161,10 @@ def measure_accuracy(size: int, sigmas, seeds) -> list[dict]:
             cell["gradient"] = _relative(x.grad, y.grad)
             cell["cosine"] = float(F.cosine_similarity(x.grad.flatten(), y.grad.flatten(), dim=0))
             cells.append(cell)
-        worst = {k: (max(c[k] for c in cells) if k != "cosine" else min(c[k] for c in cells))
-                 for k in ("raw", "after_scale", "normalised", "loss", "gradient", "cosine")}
+        worst = {
+            k: (max(c[k] for c in cells) if k != "cosine" else min(c[k] for c in cells))
+            for k in ("raw", "after_scale", "normalised", "loss", "gradient", "cosine")
+        }
         worst["scale"] = [round(c["scale"], 3) for c in cells]
         originals = [c["original_raw"] for c in cells if c["original_raw"] is not None]
         worst["original_raw"] = max(originals) if originals else None
@@ -152,18 +172,36 @@ def measure_accuracy(size: int, sigmas, seeds) -> list[dict]:
     return rows
 
 
-def render_accuracy(rows) -> str:
-    headers = ["sigma_xy", "sigma_rgb", "filter raw", "lattice scale", "after scale", "normalised", "original raw",
-               "loss value", "loss grad", "grad cosine"]
+def render_accuracy(rows):
+    headers = [
+        "sigma_xy",
+        "sigma_rgb",
+        "filter raw",
+        "lattice scale",
+        "after scale",
+        "normalised",
+        "original raw",
+        "loss value",
+        "loss grad",
+        "grad cosine",
+    ]
     body = []
     for r in rows:
-        body.append([
-            r["sigma_xy"], r["sigma_rgb"], f"{r['raw']:.3f}", "-".join(f"{s:.2f}" for s in r["scale"]),
-            f"{r['after_scale']:.3f}", f"{r['normalised']:.4f}",
-            "n/a" if r["original_raw"] is None else f"{r['original_raw']:.3f}",
-            f"{r['loss']:.4f}", f"{r['gradient']:.3f}", f"{r['cosine']:.4f}",
-        ])
-    return common.format_table(headers, body)
+        body.append(
+            [
+                r["sigma_xy"],
+                r["sigma_rgb"],
+                f"{r['raw']:.3f}",
+                "-".join(f"{s:.2f}" for s in r["scale"]),
+                f"{r['after_scale']:.3f}",
+                f"{r['normalised']:.4f}",
+                "n/a" if r["original_raw"] is None else f"{r['original_raw']:.3f}",
+                f"{r['loss']:.4f}",
+                f"{r['gradient']:.3f}",
+                f"{r['cosine']:.4f}",
+            ]
+        )
+    return headers, body
 
 
 # --------------------------------------------------------------------------- filter timing
@@ -186,36 +224,65 @@ def time_filter(size: int, device, repeats: int, warmup: int, max_seconds: float
         # that both see the same load on a shared machine.
         nothing = lambda: None  # noqa: E731
         sides = common.time_interleaved(
-            {"one": (lambda: lattice.filter(values), nothing),
-             "single": (lambda: [lattice.filter(v) for v in single], nothing)},
-            device=device, repeats=3 * repeats, warmup=warmup, max_seconds=max_seconds)
+            {
+                "one": (lambda: lattice.filter(values), nothing),
+                "single": (lambda: [lattice.filter(v) for v in single], nothing),
+            },
+            device=device,
+            repeats=3 * repeats,
+            warmup=warmup,
+            max_seconds=max_seconds,
+        )
         one_pass, passes = sides["one"], sides["single"]
         other = monitor.stop()
     finally:
         torch.set_num_threads(previous)
     megapixels = size * size / 1e6
     return {
-        "size": size, "threads": threads, "sigma_xy": SIGMA_XY * size / 513, "sigma_rgb": SIGMA_RGB,
-        "vertices": lattice.num_vertices[0], "build": build, "filter_21": one_pass, "single_passes_21": passes,
+        "size": size,
+        "threads": threads,
+        "sigma_xy": SIGMA_XY * size / 513,
+        "sigma_rgb": SIGMA_RGB,
+        "vertices": lattice.num_vertices[0],
+        "build": build,
+        "filter_21": one_pass,
+        "single_passes_21": passes,
         "per_megapixel_s": (build["median_s"] + one_pass["median_s"]) / megapixels,
         "one_pass_speedup": passes["median_s"] / one_pass["median_s"],
         "other_cpu_use": other,
     }
 
 
-def render_filter(rows) -> str:
-    headers = ["image", "threads", "sigma_xy", "lattice points", "build ms", "21-ch filter ms", "21 x 1-ch ms",
-               "one-pass speed-up", "build+21ch s/MP", "other CPU use"]
+def render_filter(rows):
+    headers = [
+        "image",
+        "threads",
+        "sigma_xy",
+        "lattice points",
+        "build ms",
+        "21-ch filter ms",
+        "21 x 1-ch ms",
+        "one-pass speed-up",
+        "build+21ch s/MP",
+        "other CPU use",
+    ]
     body = []
     for r in rows:
-        body.append([
-            f"{r['size']}x{r['size']}", r["threads"], f"{r['sigma_xy']:.1f}", r["vertices"],
-            f"{r['build']['median_s'] * 1e3:.1f}", f"{r['filter_21']['median_s'] * 1e3:.1f}",
-            f"{r['single_passes_21']['median_s'] * 1e3:.1f}", f"{r['one_pass_speedup']:.1f}x",
-            f"{r['per_megapixel_s']:.3f}",
-            "n/a" if r["other_cpu_use"] is None else f"{r['other_cpu_use']:.0%}",
-        ])
-    return common.format_table(headers, body)
+        body.append(
+            [
+                f"{r['size']}x{r['size']}",
+                r["threads"],
+                f"{r['sigma_xy']:.1f}",
+                r["vertices"],
+                f"{r['build']['median_s'] * 1e3:.1f}",
+                f"{r['filter_21']['median_s'] * 1e3:.1f}",
+                f"{r['single_passes_21']['median_s'] * 1e3:.1f}",
+                f"{r['one_pass_speedup']:.1f}x",
+                f"{r['per_megapixel_s']:.3f}",
+                "n/a" if r["other_cpu_use"] is None else f"{r['other_cpu_use']:.0%}",
+            ]
+        )
+    return headers, body
 
 
 # --------------------------------------------------------------------------- loss timing
@@ -237,94 +304,206 @@ def make_step(cell, device, dtype=torch.float32, seed=0):
     return step, clear, probs
 
 
-def _memory_child(payload: dict) -> int:
-    try:
-        torch.set_num_threads(int(payload["threads"]))
-        step, clear, _ = make_step(tuple(payload["cell"]), "cpu", seed=payload["seed"])
+def worst_case_image(kind: str, size: int, seed: int = 0) -> torch.Tensor:
+    """(1, 3, size, size) colours in [0, 255]: "noise" (uniform, every pixel its own colour: the most lattice
+    points), "smooth" (colour ramps: few lattice points) or "natural" (the synthetic benchmark's image)."""
+    if kind == "noise":
+        return torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(seed)) * 255
+    if kind == "smooth":
+        ramp = torch.linspace(0, 255, size)
+        return torch.stack(
+            [ramp[None, :].expand(size, size), ramp[:, None].expand(size, size), 255 - ramp[None, :].expand(size, size)]
+        )[None].contiguous()
+    image, _ = _sample(size, seed)
+    return torch.from_numpy(image).permute(2, 0, 1)[None].to(torch.float32).contiguous()
+
+
+def make_worst_case_step(kind: str, size: int, channels: int, backward: bool, seed: int = 0):
+    """The worst-case memory measurement: one image, float32, softmax probabilities, default sigmas, scale 1."""
+    import boxloss
+
+    image = worst_case_image(kind, size, seed)
+    logits = torch.randn(1, channels, size, size, generator=torch.Generator().manual_seed(seed + 1))
+    probs = logits.softmax(1).requires_grad_(backward)
+
+    def step():
+        loss = boxloss.dense_crf_loss(probs, image, sigma_rgb=SIGMA_RGB, sigma_xy=SIGMA_XY)
+        if backward:
+            loss.backward()
+
+    def clear():
+        probs.grad = None
+
+    return step, clear, probs, image
+
+
+def _memory_child(payload: dict) -> dict:
+    torch.set_num_threads(int(payload["threads"]))
+    if "worst_case" in payload:
+        import boxloss
+
+        case = payload["worst_case"]
+        step, clear, probs, image = make_worst_case_step(
+            case["image"], case["size"], case["channels"], case["backward"]
+        )
         result = common.cpu_peak_extra_bytes(step, cleanup=clear)
-    except Exception as exc:  # reported to the parent, which prints n/a
-        result = {"ok": False, "reason": f"{type(exc).__name__}: {exc}"}
-    common.child_report(result)
-    return 0
+        lattice = boxloss.PermutohedralLattice(image, SIGMA_XY, SIGMA_RGB)
+        result["lattice_points"] = int(lattice.num_vertices[0])
+        result["input_bytes"] = probs.numel() * probs.element_size() + image.numel() * image.element_size()
+        return result
+    step, clear, _ = make_step(tuple(payload["cell"]), "cpu", seed=payload["seed"])
+    return common.cpu_peak_extra_bytes(step, cleanup=clear)
 
 
-def render_loss(rows) -> str:
-    headers = ["B x C x H x W", "scale", "lattice size", "fwd+bwd ms med (min)", "ms / image", "MP/s (loss res.)",
-               "peak extra MiB", "probs MiB", "other CPU use"]
+WORST_CASE_SIZE = 2048
+WORST_CASE_CHANNELS = 3
+QUICK_WORST_CASE_SIZE = 256
+
+
+def measure_worst_case_memory(size: int, channels: int, threads: int) -> list[dict]:
+    """Peak extra memory of dense_crf_loss (forward, and forward + backward) on noise, natural and smooth images of
+    size x size, each in a fresh child process; with the lattice size, per pixel and per lattice point."""
+    cases = [
+        {"image": kind, "size": size, "channels": channels, "backward": backward}
+        for kind in ("noise", "natural", "smooth")
+        for backward in (False, True)
+    ]
+    results = common.run_children(MODULE, [{"worst_case": c, "threads": threads} for c in cases], workers=1)
+    rows = []
+    for case, result in zip(cases, results):
+        row = dict(case)
+        if result.get("ok"):
+            row.update(
+                peak_extra_bytes=result["peak_extra"],
+                input_bytes=result["input_bytes"],
+                lattice_points=result["lattice_points"],
+            )
+        else:
+            row["error"] = result.get("reason")
+        rows.append(row)
+    return rows
+
+
+def render_worst_case(rows):
+    headers = ["image", "pass", "lattice points / pixel", "peak extra MiB", "x inputs", "bytes / pixel"]
+    body = []
+    for r in rows:
+        if "error" in r:
+            body.append([r["image"], "fwd+bwd" if r["backward"] else "fwd", "-", r["error"], "-", "-"])
+            continue
+        pixels = r["size"] * r["size"]
+        body.append(
+            [
+                r["image"],
+                "fwd+bwd" if r["backward"] else "fwd",
+                f"{r['lattice_points'] / pixels:.3f}",
+                common.mib(r["peak_extra_bytes"], 1),
+                f"{r['peak_extra_bytes'] / r['input_bytes']:.2f}",
+                f"{r['peak_extra_bytes'] / pixels:.1f}",
+            ]
+        )
+    return headers, body
+
+
+def render_loss(rows):
+    headers = [
+        "B x C x H x W",
+        "scale",
+        "lattice size",
+        "fwd+bwd ms med (min)",
+        "ms / image",
+        "MP/s (loss res.)",
+        "peak extra MiB",
+        "probs MiB",
+        "other CPU use",
+    ]
     body = []
     for r in rows:
         t = r["timing"]
-        body.append([
-            r["size"], r["scale"], f"{r['loss_h']}x{r['loss_w']}",
-            f"{t['median_s'] * 1e3:.1f} ({t['min_s'] * 1e3:.1f})", f"{t['median_s'] * 1e3 / r['B']:.1f}",
-            f"{r['megapixels_per_s']:.2f}", common.mib(r["peak_extra_bytes"]), common.mib(r["probs_bytes"]),
-            "n/a" if r["other_cpu_use"] is None else f"{r['other_cpu_use']:.0%}",
-        ])
-    return common.format_table(headers, body)
+        body.append(
+            [
+                r["size"],
+                r["scale"],
+                f"{r['loss_h']}x{r['loss_w']}",
+                f"{t['median_s'] * 1e3:.1f} ({t['min_s'] * 1e3:.1f})",
+                f"{t['median_s'] * 1e3 / r['B']:.1f}",
+                f"{r['megapixels_per_s']:.2f}",
+                common.mib(r["peak_extra_bytes"]),
+                common.mib(r["probs_bytes"]),
+                "n/a" if r["other_cpu_use"] is None else f"{r['other_cpu_use']:.0%}",
+            ]
+        )
+    return headers, body
 
 
-# --------------------------------------------------------------------------- main
+# --------------------------------------------------------------------------- run
 
 
-def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m benchmarks.dense_crf", description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--repeats", type=int, default=None, help="timed repeats (default 7; 3 with --quick)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed calls (default 2; 1 with --quick)")
-    p.add_argument("--max-seconds", type=float, default=None, help="timed seconds per measurement (default 20)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", default=None)
-    p.add_argument("--no-memory", action="store_true")
+def add_arguments(p) -> None:
     p.add_argument("--no-accuracy", action="store_true", help="skip the brute-force accuracy table")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch threads for the loss timings and the second filter row (default: torch's)")
-    p.add_argument("--quick", action="store_true")
-    args = p.parse_args(argv)
+    p.add_argument(
+        "--worst-case-memory",
+        action="store_true",
+        help=f"instead of the tables above, measure the peak memory of the loss on one {WORST_CASE_SIZE} x "
+        f"{WORST_CASE_SIZE} image (uniform noise, natural, smooth; forward and forward + backward; "
+        f"{QUICK_WORST_CASE_SIZE} x {QUICK_WORST_CASE_SIZE} with --quick) in fresh processes",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads for the loss timings and the second filter row (default: torch's)",
+    )
+
+
+def check(args, p) -> None:
     if args.threads is not None and args.threads < 1:
         p.error("--threads must be >= 1")
     args.filter_size = QUICK_FILTER_SIZE if args.quick else FILTER_SIZE
     args.loss_cells = QUICK_LOSS_CELLS if args.quick else LOSS_CELLS
-    args.repeats = args.repeats or (3 if args.quick else 7)
-    args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
-    args.max_seconds = args.max_seconds or (2.0 if args.quick else 20.0)
-    return args
 
 
-def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] == common.CHILD_FLAG:
-        return _memory_child(json.loads(argv[1]))
-    args = parse_args(argv)
-    device = common.resolve_device(args.device)
-    if device is None:
-        return 0
+def run(args, device, info) -> cli.Result:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    t0 = time.perf_counter()
-    info = common.machine_info(device)
-    print(common.format_machine_info(info))
-    if info.get("boxloss_extension_loaded") is not True:
-        print("WARNING: the boxloss extension is not loaded; the numbers are the PyTorch reference's.")
-    busy = common.busy_machine_warning(common.cpu_busy_fraction(), "before the benchmark")
-    if busy:
-        print(busy)
-
+    tables = []
+    if args.worst_case_memory:
+        size = QUICK_WORST_CASE_SIZE if args.quick else WORST_CASE_SIZE
+        worst = measure_worst_case_memory(size, WORST_CASE_CHANNELS, torch.get_num_threads())
+        tables.append(
+            cli.Table(
+                f"DenseCRF loss peak extra memory (CPU, fresh process), 1 x {WORST_CASE_CHANNELS} x {size} x {size} "
+                f"float32, sigma_xy {SIGMA_XY}, sigma_rgb {SIGMA_RGB}, scale 1",
+                *render_worst_case(worst),
+            )
+        )
+        return cli.Result(tables, [], {"worst_case_memory": worst})
     accuracy = []
     if not args.no_accuracy:
         sigmas = ACCURACY_SIGMAS[:1] if args.quick else ACCURACY_SIGMAS
         seeds = ACCURACY_SEEDS[:1] if args.quick else ACCURACY_SEEDS
         size = 32 if args.quick else ACCURACY_SIZE
         accuracy = measure_accuracy(size, sigmas, seeds)
-        print(f"\nLattice against the exact Gaussian (brute force), {size}x{size} natural images, worst of "
-              f"{len(seeds)} (relative L2 errors; loss value: relative error):")
-        print(render_accuracy(accuracy))
+        tables.append(
+            cli.Table(
+                f"Lattice against the exact Gaussian (brute force), {size}x{size} natural images, worst of {len(seeds)} "
+                "(relative L2 errors; loss value: relative error)",
+                *render_accuracy(accuracy),
+            )
+        )
 
     threads = sorted({1, torch.get_num_threads()})
-    filter_rows = [time_filter(args.filter_size, device, args.repeats, args.warmup, args.max_seconds, t)
-                   for t in (threads if device.type == "cpu" else [torch.get_num_threads()])]
-    print(f"\nLattice build and filter, {CHANNELS} channels, float32, sigma_xy {SIGMA_XY} x size/513, "
-          f"sigma_rgb {SIGMA_RGB}:")
-    print(render_filter(filter_rows))
+    filter_rows = [
+        time_filter(args.filter_size, device, args.repeats, args.warmup, args.max_seconds, t)
+        for t in (threads if device.type == "cpu" else [torch.get_num_threads()])
+    ]
+    tables.append(
+        cli.Table(
+            f"Lattice build and filter, {CHANNELS} channels, float32, sigma_xy {SIGMA_XY} x size/513, "
+            f"sigma_rgb {SIGMA_RGB}",
+            *render_filter(filter_rows),
+        )
+    )
 
     memory = {}
     if not args.no_memory and device.type == "cpu":
@@ -335,8 +514,9 @@ def main(argv=None) -> int:
         B, C, H, W, scale = cell
         step, clear, probs = make_step(cell, device, seed=args.seed)
         monitor = common.OtherCpuUse().start()
-        timing = common.time_fn(step, device=device, repeats=args.repeats, warmup=args.warmup, setup=clear,
-                                max_seconds=args.max_seconds)
+        timing = common.time_fn(
+            step, device=device, repeats=args.repeats, warmup=args.warmup, setup=clear, max_seconds=args.max_seconds
+        )
         other = monitor.stop()
         clear()
         if device.type == "cuda" and not args.no_memory:
@@ -345,51 +525,87 @@ def main(argv=None) -> int:
         else:
             mem = memory.get(cell)
         lh, lw = int(H * scale), int(W * scale)
-        loss_rows.append({
-            "size": common.size_label(B, C, H, W), "B": B, "C": C, "H": H, "W": W, "scale": scale,
-            "loss_h": lh, "loss_w": lw, "timing": timing, "threads": torch.get_num_threads(),
-            "megapixels_per_s": B * lh * lw / 1e6 / timing["median_s"],
-            "peak_extra_bytes": mem.get("peak_extra") if mem and mem.get("ok") else None,
-            "probs_bytes": probs.numel() * probs.element_size(), "other_cpu_use": other,
-        })
+        loss_rows.append(
+            {
+                "size": common.size_label(B, C, H, W),
+                "B": B,
+                "C": C,
+                "H": H,
+                "W": W,
+                "scale": scale,
+                "loss_h": lh,
+                "loss_w": lw,
+                "timing": timing,
+                "threads": torch.get_num_threads(),
+                "megapixels_per_s": B * lh * lw / 1e6 / timing["median_s"],
+                "peak_extra_bytes": mem.get("peak_extra") if mem and mem.get("ok") else None,
+                "probs_bytes": probs.numel() * probs.element_size(),
+                "other_cpu_use": other,
+            }
+        )
         del step, probs
-    print(f"\nDenseCRF loss forward + backward (float32, softmax probabilities, sigma_rgb {SIGMA_RGB}, "
-          f"sigma_xy {SIGMA_XY} at full resolution, {torch.get_num_threads()} threads):")
-    print(render_loss(loss_rows))
+    tables.append(
+        cli.Table(
+            f"DenseCRF loss forward + backward (float32, softmax probabilities, sigma_rgb {SIGMA_RGB}, "
+            f"sigma_xy {SIGMA_XY} at full resolution, {torch.get_num_threads()} threads)",
+            *render_loss(loss_rows),
+        )
+    )
 
     one_core = [r for r in filter_rows if r["threads"] == 1]
-    lines, targets = [], {}
+    lines, checks = [], {}
     if one_core:
         r = one_core[0]
-        targets["per_megapixel_met"] = r["per_megapixel_s"] < PER_MP_TARGET_S
-        lines.append(f"build + 21-channel filter < {PER_MP_TARGET_S} s per megapixel on one core: "
-                     f"{'MET' if targets['per_megapixel_met'] else 'NOT MET'} ({r['per_megapixel_s']:.3f} s/MP)")
+        checks["per_megapixel_met"] = r["per_megapixel_s"] < PER_MP_TARGET_S
+        lines.append(
+            f"build + 21-channel filter < {PER_MP_TARGET_S} s per megapixel on one core: "
+            f"{'yes' if checks['per_megapixel_met'] else 'NO'} ({r['per_megapixel_s']:.3f} s/MP)"
+        )
     for r in filter_rows:
         met = r["one_pass_speedup"] >= ONE_PASS_TARGET
-        targets[f"one_pass_met_{r['threads']}_threads"] = met
-        lines.append(f"one pass over 21 channels >= {ONE_PASS_TARGET:g}x faster than 21 single-channel passes "
-                     f"({r['threads']} thread{'s' if r['threads'] > 1 else ''}): {'MET' if met else 'NOT MET'} "
-                     f"({r['one_pass_speedup']:.1f}x)")
+        checks[f"one_pass_met_{r['threads']}_threads"] = met
+        lines.append(
+            f"one pass over 21 channels >= {ONE_PASS_TARGET:g}x faster than 21 single-channel passes "
+            f"({r['threads']} thread{'s' if r['threads'] > 1 else ''}): {'yes' if met else 'NO'} "
+            f"({r['one_pass_speedup']:.1f}x)"
+        )
     if args.quick:
-        lines.append("(--quick sizes: the targets are set for 513 x 513)")
+        lines.append("(--quick sizes: the checks are set for 513 x 513)")
     noisy = [r for r in filter_rows + loss_rows if (r.get("other_cpu_use") or 0.0) > 0.15]
     if noisy:
-        lines.append("WARNING: other processes used the CPUs during some measurements (column 'other CPU use'); "
-                     "their timings are unreliable.")
-    print()
-    for line in lines:
-        print(line)
-    print(f"(total benchmark time {time.perf_counter() - t0:.1f} s)")
-    path = args.json or common.RESULTS_DIR / f"dense_crf_{device.type}{'_quick' if args.quick else ''}.json"
-    written = common.write_json(path, {
-        "benchmark": "dense_crf", "machine": info, "accuracy": accuracy, "filter": filter_rows, "loss": loss_rows,
-        "settings": {"sigma_xy": SIGMA_XY, "sigma_rgb": SIGMA_RGB, "channels": CHANNELS,
-                     "filter_size": args.filter_size, "loss_cells": [list(c) for c in args.loss_cells],
-                     "repeats": args.repeats, "warmup": args.warmup, "seed": args.seed, "dtype": "float32"},
-        "targets": targets, "lines": lines,
-    })
-    print(f"wrote {written}")
-    return 0
+        lines.append(
+            "WARNING: other processes used the CPUs during some measurements (column 'other CPU use'); "
+            "their timings are unreliable."
+        )
+    payload = {
+        "accuracy": accuracy,
+        "filter": filter_rows,
+        "loss": loss_rows,
+        "checks": checks,
+        "constants": {
+            "sigma_xy": SIGMA_XY,
+            "sigma_rgb": SIGMA_RGB,
+            "channels": CHANNELS,
+            "filter_size": args.filter_size,
+            "loss_cells": [list(c) for c in args.loss_cells],
+        },
+    }
+    return cli.Result(tables, lines, payload)
+
+
+BENCHMARK = cli.Benchmark(
+    name="dense_crf",
+    doc=__doc__,
+    run=run,
+    child=_memory_child,
+    add_arguments=add_arguments,
+    check=check,
+    defaults={"repeats": (7, 3), "warmup": (2, 1), "max_seconds": (20.0, 2.0)},
+)
+
+
+def main(argv=None) -> int:
+    return cli.main(BENCHMARK, argv)
 
 
 if __name__ == "__main__":

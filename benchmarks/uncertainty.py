@@ -1,7 +1,8 @@
 """Benchmark of boxloss.uncertainty_ce_loss (fused, noise drawn in the kernel)
-against the materialising reference (boxloss.reference.uncertainty
-.uncertainty_ce_loss_reference with noise="torch": T x B x C x H x W samples
-from torch.randn, kept for backward, the way public PyTorch code does it).
+against the materialising reference
+(boxloss.reference.uncertainty.uncertainty_ce_loss_reference with
+noise="torch": T x B x C x H x W samples from torch.randn, kept for backward,
+the way public PyTorch code does it).
 
 Times forward + backward (median and min; the two sides alternate call by
 call, so that both see the same load on a shared machine), and measures the peak extra memory
@@ -11,25 +12,22 @@ T = 1, 5, 20, 50 (the memory curve).  Every pixel carries the uncertainty term
 (no box mask: the worst case), with bootstrapping and the default routing.
 Run from the repository root:
 
-    python -m benchmarks.uncertainty            # the issue's sizes, CPU
+    python -m benchmarks.uncertainty            # default sizes, CPU
     python -m benchmarks.uncertainty --quick    # smoke test
     python -m benchmarks.uncertainty --device cuda
 
-Targets at the end: the fused loss is >= 5x faster than the reference at each
+Checked at the end: the fused loss is >= 5x faster than the reference at each
 size, its peak extra memory does not grow with T, and it is >= 10x below the
 reference's at T = 20.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
-import time
 
 import torch
 
-from benchmarks import common
+from benchmarks import cli, common
 
 MODULE = "benchmarks.uncertainty"
 DEFAULT_SIZES = "8x21x128x128,4x3x512x1024"
@@ -65,8 +63,9 @@ def make_step(side, mu, log_var, target, samples, seed=0):
         generator = torch.Generator(device=mu.device).manual_seed(seed)
 
         def loss():
-            return uncertainty_ce_loss_reference(mu, log_var, target, samples=samples, noise="torch",
-                                                 generator=generator)
+            return uncertainty_ce_loss_reference(
+                mu, log_var, target, samples=samples, noise="torch", generator=generator
+            )
 
     def step():
         loss().backward()
@@ -78,37 +77,23 @@ def make_step(side, mu, log_var, target, samples, seed=0):
     return step, clear_grad
 
 
-def _memory_child(payload: dict) -> int:
-    try:
-        torch.set_num_threads(int(payload["threads"]))
-        mu, log_var, target = make_inputs(*payload["size"], seed=payload["seed"])
-        step, clear = make_step(payload["side"], mu, log_var, target, payload["samples"], payload["seed"])
-        result = common.cpu_peak_extra_bytes(step, cleanup=clear)
-    except Exception as exc:  # reported to the parent, which prints n/a
-        result = {"ok": False, "reason": f"{type(exc).__name__}: {exc}"}
-    common.child_report(result)
-    return 0
+def _memory_child(payload: dict) -> dict:
+    torch.set_num_threads(int(payload["threads"]))
+    mu, log_var, target = make_inputs(*payload["size"], seed=payload["seed"])
+    step, clear = make_step(payload["side"], mu, log_var, target, payload["samples"], payload["seed"])
+    return common.cpu_peak_extra_bytes(step, cleanup=clear)
 
 
-def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m benchmarks.uncertainty", description=__doc__.split("\n\n")[0])
+def add_arguments(p) -> None:
     p.add_argument("--sizes", default=None, help=f"comma-separated BxCxS or BxCxHxW (default {DEFAULT_SIZES})")
     p.add_argument("--samples", type=int, default=SAMPLES, help="T of the timed rows (default 20)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--repeats", type=int, default=None, help="timed repeats (default 10; 3 with --quick)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed calls (default 1)")
-    p.add_argument("--max-seconds", type=float, default=None, help="timed seconds per row, both sides (default 40)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", default=None)
-    p.add_argument("--no-memory", action="store_true")
-    p.add_argument("--quick", action="store_true")
-    args = p.parse_args(argv)
+
+
+def check(args, p) -> None:
     args.sizes = common.parse_sizes(args.sizes or (QUICK_SIZES if args.quick else DEFAULT_SIZES))
     args.t_curve = QUICK_T_CURVE if args.quick else T_CURVE
-    args.repeats = args.repeats or (3 if args.quick else 10)
-    args.warmup = args.warmup if args.warmup is not None else 1
-    args.max_seconds = args.max_seconds or (4.0 if args.quick else 40.0)
-    return args
+    if args.samples < 1:
+        p.error("--samples must be >= 1")
 
 
 def measure_cpu_memory(cells, seed):
@@ -118,8 +103,9 @@ def measure_cpu_memory(cells, seed):
     for size, samples in cells:
         for side in SIDES:
             keys.append((side, size, samples))
-            payloads.append({"side": side, "size": list(size), "samples": samples, "seed": seed,
-                             "threads": torch.get_num_threads()})
+            payloads.append(
+                {"side": side, "size": list(size), "samples": samples, "seed": seed, "threads": torch.get_num_threads()}
+            )
     return dict(zip(keys, common.run_children(MODULE, payloads, workers=1)))
 
 
@@ -127,23 +113,12 @@ def _peak(mem):
     return int(mem["peak_extra"]) if mem and mem.get("ok") else None
 
 
-def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] == common.CHILD_FLAG:
-        return _memory_child(json.loads(argv[1]))
-    args = parse_args(argv)
-    device = common.resolve_device(args.device)
-    if device is None:
-        return 0
-    t0 = time.perf_counter()
-    info = common.machine_info(device)
-    print(common.format_machine_info(info))
-    if info.get("boxloss_extension_loaded") is not True:
-        print("WARNING: the boxloss extension is not loaded; 'fused' runs the reference fallback.")
-    print(f"settings: float32, T = {args.samples} (memory curve T = {', '.join(map(str, args.t_curve))}), every "
-          f"pixel uncertain, bootstrapping with routed gradients, repeats {args.repeats} (fused and reference "
-          f"alternating, capped at {args.max_seconds:g} s per row), warm-up {args.warmup}")
-
+def run(args, device, info) -> cli.Result:
+    lines = [
+        f"settings: float32, T = {args.samples} (memory curve T = {', '.join(map(str, args.t_curve))}), every "
+        f"pixel uncertain, bootstrapping with routed gradients, repeats {args.repeats} (fused and reference "
+        f"alternating, capped at {args.max_seconds:g} s per row), warm-up {args.warmup}"
+    ]
     cells = [(size, args.samples) for size in args.sizes]
     curve_size = args.sizes[0]
     cells += [(curve_size, t) for t in args.t_curve if (curve_size, t) not in cells]
@@ -155,12 +130,17 @@ def main(argv=None) -> int:
     for size in args.sizes:
         B, C, H, W = size
         mu, log_var, target = make_inputs(B, C, H, W, device, seed=args.seed)
-        row = {"size": common.size_label(*size), "samples": args.samples, "device": str(device),
-               "mu_bytes": mu.numel() * mu.element_size()}
+        row = {
+            "size": common.size_label(*size),
+            "samples": args.samples,
+            "device": str(device),
+            "mu_bytes": mu.numel() * mu.element_size(),
+        }
         monitor = common.OtherCpuUse().start()
         steps = {side: make_step(side, mu, log_var, target, args.samples, args.seed) for side in SIDES}
-        timings = common.time_interleaved(steps, device=device, repeats=args.repeats, warmup=args.warmup,
-                                   max_seconds=args.max_seconds)
+        timings = common.time_interleaved(
+            steps, device=device, repeats=args.repeats, warmup=args.warmup, max_seconds=args.max_seconds
+        )
         for side in SIDES:
             step, clear = steps[side]
             timing = timings[side]
@@ -169,8 +149,11 @@ def main(argv=None) -> int:
                 clear()
             else:
                 mem = memory.get((side, size, args.samples))
-            row[side] = {"timing": timing, "peak_extra_bytes": _peak(mem),
-                         "memory_note": None if _peak(mem) is not None else (mem or {}).get("reason", "not measured")}
+            row[side] = {
+                "timing": timing,
+                "peak_extra_bytes": _peak(mem),
+                "memory_note": None if _peak(mem) is not None else (mem or {}).get("reason", "not measured"),
+            }
         row["other_cpu_use_during_timing"] = monitor.stop()
         row["speedup"] = row["reference"]["timing"]["median_s"] / row["fused"]["timing"]["median_s"]
         fp, rp = row["fused"]["peak_extra_bytes"], row["reference"]["peak_extra_bytes"]
@@ -191,67 +174,101 @@ def main(argv=None) -> int:
                 point[side] = _peak(memory.get((side, curve_size, t)))
         curve.append(point)
 
-    print()
-    headers = ["size (BxCxHxW)", "T", "fused ms med (min)", "ref ms med (min)", "speed-up", "fused peak MiB",
-               "ref peak MiB", "ref/fused mem", "mu MiB", "other CPU use"]
+    headers = [
+        "size (BxCxHxW)",
+        "T",
+        "fused ms med (min)",
+        "ref ms med (min)",
+        "speed-up",
+        "fused peak MiB",
+        "ref peak MiB",
+        "ref/fused mem",
+        "mu MiB",
+        "other CPU use",
+    ]
     body = []
     for r in rows:
         ft, rt = r["fused"]["timing"], r["reference"]["timing"]
-        body.append([r["size"], r["samples"], f"{ft['median_s'] * 1e3:.1f} ({ft['min_s'] * 1e3:.1f})",
-                     f"{rt['median_s'] * 1e3:.1f} ({rt['min_s'] * 1e3:.1f})", f"{r['speedup']:.1f}x",
-                     common.mib(r["fused"]["peak_extra_bytes"], 1), common.mib(r["reference"]["peak_extra_bytes"], 1),
-                     "n/a" if r["memory_ratio"] is None else f"{r['memory_ratio']:.0f}x", common.mib(r["mu_bytes"], 1),
-                     "n/a" if r["other_cpu_use_during_timing"] is None else f"{r['other_cpu_use_during_timing']:.0%}"])
-    print(common.format_table(headers, body))
-    print()
-    print(f"peak extra memory (MiB) of one forward + backward against T at {common.size_label(*curve_size)}:")
-    print(common.format_table(["T", "fused", "reference"],
-                              [[p["samples"], common.mib(p["fused"], 1), common.mib(p["reference"], 1)]
-                               for p in curve]))
-
-    lines = []
+        body.append(
+            [
+                r["size"],
+                r["samples"],
+                f"{ft['median_s'] * 1e3:.1f} ({ft['min_s'] * 1e3:.1f})",
+                f"{rt['median_s'] * 1e3:.1f} ({rt['min_s'] * 1e3:.1f})",
+                f"{r['speedup']:.1f}x",
+                common.mib(r["fused"]["peak_extra_bytes"], 1),
+                common.mib(r["reference"]["peak_extra_bytes"], 1),
+                "n/a" if r["memory_ratio"] is None else f"{r['memory_ratio']:.0f}x",
+                common.mib(r["mu_bytes"], 1),
+                "n/a" if r["other_cpu_use_during_timing"] is None else f"{r['other_cpu_use_during_timing']:.0%}",
+            ]
+        )
+    tables = [
+        cli.Table(f"uncertainty_ce_loss forward + backward, float32, T = {args.samples}", headers, body),
+        cli.Table(
+            f"Peak extra memory (MiB) of one forward + backward against T at {common.size_label(*curve_size)}",
+            ["T", "fused", "reference"],
+            [[p["samples"], common.mib(p["fused"], 1), common.mib(p["reference"], 1)] for p in curve],
+        ),
+    ]
     targets = {"speedup_target": SPEEDUP_TARGET, "memory_ratio_target": MEMORY_RATIO_TARGET}
     min_speedup = min(r["speedup"] for r in rows)
     targets["speedup_met"] = min_speedup >= SPEEDUP_TARGET
-    lines.append(f"speed-up >= {SPEEDUP_TARGET:g}x at every size: {'MET' if targets['speedup_met'] else 'NOT MET'} "
-                 f"(min {min_speedup:.1f}x)")
+    lines.append(
+        f"speed-up >= {SPEEDUP_TARGET:g}x at every size: {'yes' if targets['speedup_met'] else 'NO'} "
+        f"(min {min_speedup:.1f}x)"
+    )
     fused_curve = [p["fused"] for p in curve]
     if all(v is not None for v in fused_curve):
         spread = (max(fused_curve) - min(fused_curve)) / max(max(fused_curve), 1)
         targets["flat_in_T_met"] = spread <= FLAT_TOLERANCE
         targets["fused_curve_spread"] = spread
-        lines.append(f"fused peak memory independent of T ({', '.join(map(str, args.t_curve))}): "
-                     f"{'MET' if targets['flat_in_T_met'] else 'NOT MET'} (spread {spread:.1%} of the largest)")
+        lines.append(
+            f"fused peak memory independent of T ({', '.join(map(str, args.t_curve))}): "
+            f"{'yes' if targets['flat_in_T_met'] else 'NO'} (spread {spread:.1%} of the largest)"
+        )
     else:
         targets["flat_in_T_met"] = None
         lines.append("fused peak memory independent of T: n/a (memory not measured)")
     ratios = [r["memory_ratio"] for r in rows]
     if all(x is not None for x in ratios):
         targets["memory_ratio_met"] = min(ratios) >= MEMORY_RATIO_TARGET
-        lines.append(f"reference / fused peak memory >= {MEMORY_RATIO_TARGET:g}x at T = {args.samples}: "
-                     f"{'MET' if targets['memory_ratio_met'] else 'NOT MET'} (min {min(ratios):.0f}x)")
+        lines.append(
+            f"reference / fused peak memory >= {MEMORY_RATIO_TARGET:g}x at T = {args.samples}: "
+            f"{'yes' if targets['memory_ratio_met'] else 'NO'} (min {min(ratios):.0f}x)"
+        )
     else:
         targets["memory_ratio_met"] = None
         lines.append("reference / fused peak memory: n/a (memory not measured)")
     if args.quick or [tuple(s) for s in args.sizes] != common.parse_sizes(DEFAULT_SIZES):
-        lines.append(f"(the targets are set for the default sizes {DEFAULT_SIZES}; these sizes are informative only)")
-    print()
-    for line in lines:
-        print(line)
-    print(f"(total benchmark time {time.perf_counter() - t0:.1f} s)")
-    path = args.json or common.RESULTS_DIR / f"uncertainty_{device.type}{'_quick' if args.quick else ''}.json"
-    written = common.write_json(path, {
-        "benchmark": "uncertainty_ce_loss", "machine": info,
-        "settings": {"sizes": [common.size_label(*s) for s in args.sizes], "samples": args.samples,
-                     "t_curve": list(args.t_curve), "repeats": args.repeats, "warmup": args.warmup,
-                     "max_seconds": args.max_seconds, "seed": args.seed, "dtype": "float32",
-                     "memory_method": ("cuda max_memory_allocated" if device.type == "cuda" else
-                                       "fresh child process, one at a time, MALLOC_MMAP_THRESHOLD_=65536, VmHWM "
-                                       "after clear_refs=5 minus VmRSS before")},
-        "rows": rows, "t_curve": curve, "targets": targets, "lines": lines,
-    })
-    print(f"wrote {written}")
-    return 0
+        lines.append(f"(the checks are set for the default sizes {DEFAULT_SIZES}; these sizes are informative only)")
+    payload = {
+        "rows": rows,
+        "t_curve": curve,
+        "checks": targets,
+        "memory_method": (
+            "cuda max_memory_allocated"
+            if device.type == "cuda"
+            else "fresh child process, one at a time, MALLOC_MMAP_THRESHOLD_=65536, VmHWM after clear_refs=5 minus VmRSS "
+            "before"
+        ),
+    }
+    return cli.Result(tables, lines, payload)
+
+
+BENCHMARK = cli.Benchmark(
+    name="uncertainty",
+    doc=__doc__,
+    run=run,
+    child=_memory_child,
+    add_arguments=add_arguments,
+    check=check,
+    defaults={"repeats": (10, 3), "warmup": (1, 1), "max_seconds": (40.0, 4.0)},
+)
+
+
+def main(argv=None) -> int:
+    return cli.main(BENCHMARK, argv)
 
 
 if __name__ == "__main__":

@@ -3,11 +3,16 @@
 They read only shapes, dtypes, devices and Python values, so they run unchanged
 under torch.compile without breaking the graph.  Each message names the
 function, the argument and what it got.
+
+The one exception is :func:`check_values`, which reads the values of the
+tensor arguments of the plain-PyTorch losses (the fused ops check values in
+their kernels instead): it runs in eager mode only.
 """
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+import math
+from collections.abc import Iterable, Sequence
 
 import torch
 
@@ -96,3 +101,56 @@ def reduce_per_image(per_image: torch.Tensor, reduction: str) -> torch.Tensor:
     if reduction == "sum":
         return per_image.sum()
     return per_image
+
+
+PROBABILITIES = "probabilities"
+FINITE = "finite"
+
+
+def check_values(fn: str, **arguments: tuple[torch.Tensor, str]) -> None:
+    """Raises ValueError for the first argument whose values are out of their domain.
+
+    Each keyword is an argument name bound to ``(tensor, domain)`` (empty tensors pass), the domain
+    :data:`PROBABILITIES` (every value in [0, 1]: NaN, Inf and logits fail)
+    or :data:`FINITE` (no NaN or Inf).  One min/max pass per tensor, with no
+    tensor-sized temporary, and one device-to-host copy for all of them (a
+    synchronisation on CUDA).  A compiled graph cannot branch on values
+    without breaking, so inside ``torch.compile`` the check is skipped: there
+    the values are the caller's responsibility.
+    """
+    if torch.compiler.is_compiling():
+        return
+    bounds = []
+    with torch.no_grad():
+        arguments = {name: value for name, value in arguments.items() if value[0].numel() > 0}
+        for tensor, _ in arguments.values():
+            low, high = torch.aminmax(tensor.detach().reshape(-1))
+            bounds.append(torch.stack([low, high]).to(torch.float64))
+    if not bounds:
+        return
+    for (name, (tensor, domain)), (low, high) in zip(arguments.items(), torch.stack(bounds).tolist()):
+        if domain == PROBABILITIES:
+            if low >= 0 and high <= 1:
+                continue
+            raise ValueError(
+                f"{fn}: {name} must hold probabilities in [0, 1], but it contains {_describe(tensor, low, high)}"
+                "; pass softmax or sigmoid outputs, not logits"
+            )
+        if domain != FINITE:
+            raise AssertionError(f"unknown domain {domain!r}")
+        if math.isfinite(low) and math.isfinite(high):
+            continue
+        raise ValueError(f"{fn}: {name} must be finite, but it contains {_describe(tensor, low, high)}")
+
+
+def _describe(tensor: torch.Tensor, low: float, high: float) -> str:
+    """What is wrong with a tensor whose minimum is ``low`` and maximum ``high``: NaN, Inf or the range."""
+    if math.isnan(low) or math.isnan(high):
+        return "NaN"
+    if low == -math.inf and high == math.inf:
+        return "-Inf and Inf"
+    if low == -math.inf or high == -math.inf:
+        return "-Inf"
+    if high == math.inf or low == math.inf:
+        return "Inf"
+    return f"values outside [0, 1] (min {low:.6g}, max {high:.6g})"

@@ -1,14 +1,16 @@
-"""Loading of the compiled ops (boxloss._C) and the registrations that need them.
+"""Loading of the compiled ops (boxloss._C).
 
-The ops live in the PyTorch dispatcher as ``torch.ops.boxloss.*``.  Their fake
-(meta) kernels and autograd formulas are registered from Python, and only after
-``_C`` has loaded, so a failed build gives one actionable message here instead
-of an error deep inside a registration.
+The ops live in the PyTorch dispatcher as ``torch.ops.boxloss.*``.  Each module
+of :mod:`boxloss.ops` registers the fake (meta) kernels and autograd formulas
+of its ops from Python, and only when :func:`extension_loaded` says ``_C`` has
+loaded, so a failed build gives one actionable message here instead of an
+error deep inside a registration.
 
 Without ``_C`` the public functions fall back to the pure-PyTorch reference
-implementations after warning once; set ``BOXLOSS_REQUIRE_EXTENSION=1`` to make
-that an error instead (the test suite does).  ``BOXLOSS_DISABLE_EXTENSION=1``
-skips loading ``_C`` (to compare against, or to work around a broken build).
+implementations (:mod:`boxloss._fallback`) after warning once; set
+``BOXLOSS_REQUIRE_EXTENSION=1`` to make that an error instead (the test suite
+does).  ``BOXLOSS_DISABLE_EXTENSION=1`` skips loading ``_C`` (to compare
+against, or to work around a broken build).
 """
 
 from __future__ import annotations
@@ -75,7 +77,7 @@ def cuda_kernels_built() -> bool:
 
 
 def warn_fallback(op: str) -> None:
-    """Called by a public function that has to run its reference implementation."""
+    """Called by :mod:`boxloss._fallback` before it runs a reference implementation."""
     global _WARNED
     if os.environ.get("BOXLOSS_REQUIRE_EXTENSION", "") not in ("", "0"):
         raise RuntimeError(f"boxloss.{op}: the compiled ops are required but unavailable: {_LOAD_ERROR}")
@@ -84,13 +86,8 @@ def warn_fallback(op: str) -> None:
         warnings.warn(
             f"boxloss is running its slow pure-PyTorch reference implementations: {_LOAD_ERROR}",
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
 
 
 _LOAD_ERROR = _load()
-
-if _LOAD_ERROR is None:
-    from boxloss._registrations import register_all
-
-    register_all()

@@ -16,8 +16,7 @@ def make_probs(B, C, H, W, *, dtype=torch.float64, device="cpu", seed=0, softmax
     return x.to(device=device, dtype=dtype)
 
 
-def make_boxes(B, C, image_h, image_w, boxes_per_image, *, seed=0, device="cpu", dtype=torch.float64,
-               special=True):
+def make_boxes(B, C, image_h, image_w, boxes_per_image, *, seed=0, device="cpu", dtype=torch.float64, special=True):
     """Random boxes in image pixels, plus (when ``special``) the edge cases of the
     convention: a box touching every border, a 1-pixel box, a box partly
     outside the image, a duplicate, a zero-width box and a box wholly outside."""
@@ -31,11 +30,11 @@ def make_boxes(B, C, image_h, image_w, boxes_per_image, *, seed=0, device="cpu",
     if special:
         extra = torch.tensor(
             [
-                [0.0, 0.0, image_w, image_h],                    # touches every border
-                [1.0, 1.0, 2.0, 2.0],                             # one pixel
+                [0.0, 0.0, image_w, image_h],  # touches every border
+                [1.0, 1.0, 2.0, 2.0],  # one pixel
                 [-5.0, image_h * 0.5, image_w * 0.4, image_h + 7.0],  # partly outside
-                [2.0, 3.0, 2.0, 9.0],                             # zero width: empty
-                [image_w + 1.0, 0.0, image_w + 9.0, 5.0],         # wholly outside: empty
+                [2.0, 3.0, 2.0, 9.0],  # zero width: empty
+                [image_w + 1.0, 0.0, image_w + 9.0, 5.0],  # wholly outside: empty
             ],
             dtype=torch.float64,
         )

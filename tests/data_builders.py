@@ -30,11 +30,11 @@ def scene(height: int, width: int, rects: list[tuple[int, int, int, int, int]], 
     that end up invisible are left out. ``holes`` cuts every other column out of each rectangle's interior, which
     makes the objects non-convex."""
     inst = np.zeros((height, width), np.int32)
-    for k, (_, t, l, b, r) in enumerate(rects):
+    for k, (_, t, left, b, r) in enumerate(rects):
         region = np.zeros((height, width), bool)
-        region[t:b, l:r] = True
-        if holes and b - t > 2 and r - l > 2:
-            region[t + 1: b - 1, l + 1: r - 1: 2] = False
+        region[t:b, left:r] = True
+        if holes and b - t > 2 and r - left > 2:
+            region[t + 1 : b - 1, left + 1 : r - 1 : 2] = False
         inst[region] = k + 1
     visible = [k for k in range(len(rects)) if (inst == k + 1).any()]
     lut = np.zeros(len(rects) + 1, np.int32)

@@ -1,4 +1,5 @@
-"""Input builders shared by the DenseCRF / lattice tests (CPU and CUDA) and benchmarks/dense_crf.py.
+"""Input builders shared by the DenseCRF / lattice / CRF inference tests (CPU and CUDA) and benchmarks/dense_crf.py,
+and pydensecrf's inference for the tests that compare with it.
 
 Natural-looking images come from the package's synthetic benchmark (textured
 objects and backgrounds, blur, noise, colours in [0, 255]); their probability
@@ -29,8 +30,9 @@ def natural_image(size: int, seed: int = 0, *, dtype=torch.float64, device="cpu"
     return torch.from_numpy(image).permute(2, 0, 1)[None].to(device=device, dtype=dtype).contiguous()
 
 
-def natural_batch(B: int, size: int, C: int, *, seed: int = 0, dtype=torch.float64, device="cpu",
-                  with_mask: bool = False):
+def natural_batch(
+    B: int, size: int, C: int, *, seed: int = 0, dtype=torch.float64, device="cpu", with_mask: bool = False
+):
     """(logits (B, C, H, W), image (B, 3, H, W), valid (B, H, W) or None): smooth logits that
     follow the objects of the image, as a network's would; valid drops the void band."""
     images, logits, masks = [], [], []
@@ -41,7 +43,9 @@ def natural_batch(B: int, size: int, C: int, *, seed: int = 0, dtype=torch.float
         masks.append(m != 255)
         labels = torch.where(m == 255, torch.zeros_like(m), m) % C
         onehot = F.one_hot(labels, C).permute(2, 0, 1).to(torch.float64)[None]
-        logits.append(4 * F.avg_pool2d(onehot, 7, 1, 3) + torch.randn(1, C, size, size, generator=g, dtype=torch.float64))
+        logits.append(
+            4 * F.avg_pool2d(onehot, 7, 1, 3) + torch.randn(1, C, size, size, generator=g, dtype=torch.float64)
+        )
         images.append(torch.from_numpy(image).permute(2, 0, 1)[None].to(torch.float64))
     valid = torch.stack(masks).to(device) if with_mask else None
     return (torch.cat(logits).to(device=device, dtype=dtype), torch.cat(images).to(device=device, dtype=dtype), valid)
@@ -69,3 +73,33 @@ def value_and_grad(fn, probs, *args, **kwargs):
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-300))
+
+
+def at_scale(reference):
+    """A reference loss (full resolution only) that takes ``scale_factor``: the inputs are resized as the op
+    resizes them (boxloss.ops.dense_crf._resize_like_tang, differentiable in probs) and sigma_xy scaled."""
+    from boxloss.ops.dense_crf import _resize_like_tang
+
+    def loss(probs, image, *, scale_factor=1.0, sigma_xy=80.0, valid_mask=None, **kwargs):
+        if scale_factor != 1.0:
+            probs, image, valid_mask = _resize_like_tang(probs, image, valid_mask, scale_factor)
+            sigma_xy = sigma_xy * scale_factor
+        return reference(probs, image, sigma_xy=sigma_xy, valid_mask=valid_mask, **kwargs)
+
+    return loss
+
+
+def pydensecrf_inference_or_skip(unary, image, **settings):
+    """Krähenbühl's inference through pydensecrf (boxloss.reference.crf_inference.pydensecrf_inference); the test
+    is skipped where pydensecrf is not installed, and fails, with the reason, where its build does not run."""
+    import pytest
+
+    from boxloss._pydensecrf import PyDenseCRFUnavailable
+    from boxloss.reference.crf_inference import pydensecrf_inference
+
+    try:
+        return pydensecrf_inference(unary, image, **settings)
+    except PyDenseCRFUnavailable as exc:
+        if exc.installed:
+            raise
+        pytest.skip(str(exc))

@@ -5,8 +5,7 @@ from __future__ import annotations
 import torch
 
 
-def make_inputs(B, C, H, W, *, K=3, dtype=torch.float64, device="cpu", mask_fraction=None, seed=0,
-                requires_grad=False):
+def make_inputs(B, C, H, W, *, K=3, dtype=torch.float64, device="cpu", mask_fraction=None, seed=0, requires_grad=False):
     g = torch.Generator().manual_seed(seed)
     probs = torch.rand(B, C, H, W, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
     image = torch.rand(B, K, H, W, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)

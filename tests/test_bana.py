@@ -8,11 +8,11 @@ import pytest
 import torch
 
 import boxloss
+from bana_inputs import make_bana_boxes, make_features
 from boxloss.reference.background_attention import (
     background_attention_reference,
     background_aware_pool_reference,
 )
-from bana_inputs import make_bana_boxes, make_features
 
 B, D, h, w, SCALE = 3, 6, 9, 11, 0.5
 IMAGE_H, IMAGE_W = 18, 22
@@ -141,13 +141,15 @@ def _attention_objective(grid_size, boxes, batch, scale, bg_mask=None):
 def test_attention_gradcheck(grid_size):
     f = make_features(2, 4, 6, 7, seed=grid_size).requires_grad_(True)
     boxes, batch = make_bana_boxes(2, 12, 14, 2, seed=grid_size, special=True)
-    assert torch.autograd.gradcheck(lambda x: boxloss.background_attention(
-        x, boxes, batch, grid_size=grid_size, spatial_scale=0.5)[:2], (f,))
+    assert torch.autograd.gradcheck(
+        lambda x: boxloss.background_attention(x, boxes, batch, grid_size=grid_size, spatial_scale=0.5)[:2], (f,)
+    )
     # Non-contiguous features.
     fnc = make_features(2, 7, 6, 4, seed=1).transpose(1, 3).requires_grad_(True)
     assert not fnc.is_contiguous()
-    assert torch.autograd.gradcheck(lambda x: boxloss.background_attention(
-        x, boxes, batch, grid_size=grid_size, spatial_scale=0.5)[:2], (fnc,))
+    assert torch.autograd.gradcheck(
+        lambda x: boxloss.background_attention(x, boxes, batch, grid_size=grid_size, spatial_scale=0.5)[:2], (fnc,)
+    )
 
 
 def test_attention_gradient_matches_reference():
@@ -169,8 +171,10 @@ def test_pool_gradcheck(output_size):
     f = make_features(2, 3, 6, 7, seed=output_size).requires_grad_(True)
     a = torch.rand(2, 6, 7, dtype=torch.float64).requires_grad_(True)
     boxes, batch = make_bana_boxes(2, 12, 14, 3, seed=output_size, special=True)
-    assert torch.autograd.gradcheck(lambda x, y: boxloss.background_aware_pool(
-        x, y, boxes, batch, output_size=output_size, spatial_scale=0.5), (f, a))
+    assert torch.autograd.gradcheck(
+        lambda x, y: boxloss.background_aware_pool(x, y, boxes, batch, output_size=output_size, spatial_scale=0.5),
+        (f, a),
+    )
 
 
 def test_attention_then_pool_gradcheck():
@@ -188,8 +192,7 @@ def test_attention_then_pool_gradcheck():
 def test_opcheck():
     f, boxes, batch = _inputs()
     f = f.requires_grad_(True)
-    torch.library.opcheck(torch.ops.boxloss.background_attention.default,
-                          (f, boxes, batch, 2, SCALE, None, 0.125))
+    torch.library.opcheck(torch.ops.boxloss.background_attention.default, (f, boxes, batch, 2, SCALE, None, 0.125))
     bg = torch.rand(B, h, w) < 0.5
     torch.library.opcheck(torch.ops.boxloss.background_attention.default, (f, boxes, batch, 4, SCALE, bg, 0.125))
     a = torch.rand(B, h, w, dtype=torch.float64).requires_grad_(True)
@@ -233,9 +236,12 @@ def test_classification_loss():
     # By hand: mean CE over 6 boxes x 4 bins and the valid queries.
     logits_b = pooled.permute(0, 2, 3, 1).reshape(-1, D) @ weight.T
     logits_q = att.queries[att.valid] @ weight.T
-    ce = torch.cat([torch.nn.functional.cross_entropy(logits_b, labels.repeat_interleave(4), reduction="none"),
-                    torch.nn.functional.cross_entropy(logits_q, torch.zeros(len(logits_q), dtype=torch.long),
-                                                      reduction="none")])
+    ce = torch.cat(
+        [
+            torch.nn.functional.cross_entropy(logits_b, labels.repeat_interleave(4), reduction="none"),
+            torch.nn.functional.cross_entropy(logits_q, torch.zeros(len(logits_q), dtype=torch.long), reduction="none"),
+        ]
+    )
     _close(loss, ce.mean())
     loss.backward()
     empty = boxloss.bap_classification_loss(pooled[:0], labels[:0], att.queries[:, :0], att.valid[:, :0], weight)
@@ -245,13 +251,29 @@ def test_classification_loss():
 @pytest.mark.parametrize(
     "mutate, exc, match",
     [
-        (lambda a: a.update(features=a["features"].clone().index_put_((torch.tensor(0),), torch.tensor(math.nan,
-                                                                                          dtype=torch.float64))),
-         ValueError, "finite"),
-        (lambda a: a.update(boxes=torch.tensor([[math.nan, 0.0, 4.0, 4.0]], dtype=torch.float64),
-                            box_batch=torch.tensor([0])), ValueError, "NaN"),
-        (lambda a: a.update(boxes=torch.tensor([[5.0, 0.0, 4.0, 4.0]], dtype=torch.float64),
-                            box_batch=torch.tensor([0])), ValueError, "x1 >= x0"),
+        (
+            lambda a: a.update(
+                features=a["features"]
+                .clone()
+                .index_put_((torch.tensor(0),), torch.tensor(math.nan, dtype=torch.float64))
+            ),
+            ValueError,
+            "finite",
+        ),
+        (
+            lambda a: a.update(
+                boxes=torch.tensor([[math.nan, 0.0, 4.0, 4.0]], dtype=torch.float64), box_batch=torch.tensor([0])
+            ),
+            ValueError,
+            "NaN",
+        ),
+        (
+            lambda a: a.update(
+                boxes=torch.tensor([[5.0, 0.0, 4.0, 4.0]], dtype=torch.float64), box_batch=torch.tensor([0])
+            ),
+            ValueError,
+            "x1 >= x0",
+        ),
         (lambda a: a.update(box_batch=torch.full_like(a["box_batch"], 7)), ValueError, "box_batch must lie"),
         (lambda a: a.update(box_batch=a["box_batch"][:-1]), ValueError, "box_batch must have shape"),
         (lambda a: a.update(box_batch=a["box_batch"].int()), TypeError, "int64"),
@@ -305,7 +327,7 @@ def test_fused_module_matches_two_ops(use):
         wp = torch.rand(pooled.shape, generator=g, dtype=torch.float64)
         wa = torch.rand(att.attention.shape, generator=g, dtype=torch.float64)
 
-        def objective(p, a):
+        def objective(p, a, wp=wp, wa=wa):
             if use == "pooled":
                 return (p * wp).sum()
             if use == "queries":
@@ -320,5 +342,6 @@ def test_fused_module_matches_two_ops(use):
 def test_fused_opcheck():
     f, boxes, batch = _inputs()
     f = f.requires_grad_(True)
-    torch.library.opcheck(torch.ops.boxloss.background_aware_pooling.default,
-                          (f, boxes, batch, 2, 2, SCALE, None, 0.125))
+    torch.library.opcheck(
+        torch.ops.boxloss.background_attention_pool.default, (f, boxes, batch, 2, 2, SCALE, None, 0.125)
+    )

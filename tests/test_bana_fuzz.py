@@ -1,7 +1,9 @@
 """Hypothesis fuzzing of background attention and background-aware pooling:
 any shape, grid and output size, boxes inside, outside, degenerate, infinite or
 covering everything, any stride and minimum background, against the references
-(values and feature gradients), and bad boxes raising like the reference."""
+(values and feature gradients), and bad boxes raising like the reference; NaN,
+Inf, huge values and out-of-range attention in every float argument, and
+double backward, which raises."""
 
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from boxloss.reference.background_attention import (  # noqa: E402
     background_attention_reference,
     background_aware_pool_reference,
 )
+from value_fuzz import FINITE, PROBABILITIES, assert_rejected, bad_values, corrupt  # noqa: E402
 
 COORD = st.one_of(
     st.floats(-20, 60, allow_nan=False),
@@ -44,8 +47,15 @@ def problems(draw):
     seed = draw(st.integers(0, 2**16))
     g = torch.Generator().manual_seed(seed)
     f = torch.randn(B, D, h, w, generator=g, dtype=torch.float64) + 0.2
-    return (f, torch.tensor(boxes, dtype=torch.float64).reshape(-1, 4), torch.tensor(batch, dtype=torch.long),
-            scale, draw(st.integers(1, 5)), draw(st.integers(1, 3)), draw(st.sampled_from([0.0, 0.125, 0.5])))
+    return (
+        f,
+        torch.tensor(boxes, dtype=torch.float64).reshape(-1, 4),
+        torch.tensor(batch, dtype=torch.long),
+        scale,
+        draw(st.integers(1, 5)),
+        draw(st.integers(1, 3)),
+        draw(st.sampled_from([0.0, 0.125, 0.5])),
+    )
 
 
 @settings(max_examples=60)
@@ -57,7 +67,8 @@ def test_fuzz_against_reference(problem):
     bap = boxloss.BackgroundAwarePooling(grid_size=grid, output_size=S, spatial_scale=scale, min_background=min_bg)
     pooled, att = bap(x1, boxes, batch)
     ref_att, ref_q, ref_valid, ref_fallback = background_attention_reference(
-        x2, boxes, batch, grid_size=grid, spatial_scale=scale, min_background=min_bg)
+        x2, boxes, batch, grid_size=grid, spatial_scale=scale, min_background=min_bg
+    )
     ref_pooled = background_aware_pool_reference(x2, ref_att, boxes, batch, output_size=S, spatial_scale=scale)
     torch.testing.assert_close(att.attention, ref_att, rtol=1e-6, atol=1e-9)
     torch.testing.assert_close(att.queries, ref_q, rtol=1e-6, atol=1e-9)
@@ -78,7 +89,58 @@ def test_fuzz_bad_boxes_raise(problem, kind):
     with pytest.raises(ValueError):
         boxloss.background_attention(f, boxes, batch, grid_size=grid, spatial_scale=scale)
     with pytest.raises(ValueError):
-        boxloss.background_aware_pool(f, torch.zeros(f.shape[0], *f.shape[2:], dtype=f.dtype), boxes, batch,
-                                      output_size=S, spatial_scale=scale)
+        boxloss.background_aware_pool(
+            f, torch.zeros(f.shape[0], *f.shape[2:], dtype=f.dtype), boxes, batch, output_size=S, spatial_scale=scale
+        )
     with pytest.raises(ValueError):
         background_attention_reference(f, boxes, batch, grid_size=grid, spatial_scale=scale)
+
+
+@settings(max_examples=60)
+@given(problems(), st.sampled_from(["attention", "pool", "fused"]), st.data())
+def test_fuzz_bad_values_raise_naming_the_argument(problem, op, data):
+    f, boxes, batch, scale, grid, S, min_bg = problem
+    attention = torch.rand(f.shape[0], *f.shape[2:], generator=torch.Generator().manual_seed(3), dtype=f.dtype)
+    argument = data.draw(st.sampled_from(["features", "attention"] if op == "pool" else ["features"]))
+    index = data.draw(st.integers(0, 2**16))
+    if argument == "features":
+        f = corrupt(f, data.draw(bad_values(FINITE)), index)
+    else:
+        attention = corrupt(attention, data.draw(bad_values(PROBABILITIES)), index)
+    if op == "attention":
+        call, names = (
+            lambda: boxloss.background_attention(f, boxes, batch, grid_size=grid, spatial_scale=scale),
+            ("background_attention",),
+        )
+    elif op == "pool":
+        call = lambda: boxloss.background_aware_pool(  # noqa: E731
+            f, attention, boxes, batch, output_size=S, spatial_scale=scale
+        )
+        names = ("background_aware_pool",)
+    else:
+        bap = boxloss.BackgroundAwarePooling(grid_size=grid, output_size=S, spatial_scale=scale, min_background=min_bg)
+        call, names = lambda: bap(f, boxes, batch), ("background_attention",)
+    assert_rejected(names, argument, call)
+
+
+@settings(max_examples=30)
+@given(problems(), st.sampled_from(["attention", "pool", "fused"]))
+def test_fuzz_double_backward_raises(problem, op):
+    f, boxes, batch, scale, grid, S, min_bg = problem
+    f = f.requires_grad_()
+    if op == "attention":
+        out = boxloss.background_attention(f, boxes, batch, grid_size=grid, spatial_scale=scale)
+        loss, name = out.attention.square().sum() + out.queries.square().sum(), "background_attention"
+    elif op == "pool":
+        a = torch.rand(f.shape[0], *f.shape[2:], dtype=f.dtype)
+        loss = boxloss.background_aware_pool(f, a, boxes, batch, output_size=S, spatial_scale=scale).square().sum()
+        name = "background_aware_pool"
+    else:
+        bap = boxloss.BackgroundAwarePooling(grid_size=grid, output_size=S, spatial_scale=scale, min_background=min_bg)
+        pooled, att = bap(f, boxes, batch)
+        loss, name = pooled.square().sum() + att.attention.sum(), "BackgroundAwarePooling"
+    (g,) = torch.autograd.grad(loss, f, create_graph=True)
+    if not g.requires_grad:  # nothing in the loss depends on the features (e.g. no box and no query)
+        return
+    with pytest.raises(boxloss.DoubleBackwardError, match=f"^{name}: double backward is not implemented"):
+        torch.autograd.grad(g.square().sum(), f)

@@ -9,6 +9,8 @@ import pytest
 import torch
 
 import boxloss
+from box_inputs import make_boxes, make_probs
+from boxloss.ops.boxes import box_pixel_ranges as box_ranges
 from boxloss.reference.box_priors import (
     box_row_col_max_reference,
     mil_box_loss_reference,
@@ -16,20 +18,24 @@ from boxloss.reference.box_priors import (
     tight_box_loss_reference,
 )
 from boxloss.reference.boxes import box_pixel_ranges
-from box_inputs import make_boxes, make_probs
 
 OP = torch.ops.boxloss.box_row_col_max.default
-OP_BACKWARD = torch.ops.boxloss.box_row_col_max_backward.default
+OP_BACKWARD = torch.ops.boxloss._box_row_col_max_backward.default
 
 LOSSES = {
-    "tight_either": (lambda *a, **k: boxloss.tight_box_loss(*a, mode="either", **k),
-                     lambda *a, **k: tight_box_loss_reference(*a, mode="either", **k)),
-    "tight_both": (lambda *a, **k: boxloss.tight_box_loss(*a, mode="both", **k),
-                   lambda *a, **k: tight_box_loss_reference(*a, mode="both", **k)),
+    "tight_either": (
+        lambda *a, **k: boxloss.tight_box_loss(*a, mode="either", **k),
+        lambda *a, **k: tight_box_loss_reference(*a, mode="either", **k),
+    ),
+    "tight_both": (
+        lambda *a, **k: boxloss.tight_box_loss(*a, mode="both", **k),
+        lambda *a, **k: tight_box_loss_reference(*a, mode="both", **k),
+    ),
     "mil": (boxloss.mil_box_loss, mil_box_loss_reference),
-    "mil_present_no_bg": (lambda *a, **k: boxloss.mil_box_loss(*a, negatives="present", background_channel=None, **k),
-                          lambda *a, **k: mil_box_loss_reference(*a, negatives="present", background_channel=None,
-                                                                 **k)),
+    "mil_present_no_bg": (
+        lambda *a, **k: boxloss.mil_box_loss(*a, negatives="present", background_channel=None, **k),
+        lambda *a, **k: mil_box_loss_reference(*a, negatives="present", background_channel=None, **k),
+    ),
     "projection": (boxloss.projection_loss, projection_loss_reference),
 }
 
@@ -114,35 +120,63 @@ def test_packed_layout_and_empty_count():
         rows, cols = box_pixel_ranges(boxes[k].tolist(), scale, 10, 12)
         assert out.row_offsets[k + 1] - out.row_offsets[k] == len(rows)
         assert out.col_offsets[k + 1] - out.col_offsets[k] == len(cols)
-        torch.testing.assert_close(out.row_max[out.row_offsets[k]:out.row_offsets[k + 1]],
-                                   dense.row_max[k, rows.start:rows.stop], rtol=0, atol=0)
-        torch.testing.assert_close(out.col_max[out.col_offsets[k]:out.col_offsets[k + 1]],
-                                   dense.col_max[k, cols.start:cols.stop], rtol=0, atol=0)
+        torch.testing.assert_close(
+            out.row_max[out.row_offsets[k] : out.row_offsets[k + 1]],
+            dense.row_max[k, rows.start : rows.stop],
+            rtol=0,
+            atol=0,
+        )
+        torch.testing.assert_close(
+            out.col_max[out.col_offsets[k] : out.col_offsets[k + 1]],
+            dense.col_max[k, cols.start : cols.stop],
+            rtol=0,
+            atol=0,
+        )
     assert dense.row_offsets is None and dense.row_max.shape == (boxes.shape[0], 10)
 
 
 @pytest.mark.parametrize(
     "box, scale, size, expected",
     [
-        ((2.0, 3.0, 5.0, 7.0), 1.0, (10, 10), (range(3, 7), range(2, 5))),   # tight box of rows 3..6, cols 2..4
+        ((2.0, 3.0, 5.0, 7.0), 1.0, (10, 10), (range(3, 7), range(2, 5))),  # tight box of rows 3..6, cols 2..4
         ((0.0, 0.0, 8.0, 8.0), 0.125, (1, 1), (range(0, 1), range(0, 1))),
-        ((3.0, 3.0, 5.0, 5.0), 0.125, (4, 4), (range(0, 1), range(0, 1))),   # narrower than a map pixel
-        ((1.0, 1.0, 1.0, 4.0), 1.0, (5, 5), (range(0), range(0))),           # zero width
-        ((-3.0, -3.0, 2.0, 2.0), 1.0, (5, 5), (range(0, 2), range(0, 2))),   # clipped
+        ((3.0, 3.0, 5.0, 5.0), 0.125, (4, 4), (range(0, 1), range(0, 1))),  # narrower than a map pixel
+        ((1.0, 1.0, 1.0, 4.0), 1.0, (5, 5), (range(0), range(0))),  # zero width
+        ((-3.0, -3.0, 2.0, 2.0), 1.0, (5, 5), (range(0, 2), range(0, 2))),  # clipped
         ((0.0, 0.0, float("inf"), float("inf")), 0.5, (3, 4), (range(0, 3), range(0, 4))),
-        ((5.0, 0.0, 9.0, 3.0), 1.0, (4, 5), (range(0), range(0))),          # right of the map
-        ((1.4, 0.2, 2.6, 0.8), 1.0, (2, 4), (range(0, 1), range(1, 3))),    # centres 1.5, 2.5 inside x
+        ((5.0, 0.0, 9.0, 3.0), 1.0, (4, 5), (range(0), range(0))),  # right of the map
+        ((1.4, 0.2, 2.6, 0.8), 1.0, (2, 4), (range(0, 1), range(1, 3))),  # centres 1.5, 2.5 inside x
     ],
 )
 def test_box_convention(box, scale, size, expected):
     H, W = size
     assert box_pixel_ranges(box, scale, H, W) == expected
     probs = make_probs(1, 1, H, W, seed=1)
-    _, _, _, _, ranges = OP(probs, torch.tensor([box], dtype=torch.float64), torch.tensor([0]), torch.tensor([0]),
-                            scale)
+    _, _, _, _, ranges = OP(
+        probs, torch.tensor([box], dtype=torch.float64), torch.tensor([0]), torch.tensor([0]), scale
+    )
     rows, cols = expected
     want = [rows.start, rows.stop, cols.start, cols.stop] if len(rows) else [0, 0, 0, 0]
     assert ranges[0].tolist() == want
+    # The host-side closed form that datasets, box crops and baselines use.
+    assert list(box_ranges(box, H, W, spatial_scale=scale)) == want
+
+
+def test_host_box_ranges_match_the_enumeration():
+    g = torch.Generator().manual_seed(3)
+    for _ in range(2000):
+        H, W = (int(v) for v in torch.randint(1, 12, (2,), generator=g))
+        scale = [1.0, 0.5, 0.125, 1 / 3][int(torch.randint(0, 4, (1,), generator=g))]
+        lo = (torch.rand(2, generator=g) * 1.4 - 0.2) * torch.tensor([W, H]) / scale
+        size = torch.rand(2, generator=g) * torch.tensor([W, H]) / scale * (torch.rand(1, generator=g) < 0.8)
+        box = torch.cat([lo, lo + size]).tolist()
+        rows, cols = box_pixel_ranges(box, scale, H, W)
+        want = [rows.start, rows.stop, cols.start, cols.stop] if len(rows) else [0, 0, 0, 0]
+        assert list(box_ranges(box, H, W, spatial_scale=scale)) == want, (box, scale, H, W)
+    with pytest.raises(ValueError, match="NaN"):
+        box_ranges((0.0, float("nan"), 1.0, 1.0), 4, 4)
+    with pytest.raises(ValueError, match="x1 >= x0"):
+        box_ranges((2.0, 0.0, 1.0, 1.0), 4, 4)
 
 
 @pytest.mark.parametrize("name", list(LOSSES))
@@ -152,8 +186,9 @@ def test_losses_match_reference_float64(name, case, reduction):
     fast, reference = LOSSES[name]
     probs, boxes, batch, labels, scale = _inputs(case, softmax=True)
     value, grad = _value_and_grad(fast, probs, boxes, batch, labels, spatial_scale=scale, reduction=reduction)
-    ref_value, ref_grad = _value_and_grad(reference, probs, boxes, batch, labels, spatial_scale=scale,
-                                          reduction=reduction)
+    ref_value, ref_grad = _value_and_grad(
+        reference, probs, boxes, batch, labels, spatial_scale=scale, reduction=reduction
+    )
     torch.testing.assert_close(value, ref_value, rtol=1e-6, atol=1e-12)
     torch.testing.assert_close(grad, ref_grad, rtol=1e-6, atol=1e-12)
 
@@ -166,7 +201,8 @@ def test_tight_box_loss_by_hand():
     args = (x, torch.tensor([[1.0, 1.0, 4.0, 3.0]], dtype=torch.float64), torch.tensor([0]), torch.tensor([0]))
     assert boxloss.tight_box_loss(*args).item() == pytest.approx((0.75 - 1) ** 2)
     assert boxloss.tight_box_loss(*args, mode="both").item() == pytest.approx(
-        0.5 * ((0.75 - 1) ** 2 + (8 / 15 - 1) ** 2))
+        0.5 * ((0.75 - 1) ** 2 + (8 / 15 - 1) ** 2)
+    )
 
 
 def test_mil_loss_by_hand():
@@ -176,6 +212,7 @@ def test_mil_loss_by_hand():
     # positive bags: rows 0, 1 inside the box (0.8, 0.6), column 0 (0.8);
     # negative bags of class 1: column 1 (max 0.3); no free row.
     import math
+
     expected = (-math.log(0.8) - math.log(0.6) - math.log(0.8) - math.log(0.7)) / 4
     assert boxloss.mil_box_loss(*args).item() == pytest.approx(expected)
 
@@ -183,8 +220,9 @@ def test_mil_loss_by_hand():
 def test_projection_loss_is_zero_for_the_box_mask():
     x = torch.zeros(1, 3, 8, 8, dtype=torch.float64)
     x[0, 2, 2:5, 1:7] = 1
-    loss = boxloss.projection_loss(x, torch.tensor([[1.0, 2.0, 7.0, 5.0]], dtype=torch.float64),
-                                   torch.tensor([0]), torch.tensor([2]))
+    loss = boxloss.projection_loss(
+        x, torch.tensor([[1.0, 2.0, 7.0, 5.0]], dtype=torch.float64), torch.tensor([0]), torch.tensor([2])
+    )
     assert loss.item() == pytest.approx(0.0, abs=1e-5)  # eps in the dice denominators
 
 
@@ -195,8 +233,9 @@ def test_empty_boxes_give_zero_with_gradient():
     assert loss.item() == 0.0 and loss.requires_grad
     loss.backward()
     assert torch.all(probs.grad == 0)
-    none = boxloss.tight_box_loss(probs, boxes[:0], torch.zeros(0, dtype=torch.long),
-                                  torch.zeros(0, dtype=torch.long), reduction="none")
+    none = boxloss.tight_box_loss(
+        probs, boxes[:0], torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long), reduction="none"
+    )
     assert none.shape == (0,)
 
 
@@ -229,9 +268,16 @@ def test_opcheck_forward(sample):
 def test_opcheck_backward(sample):
     probs, boxes, batch, labels, scale = _opcheck_samples()[sample]
     _, _, row_index, col_index, _ = OP(probs.detach(), boxes, batch, labels, scale)
-    torch.library.opcheck(OP_BACKWARD, (torch.rand(row_index.shape, dtype=probs.dtype),
-                                        torch.rand(col_index.shape, dtype=probs.dtype), row_index, col_index,
-                                        list(probs.shape)))
+    torch.library.opcheck(
+        OP_BACKWARD,
+        (
+            torch.rand(row_index.shape, dtype=probs.dtype),
+            torch.rand(col_index.shape, dtype=probs.dtype),
+            row_index,
+            col_index,
+            list(probs.shape),
+        ),
+    )
 
 
 def test_torch_compile_fullgraph_matches_eager():
@@ -239,9 +285,11 @@ def test_torch_compile_fullgraph_matches_eager():
     boxes = boxes.float()
 
     def step(p):
-        return (boxloss.tight_box_loss(p, boxes, batch, labels, spatial_scale=scale)
-                + boxloss.mil_box_loss(p, boxes, batch, labels, spatial_scale=scale)
-                + boxloss.projection_loss(p, boxes, batch, labels, spatial_scale=scale))
+        return (
+            boxloss.tight_box_loss(p, boxes, batch, labels, spatial_scale=scale)
+            + boxloss.mil_box_loss(p, boxes, batch, labels, spatial_scale=scale)
+            + boxloss.projection_loss(p, boxes, batch, labels, spatial_scale=scale)
+        )
 
     compiled = torch.compile(step, fullgraph=True, backend="inductor")
     x_eager, x_compiled = probs.clone().requires_grad_(), probs.clone().requires_grad_()
@@ -255,7 +303,11 @@ def test_torch_compile_fullgraph_matches_eager():
 def test_modules_match_functions():
     probs, boxes, batch, labels, scale = _inputs((2, 3, 9, 9, 3, 1.0), softmax=True)
     pairs = [
-        (boxloss.TightBoxLoss(mode="both", reduction="sum"), boxloss.tight_box_loss, dict(mode="both", reduction="sum")),
+        (
+            boxloss.TightBoxLoss(mode="both", reduction="sum"),
+            boxloss.tight_box_loss,
+            dict(mode="both", reduction="sum"),
+        ),
         (boxloss.MILBoxLoss(negatives="present"), boxloss.mil_box_loss, dict(negatives="present")),
         (boxloss.ProjectionLoss(reduction="none"), boxloss.projection_loss, dict(reduction="none")),
     ]
@@ -267,8 +319,9 @@ def test_modules_match_functions():
 def test_non_contiguous_and_low_precision():
     probs, boxes, batch, labels, scale = _inputs((2, 3, 11, 9, 4, 1.0), softmax=True)
     expected = _value_and_grad(boxloss.mil_box_loss, probs, boxes, batch, labels)
-    value, grad = _value_and_grad(boxloss.mil_box_loss, probs.to(memory_format=torch.channels_last), boxes.float(),
-                                  batch, labels)
+    value, grad = _value_and_grad(
+        boxloss.mil_box_loss, probs.to(memory_format=torch.channels_last), boxes.float(), batch, labels
+    )
     torch.testing.assert_close(value, expected[0], rtol=0, atol=0)
     torch.testing.assert_close(grad, expected[1], rtol=0, atol=0)
     for dtype in (torch.float16, torch.bfloat16, torch.float32):
@@ -309,12 +362,27 @@ BAD = [
     (lambda p, b, bb, bl: (p, b, bb, bl.float()), {}, TypeError, "box_labels must be an int64"),
     (lambda p, b, bb, bl: (p, b, bb, bl), {"spatial_scale": 0.0}, ValueError, "spatial_scale must be a positive"),
     (lambda p, b, bb, bl: (p, b, bb, bl), {"spatial_scale": float("nan")}, ValueError, "spatial_scale"),
-    (lambda p, b, bb, bl: (p, _set(b, 1, 0, float("nan")), bb, bl), {}, ValueError, r"boxes must not hold NaN.*boxes\[1\]"),
+    (
+        lambda p, b, bb, bl: (p, _set(b, 1, 0, float("nan")), bb, bl),
+        {},
+        ValueError,
+        r"boxes must not hold NaN.*boxes\[1\]",
+    ),
     (lambda p, b, bb, bl: (p, _set(b, 2, 2, -1.0), bb, bl), {}, ValueError, r"x1 >= x0.*boxes\[2\]"),
     (lambda p, b, bb, bl: (p, _set(b, 0, 3, -9.0), bb, bl), {}, ValueError, r"y1 >= y0.*boxes\[0\]"),
-    (lambda p, b, bb, bl: (p, b, _set(bb, 3, None, 2), bl), {}, ValueError, r"box_batch must lie in \[0, 2\).*box_batch\[3\] = 2"),
+    (
+        lambda p, b, bb, bl: (p, b, _set(bb, 3, None, 2), bl),
+        {},
+        ValueError,
+        r"box_batch must lie in \[0, 2\).*box_batch\[3\] = 2",
+    ),
     (lambda p, b, bb, bl: (p, b, _set(bb, 0, None, -1), bl), {}, ValueError, r"box_batch\[0\] = -1"),
-    (lambda p, b, bb, bl: (p, b, bb, _set(bl, 1, None, 3)), {}, ValueError, r"box_labels must lie in \[0, 3\).*box_labels\[1\] = 3"),
+    (
+        lambda p, b, bb, bl: (p, b, bb, _set(bl, 1, None, 3)),
+        {},
+        ValueError,
+        r"box_labels must lie in \[0, 3\).*box_labels\[1\] = 3",
+    ),
     (lambda p, b, bb, bl: (p.new_zeros(0, 3, 6, 6), b, bb, bl), {}, ValueError, "non-empty"),
     (lambda p, b, bb, bl: (_nan_in_box(p), b, bb, bl), {}, ValueError, "probs must not hold NaN inside a box"),
 ]
@@ -336,8 +404,11 @@ def _nan_in_box(p):
 
 
 @pytest.mark.parametrize("case", range(len(BAD)))
-@pytest.mark.parametrize("fn", [boxloss.box_row_col_max, boxloss.tight_box_loss, boxloss.mil_box_loss,
-                                boxloss.projection_loss], ids=lambda f: f.__name__)
+@pytest.mark.parametrize(
+    "fn",
+    [boxloss.box_row_col_max, boxloss.tight_box_loss, boxloss.mil_box_loss, boxloss.projection_loss],
+    ids=lambda f: f.__name__,
+)
 def test_bad_input_raises_clear_error(case, fn):
     make, kwargs, error, message = BAD[case]
     with pytest.raises(error, match=message):
@@ -351,8 +422,13 @@ def test_raw_op_rejects_bad_input_without_crashing():
     with pytest.raises(ValueError, match="spatial_scale"):
         OP(probs, boxes, batch, labels, -1.0)
     with pytest.raises(ValueError, match="grad_row_max and row_index must have shape"):
-        OP_BACKWARD(torch.zeros(3, 2), torch.zeros(3, 6), torch.zeros(3, 2, dtype=torch.long),
-                    torch.zeros(3, 6, dtype=torch.long), [2, 3, 6, 6])
+        OP_BACKWARD(
+            torch.zeros(3, 2),
+            torch.zeros(3, 6),
+            torch.zeros(3, 2, dtype=torch.long),
+            torch.zeros(3, 6, dtype=torch.long),
+            [2, 3, 6, 6],
+        )
 
 
 def test_loss_settings_are_checked():
@@ -374,8 +450,10 @@ def test_loss_settings_are_checked():
 
 
 def test_pack_boxes():
-    packed = boxloss.pack_boxes([torch.tensor([[0.0, 1, 2, 3], [4, 5, 6, 7]]), torch.zeros(0, 4), [[1, 1, 2, 2]]],
-                                [torch.tensor([2, 5]), [], [1]])
+    packed = boxloss.pack_boxes(
+        [torch.tensor([[0.0, 1, 2, 3], [4, 5, 6, 7]]), torch.zeros(0, 4), [[1, 1, 2, 2]]],
+        [torch.tensor([2, 5]), [], [1]],
+    )
     assert packed.boxes.shape == (3, 4) and packed.boxes.dtype == torch.float32
     assert packed.box_batch.tolist() == [0, 0, 2] and packed.box_labels.tolist() == [2, 5, 1]
     with pytest.raises(ValueError, match=r"labels\[0\] must have one label per box"):
@@ -423,8 +501,7 @@ def test_fallback_without_extension_matches():
         "import warnings, torch, boxloss\n"
         "assert not boxloss.extension_loaded()\n"
         "with warnings.catch_warnings(record=True) as w:\n"
-        "    warnings.simplefilter('always')\n"
-        + "\n".join("    " + line for line in setup.splitlines()) + "\n"
+        "    warnings.simplefilter('always')\n" + "\n".join("    " + line for line in setup.splitlines()) + "\n"
         "assert any('reference' in str(x.message) for x in w)\n"
         "print(repr(vals))\n"
     )

@@ -27,14 +27,33 @@ def test_generate_caches_and_reports_beside_voc(tmp_path, capsys):
 @pytest.mark.parametrize("fmt", ["voc", "coco"])
 def test_export_then_load_gives_the_generated_data(tmp_path, capsys, fmt):
     out = tmp_path / fmt
-    assert main(["export", "--format", fmt, "--out", str(out), *SMALL, "--no-cache", "--image-format", "png",
-                 "--splits", "train,val"]) == 0
+    assert (
+        main(
+            [
+                "export",
+                "--format",
+                fmt,
+                "--out",
+                str(out),
+                *SMALL,
+                "--no-cache",
+                "--image-format",
+                "png",
+                "--splits",
+                "train,val",
+            ]
+        )
+        == 0
+    )
     assert "wrote" in capsys.readouterr().out
     config = SyntheticConfig(image_size=(40, 48), seed=3)
     for split, n in (("train", 5), ("val", 2)):
         ref = SyntheticBoxDataset(split, n, config, cache=False)
-        ds = VOCBoxDataset(out, split) if fmt == "voc" else COCOBoxDataset(
-            out / "annotations" / f"instances_{split}.json", out / split)
+        ds = (
+            VOCBoxDataset(out, split)
+            if fmt == "voc"
+            else COCOBoxDataset(out / "annotations" / f"instances_{split}.json", out / split)
+        )
         assert len(ds) == n
         for i in range(n):
             assert_same_sample(ds[i], ref[i])
@@ -49,8 +68,16 @@ def test_stats_of_synthetic_voc_and_coco_folders(tmp_path, capsys):
     synthetic = json.loads(capsys.readouterr().out)
     main(["stats", "--voc", str(tmp_path / "voc"), "--json"])
     voc = json.loads(capsys.readouterr().out)
-    main(["stats", "--coco", str(tmp_path / "coco" / "annotations" / "instances_train.json"), "--images",
-          str(tmp_path / "coco" / "train"), "--json"])
+    main(
+        [
+            "stats",
+            "--coco",
+            str(tmp_path / "coco" / "annotations" / "instances_train.json"),
+            "--images",
+            str(tmp_path / "coco" / "train"),
+            "--json",
+        ]
+    )
     coco = json.loads(capsys.readouterr().out)
     assert synthetic == voc == coco  # masks and boxes survive both layouts exactly
     assert synthetic["num_images"] == 5
@@ -58,10 +85,17 @@ def test_stats_of_synthetic_voc_and_coco_folders(tmp_path, capsys):
     assert "VOC val" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("argv", [
-    ["generate", "--size", "0x"], ["generate", "--splits", "train,dev"], ["export", "--format", "yolo", "--out", "x"],
-    ["export", "--format", "voc"], ["stats", "--coco", "a.json"], [],
-])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["generate", "--size", "0x"],
+        ["generate", "--splits", "train,dev"],
+        ["export", "--format", "yolo", "--out", "x"],
+        ["export", "--format", "voc"],
+        ["stats", "--coco", "a.json"],
+        [],
+    ],
+)
 def test_bad_arguments_exit_with_an_error(argv, capsys):
     with pytest.raises(SystemExit) as e:
         main(argv)
@@ -69,10 +103,12 @@ def test_bad_arguments_exit_with_an_error(argv, capsys):
 
 
 def test_module_help_and_imports_stay_light():
-    code = ("import sys, runpy, boxloss.data\n"
-            "print('HEAVY', sorted(m for m in ('cv2', 'pycocotools', 'matplotlib') if m in sys.modules))\n"
-            "sys.argv = ['boxloss.data', '--help']\n"
-            "runpy.run_module('boxloss.data', run_name='__main__')\n")
+    code = (
+        "import sys, runpy, boxloss.data\n"
+        "print('HEAVY', sorted(m for m in ('cv2', 'pycocotools', 'matplotlib') if m in sys.modules))\n"
+        "sys.argv = ['boxloss.data', '--help']\n"
+        "runpy.run_module('boxloss.data', run_name='__main__')\n"
+    )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "HEAVY []" in r.stdout

@@ -70,15 +70,18 @@ def test_voc_data_without_instances_converts_to_coco_exactly(tmp_path):
 def _coco_doc(tmp_path, anns, categories=None, size=(10, 12)):
     h, w = size
     Image.new("RGB", (w, h)).save(tmp_path / "a.png")
-    doc = {"images": [{"id": 7, "file_name": "a.png", "width": w, "height": h}], "annotations": anns,
-           "categories": categories or [{"id": 5, "name": "cat"}, {"id": 2, "name": "dog"}]}
+    doc = {
+        "images": [{"id": 7, "file_name": "a.png", "width": w, "height": h}],
+        "annotations": anns,
+        "categories": categories or [{"id": 5, "name": "cat"}, {"id": 2, "name": "dog"}],
+    }
     (tmp_path / "ann.json").write_text(json.dumps(doc))
     return tmp_path / "ann.json"
 
 
-def _region(h, w, t, l, b, r):
+def _region(h, w, t, left, b, r):
     m = np.zeros((h, w), bool)
-    m[t:b, l:r] = True
+    m[t:b, left:r] = True
     return m
 
 
@@ -92,13 +95,31 @@ def test_polygons_uncompressed_rle_crowd_and_largest_first_painting(tmp_path):
         run += 1
     counts.append(run)
     anns = [
-        {"id": 1, "image_id": 7, "category_id": 5, "bbox": [0, 0, 10, 8], "iscrowd": 0,
-         "segmentation": {"size": [10, 12], "counts": counts}},
+        {
+            "id": 1,
+            "image_id": 7,
+            "category_id": 5,
+            "bbox": [0, 0, 10, 8],
+            "iscrowd": 0,
+            "segmentation": {"size": [10, 12], "counts": counts},
+        },
         # a small dog on top of the big cat although listed later or earlier: painted by area, not order
-        {"id": 2, "image_id": 7, "category_id": 2, "bbox": [2, 2, 2, 2], "iscrowd": 0,
-         "segmentation": [[2, 2, 4, 2, 4, 4, 2, 4]]},
-        {"id": 3, "image_id": 7, "category_id": 5, "bbox": [10, 8, 2, 2], "iscrowd": 1,
-         "segmentation": encode_rle(_region(10, 12, 8, 10, 10, 12))},
+        {
+            "id": 2,
+            "image_id": 7,
+            "category_id": 2,
+            "bbox": [2, 2, 2, 2],
+            "iscrowd": 0,
+            "segmentation": [[2, 2, 4, 2, 4, 4, 2, 4]],
+        },
+        {
+            "id": 3,
+            "image_id": 7,
+            "category_id": 5,
+            "bbox": [10, 8, 2, 2],
+            "iscrowd": 1,
+            "segmentation": encode_rle(_region(10, 12, 8, 10, 10, 12)),
+        },
     ]
     path = _coco_doc(tmp_path, anns)
     ds = COCOBoxDataset(path, tmp_path)
@@ -119,8 +140,10 @@ def test_polygons_uncompressed_rle_crowd_and_largest_first_painting(tmp_path):
 
 
 def test_category_selection_orders_channels_and_counts_exclusions(tmp_path):
-    anns = [{"id": 1, "image_id": 7, "category_id": 5, "bbox": [0, 0, 3, 3], "segmentation": [[0, 0, 3, 0, 3, 3]]},
-            {"id": 2, "image_id": 7, "category_id": 2, "bbox": [5, 5, 3, 3], "segmentation": [[5, 5, 8, 5, 8, 8]]}]
+    anns = [
+        {"id": 1, "image_id": 7, "category_id": 5, "bbox": [0, 0, 3, 3], "segmentation": [[0, 0, 3, 0, 3, 3]]},
+        {"id": 2, "image_id": 7, "category_id": 2, "bbox": [5, 5, 3, 3], "segmentation": [[5, 5, 8, 5, 8, 8]]},
+    ]
     path = _coco_doc(tmp_path, anns)
     ds = COCOBoxDataset(path, tmp_path, categories=["cat"])
     assert ds.class_names == ("cat",) and ds.excluded == {"annotations of category 'dog'": 1}
@@ -142,44 +165,102 @@ def _first_ann_of_image2(doc):
 def _set(key, value):
     def edit(doc):
         _first_ann_of_image2(doc)[key] = value
+
     return edit
 
 
 def _image2(edit):
     def go(doc):
         edit(next(im for im in doc["images"] if im["id"] == 2))
+
     return go
 
 
 CASES = {
-    "missing image": (lambda p, d: (d / "train_000001.png").unlink(), FileNotFoundError,
-                      r"train_000001\.png: image not found", "image"),
-    "unreadable image": (lambda p, d: (d / "train_000001.png").write_bytes(b"junk"), ValueError,
-                         "cannot read the image header", "image"),
-    "image size differs": (lambda p, d: edit_json(p, _image2(lambda im: im.update(width=57))), ValueError,
-                           r"train_000001\.png is 56x40 but .*images\[1\] says 57x40", "image"),
-    "malformed image entry": (lambda p, d: edit_json(p, _image2(lambda im: im.pop("height"))), ValueError,
-                              r"images\[1\] needs id, file_name, width and height", "image"),
-    "duplicate image id": (lambda p, d: edit_json(p, lambda doc: doc["images"].append(dict(doc["images"][1]))),
-                           ValueError, "repeats image id 2", "extra"),
-    "rle size differs": (lambda p, d: edit_json(p, lambda doc: _first_ann_of_image2(doc)["segmentation"].update(
-        size=[40, 55])), ValueError, r"RLE size is 55x40 but the image is 56x40", "image"),
-    "malformed polygon": (lambda p, d: edit_json(p, _set("segmentation", [[1, 2, 3]])), ValueError,
-                          "a polygon must be a list of at least 6 numbers", "image"),
-    "missing segmentation": (lambda p, d: edit_json(p, lambda doc: _first_ann_of_image2(doc).pop("segmentation")),
-                             ValueError, "has no segmentation", "image"),
-    "unknown category": (lambda p, d: edit_json(p, _set("category_id", 99)), ValueError,
-                         r"category_id 99, which is not in categories", "void"),
-    "zero-size box": (lambda p, d: edit_json(p, _set("bbox", [3, 3, 0, 5])), ValueError,
-                      r"bbox \[3, 3, 0, 5\] has w or h <= 0", "box"),
-    "malformed bbox": (lambda p, d: edit_json(p, _set("bbox", [3, 3, 5])), ValueError,
-                       r"bbox must be \[x, y, w, h\] of 4 finite numbers", "box"),
-    "box outside image": (lambda p, d: edit_json(p, _set("bbox", [60, 3, 5, 5])), ValueError,
-                          r"\(60, 3, 65, 8\) lies outside the 56x40 image", "box"),
-    "box clipped to image": (lambda p, d: edit_json(p, _set("bbox", [50, 3, 10, 5])), ValueError,
-                             "extends outside the 56x40 image", "repaired"),
-    "annotation of unknown image": (lambda p, d: edit_json(p, _set("image_id", 99)), ValueError,
-                                    "refers to image_id 99, which is not in images", "moved"),
+    "missing image": (
+        lambda p, d: (d / "train_000001.png").unlink(),
+        FileNotFoundError,
+        r"train_000001\.png: image not found",
+        "image",
+    ),
+    "unreadable image": (
+        lambda p, d: (d / "train_000001.png").write_bytes(b"junk"),
+        ValueError,
+        "cannot read the image header",
+        "image",
+    ),
+    "image size differs": (
+        lambda p, d: edit_json(p, _image2(lambda im: im.update(width=57))),
+        ValueError,
+        r"train_000001\.png is 56x40 but .*images\[1\] says 57x40",
+        "image",
+    ),
+    "malformed image entry": (
+        lambda p, d: edit_json(p, _image2(lambda im: im.pop("height"))),
+        ValueError,
+        r"images\[1\] needs id, file_name, width and height",
+        "image",
+    ),
+    "duplicate image id": (
+        lambda p, d: edit_json(p, lambda doc: doc["images"].append(dict(doc["images"][1]))),
+        ValueError,
+        "repeats image id 2",
+        "extra",
+    ),
+    "rle size differs": (
+        lambda p, d: edit_json(p, lambda doc: _first_ann_of_image2(doc)["segmentation"].update(size=[40, 55])),
+        ValueError,
+        r"RLE size is 55x40 but the image is 56x40",
+        "image",
+    ),
+    "malformed polygon": (
+        lambda p, d: edit_json(p, _set("segmentation", [[1, 2, 3]])),
+        ValueError,
+        "a polygon must be a list of at least 6 numbers",
+        "image",
+    ),
+    "missing segmentation": (
+        lambda p, d: edit_json(p, lambda doc: _first_ann_of_image2(doc).pop("segmentation")),
+        ValueError,
+        "has no segmentation",
+        "image",
+    ),
+    "unknown category": (
+        lambda p, d: edit_json(p, _set("category_id", 99)),
+        ValueError,
+        r"category_id 99, which is not in categories",
+        "void",
+    ),
+    "zero-size box": (
+        lambda p, d: edit_json(p, _set("bbox", [3, 3, 0, 5])),
+        ValueError,
+        r"bbox \[3, 3, 0, 5\] has w or h <= 0",
+        "box",
+    ),
+    "malformed bbox": (
+        lambda p, d: edit_json(p, _set("bbox", [3, 3, 5])),
+        ValueError,
+        r"bbox must be \[x, y, w, h\] of 4 finite numbers",
+        "box",
+    ),
+    "box outside image": (
+        lambda p, d: edit_json(p, _set("bbox", [60, 3, 5, 5])),
+        ValueError,
+        r"\(60, 3, 65, 8\) lies outside the 56x40 image",
+        "box",
+    ),
+    "box clipped to image": (
+        lambda p, d: edit_json(p, _set("bbox", [50, 3, 10, 5])),
+        ValueError,
+        "extends outside the 56x40 image",
+        "repaired",
+    ),
+    "annotation of unknown image": (
+        lambda p, d: edit_json(p, _set("image_id", 99)),
+        ValueError,
+        "refers to image_id 99, which is not in images",
+        "moved",
+    ),
 }
 
 
@@ -225,14 +306,19 @@ def test_bad_input_is_skipped_counted_and_reported(tmp_path, case):
             assert (ds[1].mask[first & (s1.mask != 255)] == 0).all()
 
 
-@pytest.mark.parametrize("text, pattern", [
-    ('{"images": [', r"malformed JSON at line 1, column \d+"),
-    ("[]", "the top level must be an object"),
-    ('{"images": [], "categories": []}', "'annotations' must be a list"),
-    ('{"images": [], "annotations": [], "categories": [{"id": "1", "name": "a"}]}', r"categories\[0\] must have"),
-    ('{"images": [], "annotations": [], "categories": [{"id": 1, "name": "a"}, {"id": 1, "name": "b"}]}',
-     r"categories\[1\] repeats category id 1"),
-])
+@pytest.mark.parametrize(
+    "text, pattern",
+    [
+        ('{"images": [', r"malformed JSON at line 1, column \d+"),
+        ("[]", "the top level must be an object"),
+        ('{"images": [], "categories": []}', "'annotations' must be a list"),
+        ('{"images": [], "annotations": [], "categories": [{"id": "1", "name": "a"}]}', r"categories\[0\] must have"),
+        (
+            '{"images": [], "annotations": [], "categories": [{"id": 1, "name": "a"}, {"id": 1, "name": "b"}]}',
+            r"categories\[1\] repeats category id 1",
+        ),
+    ],
+)
 def test_malformed_json_raises_naming_the_file(tmp_path, text, pattern):
     (tmp_path / "bad.json").write_text(text)
     with pytest.raises(ValueError, match=f"bad.json: {pattern}"):

@@ -7,8 +7,15 @@ import importlib
 
 import pytest
 
-MODULES = ["boxloss.data", "boxloss.data.sample", "boxloss.data.synthetic", "boxloss.data.voc", "boxloss.data.coco",
-           "boxloss.data.stats", "boxloss.data.transforms"]
+MODULES = [
+    "boxloss.data",
+    "boxloss.data.sample",
+    "boxloss.data.synthetic",
+    "boxloss.data.voc",
+    "boxloss.data.coco",
+    "boxloss.data.stats",
+    "boxloss.data.transforms",
+]
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -11,12 +11,17 @@ from boxloss.data.stats import coverage_count
 
 def _known():
     mask = np.zeros((10, 10), np.uint8)
-    mask[0:6, 0:3] = 1     # 18 pixels of class 1 in box A = (0, 0, 6, 6)
-    mask[0:6, 3] = 255     # 6 void pixels inside A
-    mask[4:10, 4:10] = 2   # class 2 fills box B = (4, 4, 10, 10) ...
-    mask[9, 6:10] = 0      # ... but for 4 pixels
-    a = Sample(np.zeros((10, 10, 3), np.uint8), np.array([[0, 0, 6, 6], [4, 4, 10, 10]], np.float32),
-               np.array([1, 2]), mask, "a")
+    mask[0:6, 0:3] = 1  # 18 pixels of class 1 in box A = (0, 0, 6, 6)
+    mask[0:6, 3] = 255  # 6 void pixels inside A
+    mask[4:10, 4:10] = 2  # class 2 fills box B = (4, 4, 10, 10) ...
+    mask[9, 6:10] = 0  # ... but for 4 pixels
+    a = Sample(
+        np.zeros((10, 10, 3), np.uint8),
+        np.array([[0, 0, 6, 6], [4, 4, 10, 10]], np.float32),
+        np.array([1, 2]),
+        mask,
+        "a",
+    )
     b = Sample(np.zeros((8, 10, 3), np.uint8), np.array([[2, 2, 3, 3]], np.float32), np.array([1]), None, "b")
     return [a, b]
 
@@ -36,12 +41,14 @@ def test_statistics_of_known_samples():
     assert "three" in report and "n/a" in report
 
 
-def test_coverage_counts_pixel_centres():
+def test_coverage_counts_the_pixels_of_the_box_convention():
     cover = coverage_count(np.array([[0, 0, 2, 2], [1, 1, 3, 3], [0.6, 0, 1.4, 1]]), 4, 4)
     expected = np.zeros((4, 4), int)
     expected[0:2, 0:2] += 1
     expected[1:3, 1:3] += 1
-    np.testing.assert_array_equal(cover, expected)  # the thin third box covers no pixel centre
+    # The thin third box holds no pixel centre: like every box op, it covers the pixel holding its midpoint.
+    expected[0, 1] += 1
+    np.testing.assert_array_equal(cover, expected)
 
 
 def test_labels_outside_the_classes_raise():

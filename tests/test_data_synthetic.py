@@ -11,9 +11,9 @@ from scipy import ndimage
 
 import boxloss.data.synthetic as synthetic
 from boxloss.data import (
+    VOID,
     SyntheticBoxDataset,
     SyntheticConfig,
-    VOID,
     boxes_from_instances,
     cache_path,
     cache_root,
@@ -42,9 +42,12 @@ def test_same_seed_gives_identical_data_and_any_image_regenerates_alone():
 
 def test_seed_split_and_index_change_the_image():
     base = generate_sample(CFG, "train", 0).image
-    for other in (generate_sample(SyntheticConfig(image_size=64, seed=6), "train", 0).image,
-                  generate_sample(CFG, "val", 0).image, generate_sample(CFG, "test", 0).image,
-                  generate_sample(CFG, "train", 1).image):
+    for other in (
+        generate_sample(SyntheticConfig(image_size=64, seed=6), "train", 0).image,
+        generate_sample(CFG, "val", 0).image,
+        generate_sample(CFG, "test", 0).image,
+        generate_sample(CFG, "train", 1).image,
+    ):
         assert (other != base).mean() > 0.5
 
 
@@ -63,7 +66,7 @@ def _void_reference(inst: np.ndarray, band: int) -> np.ndarray:
     pad = np.pad(inst, band, mode="edge")
     for dy in range(2 * band + 1):
         for dx in range(2 * band + 1):
-            out |= pad[dy: dy + h, dx: dx + w] != inst
+            out |= pad[dy : dy + h, dx : dx + w] != inst
     return out
 
 
@@ -172,8 +175,9 @@ def _overlapping_pair_share(samples) -> float:
         for i in range(len(b)):
             for j in range(i + 1, len(b)):
                 pairs += 1
-                overlapping += int(min(b[i, 2], b[j, 2]) > max(b[i, 0], b[j, 0])
-                                   and min(b[i, 3], b[j, 3]) > max(b[i, 1], b[j, 1]))
+                overlapping += int(
+                    min(b[i, 2], b[j, 2]) > max(b[i, 0], b[j, 0]) and min(b[i, 3], b[j, 3]) > max(b[i, 1], b[j, 1])
+                )
     return overlapping / pairs
 
 
@@ -182,16 +186,27 @@ def test_overlap_and_border_probabilities_act():
         config = SyntheticConfig(image_size=64, **kwargs)
         return [generate_sample(config, "train", i) for i in range(80)]
 
-    assert _overlapping_pair_share(samples(overlap_prob=1.0)) > _overlapping_pair_share(samples(overlap_prob=0.0)) + 0.15
+    assert (
+        _overlapping_pair_share(samples(overlap_prob=1.0)) > _overlapping_pair_share(samples(overlap_prob=0.0)) + 0.15
+    )
     border = [compute_statistics(samples(border_prob=p), 6).border_boxes for p in (0.0, 1.0)]
     assert border[1] > border[0] + 0.2
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"num_classes": 0}, "num_classes"), ({"num_classes": 21}, "num_classes"), ({"image_size": 8}, "image_size"),
-    ({"image_size": (64, 64, 3)}, "image_size"), ({"image_size": 64.0}, "image_size"), ({"seed": -1}, "seed"),
-    ({"overlap_prob": 1.5}, "overlap_prob"), ({"mean_objects": 0.5}, "mean_objects"), ({"void_band": -1}, "void_band"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"num_classes": 0}, "num_classes"),
+        ({"num_classes": 21}, "num_classes"),
+        ({"image_size": 8}, "image_size"),
+        ({"image_size": (64, 64, 3)}, "image_size"),
+        ({"image_size": 64.0}, "image_size"),
+        ({"seed": -1}, "seed"),
+        ({"overlap_prob": 1.5}, "overlap_prob"),
+        ({"mean_objects": 0.5}, "mean_objects"),
+        ({"void_band": -1}, "void_band"),
+    ],
+)
 def test_bad_config_raises_naming_the_field(kwargs, match):
     with pytest.raises(ValueError, match=match):
         SyntheticConfig(**kwargs)
@@ -212,7 +227,11 @@ def test_cache_is_keyed_by_parameters_reused_and_serves_prefixes(tmp_path, monke
     first = SyntheticBoxDataset("train", 10, CFG, cache_dir=tmp_path)
     assert first.cache_path == cache_path(CFG, tmp_path) == tmp_path / CFG.key()
     assert sorted(p.name for p in first.cache_path.iterdir()) == [
-        "params.json", "train-10.boxes.npz", "train-10.images.npy", "train-10.instances.npy"]
+        "params.json",
+        "train-10.boxes.npz",
+        "train-10.images.npy",
+        "train-10.instances.npy",
+    ]
     assert SyntheticConfig(image_size=64, seed=6).key() != CFG.key()
     assert SyntheticConfig(image_size=64, seed=5, num_classes=7).key() != CFG.key()
 

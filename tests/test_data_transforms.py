@@ -30,8 +30,8 @@ def scenes(draw):
     rects = []
     for _ in range(draw(st.integers(0, 5))):
         t = draw(st.integers(0, h - 1))
-        l = draw(st.integers(0, w - 1))
-        rects.append((draw(st.integers(1, 4)), t, l, draw(st.integers(t + 1, h)), draw(st.integers(l + 1, w))))
+        left = draw(st.integers(0, w - 1))
+        rects.append((draw(st.integers(1, 4)), t, left, draw(st.integers(t + 1, h)), draw(st.integers(left + 1, w))))
     return scene(h, w, rects, holes=draw(st.booleans()))
 
 
@@ -96,8 +96,14 @@ def test_resize_scales_boxes_within_half_a_pixel_of_the_objects(sample, out_h, o
 def test_crop_retightens_a_non_convex_object_when_instances_are_known():
     # an L shape: the crop keeps only its vertical bar, although its box spans the whole crop width
     s = scene(10, 10, [(1, 0, 0, 10, 2), (1, 8, 0, 10, 10)])
-    s = Sample(s.image, np.array([[0, 0, 10, 10]], np.float32), np.array([1]), s.mask,
-               "L", np.where(s.instances > 0, 1, 0).astype(np.int32))
+    s = Sample(
+        s.image,
+        np.array([[0, 0, 10, 10]], np.float32),
+        np.array([1]),
+        s.mask,
+        "L",
+        np.where(s.instances > 0, 1, 0).astype(np.int32),
+    )
     c = crop(s, 0, 0, 6, 8)
     np.testing.assert_array_equal(c.boxes, [[0, 0, 2, 6]])
     assert c.info == {"boxes_clipped": 1}

@@ -58,8 +58,9 @@ def test_voc_coordinates_are_one_based_inclusive():
 
 def test_written_xml_uses_voc_coordinates_and_marks_truncation(tmp_path):
     path = tmp_path / "a.xml"
-    write_voc_xml(path, "a.jpg", 10, 8, np.array([[2, 1, 5, 3], [0, 4, 10, 8]], np.float32), np.array([2, 1]),
-                  ["cat", "dog"])
+    write_voc_xml(
+        path, "a.jpg", 10, 8, np.array([[2, 1, 5, 3], [0, 4, 10, 8]], np.float32), np.array([2, 1]), ["cat", "dog"]
+    )
     objs = ET.parse(path).getroot().findall("object")
     assert [o.find("name").text for o in objs] == ["dog", "cat"]
     assert [int(objs[0].find("bndbox").find(t).text) for t in ("xmin", "ymin", "xmax", "ymax")] == [3, 2, 5, 3]
@@ -110,13 +111,13 @@ def test_sbd_augmented_masks_and_train_aug_lists(tmp_path):
         Image.fromarray(s.mask, mode="L").save(aug / f"{s.image_id}.png")
     (tmp_path / "ImageSets" / "SegmentationAug").mkdir(parents=True)
     (tmp_path / "ImageSets" / "SegmentationAug" / "train_aug.txt").write_text(
-        "".join(f"/JPEGImages/{s.image_id}.jpg /SegmentationClassAug/{s.image_id}.png\n" for s in samples))
+        "".join(f"/JPEGImages/{s.image_id}.jpg /SegmentationClassAug/{s.image_id}.png\n" for s in samples)
+    )
     ds = VOCBoxDataset(tmp_path, "train_aug", masks="SegmentationClassAug", image_set_dir="ImageSets/SegmentationAug")
     assert [ds[i].image_id for i in range(3)] == [s.image_id for s in samples]
     for i, s in enumerate(samples):
         assert_same_sample(ds[i], s)
-    by_path = VOCBoxDataset(tmp_path, str(tmp_path / "ImageSets" / "SegmentationAug" / "train_aug.txt"),
-                            masks=str(aug))
+    by_path = VOCBoxDataset(tmp_path, str(tmp_path / "ImageSets" / "SegmentationAug" / "train_aug.txt"), masks=str(aug))
     assert len(by_path) == 3
 
 
@@ -136,8 +137,10 @@ def test_difficult_objects_can_be_left_out(tmp_path):
     xml = tmp_path / "Annotations" / "train_000000.xml"
     text = xml.read_text()
     xml.write_text(text.replace("<difficult>0</difficult>", "<difficult>1</difficult>", 1))
-    assert len(VOCBoxDataset(tmp_path, "train", keep_difficult=False)[0].boxes) == \
-        len(VOCBoxDataset(tmp_path, "train")[0].boxes) - 1
+    assert (
+        len(VOCBoxDataset(tmp_path, "train", keep_difficult=False)[0].boxes)
+        == len(VOCBoxDataset(tmp_path, "train")[0].boxes) - 1
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -163,33 +166,85 @@ def _replace_in_xml(root, old, new):
 
 
 CASES = {
-    "missing image": (lambda r: (r / "JPEGImages" / "train_000001.png").unlink(), FileNotFoundError,
-                      r"JPEGImages/train_000001\.jpg: image not found", "image"),
-    "missing annotation": (lambda r: _xml(r).unlink(), FileNotFoundError, r"train_000001\.xml: annotation not found",
-                           "image"),
-    "missing mask": (lambda r: (r / "SegmentationClass" / "train_000001.png").unlink(), FileNotFoundError,
-                     r"train_000001\.png: mask not found", "image"),
-    "malformed annotation": (lambda r: _xml(r).write_text("<annotation><object></annotation>"), ValueError,
-                             r"train_000001\.xml: malformed XML", "image"),
-    "missing coordinate": (lambda r: _replace_in_xml(r, "<ymax>", "<ymaxx>") or _replace_in_xml(r, "</ymax>", "</ymaxx>"),
-                           ValueError, r"<bndbox> of <object> 0 has no <ymax>", "image"),
-    "non-numeric coordinate": (lambda r: _set_first_box(r, xmin="left"), ValueError,
-                               r"<bndbox> of <object> 0 has <xmin>left</xmin>, not a number", "image"),
+    "missing image": (
+        lambda r: (r / "JPEGImages" / "train_000001.png").unlink(),
+        FileNotFoundError,
+        r"JPEGImages/train_000001\.jpg: image not found",
+        "image",
+    ),
+    "missing annotation": (
+        lambda r: _xml(r).unlink(),
+        FileNotFoundError,
+        r"train_000001\.xml: annotation not found",
+        "image",
+    ),
+    "missing mask": (
+        lambda r: (r / "SegmentationClass" / "train_000001.png").unlink(),
+        FileNotFoundError,
+        r"train_000001\.png: mask not found",
+        "image",
+    ),
+    "malformed annotation": (
+        lambda r: _xml(r).write_text("<annotation><object></annotation>"),
+        ValueError,
+        r"train_000001\.xml: malformed XML",
+        "image",
+    ),
+    "missing coordinate": (
+        lambda r: _replace_in_xml(r, "<ymax>", "<ymaxx>") or _replace_in_xml(r, "</ymax>", "</ymaxx>"),
+        ValueError,
+        r"<bndbox> of <object> 0 has no <ymax>",
+        "image",
+    ),
+    "non-numeric coordinate": (
+        lambda r: _set_first_box(r, xmin="left"),
+        ValueError,
+        r"<bndbox> of <object> 0 has <xmin>left</xmin>, not a number",
+        "image",
+    ),
     "wrong root": (lambda r: _xml(r).write_text("<annotations/>"), ValueError, "expected <annotation>", "image"),
-    "unreadable image": (lambda r: (r / "JPEGImages" / "train_000001.png").write_bytes(b"garbage"), ValueError,
-                         "cannot read the image header", "image"),
-    "annotation size differs": (lambda r: _replace_in_xml(r, "<width>56</width>", "<width>57</width>"), ValueError,
-                                r"<size> says 57x40 but .* is 56x40", "image"),
-    "mask size differs": (lambda r: Image.new("P", (55, 40)).save(r / "SegmentationClass" / "train_000001.png"),
-                          ValueError, r"mask is 55x40 but the image .* is 56x40", "image"),
-    "unknown class": (lambda r: _set_first_box(r, name="unicorn"), ValueError,
-                      r"<object> 0 \(unicorn\): class name 'unicorn' is not in class_names", "box"),
-    "zero-size box": (lambda r: _set_first_box(r, xmin=10, xmax=9), ValueError,
-                      r"<bndbox> has xmin=10, xmax=9.*xmax < xmin", "box"),
-    "box outside image": (lambda r: _set_first_box(r, xmin=60, xmax=70), ValueError,
-                          r"\(59, .*\) lies outside the 56x40 image", "box"),
-    "box clipped to image": (lambda r: _set_first_box(r, xmax=80), ValueError,
-                             r"extends outside the 56x40 image", "repaired"),
+    "unreadable image": (
+        lambda r: (r / "JPEGImages" / "train_000001.png").write_bytes(b"garbage"),
+        ValueError,
+        "cannot read the image header",
+        "image",
+    ),
+    "annotation size differs": (
+        lambda r: _replace_in_xml(r, "<width>56</width>", "<width>57</width>"),
+        ValueError,
+        r"<size> says 57x40 but .* is 56x40",
+        "image",
+    ),
+    "mask size differs": (
+        lambda r: Image.new("P", (55, 40)).save(r / "SegmentationClass" / "train_000001.png"),
+        ValueError,
+        r"mask is 55x40 but the image .* is 56x40",
+        "image",
+    ),
+    "unknown class": (
+        lambda r: _set_first_box(r, name="unicorn"),
+        ValueError,
+        r"<object> 0 \(unicorn\): class name 'unicorn' is not in class_names",
+        "box",
+    ),
+    "zero-size box": (
+        lambda r: _set_first_box(r, xmin=10, xmax=9),
+        ValueError,
+        r"<bndbox> has xmin=10, xmax=9.*xmax < xmin",
+        "box",
+    ),
+    "box outside image": (
+        lambda r: _set_first_box(r, xmin=60, xmax=70),
+        ValueError,
+        r"\(59, .*\) lies outside the 56x40 image",
+        "box",
+    ),
+    "box clipped to image": (
+        lambda r: _set_first_box(r, xmax=80),
+        ValueError,
+        r"extends outside the 56x40 image",
+        "repaired",
+    ),
 }
 
 
@@ -259,7 +314,8 @@ def test_export_rejects_bad_samples(tmp_path):
     with pytest.raises(ValueError, match="image_id"):
         export_voc({"train": [bad_id]}, tmp_path, SMALL.class_names)
     with pytest.raises(TypeError, match="boxes"):
-        export_voc({"train": [Sample(s.image, s.boxes.astype(np.float64), s.labels, s.mask, "x")]}, tmp_path,
-                   SMALL.class_names)
+        export_voc(
+            {"train": [Sample(s.image, s.boxes.astype(np.float64), s.labels, s.mask, "x")]}, tmp_path, SMALL.class_names
+        )
     with pytest.raises(ValueError, match="image_format"):
         export_voc({"train": [s]}, tmp_path, SMALL.class_names, image_format="bmp")

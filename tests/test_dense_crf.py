@@ -9,14 +9,14 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import boxloss
 from boxloss.reference import dense_crf_loss_lattice_reference, dense_crf_loss_reference
-from boxloss.reference.bilateral import bilateral_filter_brute_force
-from dense_crf_inputs import natural_batch, random_inputs, relative_error, value_and_grad
+from dense_crf_inputs import at_scale, natural_batch, random_inputs, relative_error, value_and_grad
 
 OP = torch.ops.boxloss.dense_crf_loss.default
-OP_BACKWARD = torch.ops.boxloss.dense_crf_loss_backward.default
+OP_BACKWARD = torch.ops.boxloss._dense_crf_loss_backward.default
 LATTICE = torch.ops.boxloss.permutohedral_lattice.default
 
 
@@ -26,9 +26,18 @@ def test_compiled_ops_are_loaded():
 
 # ----------------------------------------------------------------- the op against its reference (exact)
 
+
 @pytest.mark.parametrize(
-    "shape", [(1, 1, 1, 1), (2, 2, 1, 9), (1, 3, 8, 1), (2, 4, 9, 11), (1, 21, 13, 12), (3, 2, 16, 16),
-              (2, 21, 37, 41)],  # the last: several 512-pixel tiles of the CPU filter
+    "shape",
+    [
+        (1, 1, 1, 1),
+        (2, 2, 1, 9),
+        (1, 3, 8, 1),
+        (2, 4, 9, 11),
+        (1, 21, 13, 12),
+        (3, 2, 16, 16),
+        (2, 21, 37, 41),
+    ],  # the last: several 512-pixel tiles of the CPU filter
     ids=lambda s: "x".join(map(str, s)),
 )
 @pytest.mark.parametrize("mask_fraction", [None, 0.3])
@@ -47,20 +56,47 @@ def test_matches_lattice_reference_float64(shape, mask_fraction):
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_settings_match_lattice_reference(scale_factor, normalize, reduction):
     logits, image, valid = natural_batch(2, 24, 3, seed=3, with_mask=True)
-    kwargs = dict(sigma_xy=12.0, sigma_rgb=15.0, valid_mask=valid, scale_factor=scale_factor,
-                  normalize=normalize, reduction=reduction)
+    kwargs = dict(
+        sigma_xy=12.0,
+        sigma_rgb=15.0,
+        valid_mask=valid,
+        scale_factor=scale_factor,
+        normalize=normalize,
+        reduction=reduction,
+    )
     value, grad = value_and_grad(boxloss.dense_crf_loss, logits.softmax(1), image, **kwargs)
-    ref_value, ref_grad = value_and_grad(dense_crf_loss_lattice_reference, logits.softmax(1), image, **kwargs)
+    reference = at_scale(dense_crf_loss_lattice_reference)
+    ref_value, ref_grad = value_and_grad(reference, logits.softmax(1), image, **kwargs)
     torch.testing.assert_close(value, ref_value, rtol=1e-6, atol=1e-12)
     torch.testing.assert_close(grad, ref_grad, rtol=1e-6, atol=1e-12)
 
 
+@pytest.mark.parametrize("scale_factor", [0.5, 0.37])
+def test_resize_is_tangs(scale_factor):
+    # Tang et al.'s DenseCRFLoss resizes the probabilities bilinearly
+    # (align_corners=False) and the image and the mask by nearest neighbour.
+    from boxloss.ops.dense_crf import _resize_like_tang
+
+    logits, image, valid = natural_batch(2, 24, 3, seed=5, with_mask=True)
+    probs = logits.softmax(1)
+    p, im, m = _resize_like_tang(probs, image, valid, scale_factor)
+    size = (int(24 * scale_factor),) * 2
+    assert p.shape[2:] == im.shape[2:] == m.shape[1:] == size and m.dtype == torch.bool
+    torch.testing.assert_close(p, F.interpolate(probs, scale_factor=scale_factor, mode="bilinear", align_corners=False))
+    # Nearest neighbour: every output pixel is one input pixel, the same for the image and the mask.
+    nearest = F.interpolate(torch.arange(24.0 * 24).view(1, 1, 24, 24), scale_factor=scale_factor, mode="nearest")
+    index = nearest.long().flatten()
+    torch.testing.assert_close(im, image.flatten(2)[:, :, index].view_as(im))
+    assert torch.equal(m, valid.flatten(1)[:, index].view_as(m))
+
+
 # ----------------------------------------------------------------- against the exact Gaussian (documented tolerance)
+
 
 @pytest.mark.parametrize("sigma_xy, sigma_rgb", [(10.0, 15.0), (30.0, 15.0), (10.0, 40.0)])
 @pytest.mark.parametrize("with_mask", [False, True])
 def test_close_to_brute_force_on_natural_images(sigma_xy, sigma_rgb, with_mask):
-    # README, "Lattice accuracy": within 2 % in value and 15 % (relative L2) in
+    # docs/lattice.md, "Accuracy": within 2 % in value and 15 % (relative L2) in
     # gradient on natural images; the gradient through the softmax points the
     # same way (cosine > 0.99).
     logits, image, valid = natural_batch(1, 48, 4, seed=1, with_mask=with_mask)
@@ -89,13 +125,18 @@ def test_brute_force_reference_is_the_equation():
     expected = E / W.sum()
     got = dense_crf_loss_reference(probs, image, sigma_xy=2.0, sigma_rgb=30.0)
     torch.testing.assert_close(got, expected)
-    torch.testing.assert_close(boxloss.dense_crf_loss(probs, image, sigma_xy=2.0, sigma_rgb=30.0, normalize=False),
-                               boxloss.dense_crf_loss(probs, image, sigma_xy=2.0, sigma_rgb=30.0) *
-                               boxloss.dense_crf_loss(torch.full_like(probs, 0.5)[:, :1], image, sigma_xy=2.0,
-                                                      sigma_rgb=30.0, normalize=False) * 4)
+    torch.testing.assert_close(
+        boxloss.dense_crf_loss(probs, image, sigma_xy=2.0, sigma_rgb=30.0, normalize=False),
+        boxloss.dense_crf_loss(probs, image, sigma_xy=2.0, sigma_rgb=30.0)
+        * boxloss.dense_crf_loss(
+            torch.full_like(probs, 0.5)[:, :1], image, sigma_xy=2.0, sigma_rgb=30.0, normalize=False
+        )
+        * 4,
+    )
 
 
 # ----------------------------------------------------------------- properties
+
 
 def test_values_are_non_negative_and_at_most_one():
     for seed in range(4):
@@ -124,8 +165,9 @@ def test_invalid_pixels_enter_neither_as_i_nor_j():
     # Changing the probabilities of invalid pixels changes nothing ...
     other = probs.clone()
     other[..., :5] = other[..., :5].flip(1)
-    torch.testing.assert_close(boxloss.dense_crf_loss(other, image, sigma_xy=3.0, valid_mask=mask, normalize=False),
-                               base)
+    torch.testing.assert_close(
+        boxloss.dense_crf_loss(other, image, sigma_xy=3.0, valid_mask=mask, normalize=False), base
+    )
     # ... and their gradient is 0.
     _, grad = value_and_grad(boxloss.dense_crf_loss, probs, image, sigma_xy=3.0, valid_mask=mask)
     assert torch.all(grad[..., :5] == 0) and torch.any(grad[..., 5:] != 0)
@@ -141,8 +183,9 @@ def test_image_without_valid_pairs_contributes_zero():
     assert value[1].item() == 0.0 and value[0].item() > 0
     assert torch.all(grad[1] == 0)
     assert value[2].item() == 0.0 and torch.all(grad[2] == 0)  # one valid pixel: no pair
-    energy, grad = value_and_grad(boxloss.dense_crf_loss, probs, image, valid_mask=mask, reduction="none",
-                                  normalize=False)
+    energy, grad = value_and_grad(
+        boxloss.dense_crf_loss, probs, image, valid_mask=mask, reduction="none", normalize=False
+    )
     assert energy[1].item() == 0.0 and energy[2].item() == 0.0 and torch.all(grad[1:] == 0)
     mean = boxloss.dense_crf_loss(probs, image, valid_mask=mask)
     torch.testing.assert_close(mean, value.sum() / 3)
@@ -155,11 +198,15 @@ def test_gradient_is_w1_minus_2ws_and_tangs_through_softmax():
     kwargs = dict(sigma_xy=6.0, sigma_rgb=15.0, normalize=False)
     x = logits.clone().requires_grad_()
     boxloss.dense_crf_loss(x.softmax(1), image, **kwargs).backward()
-    from boxloss.reference.bilateral import permutohedral_lattice_reference, lattice_filter_reference, \
-        self_affinity_lower_bound
+    from boxloss.reference.bilateral import (
+        lattice_filter_reference,
+        permutohedral_lattice_reference,
+        self_affinity_lower_bound,
+    )
 
     lattice = permutohedral_lattice_reference(image, 6.0, 15.0)
-    c = self_affinity_lower_bound(lattice.splat_weight).reshape(1, 1, 20, 20)
+    splat_weight = lattice[1]
+    c = self_affinity_lower_bound(splat_weight).reshape(1, 1, 20, 20)
 
     def w(v):
         return 0.5 * (lattice_filter_reference(v, lattice) + lattice_filter_reference(v, lattice, reverse=True)) - c * v
@@ -176,9 +223,13 @@ def test_gradcheck_float64(normalize):
     probs, image, mask = random_inputs(2, 3, 5, 6, seed=7, mask_fraction=0.2)
     probs.requires_grad_()
     assert torch.autograd.gradcheck(
-        lambda p: boxloss.dense_crf_loss(p, image, sigma_xy=2.0, sigma_rgb=30.0, valid_mask=mask,
-                                         normalize=normalize, reduction="none"),
-        (probs,), eps=1e-6, atol=1e-8, rtol=1e-6,
+        lambda p: boxloss.dense_crf_loss(
+            p, image, sigma_xy=2.0, sigma_rgb=30.0, valid_mask=mask, normalize=normalize, reduction="none"
+        ),
+        (probs,),
+        eps=1e-6,
+        atol=1e-8,
+        rtol=1e-6,
     )
 
 
@@ -200,6 +251,7 @@ def test_image_gets_no_gradient():
 
 # ----------------------------------------------------------------- opcheck, compile, module
 
+
 def _op_args(mask_fraction=None, seed=10):
     probs, image, mask = random_inputs(2, 3, 5, 6, seed=seed, mask_fraction=mask_fraction)
     return probs, mask, *LATTICE(image, 3.0, 20.0)
@@ -214,9 +266,30 @@ def test_opcheck_forward(mask_fraction):
 @pytest.mark.parametrize("mask_fraction", [None, 0.3])
 def test_opcheck_backward(mask_fraction):
     probs, mask, *lattice = _op_args(mask_fraction, seed=11)
-    _, _, filtered = OP(probs, mask, *lattice)
     grad = torch.rand(2, dtype=torch.float64)
-    torch.library.opcheck(OP_BACKWARD, (grad, probs, mask, filtered, *lattice))
+    # With inputs that require grad, opcheck also checks the backward op's own autograd formula.
+    torch.library.opcheck(OP_BACKWARD, (grad.requires_grad_(), probs.requires_grad_(), mask, *lattice))
+
+
+def test_backward_keeps_only_the_inputs_and_the_lattice():
+    # The backward filters the probabilities again: nothing of the size of the (C + 1)-channel filtered values is
+    # saved between the forward and the backward (it would be held across a whole network's forward).
+    probs, image, mask = random_inputs(2, 5, 12, 13, seed=4, mask_fraction=0.2, dtype=torch.float32)
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    x = probs.clone().requires_grad_()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = boxloss.dense_crf_loss(x, image, sigma_xy=4.0, valid_mask=mask)
+    lattice = LATTICE(image, 4.0, 15.0)
+    allowed = x.numel() * 4 + mask.numel() + sum(t.numel() * t.element_size() for t in lattice) + 256
+    assert sum(t.numel() * t.element_size() for t in saved) <= allowed
+    assert not any(t.dim() == 4 and t.shape[1] == probs.shape[1] + 1 for t in saved)
+    loss.backward()
+    assert torch.isfinite(x.grad).all()
 
 
 def test_torch_compile_fullgraph_matches_eager():
@@ -239,8 +312,9 @@ def test_torch_compile_fullgraph_matches_eager():
 def test_module_matches_function_and_repr():
     logits, image, valid = natural_batch(2, 16, 3, seed=13, with_mask=True)
     module = boxloss.DenseCRFLoss(sigma_rgb=20.0, sigma_xy=40.0, scale_factor=0.5, reduction="sum")
-    expected = boxloss.dense_crf_loss(logits.softmax(1), image, sigma_rgb=20.0, sigma_xy=40.0, scale_factor=0.5,
-                                      reduction="sum", valid_mask=valid)
+    expected = boxloss.dense_crf_loss(
+        logits.softmax(1), image, sigma_rgb=20.0, sigma_xy=40.0, scale_factor=0.5, reduction="sum", valid_mask=valid
+    )
     torch.testing.assert_close(module(logits.softmax(1), image, valid), expected)
     assert "scale_factor=0.5" in repr(module) and "sigma_xy=40.0" in repr(module)
 
@@ -254,6 +328,7 @@ def test_docstring_example_runs():
 
 
 # ----------------------------------------------------------------- dtypes, layouts, threads
+
 
 def test_float32_close_to_float64():
     logits, image, valid = natural_batch(2, 32, 5, seed=14, with_mask=True)
@@ -280,9 +355,13 @@ def test_non_contiguous_inputs():
     logits, image, valid = natural_batch(2, 20, 4, seed=16, with_mask=True)
     probs = logits.softmax(1)
     expected = value_and_grad(boxloss.dense_crf_loss, probs, image, valid_mask=valid, sigma_xy=6.0)
-    got = value_and_grad(boxloss.dense_crf_loss, probs.to(memory_format=torch.channels_last),
-                         image.to(memory_format=torch.channels_last), valid_mask=valid.transpose(1, 2).contiguous()
-                         .transpose(1, 2), sigma_xy=6.0)
+    got = value_and_grad(
+        boxloss.dense_crf_loss,
+        probs.to(memory_format=torch.channels_last),
+        image.to(memory_format=torch.channels_last),
+        valid_mask=valid.transpose(1, 2).contiguous().transpose(1, 2),
+        sigma_xy=6.0,
+    )
     torch.testing.assert_close(got[0], expected[0], rtol=0, atol=0)
     torch.testing.assert_close(got[1], expected[1], rtol=0, atol=0)
 
@@ -306,6 +385,7 @@ def test_deterministic_and_thread_independent():
 
 # ----------------------------------------------------------------- bad input
 
+
 def _good():
     probs, image, mask = random_inputs(2, 3, 6, 7, seed=18, mask_fraction=0.2, dtype=torch.float32)
     return dict(probs=probs, image=image, valid_mask=mask)
@@ -317,17 +397,32 @@ BAD_INPUTS = {
     "probs int": (lambda g: dict(g, probs=(g["probs"] > 0.5).long()), TypeError, "probs must be float"),
     "probs empty": (lambda g: dict(g, probs=g["probs"][:, :0]), ValueError, "non-empty"),
     "image 1 channel": (lambda g: dict(g, image=g["image"][:, :1]), ValueError, "3 \\(RGB\\) channels"),
-    "image 4 channels": (lambda g: dict(g, image=torch.cat([g["image"], g["image"][:, :1]], 1)), ValueError,
-                         "3 \\(RGB\\) channels"),
+    "image 4 channels": (
+        lambda g: dict(g, image=torch.cat([g["image"], g["image"][:, :1]], 1)),
+        ValueError,
+        "3 \\(RGB\\) channels",
+    ),
     "image mismatch": (lambda g: dict(g, image=g["image"][..., :5]), ValueError, "image must match probs"),
-    "image nan": (lambda g: dict(g, image=torch.where(g["image"] > 250, float("nan"), g["image"])), ValueError,
-                  "image must be finite"),
-    "image inf": (lambda g: dict(g, image=torch.where(g["image"] > 250, float("inf"), g["image"])), ValueError,
-                  "image must be finite"),
-    "probs nan": (lambda g: dict(g, probs=torch.where(g["probs"] > 0.8, float("nan"), g["probs"])), ValueError,
-                  "probs must hold probabilities in \\[0, 1\\], but it contains NaN"),
-    "probs inf": (lambda g: dict(g, probs=torch.where(g["probs"] > 0.8, float("inf"), g["probs"])), ValueError,
-                  "contains Inf"),
+    "image nan": (
+        lambda g: dict(g, image=torch.where(g["image"] > 250, float("nan"), g["image"])),
+        ValueError,
+        "image must be finite",
+    ),
+    "image inf": (
+        lambda g: dict(g, image=torch.where(g["image"] > 250, float("inf"), g["image"])),
+        ValueError,
+        "image must be finite",
+    ),
+    "probs nan": (
+        lambda g: dict(g, probs=torch.where(g["probs"] > 0.8, float("nan"), g["probs"])),
+        ValueError,
+        "probs must hold probabilities in \\[0, 1\\], but it contains NaN",
+    ),
+    "probs inf": (
+        lambda g: dict(g, probs=torch.where(g["probs"] > 0.8, float("inf"), g["probs"])),
+        ValueError,
+        "contains Inf",
+    ),
     "logits": (lambda g: dict(g, probs=g["probs"] * 8 - 4), ValueError, "not logits"),
     "sigma_rgb zero": (lambda g: dict(g, sigma_rgb=0.0), ValueError, "sigma_rgb must be a positive finite"),
     "sigma_xy negative": (lambda g: dict(g, sigma_xy=-80.0), ValueError, "sigma_xy must be a positive finite"),
@@ -365,13 +460,13 @@ def test_nan_probs_at_invalid_pixels_still_raise():
 @pytest.mark.parametrize(
     "args, error, message",
     [
-        (lambda p, m, l: (p[0], m, *l), ValueError, "probs must have shape"),
-        (lambda p, m, l: (p[:1], m, *l), ValueError, "splat_index must have shape"),
-        (lambda p, m, l: (p.double(), m, *l), TypeError, "splat_weight must be"),
-        (lambda p, m, l: (p, m[:, 1:], *l), ValueError, "valid_mask must have shape"),
-        (lambda p, m, l: (p, m.int(), *l), TypeError, "valid_mask must be a bool"),
-        (lambda p, m, l: (p, m, l[0].clone().fill_(999), *l[1:]), ValueError, "outside its image's range"),
-        (lambda p, m, l: (p * 3, m, *l), ValueError, "probs must hold probabilities"),
+        (lambda p, m, lat: (p[0], m, *lat), ValueError, "probs must have shape"),
+        (lambda p, m, lat: (p[:1], m, *lat), ValueError, "splat_index must have shape"),
+        (lambda p, m, lat: (p.double(), m, *lat), TypeError, "splat_weight must be"),
+        (lambda p, m, lat: (p, m[:, 1:], *lat), ValueError, "valid_mask must have shape"),
+        (lambda p, m, lat: (p, m.int(), *lat), TypeError, "valid_mask must be a bool"),
+        (lambda p, m, lat: (p, m, lat[0].clone().fill_(999), *lat[1:]), ValueError, "outside its image's range"),
+        (lambda p, m, lat: (p * 3, m, *lat), ValueError, "probs must hold probabilities"),
     ],
 )
 def test_raw_op_rejects_bad_input_without_crashing(args, error, message):
@@ -384,11 +479,10 @@ def test_raw_op_rejects_bad_input_without_crashing(args, error, message):
 def test_raw_backward_rejects_bad_shapes():
     g = _good()
     lattice = LATTICE(g["image"], 3.0, 15.0)
-    _, _, filtered = OP(g["probs"], g["valid_mask"], *lattice)
     with pytest.raises(ValueError, match="grad_energy must have shape"):
-        OP_BACKWARD(torch.ones(3), g["probs"], g["valid_mask"], filtered, *lattice)
-    with pytest.raises(ValueError, match="filtered must have shape"):
-        OP_BACKWARD(torch.ones(2), g["probs"], g["valid_mask"], filtered[:, 1:], *lattice)
+        OP_BACKWARD(torch.ones(3), g["probs"], g["valid_mask"], *lattice)
+    with pytest.raises(ValueError, match="probs must have shape"):
+        OP_BACKWARD(torch.ones(2), g["probs"][0], g["valid_mask"], *lattice)
 
 
 def test_module_rejects_bad_settings():
@@ -401,6 +495,7 @@ def test_module_rejects_bad_settings():
 
 
 # ----------------------------------------------------------------- fallback path
+
 
 def _run_python(code, **env):
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=dict(os.environ, **env))
@@ -438,5 +533,5 @@ def test_fallback_to_reference_matches():
 def test_cuda_kernels_are_registered_when_built_with_cuda():
     from boxloss import _build_info
 
-    for op in ("permutohedral_lattice", "lattice_filter", "dense_crf_loss", "dense_crf_loss_backward"):
+    for op in ("permutohedral_lattice", "lattice_filter", "dense_crf_loss", "_dense_crf_loss_backward"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"boxloss::{op}", "CUDA") == bool(_build_info.WITH_CUDA)

@@ -1,5 +1,6 @@
 """Hypothesis fuzzing of the lattice, bilateral_filter and dense_crf_loss over shapes,
-sigmas, masks and bad inputs."""
+sigmas, masks and bad inputs: NaN, Inf, huge values and logits in every float
+argument, and double backward against the plain-PyTorch lattice reference."""
 
 from __future__ import annotations
 
@@ -11,10 +12,11 @@ from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 import boxloss  # noqa: E402
+from boxloss.ops.lattice import LatticeTensors  # noqa: E402
 from boxloss.reference import dense_crf_loss_lattice_reference  # noqa: E402
 from boxloss.reference.bilateral import lattice_filter_reference, permutohedral_lattice_reference  # noqa: E402
 from dense_crf_inputs import value_and_grad  # noqa: E402
-
+from value_fuzz import FINITE, PROBABILITIES, assert_rejected, bad_values, corrupt, hessian_vector_product  # noqa: E402
 
 # Each example runs the PyTorch reference lattice (slow): a third of the
 # profile's examples keeps the file within a few seconds.
@@ -71,7 +73,7 @@ def test_fuzz_lattice_and_filter_match_reference(problem, reverse):
     probs, image, kwargs = problem
     sigma_xy, sigma_rgb = kwargs["sigma_xy"], kwargs["sigma_rgb"]
     lattice = boxloss.PermutohedralLattice(image, sigma_xy, sigma_rgb)
-    ref = permutohedral_lattice_reference(image, sigma_xy, sigma_rgb)
+    ref = LatticeTensors(*permutohedral_lattice_reference(image, sigma_xy, sigma_rgb))
     assert torch.equal(lattice.tensors.splat_index, ref.splat_index)
     assert torch.equal(lattice.tensors.blur_neighbours, ref.blur_neighbours)
     out = lattice.filter(probs, reverse=reverse)
@@ -95,10 +97,21 @@ def bad_calls(draw):
     probs = torch.rand(B, C, H, W, generator=g).softmax(1)
     image = torch.rand(B, 3, H, W, generator=g) * 255
     args = dict(probs=probs, image=image)
-    mutation = draw(st.sampled_from([
-        "sigma_xy", "sigma_rgb", "scale_factor", "image_channels", "image_values", "probs_values", "probs_shape",
-        "mask", "reduction",
-    ]))
+    mutation = draw(
+        st.sampled_from(
+            [
+                "sigma_xy",
+                "sigma_rgb",
+                "scale_factor",
+                "image_channels",
+                "image_values",
+                "probs_values",
+                "probs_shape",
+                "mask",
+                "reduction",
+            ]
+        )
+    )
     bad_number = st.sampled_from([0.0, -1.0, float("nan"), float("inf"), -float("inf")])
     if mutation in ("sigma_xy", "sigma_rgb", "scale_factor"):
         args[mutation] = draw(bad_number)
@@ -127,3 +140,41 @@ def test_fuzz_bad_input_raises(args):
     probs, image = args.pop("probs"), args.pop("image")
     with pytest.raises((TypeError, ValueError)):
         boxloss.dense_crf_loss(probs, image, **args)
+
+
+@given(problems(), st.sampled_from(["probs", "image"]), st.data())
+def test_fuzz_bad_values_raise_naming_the_argument(problem, argument, data):
+    probs, image, kwargs = problem
+    kind = data.draw(bad_values(PROBABILITIES if argument == "probs" else FINITE))
+    args = {"probs": probs, "image": image}
+    args[argument] = corrupt(args[argument], kind, data.draw(st.integers(0, 2**16)), 0)
+    # The image is checked by the lattice the loss builds from it.
+    names = ("dense_crf_loss", "permutohedral_lattice")
+    assert_rejected(names, argument, lambda: boxloss.dense_crf_loss(args["probs"], args["image"], **kwargs))
+
+
+@given(problems(), st.data())
+def test_fuzz_filter_bad_values_raise(problem, data):
+    probs, image, kwargs = problem
+    argument = data.draw(st.sampled_from(["values", "image"]))
+    args = {"values": probs, "image": image}
+    args[argument] = corrupt(args[argument], data.draw(bad_values(FINITE)), data.draw(st.integers(0, 2**16)), 0)
+    names = ("bilateral_filter", "permutohedral_lattice", "lattice_filter")
+    assert_rejected(
+        names,
+        argument,
+        lambda: boxloss.bilateral_filter(args["values"], args["image"], kwargs["sigma_xy"], kwargs["sigma_rgb"]),
+    )
+
+
+@settings(max_examples=_REFERENCE_EXAMPLES)
+@given(problems())
+def test_fuzz_double_backward_matches_lattice_reference(problem):
+    # The loss is quadratic in probs: its Hessian-vector product (the backward op's own autograd formula) against
+    # autograd through the plain-PyTorch lattice reference.
+    probs, image, kwargs = problem
+    v = torch.randn(probs.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    kwargs = dict(kwargs, reduction="sum")
+    (h,) = hessian_vector_product(lambda p: boxloss.dense_crf_loss(p, image, **kwargs), [probs], [v])
+    (h_ref,) = hessian_vector_product(lambda p: dense_crf_loss_lattice_reference(p, image, **kwargs), [probs], [v])
+    torch.testing.assert_close(h, h_ref, rtol=1e-6, atol=1e-12)

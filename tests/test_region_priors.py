@@ -58,6 +58,20 @@ def test_positional_matches_reference(shape, border_width, centre_size):
     torch.testing.assert_close(_grad(a, x), _grad(b, x), rtol=1e-6, atol=1e-12)
 
 
+def test_positional_with_border_and_centre_masks_matches_reference():
+    x = _x(3, 9, 10, seed=8)
+    g = torch.Generator().manual_seed(3)
+    border = torch.rand(3, 9, 10, generator=g) > 0.6
+    centre = torch.rand(3, 9, 10, generator=g) > 0.8
+    centre[2] = False  # no centre pixel: that term is 0
+    a = boxloss.positional_loss(x, border_mask=border, centre_mask=centre, reduction="none")
+    b = positional_loss_reference(x, border_mask=border, centre_mask=centre)
+    torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-12)
+    torch.testing.assert_close(_grad(a, x), _grad(b, x), rtol=1e-6, atol=1e-12)
+    with pytest.raises(ValueError, match="border_mask must have shape"):
+        boxloss.positional_loss(x, border_mask=border[:, :4])
+
+
 def test_negative_and_border_match_reference():
     x = _x(3, 7, 8, seed=11)
     torch.testing.assert_close(boxloss.negative_loss(x, reduction="none"), negative_loss_reference(x))
@@ -91,15 +105,25 @@ def test_masks():
         (lambda: boxloss.volumetric_loss(torch.rand(2, 4, 4), lambda_s=-1), ValueError, "lambda_s must be"),
         (lambda: boxloss.volumetric_loss(torch.rand(2, 4, 4).long()), TypeError, "fg_probs must be float"),
         (lambda: boxloss.volumetric_loss(torch.rand(2, 4, 4), distributed=True), RuntimeError, "process group"),
-        (lambda: boxloss.positional_loss(torch.rand(2, 4, 4), border_width=-1), ValueError, "border_width must be >= 0"),
+        (
+            lambda: boxloss.positional_loss(torch.rand(2, 4, 4), border_width=-1),
+            ValueError,
+            "border_width must be >= 0",
+        ),
         (lambda: boxloss.positional_loss(torch.rand(2, 4, 4), centre_size=0), ValueError, "centre_size must be >= 1"),
         (lambda: boxloss.negative_loss(torch.rand(2, 4, 4), reduction="avg"), ValueError, "reduction must be one of"),
         (lambda: boxloss.negative_loss(torch.rand(2, 4, 4), valid_mask=torch.ones(2, 4, 4)), TypeError, "bool tensor"),
-        (lambda: boxloss.border_background_loss(torch.rand(2, 4, 4), torch.ones(3, 4, 4, dtype=torch.bool)),
-         ValueError, "border_mask must have shape"),
+        (
+            lambda: boxloss.border_background_loss(torch.rand(2, 4, 4), torch.ones(3, 4, 4, dtype=torch.bool)),
+            ValueError,
+            "border_mask must have shape",
+        ),
         (lambda: boxloss.border_background_loss(torch.rand(2, 4, 4), None), TypeError, "border_mask must be a bool"),
-        (lambda: boxloss.border_background_loss(torch.rand(2, 4, 4) + 1, torch.ones(4, 4, dtype=torch.bool)),
-         ValueError, "fg_probs must hold probabilities"),
+        (
+            lambda: boxloss.border_background_loss(torch.rand(2, 4, 4) + 1, torch.ones(4, 4, dtype=torch.bool)),
+            ValueError,
+            "fg_probs must hold probabilities",
+        ),
     ],
 )
 def test_bad_input_raises_clear_error(call, error, message):
@@ -166,8 +190,9 @@ def test_regularized_custom_boxes_and_masks():
     border[:, 0] = True
     loss_fn = boxloss.RegularizedLoss(use_negative=False)
     _, terms = loss_fn(x, image, boxes=boxes, spatial_scale=0.25, border_mask=border, return_terms=True)
-    tight = boxloss.tight_box_loss(x, boxes, torch.arange(2), torch.zeros(2, dtype=torch.long), spatial_scale=0.25,
-                                   reduction="none")
+    tight = boxloss.tight_box_loss(
+        x, boxes, torch.arange(2), torch.zeros(2, dtype=torch.long), spatial_scale=0.25, reduction="none"
+    )
     expected = (border_background_loss_reference(x[:, 0], border) + tight).mean()
     torch.testing.assert_close(terms["positional"], expected)
     with pytest.raises(ValueError, match="boxes must be a"):
@@ -178,6 +203,40 @@ def test_regularized_custom_boxes_and_masks():
         boxloss.RegularizedLoss(prior="middle")
     with pytest.raises(ValueError, match="variant must be one of"):
         boxloss.RegularizedLoss.paper("ours(N)")
+
+
+def test_regularized_centre_prior_uses_the_crop_margin_and_box_centre():
+    x, image = _crop_batch(B=2, H=16, W=16, seed=6)
+    boxes = torch.tensor([[2.0, 4.0, 10.0, 12.0], [0.0, 0.0, 16.0, 16.0]], dtype=torch.float64)
+    border = torch.zeros(2, 16, 16, dtype=torch.bool)
+    border[:, :, 0] = True
+    border[1, 15] = True
+    loss_fn = boxloss.RegularizedLoss.paper("ours")
+    _, terms = loss_fn(x, image, boxes=boxes, border_mask=border, return_terms=True)
+    centre = torch.zeros(2, 16, 16, dtype=torch.bool)
+    centre[0, 6:9, 4:7] = True  # the 3 x 3 square around the first box's centre (6, 8) -> rows 6..8, columns 4..6
+    centre[1, 6:9, 6:9] = True  # the whole-map box: the map's centre square
+    torch.testing.assert_close(centre[1], boxloss.image_centre_mask(16, 16, 3))
+    expected = positional_loss_reference(x[:, 0], border_mask=border, centre_mask=centre).mean()
+    torch.testing.assert_close(terms["positional"], expected)
+    # without them it is the map's border and centre, as before
+    _, plain = loss_fn(x, image, return_terms=True)
+    torch.testing.assert_close(plain["positional"], positional_loss_reference(x[:, 0]).mean())
+
+
+@pytest.mark.parametrize("size", [(1, 1), (4, 4), (5, 5), (1, 17), (17, 6)])
+def test_regularized_small_maps_name_the_border_not_an_invented_box(size):
+    # The tight prior's default box is the crop minus its 3-pixel border; on a map too small for one the error says
+    # so and what to pass, rather than naming an inverted box the caller never passed.
+    H, W = size
+    x, image = _crop_batch(B=2, H=H, W=W, seed=3)
+    with pytest.raises(ValueError, match=f"^RegularizedLoss: .*border_width = 3 .* of a {H} x {W} map; pass boxes"):
+        boxloss.RegularizedLoss()(x, image)
+    # With boxes, a smaller border or the centre prior the same map works.
+    boxes = torch.tensor([[0.0, 0.0, W, H]] * 2, dtype=torch.float64)
+    assert torch.isfinite(boxloss.RegularizedLoss()(x, image, boxes=boxes))
+    assert torch.isfinite(boxloss.RegularizedLoss(border_width=0)(x, image))
+    assert torch.isfinite(boxloss.RegularizedLoss(prior="centre")(x, image))
 
 
 def test_regularized_compiles_fullgraph():
@@ -194,7 +253,7 @@ def test_regularized_compiles_fullgraph():
 # Volumetric loss across two gloo processes
 
 
-_DDP_WORKER = r'''
+_DDP_WORKER = r"""
 import sys, torch, torch.distributed as dist
 import boxloss
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -212,7 +271,7 @@ loss = loss_fn(torch.sigmoid(ddp(local) - 1.0))
 loss.backward()
 torch.save({"loss": loss.detach(), "grads": [p.grad for p in model.parameters()]}, out_file)
 dist.destroy_process_group()
-'''
+"""
 
 
 def test_volumetric_ddp_matches_single_process(tmp_path):
@@ -223,8 +282,13 @@ def test_volumetric_ddp_matches_single_process(tmp_path):
     init_file = tmp_path / "init"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     procs = [
-        subprocess.Popen([sys.executable, str(script), str(r), "2", str(init_file), str(tmp_path / f"out{r}.pt")],
-                         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            [sys.executable, str(script), str(r), "2", str(init_file), str(tmp_path / f"out{r}.pt")],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for r in range(2)
     ]
     for p in procs:

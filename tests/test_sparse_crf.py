@@ -11,11 +11,10 @@ import pytest
 import torch
 
 import boxloss
-from boxloss.reference import sparse_crf_loss_reference
 from sparse_crf_inputs import make_inputs, op_value_and_grad, reference_value_and_grad
 
 OP = torch.ops.boxloss.sparse_crf_loss.default
-OP_BACKWARD = torch.ops.boxloss.sparse_crf_loss_backward.default
+OP_BACKWARD = torch.ops.boxloss._sparse_crf_loss_backward.default
 
 
 def test_compiled_ops_are_loaded():
@@ -116,9 +115,13 @@ def test_gradcheck_float64(kind, neighbourhood):
     probs, image, mask = make_inputs(2, 3, 5, 6, mask_fraction=0.2, seed=13, requires_grad=True)
     # Keep l1 away from its kinks (x_p = x_q) so finite differences are valid.
     assert torch.autograd.gradcheck(
-        lambda x: boxloss.sparse_crf_loss(x, image, kind=kind, neighbourhood=neighbourhood, valid_mask=mask,
-                                          dilation=1, reduction="none"),
-        (probs,), eps=1e-6, atol=1e-8, rtol=1e-6,
+        lambda x: boxloss.sparse_crf_loss(
+            x, image, kind=kind, neighbourhood=neighbourhood, valid_mask=mask, dilation=1, reduction="none"
+        ),
+        (probs,),
+        eps=1e-6,
+        atol=1e-8,
+        rtol=1e-6,
     )
 
 
@@ -189,8 +192,9 @@ def test_non_contiguous_and_channels_last():
     probs, image, mask = make_inputs(2, 4, 9, 10, mask_fraction=0.2, seed=37)
     expected_value, expected_grad = op_value_and_grad(probs, image, valid_mask=mask)
     # channels_last
-    value, grad = op_value_and_grad(probs.to(memory_format=torch.channels_last),
-                                    image.to(memory_format=torch.channels_last), valid_mask=mask)
+    value, grad = op_value_and_grad(
+        probs.to(memory_format=torch.channels_last), image.to(memory_format=torch.channels_last), valid_mask=mask
+    )
     torch.testing.assert_close(value, expected_value, rtol=0, atol=0)
     torch.testing.assert_close(grad, expected_grad, rtol=0, atol=0)
     # strided views: every other channel of a bigger tensor, transposed mask
@@ -247,10 +251,18 @@ def test_deterministic_and_thread_independent():
 
 def test_module_matches_function_and_repr():
     probs, image, mask = make_inputs(2, 2, 5, 5, mask_fraction=0.2, seed=53)
-    module = boxloss.SparseCRFLoss(sigma=0.3, neighbourhood=4, dilation=2, kind="potts", channels=[1],
-                                   reduction="sum")
-    expected = boxloss.sparse_crf_loss(probs, image, sigma=0.3, neighbourhood=4, dilation=2, kind="potts",
-                                       channels=[1], reduction="sum", valid_mask=mask)
+    module = boxloss.SparseCRFLoss(sigma=0.3, neighbourhood=4, dilation=2, kind="potts", channels=[1], reduction="sum")
+    expected = boxloss.sparse_crf_loss(
+        probs,
+        image,
+        sigma=0.3,
+        neighbourhood=4,
+        dilation=2,
+        kind="potts",
+        channels=[1],
+        reduction="sum",
+        valid_mask=mask,
+    )
     torch.testing.assert_close(module(probs, image, mask), expected)
     assert "potts" in repr(module) and "sigma=0.3" in repr(module)
 
@@ -264,6 +276,7 @@ def test_docstring_example_runs():
 
 
 # ---------------------------------------------------------------- bad input
+
 
 def _good():
     probs, image, mask = make_inputs(2, 3, 5, 6, mask_fraction=0.2, dtype=torch.float32, seed=59)
@@ -282,8 +295,11 @@ BAD_INPUTS = {
     "batch mismatch": (lambda g: dict(g, image=g["image"][:1]), ValueError, "image must match probs"),
     "height mismatch": (lambda g: dict(g, image=g["image"][:, :, :4]), ValueError, "image must match probs"),
     "width mismatch": (lambda g: dict(g, image=g["image"][..., :5]), ValueError, "image must match probs"),
-    "empty batch": (lambda g: dict(g, probs=g["probs"][:0], image=g["image"][:0], valid_mask=None),
-                    ValueError, "non-empty"),
+    "empty batch": (
+        lambda g: dict(g, probs=g["probs"][:0], image=g["image"][:0], valid_mask=None),
+        ValueError,
+        "non-empty",
+    ),
     "zero channels": (lambda g: dict(g, probs=g["probs"][:, :0]), ValueError, "non-empty"),
     "image zero channels": (lambda g: dict(g, image=g["image"][:, :0]), ValueError, "image must have at least"),
     "integer probs": (lambda g: dict(g, probs=(g["probs"] > 0.5).long()), TypeError, "probs must be float"),
@@ -308,15 +324,27 @@ BAD_INPUTS = {
     "channels empty": (lambda g: dict(g, channels=[]), ValueError, "at least one channel"),
     "channels floats": (lambda g: dict(g, channels=[0.5]), TypeError, "channels must hold ints"),
     "channels string": (lambda g: dict(g, channels="01"), TypeError, "channels"),
-    "nan in probs": (lambda g: dict(g, probs=g["probs"].index_put((torch.tensor([1]),), torch.tensor(float("nan")))),
-                     ValueError, "probs must hold probabilities in \\[0, 1\\], but it contains NaN"),
-    "inf in probs": (lambda g: dict(g, probs=torch.where(g["probs"] > 0.9, float("inf"), g["probs"])),
-                     ValueError, "contains Inf"),
+    "nan in probs": (
+        lambda g: dict(g, probs=g["probs"].index_put((torch.tensor([1]),), torch.tensor(float("nan")))),
+        ValueError,
+        "probs must hold probabilities in \\[0, 1\\], but it contains NaN",
+    ),
+    "inf in probs": (
+        lambda g: dict(g, probs=torch.where(g["probs"] > 0.9, float("inf"), g["probs"])),
+        ValueError,
+        "contains Inf",
+    ),
     "logits as probs": (lambda g: dict(g, probs=g["probs"] * 8 - 4), ValueError, "not logits"),
-    "nan in image": (lambda g: dict(g, image=torch.where(g["image"] > 0.95, float("nan"), g["image"])),
-                     ValueError, "image must be finite, but it contains NaN"),
-    "inf in image": (lambda g: dict(g, image=torch.where(g["image"] > 0.95, -float("inf"), g["image"])),
-                     ValueError, "image must be finite, but it contains Inf"),
+    "nan in image": (
+        lambda g: dict(g, image=torch.where(g["image"] > 0.95, float("nan"), g["image"])),
+        ValueError,
+        "image must be finite, but it contains NaN",
+    ),
+    "inf in image": (
+        lambda g: dict(g, image=torch.where(g["image"] > 0.95, -float("inf"), g["image"])),
+        ValueError,
+        "image must be finite, but it contains Inf",
+    ),
 }
 
 
@@ -376,6 +404,7 @@ def test_module_rejects_bad_settings():
 
 
 # ----------------------------------------------------------- fallback path
+
 
 def _run_python(code, **env):
     full_env = dict(os.environ, **env)

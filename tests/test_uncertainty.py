@@ -1,5 +1,5 @@
-"""boxloss uncertainty losses (CPU kernels) against the references written
-from ../shared/papers/004 (Eq. 2-3, 8-11, 13-16)."""
+"""boxloss uncertainty losses (CPU kernels) against the references written from Neven et al.,
+"Weakly-Supervised Semantic Segmentation by Learning Label Uncertainty", arXiv:2110.05926 (Eq. 2-3, 8-11, 13-16)."""
 
 from __future__ import annotations
 
@@ -25,9 +25,9 @@ from boxloss.reference import (
 from uncertainty_inputs import make_binary_inputs, make_class_inputs, value_and_grads
 
 CE = torch.ops.boxloss.uncertainty_ce_loss.default
-CE_BACKWARD = torch.ops.boxloss.uncertainty_ce_loss_backward.default
+CE_BACKWARD = torch.ops.boxloss._uncertainty_ce_loss_backward.default
 BCE = torch.ops.boxloss.uncertainty_bce_loss.default
-BCE_BACKWARD = torch.ops.boxloss.uncertainty_bce_loss_backward.default
+BCE_BACKWARD = torch.ops.boxloss._uncertainty_bce_loss_backward.default
 
 
 def _seed(*key):
@@ -40,13 +40,17 @@ def test_compiled_ops_are_loaded():
 
 # ------------------------------------------------------------------ noise
 
+
 def test_numpy_philox_known_answers():
     # Random123 kat_vectors, "philox4x32 10": counter, key -> output.
     vectors = [
         ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
         ((0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
-        ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
-         (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
+        (
+            (0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344),
+            (0xA4093822, 0x299F31D0),
+            (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1),
+        ),
     ]
     for counter, key, expected in vectors:
         out = philox4x32_10([np.array([c], dtype=np.uint32) for c in counter], key)
@@ -61,8 +65,12 @@ def test_noise_is_independent_standard_normal():
     assert abs(flat.mean()) < 0.01 and abs(flat.std() - 1) < 0.01
     # No correlation between neighbouring classes (same Philox block or not),
     # samples or pixels.
-    for a, b in [(eps[:, :, 0], eps[:, :, 1]), (eps[:, :, 3], eps[:, :, 4]), (eps[:-1], eps[1:]),
-                 (eps[..., :-1], eps[..., 1:])]:
+    for a, b in [
+        (eps[:, :, 0], eps[:, :, 1]),
+        (eps[:, :, 3], eps[:, :, 4]),
+        (eps[:-1], eps[1:]),
+        (eps[..., :-1], eps[..., 1:]),
+    ]:
         r = np.corrcoef(a.flatten().numpy(), b.flatten().numpy())[0, 1]
         assert abs(r) < 0.02, r
 
@@ -107,11 +115,25 @@ def _ce_ref(mu, log_var, target, *, seed=0, **kwargs):
 def test_ce_matches_reference_with_the_same_noise_float64(shape, bootstrap, route):
     B, C, H, W = shape
     mu, log_var, target, box_mask, pp = make_class_inputs(
-        B, C, H, W, seed=_seed(shape), ignore_fraction=0.1, box_fraction=0.7,
+        B,
+        C,
+        H,
+        W,
+        seed=_seed(shape),
+        ignore_fraction=0.1,
+        box_fraction=0.7,
         pixel_perfect=[b % 3 == 1 for b in range(B)],
     )
-    kwargs = dict(samples=7, seed=99, tau=1.5, bootstrap=bootstrap, route_gradients=route, box_mask=box_mask,
-                  pixel_perfect=pp, reduction="none")
+    kwargs = dict(
+        samples=7,
+        seed=99,
+        tau=1.5,
+        bootstrap=bootstrap,
+        route_gradients=route,
+        box_mask=box_mask,
+        pixel_perfect=pp,
+        reduction="none",
+    )
     value, grad_mu, grad_s = value_and_grads(_ce, mu, log_var, target, **kwargs)
     ref_value, ref_mu, ref_s = value_and_grads(_ce_ref, mu, log_var, target, **kwargs)
     torch.testing.assert_close(value, ref_value, rtol=1e-10, atol=1e-12)
@@ -163,7 +185,8 @@ def test_ce_flip_and_routing_by_hand():
     # Routed: mu learns only from CE(mu, y*), log_var only from L_u.
     x = mu.clone().requires_grad_()
     torch.nn.functional.cross_entropy(x, torch.tensor([[[2, 0]]]), reduction="none").mul(
-        torch.rand(1, 1, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)).sum().backward()
+        torch.rand(1, 1, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    ).sum().backward()
     torch.testing.assert_close(grad_mu, x.grad)
     torch.testing.assert_close(grad_s, grad_s_no_boot)
 
@@ -173,8 +196,9 @@ def test_ce_outside_boxes_and_pixel_perfect_is_plain_cross_entropy():
     box_mask = torch.zeros(2, 5, 6, dtype=torch.bool)
     box_mask[1, 1:4, 2:5] = True
     pp = torch.tensor([False, True])
-    value, grad_mu, grad_s = value_and_grads(_ce, mu, log_var, target, samples=6, seed=2, box_mask=box_mask,
-                                             pixel_perfect=pp, reduction="none")
+    value, grad_mu, grad_s = value_and_grads(
+        _ce, mu, log_var, target, samples=6, seed=2, box_mask=box_mask, pixel_perfect=pp, reduction="none"
+    )
     x = mu.clone().requires_grad_()
     ce = torch.nn.functional.cross_entropy(x, target, ignore_index=255, reduction="none")
     weights = torch.rand(ce.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
@@ -219,10 +243,12 @@ def test_ce_float32_close_to_float64_reference():
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_ce_low_precision_runs_in_float32(dtype):
     mu, log_var, target, _, _ = make_class_inputs(2, 5, 6, 6, seed=19)
-    value, grad_mu, grad_s = value_and_grads(_ce, mu.to(dtype), log_var.to(dtype), target, samples=8, seed=1,
-                                             reduction="none")
-    exact, _, _ = value_and_grads(_ce, mu.to(dtype).float(), log_var.to(dtype).float(), target, samples=8, seed=1,
-                                  reduction="none")
+    value, grad_mu, grad_s = value_and_grads(
+        _ce, mu.to(dtype), log_var.to(dtype), target, samples=8, seed=1, reduction="none"
+    )
+    exact, _, _ = value_and_grads(
+        _ce, mu.to(dtype).float(), log_var.to(dtype).float(), target, samples=8, seed=1, reduction="none"
+    )
     assert value.dtype == dtype and grad_mu.dtype == dtype and grad_s.dtype == dtype
     torch.testing.assert_close(value, exact.to(dtype))
 
@@ -239,12 +265,20 @@ def test_ce_seed_contract():
     # An offset selects another stream; (seed, 0) is the seed alone.
     assert torch.equal(_ce(mu, log_var, target, seed=(42, 0), **kwargs), first[0])
     assert not torch.equal(_ce(mu, log_var, target, seed=(42, 1), **kwargs), first[0])
-    torch.testing.assert_close(_ce(mu, log_var, target, seed=(42, 7), **kwargs),
-                               _ce_ref(mu, log_var, target, seed=(42, 7), **kwargs), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        _ce(mu, log_var, target, seed=(42, 7), **kwargs),
+        _ce_ref(mu, log_var, target, seed=(42, 7), **kwargs),
+        rtol=1e-12,
+        atol=1e-12,
+    )
     # 64-bit seeds: 2^64 - 1 and -1 are the same key.
     assert torch.equal(_ce(mu, log_var, target, seed=2**64 - 1, **kwargs), _ce(mu, log_var, target, seed=-1, **kwargs))
-    torch.testing.assert_close(_ce(mu, log_var, target, seed=2**63 + 5, **kwargs),
-                               _ce_ref(mu, log_var, target, seed=2**63 + 5, **kwargs), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        _ce(mu, log_var, target, seed=2**63 + 5, **kwargs),
+        _ce_ref(mu, log_var, target, seed=2**63 + 5, **kwargs),
+        rtol=1e-12,
+        atol=1e-12,
+    )
 
 
 def test_ce_seed_none_advances_torch_generator():
@@ -261,8 +295,10 @@ def test_ce_seed_none_advances_torch_generator():
     assert torch.equal(a, c) and not torch.equal(a, b)
     g1 = torch.Generator().manual_seed(5)
     g2 = torch.Generator().manual_seed(5)
-    assert torch.equal(_ce(mu, log_var, target, generator=g1, reduction="none"),
-                       _ce(mu, log_var, target, generator=g2, reduction="none"))
+    assert torch.equal(
+        _ce(mu, log_var, target, generator=g1, reduction="none"),
+        _ce(mu, log_var, target, generator=g2, reduction="none"),
+    )
 
 
 def test_ce_deterministic_and_thread_independent():
@@ -285,8 +321,9 @@ def test_ce_deterministic_and_thread_independent():
 def test_ce_gradcheck_float64(bootstrap):
     # The true derivative: routing off (with routing, mu's gradient is by
     # design not the derivative of the loss; the reference tests cover it).
-    mu, log_var, target, box_mask, pp = make_class_inputs(2, 4, 3, 5, seed=37, box_fraction=0.6,
-                                                          pixel_perfect=[False, False])
+    mu, log_var, target, box_mask, pp = make_class_inputs(
+        2, 4, 3, 5, seed=37, box_fraction=0.6, pixel_perfect=[False, False]
+    )
     # tau far from every max log-variance, so the flip is constant near the point.
     tau = math.exp(float(log_var.amax(1).median()) + 0.01)
     margin = (log_var.amax(1) - math.log(tau)).abs().min()
@@ -294,9 +331,22 @@ def test_ce_gradcheck_float64(bootstrap):
     mu.requires_grad_()
     log_var.requires_grad_()
     assert torch.autograd.gradcheck(
-        lambda m, s: boxloss.uncertainty_ce_loss(m, s, target, samples=5, seed=3, tau=tau, bootstrap=bootstrap,
-                                                 route_gradients=False, box_mask=box_mask, reduction="none"),
-        (mu, log_var), eps=1e-6, atol=1e-8, rtol=1e-6,
+        lambda m, s: boxloss.uncertainty_ce_loss(
+            m,
+            s,
+            target,
+            samples=5,
+            seed=3,
+            tau=tau,
+            bootstrap=bootstrap,
+            route_gradients=False,
+            box_mask=box_mask,
+            reduction="none",
+        ),
+        (mu, log_var),
+        eps=1e-6,
+        atol=1e-8,
+        rtol=1e-6,
     )
 
 
@@ -337,8 +387,7 @@ def test_ce_monte_carlo_converges_to_the_binary_closed_form():
     mu = torch.stack([torch.zeros(5, dtype=torch.float64), diff]).reshape(1, 2, 1, 5)
     log_var = torch.stack([torch.full((5,), -40.0, dtype=torch.float64), var.log()]).reshape(1, 2, 1, 5)
     target = torch.ones(1, 1, 5, dtype=torch.long)
-    loss = boxloss.uncertainty_ce_loss(mu, log_var, target, samples=20000, seed=17, bootstrap=False,
-                                       reduction="none")
+    loss = boxloss.uncertainty_ce_loss(mu, log_var, target, samples=20000, seed=17, bootstrap=False, reduction="none")
     mc_p = torch.exp(-loss).flatten()
     closed_p = torch.sigmoid(diff / torch.sqrt(1 + math.pi * var / 8))
     assert (mc_p - closed_p).abs().max() < 0.02, (mc_p, closed_p)
@@ -351,21 +400,38 @@ def test_ce_extreme_inputs_are_finite(dtype):
     g = torch.Generator().manual_seed(43)
     cases = []
     for mu_kind, lv_kind in itertools.product(["+1e4", "-1e4", "0", "mixed"], ["-20", "20", "mixed"]):
-        mu = {"+1e4": torch.full((2, C, 6, 5), 1e4), "-1e4": torch.full((2, C, 6, 5), -1e4),
-              "0": torch.zeros(2, C, 6, 5), "mixed": (torch.rand(2, C, 6, 5, generator=g) * 2 - 1) * 1e4}[mu_kind]
+        mu = {
+            "+1e4": torch.full((2, C, 6, 5), 1e4),
+            "-1e4": torch.full((2, C, 6, 5), -1e4),
+            "0": torch.zeros(2, C, 6, 5),
+            "mixed": (torch.rand(2, C, 6, 5, generator=g) * 2 - 1) * 1e4,
+        }[mu_kind]
         mu[:, 3] = -mu[:, 3]
-        lv = {"-20": torch.full((2, C, 6, 5), -20.0), "20": torch.full((2, C, 6, 5), 20.0),
-              "mixed": torch.rand(2, C, 6, 5, generator=g) * 40 - 20}[lv_kind]
+        lv = {
+            "-20": torch.full((2, C, 6, 5), -20.0),
+            "20": torch.full((2, C, 6, 5), 20.0),
+            "mixed": torch.rand(2, C, 6, 5, generator=g) * 40 - 20,
+        }[lv_kind]
         cases.append((mu, lv))
     target = torch.randint(0, C, (2, 6, 5), generator=g)
     for (mu, lv), (bootstrap, route) in itertools.product(cases, [(True, True), (True, False), (False, True)]):
-        value, grad_mu, grad_s = value_and_grads(_ce, mu.to(dtype), lv.to(dtype), target, samples=20, seed=1,
-                                                 bootstrap=bootstrap, route_gradients=route, reduction="none")
+        value, grad_mu, grad_s = value_and_grads(
+            _ce,
+            mu.to(dtype),
+            lv.to(dtype),
+            target,
+            samples=20,
+            seed=1,
+            bootstrap=bootstrap,
+            route_gradients=route,
+            reduction="none",
+        )
         for t in (value, grad_mu, grad_s):
             assert torch.isfinite(t).all()
 
 
 # ------------------------------------------------------------------ binary
+
 
 def _bce(mu, log_var, target, box_mask=None, **kwargs):
     return boxloss.uncertainty_bce_loss(mu, log_var, target, box_mask, **kwargs)
@@ -380,10 +446,18 @@ def _bce_ref(mu, log_var, target, box_mask=None, **kwargs):
 @pytest.mark.parametrize("soft", [False, True])
 def test_bce_matches_reference_float64(shape, bootstrap, route, soft):
     B, H, W = shape
-    mu, log_var, target, box_mask, pp = make_binary_inputs(B, H, W, seed=_seed(shape, soft), soft=soft,
-                                                           pixel_perfect=[b == 1 for b in range(B)])
-    kwargs = dict(box_mask=box_mask, bootstrap=bootstrap, route_gradients=route, pixel_perfect=pp, tau=2.0,
-                  temperature=0.3, reduction="none")
+    mu, log_var, target, box_mask, pp = make_binary_inputs(
+        B, H, W, seed=_seed(shape, soft), soft=soft, pixel_perfect=[b == 1 for b in range(B)]
+    )
+    kwargs = dict(
+        box_mask=box_mask,
+        bootstrap=bootstrap,
+        route_gradients=route,
+        pixel_perfect=pp,
+        tau=2.0,
+        temperature=0.3,
+        reduction="none",
+    )
     value, grad_mu, grad_s = value_and_grads(_bce, mu, log_var, target, **kwargs)
     ref_value, ref_mu, ref_s = value_and_grads(_bce_ref, mu, log_var, target, **kwargs)
     torch.testing.assert_close(value, ref_value, rtol=1e-10, atol=1e-12)
@@ -404,13 +478,14 @@ def test_bce_special_cases_by_hand():
     y = torch.tensor([[[1.0, 0.0, 1.0]]], dtype=torch.float64)
     plain = torch.nn.functional.binary_cross_entropy_with_logits(mu, y, reduction="none")
     # Outside the boxes and on pixel-perfect images: plain BCE on mu.
-    torch.testing.assert_close(_bce(mu, torch.zeros_like(mu), y, torch.zeros_like(y, dtype=torch.bool),
-                                    reduction="none"), plain)
-    torch.testing.assert_close(_bce(mu, torch.zeros_like(mu), y, None, pixel_perfect=torch.tensor([True]),
-                                    reduction="none"), plain)
+    torch.testing.assert_close(
+        _bce(mu, torch.zeros_like(mu), y, torch.zeros_like(y, dtype=torch.bool), reduction="none"), plain
+    )
+    torch.testing.assert_close(
+        _bce(mu, torch.zeros_like(mu), y, None, pixel_perfect=torch.tensor([True]), reduction="none"), plain
+    )
     # No variance and no bootstrapping: Eq. 9 is plain BCE.
-    torch.testing.assert_close(_bce(mu, torch.full_like(mu, -60.0), y, None, bootstrap=False, reduction="none"),
-                               plain)
+    torch.testing.assert_close(_bce(mu, torch.full_like(mu, -60.0), y, None, bootstrap=False, reduction="none"), plain)
     # Huge variance: W = 0, L_b = BCE(mu, 1 - y) (the flipped target); no
     # variance: W = sigmoid(tau / 0.2), almost all BCE(mu, y).
     kappa = 1 / math.sqrt(1 + math.pi * math.exp(8.0) / 8)
@@ -418,8 +493,9 @@ def test_bce_special_cases_by_hand():
     flipped = torch.nn.functional.binary_cross_entropy_with_logits(mu, 1 - y, reduction="none")
     torch.testing.assert_close(_bce(mu, torch.full_like(mu, 8.0), y, None, reduction="none"), lu + flipped)
     w = 1 / (1 + math.exp(-2.5 / 0.2))
-    torch.testing.assert_close(_bce(mu, torch.full_like(mu, -60.0), y, None, reduction="none"),
-                               plain + w * plain + (1 - w) * flipped)
+    torch.testing.assert_close(
+        _bce(mu, torch.full_like(mu, -60.0), y, None, reduction="none"), plain + w * plain + (1 - w) * flipped
+    )
 
 
 def test_bce_routing_by_hand():
@@ -441,9 +517,13 @@ def test_bce_gradcheck_float64(bootstrap):
     mu.requires_grad_()
     log_var.requires_grad_()
     assert torch.autograd.gradcheck(
-        lambda m, s: boxloss.uncertainty_bce_loss(m, s, target, box_mask, bootstrap=bootstrap, route_gradients=False,
-                                                  pixel_perfect=pp, reduction="none"),
-        (mu, log_var), eps=1e-6, atol=1e-8, rtol=1e-6,
+        lambda m, s: boxloss.uncertainty_bce_loss(
+            m, s, target, box_mask, bootstrap=bootstrap, route_gradients=False, pixel_perfect=pp, reduction="none"
+        ),
+        (mu, log_var),
+        eps=1e-6,
+        atol=1e-8,
+        rtol=1e-6,
     )
 
 
@@ -467,8 +547,9 @@ def test_bce_closed_form_against_monte_carlo():
 def test_bce_float_precision_and_extremes(dtype):
     mu, log_var, target, box_mask, _ = make_binary_inputs(2, 9, 13, seed=67, mu_scale=6.0)
     kwargs = dict(reduction="none", route_gradients=False)
-    value, grad_mu, grad_s = value_and_grads(_bce, mu.to(dtype), log_var.to(dtype), target.to(dtype), box_mask,
-                                             **kwargs)
+    value, grad_mu, grad_s = value_and_grads(
+        _bce, mu.to(dtype), log_var.to(dtype), target.to(dtype), box_mask, **kwargs
+    )
     ref_value, ref_mu, ref_s = value_and_grads(_bce_ref, mu, log_var, target, box_mask, **kwargs)
     torch.testing.assert_close(value.double(), ref_value, rtol=2e-6, atol=1e-7)
     torch.testing.assert_close(grad_mu.double(), ref_mu, rtol=2e-5, atol=1e-6)
@@ -483,7 +564,101 @@ def test_bce_float_precision_and_extremes(dtype):
                 assert torch.isfinite(t).all(), (mu_value, lv_value, bootstrap, route)
 
 
+# ------------------------------------------------------- void (binary)
+
+BINARY_LOSSES = {
+    "bce": (boxloss.uncertainty_bce_loss, uncertainty_bce_loss_reference),
+    "l2": (boxloss.uncertainty_l2_loss, uncertainty_l2_loss_reference),
+}
+
+
+def _with_void(target, seed, fraction=0.3, value=255):
+    g = torch.Generator().manual_seed(seed)
+    void = torch.rand(target.shape, generator=g) < fraction
+    return target.masked_fill(void, value), void
+
+
+@pytest.mark.parametrize("loss", list(BINARY_LOSSES))
+@pytest.mark.parametrize("ignore_index", [255, -1])
+def test_binary_void_pixels_are_left_out_like_the_multi_class_loss(loss, ignore_index):
+    fn, ref = BINARY_LOSSES[loss]
+    mu, log_var, target, box_mask, pp = make_binary_inputs(
+        3, 6, 7, seed=_seed(loss, ignore_index), soft=True, pixel_perfect=[False, True, False]
+    )
+    with_void, void = _with_void(target, 5, value=ignore_index)
+    kwargs = dict(pixel_perfect=pp) | ({"route_gradients": False} if loss == "bce" else {})
+    # per pixel: the reference where the target is known, 0 (and no gradient) at void pixels
+    value, grad_mu, grad_s = value_and_grads(
+        fn, mu, log_var, with_void, box_mask, reduction="none", ignore_index=ignore_index, **kwargs
+    )
+    ref_value, ref_mu, ref_s = value_and_grads(ref, mu, log_var, target, box_mask, reduction="none", **kwargs)
+    keep = ~void
+    torch.testing.assert_close(value[keep], ref_value[keep], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(grad_mu[keep], ref_mu[keep], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(grad_s[keep], ref_s[keep], rtol=1e-10, atol=1e-12)
+    assert torch.all(value[void] == 0) and torch.all(grad_mu[void] == 0) and torch.all(grad_s[void] == 0)
+    # mean over the known pixels (as uncertainty_ce_loss's), sum over them
+    mean = fn(mu, log_var, with_void, box_mask, ignore_index=ignore_index, **kwargs)
+    torch.testing.assert_close(mean, ref_value[keep].mean(), rtol=1e-12, atol=0)
+    total = fn(mu, log_var, with_void, box_mask, reduction="sum", ignore_index=ignore_index, **kwargs)
+    torch.testing.assert_close(total, ref_value[keep].sum(), rtol=1e-12, atol=0)
+    # without void pixels nothing changes
+    torch.testing.assert_close(
+        fn(mu, log_var, target, box_mask, **kwargs), ref(mu, log_var, target, box_mask, **kwargs).mean()
+    )
+
+
+@pytest.mark.parametrize("loss", list(BINARY_LOSSES))
+def test_binary_all_void_mean_is_zero_with_a_zero_gradient(loss):
+    fn, _ = BINARY_LOSSES[loss]
+    mu, log_var, _, box_mask, _ = make_binary_inputs(2, 4, 4, seed=_seed("all void", loss))
+    target = torch.full((2, 4, 4), 255.0, dtype=torch.float64)
+    value, grad_mu, grad_s = value_and_grads(fn, mu, log_var, target, box_mask)
+    assert value == 0 and torch.all(grad_mu == 0) and torch.all(grad_s == 0)
+
+
+def test_binary_void_with_integer_targets_and_modules():
+    mu, log_var, target, box_mask, pp = make_binary_inputs(2, 5, 6, seed=_seed("uint8 void"))
+    labels = target.to(torch.uint8)
+    labels[0, :2] = 255  # a VOC-style uint8 mask: 0 background, 1 object, 255 void
+    expected = _bce(mu, log_var, labels.double(), box_mask, pixel_perfect=pp)
+    torch.testing.assert_close(_bce(mu, log_var, labels, box_mask, pixel_perfect=pp), expected)
+    torch.testing.assert_close(boxloss.UncertaintyBCELoss()(mu, log_var, labels, box_mask, pp), expected)
+    torch.testing.assert_close(
+        boxloss.UncertaintyL2Loss()(mu, log_var, labels, box_mask, pp),
+        boxloss.uncertainty_l2_loss(mu, log_var, labels.double(), box_mask, pixel_perfect=pp),
+    )
+    assert "ignore_index=255" in repr(boxloss.UncertaintyBCELoss())
+    assert "ignore_index=7" in repr(boxloss.UncertaintyL2Loss(ignore_index=7))
+    labels[0, 0, 0] = 7  # neither a probability nor the ignore index
+    with pytest.raises(ValueError, match="target must hold probabilities"):
+        _bce(mu, log_var, labels, box_mask)
+
+
+@pytest.mark.parametrize(
+    "fn",
+    [boxloss.uncertainty_bce_loss, boxloss.uncertainty_l2_loss, boxloss.UncertaintyBCELoss, boxloss.UncertaintyL2Loss],
+)
+@pytest.mark.parametrize(
+    "ignore_index, error, message",
+    [
+        (1, ValueError, "must not be 0 or 1"),
+        (0, ValueError, "must not be 0 or 1"),
+        (255.0, TypeError, "ignore_index must be an int"),
+        (True, TypeError, "ignore_index must be an int"),
+    ],
+)
+def test_binary_bad_ignore_index(fn, ignore_index, error, message):
+    mu, log_var, target, box_mask, _ = make_binary_inputs(1, 3, 3, seed=_seed("bad ignore"))
+    with pytest.raises(error, match=message):
+        if isinstance(fn, type):
+            fn(ignore_index=ignore_index)
+        else:
+            fn(mu, log_var, target, box_mask, ignore_index=ignore_index)
+
+
 # ------------------------------------------------------------------ L2
+
 
 def test_l2_matches_reference_and_paper():
     mu, log_var, target, box_mask, pp = make_binary_inputs(3, 6, 7, seed=71, pixel_perfect=[False, True, False])
@@ -497,32 +672,67 @@ def test_l2_matches_reference_and_paper():
     m, s = torch.tensor([[[0.3]]], dtype=torch.float64), torch.tensor([[[0.7]]], dtype=torch.float64)
     pp_loss = boxloss.uncertainty_l2_loss(m, s, torch.zeros_like(m), pixel_perfect=torch.tensor([True]))
     box_loss = boxloss.uncertainty_l2_loss(m, s, torch.ones_like(m))
-    torch.testing.assert_close(pp_loss + box_loss,
-                               torch.tensor(0.3**2 + (1 - 0.3) ** 2 / (2 * math.exp(0.7)) + 0.35, dtype=torch.float64))
+    torch.testing.assert_close(
+        pp_loss + box_loss, torch.tensor(0.3**2 + (1 - 0.3) ** 2 / (2 * math.exp(0.7)) + 0.35, dtype=torch.float64)
+    )
     for mu_value, lv_value in itertools.product([1e4, -1e4], [-20.0, 20.0]):
-        out = value_and_grads(boxloss.uncertainty_l2_loss, torch.full((1, 2, 2), mu_value),
-                              torch.full((1, 2, 2), lv_value), torch.ones(1, 2, 2), reduction="none")
+        out = value_and_grads(
+            boxloss.uncertainty_l2_loss,
+            torch.full((1, 2, 2), mu_value),
+            torch.full((1, 2, 2), lv_value),
+            torch.ones(1, 2, 2),
+            reduction="none",
+        )
         assert all(torch.isfinite(t).all() for t in out)
 
 
 # -------------------------------------------------------- ops and compile
 
+
 def _ce_op_args(seed=0):
-    mu, log_var, target, box_mask, pp = make_class_inputs(2, 5, 4, 6, seed=seed, ignore_fraction=0.2,
-                                                          box_fraction=0.5, pixel_perfect=[False, True])
+    mu, log_var, target, box_mask, pp = make_class_inputs(
+        2, 5, 4, 6, seed=seed, ignore_fraction=0.2, box_fraction=0.5, pixel_perfect=[False, True]
+    )
     return mu, log_var, target, box_mask, pp, torch.tensor([7, 2]), 4, 1.5
 
 
 @pytest.mark.parametrize("bootstrap, route", [(True, True), (True, False), (False, True)])
 def test_opcheck_ce(bootstrap, route):
     mu, log_var, target, box_mask, pp, seed, samples, tau = _ce_op_args(73)
-    args = (mu.requires_grad_(), log_var.requires_grad_(), target, box_mask, pp, seed, samples, tau, bootstrap, route,
-            255)
+    args = (
+        mu.requires_grad_(),
+        log_var.requires_grad_(),
+        target,
+        box_mask,
+        pp,
+        seed,
+        samples,
+        tau,
+        bootstrap,
+        route,
+        255,
+    )
     torch.library.opcheck(CE, args)
     loss, lse = CE(*args)
     grad = torch.rand_like(loss)
-    torch.library.opcheck(CE_BACKWARD, (grad, mu.detach(), log_var.detach(), target, box_mask, pp, seed, lse.detach(),
-                                        samples, tau, bootstrap, route, 255))
+    torch.library.opcheck(
+        CE_BACKWARD,
+        (
+            grad,
+            mu.detach(),
+            log_var.detach(),
+            target,
+            box_mask,
+            pp,
+            seed,
+            lse.detach(),
+            samples,
+            tau,
+            bootstrap,
+            route,
+            255,
+        ),
+    )
 
 
 @pytest.mark.parametrize("bootstrap, route", [(True, True), (True, False), (False, True)])
@@ -534,13 +744,16 @@ def test_opcheck_bce(bootstrap, route):
 
 
 def test_torch_compile_fullgraph_matches_eager():
-    mu, log_var, target, box_mask, pp = make_class_inputs(2, 6, 8, 8, dtype=torch.float32, seed=83, box_fraction=0.5,
-                                                          pixel_perfect=[True, False])
+    mu, log_var, target, box_mask, pp = make_class_inputs(
+        2, 6, 8, 8, dtype=torch.float32, seed=83, box_fraction=0.5, pixel_perfect=[True, False]
+    )
     bmu, blv, bt, bmask, _ = make_binary_inputs(2, 8, 8, dtype=torch.float32, seed=89)
+    bt, _ = _with_void(bt, 91, fraction=0.2)
 
     def step(m, s, bm, bs):
-        ce = boxloss.uncertainty_ce_loss(m, s, target, samples=6, seed=(3, 1), box_mask=box_mask, pixel_perfect=pp,
-                                         route_gradients=False)
+        ce = boxloss.uncertainty_ce_loss(
+            m, s, target, samples=6, seed=(3, 1), box_mask=box_mask, pixel_perfect=pp, route_gradients=False
+        )
         bce = boxloss.uncertainty_bce_loss(bm, bs, bt, bmask, pixel_perfect=pp)
         l2 = boxloss.uncertainty_l2_loss(bm, bs, bt, bmask)
         return ce * 2.0 + bce + l2
@@ -570,9 +783,13 @@ def test_non_contiguous_inputs():
     mu, log_var, target, box_mask, _ = make_class_inputs(2, 5, 9, 10, seed=101, box_fraction=0.5)
     kwargs = dict(samples=3, seed=1, box_mask=box_mask, reduction="none", route_gradients=False)
     expected = value_and_grads(_ce, mu, log_var, target, **kwargs)
-    got = value_and_grads(_ce, mu.to(memory_format=torch.channels_last), log_var.to(memory_format=torch.channels_last),
-                          target.transpose(1, 2).contiguous().transpose(1, 2),
-                          **dict(kwargs, box_mask=box_mask.transpose(1, 2).contiguous().transpose(1, 2)))
+    got = value_and_grads(
+        _ce,
+        mu.to(memory_format=torch.channels_last),
+        log_var.to(memory_format=torch.channels_last),
+        target.transpose(1, 2).contiguous().transpose(1, 2),
+        **dict(kwargs, box_mask=box_mask.transpose(1, 2).contiguous().transpose(1, 2)),
+    )
     for a, b in zip(got, expected):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     big = torch.zeros(2, 10, 9, 10, dtype=torch.float64)
@@ -582,31 +799,38 @@ def test_non_contiguous_inputs():
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     bmu, blv, bt, bmask, _ = make_binary_inputs(2, 6, 7, seed=103)
     expected = value_and_grads(_bce, bmu, blv, bt, bmask, reduction="none")
-    got = value_and_grads(_bce, bmu.transpose(1, 2).contiguous().transpose(1, 2), blv, bt[:, :, :], bmask,
-                          reduction="none")
+    got = value_and_grads(
+        _bce, bmu.transpose(1, 2).contiguous().transpose(1, 2), blv, bt[:, :, :], bmask, reduction="none"
+    )
     for a, b in zip(got, expected):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def test_modules_match_functions_and_repr():
-    mu, log_var, target, box_mask, pp = make_class_inputs(2, 4, 5, 5, seed=107, box_fraction=0.5,
-                                                          pixel_perfect=[False, True])
+    mu, log_var, target, box_mask, pp = make_class_inputs(
+        2, 4, 5, 5, seed=107, box_fraction=0.5, pixel_perfect=[False, True]
+    )
     module = boxloss.UncertaintyCELoss(samples=3, tau=1.5, reduction="sum")
-    torch.testing.assert_close(module(mu, log_var, target, box_mask, pp, seed=4),
-                               _ce(mu, log_var, target, samples=3, tau=1.5, reduction="sum", box_mask=box_mask,
-                                   pixel_perfect=pp, seed=4))
+    torch.testing.assert_close(
+        module(mu, log_var, target, box_mask, pp, seed=4),
+        _ce(mu, log_var, target, samples=3, tau=1.5, reduction="sum", box_mask=box_mask, pixel_perfect=pp, seed=4),
+    )
     assert "samples=3" in repr(module)
     g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
-    assert torch.equal(boxloss.UncertaintyCELoss(generator=g1)(mu, log_var, target),
-                       boxloss.UncertaintyCELoss(generator=g2)(mu, log_var, target))
+    assert torch.equal(
+        boxloss.UncertaintyCELoss(generator=g1)(mu, log_var, target),
+        boxloss.UncertaintyCELoss(generator=g2)(mu, log_var, target),
+    )
     bmu, blv, bt, bmask, _ = make_binary_inputs(2, 5, 5, seed=109)
     bce = boxloss.UncertaintyBCELoss(tau=2.0, route_gradients=False)
-    torch.testing.assert_close(bce(bmu, blv, bt, bmask, pp), _bce(bmu, blv, bt, bmask, tau=2.0, pixel_perfect=pp,
-                                                                 route_gradients=False))
+    torch.testing.assert_close(
+        bce(bmu, blv, bt, bmask, pp), _bce(bmu, blv, bt, bmask, tau=2.0, pixel_perfect=pp, route_gradients=False)
+    )
     assert "tau=2.0" in repr(bce)
     l2 = boxloss.UncertaintyL2Loss(reduction="none")
-    torch.testing.assert_close(l2(bmu, blv, bt, bmask), boxloss.uncertainty_l2_loss(bmu, blv, bt, bmask,
-                                                                                     reduction="none"))
+    torch.testing.assert_close(
+        l2(bmu, blv, bt, bmask), boxloss.uncertainty_l2_loss(bmu, blv, bt, bmask, reduction="none")
+    )
     with pytest.raises(ValueError, match="UncertaintyCELoss: samples"):
         boxloss.UncertaintyCELoss(samples=0)
     with pytest.raises(ValueError, match="UncertaintyBCELoss: temperature"):
@@ -617,21 +841,25 @@ def test_docstring_examples_run():
     out = torch.randn(2, 2, 32, 32, requires_grad=True)
     target = torch.zeros(2, 32, 32)
     target[:, 8:24, 8:24] = 1
-    boxloss.uncertainty_bce_loss(out[:, 0], out[:, 1], target, target.bool(),
-                                 pixel_perfect=torch.tensor([True, False])).backward()
+    boxloss.uncertainty_bce_loss(
+        out[:, 0], out[:, 1], target, target.bool(), pixel_perfect=torch.tensor([True, False])
+    ).backward()
     mu = torch.randn(2, 21, 32, 32, requires_grad=True)
     log_var = torch.full((2, 21, 32, 32), -2.0, requires_grad=True)
     target = torch.randint(0, 21, (2, 32, 32))
-    boxloss.uncertainty_ce_loss(mu, log_var, target, samples=20, seed=0, box_mask=target > 0,
-                                pixel_perfect=torch.tensor([True, False])).backward()
+    boxloss.uncertainty_ce_loss(
+        mu, log_var, target, samples=20, seed=0, box_mask=target > 0, pixel_perfect=torch.tensor([True, False])
+    ).backward()
     assert torch.isfinite(mu.grad).all() and torch.isfinite(log_var.grad).all()
 
 
 # ---------------------------------------------------------------- bad input
 
+
 def _good_ce():
-    mu, log_var, target, box_mask, pp = make_class_inputs(2, 3, 4, 5, dtype=torch.float32, seed=113, box_fraction=0.5,
-                                                          pixel_perfect=[False, True])
+    mu, log_var, target, box_mask, pp = make_class_inputs(
+        2, 3, 4, 5, dtype=torch.float32, seed=113, box_fraction=0.5, pixel_perfect=[False, True]
+    )
     return dict(mu=mu, log_var=log_var, target=target, box_mask=box_mask, pixel_perfect=pp, seed=0)
 
 
@@ -650,16 +878,28 @@ CE_BAD_INPUTS = {
     "target bool": (lambda g: _set(g, "target", g["target"] > 0), TypeError, "target must be an integer"),
     "target shape": (lambda g: _set(g, "target", g["target"][:, :3]), ValueError, "target must have shape"),
     "target rank": (lambda g: _set(g, "target", g["target"][0]), ValueError, "target must have shape"),
-    "target too large": (lambda g: _set(g, "target", g["target"].index_fill(2, torch.tensor([1]), 3)), ValueError,
-                         "target must hold class indices in \\[0, 2\\] or ignore_index \\(255\\)"),
-    "target negative": (lambda g: _set(g, "target", g["target"].index_fill(1, torch.tensor([0]), -1)), ValueError,
-                        "target must hold class indices"),
+    "target too large": (
+        lambda g: _set(g, "target", g["target"].index_fill(2, torch.tensor([1]), 3)),
+        ValueError,
+        "target must hold class indices in \\[0, 2\\] or ignore_index \\(255\\)",
+    ),
+    "target negative": (
+        lambda g: _set(g, "target", g["target"].index_fill(1, torch.tensor([0]), -1)),
+        ValueError,
+        "target must hold class indices",
+    ),
     "box_mask not bool": (lambda g: _set(g, "box_mask", g["box_mask"].float()), TypeError, "box_mask must be a bool"),
     "box_mask shape": (lambda g: _set(g, "box_mask", g["box_mask"][:, :2]), ValueError, "box_mask must have shape"),
-    "pixel_perfect shape": (lambda g: _set(g, "pixel_perfect", g["pixel_perfect"][:1]), ValueError,
-                            "pixel_perfect must have shape"),
-    "pixel_perfect not bool": (lambda g: _set(g, "pixel_perfect", g["pixel_perfect"].int()), TypeError,
-                               "pixel_perfect must be a bool"),
+    "pixel_perfect shape": (
+        lambda g: _set(g, "pixel_perfect", g["pixel_perfect"][:1]),
+        ValueError,
+        "pixel_perfect must have shape",
+    ),
+    "pixel_perfect not bool": (
+        lambda g: _set(g, "pixel_perfect", g["pixel_perfect"].int()),
+        TypeError,
+        "pixel_perfect must be a bool",
+    ),
     "pixel_perfect list": (lambda g: _set(g, "pixel_perfect", [True, False]), TypeError, "pixel_perfect must be"),
     "samples zero": (lambda g: _set(g, "samples", 0), ValueError, "samples must be >= 1"),
     "samples negative": (lambda g: _set(g, "samples", -3), ValueError, "samples must be >= 1"),
@@ -689,8 +929,9 @@ def test_ce_bad_input_raises_clear_error(case):
 
 
 def _good_bce():
-    mu, log_var, target, box_mask, pp = make_binary_inputs(2, 4, 5, dtype=torch.float32, seed=127,
-                                                           pixel_perfect=[False, True])
+    mu, log_var, target, box_mask, pp = make_binary_inputs(
+        2, 4, 5, dtype=torch.float32, seed=127, pixel_perfect=[False, True]
+    )
     return dict(mu=mu, log_var=log_var, target=target, box_mask=box_mask, pixel_perfect=pp)
 
 
@@ -700,13 +941,22 @@ BCE_BAD_INPUTS = {
     "log_var shape": (lambda g: _set(g, "log_var", g["log_var"][:, :2]), ValueError, "log_var must have the shape"),
     "log_var dtype": (lambda g: _set(g, "log_var", g["log_var"].double()), TypeError, "log_var must have the dtype"),
     "target shape": (lambda g: _set(g, "target", g["target"][:1]), ValueError, "target must have the shape"),
-    "target above one": (lambda g: _set(g, "target", g["target"] * 2), ValueError,
-                         "target must hold probabilities in \\[0, 1\\]"),
-    "target nan": (lambda g: _set(g, "target", g["target"].index_fill(2, torch.tensor([0]), float("nan"))),
-                   ValueError, "contains NaN"),
+    "target above one": (
+        lambda g: _set(g, "target", g["target"] * 2),
+        ValueError,
+        "target must hold probabilities in \\[0, 1\\]",
+    ),
+    "target nan": (
+        lambda g: _set(g, "target", g["target"].index_fill(2, torch.tensor([0]), float("nan"))),
+        ValueError,
+        "contains NaN",
+    ),
     "box_mask shape": (lambda g: _set(g, "box_mask", g["box_mask"][:, 1:]), ValueError, "box_mask must have shape"),
-    "pixel_perfect shape": (lambda g: _set(g, "pixel_perfect", torch.tensor([True])), ValueError,
-                            "pixel_perfect must have shape"),
+    "pixel_perfect shape": (
+        lambda g: _set(g, "pixel_perfect", torch.tensor([True])),
+        ValueError,
+        "pixel_perfect must have shape",
+    ),
     "temperature zero": (lambda g: _set(g, "temperature", 0.0), ValueError, "temperature must be a positive"),
     "tau inf": (lambda g: _set(g, "tau", float("inf")), ValueError, "tau must be a finite"),
     "tau string": (lambda g: _set(g, "tau", "2"), TypeError, "tau must be a number"),
@@ -719,7 +969,12 @@ BCE_BAD_INPUTS = {
 def test_bce_bad_input_raises_clear_error(case):
     build, error, message = BCE_BAD_INPUTS[case]
     kwargs = build(_good_bce())
-    mu, log_var, target, box_mask = kwargs.pop("mu"), kwargs.pop("log_var"), kwargs.pop("target"), kwargs.pop("box_mask")
+    mu, log_var, target, box_mask = (
+        kwargs.pop("mu"),
+        kwargs.pop("log_var"),
+        kwargs.pop("target"),
+        kwargs.pop("box_mask"),
+    )
     with pytest.raises(error, match=message):
         boxloss.uncertainty_bce_loss(mu, log_var, target, box_mask, **kwargs)
 
@@ -749,11 +1004,25 @@ def test_raw_ce_op_rejects_bad_input_without_crashing(mutate, error, message):
 def test_raw_backward_ops_reject_bad_shapes():
     mu, log_var, target, box_mask, pp, seed, samples, tau = _ce_op_args(137)
     with pytest.raises(ValueError, match="grad must have shape"):
-        CE_BACKWARD(torch.ones(3), mu, log_var, target, box_mask, pp, seed, torch.zeros(2, 4, 6), samples, tau, True,
-                    True, 255)
+        CE_BACKWARD(
+            torch.ones(3), mu, log_var, target, box_mask, pp, seed, torch.zeros(2, 4, 6), samples, tau, True, True, 255
+        )
     with pytest.raises(ValueError, match="sample_lse must have shape"):
-        CE_BACKWARD(torch.ones(2, 4, 6), mu, log_var, target, box_mask, pp, seed, torch.zeros(2, 4), samples, tau,
-                    True, True, 255)
+        CE_BACKWARD(
+            torch.ones(2, 4, 6),
+            mu,
+            log_var,
+            target,
+            box_mask,
+            pp,
+            seed,
+            torch.zeros(2, 4),
+            samples,
+            tau,
+            True,
+            True,
+            255,
+        )
     bmu, blv, bt, bmask, _ = make_binary_inputs(2, 3, 3, seed=139)
     with pytest.raises(ValueError, match="grad must have shape"):
         BCE_BACKWARD(torch.ones(2, 3), bmu, blv, bt, bmask, None, 2.5, 0.2, True, True)
@@ -763,19 +1032,23 @@ def test_raw_backward_ops_reject_bad_shapes():
 
 # ----------------------------------------------------------- fallback path
 
+
 def _run_python(code, **env):
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=dict(os.environ, **env))
 
 
 def test_fallback_to_reference_matches_the_kernels():
-    mu, log_var, target, box_mask, pp = make_class_inputs(2, 4, 5, 6, seed=149, box_fraction=0.5,
-                                                          pixel_perfect=[False, True], ignore_fraction=0.2)
+    mu, log_var, target, box_mask, pp = make_class_inputs(
+        2, 4, 5, 6, seed=149, box_fraction=0.5, pixel_perfect=[False, True], ignore_fraction=0.2
+    )
     bmu, blv, bt, bmask, _ = make_binary_inputs(2, 5, 6, seed=151)
     expected_ce = _ce(mu, log_var, target, samples=5, seed=(3, 2), box_mask=box_mask, pixel_perfect=pp)
     expected_bce = _bce(bmu, blv, bt, bmask, pixel_perfect=pp)
     path = os.path.join(os.environ.get("PYTEST_TMPDIR", "/tmp"), f"uncertainty_fallback_{os.getpid()}.pt")
-    torch.save(dict(mu=mu, log_var=log_var, target=target, box_mask=box_mask, pp=pp, bmu=bmu, blv=blv, bt=bt,
-                    bmask=bmask), path)
+    torch.save(
+        dict(mu=mu, log_var=log_var, target=target, box_mask=box_mask, pp=pp, bmu=bmu, blv=blv, bt=bt, bmask=bmask),
+        path,
+    )
     code = (
         "import warnings, torch, boxloss\n"
         "assert not boxloss.extension_loaded()\n"
@@ -800,6 +1073,10 @@ def test_fallback_to_reference_matches_the_kernels():
 def test_cuda_kernels_are_registered_when_built_with_cuda():
     from boxloss import _build_info
 
-    for op in ("uncertainty_ce_loss", "uncertainty_ce_loss_backward", "uncertainty_bce_loss",
-               "uncertainty_bce_loss_backward"):
+    for op in (
+        "uncertainty_ce_loss",
+        "_uncertainty_ce_loss_backward",
+        "uncertainty_bce_loss",
+        "_uncertainty_bce_loss_backward",
+    ):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"boxloss::{op}", "CUDA") == bool(_build_info.WITH_CUDA)

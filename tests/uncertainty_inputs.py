@@ -5,8 +5,22 @@ from __future__ import annotations
 import torch
 
 
-def make_class_inputs(B, C, H, W, *, dtype=torch.float64, device="cpu", seed=0, mu_scale=2.0, log_var_shift=0.0,
-                      ignore_fraction=0.0, box_fraction=None, pixel_perfect=None, ignore_index=255):
+def make_class_inputs(
+    B,
+    C,
+    H,
+    W,
+    *,
+    dtype=torch.float64,
+    device="cpu",
+    seed=0,
+    mu_scale=2.0,
+    log_var_shift=0.0,
+    ignore_fraction=0.0,
+    box_fraction=None,
+    pixel_perfect=None,
+    ignore_index=255,
+):
     """(mu, log_var, target, box_mask, pixel_perfect) for uncertainty_ce_loss.
 
     mu ~ N(0, mu_scale^2), log_var ~ N(log_var_shift, 1), targets uniform over
@@ -15,8 +29,7 @@ def make_class_inputs(B, C, H, W, *, dtype=torch.float64, device="cpu", seed=0, 
     """
     g = torch.Generator().manual_seed(seed)
     mu = (torch.randn(B, C, H, W, generator=g, dtype=torch.float64) * mu_scale).to(device=device, dtype=dtype)
-    log_var = (torch.randn(B, C, H, W, generator=g, dtype=torch.float64) + log_var_shift).to(device=device,
-                                                                                              dtype=dtype)
+    log_var = (torch.randn(B, C, H, W, generator=g, dtype=torch.float64) + log_var_shift).to(device=device, dtype=dtype)
     target = torch.randint(0, C, (B, H, W), generator=g)
     if ignore_fraction:
         target[torch.rand(B, H, W, generator=g) < ignore_fraction] = ignore_index
@@ -27,13 +40,26 @@ def make_class_inputs(B, C, H, W, *, dtype=torch.float64, device="cpu", seed=0, 
     return mu, log_var, target.to(device), box_mask, pp
 
 
-def make_binary_inputs(B, H, W, *, dtype=torch.float64, device="cpu", seed=0, mu_scale=2.0, log_var_shift=0.5,
-                       box_fraction=0.6, pixel_perfect=None, soft=False):
+def make_binary_inputs(
+    B,
+    H,
+    W,
+    *,
+    dtype=torch.float64,
+    device="cpu",
+    seed=0,
+    mu_scale=2.0,
+    log_var_shift=0.5,
+    box_fraction=0.6,
+    pixel_perfect=None,
+    soft=False,
+):
     """(mu, log_var, target, box_mask, pixel_perfect) for uncertainty_bce_loss (B, H, W)."""
     g = torch.Generator().manual_seed(seed)
     mu = (torch.randn(B, H, W, generator=g, dtype=torch.float64) * mu_scale).to(device=device, dtype=dtype)
-    log_var = (torch.randn(B, H, W, generator=g, dtype=torch.float64) * 1.5 + log_var_shift).to(device=device,
-                                                                                                 dtype=dtype)
+    log_var = (torch.randn(B, H, W, generator=g, dtype=torch.float64) * 1.5 + log_var_shift).to(
+        device=device, dtype=dtype
+    )
     if soft:
         target = torch.rand(B, H, W, generator=g, dtype=torch.float64)
     else:

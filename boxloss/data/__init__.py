@@ -1,4 +1,5 @@
-"""Data for box-supervised segmentation: an embedded synthetic benchmark, VOC and COCO loaders, transforms.
+"""Data for box-supervised segmentation: an embedded synthetic benchmark, VOC and COCO loaders, transforms, and the
+single-class box crops of Box to Tag and Back.
 
 Every dataset returns the same :class:`Sample` (image (H, W, 3) uint8, boxes (K, 4) float32 ``x0, y0, x1, y1`` in
 continuous pixel coordinates, labels (K,) int64 in 1..L, mask (H, W) uint8 with 255 void or ``None``, image_id), and
@@ -15,6 +16,7 @@ Example:
 Command line: ``python -m boxloss.data generate | stats | export --format voc|coco`` (``--help`` for options).
 """
 
+from boxloss.data.box_crops import BoxCrop, BoxCropDataset, CropBatch, collate_crops, crop_boxes, paste_crop
 from boxloss.data.coco import COCOBoxDataset, box_to_coco, coco_to_box, export_coco
 from boxloss.data.sample import VOID, BoxBatch, Sample, boxes_from_instances, collate_samples
 from boxloss.data.stats import VOC_REFERENCE, DatasetStatistics, compute_statistics, format_report
@@ -43,6 +45,9 @@ from boxloss.data.voc import (
 
 __all__ = [
     "BoxBatch",
+    "BoxCrop",
+    "BoxCropDataset",
+    "CropBatch",
     "COCOBoxDataset",
     "DEFAULT_SPLIT_SIZES",
     "DatasetStatistics",
@@ -61,13 +66,16 @@ __all__ = [
     "cache_path",
     "cache_root",
     "coco_to_box",
+    "collate_crops",
     "collate_samples",
     "compute_statistics",
+    "crop_boxes",
     "export_coco",
     "export_voc",
     "format_report",
     "generate_sample",
     "generate_split",
+    "paste_crop",
     "read_mask_png",
     "synthetic_class_names",
     "voc_palette",

@@ -10,9 +10,15 @@ from PIL import Image
 
 
 def read_image(path: str | os.PathLike) -> np.ndarray:
-    """(H, W, 3) uint8 RGB (grayscale, palette and RGBA images are converted)."""
-    with Image.open(path) as img:
-        return np.array(img.convert("RGB"), np.uint8)
+    """(H, W, 3) uint8 RGB (grayscale, palette and RGBA images are converted).  A missing file raises
+    ``FileNotFoundError``; a file that cannot be decoded (truncated, not an image) raises ``ValueError`` naming it."""
+    try:
+        with Image.open(path) as img:
+            return np.array(img.convert("RGB"), np.uint8)
+    except FileNotFoundError:
+        raise
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise ValueError(f"{path}: cannot decode the image ({e})") from None
 
 
 def write_image(path: str | os.PathLike, image: np.ndarray, quality: int = 95) -> None:

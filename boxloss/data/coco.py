@@ -33,16 +33,19 @@ import math
 import os
 import warnings
 from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import Callable
 
 import numpy as np
 from torch.utils.data import Dataset
 
 from boxloss.data._images import image_size, read_image, write_image
 from boxloss.data._issues import InputIssues, check_box
+from boxloss.data._output import staged_output
 from boxloss.data.sample import VOID, Sample
+from boxloss.ops.boxes import box_pixel_ranges
 
 CROWD = ("void", "ignore")
 
@@ -86,8 +89,9 @@ def decode_segmentation(seg, height: int, width: int) -> np.ndarray:
         counts = seg["counts"]
         rle = {"size": list(seg["size"]), "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
     with warnings.catch_warnings():  # pycocotools' compiled decoder predates numpy 2's __array__(copy=) protocol
-        warnings.filterwarnings("ignore", message=r"__array__ implementation doesn't accept a copy keyword",
-                                category=DeprecationWarning)
+        warnings.filterwarnings(
+            "ignore", message=r"__array__ implementation doesn't accept a copy keyword", category=DeprecationWarning
+        )
         return api.decode(rle).astype(bool)
 
 
@@ -103,8 +107,6 @@ def object_regions(sample: Sample) -> list[np.ndarray]:
     several boxes of its class goes to the smallest)."""
     if sample.instances is not None:
         return [sample.instances == k + 1 for k in range(sample.num_boxes)]
-    from boxloss.data.sample import box_pixel_ranges
-
     h, w = sample.height, sample.width
     owner = np.full((h, w), -1, np.int64)
     areas = (sample.boxes[:, 2] - sample.boxes[:, 0]) * (sample.boxes[:, 3] - sample.boxes[:, 1])
@@ -130,13 +132,25 @@ def _void_regions(sample: Sample) -> dict[int, np.ndarray]:
     return {int(c): void & (nearest == c) for c in np.unique(nearest[void])}
 
 
-def export_coco(splits: Mapping[str, Iterable[Sample]], root: str | os.PathLike, class_names: Sequence[str], *,
-                image_format: str = "jpg", quality: int = 95) -> dict[str, Path]:
+def export_coco(
+    splits: Mapping[str, Iterable[Sample]],
+    root: str | os.PathLike,
+    class_names: Sequence[str],
+    *,
+    image_format: str = "jpg",
+    quality: int = 95,
+    overwrite: bool = False,
+) -> dict[str, Path]:
     """Write samples in COCO layout under ``root``; returns the annotation file of each split.
 
     Categories get ids 1..L in class-channel order. Each box becomes a non-crowd annotation with its ``bbox``, its
     visible region as a compressed RLE and its ``area``; void pixels become crowd RLEs. ``image_format="png"`` is
     lossless; JPEG (COCO's) returns images only approximately. Masks and boxes always come back exactly.
+
+    ``root`` must be new or empty unless ``overwrite=True``, which replaces the files the export writes and keeps the
+    others.  Files are written into a hidden staging folder beside ``root`` and moved into place at the end (the
+    annotation files last), so an interrupted export leaves no dataset that looks complete
+    (:mod:`boxloss.data._output`).
 
     Example:
         >>> import tempfile
@@ -148,7 +162,16 @@ def export_coco(splits: Mapping[str, Iterable[Sample]], root: str | os.PathLike,
     """
     if image_format not in ("jpg", "png"):
         raise ValueError(f"export_coco: image_format must be 'jpg' or 'png', got {image_format!r}")
-    root = Path(root)
+    with staged_output("export_coco", root, overwrite=overwrite, is_index=_is_coco_index) as staging:
+        files = _write_coco(splits, staging, class_names, image_format, quality)
+    return {split: Path(root) / path.relative_to(staging) for split, path in files.items()}
+
+
+def _is_coco_index(relative: Path) -> bool:
+    return relative.parts[0] == "annotations"
+
+
+def _write_coco(splits, root: Path, class_names, image_format: str, quality: int) -> dict[str, Path]:
     (root / "annotations").mkdir(parents=True, exist_ok=True)
     categories = [{"id": k, "name": n, "supercategory": "object"} for k, n in enumerate(class_names, 1)]
     files = {}
@@ -158,8 +181,10 @@ def export_coco(splits: Mapping[str, Iterable[Sample]], root: str | os.PathLike,
         for s in samples:
             s.check(f"export_coco: sample {s.image_id!r}")
             if s.num_boxes and s.labels.max() > len(class_names):
-                raise ValueError(f"export_coco: sample {s.image_id!r} has label {int(s.labels.max())} but only "
-                                 f"{len(class_names)} class names")
+                raise ValueError(
+                    f"export_coco: sample {s.image_id!r} has label {int(s.labels.max())} but only "
+                    f"{len(class_names)} class names"
+                )
             if any(c in s.image_id for c in "/\\\n") or not s.image_id:
                 raise ValueError(f"export_coco: image_id {s.image_id!r} cannot be a file name")
             image_id = len(images) + 1
@@ -168,19 +193,37 @@ def export_coco(splits: Mapping[str, Iterable[Sample]], root: str | os.PathLike,
             images.append({"id": image_id, "file_name": name, "width": s.width, "height": s.height})
             regions = object_regions(s) if s.mask is not None else [None] * s.num_boxes
             for box, label, region in zip(s.boxes, s.labels, regions):
-                ann = {"id": len(annotations) + 1, "image_id": image_id, "category_id": int(label),
-                       "bbox": [float(v) for v in box_to_coco(box)], "iscrowd": 0,
-                       "area": float(region.sum()) if region is not None else float((box[2] - box[0]) * (box[3] - box[1]))}
+                ann = {
+                    "id": len(annotations) + 1,
+                    "image_id": image_id,
+                    "category_id": int(label),
+                    "bbox": [float(v) for v in box_to_coco(box)],
+                    "iscrowd": 0,
+                    "area": float(region.sum()) if region is not None else float((box[2] - box[0]) * (box[3] - box[1])),
+                }
                 if region is not None:
                     ann["segmentation"] = encode_rle(region)
                 annotations.append(ann)
             if s.mask is not None:
                 for label, region in sorted(_void_regions(s).items()):
-                    annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": label,
-                                        "bbox": _tight(region), "iscrowd": 1, "area": float(region.sum()),
-                                        "segmentation": encode_rle(region)})
-        doc = {"info": {"description": "written by boxloss.data.export_coco"}, "licenses": [], "images": images,
-               "annotations": annotations, "categories": categories}
+                    annotations.append(
+                        {
+                            "id": len(annotations) + 1,
+                            "image_id": image_id,
+                            "category_id": label,
+                            "bbox": _tight(region),
+                            "iscrowd": 1,
+                            "area": float(region.sum()),
+                            "segmentation": encode_rle(region),
+                        }
+                    )
+        doc = {
+            "info": {"description": "written by boxloss.data.export_coco"},
+            "licenses": [],
+            "images": images,
+            "annotations": annotations,
+            "categories": categories,
+        }
         path = root / "annotations" / f"instances_{split}.json"
         path.write_text(json.dumps(doc))
         files[split] = path
@@ -223,8 +266,10 @@ def _load_json(path: Path) -> dict:
     except UnicodeDecodeError as e:
         raise ValueError(f"{path}: not UTF-8 JSON ({e})") from None
     if not isinstance(doc, dict):
-        raise ValueError(f"{path}: the top level must be an object with images, annotations and categories, got "
-                         f"a {type(doc).__name__}")
+        raise ValueError(
+            f"{path}: the top level must be an object with images, annotations and categories, got "
+            f"a {type(doc).__name__}"
+        )
     for key in ("images", "annotations", "categories"):
         if not isinstance(doc.get(key), list):
             raise ValueError(f"{path}: '{key}' must be a list, got {type(doc.get(key)).__name__}")
@@ -233,6 +278,48 @@ def _load_json(path: Path) -> dict:
 
 def _is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _short(text: str, n: int = 24) -> str:
+    return repr(text if len(text) <= n else text[:n] + "...")
+
+
+def _compressed_rle_runs(counts: str) -> list[int] | None:
+    """The run lengths of a compressed COCO RLE string, or None if it is not one.
+
+    The format of pycocotools' ``rleFrString``: each run is a little-endian sequence of 5-bit groups stored as
+    ``chr(48 + group)``, bit 0x20 meaning "more groups follow" and bit 0x10 of the last group the sign; from the
+    third run on, the value is a difference to the run two before.  pycocotools decodes a string whose runs do not
+    cover the image into uninitialised memory instead of failing, so the loader checks this first."""
+    runs: list[int] = []
+    p, n = 0, len(counts)
+    while p < n:
+        x, k, more = 0, 0, True
+        while more:
+            if p >= n:
+                return None
+            c = ord(counts[p]) - 48
+            if not 0 <= c < 64:
+                return None
+            x |= (c & 0x1F) << (5 * k)
+            more = bool(c & 0x20)
+            p += 1
+            k += 1
+            if not more and c & 0x10:
+                x |= -1 << (5 * k)
+        if len(runs) > 2:
+            x += runs[-2]
+        runs.append(x)
+    return runs
+
+
+def _polygons_outside(seg, h: int, w: int) -> bool:
+    """Every polygon's vertices lie beyond one edge of the image, so the polygons cover no pixel."""
+    for p in seg:
+        xs, ys = p[0::2], p[1::2]
+        if not (max(xs) <= 0 or min(xs) >= w or max(ys) <= 0 or min(ys) >= h):
+            return False
+    return bool(seg)
 
 
 def _segmentation_problem(seg, h: int, w: int) -> tuple[str, str] | None:
@@ -254,6 +341,19 @@ def _segmentation_problem(seg, h: int, w: int) -> tuple[str, str] | None:
                 return "malformed segmentation", f"uncompressed RLE counts must be ints >= 0 summing to {h * w}"
         elif not isinstance(counts, str):
             return "malformed segmentation", "RLE counts must be a string or a list of ints"
+        else:
+            runs = _compressed_rle_runs(counts)
+            if runs is None:
+                return (
+                    "malformed segmentation",
+                    f"compressed RLE counts {_short(counts)} are not a valid COCO RLE string",
+                )
+            if any(r < 0 for r in runs) or sum(runs) != h * w:
+                return (
+                    "malformed segmentation",
+                    f"compressed RLE counts {_short(counts)} decode to runs summing to {sum(runs)} (with "
+                    f"{sum(r < 0 for r in runs)} negative), not the {h * w} pixels of a {w}x{h} image",
+                )
         return None
     return "malformed segmentation", f"expected polygons or an RLE dict, got {type(seg).__name__}"
 
@@ -272,7 +372,8 @@ class COCOBoxDataset(Dataset):
             never give boxes.
         on_error: ``"raise"`` raises at the first bad input, naming the file and the entry; ``"skip"`` skips bad
             images and boxes, counts them in :attr:`skipped` / :attr:`repaired`, keeps messages in :attr:`skip_log`
-            and warns. A skipped box of a valid segmentation still paints its mask (no box); a segmentation of an
+            and warns. In both modes a box whose polygons lie wholly outside the image (no object pixel) is kept,
+            counted in :attr:`noticed` and warned about. A skipped box of a valid segmentation still paints its mask (no box); a segmentation of an
             unknown category paints void, so no pixel is silently mislabelled.
         check_files: check at construction that every image exists and has the size the JSON says (one header read
             per image); ``False`` defers that to loading, where a mismatch raises.
@@ -285,9 +386,18 @@ class COCOBoxDataset(Dataset):
         ds.class_names  # ('person', 'bicycle', ...)
     """
 
-    def __init__(self, annotation_file: str | os.PathLike, image_dir: str | os.PathLike, *, masks: bool = True,
-                 categories: Sequence[str] | None = None, crowd: str = "void", on_error: str = "raise",
-                 check_files: bool = True, transform: Callable[[Sample], Sample] | None = None):
+    def __init__(
+        self,
+        annotation_file: str | os.PathLike,
+        image_dir: str | os.PathLike,
+        *,
+        masks: bool = True,
+        categories: Sequence[str] | None = None,
+        crowd: str = "void",
+        on_error: str = "raise",
+        check_files: bool = True,
+        transform: Callable[[Sample], Sample] | None = None,
+    ):
         path = Path(annotation_file)
         self.annotation_file, self.image_dir = path, Path(image_dir)
         owner = f"COCOBoxDataset({str(path)!r})"
@@ -328,10 +438,17 @@ class COCOBoxDataset(Dataset):
             if not isinstance(im, dict) or not all(k in im for k in ("id", "file_name", "width", "height")):
                 issues.problem("malformed image entry", f"{where} needs id, file_name, width and height, got {im!r}")
                 continue
-            if not (isinstance(im["width"], int) and isinstance(im["height"], int) and im["width"] > 0
-                    and im["height"] > 0 and isinstance(im["file_name"], str)):
-                issues.problem("malformed image entry", f"{where} has width={im['width']!r}, height={im['height']!r},"
-                               f" file_name={im['file_name']!r}")
+            if not (
+                isinstance(im["width"], int)
+                and isinstance(im["height"], int)
+                and im["width"] > 0
+                and im["height"] > 0
+                and isinstance(im["file_name"], str)
+            ):
+                issues.problem(
+                    "malformed image entry",
+                    f"{where} has width={im['width']!r}, height={im['height']!r}, file_name={im['file_name']!r}",
+                )
                 continue
             if im["id"] in entries:
                 issues.problem("duplicate image id", f"{where} repeats image id {im['id']!r}")
@@ -347,8 +464,10 @@ class COCOBoxDataset(Dataset):
                     issues.problem("unreadable image", f"{file}: cannot read the image header ({e})")
                     continue
                 if (h, w) != (im["height"], im["width"]):
-                    issues.problem("image size differs from annotation", f"{file} is {w}x{h} but {where} says "
-                                   f"{im['width']}x{im['height']}")
+                    issues.problem(
+                        "image size differs from annotation",
+                        f"{file} is {w}x{h} but {where} says {im['width']}x{im['height']}",
+                    )
                     continue
             entries[im["id"]] = _Entry(Path(im["file_name"]).stem, im["id"], file, im["height"], im["width"])
 
@@ -362,15 +481,18 @@ class COCOBoxDataset(Dataset):
             e = entries.get(a["image_id"])
             if e is None:
                 if not isinstance(a["image_id"], (int, str)) or a["image_id"] not in listed:
-                    issues.problem("annotation of unknown image", f"{where} refers to image_id {a['image_id']!r}, "
-                                   "which is not in images")
+                    issues.problem(
+                        "annotation of unknown image",
+                        f"{where} refers to image_id {a['image_id']!r}, which is not in images",
+                    )
                 continue  # an annotation of an image skipped above goes with it
             crowd_ann = bool(a.get("iscrowd", 0))
             seg = a.get("segmentation")
             if self.masks:
                 if seg is None:
-                    issues.problem("missing segmentation", f"{where} has no segmentation (masks=False loads boxes "
-                                   "only)")
+                    issues.problem(
+                        "missing segmentation", f"{where} has no segmentation (masks=False loads boxes only)"
+                    )
                     bad_images.add(a["image_id"])
                     continue
                 bad = _segmentation_problem(seg, e.height, e.width)
@@ -378,6 +500,12 @@ class COCOBoxDataset(Dataset):
                     issues.problem(bad[0], f"{where} (image {e.path.name}): {bad[1]}")
                     bad_images.add(a["image_id"])
                     continue
+                if isinstance(seg, list) and not crowd_ann and _polygons_outside(seg, e.height, e.width):
+                    issues.notice(
+                        "segmentation outside the image",
+                        f"{where} (image {e.path.name}): the polygon lies wholly outside the {e.width}x{e.height} "
+                        f"image, so its box {a.get('bbox')!r} holds no object pixel",
+                    )
             cid = a["category_id"]
             if cid not in cats:
                 issues.problem("unknown category", f"{where} has category_id {cid!r}, which is not in categories")
@@ -401,6 +529,7 @@ class COCOBoxDataset(Dataset):
             entries.pop(image, None)
         self.entries = list(entries.values())
         self.skipped, self.repaired, self.skip_log = issues.skipped, issues.repaired, issues.log
+        self.noticed = issues.noticed
         issues.report()
 
     @staticmethod
@@ -422,8 +551,10 @@ class COCOBoxDataset(Dataset):
         e = self.entries[i]
         image = read_image(e.path)
         if image.shape[:2] != (e.height, e.width):
-            raise ValueError(f"{e.path}: image is {image.shape[1]}x{image.shape[0]} but {self.annotation_file} says "
-                             f"{e.width}x{e.height}")
+            raise ValueError(
+                f"{e.path}: image is {image.shape[1]}x{image.shape[0]} but {self.annotation_file} says "
+                f"{e.width}x{e.height}"
+            )
         boxes = np.asarray(e.boxes, np.float32).reshape(-1, 4)
         labels = np.asarray(e.labels, np.int64)
         mask = instances = None
@@ -433,7 +564,12 @@ class COCOBoxDataset(Dataset):
             void = np.zeros((e.height, e.width), bool)
             things = []
             for a in e.anns:
-                region = decode_segmentation(a.segmentation, e.height, e.width)
+                try:
+                    region = decode_segmentation(a.segmentation, e.height, e.width)
+                except ValueError as err:
+                    raise ValueError(
+                        f"{self.annotation_file}: a segmentation of image {e.path.name} cannot be decoded ({err})"
+                    ) from None
                 if a.unknown or (a.crowd and self.crowd == "void"):
                     void |= region
                 elif not a.crowd:

@@ -12,8 +12,8 @@ should see the same thing from all three. Conventions (the library's):
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -75,25 +75,36 @@ class Sample:
         if not isinstance(img, np.ndarray) or img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
             raise TypeError(f"{where}: image must be a (H, W, 3) uint8 array, got {_describe(img)}")
         h, w = img.shape[:2]
-        if not isinstance(self.boxes, np.ndarray) or self.boxes.dtype != np.float32 or self.boxes.ndim != 2 \
-                or self.boxes.shape[1] != 4:
+        if (
+            not isinstance(self.boxes, np.ndarray)
+            or self.boxes.dtype != np.float32
+            or self.boxes.ndim != 2
+            or self.boxes.shape[1] != 4
+        ):
             raise TypeError(f"{where}: boxes must be a (K, 4) float32 array, got {_describe(self.boxes)}")
         k = self.boxes.shape[0]
         if not isinstance(self.labels, np.ndarray) or self.labels.dtype != np.int64 or self.labels.shape != (k,):
             raise TypeError(f"{where}: labels must be a ({k},) int64 array, got {_describe(self.labels)}")
         if k and (self.labels.min() < 1 or self.labels.max() > MAX_CLASSES):
             raise ValueError(f"{where}: labels must be class channels in 1..{MAX_CLASSES}, got {self.labels.tolist()}")
-        if k and not (np.isfinite(self.boxes).all() and (self.boxes[:, 2] > self.boxes[:, 0]).all()
-                      and (self.boxes[:, 3] > self.boxes[:, 1]).all()):
+        if k and not (
+            np.isfinite(self.boxes).all()
+            and (self.boxes[:, 2] > self.boxes[:, 0]).all()
+            and (self.boxes[:, 3] > self.boxes[:, 1]).all()
+        ):
             raise ValueError(f"{where}: boxes must be finite with x1 > x0 and y1 > y0, got {self.boxes.tolist()}")
         for name, dtype in (("mask", np.uint8), ("instances", np.int32), ("valid", np.bool_)):
             a = getattr(self, name)
             if a is None:
                 continue
             if not isinstance(a, np.ndarray) or a.dtype != dtype or a.shape != (h, w):
-                raise TypeError(f"{where}: {name} must be a ({h}, {w}) {np.dtype(dtype).name} array, got {_describe(a)}")
+                raise TypeError(
+                    f"{where}: {name} must be a ({h}, {w}) {np.dtype(dtype).name} array, got {_describe(a)}"
+                )
         if self.instances is not None and k and self.instances.max() > k:
-            raise ValueError(f"{where}: instances refers to box {int(self.instances.max()) - 1} but there are {k} boxes")
+            raise ValueError(
+                f"{where}: instances refers to box {int(self.instances.max()) - 1} but there are {k} boxes"
+            )
 
 
 def _describe(a) -> str:
@@ -127,17 +138,6 @@ def boxes_from_instances(instances: np.ndarray, num_boxes: int) -> np.ndarray:
     return out
 
 
-def box_pixel_ranges(box: Sequence[float], height: int, width: int) -> tuple[int, int, int, int]:
-    """Rows and columns ``(r0, r1, c0, c1)`` (half-open) of the pixels whose centres lie inside ``box``, clipped to
-    the image. For integer boxes these are exactly the pixels the box covers."""
-    x0, y0, x1, y1 = (float(v) for v in box)
-    c0 = min(max(int(np.ceil(x0 - 0.5)), 0), width)
-    c1 = min(max(int(np.ceil(x1 - 0.5)), c0), width)
-    r0 = min(max(int(np.ceil(y0 - 0.5)), 0), height)
-    r1 = min(max(int(np.ceil(y1 - 0.5)), r0), height)
-    return r0, r1, c0, c1
-
-
 @dataclass
 class BoxBatch:
     """A batch in the library's packed form (B images, K boxes over the whole batch).
@@ -161,12 +161,21 @@ class BoxBatch:
     boxes_dropped: int = 0
     boxes_clipped: int = 0
 
-    def to(self, device) -> "BoxBatch":
+    def to(self, device) -> BoxBatch:
         """The batch with every tensor moved to ``device``."""
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
-        return BoxBatch(move(self.images), move(self.masks), move(self.has_mask), move(self.valid), move(self.boxes),
-                        move(self.box_batch), move(self.box_labels), list(self.image_ids), self.boxes_dropped,
-                        self.boxes_clipped)
+        return BoxBatch(
+            move(self.images),
+            move(self.masks),
+            move(self.has_mask),
+            move(self.valid),
+            move(self.boxes),
+            move(self.box_batch),
+            move(self.box_labels),
+            list(self.image_ids),
+            self.boxes_dropped,
+            self.boxes_clipped,
+        )
 
 
 def collate_samples(samples: Sequence[Sample]) -> BoxBatch:

@@ -106,19 +106,31 @@ def image_id(split: str, index: int) -> str:
     return f"{split}_{index:06d}"
 
 
-def sample_from_instances(image: np.ndarray, instances: np.ndarray, labels: np.ndarray, void_band: int,
-                          image_id: str, boxes: np.ndarray | None = None) -> Sample:
+def sample_from_instances(
+    image: np.ndarray,
+    instances: np.ndarray,
+    labels: np.ndarray,
+    void_band: int,
+    image_id: str,
+    boxes: np.ndarray | None = None,
+) -> Sample:
     """Build a :class:`Sample` from an instance map: the mask is each instance's class with void where a
     (2 void_band + 1)-square window holds two different instances (or an instance and background)."""
     labels = np.asarray(labels, np.int64)
     lut = np.zeros(256, np.uint8)
-    lut[1: len(labels) + 1] = labels
+    lut[1 : len(labels) + 1] = labels
     mask = lut[instances]
     mask[void_mask(instances, void_band)] = VOID
     if boxes is None:
         boxes = boxes_from_instances(instances, len(labels))
-    return Sample(image=image, boxes=np.asarray(boxes, np.float32), labels=labels, mask=mask, image_id=image_id,
-                  instances=instances.astype(np.int32))
+    return Sample(
+        image=image,
+        boxes=np.asarray(boxes, np.float32),
+        labels=labels,
+        mask=mask,
+        image_id=image_id,
+        instances=instances.astype(np.int32),
+    )
 
 
 def generate_sample(config: SyntheticConfig, split: str, index: int) -> Sample:
@@ -171,8 +183,14 @@ def default_workers(n: int) -> int:
     return 1 if n < 64 else max(1, min(os.cpu_count() or 1, 8))
 
 
-def generate_split(config: SyntheticConfig, split: str, num_images: int, *, workers: int | None = None,
-                   out: tuple[np.ndarray, np.ndarray] | None = None) -> SyntheticArrays:
+def generate_split(
+    config: SyntheticConfig,
+    split: str,
+    num_images: int,
+    *,
+    workers: int | None = None,
+    out: tuple[np.ndarray, np.ndarray] | None = None,
+) -> SyntheticArrays:
     """Generate images 0..num_images-1 of ``split`` (in ``workers`` processes; the result does not depend on it).
 
     ``out`` may give preallocated ``(images, instances)`` arrays (e.g. memory maps) to write into.
@@ -181,8 +199,9 @@ def generate_split(config: SyntheticConfig, split: str, num_images: int, *, work
     for k in range(config.num_classes):  # calibrate in the parent so forked workers inherit it
         class_recipe(k)
     H, W = config.image_size
-    images, instances = out if out is not None else (np.empty((num_images, H, W, 3), np.uint8),
-                                                     np.empty((num_images, H, W), np.uint8))
+    images, instances = (
+        out if out is not None else (np.empty((num_images, H, W, 3), np.uint8), np.empty((num_images, H, W), np.uint8))
+    )
     workers = default_workers(num_images) if workers is None else int(workers)
     chunk = max(1, min(64, -(-num_images // max(workers * 4, 1))))
     bounds = [(s, min(s + chunk, num_images)) for s in range(0, num_images, chunk)]
@@ -190,8 +209,8 @@ def generate_split(config: SyntheticConfig, split: str, num_images: int, *, work
 
     def take(result):
         start, im, ins, b, lab, cnt = result
-        images[start: start + len(im)] = im
-        instances[start: start + len(im)] = ins
+        images[start : start + len(im)] = im
+        instances[start : start + len(im)] = ins
         parts[start] = (b, lab, cnt)
 
     if workers <= 1 or len(bounds) <= 1:
@@ -209,16 +228,27 @@ def generate_split(config: SyntheticConfig, split: str, num_images: int, *, work
     return SyntheticArrays(images, instances, boxes.astype(np.float32), labels.astype(np.int64), offsets)
 
 
-def load_or_generate(config: SyntheticConfig, split: str, num_images: int, *,
-                     cache_dir: str | os.PathLike | None = None, workers: int | None = None,
-                     log: Callable[[str], None] | None = None) -> tuple[SyntheticArrays, Path]:
+def load_or_generate(
+    config: SyntheticConfig,
+    split: str,
+    num_images: int,
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    workers: int | None = None,
+    log: Callable[[str], None] | None = None,
+) -> tuple[SyntheticArrays, Path]:
     """The first ``num_images`` of ``split``, from the cache if any cached run of at least that many exists,
     else generated and written there (atomically: files are renamed into place, so an interrupted or concurrent
     run never leaves a half-written split that looks complete). Returns the arrays and the cache folder."""
     _rng(config, split, 0)  # validates split
-    return load_or_write(config, split, num_images,
-                         lambda out: generate_split(config, split, num_images, workers=workers, out=out),
-                         cache_dir=cache_dir, log=log)
+    return load_or_write(
+        config,
+        split,
+        num_images,
+        lambda out: generate_split(config, split, num_images, workers=workers, out=out),
+        cache_dir=cache_dir,
+        log=log,
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -251,9 +281,18 @@ class SyntheticBoxDataset(Dataset):
         (2, 3, 64, 64)
     """
 
-    def __init__(self, split: str = "train", num_images: int | None = None, config: SyntheticConfig | None = None,
-                 *, cache_dir: str | os.PathLike | None = None, cache: bool = True, workers: int | None = None,
-                 transform: Callable[[Sample], Sample] | None = None, log: Callable[[str], None] | None = None):
+    def __init__(
+        self,
+        split: str = "train",
+        num_images: int | None = None,
+        config: SyntheticConfig | None = None,
+        *,
+        cache_dir: str | os.PathLike | None = None,
+        cache: bool = True,
+        workers: int | None = None,
+        transform: Callable[[Sample], Sample] | None = None,
+        log: Callable[[str], None] | None = None,
+    ):
         self.config = config if config is not None else SyntheticConfig()
         if not isinstance(self.config, SyntheticConfig):
             raise TypeError(f"SyntheticBoxDataset: config must be a SyntheticConfig, got {type(config).__name__}")
@@ -262,8 +301,9 @@ class SyntheticBoxDataset(Dataset):
         n = DEFAULT_SPLIT_SIZES[split] if num_images is None else num_images
         check_int("num_images", n, 0, 10**8)
         if cache:
-            self.arrays, self.cache_path = load_or_generate(self.config, split, n, cache_dir=cache_dir,
-                                                            workers=workers, log=log)
+            self.arrays, self.cache_path = load_or_generate(
+                self.config, split, n, cache_dir=cache_dir, workers=workers, log=log
+            )
         else:
             self.arrays, self.cache_path = generate_split(self.config, split, n, workers=workers), None
         self.num_images = n
@@ -282,8 +322,9 @@ class SyntheticBoxDataset(Dataset):
     def __setstate__(self, state):
         self.__dict__.update(state)
         if self.arrays is None:
-            files = split_files(self.cache_path, self.split,
-                                cached_size_at_least(self.cache_path, self.split, self.num_images))
+            files = split_files(
+                self.cache_path, self.split, cached_size_at_least(self.cache_path, self.split, self.num_images)
+            )
             self.arrays = load_cached(self.config, files, self.num_images)
 
     def __len__(self) -> int:
@@ -296,8 +337,14 @@ class SyntheticBoxDataset(Dataset):
         i %= len(self)
         a = self.arrays
         k0, k1 = int(a.offsets[i]), int(a.offsets[i + 1])
-        return sample_from_instances(np.array(a.images[i]), np.array(a.instances[i]), a.labels[k0:k1].copy(),
-                                     self.config.void_band, image_id(self.split, i), a.boxes[k0:k1].copy())
+        return sample_from_instances(
+            np.array(a.images[i]),
+            np.array(a.instances[i]),
+            a.labels[k0:k1].copy(),
+            self.config.void_band,
+            image_id(self.split, i),
+            a.boxes[k0:k1].copy(),
+        )
 
     def __getitem__(self, i: int) -> Sample:
         s = self.load(i)

@@ -27,7 +27,7 @@ Example:
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -39,8 +39,11 @@ from boxloss.data.sample import VOID, Sample, boxes_from_instances
 def _size(size, name: str) -> tuple[int, int]:
     if isinstance(size, (int, np.integer)) and not isinstance(size, bool):
         size = (int(size), int(size))
-    if not (isinstance(size, (tuple, list)) and len(size) == 2 and all(
-            isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v > 0 for v in size)):
+    if not (
+        isinstance(size, (tuple, list))
+        and len(size) == 2
+        and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v > 0 for v in size)
+    ):
         raise ValueError(f"{name}: size must be a positive int or (height, width) of positive ints, got {size!r}")
     return int(size[0]), int(size[1])
 
@@ -69,8 +72,16 @@ def resize(sample: Sample, height: int, width: int) -> Sample:
     image = np.asarray(Image.fromarray(sample.image).resize((width, height), Image.Resampling.BILINEAR))
     sx, sy = width / w, height / h
     boxes = (sample.boxes.astype(np.float64) * np.array([sx, sy, sx, sy])).astype(np.float32)
-    return Sample(image, boxes, sample.labels.copy(), _nearest(sample.mask, height, width), sample.image_id,
-                  _nearest(sample.instances, height, width), _nearest(sample.valid, height, width), dict(sample.info))
+    return Sample(
+        image,
+        boxes,
+        sample.labels.copy(),
+        _nearest(sample.mask, height, width),
+        sample.image_id,
+        _nearest(sample.instances, height, width),
+        _nearest(sample.valid, height, width),
+        dict(sample.info),
+    )
 
 
 def hflip(sample: Sample) -> Sample:
@@ -79,12 +90,28 @@ def hflip(sample: Sample) -> Sample:
     boxes = sample.boxes.copy()
     boxes[:, 0], boxes[:, 2] = w - sample.boxes[:, 2], w - sample.boxes[:, 0]
     flip = lambda a: None if a is None else np.ascontiguousarray(a[:, ::-1])  # noqa: E731
-    return Sample(flip(sample.image), boxes, sample.labels.copy(), flip(sample.mask), sample.image_id,
-                  flip(sample.instances), flip(sample.valid), dict(sample.info))
+    return Sample(
+        flip(sample.image),
+        boxes,
+        sample.labels.copy(),
+        flip(sample.mask),
+        sample.image_id,
+        flip(sample.instances),
+        flip(sample.valid),
+        dict(sample.info),
+    )
 
 
-def crop(sample: Sample, top: int, left: int, height: int, width: int, *, fill: Sequence[int] | int = 0,
-         min_size: float = 1.0) -> Sample:
+def crop(
+    sample: Sample,
+    top: int,
+    left: int,
+    height: int,
+    width: int,
+    *,
+    fill: Sequence[int] | int = 0,
+    min_size: float = 1.0,
+) -> Sample:
     """The window rows ``top .. top+height-1``, columns ``left .. left+width-1`` (which may extend past the image;
     such pixels are padding). See the module docstring for what happens to boxes."""
     height, width = _size((height, width), "crop")
@@ -118,8 +145,9 @@ def crop(sample: Sample, top: int, left: int, height: int, width: int, *, fill: 
             tight = boxes_from_instances(instances, k).astype(np.float64)
             empty = np.isnan(tight).any(axis=1)
             tight = np.where(empty[:, None], clipped, tight)
-            inter = np.concatenate([np.maximum(clipped[:, :2], tight[:, :2]), np.minimum(clipped[:, 2:], tight[:, 2:])],
-                                   axis=1)
+            inter = np.concatenate(
+                [np.maximum(clipped[:, :2], tight[:, :2]), np.minimum(clipped[:, 2:], tight[:, 2:])], axis=1
+            )
             clipped = np.where(was_clipped[:, None], inter, clipped)
             keep &= ~(was_clipped & empty)
         too_small = ((clipped[:, 2] - clipped[:, 0]) < min_size) | ((clipped[:, 3] - clipped[:, 1]) < min_size)
@@ -130,12 +158,26 @@ def crop(sample: Sample, top: int, left: int, height: int, width: int, *, fill: 
         instances = lut[instances]
     info = _count(sample.info, "boxes_dropped", int((~keep).sum()))
     info = _count(info, "boxes_clipped", int((was_clipped & keep).sum()))
-    return Sample(image, clipped[keep].astype(np.float32), sample.labels[keep].copy(), mask, sample.image_id,
-                  instances, valid, info)
+    return Sample(
+        image,
+        clipped[keep].astype(np.float32),
+        sample.labels[keep].copy(),
+        mask,
+        sample.image_id,
+        instances,
+        valid,
+        info,
+    )
 
 
-def pad(sample: Sample, height: int | None = None, width: int | None = None, *, divisor: int | None = None,
-        fill: Sequence[int] | int = 0) -> Sample:
+def pad(
+    sample: Sample,
+    height: int | None = None,
+    width: int | None = None,
+    *,
+    divisor: int | None = None,
+    fill: Sequence[int] | int = 0,
+) -> Sample:
     """Pad at the bottom and right to ``height`` x ``width`` (at least the current size) or, with ``divisor``, to
     the next multiple of it. Padding is image ``fill``, mask void and ``valid`` False; boxes do not move."""
     h, w = sample.height, sample.width
@@ -248,8 +290,16 @@ class ColorJitter:
         img = (img - gray.mean()) * c + gray.mean()
         gray = img @ np.array([0.299, 0.587, 0.114], np.float32)
         img = gray[..., None] + (img - gray[..., None]) * s
-        out = Sample(np.clip(img + 0.5, 0, 255).astype(np.uint8), sample.boxes, sample.labels, sample.mask,
-                     sample.image_id, sample.instances, sample.valid, dict(sample.info))
+        out = Sample(
+            np.clip(img + 0.5, 0, 255).astype(np.uint8),
+            sample.boxes,
+            sample.labels,
+            sample.mask,
+            sample.image_id,
+            sample.instances,
+            sample.valid,
+            dict(sample.info),
+        )
         return out
 
     def __repr__(self) -> str:

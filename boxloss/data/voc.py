@@ -28,9 +28,10 @@ from __future__ import annotations
 
 import os
 import xml.etree.ElementTree as ET
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import Callable
 
 import numpy as np
 from PIL import Image
@@ -38,11 +39,30 @@ from torch.utils.data import Dataset
 
 from boxloss.data._images import image_size, read_image, write_image
 from boxloss.data._issues import InputIssues, check_box
+from boxloss.data._output import staged_output
 from boxloss.data.sample import VOID, Sample
 
 VOC_CLASSES = (
-    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable", "dog",
-    "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
+    "aeroplane",
+    "bicycle",
+    "bird",
+    "boat",
+    "bottle",
+    "bus",
+    "car",
+    "cat",
+    "chair",
+    "cow",
+    "diningtable",
+    "dog",
+    "horse",
+    "motorbike",
+    "person",
+    "pottedplant",
+    "sheep",
+    "sofa",
+    "train",
+    "tvmonitor",
 )
 CLASS_NAMES_FILE = "class_names.txt"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
@@ -93,6 +113,24 @@ def read_mask_png(path: str | os.PathLike, num_classes: int | None = None) -> np
     """Read a class mask PNG as (H, W) uint8: "P" (VOC) and "L" (SBD SegmentationClassAug) give their indices,
     RGB masks are mapped back through the VOC palette. Values other than 0..num_classes and 255 raise."""
     path = Path(path)
+    try:
+        mask = _decode_mask(path)
+    except FileNotFoundError:
+        raise
+    except (OSError, SyntaxError, Image.DecompressionBombError) as e:
+        raise ValueError(f"{path}: cannot decode the mask ({e})") from None
+    if num_classes is not None and mask.size:
+        bad = (mask > num_classes) & (mask != VOID)
+        if bad.any():
+            i, j = np.argwhere(bad)[0]
+            raise ValueError(
+                f"{path}: mask value {int(mask[i, j])} at row {i}, column {j} is neither a class "
+                f"(0..{num_classes}) nor void (255)"
+            )
+    return mask
+
+
+def _decode_mask(path: Path) -> np.ndarray:
     with Image.open(path) as img:
         mode = img.mode
         if mode in ("P", "L"):
@@ -107,8 +145,10 @@ def read_mask_png(path: str | os.PathLike, num_classes: int | None = None) -> np
             found = pal_code[order][pos] == code
             if not found.all():
                 i, j = np.argwhere(~found)[0]
-                raise ValueError(f"{path}: RGB mask colour {tuple(int(v) for v in rgb[i, j])} at row {i}, column {j} is not in "
-                                 "the VOC palette")
+                raise ValueError(
+                    f"{path}: RGB mask colour {tuple(int(v) for v in rgb[i, j])} at row {i}, column {j} is not in "
+                    "the VOC palette"
+                )
             mask = order[pos].astype(np.uint8)
         elif mode in ("I", "I;16", "1"):
             arr = np.array(img)
@@ -117,12 +157,6 @@ def read_mask_png(path: str | os.PathLike, num_classes: int | None = None) -> np
             mask = arr.astype(np.uint8)
         else:
             raise ValueError(f"{path}: unsupported mask image mode {mode!r} (expected P, L or RGB)")
-    if num_classes is not None and mask.size:
-        bad = (mask > num_classes) & (mask != VOID)
-        if bad.any():
-            i, j = np.argwhere(bad)[0]
-            raise ValueError(f"{path}: mask value {int(mask[i, j])} at row {i}, column {j} is neither a class "
-                             f"(0..{num_classes}) nor void (255)")
     return mask
 
 
@@ -142,8 +176,16 @@ class VOCAnnotation:
     objects: list[VOCObject] = field(default_factory=list)
 
 
-def write_voc_xml(path: str | os.PathLike, filename: str, width: int, height: int, boxes: np.ndarray,
-                  labels: np.ndarray, class_names: Sequence[str], segmented: bool = True) -> None:
+def write_voc_xml(
+    path: str | os.PathLike,
+    filename: str,
+    width: int,
+    height: int,
+    boxes: np.ndarray,
+    labels: np.ndarray,
+    class_names: Sequence[str],
+    segmented: bool = True,
+) -> None:
     """Write a VOC annotation; ``boxes`` (K, 4) are continuous ``x0, y0, x1, y1`` and ``labels`` (K,) class channels
     1..L named by ``class_names[label - 1]``. A box touching the image border is marked truncated."""
     root = ET.Element("annotation")
@@ -155,8 +197,9 @@ def write_voc_xml(path: str | os.PathLike, filename: str, width: int, height: in
     ET.SubElement(root, "segmented").text = "1" if segmented else "0"
     for box, label in zip(np.asarray(boxes, np.float64), np.asarray(labels)):
         if not 1 <= int(label) <= len(class_names):
-            raise ValueError(f"write_voc_xml({path}): label {int(label)} has no name in class_names "
-                             f"({len(class_names)} classes)")
+            raise ValueError(
+                f"write_voc_xml({path}): label {int(label)} has no name in class_names ({len(class_names)} classes)"
+            )
         obj = ET.SubElement(root, "object")
         ET.SubElement(obj, "name").text = class_names[int(label) - 1]
         ET.SubElement(obj, "pose").text = "Unspecified"
@@ -215,14 +258,25 @@ def read_voc_xml(path: str | os.PathLike) -> VOCAnnotation:
 # Export.
 
 
-def export_voc(splits: Mapping[str, Iterable[Sample]], root: str | os.PathLike, class_names: Sequence[str], *,
-               image_format: str = "jpg", quality: int = 95) -> dict[str, int]:
+def export_voc(
+    splits: Mapping[str, Iterable[Sample]],
+    root: str | os.PathLike,
+    class_names: Sequence[str],
+    *,
+    image_format: str = "jpg",
+    quality: int = 95,
+    overwrite: bool = False,
+) -> dict[str, int]:
     """Write samples in VOC layout under ``root``; returns the number of images written per split.
 
     ``splits`` maps split names (``"train"``, ``"val"``, ...) to samples; each split gets
     ``ImageSets/Segmentation/<split>.txt``. ``image_format="jpg"`` is what VOC uses (lossy, so images come back only
     approximately); ``"png"`` is lossless. Masks and boxes always come back exactly. ``class_names.txt`` records the
     class order, and :class:`VOCBoxDataset` reads it when given no ``class_names``.
+
+    ``root`` must be new or empty unless ``overwrite=True``, which replaces the files the export writes and keeps the
+    others.  Files are written into a hidden staging folder beside ``root`` and moved into place at the end (the
+    split lists last), so an interrupted export leaves no dataset that looks complete (:mod:`boxloss.data._output`).
 
     Example:
         >>> import tempfile
@@ -234,7 +288,15 @@ def export_voc(splits: Mapping[str, Iterable[Sample]], root: str | os.PathLike, 
     """
     if image_format not in ("jpg", "png"):
         raise ValueError(f"export_voc: image_format must be 'jpg' or 'png', got {image_format!r}")
-    root = Path(root)
+    with staged_output("export_voc", root, overwrite=overwrite, is_index=_is_voc_index) as staging:
+        return _write_voc(splits, staging, class_names, image_format, quality)
+
+
+def _is_voc_index(relative: Path) -> bool:
+    return relative.parts[0] == "ImageSets" or relative.name == CLASS_NAMES_FILE
+
+
+def _write_voc(splits, root: Path, class_names, image_format: str, quality: int) -> dict[str, int]:
     for sub in ("JPEGImages", "Annotations", "SegmentationClass", "ImageSets/Segmentation"):
         (root / sub).mkdir(parents=True, exist_ok=True)
     (root / CLASS_NAMES_FILE).write_text("".join(f"{n}\n" for n in class_names))
@@ -247,8 +309,16 @@ def export_voc(splits: Mapping[str, Iterable[Sample]], root: str | os.PathLike, 
                 raise ValueError(f"export_voc: image_id {s.image_id!r} cannot be a VOC file name")
             name = f"{s.image_id}.{image_format}"
             write_image(root / "JPEGImages" / name, s.image, quality)
-            write_voc_xml(root / "Annotations" / f"{s.image_id}.xml", name, s.width, s.height, s.boxes, s.labels,
-                          class_names, segmented=s.mask is not None)
+            write_voc_xml(
+                root / "Annotations" / f"{s.image_id}.xml",
+                name,
+                s.width,
+                s.height,
+                s.boxes,
+                s.labels,
+                class_names,
+                segmented=s.mask is not None,
+            )
             if s.mask is not None:
                 write_mask_png(root / "SegmentationClass" / f"{s.image_id}.png", s.mask)
             ids.append(s.image_id)
@@ -320,10 +390,18 @@ class VOCBoxDataset(Dataset):
         s = ds[0]   # Sample(image (H, W, 3) uint8, boxes (K, 4) float32, labels (K,) int64, mask (H, W) uint8, ...)
     """
 
-    def __init__(self, root: str | os.PathLike, split: str = "train", *, masks: str | None = "SegmentationClass",
-                 class_names: Sequence[str] | None = None, image_set_dir: str = "ImageSets/Segmentation",
-                 keep_difficult: bool = True, on_error: str = "raise",
-                 transform: Callable[[Sample], Sample] | None = None):
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        split: str = "train",
+        *,
+        masks: str | None = "SegmentationClass",
+        class_names: Sequence[str] | None = None,
+        image_set_dir: str = "ImageSets/Segmentation",
+        keep_difficult: bool = True,
+        on_error: str = "raise",
+        transform: Callable[[Sample], Sample] | None = None,
+    ):
         self.root = Path(root)
         owner = f"VOCBoxDataset({str(self.root)!r}, {split!r})"
         issues = InputIssues(owner, on_error)
@@ -332,8 +410,11 @@ class VOCBoxDataset(Dataset):
         self.class_names = resolve_class_names(self.root, class_names)
         self.num_classes = len(self.class_names)
         index = {n: i + 1 for i, n in enumerate(self.class_names)}
-        split_path = Path(split) if (str(split).endswith(".txt") or os.sep in str(split)) else \
-            self.root / image_set_dir / f"{split}.txt"
+        split_path = (
+            Path(split)
+            if (str(split).endswith(".txt") or os.sep in str(split))
+            else self.root / image_set_dir / f"{split}.txt"
+        )
         if not split_path.is_file():
             folder = split_path.parent
             have = sorted(p.stem for p in folder.glob("*.txt")) if folder.is_dir() else []
@@ -359,16 +440,23 @@ class VOCBoxDataset(Dataset):
 
     def _index(self, image_id: str, index: dict, keep_difficult: bool, issues: InputIssues) -> _Entry | None:
         img_dir = self.root / "JPEGImages"
-        image_path = next((img_dir / f"{image_id}{e}" for e in IMAGE_EXTENSIONS if (img_dir / f"{image_id}{e}").is_file()),
-                          None)
+        image_path = next(
+            (img_dir / f"{image_id}{e}" for e in IMAGE_EXTENSIONS if (img_dir / f"{image_id}{e}").is_file()), None
+        )
         if image_path is None:
-            issues.problem("missing image", f"{img_dir / image_id}.jpg: image not found (listed in {self.split_file})",
-                           FileNotFoundError)
+            issues.problem(
+                "missing image",
+                f"{img_dir / image_id}.jpg: image not found (listed in {self.split_file})",
+                FileNotFoundError,
+            )
             return None
         xml_path = self.root / "Annotations" / f"{image_id}.xml"
         if not xml_path.is_file():
-            issues.problem("missing annotation", f"{xml_path}: annotation not found (listed in {self.split_file})",
-                           FileNotFoundError)
+            issues.problem(
+                "missing annotation",
+                f"{xml_path}: annotation not found (listed in {self.split_file})",
+                FileNotFoundError,
+            )
             return None
         try:
             ann = read_voc_xml(xml_path)
@@ -381,15 +469,18 @@ class VOCBoxDataset(Dataset):
             issues.problem("unreadable image", f"{image_path}: cannot read the image header ({e})")
             return None
         if ann.width is not None and (ann.width, ann.height) != (w, h) and (ann.width, ann.height) != (0, 0):
-            issues.problem("annotation size differs from image",
-                           f"{xml_path}: <size> says {ann.width}x{ann.height} but {image_path} is {w}x{h}")
+            issues.problem(
+                "annotation size differs from image",
+                f"{xml_path}: <size> says {ann.width}x{ann.height} but {image_path} is {w}x{h}",
+            )
             return None
         mask_path = None
         if self.mask_dir is not None:
             mask_path = self.mask_dir / f"{image_id}.png"
             if not mask_path.is_file():
-                issues.problem("missing mask", f"{mask_path}: mask not found (listed in {self.split_file})",
-                               FileNotFoundError)
+                issues.problem(
+                    "missing mask", f"{mask_path}: mask not found (listed in {self.split_file})", FileNotFoundError
+                )
                 return None
             try:
                 mh, mw = image_size(mask_path)
@@ -397,29 +488,36 @@ class VOCBoxDataset(Dataset):
                 issues.problem("unreadable mask", f"{mask_path}: cannot read the mask header ({e})")
                 return None
             if (mh, mw) != (h, w):
-                issues.problem("mask size differs from image",
-                               f"{mask_path}: mask is {mw}x{mh} but the image {image_path} is {w}x{h}")
+                issues.problem(
+                    "mask size differs from image",
+                    f"{mask_path}: mask is {mw}x{mh} but the image {image_path} is {w}x{h}",
+                )
                 return None
         boxes, labels = [], []
         for i, obj in enumerate(ann.objects):
             where = f"{xml_path}: <object> {i} ({obj.name})"
             if obj.name not in index:
-                issues.problem("unknown class", f"{where}: class name {obj.name!r} is not in class_names "
-                               f"{list(self.class_names)}")
+                issues.problem(
+                    "unknown class", f"{where}: class name {obj.name!r} is not in class_names {list(self.class_names)}"
+                )
                 continue
             if obj.difficult and not keep_difficult:
                 continue
             xmin, ymin, xmax, ymax = obj.bndbox
             if xmax < xmin or ymax < ymin:
-                issues.problem("zero-size box", f"{where}: <bndbox> has xmin={xmin:g}, xmax={xmax:g}, ymin={ymin:g}, "
-                               f"ymax={ymax:g}: xmax < xmin or ymax < ymin")
+                issues.problem(
+                    "zero-size box",
+                    f"{where}: <bndbox> has xmin={xmin:g}, xmax={xmax:g}, ymin={ymin:g}, "
+                    f"ymax={ymax:g}: xmax < xmin or ymax < ymin",
+                )
                 continue
             box = check_box(voc_to_box(*obj.bndbox), w, h, f"{where}: <bndbox>", issues)
             if box is not None:
                 boxes.append(box)
                 labels.append(index[obj.name])
-        return _Entry(image_id, image_path, mask_path, np.asarray(boxes, np.float32).reshape(-1, 4),
-                      np.asarray(labels, np.int64))
+        return _Entry(
+            image_id, image_path, mask_path, np.asarray(boxes, np.float32).reshape(-1, 4), np.asarray(labels, np.int64)
+        )
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -432,8 +530,10 @@ class VOCBoxDataset(Dataset):
         if e.mask_path is not None:
             mask = read_mask_png(e.mask_path, self.num_classes)
             if mask.shape != image.shape[:2]:
-                raise ValueError(f"{e.mask_path}: mask is {mask.shape[1]}x{mask.shape[0]} but the image is "
-                                 f"{image.shape[1]}x{image.shape[0]}")
+                raise ValueError(
+                    f"{e.mask_path}: mask is {mask.shape[1]}x{mask.shape[0]} but the image is "
+                    f"{image.shape[1]}x{image.shape[0]}"
+                )
         return Sample(image, e.boxes.copy(), e.labels.copy(), mask, e.image_id)
 
     def __getitem__(self, i: int) -> Sample:

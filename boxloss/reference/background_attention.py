@@ -35,7 +35,7 @@ def _inside(boxes, box_batch, B, h, w, spatial_scale, fn):
         rows, cols = box_pixel_ranges(box, spatial_scale, h, w)
         ranges.append((rows, cols))
         if len(rows):
-            inside[b, rows.start:rows.stop, cols.start:cols.stop] = True
+            inside[b, rows.start : rows.stop, cols.start : cols.stop] = True
     return inside, ranges
 
 
@@ -44,8 +44,9 @@ def _unit_clamp(c):
     return torch.where(c > 0, torch.where(c < 1, c, torch.ones_like(c)), torch.zeros_like(c))
 
 
-def background_attention_reference(features, boxes, box_batch, *, grid_size=4, spatial_scale=1.0, bg_mask=None,
-                                   min_background=0.125):
+def background_attention_reference(
+    features, boxes, box_batch, *, grid_size=4, spatial_scale=1.0, bg_mask=None, min_background=0.125
+):
     """(attention (B, h, w), queries (B, N*N, D), valid (B, N*N), fallback (B,))."""
     fn = "background_attention"
     B, D, h, w = features.shape
@@ -87,8 +88,12 @@ def background_attention_reference(features, boxes, box_batch, *, grid_size=4, s
         all_queries.append(torch.stack(queries))
         all_valid.append(torch.tensor(valid, dtype=torch.bool))
         all_fallback.append(fallback)
-    return (torch.stack(attentions), torch.stack(all_queries), torch.stack(all_valid).to(features.device),
-            torch.tensor(all_fallback, dtype=torch.bool, device=features.device))
+    return (
+        torch.stack(attentions),
+        torch.stack(all_queries),
+        torch.stack(all_valid).to(features.device),
+        torch.tensor(all_fallback, dtype=torch.bool, device=features.device),
+    )
 
 
 def background_aware_pool_reference(features, attention, boxes, box_batch, *, output_size=1, spatial_scale=1.0):

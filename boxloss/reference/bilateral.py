@@ -39,7 +39,6 @@ the exact transpose of the filter blurs in the reverse axis order
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
 
 import torch
 
@@ -92,24 +91,6 @@ def bilateral_filter_brute_force(
 
 
 # --------------------------------------------------------------------------- lattice
-
-
-class LatticeTensors(NamedTuple):
-    """The lattice of a batch, in the layout of ``torch.ops.boxloss.permutohedral_lattice``.
-
-    splat_index (B, H*W, d+1) int32: each pixel's d+1 simplex vertices (vertex
-    numbers local to the image), in remainder order; splat_weight (B, H*W, d+1):
-    the barycentric weights (sum 1); blur_neighbours (d+1, V, 2) int32: for each
-    lattice axis and the vertices of all images (image b's are columns
-    vertex_offsets[b]:vertex_offsets[b+1]), the local number of the neighbour one
-    step down and one step up the axis, -1 where that point is not in the
-    lattice; vertex_offsets (B+1,) int64.
-    """
-
-    splat_index: torch.Tensor
-    splat_weight: torch.Tensor
-    blur_neighbours: torch.Tensor
-    vertex_offsets: torch.Tensor
 
 
 def _canonical_simplex() -> torch.Tensor:
@@ -194,7 +175,7 @@ def _lattice_of_image(features: torch.Tensor):
     # (e_d has no stored coordinate: key - 1 and key + 1).
     low = vertex_keys.min(0).values - (D + 1)
     base = int((vertex_keys.max(0).values - low).max()) + D + 2
-    if base ** D >= 2**62:
+    if base**D >= 2**62:
         raise ValueError("permutohedral_lattice_reference: features span too large a range for the reference")
     codes = _encode(vertex_keys, low, base)
     sorted_codes, sorted_to_vertex = torch.sort(codes)
@@ -211,9 +192,11 @@ def _lattice_of_image(features: torch.Tensor):
     return splat_index.to(torch.int32), weights, neighbours.transpose(0, 1).to(torch.int32)
 
 
-def permutohedral_lattice_reference(image: torch.Tensor, sigma_xy: float, sigma_rgb: float) -> LatticeTensors:
-    """The lattice of each image of a (B, 3, H, W) batch; see :class:`LatticeTensors`.
-    Weights are float64 for a float64 image and float32 otherwise."""
+def permutohedral_lattice_reference(image: torch.Tensor, sigma_xy: float, sigma_rgb: float) -> tuple:
+    """The lattice of each image of a (B, 3, H, W) batch as the tuple (splat_index, splat_weight,
+    blur_neighbours, vertex_offsets), in the layout of ``torch.ops.boxloss.permutohedral_lattice``
+    (described by ``boxloss.ops.lattice.LatticeTensors``).  Weights are float64 for a float64
+    image and float32 otherwise."""
     feats = pixel_features(image, sigma_xy, sigma_rgb)
     index, weight, neighbours, counts = [], [], [], [0]
     for b in range(image.shape[0]):
@@ -223,22 +206,24 @@ def permutohedral_lattice_reference(image: torch.Tensor, sigma_xy: float, sigma_
         neighbours.append(n)
         counts.append(n.shape[1])
     offsets = torch.tensor(counts, dtype=torch.long, device=image.device).cumsum(0)
-    return LatticeTensors(torch.stack(index), torch.stack(weight), torch.cat(neighbours, 1), offsets)
+    return torch.stack(index), torch.stack(weight), torch.cat(neighbours, 1), offsets
 
 
-def lattice_filter_reference(values: torch.Tensor, lattice: LatticeTensors, *, reverse: bool = False) -> torch.Tensor:
+def lattice_filter_reference(values: torch.Tensor, lattice, *, reverse: bool = False) -> torch.Tensor:
     """Splat, blur along the d+1 axes (in reverse order when ``reverse``), slice, times alpha.
 
-    values (B, C, H, W) -> (B, C, H, W); differentiable in ``values``.
+    values (B, C, H, W) -> (B, C, H, W); differentiable in ``values``.  ``lattice`` is the tuple
+    (splat_index, splat_weight, blur_neighbours, vertex_offsets) of :func:`permutohedral_lattice_reference`.
     """
+    splat_index, splat_weight, blur_neighbours, vertex_offsets = lattice
     B, C, H, W = values.shape
     out = []
     for b in range(B):
-        begin, end = int(lattice.vertex_offsets[b]), int(lattice.vertex_offsets[b + 1])
+        begin, end = int(vertex_offsets[b]), int(vertex_offsets[b + 1])
         V = end - begin
-        index = lattice.splat_index[b].long()  # (N, d+1)
-        weight = lattice.splat_weight[b].to(values.dtype)
-        nb = lattice.blur_neighbours[:, begin:end].long()  # (d+1, V, 2)
+        index = splat_index[b].long()  # (N, d+1)
+        weight = splat_weight[b].to(values.dtype)
+        nb = blur_neighbours[:, begin:end].long()  # (d+1, V, 2)
         nb = torch.where(nb < 0, torch.full_like(nb, V), nb)  # row V is a zero row
         v = values[b].reshape(C, H * W).transpose(0, 1)  # (N, C)
         grid = values.new_zeros(V + 1, C)
@@ -253,7 +238,9 @@ def lattice_filter_reference(values: torch.Tensor, lattice: LatticeTensors, *, r
     return torch.stack(out)
 
 
-def original_lattice_filter(values: torch.Tensor, image: torch.Tensor, sigma_xy: float, sigma_rgb: float) -> torch.Tensor:
+def original_lattice_filter(
+    values: torch.Tensor, image: torch.Tensor, sigma_xy: float, sigma_rgb: float
+) -> torch.Tensor:
     """Krähenbühl's ``permutohedral.cpp`` (the lattice DenseCRF and Tang et al. use) through ``pydensecrf``.
 
     values (C, H, W), image (3, H, W); returns the raw (unnormalised) filter
@@ -261,20 +248,27 @@ def original_lattice_filter(values: torch.Tensor, image: torch.Tensor, sigma_xy:
     one mean-field step of a CRF whose only pairwise term is the raw lattice
     filter, with a dummy label 0 of compatibility 0, so that
     ``log(Q1_k / Q1_0) - log(Q0_k / Q0_0)`` is exactly the filter output of
-    channel k.  Values must be positive.  Raises ImportError without pydensecrf.
+    channel k.  Values must be positive.  Raises
+    :class:`boxloss._pydensecrf.PyDenseCRFUnavailable` (an ImportError) when
+    pydensecrf is missing or its build does not run.
     """
     import numpy as np
-    import pydensecrf.densecrf as dcrf
+
+    from boxloss import _pydensecrf
+
+    pydensecrf = _pydensecrf.load("original_lattice_filter")
 
     C, H, W = values.shape
     feats = pixel_features(image[None].float(), sigma_xy, sigma_rgb)[0].numpy().T.copy().astype(np.float32)
     v = values.reshape(C, -1).numpy()
     Z = 2 * v.sum(0).max()
     p = np.concatenate([1 - v.sum(0, keepdims=True) / Z, v / Z]).astype(np.float32)
-    crf = dcrf.DenseCRF(H * W, C + 1)
+    crf = pydensecrf.DenseCRF(H * W, C + 1)
     crf.setUnaryEnergy(np.ascontiguousarray(-np.log(p)))
     compat = np.array([0.0] + [-1.0] * C, dtype=np.float32)
-    crf.addPairwiseEnergy(feats, compat=compat, kernel=dcrf.DIAG_KERNEL, normalization=dcrf.NO_NORMALIZATION)
+    crf.addPairwiseEnergy(
+        feats, compat=compat, kernel=pydensecrf.DIAG_KERNEL, normalization=pydensecrf.NO_NORMALIZATION
+    )
     q = np.array(crf.inference(1)).astype(np.float64)
     out = (np.log(q[1:] / q[:1]) - np.log(p[1:].astype(np.float64) / p[:1])) * Z
     return torch.from_numpy(out.reshape(C, H, W))

@@ -59,4 +59,3 @@ def affinity_brute_force(embeddings, probs, valid=None):
     A = bn.t() @ bn
     Y = y.t() @ y
     return ((A - Y) ** 2).sum() / (m * m)
-

@@ -59,8 +59,9 @@ def _reduce_boxes(per_box, nonempty, reduction):
     return per_box.sum() / max(int(nonempty.sum()), 1)
 
 
-def tight_box_loss_reference(probs, boxes, box_batch, box_labels, *, spatial_scale=1.0, mode="either",
-                             reduction="mean"):
+def tight_box_loss_reference(
+    probs, boxes, box_batch, box_labels, *, spatial_scale=1.0, mode="either", reduction="mean"
+):
     """Eq. 6, second term, per box: (max{mean row max, mean col max} - 1)^2 ("either"),
     or the mean of (mean row max - 1)^2 and (mean col max - 1)^2 ("both")."""
     B, C, H, W = probs.shape
@@ -97,8 +98,18 @@ def _covered_by_class(fn, probs, boxes, box_batch, box_labels, spatial_scale):
     return out
 
 
-def mil_box_loss_reference(probs, boxes, box_batch, box_labels, *, spatial_scale=1.0, background_channel=0,
-                           negatives="all", eps=1e-6, reduction="mean"):
+def mil_box_loss_reference(
+    probs,
+    boxes,
+    box_batch,
+    box_labels,
+    *,
+    spatial_scale=1.0,
+    background_channel=0,
+    negatives="all",
+    eps=1e-6,
+    reduction="mean",
+):
     """Hsu et al. (NeurIPS 2019) in the semantic setting.  Per image b, bags are
     rows and columns: each covered row / column of each box of class c is a
     positive bag (its maximum inside the box), each image row / column that no
@@ -135,8 +146,7 @@ def mil_box_loss_reference(probs, boxes, box_batch, box_labels, *, spatial_scale
     return _reduce_images(per_image, reduction)
 
 
-def projection_loss_reference(probs, boxes, box_batch, box_labels, *, spatial_scale=1.0, eps=1e-5,
-                              reduction="mean"):
+def projection_loss_reference(probs, boxes, box_batch, box_labels, *, spatial_scale=1.0, eps=1e-5, reduction="mean"):
     """BoxInst (Tian et al., CVPR 2021) in the semantic setting: for each image b
     and each class c with a box there, dice(max_x P, max_x M) + dice(max_y P, max_y M)
     with P = probs[b, c] and M the union of the class's box masks,

@@ -58,8 +58,7 @@ def box_front_index_reference(boxes, box_batch, box_labels, priority, batch, num
     front = torch.full((batch, height, width), -1, dtype=torch.long)
     best = torch.zeros((batch, height, width), dtype=torch.long)
     ranges = []
-    for k, (box, b, c, p) in enumerate(zip(boxes.tolist(), box_batch.tolist(), box_labels.tolist(),
-                                           priority.tolist())):
+    for k, (box, b, c, p) in enumerate(zip(boxes.tolist(), box_batch.tolist(), box_labels.tolist(), priority.tolist())):
         check_box("box_front_index", k, box, b, c, batch, num_classes)
         rows, cols = box_pixel_ranges(box, scale, height, width)
         ranges.append([rows.start, rows.stop, cols.start, cols.stop] if len(rows) else [0, 0, 0, 0])
@@ -68,3 +67,39 @@ def box_front_index_reference(boxes, box_batch, box_labels, priority, batch, num
                 if front[b, y, x] < 0 or p < best[b, y, x]:
                     front[b, y, x], best[b, y, x] = k, p
     return front.to(boxes.device), torch.tensor(ranges, dtype=torch.long, device=boxes.device).reshape(-1, 4)
+
+
+def clipped_box_area(box, spatial_scale: float, height: int, width: int) -> float:
+    """Area, in map pixels, of the part of a box (x0, y0, x1, y1) inside the height x width map: the box's
+    corners are clipped to the map as the covered pixels are, so a box with infinite corners has at most the
+    map's area; 0 when the clipped box has no extent."""
+    x0, y0, x1, y1 = (float(v) for v in box)
+
+    def clip(v: float, size: int) -> float:
+        return min(max(v * spatial_scale, 0.0), float(size))
+
+    w = clip(x1, width) - clip(x0, width)
+    h = clip(y1, height) - clip(y0, height)
+    return w * h if w > 0 and h > 0 else 0.0
+
+
+def boxes_to_labels_reference(boxes, box_batch, box_labels, batch, height, width, spatial_scale, order):
+    """(B, H, W) int64 label map painted box by box: each pixel takes the label of the covering box in front
+    (``"smaller-front"``: the smallest clipped area; ``"larger-front"``: the largest; ``"later-front"``: the
+    highest index; equal keys: the lower index), 0 where no box covers it."""
+    import torch
+
+    keys = []
+    for k, box in enumerate(boxes.tolist()):
+        area = clipped_box_area(box, spatial_scale, height, width)
+        keys.append({"smaller-front": area, "larger-front": -area, "later-front": -k}[order])
+    out = torch.zeros((batch, height, width), dtype=torch.long)
+    best = {}
+    for k, (box, b, c) in enumerate(zip(boxes.tolist(), box_batch.tolist(), box_labels.tolist())):
+        rows, cols = box_pixel_ranges(box, spatial_scale, height, width)
+        for y in rows:
+            for x in cols:
+                if (b, y, x) not in best or keys[k] < best[(b, y, x)]:
+                    best[(b, y, x)] = keys[k]
+                    out[b, y, x] = c
+    return out

@@ -72,17 +72,6 @@ def sparse_crf_loss_reference(
 # --------------------------------------------------------------------------- DenseCRF loss
 
 
-def _resize_like_tang(probs, image, valid_mask, scale_factor):
-    import torch.nn.functional as F
-
-    probs = F.interpolate(probs, scale_factor=scale_factor, mode="bilinear", align_corners=False)
-    image = F.interpolate(image, scale_factor=scale_factor, mode="nearest")
-    if valid_mask is not None:
-        valid_mask = F.interpolate(valid_mask[:, None].to(image.dtype), scale_factor=scale_factor, mode="nearest")
-        valid_mask = valid_mask[:, 0] > 0.5
-    return probs, image, valid_mask
-
-
 def _energy_from_filter(S, valid, apply_w):
     """E = sum_k S_k^T W (m - S_k) and Z = m^T W m per image, with S_k, m masked."""
     m = valid[:, None].to(S.dtype)
@@ -95,8 +84,9 @@ def _energy_from_filter(S, valid, apply_w):
 
 def _reduce(energy, normaliser, normalize, reduction):
     if normalize:
-        per_image = torch.where(normaliser > 0, energy / normaliser.clamp_min(torch.finfo(normaliser.dtype).tiny),
-                                torch.zeros_like(energy))
+        per_image = torch.where(
+            normaliser > 0, energy / normaliser.clamp_min(torch.finfo(normaliser.dtype).tiny), torch.zeros_like(energy)
+        )
     else:
         per_image = energy
     if reduction == "mean":
@@ -112,7 +102,6 @@ def dense_crf_loss_reference(
     *,
     sigma_rgb: float = 15.0,
     sigma_xy: float = 80.0,
-    scale_factor: float = 1.0,
     valid_mask: torch.Tensor | None = None,
     reduction: str = "mean",
     normalize: bool = True,
@@ -121,13 +110,12 @@ def dense_crf_loss_reference(
 
     W x = K x - x, K the exact bilateral kernel including the pixel itself
     (boxloss.reference.bilateral.bilateral_filter_brute_force): W_ii = 0.
-    Same arguments and result as boxloss.dense_crf_loss (no argument checks).
+    Same arguments and result as boxloss.dense_crf_loss at scale_factor=1 (no
+    argument checks); for another scale, pass the resized inputs and sigma_xy
+    times the scale.
     """
     from boxloss.reference.bilateral import bilateral_filter_brute_force
 
-    if scale_factor != 1.0:
-        probs, image, valid_mask = _resize_like_tang(probs, image, valid_mask, scale_factor)
-        sigma_xy = sigma_xy * scale_factor
     B, _, H, W = probs.shape
     valid = torch.ones(B, H, W, dtype=torch.bool, device=probs.device) if valid_mask is None else valid_mask
     energy, normaliser = _energy_from_filter(
@@ -139,6 +127,8 @@ def dense_crf_loss_reference(
 def dense_crf_energy_lattice_reference(probs, valid_mask, lattice):
     """(E, Z) per image with the op's lattice affinity W = (L + L^T)/2 - diag(c), in PyTorch.
 
+    ``lattice`` is the tuple (splat_index, splat_weight, blur_neighbours, vertex_offsets).
+
     L is boxloss.reference.bilateral.lattice_filter_reference (its transpose
     the reverse blur order) and c the self-affinity lower bound of each pixel.
     An image with fewer than two valid pixels has no pair: E = Z = 0 (the
@@ -149,7 +139,7 @@ def dense_crf_energy_lattice_reference(probs, valid_mask, lattice):
 
     B, _, H, W = probs.shape
     valid = torch.ones(B, H, W, dtype=torch.bool, device=probs.device) if valid_mask is None else valid_mask
-    c = self_affinity_lower_bound(lattice.splat_weight.to(probs.dtype)).reshape(B, 1, H, W)
+    c = self_affinity_lower_bound(lattice[1].to(probs.dtype)).reshape(B, 1, H, W)
 
     def apply_w(x):
         forward = lattice_filter_reference(x, lattice)
@@ -158,7 +148,9 @@ def dense_crf_energy_lattice_reference(probs, valid_mask, lattice):
 
     energy, normaliser = _energy_from_filter(probs, valid, apply_w)
     paired = valid.flatten(1).sum(1) >= 2
-    return torch.where(paired, energy, torch.zeros_like(energy)), torch.where(paired, normaliser, torch.zeros_like(normaliser))
+    return torch.where(paired, energy, torch.zeros_like(energy)), torch.where(
+        paired, normaliser, torch.zeros_like(normaliser)
+    )
 
 
 def dense_crf_loss_lattice_reference(
@@ -167,17 +159,14 @@ def dense_crf_loss_lattice_reference(
     *,
     sigma_rgb: float = 15.0,
     sigma_xy: float = 80.0,
-    scale_factor: float = 1.0,
     valid_mask: torch.Tensor | None = None,
     reduction: str = "mean",
     normalize: bool = True,
 ) -> torch.Tensor:
-    """boxloss.dense_crf_loss written in PyTorch on the reference lattice (same arguments and result)."""
+    """boxloss.dense_crf_loss written in PyTorch on the reference lattice (same arguments and result at
+    scale_factor=1; for another scale, pass the resized inputs and sigma_xy times the scale)."""
     from boxloss.reference.bilateral import permutohedral_lattice_reference
 
-    if scale_factor != 1.0:
-        probs, image, valid_mask = _resize_like_tang(probs, image, valid_mask, scale_factor)
-        sigma_xy = sigma_xy * scale_factor
     lattice = permutohedral_lattice_reference(image.to(probs.dtype), sigma_xy, sigma_rgb)
     energy, normaliser = dense_crf_energy_lattice_reference(probs, valid_mask, lattice)
     return _reduce(energy, normaliser, normalize, reduction)

@@ -54,8 +54,18 @@ def split_seed(seed: int, offset: int = 0) -> tuple[int, int, int]:
     return seed & 0xFFFFFFFF, seed >> 32, offset
 
 
-def philox_normal(seed: int, offset: int, samples: int, batch: int, classes: int, height: int, width: int,
-                  *, dtype=torch.float64, device="cpu") -> torch.Tensor:
+def philox_normal(
+    seed: int,
+    offset: int,
+    samples: int,
+    batch: int,
+    classes: int,
+    height: int,
+    width: int,
+    *,
+    dtype=torch.float64,
+    device="cpu",
+) -> torch.Tensor:
     """The kernel's noise eps[t, b, c, h, w], shape (T, B, C, H, W).
 
     eps[t, b, c, h, w] is normal number c mod 4 of the Philox4x32-10 block with

@@ -29,14 +29,27 @@ def volumetric_loss_reference(x, *, s_min=0.15, lambda_s=5.0, valid_mask=None):
     return lambda_s * small + (torch.stack(sizes).mean() - 0.5) ** 2
 
 
-def positional_loss_reference(x, *, border_width=3, centre_size=3):
-    """x: (B, H, W).  (mean over the border B of x)^2 + (mean over the centre C of x - 1)^2 per image."""
+def positional_loss_reference(x, *, border_width=3, centre_size=3, border_mask=None, centre_mask=None):
+    """x: (B, H, W).  (mean over the border B of x)^2 + (mean over the centre C of x - 1)^2 per image; B and C are
+    the image border and centre square, or the given (B, H, W) masks; an empty centre's term is 0."""
     B, H, W = x.shape
-    border = [(i, j) for i in range(H) for j in range(W)
-              if i < border_width or j < border_width or i >= H - border_width or j >= W - border_width]
+    default_border = [
+        (i, j)
+        for i in range(H)
+        for j in range(W)
+        if i < border_width or j < border_width or i >= H - border_width or j >= W - border_width
+    ]
     r0, c0 = max((H - centre_size) // 2, 0), max((W - centre_size) // 2, 0)
-    centre = [(i, j) for i in range(r0, min(r0 + centre_size, H)) for j in range(c0, min(c0 + centre_size, W))]
-    return torch.stack([_mean_over(x[b], border) ** 2 + (_mean_over(x[b], centre) - 1) ** 2 for b in range(B)])
+    default_centre = [(i, j) for i in range(r0, min(r0 + centre_size, H)) for j in range(c0, min(c0 + centre_size, W))]
+    out = []
+    for b in range(B):
+        border = default_border if border_mask is None else _pixels(border_mask[b])
+        centre = default_centre if centre_mask is None else _pixels(centre_mask[b])
+        term = _mean_over(x[b], border) ** 2
+        if centre:
+            term = term + (_mean_over(x[b], centre) - 1) ** 2
+        out.append(term)
+    return torch.stack(out)
 
 
 def negative_loss_reference(x):

@@ -1,5 +1,6 @@
-"""Reference uncertainty losses (Uncertainty-based online bootstrapping,
-../shared/papers/004, Sec. 3), written equation by equation.
+"""Reference uncertainty losses (Neven et al., "Weakly-Supervised Semantic
+Segmentation by Learning Label Uncertainty", arXiv:2110.05926, Sec. 3),
+written equation by equation.
 
 The binary losses use the variance ``sigma^2 = exp(log_var)`` exactly as the
 paper writes it; the multi-class loss materialises all T x B x C x H x W

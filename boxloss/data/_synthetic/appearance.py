@@ -32,8 +32,10 @@ def class_colours(rng, recipe: ClassRecipe) -> tuple[np.ndarray, np.ndarray]:
 
 def random_colours(rng) -> tuple[np.ndarray, np.ndarray]:
     h = rng.random()
-    return (hsv_to_rgb(h, rng.uniform(0.1, 0.9), rng.uniform(0.15, 0.95)),
-            hsv_to_rgb(h + rng.uniform(-0.3, 0.3), rng.uniform(0.1, 0.9), rng.uniform(0.15, 0.95)))
+    return (
+        hsv_to_rgb(h, rng.uniform(0.1, 0.9), rng.uniform(0.15, 0.95)),
+        hsv_to_rgb(h + rng.uniform(-0.3, 0.3), rng.uniform(0.1, 0.9), rng.uniform(0.15, 0.95)),
+    )
 
 
 def smooth_noise(rng, h: int, w: int, cells_y: int, cells_x: int, channels: int = 0) -> np.ndarray:
@@ -76,8 +78,18 @@ def texture(rng, kind: str, frequency: float, h: int, w: int, scale: float) -> n
     return smooth_noise(rng, h, w, max(1, h * cells // max(min(h, w), 1)), max(1, w * cells // max(min(h, w), 1)))
 
 
-def paint(rng, out: np.ndarray, region: np.ndarray, sl, c1, c2, kind: str, frequency: float, scale: float,
-           contrast: float = 1.0) -> None:
+def paint(
+    rng,
+    out: np.ndarray,
+    region: np.ndarray,
+    sl,
+    c1,
+    c2,
+    kind: str,
+    frequency: float,
+    scale: float,
+    contrast: float = 1.0,
+) -> None:
     """Fill ``out[sl][region]`` with a shaded two-colour texture."""
     h, w = region.shape
     pat = texture(rng, kind, frequency, h, w, scale) * np.float32(contrast)

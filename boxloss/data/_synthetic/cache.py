@@ -37,10 +37,11 @@ class SyntheticArrays:
     def __len__(self) -> int:
         return int(self.images.shape[0])
 
-    def head(self, n: int) -> "SyntheticArrays":
+    def head(self, n: int) -> SyntheticArrays:
         k = int(self.offsets[n])
-        return SyntheticArrays(self.images[:n], self.instances[:n], self.boxes[:k], self.labels[:k],
-                               self.offsets[: n + 1])
+        return SyntheticArrays(
+            self.images[:n], self.instances[:n], self.boxes[:k], self.labels[:k], self.offsets[: n + 1]
+        )
 
 
 def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
@@ -61,15 +62,18 @@ def cache_path(config: SyntheticConfig, cache_dir: str | os.PathLike | None = No
 
 def split_files(folder: Path, split: str, n: int) -> dict[str, Path]:
     stem = f"{split}-{n}"
-    return {"images": folder / f"{stem}.images.npy", "instances": folder / f"{stem}.instances.npy",
-            "boxes": folder / f"{stem}.boxes.npz"}
+    return {
+        "images": folder / f"{stem}.images.npy",
+        "instances": folder / f"{stem}.instances.npy",
+        "boxes": folder / f"{stem}.boxes.npz",
+    }
 
 
 def cached_sizes(folder: Path, split: str) -> list[int]:
     sizes = []
     for p in folder.glob(f"{split}-*.boxes.npz"):
         try:
-            sizes.append(int(p.name[len(split) + 1: -len(".boxes.npz")]))
+            sizes.append(int(p.name[len(split) + 1 : -len(".boxes.npz")]))
         except ValueError:
             continue
     return sorted(sizes)
@@ -88,34 +92,54 @@ def load_cached(config: SyntheticConfig, files: dict[str, Path], n: int) -> Synt
         boxes, labels, offsets = z["boxes"], z["labels"], z["offsets"]
     images = np.load(files["images"], mmap_mode="r")
     instances = np.load(files["instances"], mmap_mode="r")
-    if images.shape[1:] != (H, W, 3) or instances.shape != images.shape[:3] or offsets.shape != (len(images) + 1,) \
-            or len(images) < n or boxes.shape != (offsets[-1], 4) or labels.shape != (offsets[-1],):
+    if (
+        images.shape[1:] != (H, W, 3)
+        or instances.shape != images.shape[:3]
+        or offsets.shape != (len(images) + 1,)
+        or len(images) < n
+        or boxes.shape != (offsets[-1], 4)
+        or labels.shape != (offsets[-1],)
+    ):
         raise ValueError("arrays do not match each other or the config")
     return SyntheticArrays(images, instances, boxes, labels, offsets).head(n)
 
 
-def load_or_write(config: SyntheticConfig, split: str, num_images: int,
-                  generate: Callable[[tuple[np.ndarray, np.ndarray]], SyntheticArrays], *,
-                  cache_dir: str | os.PathLike | None = None,
-                  log: Callable[[str], None] | None = None) -> tuple[SyntheticArrays, Path]:
+def load_or_write(
+    config: SyntheticConfig,
+    split: str,
+    num_images: int,
+    generate: Callable[[tuple[np.ndarray, np.ndarray]], SyntheticArrays],
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    log: Callable[[str], None] | None = None,
+) -> tuple[SyntheticArrays, Path]:
     """The first ``num_images`` of ``split`` from the cache if any cached run of at least that many exists, else
     ``generate(out)`` into memory-mapped ``out = (images, instances)`` files and written there atomically. Returns
     the arrays and the cache folder."""
     folder = cache_path(config, cache_dir)
+    for p in (folder, *folder.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise NotADirectoryError(
+                    f"synthetic cache: {p} is a file, so the cache folder {folder} cannot be made there; give "
+                    "cache_dir (--cache-dir) a folder, or cache=False (--no-cache) to write no cache"
+                )
+            break
     for m in cached_sizes(folder, split) if folder.is_dir() else []:
         if m >= num_images:
             files = split_files(folder, split, m)
             try:
                 return load_cached(config, files, num_images), folder
             except Exception as e:  # noqa: BLE001 -- any unreadable cache is regenerated, loudly
-                warnings.warn(f"synthetic cache {files['boxes']} is unreadable ({e}); regenerating it")
+                warnings.warn(f"synthetic cache {files['boxes']} is unreadable ({e}); regenerating it", stacklevel=3)
                 for p in files.values():
                     p.unlink(missing_ok=True)
     folder.mkdir(parents=True, exist_ok=True)
     params = folder / "params.json"
     if not params.exists():
-        atomic_write_text(params, json.dumps({"generator_version": GENERATOR_VERSION, **config.to_dict()},
-                                             indent=1, sort_keys=True))
+        atomic_write_text(
+            params, json.dumps({"generator_version": GENERATOR_VERSION, **config.to_dict()}, indent=1, sort_keys=True)
+        )
     if log:
         log(f"generating {num_images} {split} images into {folder}")
     files = split_files(folder, split, num_images)
@@ -123,8 +147,7 @@ def load_or_write(config: SyntheticConfig, split: str, num_images: int,
     tmp = {k: p.with_name(f".{p.name}.{os.getpid()}.tmp") for k, p in files.items()}
     try:
         images = np.lib.format.open_memmap(tmp["images"], mode="w+", dtype=np.uint8, shape=(num_images, H, W, 3))
-        instances = np.lib.format.open_memmap(tmp["instances"], mode="w+", dtype=np.uint8,
-                                              shape=(num_images, H, W))
+        instances = np.lib.format.open_memmap(tmp["instances"], mode="w+", dtype=np.uint8, shape=(num_images, H, W))
         arrays = generate((images, instances))
         images.flush()
         instances.flush()

@@ -45,7 +45,7 @@ def _spread(k: int) -> float:
 FILL_RANGE = (0.33, 0.99)  # targets of the bare shapes; void and occlusion bring the measured rates to ~0.3-0.95
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def class_recipe(k: int) -> ClassRecipe:
     """The recipe of class channel ``k + 1`` (``k`` in 0..19), calibrated once per process."""
     if not 0 <= k < MAX_SYNTHETIC_CLASSES:
@@ -60,9 +60,16 @@ def class_recipe(k: int) -> ClassRecipe:
         style, rotation = ("star", "ring")[(k // 2) % 2], np.pi
     aspect = float(rng.uniform(1.0, 1.7))
     recipe = ClassRecipe(
-        name=f"syn{k + 1:02d}", fill_target=float(target), style=style, looseness=0.0, aspect=aspect,
-        rotation=float(rotation), size=float(rng.uniform(0.3, 0.5)), hue=float((k * 0.618034) % 1.0),
-        texture=TEXTURES[k % len(TEXTURES)], frequency=float(2.0 + (k * 1.37) % 4.0),
+        name=f"syn{k + 1:02d}",
+        fill_target=float(target),
+        style=style,
+        looseness=0.0,
+        aspect=aspect,
+        rotation=float(rotation),
+        size=float(rng.uniform(0.3, 0.5)),
+        hue=float((k * 0.618034) % 1.0),
+        texture=TEXTURES[k % len(TEXTURES)],
+        frequency=float(2.0 + (k * 1.37) % 4.0),
     )
     return dataclasses.replace(recipe, looseness=_calibrate(recipe))
 

@@ -35,6 +35,9 @@ class SyntheticConfig:
         distractors: maximum number of distractor shapes per image (0 disables them).
         noise: maximum standard deviation of the additive Gaussian noise, in [0, 1] colour units.
         blur: maximum Gaussian blur sigma in pixels.
+        class_ids: the class channels objects are drawn from (default ``None``: all of 1..L). A subset gives
+            class-disjoint datasets, e.g. for pre-training on classes a segmentation benchmark does not use, or LPG's
+            auxiliary and target sets; label values stay the class channels.
 
     Example:
         >>> from boxloss.data import SyntheticConfig
@@ -53,13 +56,17 @@ class SyntheticConfig:
     distractors: int = 3
     noise: float = 0.04
     blur: float = 1.0
+    class_ids: tuple[int, ...] | None = None
 
     def __post_init__(self):
         size = self.image_size
         if isinstance(size, (int, np.integer)) and not isinstance(size, bool):
             size = (int(size), int(size))
-        if not (isinstance(size, (tuple, list)) and len(size) == 2 and all(
-                isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in size)):
+        if not (
+            isinstance(size, (tuple, list))
+            and len(size) == 2
+            and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in size)
+        ):
             raise ValueError(f"SyntheticConfig: image_size must be an int or (H, W) ints, got {self.image_size!r}")
         size = (int(size[0]), int(size[1]))
         if min(size) < 16 or max(size) > 4096:
@@ -75,6 +82,19 @@ class SyntheticConfig:
             check_float(name, getattr(self, name), 0.0, 1.0)
         check_float("noise", self.noise, 0.0, 0.5)
         check_float("blur", self.blur, 0.0, 10.0)
+        if self.class_ids is not None:
+            ids = tuple(self.class_ids) if isinstance(self.class_ids, (tuple, list)) else None
+            if (
+                not ids
+                or any(isinstance(v, bool) or not isinstance(v, (int, np.integer)) for v in ids)
+                or len(set(ids)) != len(ids)
+                or not all(1 <= v <= self.num_classes for v in ids)
+            ):
+                raise ValueError(
+                    f"SyntheticConfig: class_ids must be distinct class channels in 1..{self.num_classes}"
+                    f", got {self.class_ids!r}"
+                )
+            object.__setattr__(self, "class_ids", tuple(sorted(int(v) for v in ids)))
 
     @property
     def height(self) -> int:
@@ -91,6 +111,10 @@ class SyntheticConfig:
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["image_size"] = list(self.image_size)
+        if self.class_ids is None:  # absent from the key, so configs without a subset keep their cache
+            del d["class_ids"]
+        else:
+            d["class_ids"] = list(self.class_ids)
         return d
 
     def key(self) -> str:
@@ -105,8 +129,11 @@ def check_int(name, value, lo, hi):
 
 
 def check_float(name, value, lo, hi):
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)) \
-            or not (lo <= float(value) <= hi):
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float, np.floating, np.integer))
+        or not (lo <= float(value) <= hi)
+    ):
         raise ValueError(f"SyntheticConfig: {name} must be a number in [{lo}, {hi}], got {value!r}")
 
 

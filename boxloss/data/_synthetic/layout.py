@@ -48,7 +48,8 @@ def void_mask(instances: np.ndarray, band: int) -> np.ndarray:
         return np.zeros(instances.shape, bool)
     size = 2 * band + 1
     return ndimage.maximum_filter(instances, size=size, mode="nearest") != ndimage.minimum_filter(
-        instances, size=size, mode="nearest")
+        instances, size=size, mode="nearest"
+    )
 
 
 @dataclass
@@ -98,22 +99,25 @@ class Layout:
         return np.array([self.order.index(z) for z in self.kept], np.int64)
 
 
-def place_objects(config: SyntheticConfig, rng: np.random.Generator, recipes: list[ClassRecipe]) -> list[PlacedObject]:
-    """Up to ``max_objects`` objects (geometric in number with mean ``mean_objects``): each of a random class, or of
-    another class than an earlier object it is placed to overlap; objects that miss the image are dropped."""
+def place_objects(
+    config: SyntheticConfig, rng: np.random.Generator, recipes: dict[int, ClassRecipe]
+) -> list[PlacedObject]:
+    """Up to ``max_objects`` objects (geometric in number with mean ``mean_objects``): each of a random class of
+    ``recipes``, or of another one than an earlier object it is placed to overlap; objects that miss the image are
+    dropped."""
     H, W = config.image_size
     S = float(np.sqrt(H * W))
-    L = config.num_classes
+    pool = list(recipes)
     n = int(min(config.max_objects, rng.geometric(1.0 / config.mean_objects)))
     objects: list[PlacedObject] = []
     for _ in range(n):
         overlap = bool(objects) and rng.random() < config.overlap_prob
         if overlap:
             other = objects[int(rng.integers(len(objects)))]
-            choices = [c for c in range(L) if c != other.cls] or [other.cls]
+            choices = [c for c in pool if c != other.cls] or [other.cls]
             cls = int(choices[int(rng.integers(len(choices)))])
         else:
-            cls = int(rng.integers(L))
+            cls = pool[int(rng.integers(len(pool)))]
         rec = recipes[cls]
         d = int(np.clip(S * rec.size * np.exp(rng.normal(0, 0.3)), 10, 0.95 * min(H, W)))
         mask = shape_mask(rng, rec, d)
@@ -164,7 +168,7 @@ def visible_order(objects: list[PlacedObject], order: list, H: int, W: int, void
     return []
 
 
-def lay_out(config: SyntheticConfig, rng: np.random.Generator, recipes: list[ClassRecipe]) -> Layout:
+def lay_out(config: SyntheticConfig, rng: np.random.Generator, recipes: dict[int, ClassRecipe]) -> Layout:
     """The objects of one scene, their depth order and instance map (kept objects numbered 1..K in order of
     creation)."""
     H, W = config.image_size

@@ -12,6 +12,7 @@
 
 #include <torch/library.h>
 
+#include <cmath>
 #include <sstream>
 
 #include "../row_col_max/row_col_max.h"
@@ -64,7 +65,27 @@ void check_finite(const char* op, const char* name, const at::Tensor& t) {
   // temporary; only when it is not (NaN, infinity, or an overflowing sum of
   // huge values) is each element tested.
   const bool finite = at::isfinite(t.sum()).item<bool>() || at::isfinite(t).all().item<bool>();
-  TORCH_CHECK_VALUE(finite, op, ": ", name, " must be finite, but it holds NaN or infinite values");
+  TORCH_CHECK_VALUE(finite, op, ": ", name, " must be finite, but it contains ",
+                    t.isnan().any().item<bool>() ? "NaN" : "Inf");
+}
+
+// Every value in [0, 1]: one min/max pass (NaN propagates into both, so it fails too).
+void check_unit_interval(const char* op, const char* name, const at::Tensor& t) {
+  if (t.numel() == 0) return;
+  const auto [min, max] = at::aminmax(t.reshape(-1));
+  const at::Tensor bounds = at::stack({min, max}).to(at::kCPU, at::kDouble);
+  const double low = bounds.data_ptr<double>()[0], high = bounds.data_ptr<double>()[1];
+  if (low >= 0 && high <= 1) return;
+  std::ostringstream what;
+  if (std::isnan(low) || std::isnan(high)) {
+    what << "NaN";
+  } else if (std::isinf(low) || std::isinf(high)) {
+    what << "Inf";
+  } else {
+    what << "values outside [0, 1] (min " << low << ", max " << high << ")";
+  }
+  TORCH_CHECK_VALUE(false, op, ": ", name, " must hold values in [0, 1] (the background attention A), but it contains ",
+                    what.str());
 }
 
 // Resolves the boxes under the box convention and raises for bad ones.
@@ -161,7 +182,7 @@ at::Tensor background_attention_backward_impl(const at::Tensor& grad_attention, 
                                               const at::Tensor& inside, const at::Tensor& background,
                                               int64_t grid_size, const BackgroundAttentionKernels& kernels,
                                               at::Tensor* accumulate) {
-  constexpr const char* op = "background_attention_backward";
+  constexpr const char* op = "_background_attention_backward";
   check_features(op, features);
   const int64_t B = features.size(0), D = features.size(1), h = features.size(2), w = features.size(3);
   const int64_t P = h * w, J = grid_size * grid_size;
@@ -205,7 +226,7 @@ at::Tensor background_attention_backward_impl(const at::Tensor& grad_attention, 
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> background_aware_pool_impl(
     const at::Tensor& features, const at::Tensor& attention, const at::Tensor& boxes, const at::Tensor& box_batch,
-    int64_t output_size, double spatial_scale, const BackgroundAttentionKernels& kernels) {
+    int64_t output_size, double spatial_scale, const BackgroundAttentionKernels& kernels, bool check_values) {
   check_features(kPool, features);
   check_boxes(kPool, features, boxes, box_batch, spatial_scale);
   const int64_t B = features.size(0), D = features.size(1), h = features.size(2), w = features.size(3);
@@ -221,6 +242,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> background_aware_pool_impl(
   const at::ScalarType dtype = compute_dtype(features.scalar_type());
   const at::Tensor f = features.to(dtype).contiguous();
   const at::Tensor a = attention.to(dtype).contiguous();
+  if (check_values) {
+    check_finite(kPool, "features", f);
+    check_unit_interval(kPool, "attention", a);
+  }
   const at::Tensor ranges = resolve(kPool, boxes, box_batch, spatial_scale, B, h, w, kernels);
   const int64_t K = boxes.size(0);
   at::Tensor pooled = at::zeros({K, D, output_size, output_size}, f.options());
@@ -233,7 +258,7 @@ std::tuple<at::Tensor, at::Tensor> background_aware_pool_backward_impl(
     const at::Tensor& grad_pooled, const at::Tensor& features, const at::Tensor& attention, const at::Tensor& pooled,
     const at::Tensor& weight_sum, const at::Tensor& ranges, const at::Tensor& box_batch, int64_t output_size,
     const BackgroundAttentionKernels& kernels) {
-  constexpr const char* op = "background_aware_pool_backward";
+  constexpr const char* op = "_background_aware_pool_backward";
   check_features(op, features);
   const int64_t B = features.size(0), D = features.size(1), h = features.size(2), w = features.size(3);
   const int64_t K = ranges.size(0), S = output_size;
@@ -256,18 +281,18 @@ std::tuple<at::Tensor, at::Tensor> background_aware_pool_backward_impl(
   return {grad_features.to(features.scalar_type()), grad_attention.to(attention.scalar_type())};
 }
 
-PoolingResult background_aware_pooling_impl(const at::Tensor& features, const at::Tensor& boxes,
-                                            const at::Tensor& box_batch, int64_t grid_size, int64_t output_size,
-                                            double spatial_scale, const std::optional<at::Tensor>& bg_mask,
-                                            double min_background, const BackgroundAttentionKernels& kernels) {
+PoolingResult background_attention_pool_impl(const at::Tensor& features, const at::Tensor& boxes,
+                                             const at::Tensor& box_batch, int64_t grid_size, int64_t output_size,
+                                             double spatial_scale, const std::optional<at::Tensor>& bg_mask,
+                                             double min_background, const BackgroundAttentionKernels& kernels) {
   auto [attention, queries, valid, fallback, inside, background] = background_attention_impl(
       features, boxes, box_batch, grid_size, spatial_scale, bg_mask, min_background, kernels);
-  auto [pooled, weight_sum, ranges] =
-      background_aware_pool_impl(features, attention, boxes, box_batch, output_size, spatial_scale, kernels);
+  auto [pooled, weight_sum, ranges] = background_aware_pool_impl(features, attention, boxes, box_batch, output_size,
+                                                                 spatial_scale, kernels, /*check_values=*/false);
   return {pooled, attention, queries, valid, fallback, weight_sum, ranges, inside, background};
 }
 
-at::Tensor background_aware_pooling_backward_impl(
+at::Tensor background_attention_pool_backward_impl(
     const at::Tensor& grad_pooled, const at::Tensor& grad_attention, const at::Tensor& grad_queries,
     const at::Tensor& features, const at::Tensor& attention, const at::Tensor& queries, const at::Tensor& valid,
     const at::Tensor& fallback, const at::Tensor& pooled, const at::Tensor& weight_sum, const at::Tensor& ranges,
@@ -286,23 +311,23 @@ TORCH_LIBRARY_FRAGMENT(boxloss, m) {
       "Tensor? bg_mask, float min_background) -> (Tensor attention, Tensor queries, Tensor valid, Tensor fallback, "
       "Tensor inside, Tensor background)");
   m.def(
-      "background_attention_backward(Tensor grad_attention, Tensor grad_queries, Tensor features, Tensor queries, "
+      "_background_attention_backward(Tensor grad_attention, Tensor grad_queries, Tensor features, Tensor queries, "
       "Tensor valid, Tensor fallback, Tensor inside, Tensor background, int grid_size) -> Tensor");
   m.def(
       "background_aware_pool(Tensor features, Tensor attention, Tensor boxes, Tensor box_batch, int output_size, "
       "float spatial_scale) -> (Tensor pooled, Tensor weight_sum, Tensor ranges)");
   m.def(
-      "background_aware_pooling(Tensor features, Tensor boxes, Tensor box_batch, int grid_size, int output_size, "
+      "background_attention_pool(Tensor features, Tensor boxes, Tensor box_batch, int grid_size, int output_size, "
       "float spatial_scale, Tensor? bg_mask, float min_background) -> (Tensor pooled, Tensor attention, "
       "Tensor queries, Tensor valid, Tensor fallback, Tensor weight_sum, Tensor ranges, Tensor inside, "
       "Tensor background)");
   m.def(
-      "background_aware_pooling_backward(Tensor grad_pooled, Tensor grad_attention, Tensor grad_queries, "
+      "_background_attention_pool_backward(Tensor grad_pooled, Tensor grad_attention, Tensor grad_queries, "
       "Tensor features, Tensor attention, Tensor queries, Tensor valid, Tensor fallback, Tensor pooled, "
       "Tensor weight_sum, Tensor ranges, Tensor box_batch, Tensor inside, Tensor background, int grid_size, "
       "int output_size) -> Tensor");
   m.def(
-      "background_aware_pool_backward(Tensor grad_pooled, Tensor features, Tensor attention, Tensor pooled, "
+      "_background_aware_pool_backward(Tensor grad_pooled, Tensor features, Tensor attention, Tensor pooled, "
       "Tensor weight_sum, Tensor ranges, Tensor box_batch, int output_size) -> (Tensor, Tensor)");
 }
 

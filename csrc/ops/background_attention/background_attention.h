@@ -86,9 +86,11 @@ at::Tensor background_attention_backward_impl(const at::Tensor& grad_attention, 
                                               int64_t grid_size, const BackgroundAttentionKernels& kernels,
                                               at::Tensor* accumulate = nullptr);
 
+// check_values: raise for non-finite features or an attention outside [0, 1]
+// (off when the attention is the fused op's own, computed from checked features).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> background_aware_pool_impl(
     const at::Tensor& features, const at::Tensor& attention, const at::Tensor& boxes, const at::Tensor& box_batch,
-    int64_t output_size, double spatial_scale, const BackgroundAttentionKernels& kernels);
+    int64_t output_size, double spatial_scale, const BackgroundAttentionKernels& kernels, bool check_values = true);
 
 std::tuple<at::Tensor, at::Tensor> background_aware_pool_backward_impl(
     const at::Tensor& grad_pooled, const at::Tensor& features, const at::Tensor& attention, const at::Tensor& pooled,
@@ -101,12 +103,12 @@ std::tuple<at::Tensor, at::Tensor> background_aware_pool_backward_impl(
 using PoolingResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
                                  at::Tensor, at::Tensor>;
 
-PoolingResult background_aware_pooling_impl(const at::Tensor& features, const at::Tensor& boxes,
-                                            const at::Tensor& box_batch, int64_t grid_size, int64_t output_size,
-                                            double spatial_scale, const std::optional<at::Tensor>& bg_mask,
-                                            double min_background, const BackgroundAttentionKernels& kernels);
+PoolingResult background_attention_pool_impl(const at::Tensor& features, const at::Tensor& boxes,
+                                             const at::Tensor& box_batch, int64_t grid_size, int64_t output_size,
+                                             double spatial_scale, const std::optional<at::Tensor>& bg_mask,
+                                             double min_background, const BackgroundAttentionKernels& kernels);
 
-at::Tensor background_aware_pooling_backward_impl(
+at::Tensor background_attention_pool_backward_impl(
     const at::Tensor& grad_pooled, const at::Tensor& grad_attention, const at::Tensor& grad_queries,
     const at::Tensor& features, const at::Tensor& attention, const at::Tensor& queries, const at::Tensor& valid,
     const at::Tensor& fallback, const at::Tensor& pooled, const at::Tensor& weight_sum, const at::Tensor& ranges,

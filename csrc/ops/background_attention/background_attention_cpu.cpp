@@ -42,7 +42,7 @@ void attention_forward_cpu(const at::Tensor& dots, const at::Tensor& norms, cons
 void attention_backward_cpu(const at::Tensor& grad_attention, at::Tensor& dots, const at::Tensor& norms,
                             const at::Tensor& valid, const at::Tensor& num_valid, const at::Tensor& inside,
                             const at::Tensor& fallback, at::Tensor& coef) {
-  AT_DISPATCH_FLOATING_TYPES(dots.scalar_type(), "background_attention_backward_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES(dots.scalar_type(), "_background_attention_backward_cpu", [&] {
     const auto p = attention_problem<scalar_t>(dots, norms, valid, num_valid, inside, fallback);
     at::parallel_for(0, p.batch * p.pixels, 4096, [&](int64_t begin, int64_t end) {
       ba::cpu::attention_backward<scalar_t>(p, grad_attention.data_ptr<scalar_t>(), dots.data_ptr<scalar_t>(), begin,
@@ -68,11 +68,11 @@ void pool_backward_cpu(const at::Tensor& grad_pooled, const at::Tensor& features
   const int64_t B = features.size(0);
   const int64_t* bb = box_batch.data_ptr<int64_t>();
   for (int64_t k = 0; k < box_batch.numel(); ++k) {
-    TORCH_CHECK_VALUE(bb[k] >= 0 && bb[k] < B, "background_aware_pool_backward: box_batch must lie in [0, ", B,
+    TORCH_CHECK_VALUE(bb[k] >= 0 && bb[k] < B, "_background_aware_pool_backward: box_batch must lie in [0, ", B,
                       "), got box_batch[", k, "] = ", bb[k]);
   }
   const ba::cpu::ImagePlan plan = ba::cpu::plan_by_image(bb, box_batch.numel(), B);
-  AT_DISPATCH_FLOATING_TYPES(features.scalar_type(), "background_aware_pool_backward_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES(features.scalar_type(), "_background_aware_pool_backward_cpu", [&] {
     const auto p = pool_problem<scalar_t>(features, attention, ranges, box_batch, output_size);
     at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
       ba::cpu::pool_backward<scalar_t>(p, plan, grad_pooled.data_ptr<scalar_t>(), pooled.data_ptr<scalar_t>(),
@@ -116,34 +116,34 @@ std::tuple<at::Tensor, at::Tensor> background_aware_pool_backward_cpu(
                                              output_size, kCpuKernels);
 }
 
-PoolingResult background_aware_pooling_cpu(const at::Tensor& features, const at::Tensor& boxes,
-                                           const at::Tensor& box_batch, int64_t grid_size, int64_t output_size,
-                                           double spatial_scale, const std::optional<at::Tensor>& bg_mask,
-                                           double min_background) {
-  return background_aware_pooling_impl(features, boxes, box_batch, grid_size, output_size, spatial_scale, bg_mask,
-                                       min_background, kCpuKernels);
+PoolingResult background_attention_pool_cpu(const at::Tensor& features, const at::Tensor& boxes,
+                                            const at::Tensor& box_batch, int64_t grid_size, int64_t output_size,
+                                            double spatial_scale, const std::optional<at::Tensor>& bg_mask,
+                                            double min_background) {
+  return background_attention_pool_impl(features, boxes, box_batch, grid_size, output_size, spatial_scale, bg_mask,
+                                        min_background, kCpuKernels);
 }
 
-at::Tensor background_aware_pooling_backward_cpu(
+at::Tensor background_attention_pool_backward_cpu(
     const at::Tensor& grad_pooled, const at::Tensor& grad_attention, const at::Tensor& grad_queries,
     const at::Tensor& features, const at::Tensor& attention, const at::Tensor& queries, const at::Tensor& valid,
     const at::Tensor& fallback, const at::Tensor& pooled, const at::Tensor& weight_sum, const at::Tensor& ranges,
     const at::Tensor& box_batch, const at::Tensor& inside, const at::Tensor& background, int64_t grid_size,
     int64_t output_size) {
-  return background_aware_pooling_backward_impl(grad_pooled, grad_attention, grad_queries, features, attention,
-                                                queries, valid, fallback, pooled, weight_sum, ranges, box_batch,
-                                                inside, background, grid_size, output_size, kCpuKernels);
+  return background_attention_pool_backward_impl(grad_pooled, grad_attention, grad_queries, features, attention,
+                                                 queries, valid, fallback, pooled, weight_sum, ranges, box_batch,
+                                                 inside, background, grid_size, output_size, kCpuKernels);
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(boxloss, CPU, m) {
   m.impl("background_attention", &background_attention_cpu);
-  m.impl("background_attention_backward", &background_attention_backward_cpu);
+  m.impl("_background_attention_backward", &background_attention_backward_cpu);
   m.impl("background_aware_pool", &background_aware_pool_cpu);
-  m.impl("background_aware_pool_backward", &background_aware_pool_backward_cpu);
-  m.impl("background_aware_pooling", &background_aware_pooling_cpu);
-  m.impl("background_aware_pooling_backward", &background_aware_pooling_backward_cpu);
+  m.impl("_background_aware_pool_backward", &background_aware_pool_backward_cpu);
+  m.impl("background_attention_pool", &background_attention_pool_cpu);
+  m.impl("_background_attention_pool_backward", &background_attention_pool_backward_cpu);
 }
 
 }  // namespace ops

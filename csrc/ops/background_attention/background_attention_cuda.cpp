@@ -45,7 +45,7 @@ void attention_forward_cuda(const at::Tensor& dots, const at::Tensor& norms, con
 void attention_backward_cuda(const at::Tensor& grad_attention, at::Tensor& dots, const at::Tensor& norms,
                              const at::Tensor& valid, const at::Tensor& num_valid, const at::Tensor& inside,
                              const at::Tensor& fallback, at::Tensor& coef) {
-  AT_DISPATCH_FLOATING_TYPES(dots.scalar_type(), "background_attention_backward_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES(dots.scalar_type(), "_background_attention_backward_cuda", [&] {
     const auto p = attention_problem<scalar_t>(dots, norms, valid, num_valid, inside, fallback);
     C10_CUDA_CHECK(ba::cuda::launch_attention_backward<scalar_t>(p, grad_attention.data_ptr<scalar_t>(),
                                                                  dots.data_ptr<scalar_t>(), coef.data_ptr<scalar_t>(),
@@ -70,8 +70,8 @@ void pool_backward_cuda(const at::Tensor& grad_pooled, const at::Tensor& feature
   // A bad batch index would write outside the gradients: one small reduction and host copy.
   const at::Tensor bounds = at::stack({box_batch.min(), box_batch.max()}).cpu();
   TORCH_CHECK_VALUE(bounds[0].item<int64_t>() >= 0 && bounds[1].item<int64_t>() < B,
-                    "background_aware_pool_backward: box_batch must lie in [0, ", B, ")");
-  AT_DISPATCH_FLOATING_TYPES(features.scalar_type(), "background_aware_pool_backward_cuda", [&] {
+                    "_background_aware_pool_backward: box_batch must lie in [0, ", B, ")");
+  AT_DISPATCH_FLOATING_TYPES(features.scalar_type(), "_background_aware_pool_backward_cuda", [&] {
     const auto p = pool_problem<scalar_t>(features, attention, ranges, box_batch, output_size);
     C10_CUDA_CHECK(ba::cuda::launch_pool_backward<scalar_t>(
         p, grad_pooled.data_ptr<scalar_t>(), pooled.data_ptr<scalar_t>(), weight_sum.data_ptr<scalar_t>(),
@@ -117,36 +117,36 @@ std::tuple<at::Tensor, at::Tensor> background_aware_pool_backward_cuda(
                                              output_size, kCudaKernels);
 }
 
-PoolingResult background_aware_pooling_cuda(const at::Tensor& features, const at::Tensor& boxes,
+PoolingResult background_attention_pool_cuda(const at::Tensor& features, const at::Tensor& boxes,
                                            const at::Tensor& box_batch, int64_t grid_size, int64_t output_size,
                                            double spatial_scale, const std::optional<at::Tensor>& bg_mask,
                                            double min_background) {
   const c10::cuda::CUDAGuard guard(features.device());
-  return background_aware_pooling_impl(features, boxes, box_batch, grid_size, output_size, spatial_scale, bg_mask,
-                                       min_background, kCudaKernels);
+  return background_attention_pool_impl(features, boxes, box_batch, grid_size, output_size, spatial_scale, bg_mask,
+                                        min_background, kCudaKernels);
 }
 
-at::Tensor background_aware_pooling_backward_cuda(
+at::Tensor background_attention_pool_backward_cuda(
     const at::Tensor& grad_pooled, const at::Tensor& grad_attention, const at::Tensor& grad_queries,
     const at::Tensor& features, const at::Tensor& attention, const at::Tensor& queries, const at::Tensor& valid,
     const at::Tensor& fallback, const at::Tensor& pooled, const at::Tensor& weight_sum, const at::Tensor& ranges,
     const at::Tensor& box_batch, const at::Tensor& inside, const at::Tensor& background, int64_t grid_size,
     int64_t output_size) {
   const c10::cuda::CUDAGuard guard(features.device());
-  return background_aware_pooling_backward_impl(grad_pooled, grad_attention, grad_queries, features, attention,
-                                                queries, valid, fallback, pooled, weight_sum, ranges, box_batch,
-                                                inside, background, grid_size, output_size, kCudaKernels);
+  return background_attention_pool_backward_impl(grad_pooled, grad_attention, grad_queries, features, attention,
+                                                 queries, valid, fallback, pooled, weight_sum, ranges, box_batch,
+                                                 inside, background, grid_size, output_size, kCudaKernels);
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(boxloss, CUDA, m) {
   m.impl("background_attention", &background_attention_cuda);
-  m.impl("background_attention_backward", &background_attention_backward_cuda);
+  m.impl("_background_attention_backward", &background_attention_backward_cuda);
   m.impl("background_aware_pool", &background_aware_pool_cuda);
-  m.impl("background_aware_pool_backward", &background_aware_pool_backward_cuda);
-  m.impl("background_aware_pooling", &background_aware_pooling_cuda);
-  m.impl("background_aware_pooling_backward", &background_aware_pooling_backward_cuda);
+  m.impl("_background_aware_pool_backward", &background_aware_pool_backward_cuda);
+  m.impl("background_attention_pool", &background_attention_pool_cuda);
+  m.impl("_background_attention_pool_backward", &background_attention_pool_backward_cuda);
 }
 
 }  // namespace ops

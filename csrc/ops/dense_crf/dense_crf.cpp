@@ -49,19 +49,6 @@ at::Tensor images_with_pairs(const DenseCRFCall& call) {
   return at::full({call.batch}, call.num_pixels >= 2, call.probs.options().dtype(at::kBool));
 }
 
-at::Tensor check_filtered(const char* op, const at::Tensor& filtered, const DenseCRFCall& call) {
-  const auto& p = call.probs;
-  TORCH_CHECK_VALUE(filtered.dim() == 4 && filtered.size(0) == call.batch && filtered.size(1) == call.channels + 1 &&
-                        filtered.size(2) == p.size(2) && filtered.size(3) == p.size(3),
-                    op, ": filtered must have shape (B, C+1, H, W) = (", call.batch, ", ", call.channels + 1, ", ",
-                    p.size(2), ", ", p.size(3), "), got shape ", shape_string(filtered));
-  TORCH_CHECK_TYPE(filtered.scalar_type() == p.scalar_type(), op, ": filtered must be ", p.scalar_type(), ", got ",
-                   filtered.scalar_type());
-  TORCH_CHECK_VALUE(filtered.device() == p.device(), op, ": filtered must be on the device of probs (", p.device(),
-                    "), got ", filtered.device());
-  return filtered.contiguous();
-}
-
 void raise_for_dense_crf_probs_status(const char* op, const std::vector<int32_t>& status, const at::Tensor& probs) {
   std::vector<int64_t> bad;
   for (size_t b = 0; b < status.size(); ++b) {
@@ -84,10 +71,13 @@ void raise_for_dense_crf_probs_status(const char* op, const std::vector<int32_t>
 TORCH_LIBRARY_FRAGMENT(boxloss, m) {
   m.def(
       "dense_crf_loss(Tensor probs, Tensor? valid_mask, Tensor splat_index, Tensor splat_weight, "
-      "Tensor blur_neighbours, Tensor vertex_offsets) -> (Tensor energy, Tensor normaliser, Tensor filtered)");
+      "Tensor blur_neighbours, Tensor vertex_offsets) -> (Tensor energy, Tensor normaliser)");
+  // The backward filters the masked probabilities again (forward and reverse order)
+  // rather than receiving the forward's filtered values: nothing of the size of the
+  // probabilities is kept between the forward and the backward.
   m.def(
-      "dense_crf_loss_backward(Tensor grad_energy, Tensor probs, Tensor? valid_mask, Tensor filtered, "
-      "Tensor splat_index, Tensor splat_weight, Tensor blur_neighbours, Tensor vertex_offsets) -> Tensor");
+      "_dense_crf_loss_backward(Tensor grad_energy, Tensor probs, Tensor? valid_mask, Tensor splat_index, "
+      "Tensor splat_weight, Tensor blur_neighbours, Tensor vertex_offsets) -> Tensor");
 }
 
 }  // namespace ops

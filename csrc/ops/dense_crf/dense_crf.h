@@ -33,9 +33,6 @@ DenseCRFCall prepare_dense_crf_call(const char* op, const at::Tensor& probs,
 // loss of sum_k S_k (1 - S_k), so such images give E = Z = 0 and no gradient.
 at::Tensor images_with_pairs(const DenseCRFCall& call);
 
-// filtered must be (B, C+1, H, W) in the compute dtype (the forward's third output).
-at::Tensor check_filtered(const char* op, const at::Tensor& filtered, const DenseCRFCall& call);
-
 // ValueError naming the images whose probabilities are out of range.
 void raise_for_dense_crf_probs_status(const char* op, const std::vector<int32_t>& status, const at::Tensor& probs);
 

@@ -116,7 +116,7 @@ void raise_for_probs_status(const at::Tensor& status) {
 RowColMaxBackwardCall prepare_row_col_max_backward(const at::Tensor& grad_row_max, const at::Tensor& grad_col_max,
                                                    const at::Tensor& row_index, const at::Tensor& col_index,
                                                    at::IntArrayRef probs_shape) {
-  constexpr const char* op = "box_row_col_max_backward";
+  constexpr const char* op = "_box_row_col_max_backward";
   TORCH_CHECK_VALUE(probs_shape.size() == 4, op, ": probs_shape must have 4 entries, got ", probs_shape);
   const int64_t H = probs_shape[2], W = probs_shape[3];
   TORCH_CHECK_VALUE(grad_row_max.dim() == 2 && grad_row_max.size(1) == H && row_index.sizes() == grad_row_max.sizes(),
@@ -147,7 +147,7 @@ TORCH_LIBRARY_FRAGMENT(boxloss, m) {
       "box_row_col_max(Tensor probs, Tensor boxes, Tensor box_batch, Tensor box_labels, float spatial_scale) -> "
       "(Tensor row_max, Tensor col_max, Tensor row_index, Tensor col_index, Tensor ranges)");
   m.def(
-      "box_row_col_max_backward(Tensor grad_row_max, Tensor grad_col_max, Tensor row_index, Tensor col_index, "
+      "_box_row_col_max_backward(Tensor grad_row_max, Tensor grad_col_max, Tensor row_index, Tensor col_index, "
       "SymInt[] probs_shape) -> Tensor");
 }
 

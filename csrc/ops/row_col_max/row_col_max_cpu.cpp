@@ -71,7 +71,7 @@ at::Tensor box_row_col_max_backward_cpu(const at::Tensor& grad_row_max, const at
   const int64_t planes = probs_shape[0] * probs_shape[1];
   const row_col_max::cpu::BackwardPlan plan =
       row_col_max::cpu::plan_backward(K, planes, H, W, rindex.data_ptr<int64_t>(), cindex.data_ptr<int64_t>());
-  TORCH_CHECK_VALUE(plan.valid, "box_row_col_max_backward: row_index and col_index must be the indices "
+  TORCH_CHECK_VALUE(plan.valid, "_box_row_col_max_backward: row_index and col_index must be the indices "
                     "box_row_col_max returned for a probs of shape ", probs_shape,
                     " (each box's indices in one plane, -1 where a box has no row or column)");
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(1, H * W));
@@ -93,7 +93,7 @@ at::Tensor box_row_col_max_backward_cpu(const at::Tensor& grad_row_max, const at
 
 TORCH_LIBRARY_IMPL(boxloss, CPU, m) {
   m.impl("box_row_col_max", &box_row_col_max_cpu);
-  m.impl("box_row_col_max_backward", &box_row_col_max_backward_cpu);
+  m.impl("_box_row_col_max_backward", &box_row_col_max_backward_cpu);
 }
 
 }  // namespace ops

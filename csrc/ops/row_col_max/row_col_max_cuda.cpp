@@ -72,7 +72,7 @@ at::Tensor box_row_col_max_backward_cuda(const at::Tensor& grad_row_max, const a
                                          at::maximum(rindex.max(), cindex.max())}).cpu();
     const int64_t numel = c10::multiply_integers(probs_shape);
     TORCH_CHECK_VALUE(bounds[0].item<int64_t>() >= -1 && bounds[1].item<int64_t>() < numel,
-                      "box_row_col_max_backward: row_index and col_index must be the indices box_row_col_max "
+                      "_box_row_col_max_backward: row_index and col_index must be the indices box_row_col_max "
                       "returned for a probs of shape ", probs_shape, " (in [-1, ", numel, "))");
   }
   at::Tensor grad = at::zeros(probs_shape, grow.options());
@@ -93,7 +93,7 @@ at::Tensor box_row_col_max_backward_cuda(const at::Tensor& grad_row_max, const a
 
 TORCH_LIBRARY_IMPL(boxloss, CUDA, m) {
   m.impl("box_row_col_max", &box_row_col_max_cuda);
-  m.impl("box_row_col_max_backward", &box_row_col_max_backward_cuda);
+  m.impl("_box_row_col_max_backward", &box_row_col_max_backward_cuda);
 }
 
 }  // namespace ops

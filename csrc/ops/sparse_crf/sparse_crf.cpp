@@ -164,7 +164,7 @@ TORCH_LIBRARY_FRAGMENT(boxloss, m) {
       "sparse_crf_loss(Tensor probs, Tensor image, Tensor? valid_mask, int[]? channels, float sigma, "
       "int neighbourhood, int dilation, str kind) -> Tensor");
   m.def(
-      "sparse_crf_loss_backward(Tensor grad, Tensor probs, Tensor image, Tensor? valid_mask, "
+      "_sparse_crf_loss_backward(Tensor grad, Tensor probs, Tensor image, Tensor? valid_mask, "
       "int[]? channels, float sigma, int neighbourhood, int dilation, str kind) -> Tensor");
 }
 

@@ -58,11 +58,11 @@ at::Tensor sparse_crf_loss_backward_cpu(const at::Tensor& grad, const at::Tensor
                                         at::OptionalIntArrayRef channels, double sigma,
                                         int64_t neighbourhood, int64_t dilation, c10::string_view kind) {
   const at::ScalarType dtype = cpu_compute_dtype(probs.scalar_type());
-  SparseCRFCall call = prepare_sparse_crf_call("sparse_crf_loss_backward", probs, image, valid_mask, channels,
+  SparseCRFCall call = prepare_sparse_crf_call("_sparse_crf_loss_backward", probs, image, valid_mask, channels,
                                                sigma, neighbourhood, dilation, kind, dtype);
   const sparse_crf::Problem& p = call.problem;
   TORCH_CHECK_VALUE(grad.dim() == 1 && grad.size(0) == p.batch,
-                    "sparse_crf_loss_backward: grad must have shape (B,) = (", p.batch, ",), got ", grad.sizes());
+                    "_sparse_crf_loss_backward: grad must have shape (B,) = (", p.batch, ",), got ", grad.sizes());
   const at::Tensor scale =
       divide_by_counts(grad.to(probs.device(), dtype), valid_pixel_counts(call, dtype)).contiguous();
   at::Tensor out = call.channels.defined() ? at::zeros_like(call.probs) : at::empty_like(call.probs);
@@ -80,7 +80,7 @@ at::Tensor sparse_crf_loss_backward_cpu(const at::Tensor& grad, const at::Tensor
 
 TORCH_LIBRARY_IMPL(boxloss, CPU, m) {
   m.impl("sparse_crf_loss", &sparse_crf_loss_cpu);
-  m.impl("sparse_crf_loss_backward", &sparse_crf_loss_backward_cpu);
+  m.impl("_sparse_crf_loss_backward", &sparse_crf_loss_backward_cpu);
 }
 
 }  // namespace ops

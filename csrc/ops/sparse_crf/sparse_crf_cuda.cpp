@@ -47,11 +47,11 @@ at::Tensor sparse_crf_loss_backward_cuda(const at::Tensor& grad, const at::Tenso
                                          at::OptionalIntArrayRef channels, double sigma,
                                          int64_t neighbourhood, int64_t dilation, c10::string_view kind) {
   const c10::cuda::CUDAGuard guard(probs.device());
-  SparseCRFCall call = prepare_sparse_crf_call("sparse_crf_loss_backward", probs, image, valid_mask, channels,
+  SparseCRFCall call = prepare_sparse_crf_call("_sparse_crf_loss_backward", probs, image, valid_mask, channels,
                                                sigma, neighbourhood, dilation, kind, probs.scalar_type());
   const sparse_crf::Problem& p = call.problem;
   TORCH_CHECK_VALUE(grad.dim() == 1 && grad.size(0) == p.batch,
-                    "sparse_crf_loss_backward: grad must have shape (B,) = (", p.batch, ",), got ", grad.sizes());
+                    "_sparse_crf_loss_backward: grad must have shape (B,) = (", p.batch, ",), got ", grad.sizes());
   const at::ScalarType acc = accumulation_dtype(probs.scalar_type());
   const at::Tensor scale =
       divide_by_counts(grad.to(probs.device(), acc), valid_pixel_counts(call, acc)).contiguous();
@@ -65,7 +65,7 @@ at::Tensor sparse_crf_loss_backward_cuda(const at::Tensor& grad, const at::Tenso
 
 TORCH_LIBRARY_IMPL(boxloss, CUDA, m) {
   m.impl("sparse_crf_loss", &sparse_crf_loss_cuda);
-  m.impl("sparse_crf_loss_backward", &sparse_crf_loss_backward_cuda);
+  m.impl("_sparse_crf_loss_backward", &sparse_crf_loss_backward_cuda);
 }
 
 }  // namespace ops

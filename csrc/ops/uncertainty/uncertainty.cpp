@@ -169,12 +169,31 @@ at::Tensor per_pixel_input(const char* op, const char* name, const at::Tensor& t
   return t.to(like.device(), like.scalar_type()).contiguous();
 }
 
+namespace {
+
+// mu and log_var must be finite.  One sum over each proves that without a
+// tensor-sized temporary; only when a sum is not finite (NaN, Inf, or finite
+// values that overflow it) is each element tested.
+void check_finite_inputs(const char* op, const at::Tensor& mu, const at::Tensor& log_var) {
+  if (at::isfinite(mu.sum() + log_var.sum()).item<bool>()) return;
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"mu", &mu}, {"log_var", &log_var}}) {
+    if (at::isfinite(*t).all().item<bool>()) continue;
+    TORCH_CHECK_VALUE(false, op, ": ", name, " must be finite, but it contains ",
+                      t->isnan().any().item<bool>() ? "NaN" : "Inf");
+  }
+}
+
+}  // namespace
+
 void raise_for_binary_status(int32_t status, const BinaryCall& call) {
+  check_finite_inputs("uncertainty_bce_loss", call.mu, call.log_var);
   if (!(status & uncertainty::kTargetNotProbability)) return;
   const at::Tensor target = call.target;
   std::ostringstream what;
   if (target.isnan().any().item<bool>()) {
     what << "NaN";
+  } else if (target.isinf().any().item<bool>()) {
+    what << "Inf";
   } else {
     what << "values outside [0, 1] (min " << target.min().item<double>() << ", max " << target.max().item<double>()
          << ")";
@@ -184,6 +203,7 @@ void raise_for_binary_status(int32_t status, const BinaryCall& call) {
 }
 
 void raise_for_class_status(int32_t status, const ClassCall& call) {
+  check_finite_inputs("uncertainty_ce_loss", call.mu, call.log_var);
   if (!(status & uncertainty::kTargetOutOfRange)) return;
   const auto& p = call.problem;
   const at::Tensor t = call.target;
@@ -200,7 +220,7 @@ TORCH_LIBRARY_FRAGMENT(boxloss, m) {
       "uncertainty_bce_loss(Tensor mu, Tensor log_var, Tensor target, Tensor? box_mask, Tensor? pixel_perfect, "
       "float tau, float temperature, bool bootstrap, bool route_gradients) -> Tensor");
   m.def(
-      "uncertainty_bce_loss_backward(Tensor grad, Tensor mu, Tensor log_var, Tensor target, Tensor? box_mask, "
+      "_uncertainty_bce_loss_backward(Tensor grad, Tensor mu, Tensor log_var, Tensor target, Tensor? box_mask, "
       "Tensor? pixel_perfect, float tau, float temperature, bool bootstrap, bool route_gradients) "
       "-> (Tensor, Tensor)");
   m.def(
@@ -208,7 +228,7 @@ TORCH_LIBRARY_FRAGMENT(boxloss, m) {
       "Tensor seed, int samples, float tau, bool bootstrap, bool route_gradients, int ignore_index) "
       "-> (Tensor, Tensor)");
   m.def(
-      "uncertainty_ce_loss_backward(Tensor grad, Tensor mu, Tensor log_var, Tensor target, Tensor? box_mask, "
+      "_uncertainty_ce_loss_backward(Tensor grad, Tensor mu, Tensor log_var, Tensor target, Tensor? box_mask, "
       "Tensor? pixel_perfect, Tensor seed, Tensor sample_lse, int samples, float tau, bool bootstrap, "
       "bool route_gradients, int ignore_index) -> (Tensor, Tensor)");
 }

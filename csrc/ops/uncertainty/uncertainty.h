@@ -49,7 +49,9 @@ ClassCall prepare_class_call(const char* op, const at::Tensor& mu, const at::Ten
 // device of the call, in its compute dtype, contiguous.
 at::Tensor per_pixel_input(const char* op, const char* name, const at::Tensor& t, const at::Tensor& like);
 
-// Raise a ValueError naming the bad target values when a status bit is set.
+// After the forward kernel: raise a ValueError naming the bad target values when
+// a status bit is set, or naming mu or log_var when either holds NaN or Inf (a
+// finite result would then be meaningless: the kernels clamp their exponentials).
 void raise_for_binary_status(int32_t status, const BinaryCall& call);
 void raise_for_class_status(int32_t status, const ClassCall& call);
 

@@ -67,7 +67,7 @@ std::tuple<at::Tensor, at::Tensor> uncertainty_bce_loss_backward_cpu(
     const at::Tensor& grad, const at::Tensor& mu, const at::Tensor& log_var, const at::Tensor& target,
     const std::optional<at::Tensor>& box_mask, const std::optional<at::Tensor>& pixel_perfect, double tau,
     double temperature, bool bootstrap, bool route_gradients) {
-  const char* op = "uncertainty_bce_loss_backward";
+  const char* op = "_uncertainty_bce_loss_backward";
   BinaryCall call = prepare_binary_call(op, mu, log_var, target, box_mask, pixel_perfect, tau, temperature,
                                         bootstrap, route_gradients);
   const auto& p = call.problem;
@@ -116,7 +116,7 @@ std::tuple<at::Tensor, at::Tensor> uncertainty_ce_loss_backward_cpu(
     const std::optional<at::Tensor>& box_mask, const std::optional<at::Tensor>& pixel_perfect,
     const at::Tensor& seed, const at::Tensor& sample_lse, int64_t samples, double tau, bool bootstrap,
     bool route_gradients, int64_t ignore_index) {
-  const char* op = "uncertainty_ce_loss_backward";
+  const char* op = "_uncertainty_ce_loss_backward";
   ClassCall call = prepare_class_call(op, mu, log_var, target, box_mask, pixel_perfect, seed, samples, tau,
                                       bootstrap, route_gradients, ignore_index);
   const auto& p = call.problem;
@@ -140,9 +140,9 @@ std::tuple<at::Tensor, at::Tensor> uncertainty_ce_loss_backward_cpu(
 
 TORCH_LIBRARY_IMPL(boxloss, CPU, m) {
   m.impl("uncertainty_bce_loss", &uncertainty_bce_loss_cpu);
-  m.impl("uncertainty_bce_loss_backward", &uncertainty_bce_loss_backward_cpu);
+  m.impl("_uncertainty_bce_loss_backward", &uncertainty_bce_loss_backward_cpu);
   m.impl("uncertainty_ce_loss", &uncertainty_ce_loss_cpu);
-  m.impl("uncertainty_ce_loss_backward", &uncertainty_ce_loss_backward_cpu);
+  m.impl("_uncertainty_ce_loss_backward", &uncertainty_ce_loss_backward_cpu);
 }
 
 }  // namespace ops

@@ -46,7 +46,7 @@ std::tuple<at::Tensor, at::Tensor> uncertainty_bce_loss_backward_cuda(
     const std::optional<at::Tensor>& box_mask, const std::optional<at::Tensor>& pixel_perfect, double tau,
     double temperature, bool bootstrap, bool route_gradients) {
   const c10::cuda::CUDAGuard guard(mu.device());
-  const char* op = "uncertainty_bce_loss_backward";
+  const char* op = "_uncertainty_bce_loss_backward";
   BinaryCall call = prepare_binary_call(op, mu, log_var, target, box_mask, pixel_perfect, tau, temperature,
                                         bootstrap, route_gradients);
   const at::Tensor g = per_pixel_input(op, "grad", grad, call.mu);
@@ -96,7 +96,7 @@ std::tuple<at::Tensor, at::Tensor> uncertainty_ce_loss_backward_cuda(
     const at::Tensor& seed, const at::Tensor& sample_lse, int64_t samples, double tau, bool bootstrap,
     bool route_gradients, int64_t ignore_index) {
   const c10::cuda::CUDAGuard guard(mu.device());
-  const char* op = "uncertainty_ce_loss_backward";
+  const char* op = "_uncertainty_ce_loss_backward";
   ClassCall call = prepare_class_call(op, mu, log_var, target, box_mask, pixel_perfect, seed, samples, tau,
                                       bootstrap, route_gradients, ignore_index);
   const at::Tensor g = per_pixel_input(op, "grad", grad, call.mu);
@@ -120,9 +120,9 @@ std::tuple<at::Tensor, at::Tensor> uncertainty_ce_loss_backward_cuda(
 
 TORCH_LIBRARY_IMPL(boxloss, CUDA, m) {
   m.impl("uncertainty_bce_loss", &uncertainty_bce_loss_cuda);
-  m.impl("uncertainty_bce_loss_backward", &uncertainty_bce_loss_backward_cuda);
+  m.impl("_uncertainty_bce_loss_backward", &uncertainty_bce_loss_backward_cuda);
   m.impl("uncertainty_ce_loss", &uncertainty_ce_loss_cuda);
-  m.impl("uncertainty_ce_loss_backward", &uncertainty_ce_loss_backward_cuda);
+  m.impl("_uncertainty_ce_loss_backward", &uncertainty_ce_loss_backward_cuda);
 }
 
 }  // namespace ops

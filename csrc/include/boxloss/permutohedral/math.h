@@ -48,16 +48,19 @@ enum FilterStatus : int32_t {
 // 1 / (1 + 2^-d): with it a point on a lattice vertex keeps weight 1 for
 // itself through the [1/2, 1, 1/2] blurs (whose centre path along all d + 1
 // axes, plus the two paths around the whole cycle, sum to 1 + 2^-d).
-template <typename acc>
+// The lattice math is written for any feature dimension D (default: the
+// bilateral filter's d = 5); DenseCRF inference uses D = 2 for its spatial kernel.
+template <typename acc, int D = kDim>
 BOXLOSS_HD_INLINE acc alpha() {
-  return static_cast<acc>(1.0 / (1.0 + 1.0 / static_cast<double>(1 << kDim)));
+  return static_cast<acc>(1.0 / (1.0 + 1.0 / static_cast<double>(1 << D)));
 }
 
 // Diagonal of the elevation matrix (p. 5 of Adams et al.) times the expected
 // standard deviation sqrt(2/3) (d + 1) (p. 6): the blur then approximates a
 // Gaussian of standard deviation 1 in feature space.
+template <int D = kDim>
 BOXLOSS_HD_INLINE double scale_factor(int i) {
-  return sqrt(2.0 / 3.0) * static_cast<double>(kVertices) / sqrt(static_cast<double>((i + 1) * (i + 2)));
+  return sqrt(2.0 / 3.0) * static_cast<double>(D + 1) / sqrt(static_cast<double>((i + 1) * (i + 2)));
 }
 
 // The lattice vertices of one point's enclosing simplex and its barycentric
@@ -65,62 +68,63 @@ BOXLOSS_HD_INLINE double scale_factor(int i) {
 // last is minus their sum), weights[r] its weight; the weights sum to 1.
 // `ok` is false when an elevated coordinate is NaN, Inf or beyond kMaxElevated
 // (the keys and weights are then zeros).
-template <typename acc>
+template <typename acc, int D = kDim>
 struct Simplex {
-  int32_t keys[kVertices][kDim];
-  acc weights[kVertices];
+  int32_t keys[D + 1][D];
+  acc weights[D + 1];
   bool ok;
 };
 
 // The steps and their order follow permutohedral.cpp (and the reference),
 // so that float64 results agree with the reference to the last bits.
-template <typename acc>
-BOXLOSS_HD_FORCE_INLINE void locate(const acc feature[kDim], Simplex<acc>* out) {
-  acc elevated[kVertices];
+template <typename acc, int D>
+BOXLOSS_HD_FORCE_INLINE void locate(const acc feature[D], Simplex<acc, D>* out) {
+  constexpr int kSimplex = D + 1;  // vertices of a simplex, and lattice axes
+  acc elevated[kSimplex];
   // Elevate onto the hyperplane sum = 0 of R^(d+1).
   acc running = acc(0);
-  for (int j = kDim; j > 0; --j) {
-    const acc cf = feature[j - 1] * static_cast<acc>(scale_factor(j - 1));
+  for (int j = D; j > 0; --j) {
+    const acc cf = feature[j - 1] * static_cast<acc>(scale_factor<D>(j - 1));
     elevated[j] = running - static_cast<acc>(j) * cf;
     running = running + cf;
   }
   elevated[0] = running;
 
   bool ok = true;
-  for (int i = 0; i < kVertices; ++i) ok = ok && (elevated[i] <= kMaxElevated && elevated[i] >= -kMaxElevated);
+  for (int i = 0; i < kSimplex; ++i) ok = ok && (elevated[i] <= kMaxElevated && elevated[i] >= -kMaxElevated);
   out->ok = ok;
   if (!ok) {
-    for (int r = 0; r < kVertices; ++r) {
+    for (int r = 0; r < kSimplex; ++r) {
       out->weights[r] = acc(0);
-      for (int i = 0; i < kDim; ++i) out->keys[r][i] = 0;
+      for (int i = 0; i < D; ++i) out->keys[r][i] = 0;
     }
     return;
   }
 
   // Closest remainder-0 point: every coordinate to the nearest multiple of d+1, ties down.
-  const acc down_factor = static_cast<acc>(1.0 / kVertices);
-  const acc up_factor = static_cast<acc>(kVertices);
-  int32_t rem0[kVertices];
+  const acc down_factor = static_cast<acc>(1.0 / kSimplex);
+  const acc up_factor = static_cast<acc>(kSimplex);
+  int32_t rem0[kSimplex];
   int32_t sum = 0;  // sum of rem0 / (d+1)
-  for (int i = 0; i < kVertices; ++i) {
+  for (int i = 0; i < kSimplex; ++i) {
     const acc v = down_factor * elevated[i];
     const acc ceil_v = ceil(v);
     const acc floor_v = floor(v);
     const acc quotient = ceil_v * up_factor - elevated[i] < elevated[i] - floor_v * up_factor ? ceil_v : floor_v;
-    rem0[i] = static_cast<int32_t>(quotient) * kVertices;
+    rem0[i] = static_cast<int32_t>(quotient) * kSimplex;
     sum += static_cast<int32_t>(quotient);
   }
 
   // Rank of each coordinate of elevated - rem0 in decreasing order (ties to
   // the later index), counted without branches: the comparisons are data-random.
-  acc residual[kVertices];
-  int32_t rank[kVertices];
-  for (int i = 0; i < kVertices; ++i) {
+  acc residual[kSimplex];
+  int32_t rank[kSimplex];
+  for (int i = 0; i < kSimplex; ++i) {
     residual[i] = elevated[i] - static_cast<acc>(rem0[i]);
     rank[i] = 0;
   }
-  for (int i = 0; i < kDim; ++i) {
-    for (int j = i + 1; j < kVertices; ++j) {
+  for (int i = 0; i < D; ++i) {
+    for (int j = i + 1; j < kSimplex; ++j) {
       const int32_t smaller = residual[i] < residual[j] ? 1 : 0;
       rank[i] += smaller;
       rank[j] += 1 - smaller;
@@ -128,36 +132,36 @@ BOXLOSS_HD_FORCE_INLINE void locate(const acc feature[kDim], Simplex<acc>* out) 
   }
 
   // A point off the remainder-0 sublattice's plane (sum != 0) is brought back.
-  for (int i = 0; i < kVertices; ++i) {
+  for (int i = 0; i < kSimplex; ++i) {
     rank[i] += sum;
     if (rank[i] < 0) {
-      rank[i] += kVertices;
-      rem0[i] += kVertices;
-    } else if (rank[i] > kDim) {
-      rank[i] -= kVertices;
-      rem0[i] -= kVertices;
+      rank[i] += kSimplex;
+      rem0[i] += kSimplex;
+    } else if (rank[i] > D) {
+      rank[i] -= kSimplex;
+      rem0[i] -= kSimplex;
     }
     // Unreachable for the finite, bounded coordinates checked above; keeps every
     // index below in range whatever the rounding did.
-    rank[i] = rank[i] < 0 ? 0 : (rank[i] > kDim ? kDim : rank[i]);
+    rank[i] = rank[i] < 0 ? 0 : (rank[i] > D ? D : rank[i]);
   }
 
   // Barycentric coordinates (p. 10).
-  acc barycentric[kVertices + 1];
-  for (int i = 0; i <= kVertices; ++i) barycentric[i] = acc(0);
-  for (int i = 0; i < kVertices; ++i) {
+  acc barycentric[kSimplex + 1];
+  for (int i = 0; i <= kSimplex; ++i) barycentric[i] = acc(0);
+  for (int i = 0; i < kSimplex; ++i) {
     const acc v = (elevated[i] - static_cast<acc>(rem0[i])) * down_factor;
-    barycentric[kDim - rank[i]] += v;
-    barycentric[kDim - rank[i] + 1] -= v;
+    barycentric[D - rank[i]] += v;
+    barycentric[D - rank[i] + 1] -= v;
   }
-  barycentric[0] += acc(1) + barycentric[kVertices];
+  barycentric[0] += acc(1) + barycentric[kSimplex];
 
   // Vertex r of the simplex: rem0 plus the canonical simplex's vertex r,
   // whose coordinate k is r for k <= d - r and r - (d+1) beyond.
-  for (int r = 0; r < kVertices; ++r) {
+  for (int r = 0; r < kSimplex; ++r) {
     out->weights[r] = barycentric[r];
-    for (int i = 0; i < kDim; ++i) {
-      out->keys[r][i] = rem0[i] + (rank[i] <= kDim - r ? r : r - kVertices);
+    for (int i = 0; i < D; ++i) {
+      out->keys[r][i] = rem0[i] + (rank[i] <= D - r ? r : r - kSimplex);
     }
   }
 }
@@ -177,10 +181,11 @@ BOXLOSS_HD_FORCE_INLINE uint32_t hash_key(const int32_t* key) {
 // Key of the neighbour of `key` one step along lattice axis `axis` (0..d):
 // side 0 adds e_axis, side 1 subtracts it, e_axis = (d+1) unit_axis - (1, ..., 1).
 // For axis d the unit coordinate is the implicit last one.
+template <int D = kDim>
 BOXLOSS_HD_FORCE_INLINE void neighbour_key(const int32_t* key, int axis, int side, int32_t* out) {
   const int32_t step = side == 0 ? -1 : 1;
-  for (int i = 0; i < kDim; ++i) out[i] = key[i] + step;
-  if (axis < kDim) out[axis] = key[axis] - step * kDim;
+  for (int i = 0; i < D; ++i) out[i] = key[i] + step;
+  if (axis < D) out[axis] = key[axis] - step * D;
 }
 
 BOXLOSS_HD_FORCE_INLINE bool keys_equal(const int32_t* a, const int32_t* b) {
