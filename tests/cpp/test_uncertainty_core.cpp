@@ -121,8 +121,8 @@ std::vector<double> brute_force_loss(const ClassCase& k, const ClassData& d) {
         std::vector<double> logits(k.C);
         for (int64_t c = 0; c < k.C; ++c) {
           double z[4];
-          u::noise_block(key, static_cast<uint32_t>(c / 4), static_cast<uint32_t>(t), words.lo, words.hi, &z[0],
-                         &z[1], &z[2], &z[3]);
+          u::noise_block(key, static_cast<uint32_t>(c / 4), static_cast<uint32_t>(t), words.lo, words.hi, &z[0], &z[1],
+                         &z[2], &z[3]);
           logits[c] = mu(c) + std::sqrt(std::exp(s(c))) * z[c % 4];
         }
         double z_sum = 0;
@@ -193,8 +193,9 @@ void test_class_forward() {
       const std::vector<double> got_narrow = core_loss<float>(narrow, d);
       const std::vector<double> got_wide = core_loss<float>(wide, d);
       for (size_t i = 0; i < want.size(); ++i) {
-        CHECK(std::fabs(got[i] - want[i]) <= 1e-11 * (1 + std::fabs(want[i])), describe(k) + " double pixel " +
-              std::to_string(i) + ": " + std::to_string(got[i]) + " vs " + std::to_string(want[i]));
+        CHECK(std::fabs(got[i] - want[i]) <= 1e-11 * (1 + std::fabs(want[i])),
+              describe(k) + " double pixel " + std::to_string(i) + ": " + std::to_string(got[i]) + " vs " +
+                  std::to_string(want[i]));
         CHECK(std::fabs(got_float[i] - want[i]) <= 2e-5 * (1 + std::fabs(want[i])),
               describe(k) + " float pixel " + std::to_string(i));
         CHECK(got_split[i] == got[i], describe(k) + " chunk split changes pixel " + std::to_string(i));
@@ -267,9 +268,9 @@ void test_class_backward() {
           const bool uncertain = (!k.with_mask || d.mask[pixel]) && (!k.with_pp || !d.pp[b]);
           const int64_t y_star = (uncertain && max_var > k.tau) ? argmax : y;
           for (int64_t c = 0; c < k.C; ++c) {
-            const double want = y == 255 ? 0.0
-                                         : grad_out[pixel] * (std::exp(d.mu[(b * k.C + c) * HW + i]) / z -
-                                                              (c == y_star ? 1.0 : 0.0));
+            const double want =
+                y == 255 ? 0.0
+                         : grad_out[pixel] * (std::exp(d.mu[(b * k.C + c) * HW + i]) / z - (c == y_star ? 1.0 : 0.0));
             CHECK(std::fabs(grad_mu[(b * k.C + c) * HW + i] - want) <= 1e-12, describe(k) + " routed d/dmu");
           }
         }
@@ -435,7 +436,8 @@ void test_binary() {
     for (int64_t i = 0; i < B * plane; ++i) {
       const bool uncertain = mask[i] && !pp[i / plane];
       const auto f = [&](double m, double v) { return binary_reference(m, v, y[i], uncertain, p.bootstrap, 2.0, 0.3); };
-      CHECK(std::fabs(loss[i] - f(mu[i], s[i])) <= 1e-11 * (1 + std::fabs(loss[i])), "binary loss " + std::to_string(i));
+      CHECK(std::fabs(loss[i] - f(mu[i], s[i])) <= 1e-11 * (1 + std::fabs(loss[i])),
+            "binary loss " + std::to_string(i));
       if (!p.route_gradients || !p.bootstrap) {
         const double h = 1e-6;
         const double fd_mu = (f(mu[i] + h, s[i]) - f(mu[i] - h, s[i])) / (2 * h);

@@ -128,11 +128,11 @@ struct Kernel {
   const int32_t* neighbours = nullptr;
   int64_t axis_stride = 0;
   int64_t num_vertices = 0;
-  const scalar* weight = nullptr;      // (N, simplex): the lattice's barycentric weights
-  AlignedBuffer<scalar> norm;          // (N): n_i m_i, the normaliser (0 at invalid pixels)
-  scalar scale = scalar(0);            // w_k alpha
-  AlignedBuffer<int32_t> order;        // (simplex, V): each axis's vertices in chain order
-  bool first_use = false;              // vertices numbered by first use in pixel order
+  const scalar* weight = nullptr;  // (N, simplex): the lattice's barycentric weights
+  AlignedBuffer<scalar> norm;      // (N): n_i m_i, the normaliser (0 at invalid pixels)
+  scalar scale = scalar(0);        // w_k alpha
+  AlignedBuffer<int32_t> order;    // (simplex, V): each axis's vertices in chain order
+  bool first_use = false;          // vertices numbered by first use in pixel order
   AlignedBuffer<scalar> grid_a, grid_b;
   scalar* splatted = nullptr;
   scalar* result = nullptr;
@@ -324,11 +324,10 @@ BOXLOSS_ALWAYS_INLINE void block_to_rows(const scalar* __restrict block, int64_t
 // kSoftmaxPixels rows goes channel-major, where the unaries (planes) are
 // subtracted and math.h's softmax runs one pixel per vector lane.
 template <typename scalar, int64_t kWidth>
-BOXLOSS_CPU_CLONES void pixel_pass(const scalar* __restrict unary, int64_t num_pixels,
-                                   const uint8_t* __restrict valid, KernelView<scalar, kAppearanceSimplex> a,
-                                   KernelView<scalar, kSmoothnessSimplex> s, bool messages, int64_t channels,
-                                   int64_t runtime_stride, int64_t p0, int64_t p1, scalar* __restrict rows,
-                                   scalar* __restrict block) {
+BOXLOSS_CPU_CLONES void pixel_pass(const scalar* __restrict unary, int64_t num_pixels, const uint8_t* __restrict valid,
+                                   KernelView<scalar, kAppearanceSimplex> a, KernelView<scalar, kSmoothnessSimplex> s,
+                                   bool messages, int64_t channels, int64_t runtime_stride, int64_t p0, int64_t p1,
+                                   scalar* __restrict rows, scalar* __restrict block) {
   const int64_t stride = kWidth > 0 ? kWidth : runtime_stride;
   for (int64_t b0 = p0; b0 < p1; b0 += kSoftmaxPixels) {
     const int64_t n = std::min<int64_t>(kSoftmaxPixels, p1 - b0);
@@ -418,15 +417,18 @@ BOXLOSS_CPU_CLONES void splat_pass(const uint8_t* __restrict valid, KernelView<s
   for (int64_t p = p0; p < p1; ++p) {
     if (a.active && p + kPrefetchAhead < p1) {
       for (int r = 0; r < kAppearanceSimplex; ++r) {
-        prefetch_row(a.grid + static_cast<int64_t>(a.index[(p + kPrefetchAhead) * kAppearanceSimplex + r]) * stride + c0,
-                     width, true);
+        prefetch_row(
+            a.grid + static_cast<int64_t>(a.index[(p + kPrefetchAhead) * kAppearanceSimplex + r]) * stride + c0, width,
+            true);
       }
     }
     const bool is_valid = valid == nullptr || valid[p] != 0;
     if (!kFirstUse && !is_valid) continue;
     const scalar* __restrict q = rows + (p - p0) * stride + c0;
-    if (a.active) splat_kernel_pixel<scalar, kAppearanceSimplex, kFirstUse, kWidth>(a, p, is_valid, stride, c0, width, q, a_next);
-    if (s.active) splat_kernel_pixel<scalar, kSmoothnessSimplex, kFirstUse, kWidth>(s, p, is_valid, stride, c0, width, q, s_next);
+    if (a.active)
+      splat_kernel_pixel<scalar, kAppearanceSimplex, kFirstUse, kWidth>(a, p, is_valid, stride, c0, width, q, a_next);
+    if (s.active)
+      splat_kernel_pixel<scalar, kSmoothnessSimplex, kFirstUse, kWidth>(s, p, is_valid, stride, c0, width, q, s_next);
   }
 }
 
@@ -499,8 +501,8 @@ BOXLOSS_CPU_CLONES void blur_chains(const int32_t* __restrict neighbours, const 
 
 // Blurs `grid` along the `axes` axes in place.
 template <typename scalar, int64_t kWidth>
-void blur_in_place(const int32_t* neighbours, int64_t axis_stride, const int32_t* order, int64_t num_vertices,
-                   int axes, int64_t stride, scalar* grid, const RangeRunner& runner) {
+void blur_in_place(const int32_t* neighbours, int64_t axis_stride, const int32_t* order, int64_t num_vertices, int axes,
+                   int64_t stride, scalar* grid, const RangeRunner& runner) {
   const int64_t grain = std::max<int64_t>(256, (int64_t{1} << 16) / std::max<int64_t>(1, stride));
   for (int axis = 0; axis < axes; ++axis) {
     runner(num_vertices, grain, [&](int64_t i0, int64_t i1) {
@@ -548,7 +550,8 @@ void prepare_kernel(const KernelLattice<scalar>& lattice, const uint8_t* valid, 
     // L m: splat the mask, blur, slice (one channel).
     k->order = AlignedBuffer<int32_t>(kSimplex * V);
     if (!chain_order(lattice.neighbours, lattice.axis_stride, V, kSimplex, k->order.get(), runner)) {
-      throw std::runtime_error("dense_crf_inference: a lattice's neighbour table does not form chains (internal error)");
+      throw std::runtime_error(
+          "dense_crf_inference: a lattice's neighbour table does not form chains (internal error)");
     }
     AlignedBuffer<scalar> mask_grid(V + 1, true);
     scalar* src = mask_grid.get();
@@ -603,8 +606,7 @@ void start_splat(Kernel<scalar>& k, int64_t stride, const RangeRunner& runner) {
 }
 
 template <typename scalar, int64_t kWidth>
-void run_image(const MeanFieldImage<scalar>& image, int64_t stride, bool split,
-               const RangeRunner& runner) {
+void run_image(const MeanFieldImage<scalar>& image, int64_t stride, bool split, const RangeRunner& runner) {
   const int64_t N = image.num_pixels;
   const int64_t C = image.channels;
   Kernel<scalar> appearance, smoothness;
@@ -694,8 +696,7 @@ int32_t mean_field_image(const MeanFieldImage<scalar>& image, const RangeRunner&
   const int64_t N = image.num_pixels;
   const int64_t C = image.channels;
   if (N == 0 || C == 0) return 0;
-  const RangeRunner runner =
-      N >= image.parallel_pixels ? given_runner : RangeRunner(permutohedral::cpu::run_serially);
+  const RangeRunner runner = N >= image.parallel_pixels ? given_runner : RangeRunner(permutohedral::cpu::run_serially);
   // Rows of whole 32-byte groups (16 bytes for up to 4 floats or 2 doubles).
   const int64_t group = C <= 16 / static_cast<int64_t>(sizeof(scalar)) ? 16 / sizeof(scalar) : 32 / sizeof(scalar);
   // Split the splat among threads by 64-byte channel blocks when there are two blocks or more.

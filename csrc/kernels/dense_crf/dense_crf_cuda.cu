@@ -68,14 +68,12 @@ __global__ void __launch_bounds__(kThreads)
 
 }  // namespace
 
-int64_t energy_blocks_per_image(int64_t num_pixels) {
-  return (num_pixels + kThreads - 1) / kThreads;
-}
+int64_t energy_blocks_per_image(int64_t num_pixels) { return (num_pixels + kThreads - 1) / kThreads; }
 
 template <typename scalar>
-cudaError_t launch_energy(const scalar* probs, int64_t batch, int64_t channels, int64_t num_pixels,
-                          const uint8_t* mask, const scalar* filtered, const scalar* splat_weight,
-                          scalar* partial_energy, scalar* partial_normaliser, int32_t* status, cudaStream_t stream) {
+cudaError_t launch_energy(const scalar* probs, int64_t batch, int64_t channels, int64_t num_pixels, const uint8_t* mask,
+                          const scalar* filtered, const scalar* splat_weight, scalar* partial_energy,
+                          scalar* partial_normaliser, int32_t* status, cudaStream_t stream) {
   const int64_t blocks = energy_blocks_per_image(num_pixels);
   const int64_t max_grid_y = 65535;
   for (int64_t begin = 0; begin < batch; begin += max_grid_y) {

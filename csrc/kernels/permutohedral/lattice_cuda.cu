@@ -31,9 +31,7 @@ __device__ __forceinline__ int64_t global_index() {
   return static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
 }
 
-__device__ __forceinline__ int64_t global_stride() {
-  return static_cast<int64_t>(gridDim.x) * blockDim.x;
-}
+__device__ __forceinline__ int64_t global_stride() { return static_cast<int64_t>(gridDim.x) * blockDim.x; }
 
 // Slot (within the image's table) holding `key`, claimed for `entry` if no
 // slot holds it yet.
@@ -231,9 +229,8 @@ int64_t table_capacity(int64_t num_pixels) {
   return capacity;
 }
 
-cudaError_t launch_insert(const void* image, DType dtype, int64_t batch, int64_t height, int64_t width,
-                          double sigma_xy, double sigma_rgb, void* splat_weight, const BuildBuffers& buffers,
-                          cudaStream_t stream) {
+cudaError_t launch_insert(const void* image, DType dtype, int64_t batch, int64_t height, int64_t width, double sigma_xy,
+                          double sigma_rgb, void* splat_weight, const BuildBuffers& buffers, cudaStream_t stream) {
   if (dtype == DType::kFloat64) {
     return launch_insert_typed(static_cast<const double*>(image), batch, height, width, sigma_xy, sigma_rgb,
                                static_cast<double*>(splat_weight), buffers, stream);
@@ -247,7 +244,7 @@ cudaError_t launch_finish(int64_t batch, int64_t num_pixels, const BuildBuffers&
                           int32_t* blur_neighbours, cudaStream_t stream) {
   const int64_t entries = batch * num_pixels * kVertices;
   number_entries_kernel<<<grid_for(entries), kThreads, 0, stream>>>(entries, num_pixels * kVertices, buffers,
-                                                                      slot_vertex, splat_index);
+                                                                    slot_vertex, splat_index);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess || total_vertices == 0) return err;
   neighbours_kernel<<<grid_for(total_vertices), kThreads, 0, stream>>>(total_vertices, buffers, slot_vertex,
@@ -270,8 +267,8 @@ cudaError_t launch_filter(const Lattice<scalar>& lattice, const int32_t* vertex_
   const int64_t vertex_values = lattice.total_vertices * channels;
   for (int step = 0; step < kVertices && vertex_values > 0; ++step) {
     const int axis = reverse ? kDim - step : step;
-    blur_kernel<scalar><<<grid_for(vertex_values), kThreads, 0, stream>>>(lattice, vertex_image, axis, channels, src,
-                                                                          dst, status);
+    blur_kernel<scalar>
+        <<<grid_for(vertex_values), kThreads, 0, stream>>>(lattice, vertex_image, axis, channels, src, dst, status);
     err = cudaGetLastError();
     if (err != cudaSuccess) return err;
     std::swap(src, dst);

@@ -323,9 +323,8 @@ BOXLOSS_ALWAYS_INLINE int64_t vertex_row(int32_t v, int64_t num_vertices, int32_
 // was NaN or Inf.
 template <typename scalar, int64_t kWidth, bool kChecked>
 BOXLOSS_ALWAYS_INLINE int32_t splat_tile_fixed(const int32_t* __restrict index, const scalar* __restrict weight,
-                                               const scalar* const* planes, int64_t n, int64_t c_begin,
-                                               int64_t stride, int64_t num_vertices, scalar* __restrict grid,
-                                               int32_t* bad_index) {
+                                               const scalar* const* planes, int64_t n, int64_t c_begin, int64_t stride,
+                                               int64_t num_vertices, scalar* __restrict grid, int32_t* bad_index) {
   constexpr int64_t g = kGroup<scalar>;
   constexpr int64_t kGroups = kWidth / g;
   Vec<scalar> not_finite = {};  // stays 0 unless a value is NaN or Inf (x - x is then NaN)
@@ -401,7 +400,8 @@ BOXLOSS_ALWAYS_INLINE void slice_tile(const int32_t* __restrict index, const sca
       for (int64_t q = 0; q < kGroups; ++q) store_group(tile + (q * kTile + t) * g, acc[q]);
     } else {
       for (int64_t q = 0; q < groups; ++q) {
-        Vec<scalar> acc = w[0] * load_group(grid + vertex_row<kChecked>(idx[0], num_vertices, &unused) * stride + q * g);
+        Vec<scalar> acc =
+            w[0] * load_group(grid + vertex_row<kChecked>(idx[0], num_vertices, &unused) * stride + q * g);
         for (int r = 1; r < kVertices; ++r) {
           acc += w[r] * load_group(grid + vertex_row<kChecked>(idx[r], num_vertices, &unused) * stride + q * g);
         }
@@ -418,9 +418,9 @@ BOXLOSS_ALWAYS_INLINE void slice_tile(const int32_t* __restrict index, const sca
 // outside [0, num_vertices) (it was sent to the spare row instead).
 template <typename scalar, int64_t kWidth>
 BOXLOSS_CPU_CLONES int32_t splat_channels(const int32_t* __restrict index, const scalar* __restrict weight,
-                                       const FilterInput<scalar>& input, int64_t num_pixels, int64_t c_begin,
-                                       int64_t runtime_width, int64_t stride, int64_t num_vertices,
-                                       scalar* __restrict grid) {
+                                          const FilterInput<scalar>& input, int64_t num_pixels, int64_t c_begin,
+                                          int64_t runtime_width, int64_t stride, int64_t num_vertices,
+                                          scalar* __restrict grid) {
   const int64_t width = kWidth > 0 ? kWidth : runtime_width;
   constexpr int64_t g = kGroup<scalar>;
   int32_t bad_value = 0;
@@ -509,8 +509,8 @@ BOXLOSS_CPU_CLONES int32_t splat_channels(const int32_t* __restrict index, const
 // Returns 1 if a neighbour number was outside [-1, num_vertices).
 template <typename scalar, int64_t kWidth>
 BOXLOSS_CPU_CLONES int32_t blur_vertices(const int32_t* __restrict neighbours, const scalar* __restrict src,
-                                         scalar* __restrict dst, int64_t num_vertices, int64_t v_begin,
-                                         int64_t v_end, int64_t runtime_stride) {
+                                         scalar* __restrict dst, int64_t num_vertices, int64_t v_begin, int64_t v_end,
+                                         int64_t runtime_stride) {
   const int64_t stride = kWidth > 0 ? kWidth : runtime_stride;
   const scalar half = scalar(0.5);
   int32_t bad = 0;
@@ -602,7 +602,7 @@ void run_serially(int64_t n, int64_t /*grain*/, const RangeFn& fn) {
 
 template <typename scalar>
 int32_t filter_image(const Lattice<scalar>& lattice, int64_t b, const FilterInput<scalar>& input, bool reverse,
-                  scalar* out, const RangeRunner& runner) {
+                     scalar* out, const RangeRunner& runner) {
   const int64_t num_pixels = lattice.num_pixels;
   const int64_t num_vertices = lattice.vertices_of(b);
   const int64_t channels = input.filtered_channels();
@@ -634,8 +634,8 @@ int32_t filter_image(const Lattice<scalar>& lattice, int64_t b, const FilterInpu
     const int64_t c_begin = begin * block;
     const int64_t width = std::min(end * block, stride) - c_begin;
     with_width(width, [&](auto fixed) {
-      block_status[static_cast<size_t>(begin)] = splat_channels<scalar, fixed()>(
-          index, weight, input, num_pixels, c_begin, width, stride, num_vertices, src);
+      block_status[static_cast<size_t>(begin)] =
+          splat_channels<scalar, fixed()>(index, weight, input, num_pixels, c_begin, width, stride, num_vertices, src);
     });
   });
   int32_t status = 0;
@@ -653,9 +653,9 @@ int32_t filter_image(const Lattice<scalar>& lattice, int64_t b, const FilterInpu
     const int32_t* neighbours = lattice.neighbours_of(b, axis, 0);
     runner(vertex_chunks, 1, [&](int64_t begin, int64_t end) {
       with_width(stride, [&](auto fixed) {
-        chunk_status[static_cast<size_t>(begin)] |= blur_vertices<scalar, fixed()>(
-            neighbours, src, dst, num_vertices, begin * vertex_grain, std::min(end * vertex_grain, num_vertices),
-            stride);
+        chunk_status[static_cast<size_t>(begin)] |=
+            blur_vertices<scalar, fixed()>(neighbours, src, dst, num_vertices, begin * vertex_grain,
+                                           std::min(end * vertex_grain, num_vertices), stride);
       });
     });
     std::swap(src, dst);

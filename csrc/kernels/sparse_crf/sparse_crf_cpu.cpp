@@ -188,8 +188,8 @@ BOXLOSS_ALWAYS_INLINE double row_total(const acc* __restrict values, int64_t wid
 }
 
 template <typename scalar, Kind kind, int NB>
-BOXLOSS_CPU_CLONES void forward_rows_impl(const Problem& problem, int64_t row_begin, int64_t row_end,
-                                          double* row_sums, int32_t* row_status_out) {
+BOXLOSS_CPU_CLONES void forward_rows_impl(const Problem& problem, int64_t row_begin, int64_t row_end, double* row_sums,
+                                          int32_t* row_status_out) {
   using acc = acc_t<scalar>;
   constexpr int N = NB / 2;  // each unordered pair once
   const int64_t height = problem.height;
@@ -273,8 +273,9 @@ class BackwardWeights {
   // compiled for AVX2/AVX-512, an outlined helper would run the baseline code.
   BOXLOSS_ALWAYS_INLINE void row(int64_t b, int64_t y, RowNeighbours<acc, NB>* nb) {
     if (!cached_) {
-      neighbours_of_row<scalar, NB>(problem_, b, y, [](int j) { return backward_offset_index(j, NB); },
-                                    direct_.data(), width_, scratch_.data(), nb);
+      neighbours_of_row<scalar, NB>(
+          problem_, b, y, [](int j) { return backward_offset_index(j, NB); }, direct_.data(), width_, scratch_.data(),
+          nb);
       return;
     }
     const acc* current = forward_rows(b, y);
@@ -316,8 +317,7 @@ class BackwardWeights {
     const int64_t key = b * problem_.height + yy;
     if (ring_row_[slot] != key) {
       RowNeighbours<acc, N> unused;
-      neighbours_of_row<scalar, N>(problem_, b, yy, [](int j) { return j; }, rows, stride_, scratch_.data(),
-                                   &unused);
+      neighbours_of_row<scalar, N>(problem_, b, yy, [](int j) { return j; }, rows, stride_, scratch_.data(), &unused);
       ring_row_[slot] = key;
     }
     return rows;
@@ -337,8 +337,8 @@ class BackwardWeights {
 };
 
 template <typename scalar, Kind kind, int NB>
-BOXLOSS_CPU_CLONES void backward_rows_impl(const Problem& problem, const acc_t<scalar>* image_scale,
-                                           int64_t row_begin, int64_t row_end, scalar* grad) {
+BOXLOSS_CPU_CLONES void backward_rows_impl(const Problem& problem, const acc_t<scalar>* image_scale, int64_t row_begin,
+                                           int64_t row_end, scalar* grad) {
   using acc = acc_t<scalar>;
   const int64_t height = problem.height;
   const int64_t width = problem.width;
@@ -395,24 +395,24 @@ void forward_rows(const Problem& problem, int64_t row_begin, int64_t row_end, do
                   int32_t* row_status_out) {
   const bool eight = problem.neighbourhood == 8;
   if (problem.kind == Kind::L1) {
-    (eight ? forward_rows_impl<scalar, Kind::L1, 8> : forward_rows_impl<scalar, Kind::L1, 4>)(
-        problem, row_begin, row_end, row_sums, row_status_out);
+    (eight ? forward_rows_impl<scalar, Kind::L1, 8>
+           : forward_rows_impl<scalar, Kind::L1, 4>)(problem, row_begin, row_end, row_sums, row_status_out);
   } else {
-    (eight ? forward_rows_impl<scalar, Kind::Potts, 8> : forward_rows_impl<scalar, Kind::Potts, 4>)(
-        problem, row_begin, row_end, row_sums, row_status_out);
+    (eight ? forward_rows_impl<scalar, Kind::Potts, 8>
+           : forward_rows_impl<scalar, Kind::Potts, 4>)(problem, row_begin, row_end, row_sums, row_status_out);
   }
 }
 
 template <typename scalar>
-void backward_rows(const Problem& problem, const acc_t<scalar>* image_scale, int64_t row_begin,
-                   int64_t row_end, scalar* grad) {
+void backward_rows(const Problem& problem, const acc_t<scalar>* image_scale, int64_t row_begin, int64_t row_end,
+                   scalar* grad) {
   const bool eight = problem.neighbourhood == 8;
   if (problem.kind == Kind::L1) {
-    (eight ? backward_rows_impl<scalar, Kind::L1, 8> : backward_rows_impl<scalar, Kind::L1, 4>)(
-        problem, image_scale, row_begin, row_end, grad);
+    (eight ? backward_rows_impl<scalar, Kind::L1, 8>
+           : backward_rows_impl<scalar, Kind::L1, 4>)(problem, image_scale, row_begin, row_end, grad);
   } else {
-    (eight ? backward_rows_impl<scalar, Kind::Potts, 8> : backward_rows_impl<scalar, Kind::Potts, 4>)(
-        problem, image_scale, row_begin, row_end, grad);
+    (eight ? backward_rows_impl<scalar, Kind::Potts, 8>
+           : backward_rows_impl<scalar, Kind::Potts, 4>)(problem, image_scale, row_begin, row_end, grad);
   }
 }
 

@@ -62,16 +62,16 @@ __device__ __forceinline__ acc_t<T> pair_weight_at(const Problem& problem, const
   const uint8_t* valid = problem.valid == nullptr ? nullptr : problem.valid + b * plane;
   const T* img = image + b * problem.image_channels * plane;
   acc squared, weight;
-  pair_weights<0>(img + p, img + q, plane, problem.image_channels, valid == nullptr ? nullptr : valid + p,
-                  valid == nullptr ? nullptr : valid + q, 1, exponent_scale, [](T v) { return to_acc(v); }, &squared,
-                  &weight);
+  pair_weights<0>(
+      img + p, img + q, plane, problem.image_channels, valid == nullptr ? nullptr : valid + p,
+      valid == nullptr ? nullptr : valid + q, 1, exponent_scale, [](T v) { return to_acc(v); }, &squared, &weight);
   return weight;
 }
 
 template <typename T, Kind kind>
 __global__ void __launch_bounds__(kThreadsPerBlock)
-    forward_kernel(Problem problem, int64_t batch_begin, int64_t blocks_per_image,
-                   acc_t<T>* __restrict__ partial_sums, int32_t* __restrict__ status) {
+    forward_kernel(Problem problem, int64_t batch_begin, int64_t blocks_per_image, acc_t<T>* __restrict__ partial_sums,
+                   int32_t* __restrict__ status) {
   using acc = acc_t<T>;
   const int64_t b = batch_begin + blockIdx.y;
   const int64_t plane = problem.plane();
@@ -170,8 +170,7 @@ cudaError_t for_each_batch_chunk(const Problem& problem, Launch launch) {
 }
 
 template <typename T>
-cudaError_t launch_forward_typed(const Problem& problem, void* partial_sums, int32_t* status,
-                                 cudaStream_t stream) {
+cudaError_t launch_forward_typed(const Problem& problem, void* partial_sums, int32_t* status, cudaStream_t stream) {
   const int64_t blocks = forward_blocks_per_image(problem);
   auto* partials = static_cast<acc_t<T>*>(partial_sums);
   return for_each_batch_chunk(problem, [&](dim3 grid, int64_t begin) {
@@ -184,8 +183,7 @@ cudaError_t launch_forward_typed(const Problem& problem, void* partial_sums, int
 }
 
 template <typename T>
-cudaError_t launch_backward_typed(const Problem& problem, const void* image_scale, void* grad,
-                                  cudaStream_t stream) {
+cudaError_t launch_backward_typed(const Problem& problem, const void* image_scale, void* grad, cudaStream_t stream) {
   const auto* scale = static_cast<const acc_t<T>*>(image_scale);
   auto* out = static_cast<T*>(grad);
   return for_each_batch_chunk(problem, [&](dim3 grid, int64_t begin) {

@@ -17,8 +17,8 @@ namespace {
 // backward writes grad * dL/dmu and grad * dL/ds.
 template <bool kForward, bool kBootstrap, bool kRoute, bool kHasMask, typename scalar>
 BOXLOSS_ALWAYS_INLINE int32_t binary_segment(const BinaryProblem& p, const scalar* __restrict grad, int64_t begin,
-                                             int64_t end, bool pp, scalar* __restrict loss,
-                                             scalar* __restrict grad_mu, scalar* __restrict grad_log_var) {
+                                             int64_t end, bool pp, scalar* __restrict loss, scalar* __restrict grad_mu,
+                                             scalar* __restrict grad_log_var) {
   using acc = acc_t<scalar>;
   const BinarySettings<acc> st = p.settings<acc>();
   const scalar* __restrict mu = static_cast<const scalar*>(p.mu);

@@ -103,8 +103,8 @@ BOXLOSS_ALWAYS_INLINE void draw_logits(const ClassProblem& p, uint32_t sample, c
   for (int64_t k = 0; k < blocks; ++k) {
     acc z[4][L];
     for (int p_ = 0; p_ < L; ++p_) {
-      noise_block<acc, Word>(p.key, static_cast<uint32_t>(k), sample, pixel_lo[p_], pixel_hi[p_], &z[0][p_],
-                             &z[1][p_], &z[2][p_], &z[3][p_]);
+      noise_block<acc, Word>(p.key, static_cast<uint32_t>(k), sample, pixel_lo[p_], pixel_hi[p_], &z[0][p_], &z[1][p_],
+                             &z[2][p_], &z[3][p_]);
     }
     const int64_t classes = std::min<int64_t>(4, C - 4 * k);
     for (int64_t j = 0; j < classes; ++j) {
@@ -238,8 +238,7 @@ BOXLOSS_CPU_CLONES void class_backward_impl(const ClassProblem& p, const scalar*
         buf.grad_s[i] = acc(0);
       }
       for (int64_t t = 0; t < p.samples; ++t) {
-        draw_logits<Word>(p, static_cast<uint32_t>(t), pixel_lo, pixel_hi, buf.mu, buf.log_var, buf.logit,
-                          buf.noise);
+        draw_logits<Word>(p, static_cast<uint32_t>(t), pixel_lo, pixel_hi, buf.mu, buf.log_var, buf.logit, buf.noise);
         acc m[L], ly[L], sum[L], w[L], w_over_sum[L];
         logit_max_and_target(C, buf.logit, head.y, m, ly);
         for (int p_ = 0; p_ < L; ++p_) sum[p_] = acc(0);
@@ -343,8 +342,7 @@ void class_backward(const ClassProblem& problem, const scalar* grad, const scala
 
 template int32_t class_forward<float>(const ClassProblem&, int64_t, int64_t, float*, float*);
 template int32_t class_forward<double>(const ClassProblem&, int64_t, int64_t, double*, double*);
-template void class_backward<float>(const ClassProblem&, const float*, const float*, int64_t, int64_t, float*,
-                                    float*);
+template void class_backward<float>(const ClassProblem&, const float*, const float*, int64_t, int64_t, float*, float*);
 template void class_backward<double>(const ClassProblem&, const double*, const double*, int64_t, int64_t, double*,
                                      double*);
 

@@ -49,14 +49,14 @@ cudaError_t launch_binary(const BinaryProblem& p, const scalar* grad, scalar* lo
   if (n == 0) return cudaSuccess;
   const dim3 grid(static_cast<unsigned>((n + kThreadsPerBlock - 1) / kThreadsPerBlock));
   if (!p.bootstrap) {
-    binary_kernel<false, false, scalar><<<grid, kThreadsPerBlock, 0, stream>>>(p, grad, loss, grad_mu,
-                                                                                grad_log_var, status);
+    binary_kernel<false, false, scalar>
+        <<<grid, kThreadsPerBlock, 0, stream>>>(p, grad, loss, grad_mu, grad_log_var, status);
   } else if (p.route_gradients || loss != nullptr) {
-    binary_kernel<true, true, scalar><<<grid, kThreadsPerBlock, 0, stream>>>(p, grad, loss, grad_mu, grad_log_var,
-                                                                              status);
+    binary_kernel<true, true, scalar>
+        <<<grid, kThreadsPerBlock, 0, stream>>>(p, grad, loss, grad_mu, grad_log_var, status);
   } else {
-    binary_kernel<true, false, scalar><<<grid, kThreadsPerBlock, 0, stream>>>(p, grad, loss, grad_mu,
-                                                                               grad_log_var, status);
+    binary_kernel<true, false, scalar>
+        <<<grid, kThreadsPerBlock, 0, stream>>>(p, grad, loss, grad_mu, grad_log_var, status);
   }
   return cudaGetLastError();
 }
@@ -170,8 +170,7 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
   for (int64_t c = 0; c < C; ++c) {
     const scalar ce_grad = ce_gradient(mu[c * p.plane], h.mu_max[0], inv_sum, c == h.ce_target[0]);
     gmu[c * p.plane] = class_mu_gradient(weights.ce, ce_grad, weights.samples, gmu[c * p.plane]);
-    gs[c * p.plane] =
-        class_log_var_gradient(weights.log_var, sigma_from_log_var(s[c * p.plane]), gs[c * p.plane]);
+    gs[c * p.plane] = class_log_var_gradient(weights.log_var, sigma_from_log_var(s[c * p.plane]), gs[c * p.plane]);
   }
 }
 
@@ -206,8 +205,8 @@ cudaError_t launch_class_backward(const ClassProblem& problem, const scalar* gra
                                   scalar* grad_mu, scalar* grad_log_var, cudaStream_t stream) {
   const int64_t n = problem.num_pixels();
   if (n == 0) return cudaSuccess;
-  class_backward_kernel<scalar><<<pixel_grid(n), kThreadsPerBlock, 0, stream>>>(problem, grad, sample_lse, grad_mu,
-                                                                                  grad_log_var);
+  class_backward_kernel<scalar>
+      <<<pixel_grid(n), kThreadsPerBlock, 0, stream>>>(problem, grad, sample_lse, grad_mu, grad_log_var);
   return cudaGetLastError();
 }
 
@@ -220,8 +219,8 @@ template cudaError_t launch_class_forward<float>(const ClassProblem&, float*, fl
 template cudaError_t launch_class_forward<double>(const ClassProblem&, double*, double*, int32_t*, cudaStream_t);
 template cudaError_t launch_class_backward<float>(const ClassProblem&, const float*, const float*, float*, float*,
                                                   cudaStream_t);
-template cudaError_t launch_class_backward<double>(const ClassProblem&, const double*, const double*, double*,
-                                                   double*, cudaStream_t);
+template cudaError_t launch_class_backward<double>(const ClassProblem&, const double*, const double*, double*, double*,
+                                                   cudaStream_t);
 
 }  // namespace cuda
 }  // namespace uncertainty

@@ -96,18 +96,12 @@ BOXLOSS_HD_ALWAYS_INLINE float exp_clamped(float x) {
 
 // exp(x) for x <= 0 (positive arguments give 1): the clamp comes before the
 // polynomial, where it does not stop vectorisation (a select after it does).
-BOXLOSS_HD_ALWAYS_INLINE float exp_nonpositive(float x) {
-  return exp_clamped(x > 0.0f ? 0.0f : x);
-}
+BOXLOSS_HD_ALWAYS_INLINE float exp_nonpositive(float x) { return exp_clamped(x > 0.0f ? 0.0f : x); }
 
 // Double precision keeps the library exp: float64 is the precision the tests
 // compare against the reference at 1e-6 relative, and speed is secondary there.
-BOXLOSS_HD_INLINE double exp_nonpositive(double x) {
-  return exp(x);
-}
-BOXLOSS_HD_INLINE double exp_clamped(double x) {
-  return exp(x);
-}
+BOXLOSS_HD_INLINE double exp_nonpositive(double x) { return exp(x); }
+BOXLOSS_HD_INLINE double exp_clamped(double x) { return exp(x); }
 
 // The input checks of the kernels, written with plain compares so that a loop
 // over pixels that calls them vectorises.

@@ -56,11 +56,11 @@ struct Problem {
 // index.
 template <typename scalar>
 struct Outputs {
-  scalar* row_max = nullptr;       // (num_boxes, height)
-  int64_t* row_index = nullptr;    // (num_boxes, height)
-  scalar* col_max = nullptr;       // (num_boxes, width)
-  int64_t* col_index = nullptr;    // (num_boxes, width)
-  int32_t* status = nullptr;       // (num_boxes,), kProbsNaN or 0
+  scalar* row_max = nullptr;     // (num_boxes, height)
+  int64_t* row_index = nullptr;  // (num_boxes, height)
+  scalar* col_max = nullptr;     // (num_boxes, width)
+  int64_t* col_index = nullptr;  // (num_boxes, width)
+  int32_t* status = nullptr;     // (num_boxes,), kProbsNaN or 0
 };
 
 // Better (value, index) pair of a maximum: the larger value, and of equal

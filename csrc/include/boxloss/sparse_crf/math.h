@@ -141,8 +141,8 @@ struct Term<Kind::Potts> {
 // Bits of the per-image input status the forward kernels report; the wrapper
 // turns them into a ValueError naming the argument.
 enum StatusBits : int32_t {
-  kProbsOutOfRange = 1,   // NaN, Inf, or a value outside [0, 1] in a selected channel
-  kImageNotFinite = 2,    // NaN or Inf in the image
+  kProbsOutOfRange = 1,  // NaN, Inf, or a value outside [0, 1] in a selected channel
+  kImageNotFinite = 2,   // NaN or Inf in the image
 };
 
 // The probabilities' and the image's checks (host_device.h).

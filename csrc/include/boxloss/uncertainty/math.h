@@ -268,9 +268,9 @@ BOXLOSS_HD_ALWAYS_INLINE acc ce_gradient(acc mu_c, acc mu_max, acc inv_sum, bool
 // Everything is 0 at ignored pixels.
 template <typename acc>
 struct ClassGradientWeights {
-  acc ce;        // on dCE/dmu
-  acc samples;   // on sum_t dL_u/dl_t, towards mu
-  acc log_var;   // on the log-variance gradient of L_u
+  acc ce;       // on dCE/dmu
+  acc samples;  // on sum_t dL_u/dl_t, towards mu
+  acc log_var;  // on the log-variance gradient of L_u
 };
 
 template <typename acc>
@@ -371,8 +371,8 @@ BOXLOSS_HD_ALWAYS_INLINE void class_head_logits(const T* __restrict__ mu, const 
     }
   }
   for (int j = 0; j < N; ++j) {
-    ce_target[j] = bootstrapped_target(bootstrap & (head->uncertain[j] != acc(0)), s_max[j], log_tau, argmax[j],
-                                       head->y[j]);
+    ce_target[j] =
+        bootstrapped_target(bootstrap & (head->uncertain[j] != acc(0)), s_max[j], log_tau, argmax[j], head->y[j]);
     mu_sum[j] = acc(0);
     mu_target[j] = acc(0);
   }

@@ -12,10 +12,10 @@ namespace uncertainty {
 // Binary loss (Eq. 8-11).  Dense row-major buffers; the wrappers make them
 // contiguous.  Pixels are numbered b * plane + i.
 struct BinaryProblem {
-  const void* mu = nullptr;              // (batch, plane), scalar type of the call
-  const void* log_var = nullptr;         // (batch, plane)
-  const void* target = nullptr;          // (batch, plane), in [0, 1]
-  const uint8_t* box_mask = nullptr;     // (batch, plane) 0/1, or nullptr: every pixel inside a box
+  const void* mu = nullptr;                // (batch, plane), scalar type of the call
+  const void* log_var = nullptr;           // (batch, plane)
+  const void* target = nullptr;            // (batch, plane), in [0, 1]
+  const uint8_t* box_mask = nullptr;       // (batch, plane) 0/1, or nullptr: every pixel inside a box
   const uint8_t* pixel_perfect = nullptr;  // (batch,) 0/1, or nullptr: no pixel-perfect image
   int64_t batch = 0;
   int64_t plane = 0;  // H * W
@@ -41,14 +41,14 @@ struct BinaryProblem {
 
 // Multi-class loss (Eq. 13-16).
 struct ClassProblem {
-  const void* mu = nullptr;              // (batch, num_classes, plane)
-  const void* log_var = nullptr;         // (batch, num_classes, plane)
-  const int64_t* target = nullptr;       // (batch, plane)
-  const uint8_t* box_mask = nullptr;     // (batch, plane) 0/1, or nullptr: every pixel inside a box
+  const void* mu = nullptr;                // (batch, num_classes, plane)
+  const void* log_var = nullptr;           // (batch, num_classes, plane)
+  const int64_t* target = nullptr;         // (batch, plane)
+  const uint8_t* box_mask = nullptr;       // (batch, plane) 0/1, or nullptr: every pixel inside a box
   const uint8_t* pixel_perfect = nullptr;  // (batch,) 0/1, or nullptr
   int64_t batch = 0;
   int64_t num_classes = 0;
-  int64_t plane = 0;  // H * W
+  int64_t plane = 0;     // H * W
   int64_t samples = 20;  // T >= 1
   NoiseKey key;
   double log_tau = 0.91629073187415511;  // log(2.5)
@@ -80,8 +80,9 @@ struct ClassProblem {
                                            int64_t class_stride, ClassHead<acc, N>* head, bool* any_uncertain) const {
     const int64_t b = pixel0 / plane;
     const bool pp = pixel_perfect != nullptr && pixel_perfect[b] != 0;
-    const int32_t status = class_head_targets<acc, N>(target + pixel0, box_mask == nullptr ? nullptr : box_mask + pixel0,
-                                                      n, pp, num_classes, ignore_index, head, any_uncertain);
+    const int32_t status =
+        class_head_targets<acc, N>(target + pixel0, box_mask == nullptr ? nullptr : box_mask + pixel0, n, pp,
+                                   num_classes, ignore_index, head, any_uncertain);
     class_head_logits<acc, N>(mu, log_var, class_stride, num_classes, static_cast<acc>(log_tau), bootstrap, head);
     return status;
   }
