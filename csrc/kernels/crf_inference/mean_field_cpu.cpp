@@ -52,6 +52,7 @@
 #endif
 
 #include "boxloss/common/cpu_clones.h"
+#include "boxloss/common/vector_group.h"
 #include "boxloss/crf_inference/cpu.h"
 
 namespace boxloss {
@@ -213,65 +214,11 @@ BOXLOSS_CPU_CLONES int32_t unary_status(const scalar* __restrict unary, int64_t 
 // Pixels per block of the softmax: one vector lane per pixel.
 constexpr int kSoftmaxPixels = 16;
 
-// The helpers that pass 32-byte vectors by value are always inlined, so the
-// baseline clone's note that such an argument changes the ABI (-Wpsabi)
-// never concerns a real call.
-#pragma GCC diagnostic ignored "-Wpsabi"
-
-// g values of one scalar type in a 32-byte vector: 8 floats or 4 doubles.
-template <typename scalar>
-constexpr int64_t kGroup = 32 / sizeof(scalar);
-template <typename scalar>
-struct GroupVector {
-  typedef scalar type __attribute__((vector_size(32)));
-};
-template <typename scalar>
-using Vec = typename GroupVector<scalar>::type;
-
-template <typename scalar>
-BOXLOSS_ALWAYS_INLINE Vec<scalar> load_group(const scalar* p) {
-  Vec<scalar> v;
-  __builtin_memcpy(&v, p, sizeof(v));
-  return v;
-}
-
-template <typename scalar>
-BOXLOSS_ALWAYS_INLINE void store_group(scalar* p, Vec<scalar> v) {
-  __builtin_memcpy(p, &v, sizeof(v));
-}
-
-// In-register transpose of a g x g block: v[j] holds element i of row j on
-// entry and element j of row i on exit.
-template <typename scalar>
-BOXLOSS_ALWAYS_INLINE void transpose_group(Vec<scalar>* v) {
-  if constexpr (kGroup<scalar> == 8) {
-    Vec<scalar> t[8], u[8];
-    for (int i = 0; i < 8; i += 2) {
-      t[i] = __builtin_shufflevector(v[i], v[i + 1], 0, 8, 1, 9, 4, 12, 5, 13);
-      t[i + 1] = __builtin_shufflevector(v[i], v[i + 1], 2, 10, 3, 11, 6, 14, 7, 15);
-    }
-    for (int i = 0; i < 8; i += 4) {
-      u[i] = __builtin_shufflevector(t[i], t[i + 2], 0, 1, 8, 9, 4, 5, 12, 13);
-      u[i + 1] = __builtin_shufflevector(t[i], t[i + 2], 2, 3, 10, 11, 6, 7, 14, 15);
-      u[i + 2] = __builtin_shufflevector(t[i + 1], t[i + 3], 0, 1, 8, 9, 4, 5, 12, 13);
-      u[i + 3] = __builtin_shufflevector(t[i + 1], t[i + 3], 2, 3, 10, 11, 6, 7, 14, 15);
-    }
-    for (int i = 0; i < 4; ++i) {
-      v[i] = __builtin_shufflevector(u[i], u[i + 4], 0, 1, 2, 3, 8, 9, 10, 11);
-      v[i + 4] = __builtin_shufflevector(u[i], u[i + 4], 4, 5, 6, 7, 12, 13, 14, 15);
-    }
-  } else {
-    static_assert(kGroup<scalar> == 4, "32-byte groups of float or double");
-    const Vec<scalar> t0 = __builtin_shufflevector(v[0], v[1], 0, 4, 2, 6);
-    const Vec<scalar> t1 = __builtin_shufflevector(v[0], v[1], 1, 5, 3, 7);
-    const Vec<scalar> t2 = __builtin_shufflevector(v[2], v[3], 0, 4, 2, 6);
-    const Vec<scalar> t3 = __builtin_shufflevector(v[2], v[3], 1, 5, 3, 7);
-    v[0] = __builtin_shufflevector(t0, t2, 0, 1, 4, 5);
-    v[1] = __builtin_shufflevector(t1, t3, 0, 1, 4, 5);
-    v[2] = __builtin_shufflevector(t0, t2, 2, 3, 6, 7);
-    v[3] = __builtin_shufflevector(t1, t3, 2, 3, 6, 7);
-  }
-}
+using simd::kGroup;
+using simd::load_group;
+using simd::store_group;
+using simd::transpose_group;
+using simd::Vec;
 
 // kSoftmaxPixels rows of `stride` values -> block[c * kSoftmaxPixels + t]
 // for every c < stride (rows of whole groups: g x g register transposes).

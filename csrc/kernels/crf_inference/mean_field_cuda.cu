@@ -8,6 +8,7 @@
 // (vertex, channel) runs each blur pass.
 #include <algorithm>
 
+#include "boxloss/common/grid_stride.cuh"
 #include "boxloss/crf_inference/cuda.h"
 #include "boxloss/permutohedral/math.h"
 
@@ -16,16 +17,10 @@ namespace crf_inference {
 namespace cuda {
 namespace {
 
-int grid_for(int64_t work) {
-  const int64_t blocks = (work + kThreads - 1) / kThreads;
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(blocks, 65535 * 8)));
-}
+using cuda_common::global_index;
+using cuda_common::global_stride;
 
-__device__ __forceinline__ int64_t global_index() {
-  return static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-}
-
-__device__ __forceinline__ int64_t global_stride() { return static_cast<int64_t>(gridDim.x) * blockDim.x; }
+int grid_for(int64_t work) { return cuda_common::grid_for<kThreads>(work); }
 
 // Vertex rows and splat weights of pixel p of image b, per kernel.
 template <typename T>

@@ -15,6 +15,7 @@
 // per (vertex, channel) for each blur pass.
 #include <algorithm>
 
+#include "boxloss/common/grid_stride.cuh"
 #include "boxloss/permutohedral/cuda.h"
 
 namespace boxloss {
@@ -22,16 +23,10 @@ namespace permutohedral {
 namespace cuda {
 namespace {
 
-int grid_for(int64_t work) {
-  const int64_t blocks = (work + kThreads - 1) / kThreads;
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(blocks, 65535 * 8)));
-}
+using cuda_common::global_index;
+using cuda_common::global_stride;
 
-__device__ __forceinline__ int64_t global_index() {
-  return static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-}
-
-__device__ __forceinline__ int64_t global_stride() { return static_cast<int64_t>(gridDim.x) * blockDim.x; }
+int grid_for(int64_t work) { return cuda_common::grid_for<kThreads>(work); }
 
 // Slot (within the image's table) holding `key`, claimed for `entry` if no
 // slot holds it yet.
