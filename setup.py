@@ -27,7 +27,7 @@ from setuptools import find_packages, setup
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_ARCH_LIST = "8.0;9.0+PTX"
 # The pinned tools of `pip install -e ".[dev]"`; .ci/run installs the same list.
-DEV_REQUIRES = ["ruff==0.17.6"]
+DEV_REQUIRES = ["ruff==0.17.6", "clang-format==18.1.8"]
 
 
 def env_flag(name):

@@ -201,8 +201,8 @@ Matrix dense_filter(const Lattice& l, int64_t n) {
 
 // Q (C x N) by the update of math.h with dense kernels (weight 0: dropped).
 std::vector<double> dense_mean_field(const std::vector<double>& unary, int64_t channels, int64_t n,
-                                     const std::vector<uint8_t>& valid, const std::vector<std::pair<double, Matrix>>& kernels,
-                                     int64_t iterations) {
+                                     const std::vector<uint8_t>& valid,
+                                     const std::vector<std::pair<double, Matrix>>& kernels, int64_t iterations) {
   const auto softmax = [&](const std::vector<double>& logits, int64_t p, std::vector<double>* q) {
     double largest = -kInf;
     for (int64_t c = 0; c < channels; ++c) largest = std::max(largest, logits[c * n + p]);
@@ -280,8 +280,8 @@ std::vector<uint8_t> make_mask(const Problem& c, uint64_t seed) {
 
 template <typename scalar>
 std::vector<scalar> run(const Problem& c, const std::vector<double>& unary, const std::vector<uint8_t>& valid,
-                        const Lattice& a, const Lattice& s, const pl::cpu::RangeRunner& runner,
-                        int64_t parallel_pixels, int32_t* status) {
+                        const Lattice& a, const Lattice& s, const pl::cpu::RangeRunner& runner, int64_t parallel_pixels,
+                        int32_t* status) {
   // The lattices are double; the float run uses float copies of their weights.
   std::vector<scalar> u(unary.begin(), unary.end()), aw(a.weight.begin(), a.weight.end()),
       sw(s.weight.begin(), s.weight.end()), out(unary.size(), scalar(-7));
@@ -290,10 +290,10 @@ std::vector<scalar> run(const Problem& c, const std::vector<double>& unary, cons
   image.channels = c.channels;
   image.num_pixels = c.h * c.w;
   image.valid = c.with_mask ? valid.data() : nullptr;
-  image.appearance = {a.index.data(), aw.data(), a.neighbours.data(), 2 * a.num_vertices, a.num_vertices,
-                      c.bilateral_weight};
-  image.smoothness = {s.index.data(), sw.data(), s.neighbours.data(), 2 * s.num_vertices, s.num_vertices,
-                      c.gaussian_weight};
+  image.appearance = {a.index.data(),     aw.data(),      a.neighbours.data(),
+                      2 * a.num_vertices, a.num_vertices, c.bilateral_weight};
+  image.smoothness = {s.index.data(),     sw.data(),      s.neighbours.data(),
+                      2 * s.num_vertices, s.num_vertices, c.gaussian_weight};
   image.iterations = c.iterations;
   image.out = out.data();
   image.parallel_pixels = parallel_pixels;
@@ -410,7 +410,9 @@ void test_status() {
     int64_t channel, pixel;
     double value;
     int32_t bit;
-  } bad[] = {{1, 7, std::nan(""), ci::kUnaryNaN}, {2, 0, -kInf, ci::kUnaryNegativeInfinity}, {-1, 29, kInf, ci::kUnaryAllInfinite}};
+  } bad[] = {{1, 7, std::nan(""), ci::kUnaryNaN},
+             {2, 0, -kInf, ci::kUnaryNegativeInfinity},
+             {-1, 29, kInf, ci::kUnaryAllInfinite}};
   for (const auto& b : bad) {
     std::vector<double> unary = make_unary(c, 3);
     if (b.channel >= 0) {
@@ -446,14 +448,10 @@ int main() {
     test_spatial_lattice(h, w, sigma);
   }
   const Problem problems[] = {
-      {1, 1, 2, 4.0, 3.0, 15.0, 3.0, 3.0, 3, false, false},
-      {1, 9, 3, 4.0, 3.0, 15.0, 3.0, 1.0, 4, false, false},
-      {7, 1, 2, 4.0, 2.0, 10.0, 3.0, 1.0, 3, true, false},
-      {6, 8, 5, 4.0, 55.0, 3.0, 3.0, 3.0, 10, false, false},
-      {9, 7, 21, 4.0, 3.0, 15.0, 3.0, 1.5, 5, true, true},
-      {8, 9, 3, 0.0, 3.0, 15.0, 3.0, 1.0, 4, false, true},
-      {8, 9, 3, 5.0, 3.0, 15.0, 0.0, 1.0, 4, true, false},
-      {10, 11, 9, 10.0, 4.0, 20.0, 5.0, 0.8, 3, false, false},
+      {1, 1, 2, 4.0, 3.0, 15.0, 3.0, 3.0, 3, false, false}, {1, 9, 3, 4.0, 3.0, 15.0, 3.0, 1.0, 4, false, false},
+      {7, 1, 2, 4.0, 2.0, 10.0, 3.0, 1.0, 3, true, false},  {6, 8, 5, 4.0, 55.0, 3.0, 3.0, 3.0, 10, false, false},
+      {9, 7, 21, 4.0, 3.0, 15.0, 3.0, 1.5, 5, true, true},  {8, 9, 3, 0.0, 3.0, 15.0, 3.0, 1.0, 4, false, true},
+      {8, 9, 3, 5.0, 3.0, 15.0, 0.0, 1.0, 4, true, false},  {10, 11, 9, 10.0, 4.0, 20.0, 5.0, 0.8, 3, false, false},
       {5, 13, 1, 4.0, 3.0, 15.0, 3.0, 3.0, 2, true, false},
   };
   uint64_t seed = 11;

@@ -35,8 +35,8 @@ using pl::kVertices;
 
 std::string tag(const char* what, int64_t h, int64_t w, double sxy, double srgb) {
   char buffer[160];
-  std::snprintf(buffer, sizeof(buffer), "[%s H=%lld W=%lld sigma_xy=%g sigma_rgb=%g]", what,
-                static_cast<long long>(h), static_cast<long long>(w), sxy, srgb);
+  std::snprintf(buffer, sizeof(buffer), "[%s H=%lld W=%lld sigma_xy=%g sigma_rgb=%g]", what, static_cast<long long>(h),
+                static_cast<long long>(w), sxy, srgb);
   return buffer;
 }
 
@@ -98,8 +98,8 @@ Built build(const std::vector<double>& img, int64_t h, int64_t w, double sxy, do
 std::vector<double> features_of(const std::vector<double>& img, int64_t h, int64_t w, int64_t p, double sxy,
                                 double srgb) {
   const int64_t n = h * w;
-  return {static_cast<double>(p % w) * (1.0 / sxy), static_cast<double>(p / w) * (1.0 / sxy),
-          img[p] * (1.0 / srgb), img[n + p] * (1.0 / srgb), img[2 * n + p] * (1.0 / srgb)};
+  return {static_cast<double>(p % w) * (1.0 / sxy), static_cast<double>(p / w) * (1.0 / sxy), img[p] * (1.0 / srgb),
+          img[n + p] * (1.0 / srgb), img[2 * n + p] * (1.0 / srgb)};
 }
 
 // The full d+1 coordinates of a key (the last is minus the sum of the others).
@@ -145,10 +145,10 @@ void test_simplices(const std::vector<double>& img, int64_t h, int64_t w, double
   }
   CHECK(bad_sum == 0, what + " weights do not sum to 1 for " + std::to_string(bad_sum) + " pixels");
   CHECK(bad_negative == 0, what + " negative weights: " + std::to_string(bad_negative));
-  CHECK(bad_remainder == 0, what + " vertex coordinates not congruent to their remainder: " +
-                                std::to_string(bad_remainder));
-  CHECK(bad_reconstruct == 0, what + " barycentric interpolation misses the elevated point: " +
-                                  std::to_string(bad_reconstruct));
+  CHECK(bad_remainder == 0,
+        what + " vertex coordinates not congruent to their remainder: " + std::to_string(bad_remainder));
+  CHECK(bad_reconstruct == 0,
+        what + " barycentric interpolation misses the elevated point: " + std::to_string(bad_reconstruct));
 }
 
 void test_numbering(const Built& b, const std::vector<double>& img, int64_t h, int64_t w, double sxy, double srgb) {
@@ -279,8 +279,8 @@ void test_filter(const Built& b, const std::vector<double>& img, int64_t h, int6
     for (int64_t piece : {1, 3, 1000}) {
       std::vector<double> again(out.size(), -2.0);
       pl::cpu::filter_image<double>(lattice, 0, input, reverse, again.data(), chunked(piece));
-      CHECK(again == out, what + " variant " + std::to_string(variant) + " depends on the range split " +
-                              std::to_string(piece));
+      CHECK(again == out,
+            what + " variant " + std::to_string(variant) + " depends on the range split " + std::to_string(piece));
     }
   }
   // The reverse filter is the transpose.
@@ -368,13 +368,12 @@ void test_loss(const Built& b, int64_t h, int64_t w, double sxy, double srgb, in
   pl::cpu::filter_image<double>(lattice, 0, input, true, reversed.data(), pl::cpu::run_serially);
   double energy = 0.0, normaliser = 0.0;
   const int32_t status = dc::cpu::energy_image<double>(probs.data(), channels, mask_ptr, forward.data(),
-                                                       b.weight.data(), n, &energy, &normaliser,
-                                                       pl::cpu::run_serially);
+                                                       b.weight.data(), n, &energy, &normaliser, pl::cpu::run_serially);
   CHECK(status == 0, what + " status " + std::to_string(status) + " for valid probabilities");
   const double scale = 0.75;
   std::vector<double> grad(static_cast<size_t>(channels * n));
-  dc::cpu::gradient_image<double>(probs.data(), channels, mask_ptr, forward.data(), reversed.data(),
-                                  b.weight.data(), n, scale, grad.data(), pl::cpu::run_serially);
+  dc::cpu::gradient_image<double>(probs.data(), channels, mask_ptr, forward.data(), reversed.data(), b.weight.data(), n,
+                                  scale, grad.data(), pl::cpu::run_serially);
 
   const std::vector<double> L = dense_filter_matrix(b, n, false);
   std::vector<double> c(static_cast<size_t>(n));
@@ -388,8 +387,8 @@ void test_loss(const Built& b, int64_t h, int64_t w, double sxy, double srgb, in
         what + " E / Z = " + std::to_string(energy / normaliser) + " outside [0, 1] for probabilities summing to 1");
   double worst = 0.0;
   for (size_t i = 0; i < grad.size(); ++i) worst = std::max(worst, std::fabs(grad[i] - scale * want.grad[i]));
-  CHECK(worst <= 1e-11 * max_abs(want.grad), what + " gradient differs from the dense formula by " +
-                                                  std::to_string(worst));
+  CHECK(worst <= 1e-11 * max_abs(want.grad),
+        what + " gradient differs from the dense formula by " + std::to_string(worst));
   // Central differences of E (the energy pass alone, refiltering the perturbed input).
   int64_t fd_bad = 0;
   const double eps = 1e-6;
@@ -418,8 +417,8 @@ void test_loss(const Built& b, int64_t h, int64_t w, double sxy, double srgb, in
                                 &normaliser2, chunked(1));
   CHECK(energy2 == energy && normaliser2 == normaliser, what + " energy depends on the range split");
   std::vector<double> grad2(grad.size());
-  dc::cpu::gradient_image<double>(probs.data(), channels, mask_ptr, forward.data(), reversed.data(),
-                                  b.weight.data(), n, scale, grad2.data(), chunked(1));
+  dc::cpu::gradient_image<double>(probs.data(), channels, mask_ptr, forward.data(), reversed.data(), b.weight.data(), n,
+                                  scale, grad2.data(), chunked(1));
   CHECK(grad2 == grad, what + " gradient depends on the range split");
   // Out-of-range probabilities are reported.
   std::vector<double> bad = probs;
@@ -482,8 +481,8 @@ void test_status() {
   CHECK(b.lattice.status == pl::kImageNotFinite, "Inf image not reported");
   img = make_image(h, w, 3);
   b = build(img, h, w, 1e-7, 15.0);
-  CHECK(b.lattice.status == pl::kFeaturesTooLarge, "huge features not reported: status " +
-                                                       std::to_string(b.lattice.status));
+  CHECK(b.lattice.status == pl::kFeaturesTooLarge,
+        "huge features not reported: status " + std::to_string(b.lattice.status));
   b = build(img, h, w, 5.0, 15.0);
   CHECK(b.lattice.status == 0, "a clean image reported a status");
   std::vector<double> values(static_cast<size_t>(2 * n), 0.5);
@@ -583,7 +582,7 @@ int main() {
     int64_t channels;
   };
   const Case cases[] = {
-      {1, 1, 3.0, 15.0, 2},  {1, 9, 2.0, 10.0, 3},  {7, 1, 2.0, 10.0, 1},   {6, 8, 3.0, 15.0, 4},
+      {1, 1, 3.0, 15.0, 2},  {1, 9, 2.0, 10.0, 3},    {7, 1, 2.0, 10.0, 1},   {6, 8, 3.0, 15.0, 4},
       {9, 11, 1.0, 5.0, 21}, {10, 12, 30.0, 60.0, 5}, {8, 13, 4.0, 15.0, 17},
   };
   uint64_t seed = 1;

@@ -159,9 +159,9 @@ void run_case(const Config& c, uint64_t seed) {
       vertex_slot.push_back(b * capacity + s);
     }
     gpu_offsets.push_back(gpu_offsets.back() + next);
-    CHECK(next == cpu_images[b].num_vertices,
-          what + " image " + std::to_string(b) + ": " + std::to_string(next) + " GPU vertices vs " +
-              std::to_string(cpu_images[b].num_vertices) + " CPU");
+    CHECK(next == cpu_images[b].num_vertices, what + " image " + std::to_string(b) + ": " + std::to_string(next) +
+                                                  " GPU vertices vs " + std::to_string(cpu_images[b].num_vertices) +
+                                                  " CPU");
   }
   const int64_t total = static_cast<int64_t>(vertex_slot.size());
   if (total != cpu_total) return;
@@ -248,8 +248,8 @@ void run_case(const Config& c, uint64_t seed) {
   CUDA_OK(cudaMalloc(&d_pz.ptr, static_cast<size_t>(B * blocks) * sizeof(T)));
   CUDA_OK(upload(&d_probs_status, std::vector<int32_t>(static_cast<size_t>(B), 0)));
   const uint8_t* gpu_mask = c.with_mask ? d_mask.as<uint8_t>() : nullptr;
-  CUDA_OK(dc::cuda::launch_energy<T>(d_probs.as<T>(), B, C, N, gpu_mask, d_out.as<T>(), d_weight.as<T>(),
-                                     d_pe.as<T>(), d_pz.as<T>(), d_probs_status.as<int32_t>(), 0));
+  CUDA_OK(dc::cuda::launch_energy<T>(d_probs.as<T>(), B, C, N, gpu_mask, d_out.as<T>(), d_weight.as<T>(), d_pe.as<T>(),
+                                     d_pz.as<T>(), d_probs_status.as<int32_t>(), 0));
   std::vector<T> scale(static_cast<size_t>(B));
   for (int64_t b = 0; b < B; ++b) scale[b] = static_cast<T>(0.5 + b);
   CUDA_OK(upload(&d_scale, scale));
@@ -271,16 +271,17 @@ void run_case(const Config& c, uint64_t seed) {
     pl::cpu::filter_image<T>(cpu_lattice, b, input, false, forward.data(), pl::cpu::run_serially);
     pl::cpu::filter_image<T>(cpu_lattice, b, input, true, reversed.data(), pl::cpu::run_serially);
     double e = 0.0, z = 0.0;
-    dc::cpu::energy_image<T>(probs.data() + b * C * N, C, input.mask, forward.data(), cpu_weight.data() + b * N * V1,
-                             N, &e, &z, pl::cpu::run_serially);
+    dc::cpu::energy_image<T>(probs.data() + b * C * N, C, input.mask, forward.data(), cpu_weight.data() + b * N * V1, N,
+                             &e, &z, pl::cpu::run_serially);
     double ge = 0.0, gz = 0.0;
     for (int64_t i = 0; i < blocks; ++i) {
       ge += static_cast<double>(pe[b * blocks + i]);
       gz += static_cast<double>(pz[b * blocks + i]);
     }
-    CHECK(std::fabs(ge - e) <= Precision<T>::rel * std::fabs(z) && std::fabs(gz - z) <= Precision<T>::rel * std::fabs(z),
-          what + " image " + std::to_string(b) + ": E, Z gpu " + std::to_string(ge) + ", " + std::to_string(gz) +
-              " cpu " + std::to_string(e) + ", " + std::to_string(z));
+    CHECK(
+        std::fabs(ge - e) <= Precision<T>::rel * std::fabs(z) && std::fabs(gz - z) <= Precision<T>::rel * std::fabs(z),
+        what + " image " + std::to_string(b) + ": E, Z gpu " + std::to_string(ge) + ", " + std::to_string(gz) +
+            " cpu " + std::to_string(e) + ", " + std::to_string(z));
     dc::cpu::gradient_image<T>(probs.data() + b * C * N, C, input.mask, forward.data(), reversed.data(),
                                cpu_weight.data() + b * N * V1, N, scale[b], cpu_grad.data() + b * C * N,
                                pl::cpu::run_serially);
@@ -298,10 +299,8 @@ int main() {
     return 77;
   }
   const std::vector<Config> configs = {
-      {"one pixel", 1, 1, 1, 2, 3.0, 15.0, false},
-      {"row", 2, 1, 130, 3, 2.0, 10.0, true},
-      {"21 classes", 2, 40, 52, 21, 8.0, 15.0, true},
-      {"dense lattice", 1, 96, 80, 4, 80.0, 15.0, false},
+      {"one pixel", 1, 1, 1, 2, 3.0, 15.0, false},      {"row", 2, 1, 130, 3, 2.0, 10.0, true},
+      {"21 classes", 2, 40, 52, 21, 8.0, 15.0, true},   {"dense lattice", 1, 96, 80, 4, 80.0, 15.0, false},
       {"sparse lattice", 3, 33, 29, 2, 1.0, 3.0, true},
   };
   uint64_t seed = 1;

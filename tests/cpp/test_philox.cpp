@@ -81,9 +81,7 @@ void test_known_answers() {
   }
 }
 
-double relative_error(double got, double want) {
-  return std::fabs(got - want) / std::fmax(std::fabs(want), 1e-300);
-}
+double relative_error(double got, double want) { return std::fabs(got - want) / std::fmax(std::fabs(want), 1e-300); }
 
 void test_float_math() {
   std::mt19937 rng(7);
@@ -178,7 +176,8 @@ void test_noise_layout() {
   double e0, e1, e2, e3;
   boxloss::philox::box_muller(x0, x1, &e0, &e1);
   boxloss::philox::box_muller(x2, x3, &e2, &e3);
-  CHECK(z[0] == e0 && z[1] == e1 && z[2] == e2 && z[3] == e3, "noise_block = Box-Muller of Philox(class block, sample, pixel)");
+  CHECK(z[0] == e0 && z[1] == e1 && z[2] == e2 && z[3] == e3,
+        "noise_block = Box-Muller of Philox(class block, sample, pixel)");
 }
 
 }  // namespace

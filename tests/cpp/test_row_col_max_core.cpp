@@ -47,9 +47,9 @@ void test_spans() {
     const int64_t size = 1 + i % 40;
     const PixelSpan got = covered_span(lo, hi, scale, size);
     const PixelSpan want = enumerate_span(lo, hi, scale, size);
-    CHECK(got.begin == want.begin && got.end == want.end,
-          "lo " + std::to_string(lo) + " hi " + std::to_string(hi) + " scale " + std::to_string(scale) + " size " +
-              std::to_string(size));
+    CHECK(got.begin == want.begin && got.end == want.end, "lo " + std::to_string(lo) + " hi " + std::to_string(hi) +
+                                                              " scale " + std::to_string(scale) + " size " +
+                                                              std::to_string(size));
   }
   const double inf = std::numeric_limits<double>::infinity();
   CHECK(covered_span(0, inf, 1.0, 9).end == 9, "inf clips to the map");
@@ -69,7 +69,8 @@ void test_forward_backward(int64_t B, int64_t C, int64_t H, int64_t W, int64_t K
   std::vector<float> probs(static_cast<size_t>(B * C * H * W));
   for (auto& v : probs) v = levels > 0 ? float(std::round(u(rng) * (levels - 1)) / (levels - 1)) : float(u(rng));
   std::vector<double> boxes(static_cast<size_t>(4 * K));
-  std::vector<int64_t> batch(static_cast<size_t>(K)), labels(static_cast<size_t>(K)), ranges(static_cast<size_t>(4 * K));
+  std::vector<int64_t> batch(static_cast<size_t>(K)), labels(static_cast<size_t>(K)),
+      ranges(static_cast<size_t>(4 * K));
   std::vector<int32_t> status(static_cast<size_t>(K));
   for (int64_t k = 0; k < K; ++k) {
     double x0 = u(rng) * (W + 4) - 2, x1 = u(rng) * (W + 4) - 2, y0 = u(rng) * (H + 4) - 2, y1 = u(rng) * (H + 4) - 2;

@@ -24,11 +24,11 @@
 #include <type_traits>
 #include <vector>
 
-#include "test_support.h"
 #include "boxloss/common/host_device.h"
 #include "boxloss/sparse_crf/cpu.h"
 #include "boxloss/sparse_crf/math.h"
 #include "boxloss/sparse_crf/problem.h"
+#include "test_support.h"
 
 namespace {
 
@@ -37,7 +37,6 @@ using boxloss::sparse_crf::Kind;
 using boxloss::sparse_crf::Problem;
 namespace cpu = boxloss::sparse_crf::cpu;
 namespace sc = boxloss::sparse_crf;
-
 
 std::string format(const char* fmt, ...) __attribute__((format(printf, 1, 2)));
 std::string format(const char* fmt, ...) {
@@ -77,22 +76,22 @@ std::string describe(const Config& c, const char* dtype) {
     }
     channels += "}";
   }
-  return format("[%s B=%lld C=%lld H=%lld W=%lld K=%lld nb=%d dil=%d mask=%d channels=%s kind=%s "
-                "sigma=%g quantised=%d seed=%llu]",
-                dtype, static_cast<long long>(c.batch), static_cast<long long>(c.num_channels),
-                static_cast<long long>(c.height), static_cast<long long>(c.width),
-                static_cast<long long>(c.image_channels), c.neighbourhood, c.dilation, c.with_mask ? 1 : 0,
-                channels.c_str(), c.kind == Kind::L1 ? "L1" : "Potts", c.sigma, c.quantised ? 1 : 0,
-                static_cast<unsigned long long>(c.seed));
+  return format(
+      "[%s B=%lld C=%lld H=%lld W=%lld K=%lld nb=%d dil=%d mask=%d channels=%s kind=%s "
+      "sigma=%g quantised=%d seed=%llu]",
+      dtype, static_cast<long long>(c.batch), static_cast<long long>(c.num_channels), static_cast<long long>(c.height),
+      static_cast<long long>(c.width), static_cast<long long>(c.image_channels), c.neighbourhood, c.dilation,
+      c.with_mask ? 1 : 0, channels.c_str(), c.kind == Kind::L1 ? "L1" : "Potts", c.sigma, c.quantised ? 1 : 0,
+      static_cast<unsigned long long>(c.seed));
 }
 
 template <typename T>
 struct Data {
   Config config;
-  std::vector<T> probs;           // (B, C, H, W)
-  std::vector<T> image;           // (B, K, H, W)
-  std::vector<uint8_t> valid;     // (B, H, W) or empty
-  std::vector<acc_t<T>> scale;    // (B,) image_scale of the backward
+  std::vector<T> probs;         // (B, C, H, W)
+  std::vector<T> image;         // (B, K, H, W)
+  std::vector<uint8_t> valid;   // (B, H, W) or empty
+  std::vector<acc_t<T>> scale;  // (B,) image_scale of the backward
 
   Problem problem() const {
     return make_problem(config, probs.data(), image.data(), valid.empty() ? nullptr : valid.data(),
@@ -176,9 +175,7 @@ std::vector<Neighbour> all_offsets(int32_t neighbourhood, int32_t d) {
   return o;
 }
 
-double phi(Kind kind, double a, double b) {
-  return kind == Kind::L1 ? std::fabs(a - b) : a + b - 2.0 * a * b;
-}
+double phi(Kind kind, double a, double b) { return kind == Kind::L1 ? std::fabs(a - b) : a + b - 2.0 * a * b; }
 
 double dphi_da(Kind kind, double a, double b) {
   if (kind == Kind::L1) return a > b ? 1.0 : (a < b ? -1.0 : 0.0);
@@ -338,8 +335,8 @@ void test_forward(const Data<T>& d, std::mt19937_64& rng) {
   run_forward(d, parts[0], &sums_ref, &status_ref);
 
   for (int64_t r = 0; r < d.rows(); ++r) {
-    CHECK(status_ref[r] == 0, what + format(" clean input, row %lld status %d", static_cast<long long>(r),
-                                            status_ref[r]));
+    CHECK(status_ref[r] == 0,
+          what + format(" clean input, row %lld status %d", static_cast<long long>(r), status_ref[r]));
   }
   for (int64_t b = 0; b < d.config.batch; ++b) {
     double kernel = 0.0;
@@ -349,18 +346,16 @@ void test_forward(const Data<T>& d, std::mt19937_64& rng) {
     const double tol = Tol::rel * std::fabs(naive) + Tol::abs;
     stats.forward = std::max(stats.forward, err / tol);
     CHECK(err <= tol,
-          what + format(" forward image %lld: kernel %.17g naive %.17g", static_cast<long long>(b), kernel,
-                        naive));
+          what + format(" forward image %lld: kernel %.17g naive %.17g", static_cast<long long>(b), kernel, naive));
   }
   // Chunking must not change a single bit.
   for (size_t i = 1; i < parts.size(); ++i) {
     std::vector<double> sums;
     std::vector<int32_t> status;
     run_forward(d, parts[i], &sums, &status);
-    const bool same = std::memcmp(sums.data(), sums_ref.data(), sums.size() * sizeof(double)) == 0 &&
-                      status == status_ref;
-    CHECK(same, what + format(" forward partition %zu (%zu chunks) differs from one call", i,
-                              parts[i].size() - 1));
+    const bool same =
+        std::memcmp(sums.data(), sums_ref.data(), sums.size() * sizeof(double)) == 0 && status == status_ref;
+    CHECK(same, what + format(" forward partition %zu (%zu chunks) differs from one call", i, parts[i].size() - 1));
   }
 }
 
@@ -395,19 +390,21 @@ void test_backward(const Data<T>& d, std::mt19937_64& rng) {
         stats.backward = std::max(stats.backward, err / tol);
         if (!(err <= tol)) {
           if (analytic_bad++ == 0) {
-            first_analytic = format(" b=%lld c=%lld y=%lld x=%lld kernel %.17g naive %.17g magnitude %.3g",
-                                    static_cast<long long>(b), static_cast<long long>(ch),
-                                    static_cast<long long>(p / c.width), static_cast<long long>(p % c.width),
-                                    g, naive[i], magnitude[i]);
+            first_analytic =
+                format(" b=%lld c=%lld y=%lld x=%lld kernel %.17g naive %.17g magnitude %.3g",
+                       static_cast<long long>(b), static_cast<long long>(ch), static_cast<long long>(p / c.width),
+                       static_cast<long long>(p % c.width), g, naive[i], magnitude[i]);
           }
         }
       }
     }
   }
-  CHECK(untouched_bad == 0, what + format(" %lld entries of unselected channels were written",
-                                          static_cast<long long>(untouched_bad)));
-  CHECK(analytic_bad == 0, what + format(" %lld gradient entries differ from the analytic naive gradient;",
-                                         static_cast<long long>(analytic_bad)) + first_analytic);
+  CHECK(untouched_bad == 0,
+        what + format(" %lld entries of unselected channels were written", static_cast<long long>(untouched_bad)));
+  CHECK(analytic_bad == 0, what +
+                               format(" %lld gradient entries differ from the analytic naive gradient;",
+                                      static_cast<long long>(analytic_bad)) +
+                               first_analytic);
 
   // Chunking must not change a single bit.
   for (size_t i = 1; i < parts.size(); ++i) {
@@ -442,17 +439,18 @@ void test_backward(const Data<T>& d, std::mt19937_64& rng) {
           stats.fd = std::max(stats.fd, err / tol);
           if (!(err <= tol)) {
             if (fd_bad++ == 0) {
-              first_fd = format(" b=%lld c=%lld y=%lld x=%lld kernel %.17g fd %.17g magnitude %.3g",
-                                static_cast<long long>(b), static_cast<long long>(ch),
-                                static_cast<long long>(p / c.width), static_cast<long long>(p % c.width), g, fd,
-                                magnitude[i]);
+              first_fd =
+                  format(" b=%lld c=%lld y=%lld x=%lld kernel %.17g fd %.17g magnitude %.3g", static_cast<long long>(b),
+                         static_cast<long long>(ch), static_cast<long long>(p / c.width),
+                         static_cast<long long>(p % c.width), g, fd, magnitude[i]);
             }
           }
         }
       }
     }
-    CHECK(fd_bad == 0, what + format(" %lld gradient entries differ from central differences;",
-                                     static_cast<long long>(fd_bad)) + first_fd);
+    CHECK(fd_bad == 0,
+          what + format(" %lld gradient entries differ from central differences;", static_cast<long long>(fd_bad)) +
+              first_fd);
   }
 }
 
@@ -507,9 +505,9 @@ void test_status(const Data<T>& clean, std::mt19937_64& rng) {
     run_forward(d, {0, d.rows()}, &sums, &status);
     int64_t wrong = 0;
     for (int64_t r = 0; r < d.rows(); ++r) wrong += status[r] != (r == row ? k.expected : 0);
-    CHECK(wrong == 0, what + format(" %s at row %lld: status of that row %d, expected %d; %lld rows wrong",
-                                    k.name, static_cast<long long>(row), status[row], k.expected,
-                                    static_cast<long long>(wrong)));
+    CHECK(wrong == 0,
+          what + format(" %s at row %lld: status of that row %d, expected %d; %lld rows wrong", k.name,
+                        static_cast<long long>(row), status[row], k.expected, static_cast<long long>(wrong)));
   }
   // Both kinds of bad value in the same row.
   {
@@ -523,8 +521,7 @@ void test_status(const Data<T>& clean, std::mt19937_64& rng) {
     std::vector<int32_t> status;
     run_forward(d, {0, d.rows()}, &sums, &status);
     CHECK(status[row] == (sc::kProbsOutOfRange | sc::kImageNotFinite),
-          what + format(" probs NaN and image Inf in row %lld: status %d", static_cast<long long>(row),
-                        status[row]));
+          what + format(" probs NaN and image Inf in row %lld: status %d", static_cast<long long>(row), status[row]));
   }
 }
 
@@ -564,6 +561,71 @@ void test_exp() {
   CHECK(boxloss::math::exp_nonpositive(-0.5) == std::exp(-0.5), "exp_nonpositive(double) is exp");
 }
 
+// pair_weights (math.h) as a CUDA thread calls it, for one pair with the
+// channel count read at run time, and as the CPU core calls it, for a run of a
+// row with the channel sum unrolled for K = 3 and 1: the same weights, equal
+// to the definition (naive_weight).
+template <typename T>
+void test_pair_weight_forms() {
+  using acc = acc_t<T>;
+  const auto to_acc = [](T v) { return static_cast<acc>(v); };
+  for (int64_t K = 1; K <= 5; ++K) {
+    for (int with_mask = 0; with_mask < 2; ++with_mask) {
+      Config c;
+      c.height = 4, c.width = 37, c.image_channels = K, c.with_mask = with_mask != 0, c.sigma = 0.3;
+      c.seed = static_cast<uint64_t>(40 + 2 * K + with_mask);
+      const Data<T> d = make_data<T>(c);
+      const Problem p = d.problem();
+      const int64_t plane = d.plane();
+      const acc scale = sc::weight_exponent_scale<acc>(c.sigma);
+      const T* image = d.image.data();
+      const uint8_t* valid = d.valid.empty() ? nullptr : d.valid.data();
+      std::vector<acc> row_weight(static_cast<size_t>(c.width)), scratch(static_cast<size_t>(c.width));
+      for (int32_t o = 0; o < 8; ++o) {
+        const sc::Offset offset = sc::neighbour_offset(o, 2);
+        int64_t x_begin, x_end;
+        sc::paired_x_range(c.width, offset.dx, &x_begin, &x_end);
+        for (int64_t y = 0; y < c.height; ++y) {
+          const int64_t y2 = y + offset.dy;
+          if (y2 < 0 || y2 >= c.height) continue;
+          const int64_t count = x_end - x_begin;
+          const T* row_p = image + y * c.width + x_begin;
+          const T* row_q = image + y2 * c.width + offset.dx + x_begin;
+          const uint8_t* vp = valid == nullptr ? nullptr : valid + y * c.width + x_begin;
+          const uint8_t* vq = valid == nullptr ? nullptr : valid + y2 * c.width + offset.dx + x_begin;
+          if (K == 3) {
+            sc::pair_weights<3>(row_p, row_q, plane, K, vp, vq, count, scale, to_acc, scratch.data(),
+                                row_weight.data());
+          } else if (K == 1) {
+            sc::pair_weights<1>(row_p, row_q, plane, K, vp, vq, count, scale, to_acc, scratch.data(),
+                                row_weight.data());
+          } else {
+            sc::pair_weights<0>(row_p, row_q, plane, K, vp, vq, count, scale, to_acc, scratch.data(),
+                                row_weight.data());
+          }
+          for (int64_t x = x_begin; x < x_end; ++x) {
+            const int64_t pp = y * c.width + x, q = y2 * c.width + x + offset.dx;
+            acc squared, one;
+            sc::pair_weights<0>(image + pp, image + q, plane, p.image_channels, valid == nullptr ? nullptr : valid + pp,
+                                valid == nullptr ? nullptr : valid + q, 1, scale, to_acc, &squared, &one);
+            const double want = naive_weight(d, 0, pp, q);
+            const double row = static_cast<double>(row_weight[x - x_begin]);
+            const double eps = std::numeric_limits<acc>::epsilon();
+            const std::string what = format("[K=%lld mask=%d offset %d y=%lld x=%lld]", static_cast<long long>(K),
+                                            with_mask, o, static_cast<long long>(y), static_cast<long long>(x));
+            CHECK(std::fabs(static_cast<double>(one) - row) <= 4 * eps * row,
+                  what + format(" one pair %.9g, row %.9g", static_cast<double>(one), row));
+            // The exponent -||I_p - I_q||^2 / (2 sigma^2) carries a few rounding errors of its own size.
+            const double exponent = want > 0 ? -std::log(want) : 0.0;
+            CHECK(std::fabs(static_cast<double>(one) - want) <= 8 * eps * (1 + exponent) * want,
+                  what + format(" one pair %.9g, definition %.9g", static_cast<double>(one), want));
+          }
+        }
+      }
+    }
+  }
+}
+
 // ---------------------------------------------------------------------------
 // Problem generation
 
@@ -581,19 +643,66 @@ std::vector<Config> make_configs() {
       c.neighbourhood = nb;
       c.kind = kind;
       c.batch = 2, c.num_channels = 3, c.height = 5, c.width = 6, c.image_channels = 3;
-      add(c);                                       // plain
-      Config h1 = c; h1.height = 1; h1.width = 9; add(h1);     // single row
-      Config w1 = c; w1.height = 8; w1.width = 1; add(w1);     // single column
-      Config px = c; px.height = 1; px.width = 1; add(px);     // single pixel: no pairs
-      Config big = c; big.dilation = 7; add(big);  // dilation larger than the image
-      Config mid = c; mid.height = 9; mid.width = 2; mid.dilation = 3; add(mid);  // > width, < height
-      Config k1 = c; k1.image_channels = 1; k1.with_mask = true; k1.channels = {2, 0}; add(k1);
-      Config one = c; one.num_channels = 4; one.channels = {3}; one.dilation = 2; add(one);
-      Config wide = c; wide.height = 3; wide.width = 37; wide.with_mask = true; add(wide);  // vector tails
-      Config wider = c; wider.batch = 1; wider.height = 2; wider.width = 70; wider.dilation = 3; add(wider);
-      Config q = c; q.quantised = true; q.with_mask = true; add(q);  // ties, 0 and 1
-      Config flat = c; flat.sigma = 50.0; add(flat);   // weights near 1
-      Config sharp = c; sharp.sigma = 0.05; add(sharp);  // many weights below e^-87 in float
+      add(c);  // plain
+      Config h1 = c;
+      h1.height = 1;
+      h1.width = 9;
+      add(h1);  // single row
+      Config w1 = c;
+      w1.height = 8;
+      w1.width = 1;
+      add(w1);  // single column
+      Config px = c;
+      px.height = 1;
+      px.width = 1;
+      add(px);  // single pixel: no pairs
+      Config big = c;
+      big.dilation = 7;
+      add(big);  // dilation larger than the image
+      Config mid = c;
+      mid.height = 9;
+      mid.width = 2;
+      mid.dilation = 3;
+      add(mid);  // > width, < height
+      Config k1 = c;
+      k1.image_channels = 1;
+      k1.with_mask = true;
+      k1.channels = {2, 0};
+      add(k1);
+      Config k2 = c;
+      k2.image_channels = 2;
+      add(k2);  // channel count read at run time
+      Config k4 = c;
+      k4.image_channels = 4;
+      k4.with_mask = true;
+      k4.width = 29;
+      add(k4);
+      Config one = c;
+      one.num_channels = 4;
+      one.channels = {3};
+      one.dilation = 2;
+      add(one);
+      Config wide = c;
+      wide.height = 3;
+      wide.width = 37;
+      wide.with_mask = true;
+      add(wide);  // vector tails
+      Config wider = c;
+      wider.batch = 1;
+      wider.height = 2;
+      wider.width = 70;
+      wider.dilation = 3;
+      add(wider);
+      Config q = c;
+      q.quantised = true;
+      q.with_mask = true;
+      add(q);  // ties, 0 and 1
+      Config flat = c;
+      flat.sigma = 50.0;
+      add(flat);  // weights near 1
+      Config sharp = c;
+      sharp.sigma = 0.05;
+      add(sharp);  // many weights below e^-87 in float
     }
   }
   // Random small problems.
@@ -610,7 +719,8 @@ std::vector<Config> make_configs() {
     if (shape == 0) c.height = 1;
     if (shape == 1) c.width = 1;
     if (shape == 2) c.width = pick(10, 40);
-    c.image_channels = pick(0, 1) ? 3 : 1;
+    const int64_t image_channels[] = {3, 3, 1, 2, 4};
+    c.image_channels = image_channels[pick(0, 4)];
     c.neighbourhood = pick(0, 1) ? 8 : 4;
     c.dilation = static_cast<int32_t>(pick(0, 5) == 0 ? std::max(c.height, c.width) + pick(0, 2) : pick(1, 3));
     c.with_mask = pick(0, 1) == 1;
@@ -644,12 +754,15 @@ void run_all(const std::vector<Config>& configs) {
 
 int main() {
   test_exp();
+  test_pair_weight_forms<float>();
+  test_pair_weight_forms<double>();
   const std::vector<Config> configs = make_configs();
   run_all<float>(configs);
   run_all<double>(configs);
-  std::printf("worst error / tolerance: float forward %.3g backward %.3g; double forward %.3g backward %.3g "
-              "central differences %.3g\n",
-              g_stats[0].forward, g_stats[0].backward, g_stats[1].forward, g_stats[1].backward, g_stats[1].fd);
+  std::printf(
+      "worst error / tolerance: float forward %.3g backward %.3g; double forward %.3g backward %.3g "
+      "central differences %.3g\n",
+      g_stats[0].forward, g_stats[0].backward, g_stats[1].forward, g_stats[1].backward, g_stats[1].fd);
   std::printf("sparse_crf_core: %lld checks, %lld failed (%zu problems, float and double)\n",
               static_cast<long long>(g_checks), static_cast<long long>(g_failures), configs.size());
   return g_failures == 0 ? 0 : 1;

@@ -18,10 +18,10 @@
 #include <type_traits>
 #include <vector>
 
-#include "cuda_test_support.h"
 #include "boxloss/sparse_crf/cpu.h"
 #include "boxloss/sparse_crf/cuda.h"
 #include "boxloss/sparse_crf/problem.h"
+#include "cuda_test_support.h"
 
 namespace {
 
@@ -29,7 +29,6 @@ using boxloss::acc_t;
 using boxloss::sparse_crf::Kind;
 using boxloss::sparse_crf::Problem;
 namespace sc = boxloss::sparse_crf;
-
 
 struct Config {
   const char* name;
@@ -84,7 +83,8 @@ void run_case(const Config& config, uint64_t seed) {
     for (auto& v : valid) v = unit(rng) < 0.75 ? 1 : 0;
   }
   std::vector<acc> scale;
-  for (int64_t b = 0; b < config.batch; ++b) scale.push_back(static_cast<acc>((b % 2 ? -1.0 : 1.0) * (0.5 + unit(rng))));
+  for (int64_t b = 0; b < config.batch; ++b)
+    scale.push_back(static_cast<acc>((b % 2 ? -1.0 : 1.0) * (0.5 + unit(rng))));
   std::vector<bool> is_selected(static_cast<size_t>(config.num_channels), config.channels.empty());
   for (int32_t c : config.channels) is_selected[static_cast<size_t>(c)] = true;
   if (config.bad_values) {
@@ -94,8 +94,8 @@ void run_case(const Config& config, uint64_t seed) {
     image[static_cast<size_t>(plane - 1)] = std::numeric_limits<T>::infinity();
   }
 
-  const Problem host_problem = make_problem(config, probs.data(), image.data(),
-                                           valid.empty() ? nullptr : valid.data(), config.channels.data());
+  const Problem host_problem =
+      make_problem(config, probs.data(), image.data(), valid.empty() ? nullptr : valid.data(), config.channels.data());
 
   // CPU reference.
   std::vector<double> row_sums(static_cast<size_t>(rows));
@@ -151,8 +151,8 @@ void run_case(const Config& config, uint64_t seed) {
       CHECK(cpu_status != 0, what + " bad values flagged by the CPU core");
       continue;  // the sums are NaN there
     }
-    std::snprintf(buffer, sizeof(buffer), " image %lld: forward gpu %.17g cpu %.17g", static_cast<long long>(b),
-                  gpu, cpu);
+    std::snprintf(buffer, sizeof(buffer), " image %lld: forward gpu %.17g cpu %.17g", static_cast<long long>(b), gpu,
+                  cpu);
     CHECK(std::fabs(gpu - cpu) <= DTypeOf<T>::rel * std::fabs(cpu) + 1e-6 * DTypeOf<T>::rel, what + buffer);
   }
 

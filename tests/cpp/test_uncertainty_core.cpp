@@ -9,7 +9,12 @@
 // * results independent of how the chunk range is split;
 // * the binary core against Eq. 8-11 written with sigma^2 = e^s, and its
 //   gradient against finite differences;
-// * finite results for |mu| = 1e4 and log-variances of +-20 with 21 classes.
+// * finite results for |mu| = 1e4 and log-variances of +-20 with 21 classes;
+// * the step before the samples (ClassProblem::head_at: targets, Eq. 16 and
+//   CE(mu, y*)) run as a CUDA thread runs it, one pixel read from the input
+//   arrays, against the CPU's kClassLanes lanes read from lane buffers and
+//   against the definition.
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <random>
@@ -116,8 +121,8 @@ std::vector<double> brute_force_loss(const ClassCase& k, const ClassData& d) {
         std::vector<double> logits(k.C);
         for (int64_t c = 0; c < k.C; ++c) {
           double z[4];
-          u::noise_block(key, static_cast<uint32_t>(c / 4), static_cast<uint32_t>(t), words.lo, words.hi, &z[0],
-                         &z[1], &z[2], &z[3]);
+          u::noise_block(key, static_cast<uint32_t>(c / 4), static_cast<uint32_t>(t), words.lo, words.hi, &z[0], &z[1],
+                         &z[2], &z[3]);
           logits[c] = mu(c) + std::sqrt(std::exp(s(c))) * z[c % 4];
         }
         double z_sum = 0;
@@ -188,8 +193,9 @@ void test_class_forward() {
       const std::vector<double> got_narrow = core_loss<float>(narrow, d);
       const std::vector<double> got_wide = core_loss<float>(wide, d);
       for (size_t i = 0; i < want.size(); ++i) {
-        CHECK(std::fabs(got[i] - want[i]) <= 1e-11 * (1 + std::fabs(want[i])), describe(k) + " double pixel " +
-              std::to_string(i) + ": " + std::to_string(got[i]) + " vs " + std::to_string(want[i]));
+        CHECK(std::fabs(got[i] - want[i]) <= 1e-11 * (1 + std::fabs(want[i])),
+              describe(k) + " double pixel " + std::to_string(i) + ": " + std::to_string(got[i]) + " vs " +
+                  std::to_string(want[i]));
         CHECK(std::fabs(got_float[i] - want[i]) <= 2e-5 * (1 + std::fabs(want[i])),
               describe(k) + " float pixel " + std::to_string(i));
         CHECK(got_split[i] == got[i], describe(k) + " chunk split changes pixel " + std::to_string(i));
@@ -262,9 +268,9 @@ void test_class_backward() {
           const bool uncertain = (!k.with_mask || d.mask[pixel]) && (!k.with_pp || !d.pp[b]);
           const int64_t y_star = (uncertain && max_var > k.tau) ? argmax : y;
           for (int64_t c = 0; c < k.C; ++c) {
-            const double want = y == 255 ? 0.0
-                                         : grad_out[pixel] * (std::exp(d.mu[(b * k.C + c) * HW + i]) / z -
-                                                              (c == y_star ? 1.0 : 0.0));
+            const double want =
+                y == 255 ? 0.0
+                         : grad_out[pixel] * (std::exp(d.mu[(b * k.C + c) * HW + i]) / z - (c == y_star ? 1.0 : 0.0));
             CHECK(std::fabs(grad_mu[(b * k.C + c) * HW + i] - want) <= 1e-12, describe(k) + " routed d/dmu");
           }
         }
@@ -296,6 +302,87 @@ void test_class_extremes() {
         for (float v : loss) finite = finite && std::isfinite(v);
         for (size_t i = 0; i < gm.size(); ++i) finite = finite && std::isfinite(gm[i]) && std::isfinite(gs[i]);
         CHECK(finite, "extreme inputs: mu " + std::to_string(mu_value) + ", log_var " + std::to_string(lv_value));
+      }
+    }
+  }
+}
+
+// head_at over one lane reading the (batch, C, plane) arrays, as each CUDA
+// thread calls it, and over kClassLanes lanes reading lane buffers, as the CPU
+// core calls it: the same targets, status, arg-max, softmax statistics and
+// cross-entropy, equal to the definition.
+template <typename scalar>
+void test_class_head_forms() {
+  using acc = boxloss::acc_t<scalar>;
+  constexpr int L = ucpu::kClassLanes;
+  const ClassCase shapes[] = {{1, 1, 1, 1}, {2, 3, 5, 9}, {1, 21, 7, 11}, {3, 4, 1, 40}};
+  uint32_t rng_seed = 200;
+  for (ClassCase k : shapes) {
+    for (int setting = 0; setting < 4; ++setting) {
+      k.bootstrap = setting != 3;
+      k.with_mask = setting != 2;
+      k.with_pp = setting != 0;
+      k.tau = setting == 1 ? 0.5 : 1.5;
+      ClassData d = make_data(k, rng_seed++);
+      if (setting == 1 && !d.target.empty()) d.target[0] = k.C;  // out of range: reported in the status
+      std::vector<scalar> mu(d.mu.begin(), d.mu.end()), lv(d.log_var.begin(), d.log_var.end());
+      const u::ClassProblem p = make_problem<scalar>(k, mu, lv, d);
+      const int64_t HW = k.H * k.W;
+      for (int64_t pixel0 = 0; pixel0 < p.num_pixels(); pixel0 += L) {
+        // The CPU form: a chunk of lanes, lanes past the image end repeating its last pixel.
+        const int64_t b = pixel0 / HW;
+        const int64_t n = std::min<int64_t>(L, (b + 1) * HW - pixel0);
+        std::vector<acc> mu_lanes(k.C * L), lv_lanes(k.C * L);
+        for (int64_t c = 0; c < k.C; ++c) {
+          for (int j = 0; j < L; ++j) {
+            const int64_t i = p.class_offset(pixel0 + std::min<int64_t>(j, n - 1)) + c * HW;
+            mu_lanes[c * L + j] = static_cast<acc>(mu[i]);
+            lv_lanes[c * L + j] = static_cast<acc>(lv[i]);
+          }
+        }
+        u::ClassHead<acc, L> lanes;
+        bool any_lanes = false;
+        const int32_t status_lanes = p.head_at<L>(pixel0, n, mu_lanes.data(), lv_lanes.data(), L, &lanes, &any_lanes);
+        bool any_pixels = false;
+        int32_t status_pixels = 0;
+        for (int64_t j = 0; j < n; ++j) {
+          const int64_t pixel = pixel0 + j;
+          // The CUDA form: one lane, class c at c * plane in the input arrays.
+          const int64_t offset = p.class_offset(pixel);
+          u::ClassHead<acc, 1> one;
+          bool uncertain = false;
+          status_pixels |= p.head_at<1>(pixel, 1, mu.data() + offset, lv.data() + offset, HW, &one, &uncertain);
+          any_pixels = any_pixels || uncertain;
+          const std::string where = describe(k) + " pixel " + std::to_string(pixel);
+          CHECK(one.y[0] == lanes.y[j] && one.ce_target[0] == lanes.ce_target[j] && one.valid[0] == lanes.valid[j] &&
+                    one.uncertain[0] == lanes.uncertain[j] && one.mu_max[0] == lanes.mu_max[j] &&
+                    one.mu_sum[0] == lanes.mu_sum[j] && one.ce[0] == lanes.ce[j],
+                where + ": one lane and kClassLanes lanes differ");
+          // The definition.
+          const int64_t t = d.target[pixel];
+          const bool valid = t != 255;
+          const bool uncertain_want = valid && (!k.with_mask || d.mask[pixel]) && (!k.with_pp || !d.pp[b]);
+          double z = 0, max_s = -1e300, mu_max = -1e300;
+          int64_t argmax = 0;
+          for (int64_t c = 0; c < k.C; ++c) {
+            const double m = static_cast<double>(mu[offset + c * HW]);
+            max_s = std::max(max_s, static_cast<double>(lv[offset + c * HW]));
+            if (m > mu_max) mu_max = m, argmax = c;
+          }
+          for (int64_t c = 0; c < k.C; ++c) z += std::exp(static_cast<double>(mu[offset + c * HW]) - mu_max);
+          const int64_t y = (t >= 0 && t < k.C) ? t : 0;
+          const int64_t y_star = (k.bootstrap && uncertain_want && max_s > std::log(k.tau)) ? argmax : y;
+          const double ce = mu_max + std::log(z) - static_cast<double>(mu[offset + y_star * HW]);
+          const double tol = sizeof(acc) == 4 ? 2e-6 : 1e-13;
+          CHECK(uncertain == uncertain_want && one.y[0] == y && one.ce_target[0] == y_star &&
+                    (one.valid[0] != acc(0)) == valid,
+                where + ": targets and Eq. 16");
+          CHECK(std::fabs(static_cast<double>(one.ce[0]) - ce) <= tol * (1 + std::fabs(ce)),
+                where + ": CE " + std::to_string(static_cast<double>(one.ce[0])) + " vs " + std::to_string(ce));
+        }
+        CHECK(status_lanes == status_pixels && any_lanes == any_pixels, describe(k) + ": status and any_uncertain");
+        CHECK(status_lanes == ((setting == 1 && pixel0 == 0) ? u::kTargetOutOfRange : 0),
+              describe(k) + ": a target outside [0, C) is reported");
       }
     }
   }
@@ -349,7 +436,8 @@ void test_binary() {
     for (int64_t i = 0; i < B * plane; ++i) {
       const bool uncertain = mask[i] && !pp[i / plane];
       const auto f = [&](double m, double v) { return binary_reference(m, v, y[i], uncertain, p.bootstrap, 2.0, 0.3); };
-      CHECK(std::fabs(loss[i] - f(mu[i], s[i])) <= 1e-11 * (1 + std::fabs(loss[i])), "binary loss " + std::to_string(i));
+      CHECK(std::fabs(loss[i] - f(mu[i], s[i])) <= 1e-11 * (1 + std::fabs(loss[i])),
+            "binary loss " + std::to_string(i));
       if (!p.route_gradients || !p.bootstrap) {
         const double h = 1e-6;
         const double fd_mu = (f(mu[i] + h, s[i]) - f(mu[i] - h, s[i])) / (2 * h);
@@ -377,6 +465,8 @@ int main() {
   test_class_forward();
   test_class_backward();
   test_class_extremes();
+  test_class_head_forms<double>();
+  test_class_head_forms<float>();
   test_binary();
   std::printf("%lld checks, %lld failures\n", static_cast<long long>(g_checks), static_cast<long long>(g_failures));
   return g_failures == 0 ? 0 : 1;

@@ -47,7 +47,8 @@ template <typename T>
 bool close(const std::vector<T>& a, const std::vector<T>& b, double rtol, double atol, std::string* where) {
   for (size_t i = 0; i < a.size(); ++i) {
     if (!(std::fabs(double(a[i]) - double(b[i])) <= atol + rtol * std::fabs(double(b[i])))) {
-      *where = "index " + std::to_string(i) + ": " + std::to_string(double(a[i])) + " vs " + std::to_string(double(b[i]));
+      *where =
+          "index " + std::to_string(i) + ": " + std::to_string(double(a[i])) + " vs " + std::to_string(double(b[i]));
       return false;
     }
   }

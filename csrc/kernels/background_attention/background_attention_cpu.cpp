@@ -25,8 +25,8 @@ void attention_forward(const AttentionProblem<scalar>& p, const scalar* dots, in
 }
 
 template <typename scalar>
-void attention_backward(const AttentionProblem<scalar>& p, const scalar* grad_attention, scalar* dots,
-                        int64_t begin, int64_t end, scalar* coef) {
+void attention_backward(const AttentionProblem<scalar>& p, const scalar* grad_attention, scalar* dots, int64_t begin,
+                        int64_t end, scalar* coef) {
   using acc = acc_t<scalar>;
   for (int64_t i = begin; i < end; ++i) {
     coef[i] = static_cast<scalar>(p.attention_backward_at(dots, static_cast<acc>(grad_attention[i]), i));
@@ -47,8 +47,8 @@ void pool_forward(const PoolProblem<scalar>& p, int64_t begin, int64_t end, scal
     const scalar* features = p.features + p.box_batch[k] * p.channels * plane;
     scalar* out = pooled + k * p.channels * bins + bin;
     for (int64_t d = 0; d < p.channels; ++d) {
-      out[d * bins] = static_cast<scalar>(bin_pool<scalar, acc>(features + d * plane, attention, p.width, rows,
-                                                                 cols, ws));
+      out[d * bins] =
+          static_cast<scalar>(bin_pool<scalar, acc>(features + d * plane, attention, p.width, rows, cols, ws));
     }
   }
 }
@@ -65,9 +65,9 @@ ImagePlan plan_by_image(const int64_t* box_batch, int64_t num_boxes, int64_t bat
 }
 
 template <typename scalar>
-void pool_backward(const PoolProblem<scalar>& p, const ImagePlan& plan, const scalar* grad_pooled,
-                   const scalar* pooled, const scalar* weight_sum, int64_t image_begin, int64_t image_end,
-                   scalar* grad_features, scalar* grad_attention) {
+void pool_backward(const PoolProblem<scalar>& p, const ImagePlan& plan, const scalar* grad_pooled, const scalar* pooled,
+                   const scalar* weight_sum, int64_t image_begin, int64_t image_end, scalar* grad_features,
+                   scalar* grad_attention) {
   using acc = acc_t<scalar>;
   const int64_t bins = p.bins(), plane = p.height * p.width, D = p.channels;
   std::vector<acc> weight, g_dot_f;
@@ -124,14 +124,13 @@ void pool_backward(const PoolProblem<scalar>& p, const ImagePlan& plan, const sc
   }
 }
 
-#define BOXLOSS_INSTANTIATE(scalar)                                                                            \
-  template void attention_forward<scalar>(const AttentionProblem<scalar>&, const scalar*, int64_t, int64_t,  \
-                                          scalar*);                                                          \
-  template void attention_backward<scalar>(const AttentionProblem<scalar>&, const scalar*, scalar*, int64_t, \
-                                           int64_t, scalar*);                                                \
-  template void pool_forward<scalar>(const PoolProblem<scalar>&, int64_t, int64_t, scalar*, scalar*);         \
-  template void pool_backward<scalar>(const PoolProblem<scalar>&, const ImagePlan&, const scalar*,            \
-                                      const scalar*, const scalar*, int64_t, int64_t, scalar*, scalar*);
+#define BOXLOSS_INSTANTIATE(scalar)                                                                                   \
+  template void attention_forward<scalar>(const AttentionProblem<scalar>&, const scalar*, int64_t, int64_t, scalar*); \
+  template void attention_backward<scalar>(const AttentionProblem<scalar>&, const scalar*, scalar*, int64_t, int64_t, \
+                                           scalar*);                                                                  \
+  template void pool_forward<scalar>(const PoolProblem<scalar>&, int64_t, int64_t, scalar*, scalar*);                 \
+  template void pool_backward<scalar>(const PoolProblem<scalar>&, const ImagePlan&, const scalar*, const scalar*,     \
+                                      const scalar*, int64_t, int64_t, scalar*, scalar*);
 BOXLOSS_INSTANTIATE(float)
 BOXLOSS_INSTANTIATE(double)
 #undef BOXLOSS_INSTANTIATE

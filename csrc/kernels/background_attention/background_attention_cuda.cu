@@ -56,8 +56,7 @@ __global__ void attention_backward_kernel(AttentionProblem<scalar> p, const scal
 }
 
 template <typename scalar>
-__global__ void pool_forward_kernel(PoolProblem<scalar> p, scalar* __restrict pooled,
-                                    scalar* __restrict weight_sum) {
+__global__ void pool_forward_kernel(PoolProblem<scalar> p, scalar* __restrict pooled, scalar* __restrict weight_sum) {
   using acc = acc_t<scalar>;
   __shared__ acc shared_ws;
   const int64_t bins = p.bins(), plane = p.height * p.width;
@@ -80,8 +79,7 @@ __global__ void pool_forward_kernel(PoolProblem<scalar> p, scalar* __restrict po
 
 template <typename scalar>
 __global__ void pool_backward_features_kernel(PoolProblem<scalar> p, const scalar* __restrict grad_pooled,
-                                              const scalar* __restrict weight_sum,
-                                              scalar* __restrict grad_features) {
+                                              const scalar* __restrict weight_sum, scalar* __restrict grad_features) {
   using acc = acc_t<scalar>;
   const int64_t bins = p.bins(), plane = p.height * p.width;
   const int64_t i = blockIdx.x, k = i / bins, bin = i % bins;
@@ -103,8 +101,7 @@ __global__ void pool_backward_features_kernel(PoolProblem<scalar> p, const scala
 
 template <typename scalar>
 __global__ void pool_backward_attention_kernel(PoolProblem<scalar> p, const scalar* __restrict grad_pooled,
-                                               const scalar* __restrict pooled,
-                                               const scalar* __restrict weight_sum,
+                                               const scalar* __restrict pooled, const scalar* __restrict weight_sum,
                                                scalar* __restrict grad_attention) {
   using acc = acc_t<scalar>;
   const int64_t bins = p.bins(), plane = p.height * p.width;
@@ -159,8 +156,7 @@ cudaError_t launch_attention_backward(const AttentionProblem<scalar>& p, const s
 }
 
 template <typename scalar>
-cudaError_t launch_pool_forward(const PoolProblem<scalar>& p, scalar* pooled, scalar* weight_sum,
-                                cudaStream_t stream) {
+cudaError_t launch_pool_forward(const PoolProblem<scalar>& p, scalar* pooled, scalar* weight_sum, cudaStream_t stream) {
   const int64_t n = p.num_boxes * p.bins();
   if (n == 0) return cudaSuccess;
   pool_forward_kernel<scalar><<<static_cast<unsigned>(n), kThreads, 0, stream>>>(p, pooled, weight_sum);
@@ -173,22 +169,22 @@ cudaError_t launch_pool_backward(const PoolProblem<scalar>& p, const scalar* gra
                                  cudaStream_t stream) {
   const int64_t n = p.num_boxes * p.bins();
   if (n == 0) return cudaSuccess;
-  pool_backward_features_kernel<scalar><<<static_cast<unsigned>(n), kThreads, 0, stream>>>(p, grad_pooled,
-                                                                                           weight_sum, grad_features);
+  pool_backward_features_kernel<scalar>
+      <<<static_cast<unsigned>(n), kThreads, 0, stream>>>(p, grad_pooled, weight_sum, grad_features);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
-  pool_backward_attention_kernel<scalar><<<static_cast<unsigned>(n), kThreads, 0, stream>>>(
-      p, grad_pooled, pooled, weight_sum, grad_attention);
+  pool_backward_attention_kernel<scalar>
+      <<<static_cast<unsigned>(n), kThreads, 0, stream>>>(p, grad_pooled, pooled, weight_sum, grad_attention);
   return cudaGetLastError();
 }
 
-#define BOXLOSS_INSTANTIATE(scalar)                                                                             \
-  template cudaError_t launch_attention_forward<scalar>(const AttentionProblem<scalar>&, const scalar*, scalar*, \
-                                                        cudaStream_t);                                        \
-  template cudaError_t launch_attention_backward<scalar>(const AttentionProblem<scalar>&, const scalar*,        \
-                                                         scalar*, scalar*, cudaStream_t);                      \
-  template cudaError_t launch_pool_forward<scalar>(const PoolProblem<scalar>&, scalar*, scalar*, cudaStream_t); \
-  template cudaError_t launch_pool_backward<scalar>(const PoolProblem<scalar>&, const scalar*, const scalar*,   \
+#define BOXLOSS_INSTANTIATE(scalar)                                                                               \
+  template cudaError_t launch_attention_forward<scalar>(const AttentionProblem<scalar>&, const scalar*, scalar*,  \
+                                                        cudaStream_t);                                            \
+  template cudaError_t launch_attention_backward<scalar>(const AttentionProblem<scalar>&, const scalar*, scalar*, \
+                                                         scalar*, cudaStream_t);                                  \
+  template cudaError_t launch_pool_forward<scalar>(const PoolProblem<scalar>&, scalar*, scalar*, cudaStream_t);   \
+  template cudaError_t launch_pool_backward<scalar>(const PoolProblem<scalar>&, const scalar*, const scalar*,     \
                                                     const scalar*, scalar*, scalar*, cudaStream_t);
 BOXLOSS_INSTANTIATE(float)
 BOXLOSS_INSTANTIATE(double)

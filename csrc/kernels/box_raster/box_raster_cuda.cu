@@ -23,8 +23,7 @@ cudaError_t launch_front(const Problem& problem, int64_t* front, cudaStream_t st
   const int64_t pixels = problem.batch * problem.height * problem.width;
   if (pixels == 0) return cudaSuccess;
   constexpr int kThreads = 256;
-  front_kernel<<<static_cast<unsigned int>((pixels + kThreads - 1) / kThreads), kThreads, 0, stream>>>(problem,
-                                                                                                      front);
+  front_kernel<<<static_cast<unsigned int>((pixels + kThreads - 1) / kThreads), kThreads, 0, stream>>>(problem, front);
   return cudaGetLastError();
 }
 

@@ -52,6 +52,7 @@
 #endif
 
 #include "boxloss/common/cpu_clones.h"
+#include "boxloss/common/vector_group.h"
 #include "boxloss/crf_inference/cpu.h"
 
 namespace boxloss {
@@ -128,11 +129,11 @@ struct Kernel {
   const int32_t* neighbours = nullptr;
   int64_t axis_stride = 0;
   int64_t num_vertices = 0;
-  const scalar* weight = nullptr;      // (N, simplex): the lattice's barycentric weights
-  AlignedBuffer<scalar> norm;          // (N): n_i m_i, the normaliser (0 at invalid pixels)
-  scalar scale = scalar(0);            // w_k alpha
-  AlignedBuffer<int32_t> order;        // (simplex, V): each axis's vertices in chain order
-  bool first_use = false;              // vertices numbered by first use in pixel order
+  const scalar* weight = nullptr;  // (N, simplex): the lattice's barycentric weights
+  AlignedBuffer<scalar> norm;      // (N): n_i m_i, the normaliser (0 at invalid pixels)
+  scalar scale = scalar(0);        // w_k alpha
+  AlignedBuffer<int32_t> order;    // (simplex, V): each axis's vertices in chain order
+  bool first_use = false;          // vertices numbered by first use in pixel order
   AlignedBuffer<scalar> grid_a, grid_b;
   scalar* splatted = nullptr;
   scalar* result = nullptr;
@@ -213,65 +214,11 @@ BOXLOSS_CPU_CLONES int32_t unary_status(const scalar* __restrict unary, int64_t 
 // Pixels per block of the softmax: one vector lane per pixel.
 constexpr int kSoftmaxPixels = 16;
 
-// The helpers that pass 32-byte vectors by value are always inlined, so the
-// baseline clone's note that such an argument changes the ABI (-Wpsabi)
-// never concerns a real call.
-#pragma GCC diagnostic ignored "-Wpsabi"
-
-// g values of one scalar type in a 32-byte vector: 8 floats or 4 doubles.
-template <typename scalar>
-constexpr int64_t kGroup = 32 / sizeof(scalar);
-template <typename scalar>
-struct GroupVector {
-  typedef scalar type __attribute__((vector_size(32)));
-};
-template <typename scalar>
-using Vec = typename GroupVector<scalar>::type;
-
-template <typename scalar>
-BOXLOSS_ALWAYS_INLINE Vec<scalar> load_group(const scalar* p) {
-  Vec<scalar> v;
-  __builtin_memcpy(&v, p, sizeof(v));
-  return v;
-}
-
-template <typename scalar>
-BOXLOSS_ALWAYS_INLINE void store_group(scalar* p, Vec<scalar> v) {
-  __builtin_memcpy(p, &v, sizeof(v));
-}
-
-// In-register transpose of a g x g block: v[j] holds element i of row j on
-// entry and element j of row i on exit.
-template <typename scalar>
-BOXLOSS_ALWAYS_INLINE void transpose_group(Vec<scalar>* v) {
-  if constexpr (kGroup<scalar> == 8) {
-    Vec<scalar> t[8], u[8];
-    for (int i = 0; i < 8; i += 2) {
-      t[i] = __builtin_shufflevector(v[i], v[i + 1], 0, 8, 1, 9, 4, 12, 5, 13);
-      t[i + 1] = __builtin_shufflevector(v[i], v[i + 1], 2, 10, 3, 11, 6, 14, 7, 15);
-    }
-    for (int i = 0; i < 8; i += 4) {
-      u[i] = __builtin_shufflevector(t[i], t[i + 2], 0, 1, 8, 9, 4, 5, 12, 13);
-      u[i + 1] = __builtin_shufflevector(t[i], t[i + 2], 2, 3, 10, 11, 6, 7, 14, 15);
-      u[i + 2] = __builtin_shufflevector(t[i + 1], t[i + 3], 0, 1, 8, 9, 4, 5, 12, 13);
-      u[i + 3] = __builtin_shufflevector(t[i + 1], t[i + 3], 2, 3, 10, 11, 6, 7, 14, 15);
-    }
-    for (int i = 0; i < 4; ++i) {
-      v[i] = __builtin_shufflevector(u[i], u[i + 4], 0, 1, 2, 3, 8, 9, 10, 11);
-      v[i + 4] = __builtin_shufflevector(u[i], u[i + 4], 4, 5, 6, 7, 12, 13, 14, 15);
-    }
-  } else {
-    static_assert(kGroup<scalar> == 4, "32-byte groups of float or double");
-    const Vec<scalar> t0 = __builtin_shufflevector(v[0], v[1], 0, 4, 2, 6);
-    const Vec<scalar> t1 = __builtin_shufflevector(v[0], v[1], 1, 5, 3, 7);
-    const Vec<scalar> t2 = __builtin_shufflevector(v[2], v[3], 0, 4, 2, 6);
-    const Vec<scalar> t3 = __builtin_shufflevector(v[2], v[3], 1, 5, 3, 7);
-    v[0] = __builtin_shufflevector(t0, t2, 0, 1, 4, 5);
-    v[1] = __builtin_shufflevector(t1, t3, 0, 1, 4, 5);
-    v[2] = __builtin_shufflevector(t0, t2, 2, 3, 6, 7);
-    v[3] = __builtin_shufflevector(t1, t3, 2, 3, 6, 7);
-  }
-}
+using simd::kGroup;
+using simd::load_group;
+using simd::store_group;
+using simd::transpose_group;
+using simd::Vec;
 
 // kSoftmaxPixels rows of `stride` values -> block[c * kSoftmaxPixels + t]
 // for every c < stride (rows of whole groups: g x g register transposes).
@@ -324,11 +271,10 @@ BOXLOSS_ALWAYS_INLINE void block_to_rows(const scalar* __restrict block, int64_t
 // kSoftmaxPixels rows goes channel-major, where the unaries (planes) are
 // subtracted and math.h's softmax runs one pixel per vector lane.
 template <typename scalar, int64_t kWidth>
-BOXLOSS_CPU_CLONES void pixel_pass(const scalar* __restrict unary, int64_t num_pixels,
-                                   const uint8_t* __restrict valid, KernelView<scalar, kAppearanceSimplex> a,
-                                   KernelView<scalar, kSmoothnessSimplex> s, bool messages, int64_t channels,
-                                   int64_t runtime_stride, int64_t p0, int64_t p1, scalar* __restrict rows,
-                                   scalar* __restrict block) {
+BOXLOSS_CPU_CLONES void pixel_pass(const scalar* __restrict unary, int64_t num_pixels, const uint8_t* __restrict valid,
+                                   KernelView<scalar, kAppearanceSimplex> a, KernelView<scalar, kSmoothnessSimplex> s,
+                                   bool messages, int64_t channels, int64_t runtime_stride, int64_t p0, int64_t p1,
+                                   scalar* __restrict rows, scalar* __restrict block) {
   const int64_t stride = kWidth > 0 ? kWidth : runtime_stride;
   for (int64_t b0 = p0; b0 < p1; b0 += kSoftmaxPixels) {
     const int64_t n = std::min<int64_t>(kSoftmaxPixels, p1 - b0);
@@ -418,15 +364,18 @@ BOXLOSS_CPU_CLONES void splat_pass(const uint8_t* __restrict valid, KernelView<s
   for (int64_t p = p0; p < p1; ++p) {
     if (a.active && p + kPrefetchAhead < p1) {
       for (int r = 0; r < kAppearanceSimplex; ++r) {
-        prefetch_row(a.grid + static_cast<int64_t>(a.index[(p + kPrefetchAhead) * kAppearanceSimplex + r]) * stride + c0,
-                     width, true);
+        prefetch_row(
+            a.grid + static_cast<int64_t>(a.index[(p + kPrefetchAhead) * kAppearanceSimplex + r]) * stride + c0, width,
+            true);
       }
     }
     const bool is_valid = valid == nullptr || valid[p] != 0;
     if (!kFirstUse && !is_valid) continue;
     const scalar* __restrict q = rows + (p - p0) * stride + c0;
-    if (a.active) splat_kernel_pixel<scalar, kAppearanceSimplex, kFirstUse, kWidth>(a, p, is_valid, stride, c0, width, q, a_next);
-    if (s.active) splat_kernel_pixel<scalar, kSmoothnessSimplex, kFirstUse, kWidth>(s, p, is_valid, stride, c0, width, q, s_next);
+    if (a.active)
+      splat_kernel_pixel<scalar, kAppearanceSimplex, kFirstUse, kWidth>(a, p, is_valid, stride, c0, width, q, a_next);
+    if (s.active)
+      splat_kernel_pixel<scalar, kSmoothnessSimplex, kFirstUse, kWidth>(s, p, is_valid, stride, c0, width, q, s_next);
   }
 }
 
@@ -499,8 +448,8 @@ BOXLOSS_CPU_CLONES void blur_chains(const int32_t* __restrict neighbours, const 
 
 // Blurs `grid` along the `axes` axes in place.
 template <typename scalar, int64_t kWidth>
-void blur_in_place(const int32_t* neighbours, int64_t axis_stride, const int32_t* order, int64_t num_vertices,
-                   int axes, int64_t stride, scalar* grid, const RangeRunner& runner) {
+void blur_in_place(const int32_t* neighbours, int64_t axis_stride, const int32_t* order, int64_t num_vertices, int axes,
+                   int64_t stride, scalar* grid, const RangeRunner& runner) {
   const int64_t grain = std::max<int64_t>(256, (int64_t{1} << 16) / std::max<int64_t>(1, stride));
   for (int axis = 0; axis < axes; ++axis) {
     runner(num_vertices, grain, [&](int64_t i0, int64_t i1) {
@@ -548,7 +497,8 @@ void prepare_kernel(const KernelLattice<scalar>& lattice, const uint8_t* valid, 
     // L m: splat the mask, blur, slice (one channel).
     k->order = AlignedBuffer<int32_t>(kSimplex * V);
     if (!chain_order(lattice.neighbours, lattice.axis_stride, V, kSimplex, k->order.get(), runner)) {
-      throw std::runtime_error("dense_crf_inference: a lattice's neighbour table does not form chains (internal error)");
+      throw std::runtime_error(
+          "dense_crf_inference: a lattice's neighbour table does not form chains (internal error)");
     }
     AlignedBuffer<scalar> mask_grid(V + 1, true);
     scalar* src = mask_grid.get();
@@ -603,8 +553,7 @@ void start_splat(Kernel<scalar>& k, int64_t stride, const RangeRunner& runner) {
 }
 
 template <typename scalar, int64_t kWidth>
-void run_image(const MeanFieldImage<scalar>& image, int64_t stride, bool split,
-               const RangeRunner& runner) {
+void run_image(const MeanFieldImage<scalar>& image, int64_t stride, bool split, const RangeRunner& runner) {
   const int64_t N = image.num_pixels;
   const int64_t C = image.channels;
   Kernel<scalar> appearance, smoothness;
@@ -694,8 +643,7 @@ int32_t mean_field_image(const MeanFieldImage<scalar>& image, const RangeRunner&
   const int64_t N = image.num_pixels;
   const int64_t C = image.channels;
   if (N == 0 || C == 0) return 0;
-  const RangeRunner runner =
-      N >= image.parallel_pixels ? given_runner : RangeRunner(permutohedral::cpu::run_serially);
+  const RangeRunner runner = N >= image.parallel_pixels ? given_runner : RangeRunner(permutohedral::cpu::run_serially);
   // Rows of whole 32-byte groups (16 bytes for up to 4 floats or 2 doubles).
   const int64_t group = C <= 16 / static_cast<int64_t>(sizeof(scalar)) ? 16 / sizeof(scalar) : 32 / sizeof(scalar);
   // Split the splat among threads by 64-byte channel blocks when there are two blocks or more.

@@ -8,6 +8,7 @@
 // (vertex, channel) runs each blur pass.
 #include <algorithm>
 
+#include "boxloss/common/grid_stride.cuh"
 #include "boxloss/crf_inference/cuda.h"
 #include "boxloss/permutohedral/math.h"
 
@@ -16,18 +17,10 @@ namespace crf_inference {
 namespace cuda {
 namespace {
 
-int grid_for(int64_t work) {
-  const int64_t blocks = (work + kThreads - 1) / kThreads;
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(blocks, 65535 * 8)));
-}
+using cuda_common::global_index;
+using cuda_common::global_stride;
 
-__device__ __forceinline__ int64_t global_index() {
-  return static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-}
-
-__device__ __forceinline__ int64_t global_stride() {
-  return static_cast<int64_t>(gridDim.x) * blockDim.x;
-}
+int grid_for(int64_t work) { return cuda_common::grid_for<kThreads>(work); }
 
 // Vertex rows and splat weights of pixel p of image b, per kernel.
 template <typename T>
@@ -231,8 +224,8 @@ cudaError_t blur_appearance(const AppearanceLattice<T>& lattice, int64_t channel
   T* src = grids->splatted;
   T* dst = grids->other(src);
   for (int axis = 0; axis < AppearanceRows<T>::kSimplex; ++axis) {
-    appearance_blur_kernel<T><<<grid_for(lattice.total_vertices * channels), kThreads, 0, stream>>>(
-        lattice, axis, channels, src, dst);
+    appearance_blur_kernel<T>
+        <<<grid_for(lattice.total_vertices * channels), kThreads, 0, stream>>>(lattice, axis, channels, src, dst);
     const cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
     std::swap(src, dst);
@@ -341,8 +334,7 @@ cudaError_t launch_mean_field_typed(const MeanFieldBatch<T>& mf, const MeanField
         s_grids.splatted = s.target;
       }
     }
-    pixel_kernel<T><<<grid_for(pixels), kThreads, 0, stream>>>(mf, buffers.rows, a_rows, a, s_rows, s, messages,
-                                                               last);
+    pixel_kernel<T><<<grid_for(pixels), kThreads, 0, stream>>>(mf, buffers.rows, a_rows, a, s_rows, s, messages, last);
     err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }
@@ -355,8 +347,8 @@ template <typename scalar>
 cudaError_t launch_check_unary(const MeanFieldBatch<scalar>& batch, int32_t* status, cudaStream_t stream) {
   const int64_t pixels = batch.batch * batch.num_pixels;
   if (pixels == 0) return cudaSuccess;
-  check_unary_kernel<scalar><<<grid_for(pixels), kThreads, 0, stream>>>(batch.unary, batch.batch, batch.channels,
-                                                                         batch.num_pixels, status);
+  check_unary_kernel<scalar>
+      <<<grid_for(pixels), kThreads, 0, stream>>>(batch.unary, batch.batch, batch.channels, batch.num_pixels, status);
   return cudaGetLastError();
 }
 

@@ -58,11 +58,10 @@ BOXLOSS_CPU_CLONES int32_t energy_chunk(const scalar* __restrict probs, int64_t 
 }
 
 template <typename scalar>
-BOXLOSS_CPU_CLONES void gradient_chunk(const scalar* __restrict probs, int64_t channels,
-                                       const uint8_t* __restrict mask, const scalar* __restrict filtered,
-                                       const scalar* __restrict reversed, const scalar* __restrict splat_weight,
-                                       int64_t num_pixels, int64_t p0, int64_t n, scalar scale,
-                                       scalar* __restrict grad) {
+BOXLOSS_CPU_CLONES void gradient_chunk(const scalar* __restrict probs, int64_t channels, const uint8_t* __restrict mask,
+                                       const scalar* __restrict filtered, const scalar* __restrict reversed,
+                                       const scalar* __restrict splat_weight, int64_t num_pixels, int64_t p0, int64_t n,
+                                       scalar scale, scalar* __restrict grad) {
   scalar c[kChunk];
   scalar valid_scale[kChunk];
   self_affinities(splat_weight, p0, n, c);
@@ -113,8 +112,8 @@ int32_t energy_image(const scalar* probs, int64_t channels, const uint8_t* mask,
 
 template <typename scalar>
 void gradient_image(const scalar* probs, int64_t channels, const uint8_t* mask, const scalar* filtered,
-                    const scalar* reversed, const scalar* splat_weight, int64_t num_pixels, scalar scale,
-                    scalar* grad, const RangeRunner& runner) {
+                    const scalar* reversed, const scalar* splat_weight, int64_t num_pixels, scalar scale, scalar* grad,
+                    const RangeRunner& runner) {
   const int64_t chunks = (num_pixels + kChunk - 1) / kChunk;
   const int64_t grain = std::max<int64_t>(4, (int64_t{1} << 18) / (kChunk * std::max<int64_t>(1, channels)));
   runner(chunks, grain, [&](int64_t begin, int64_t end) {
@@ -128,10 +127,10 @@ void gradient_image(const scalar* probs, int64_t channels, const uint8_t* mask, 
 
 template int32_t energy_image<float>(const float*, int64_t, const uint8_t*, const float*, const float*, int64_t,
                                      double*, double*, const RangeRunner&);
-template int32_t energy_image<double>(const double*, int64_t, const uint8_t*, const double*, const double*,
-                                      int64_t, double*, double*, const RangeRunner&);
-template void gradient_image<float>(const float*, int64_t, const uint8_t*, const float*, const float*,
-                                    const float*, int64_t, float, float*, const RangeRunner&);
+template int32_t energy_image<double>(const double*, int64_t, const uint8_t*, const double*, const double*, int64_t,
+                                      double*, double*, const RangeRunner&);
+template void gradient_image<float>(const float*, int64_t, const uint8_t*, const float*, const float*, const float*,
+                                    int64_t, float, float*, const RangeRunner&);
 template void gradient_image<double>(const double*, int64_t, const uint8_t*, const double*, const double*,
                                      const double*, int64_t, double, double*, const RangeRunner&);
 

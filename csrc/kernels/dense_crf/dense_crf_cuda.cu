@@ -3,6 +3,7 @@
 // for the gradient.  The per-pixel math is dense_crf/math.h.
 #include <algorithm>
 
+#include "boxloss/common/block_sum.cuh"
 #include "boxloss/dense_crf/cuda.h"
 #include "boxloss/permutohedral/math.h"
 
@@ -10,22 +11,6 @@ namespace boxloss {
 namespace dense_crf {
 namespace cuda {
 namespace {
-
-template <typename T>
-__device__ __forceinline__ T block_sum(T v) {
-  __shared__ T warp_sums[kThreads / 32];
-  for (int shift = 16; shift > 0; shift >>= 1) v += __shfl_down_sync(0xffffffffu, v, shift);
-  const int lane = threadIdx.x & 31;
-  const int warp = threadIdx.x >> 5;
-  __syncthreads();  // warp_sums may still be read by a previous call
-  if (lane == 0) warp_sums[warp] = v;
-  __syncthreads();
-  v = threadIdx.x < kThreads / 32 ? warp_sums[threadIdx.x] : T(0);
-  if (warp == 0) {
-    for (int shift = 16; shift > 0; shift >>= 1) v += __shfl_down_sync(0xffffffffu, v, shift);
-  }
-  return v;
-}
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
@@ -50,8 +35,8 @@ __global__ void __launch_bounds__(kThreads)
     if (valid) z = normaliser_term(f_mask, c);
     if (bad) atomicOr(status + b, kProbsOutOfRange);
   }
-  e = block_sum(e);
-  z = block_sum(z);
+  e = cuda_common::block_sum<kThreads>(e);
+  z = cuda_common::block_sum<kThreads>(z);
   if (threadIdx.x == 0) {
     partial_energy[b * blocks_per_image + blockIdx.x] = e;
     partial_normaliser[b * blocks_per_image + blockIdx.x] = z;
@@ -83,14 +68,12 @@ __global__ void __launch_bounds__(kThreads)
 
 }  // namespace
 
-int64_t energy_blocks_per_image(int64_t num_pixels) {
-  return (num_pixels + kThreads - 1) / kThreads;
-}
+int64_t energy_blocks_per_image(int64_t num_pixels) { return (num_pixels + kThreads - 1) / kThreads; }
 
 template <typename scalar>
-cudaError_t launch_energy(const scalar* probs, int64_t batch, int64_t channels, int64_t num_pixels,
-                          const uint8_t* mask, const scalar* filtered, const scalar* splat_weight,
-                          scalar* partial_energy, scalar* partial_normaliser, int32_t* status, cudaStream_t stream) {
+cudaError_t launch_energy(const scalar* probs, int64_t batch, int64_t channels, int64_t num_pixels, const uint8_t* mask,
+                          const scalar* filtered, const scalar* splat_weight, scalar* partial_energy,
+                          scalar* partial_normaliser, int32_t* status, cudaStream_t stream) {
   const int64_t blocks = energy_blocks_per_image(num_pixels);
   const int64_t max_grid_y = 65535;
   for (int64_t begin = 0; begin < batch; begin += max_grid_y) {

@@ -88,21 +88,16 @@ class VertexTable {
   }
 
   std::vector<Slot> slots_;
-  std::vector<int32_t> keys_;    // (size, d)
+  std::vector<int32_t> keys_;     // (size, d)
   std::vector<uint32_t> hashes_;  // (size,)
   uint64_t mask_ = 0;
 };
 
-template <typename scalar>
-BOXLOSS_ALWAYS_INLINE bool is_finite(scalar v) {
-  return (v - v) == scalar(0);
-}
-
 // Locates every pixel's simplex and numbers its vertices; returns the status bits.
 template <typename scalar>
-BOXLOSS_CPU_CLONES int32_t splat_pixels(const scalar* __restrict image, int64_t height, int64_t width,
-                                        double sigma_xy, double sigma_rgb, VertexTable* table,
-                                        int32_t* __restrict splat_index, scalar* __restrict splat_weight) {
+BOXLOSS_CPU_CLONES int32_t splat_pixels(const scalar* __restrict image, int64_t height, int64_t width, double sigma_xy,
+                                        double sigma_rgb, VertexTable* table, int32_t* __restrict splat_index,
+                                        scalar* __restrict splat_weight) {
   const int64_t num_pixels = height * width;
   const scalar inv_xy = static_cast<scalar>(1.0 / sigma_xy);
   const scalar inv_rgb = static_cast<scalar>(1.0 / sigma_rgb);
@@ -119,14 +114,14 @@ BOXLOSS_CPU_CLONES int32_t splat_pixels(const scalar* __restrict image, int64_t 
   for (int64_t y = 0; y < height; ++y) {
     for (int64_t x = 0; x < width; ++x) {
       const int64_t p = y * width + x;
-      const scalar feature[kDim] = {static_cast<scalar>(x) * inv_xy, static_cast<scalar>(y) * inv_xy,
-                                    red[p] * inv_rgb, green[p] * inv_rgb, blue[p] * inv_rgb};
+      const scalar feature[kDim] = {static_cast<scalar>(x) * inv_xy, static_cast<scalar>(y) * inv_xy, red[p] * inv_rgb,
+                                    green[p] * inv_rgb, blue[p] * inv_rgb};
       int32_t* index = splat_index + p * kVertices;
       scalar* weight = splat_weight + p * kVertices;
       Simplex<scalar> simplex;
       locate(feature, &simplex);
       if (!simplex.ok) {
-        const bool finite = is_finite(red[p]) && is_finite(green[p]) && is_finite(blue[p]);
+        const bool finite = math::is_finite(red[p]) && math::is_finite(green[p]) && math::is_finite(blue[p]);
         status |= finite ? kFeaturesTooLarge : kImageNotFinite;
         for (int r = 0; r < kVertices; ++r) {
           index[r] = 0;
@@ -184,10 +179,8 @@ void build_lattice(const scalar* image, int64_t height, int64_t width, double si
   find_neighbours(table, out->neighbours.data());
 }
 
-template void build_lattice<float>(const float*, int64_t, int64_t, double, double, int32_t*, float*,
-                                   ImageLattice*);
-template void build_lattice<double>(const double*, int64_t, int64_t, double, double, int32_t*, double*,
-                                    ImageLattice*);
+template void build_lattice<float>(const float*, int64_t, int64_t, double, double, int32_t*, float*, ImageLattice*);
+template void build_lattice<double>(const double*, int64_t, int64_t, double, double, int32_t*, double*, ImageLattice*);
 
 }  // namespace cpu
 }  // namespace permutohedral

@@ -15,6 +15,7 @@
 // per (vertex, channel) for each blur pass.
 #include <algorithm>
 
+#include "boxloss/common/grid_stride.cuh"
 #include "boxloss/permutohedral/cuda.h"
 
 namespace boxloss {
@@ -22,23 +23,10 @@ namespace permutohedral {
 namespace cuda {
 namespace {
 
-int grid_for(int64_t work) {
-  const int64_t blocks = (work + kThreads - 1) / kThreads;
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(blocks, 65535 * 8)));
-}
+using cuda_common::global_index;
+using cuda_common::global_stride;
 
-__device__ __forceinline__ int64_t global_index() {
-  return static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-}
-
-__device__ __forceinline__ int64_t global_stride() {
-  return static_cast<int64_t>(gridDim.x) * blockDim.x;
-}
-
-template <typename T>
-__device__ __forceinline__ bool finite_value(T v) {
-  return (v - v) == T(0);
-}
+int grid_for(int64_t work) { return cuda_common::grid_for<kThreads>(work); }
 
 // Slot (within the image's table) holding `key`, claimed for `entry` if no
 // slot holds it yet.
@@ -91,7 +79,7 @@ __global__ void __launch_bounds__(kThreads)
     T* weight = splat_weight + g * kVertices;
     int32_t* slot = buffers.entry_slot + g * kVertices;
     if (!simplex.ok) {
-      const bool finite = finite_value(red) && finite_value(green) && finite_value(blue);
+      const bool finite = math::is_finite(red) && math::is_finite(green) && math::is_finite(blue);
       atomicOr(buffers.status + b, finite ? kFeaturesTooLarge : kImageNotFinite);
       for (int r = 0; r < kVertices; ++r) {
         weight[r] = T(0);
@@ -153,7 +141,7 @@ __global__ void __launch_bounds__(kThreads)
     T value;
     if (c < input.channels) {
       value = valid ? input.values[(b * input.channels + c) * n + p] : T(0);
-      if (!finite_value(value)) atomicOr(status + b, kValuesNotFinite);
+      if (!math::is_finite(value)) atomicOr(status + b, kValuesNotFinite);
     } else {
       value = static_cast<T>(valid);
     }
@@ -236,9 +224,8 @@ int64_t table_capacity(int64_t num_pixels) {
   return capacity;
 }
 
-cudaError_t launch_insert(const void* image, DType dtype, int64_t batch, int64_t height, int64_t width,
-                          double sigma_xy, double sigma_rgb, void* splat_weight, const BuildBuffers& buffers,
-                          cudaStream_t stream) {
+cudaError_t launch_insert(const void* image, DType dtype, int64_t batch, int64_t height, int64_t width, double sigma_xy,
+                          double sigma_rgb, void* splat_weight, const BuildBuffers& buffers, cudaStream_t stream) {
   if (dtype == DType::kFloat64) {
     return launch_insert_typed(static_cast<const double*>(image), batch, height, width, sigma_xy, sigma_rgb,
                                static_cast<double*>(splat_weight), buffers, stream);
@@ -252,7 +239,7 @@ cudaError_t launch_finish(int64_t batch, int64_t num_pixels, const BuildBuffers&
                           int32_t* blur_neighbours, cudaStream_t stream) {
   const int64_t entries = batch * num_pixels * kVertices;
   number_entries_kernel<<<grid_for(entries), kThreads, 0, stream>>>(entries, num_pixels * kVertices, buffers,
-                                                                      slot_vertex, splat_index);
+                                                                    slot_vertex, splat_index);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess || total_vertices == 0) return err;
   neighbours_kernel<<<grid_for(total_vertices), kThreads, 0, stream>>>(total_vertices, buffers, slot_vertex,
@@ -275,8 +262,8 @@ cudaError_t launch_filter(const Lattice<scalar>& lattice, const int32_t* vertex_
   const int64_t vertex_values = lattice.total_vertices * channels;
   for (int step = 0; step < kVertices && vertex_values > 0; ++step) {
     const int axis = reverse ? kDim - step : step;
-    blur_kernel<scalar><<<grid_for(vertex_values), kThreads, 0, stream>>>(lattice, vertex_image, axis, channels, src,
-                                                                          dst, status);
+    blur_kernel<scalar>
+        <<<grid_for(vertex_values), kThreads, 0, stream>>>(lattice, vertex_image, axis, channels, src, dst, status);
     err = cudaGetLastError();
     if (err != cudaSuccess) return err;
     std::swap(src, dst);

@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "boxloss/common/cpu_clones.h"
+#include "boxloss/common/vector_group.h"
 #include "boxloss/permutohedral/cpu.h"
 
 namespace boxloss {
@@ -31,39 +32,11 @@ namespace {
 
 constexpr int64_t kTile = 512;  // pixels per tile: one image row of a 513 x 513 image, 2 KB of a float plane
 
-// Channels per group: one 32-byte vector.
-template <typename scalar>
-constexpr int64_t kGroup = 32 / sizeof(scalar);
-
-// The helpers that pass these vectors by value are always inlined, so the
-// baseline clone's note that a 32-byte vector argument changes the ABI
-// (-Wpsabi) never concerns a real call.
-#pragma GCC diagnostic ignored "-Wpsabi"
-
-// One group as a GCC vector.  Vertex rows of whole groups are 32-byte
-// aligned; written as 32-byte vectors they never straddle a cache line,
-// whereas the auto-vectoriser's 64-byte vectors (AVX-512 clone) split every
-// other 96-byte row of a 21-channel filter across two lines.  Measured at
-// 513 x 513 on one core, 8- and 16-channel filters took half the time with
-// 32-byte vectors, 21 channels a few percent less.
-template <typename scalar>
-struct GroupVector {
-  typedef scalar type __attribute__((vector_size(32)));
-};
-template <typename scalar>
-using Vec = typename GroupVector<scalar>::type;
-
-template <typename scalar>
-BOXLOSS_ALWAYS_INLINE Vec<scalar> load_group(const scalar* p) {
-  Vec<scalar> v;
-  __builtin_memcpy(&v, p, sizeof(v));
-  return v;
-}
-
-template <typename scalar>
-BOXLOSS_ALWAYS_INLINE void store_group(scalar* p, Vec<scalar> v) {
-  __builtin_memcpy(p, &v, sizeof(v));
-}
+using simd::kGroup;
+using simd::load_group;
+using simd::store_group;
+using simd::transpose_group;
+using simd::Vec;
 
 // 64-byte aligned, uninitialised storage.
 template <typename T>
@@ -168,41 +141,6 @@ void with_width(int64_t width, F&& f) {
     case 24: f(std::integral_constant<int64_t, 24>()); break;
     case 32: f(std::integral_constant<int64_t, 32>()); break;
     default: f(std::integral_constant<int64_t, 0>()); break;
-  }
-}
-
-// In-register transpose of a g x g block: v[j] holds element i of row j on
-// entry and row i's element j on exit (8 x 8 floats, 4 x 4 doubles), in
-// three (two) rounds of two-input shuffles: unpack, 64-bit pairs, 128-bit
-// halves.
-template <typename scalar>
-BOXLOSS_ALWAYS_INLINE void transpose_group(Vec<scalar>* v) {
-  if constexpr (kGroup<scalar> == 8) {
-    Vec<scalar> t[8], u[8];
-    for (int i = 0; i < 8; i += 2) {
-      t[i] = __builtin_shufflevector(v[i], v[i + 1], 0, 8, 1, 9, 4, 12, 5, 13);
-      t[i + 1] = __builtin_shufflevector(v[i], v[i + 1], 2, 10, 3, 11, 6, 14, 7, 15);
-    }
-    for (int i = 0; i < 8; i += 4) {
-      u[i] = __builtin_shufflevector(t[i], t[i + 2], 0, 1, 8, 9, 4, 5, 12, 13);
-      u[i + 1] = __builtin_shufflevector(t[i], t[i + 2], 2, 3, 10, 11, 6, 7, 14, 15);
-      u[i + 2] = __builtin_shufflevector(t[i + 1], t[i + 3], 0, 1, 8, 9, 4, 5, 12, 13);
-      u[i + 3] = __builtin_shufflevector(t[i + 1], t[i + 3], 2, 3, 10, 11, 6, 7, 14, 15);
-    }
-    for (int i = 0; i < 4; ++i) {
-      v[i] = __builtin_shufflevector(u[i], u[i + 4], 0, 1, 2, 3, 8, 9, 10, 11);
-      v[i + 4] = __builtin_shufflevector(u[i], u[i + 4], 4, 5, 6, 7, 12, 13, 14, 15);
-    }
-  } else {
-    static_assert(kGroup<scalar> == 4, "32-byte groups of float or double");
-    const Vec<scalar> t0 = __builtin_shufflevector(v[0], v[1], 0, 4, 2, 6);
-    const Vec<scalar> t1 = __builtin_shufflevector(v[0], v[1], 1, 5, 3, 7);
-    const Vec<scalar> t2 = __builtin_shufflevector(v[2], v[3], 0, 4, 2, 6);
-    const Vec<scalar> t3 = __builtin_shufflevector(v[2], v[3], 1, 5, 3, 7);
-    v[0] = __builtin_shufflevector(t0, t2, 0, 1, 4, 5);
-    v[1] = __builtin_shufflevector(t1, t3, 0, 1, 4, 5);
-    v[2] = __builtin_shufflevector(t0, t2, 2, 3, 6, 7);
-    v[3] = __builtin_shufflevector(t1, t3, 2, 3, 6, 7);
   }
 }
 
@@ -323,9 +261,8 @@ BOXLOSS_ALWAYS_INLINE int64_t vertex_row(int32_t v, int64_t num_vertices, int32_
 // was NaN or Inf.
 template <typename scalar, int64_t kWidth, bool kChecked>
 BOXLOSS_ALWAYS_INLINE int32_t splat_tile_fixed(const int32_t* __restrict index, const scalar* __restrict weight,
-                                               const scalar* const* planes, int64_t n, int64_t c_begin,
-                                               int64_t stride, int64_t num_vertices, scalar* __restrict grid,
-                                               int32_t* bad_index) {
+                                               const scalar* const* planes, int64_t n, int64_t c_begin, int64_t stride,
+                                               int64_t num_vertices, scalar* __restrict grid, int32_t* bad_index) {
   constexpr int64_t g = kGroup<scalar>;
   constexpr int64_t kGroups = kWidth / g;
   Vec<scalar> not_finite = {};  // stays 0 unless a value is NaN or Inf (x - x is then NaN)
@@ -401,7 +338,8 @@ BOXLOSS_ALWAYS_INLINE void slice_tile(const int32_t* __restrict index, const sca
       for (int64_t q = 0; q < kGroups; ++q) store_group(tile + (q * kTile + t) * g, acc[q]);
     } else {
       for (int64_t q = 0; q < groups; ++q) {
-        Vec<scalar> acc = w[0] * load_group(grid + vertex_row<kChecked>(idx[0], num_vertices, &unused) * stride + q * g);
+        Vec<scalar> acc =
+            w[0] * load_group(grid + vertex_row<kChecked>(idx[0], num_vertices, &unused) * stride + q * g);
         for (int r = 1; r < kVertices; ++r) {
           acc += w[r] * load_group(grid + vertex_row<kChecked>(idx[r], num_vertices, &unused) * stride + q * g);
         }
@@ -418,9 +356,9 @@ BOXLOSS_ALWAYS_INLINE void slice_tile(const int32_t* __restrict index, const sca
 // outside [0, num_vertices) (it was sent to the spare row instead).
 template <typename scalar, int64_t kWidth>
 BOXLOSS_CPU_CLONES int32_t splat_channels(const int32_t* __restrict index, const scalar* __restrict weight,
-                                       const FilterInput<scalar>& input, int64_t num_pixels, int64_t c_begin,
-                                       int64_t runtime_width, int64_t stride, int64_t num_vertices,
-                                       scalar* __restrict grid) {
+                                          const FilterInput<scalar>& input, int64_t num_pixels, int64_t c_begin,
+                                          int64_t runtime_width, int64_t stride, int64_t num_vertices,
+                                          scalar* __restrict grid) {
   const int64_t width = kWidth > 0 ? kWidth : runtime_width;
   constexpr int64_t g = kGroup<scalar>;
   int32_t bad_value = 0;
@@ -509,8 +447,8 @@ BOXLOSS_CPU_CLONES int32_t splat_channels(const int32_t* __restrict index, const
 // Returns 1 if a neighbour number was outside [-1, num_vertices).
 template <typename scalar, int64_t kWidth>
 BOXLOSS_CPU_CLONES int32_t blur_vertices(const int32_t* __restrict neighbours, const scalar* __restrict src,
-                                         scalar* __restrict dst, int64_t num_vertices, int64_t v_begin,
-                                         int64_t v_end, int64_t runtime_stride) {
+                                         scalar* __restrict dst, int64_t num_vertices, int64_t v_begin, int64_t v_end,
+                                         int64_t runtime_stride) {
   const int64_t stride = kWidth > 0 ? kWidth : runtime_stride;
   const scalar half = scalar(0.5);
   int32_t bad = 0;
@@ -602,7 +540,7 @@ void run_serially(int64_t n, int64_t /*grain*/, const RangeFn& fn) {
 
 template <typename scalar>
 int32_t filter_image(const Lattice<scalar>& lattice, int64_t b, const FilterInput<scalar>& input, bool reverse,
-                  scalar* out, const RangeRunner& runner) {
+                     scalar* out, const RangeRunner& runner) {
   const int64_t num_pixels = lattice.num_pixels;
   const int64_t num_vertices = lattice.vertices_of(b);
   const int64_t channels = input.filtered_channels();
@@ -634,8 +572,8 @@ int32_t filter_image(const Lattice<scalar>& lattice, int64_t b, const FilterInpu
     const int64_t c_begin = begin * block;
     const int64_t width = std::min(end * block, stride) - c_begin;
     with_width(width, [&](auto fixed) {
-      block_status[static_cast<size_t>(begin)] = splat_channels<scalar, fixed()>(
-          index, weight, input, num_pixels, c_begin, width, stride, num_vertices, src);
+      block_status[static_cast<size_t>(begin)] =
+          splat_channels<scalar, fixed()>(index, weight, input, num_pixels, c_begin, width, stride, num_vertices, src);
     });
   });
   int32_t status = 0;
@@ -653,9 +591,9 @@ int32_t filter_image(const Lattice<scalar>& lattice, int64_t b, const FilterInpu
     const int32_t* neighbours = lattice.neighbours_of(b, axis, 0);
     runner(vertex_chunks, 1, [&](int64_t begin, int64_t end) {
       with_width(stride, [&](auto fixed) {
-        chunk_status[static_cast<size_t>(begin)] |= blur_vertices<scalar, fixed()>(
-            neighbours, src, dst, num_vertices, begin * vertex_grain, std::min(end * vertex_grain, num_vertices),
-            stride);
+        chunk_status[static_cast<size_t>(begin)] |=
+            blur_vertices<scalar, fixed()>(neighbours, src, dst, num_vertices, begin * vertex_grain,
+                                           std::min(end * vertex_grain, num_vertices), stride);
       });
     });
     std::swap(src, dst);

@@ -119,19 +119,11 @@ BOXLOSS_CPU_CLONES void forward_box(const Problem& problem, int64_t k, const Out
 
 }  // namespace
 
-void resolve_boxes(const double* boxes, const int64_t* box_batch, const int64_t* box_labels, int64_t begin,
-                   int64_t end, double spatial_scale, int64_t batch, int64_t num_channels, int64_t height,
-                   int64_t width, int64_t* ranges, int32_t* status) {
+void resolve_boxes(const double* boxes, const int64_t* box_batch, const int64_t* box_labels, int64_t begin, int64_t end,
+                   double spatial_scale, int64_t batch, int64_t num_channels, int64_t height, int64_t width,
+                   int64_t* ranges, int32_t* status) {
   for (int64_t k = begin; k < end; ++k) {
-    const double* b = boxes + 4 * k;
-    status[k] = boxes::box_status(b[0], b[1], b[2], b[3], box_batch[k], box_labels[k], batch, num_channels);
-    const boxes::BoxPixels px = status[k] == 0
-                                    ? boxes::box_pixels(b[0], b[1], b[2], b[3], spatial_scale, height, width)
-                                    : boxes::BoxPixels{0, 0, 0, 0};
-    ranges[4 * k + 0] = px.row_begin;
-    ranges[4 * k + 1] = px.row_end;
-    ranges[4 * k + 2] = px.col_begin;
-    ranges[4 * k + 3] = px.col_end;
+    resolve_box(boxes, box_batch, box_labels, k, spatial_scale, batch, num_channels, height, width, ranges, status);
   }
 }
 
@@ -179,9 +171,9 @@ BackwardPlan plan_backward(int64_t num_boxes, int64_t num_planes, int64_t height
 }
 
 template <typename scalar>
-void backward_planes(const BackwardPlan& plan, int64_t plane_begin, int64_t plane_end, int64_t height,
-                     int64_t width, const scalar* grad_row_max, const scalar* grad_col_max,
-                     const int64_t* row_index, const int64_t* col_index, scalar* grad) {
+void backward_planes(const BackwardPlan& plan, int64_t plane_begin, int64_t plane_end, int64_t height, int64_t width,
+                     const scalar* grad_row_max, const scalar* grad_col_max, const int64_t* row_index,
+                     const int64_t* col_index, scalar* grad) {
   const int64_t plane_size = height * width;
   for (int64_t p = plane_begin; p < plane_end; ++p) {
     std::fill(grad + p * plane_size, grad + (p + 1) * plane_size, scalar(0));
@@ -198,9 +190,8 @@ void backward_planes(const BackwardPlan& plan, int64_t plane_begin, int64_t plan
 }
 
 template <typename scalar>
-void backward_boxes(int64_t num_boxes, int64_t num_planes, int64_t height, int64_t width,
-                    const scalar* grad_row_max, const scalar* grad_col_max, const int64_t* row_index,
-                    const int64_t* col_index, scalar* grad) {
+void backward_boxes(int64_t num_boxes, int64_t num_planes, int64_t height, int64_t width, const scalar* grad_row_max,
+                    const scalar* grad_col_max, const int64_t* row_index, const int64_t* col_index, scalar* grad) {
   const BackwardPlan plan = plan_backward(num_boxes, num_planes, height, width, row_index, col_index);
   if (!plan.valid) return;
   backward_planes(plan, 0, num_planes, height, width, grad_row_max, grad_col_max, row_index, col_index, grad);
@@ -212,10 +203,10 @@ template void backward_planes<float>(const BackwardPlan&, int64_t, int64_t, int6
                                      const float*, const int64_t*, const int64_t*, float*);
 template void backward_planes<double>(const BackwardPlan&, int64_t, int64_t, int64_t, int64_t, const double*,
                                       const double*, const int64_t*, const int64_t*, double*);
-template void backward_boxes<float>(int64_t, int64_t, int64_t, int64_t, const float*, const float*,
-                                    const int64_t*, const int64_t*, float*);
-template void backward_boxes<double>(int64_t, int64_t, int64_t, int64_t, const double*, const double*,
-                                     const int64_t*, const int64_t*, double*);
+template void backward_boxes<float>(int64_t, int64_t, int64_t, int64_t, const float*, const float*, const int64_t*,
+                                    const int64_t*, float*);
+template void backward_boxes<double>(int64_t, int64_t, int64_t, int64_t, const double*, const double*, const int64_t*,
+                                     const int64_t*, double*);
 
 }  // namespace cpu
 }  // namespace row_col_max

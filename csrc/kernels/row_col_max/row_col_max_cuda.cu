@@ -17,20 +17,12 @@ constexpr int kThreads = 256;
 constexpr int kWarpsPerBlock = kThreads / 32;
 
 __global__ void resolve_boxes_kernel(const double* __restrict boxes, const int64_t* __restrict box_batch,
-                                     const int64_t* __restrict box_labels, int64_t num_boxes,
-                                     double spatial_scale, int64_t batch, int64_t num_channels, int64_t height,
-                                     int64_t width, int64_t* __restrict ranges, int32_t* __restrict status) {
+                                     const int64_t* __restrict box_labels, int64_t num_boxes, double spatial_scale,
+                                     int64_t batch, int64_t num_channels, int64_t height, int64_t width,
+                                     int64_t* __restrict ranges, int32_t* __restrict status) {
   const int64_t k = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (k >= num_boxes) return;
-  const double* b = boxes + 4 * k;
-  const int32_t s = boxes::box_status(b[0], b[1], b[2], b[3], box_batch[k], box_labels[k], batch, num_channels);
-  status[k] = s;
-  const boxes::BoxPixels px =
-      s == 0 ? boxes::box_pixels(b[0], b[1], b[2], b[3], spatial_scale, height, width) : boxes::BoxPixels{0, 0, 0, 0};
-  ranges[4 * k + 0] = px.row_begin;
-  ranges[4 * k + 1] = px.row_end;
-  ranges[4 * k + 2] = px.col_begin;
-  ranges[4 * k + 3] = px.col_end;
+  resolve_box(boxes, box_batch, box_labels, k, spatial_scale, batch, num_channels, height, width, ranges, status);
 }
 
 template <typename scalar>
@@ -130,8 +122,7 @@ unsigned int blocks_for(int64_t items, int64_t per_block) {
 
 cudaError_t launch_resolve_boxes(const double* boxes, const int64_t* box_batch, const int64_t* box_labels,
                                  int64_t num_boxes, double spatial_scale, int64_t batch, int64_t num_channels,
-                                 int64_t height, int64_t width, int64_t* ranges, int32_t* status,
-                                 cudaStream_t stream) {
+                                 int64_t height, int64_t width, int64_t* ranges, int32_t* status, cudaStream_t stream) {
   if (num_boxes == 0) return cudaSuccess;
   resolve_boxes_kernel<<<blocks_for(num_boxes, kThreads), kThreads, 0, stream>>>(
       boxes, box_batch, box_labels, num_boxes, spatial_scale, batch, num_channels, height, width, ranges, status);
@@ -141,12 +132,12 @@ cudaError_t launch_resolve_boxes(const double* boxes, const int64_t* box_batch, 
 template <typename scalar>
 cudaError_t launch_forward(const Problem& problem, const Outputs<scalar>& out, cudaStream_t stream) {
   if (problem.num_boxes == 0) return cudaSuccess;
-  row_max_kernel<scalar><<<blocks_for(problem.num_boxes * problem.height, kWarpsPerBlock), kThreads, 0, stream>>>(
-      problem, out);
+  row_max_kernel<scalar>
+      <<<blocks_for(problem.num_boxes * problem.height, kWarpsPerBlock), kThreads, 0, stream>>>(problem, out);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
-  col_max_kernel<scalar><<<blocks_for(problem.num_boxes * problem.width, kThreads), kThreads, 0, stream>>>(
-      problem, out);
+  col_max_kernel<scalar>
+      <<<blocks_for(problem.num_boxes * problem.width, kThreads), kThreads, 0, stream>>>(problem, out);
   return cudaGetLastError();
 }
 
@@ -166,8 +157,8 @@ template cudaError_t launch_forward<float>(const Problem&, const Outputs<float>&
 template cudaError_t launch_forward<double>(const Problem&, const Outputs<double>&, cudaStream_t);
 template cudaError_t launch_backward<float>(int64_t, int64_t, int64_t, const float*, const float*, const int64_t*,
                                             const int64_t*, float*, cudaStream_t);
-template cudaError_t launch_backward<double>(int64_t, int64_t, int64_t, const double*, const double*,
-                                             const int64_t*, const int64_t*, double*, cudaStream_t);
+template cudaError_t launch_backward<double>(int64_t, int64_t, int64_t, const double*, const double*, const int64_t*,
+                                             const int64_t*, double*, cudaStream_t);
 
 }  // namespace cuda
 }  // namespace row_col_max

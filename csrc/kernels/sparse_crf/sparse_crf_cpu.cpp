@@ -1,6 +1,7 @@
 // CPU core of the Sparse-CRF loss: row by row, each inner loop runs over x with
 // unit stride and no branches so that the compiler vectorises it.  A row's
-// colour weights are computed once into a small buffer and reused by every
+// colour weights are computed once into a small buffer (pair_weights of
+// math.h, which the CUDA kernel runs for one pair) and reused by every
 // channel; nothing of size [B, neighbours, H, W] ever exists.
 #include "boxloss/sparse_crf/cpu.h"
 
@@ -24,10 +25,11 @@ BOXLOSS_ALWAYS_INLINE bool shifted_row_in_plane(int64_t y2, int32_t dx, int64_t 
 
 // Fills weight[x] = valid(p) valid(q) exp(-||I_p - I_q||^2 / (2 sigma^2)) for the
 // pairs p = (y, x), q = (y + dy, x + dx) with x in [x_begin, x_end), and 0 for
-// every other x of the row.  RGB (K = 3) and grey (K = 1) images take a single
-// fused pass; other K accumulate the squared distance in `scratch` first.
-// With `whole_row` (see shifted_row_in_plane) the arithmetic runs over the whole
-// row and the columns outside [x_begin, x_end) are zeroed afterwards.
+// every other x of the row: pair_weights (math.h) over the row, with the
+// channel sum of RGB (K = 3) and grey (K = 1) images unrolled and other K
+// summed channel by channel in `scratch`.  With `whole_row` (see
+// shifted_row_in_plane) the arithmetic runs over the whole row and the
+// columns outside [x_begin, x_end) are zeroed afterwards.
 template <typename scalar>
 BOXLOSS_ALWAYS_INLINE void pair_weights_row(const Problem& problem, int64_t b, int64_t y, Offset offset,
                                             int64_t x_begin, int64_t x_end, bool whole_row,
@@ -45,42 +47,22 @@ BOXLOSS_ALWAYS_INLINE void pair_weights_row(const Problem& problem, int64_t b, i
     x_end = width;
   }
   const scalar* image = static_cast<const scalar*>(problem.image) + b * K * plane;
-  const scalar* __restrict p0 = image + y * width;
-  const scalar* __restrict q0 = image + y2 * width + dx;
-  if (K == 3) {
-    const scalar* __restrict p1 = p0 + plane;
-    const scalar* __restrict p2 = p0 + 2 * plane;
-    const scalar* __restrict q1 = q0 + plane;
-    const scalar* __restrict q2 = q0 + 2 * plane;
-    for (int64_t x = x_begin; x < x_end; ++x) {
-      const acc d0 = static_cast<acc>(p0[x]) - static_cast<acc>(q0[x]);
-      const acc d1 = static_cast<acc>(p1[x]) - static_cast<acc>(q1[x]);
-      const acc d2 = static_cast<acc>(p2[x]) - static_cast<acc>(q2[x]);
-      weight[x] = pair_weight<acc>(d0 * d0 + d1 * d1 + d2 * d2, scale);
-    }
-  } else if (K == 1) {
-    for (int64_t x = x_begin; x < x_end; ++x) {
-      const acc d0 = static_cast<acc>(p0[x]) - static_cast<acc>(q0[x]);
-      weight[x] = pair_weight<acc>(d0 * d0, scale);
-    }
-  } else {
-    for (int64_t x = x_begin; x < x_end; ++x) scratch[x] = acc(0);
-    for (int64_t k = 0; k < K; ++k) {
-      const scalar* __restrict ip = p0 + k * plane;
-      const scalar* __restrict iq = q0 + k * plane;
-      for (int64_t x = x_begin; x < x_end; ++x) {
-        const acc d = static_cast<acc>(ip[x]) - static_cast<acc>(iq[x]);
-        scratch[x] += d * d;
-      }
-    }
-    for (int64_t x = x_begin; x < x_end; ++x) weight[x] = pair_weight<acc>(scratch[x], scale);
-  }
+  const scalar* p = image + y * width + x_begin;
+  const scalar* q = image + y2 * width + dx + x_begin;
+  const uint8_t* vp = nullptr;
+  const uint8_t* vq = nullptr;
   if (problem.valid != nullptr) {
-    const uint8_t* __restrict vp = problem.valid + b * plane + y * width;
-    const uint8_t* __restrict vq = problem.valid + b * plane + y2 * width + dx;
-    for (int64_t x = x_begin; x < x_end; ++x) {
-      weight[x] *= static_cast<acc>(vp[x] & vq[x]);
-    }
+    vp = problem.valid + b * plane + y * width + x_begin;
+    vq = problem.valid + b * plane + y2 * width + dx + x_begin;
+  }
+  const int64_t count = x_end - x_begin;
+  const auto to_acc = [](scalar v) { return static_cast<acc>(v); };
+  if (K == 3) {
+    pair_weights<3>(p, q, plane, K, vp, vq, count, scale, to_acc, scratch + x_begin, weight + x_begin);
+  } else if (K == 1) {
+    pair_weights<1>(p, q, plane, K, vp, vq, count, scale, to_acc, scratch + x_begin, weight + x_begin);
+  } else {
+    pair_weights<0>(p, q, plane, K, vp, vq, count, scale, to_acc, scratch + x_begin, weight + x_begin);
   }
   for (int64_t x = 0; x < paired_begin; ++x) weight[x] = acc(0);
   for (int64_t x = paired_end; x < width; ++x) weight[x] = acc(0);
@@ -104,7 +86,7 @@ BOXLOSS_ALWAYS_INLINE int32_t row_status(const Problem& problem, int64_t b, int6
   for (int64_t k = 0; k < problem.image_channels; ++k) {
     const scalar* __restrict row = image + k * plane + y * width;
     for (int64_t x = 0; x < width; ++x) {
-      image_bad |= static_cast<int32_t>(not_finite(static_cast<acc>(row[x])));
+      image_bad |= static_cast<int32_t>(!is_finite(static_cast<acc>(row[x])));
     }
   }
   return (probs_bad ? kProbsOutOfRange : 0) | (image_bad ? kImageNotFinite : 0);
@@ -206,8 +188,8 @@ BOXLOSS_ALWAYS_INLINE double row_total(const acc* __restrict values, int64_t wid
 }
 
 template <typename scalar, Kind kind, int NB>
-BOXLOSS_CPU_CLONES void forward_rows_impl(const Problem& problem, int64_t row_begin, int64_t row_end,
-                                          double* row_sums, int32_t* row_status_out) {
+BOXLOSS_CPU_CLONES void forward_rows_impl(const Problem& problem, int64_t row_begin, int64_t row_end, double* row_sums,
+                                          int32_t* row_status_out) {
   using acc = acc_t<scalar>;
   constexpr int N = NB / 2;  // each unordered pair once
   const int64_t height = problem.height;
@@ -291,8 +273,9 @@ class BackwardWeights {
   // compiled for AVX2/AVX-512, an outlined helper would run the baseline code.
   BOXLOSS_ALWAYS_INLINE void row(int64_t b, int64_t y, RowNeighbours<acc, NB>* nb) {
     if (!cached_) {
-      neighbours_of_row<scalar, NB>(problem_, b, y, [](int j) { return backward_offset_index(j, NB); },
-                                    direct_.data(), width_, scratch_.data(), nb);
+      neighbours_of_row<scalar, NB>(
+          problem_, b, y, [](int j) { return backward_offset_index(j, NB); }, direct_.data(), width_, scratch_.data(),
+          nb);
       return;
     }
     const acc* current = forward_rows(b, y);
@@ -334,8 +317,7 @@ class BackwardWeights {
     const int64_t key = b * problem_.height + yy;
     if (ring_row_[slot] != key) {
       RowNeighbours<acc, N> unused;
-      neighbours_of_row<scalar, N>(problem_, b, yy, [](int j) { return j; }, rows, stride_, scratch_.data(),
-                                   &unused);
+      neighbours_of_row<scalar, N>(problem_, b, yy, [](int j) { return j; }, rows, stride_, scratch_.data(), &unused);
       ring_row_[slot] = key;
     }
     return rows;
@@ -355,8 +337,8 @@ class BackwardWeights {
 };
 
 template <typename scalar, Kind kind, int NB>
-BOXLOSS_CPU_CLONES void backward_rows_impl(const Problem& problem, const acc_t<scalar>* image_scale,
-                                           int64_t row_begin, int64_t row_end, scalar* grad) {
+BOXLOSS_CPU_CLONES void backward_rows_impl(const Problem& problem, const acc_t<scalar>* image_scale, int64_t row_begin,
+                                           int64_t row_end, scalar* grad) {
   using acc = acc_t<scalar>;
   const int64_t height = problem.height;
   const int64_t width = problem.width;
@@ -413,24 +395,24 @@ void forward_rows(const Problem& problem, int64_t row_begin, int64_t row_end, do
                   int32_t* row_status_out) {
   const bool eight = problem.neighbourhood == 8;
   if (problem.kind == Kind::L1) {
-    (eight ? forward_rows_impl<scalar, Kind::L1, 8> : forward_rows_impl<scalar, Kind::L1, 4>)(
-        problem, row_begin, row_end, row_sums, row_status_out);
+    (eight ? forward_rows_impl<scalar, Kind::L1, 8>
+           : forward_rows_impl<scalar, Kind::L1, 4>)(problem, row_begin, row_end, row_sums, row_status_out);
   } else {
-    (eight ? forward_rows_impl<scalar, Kind::Potts, 8> : forward_rows_impl<scalar, Kind::Potts, 4>)(
-        problem, row_begin, row_end, row_sums, row_status_out);
+    (eight ? forward_rows_impl<scalar, Kind::Potts, 8>
+           : forward_rows_impl<scalar, Kind::Potts, 4>)(problem, row_begin, row_end, row_sums, row_status_out);
   }
 }
 
 template <typename scalar>
-void backward_rows(const Problem& problem, const acc_t<scalar>* image_scale, int64_t row_begin,
-                   int64_t row_end, scalar* grad) {
+void backward_rows(const Problem& problem, const acc_t<scalar>* image_scale, int64_t row_begin, int64_t row_end,
+                   scalar* grad) {
   const bool eight = problem.neighbourhood == 8;
   if (problem.kind == Kind::L1) {
-    (eight ? backward_rows_impl<scalar, Kind::L1, 8> : backward_rows_impl<scalar, Kind::L1, 4>)(
-        problem, image_scale, row_begin, row_end, grad);
+    (eight ? backward_rows_impl<scalar, Kind::L1, 8>
+           : backward_rows_impl<scalar, Kind::L1, 4>)(problem, image_scale, row_begin, row_end, grad);
   } else {
-    (eight ? backward_rows_impl<scalar, Kind::Potts, 8> : backward_rows_impl<scalar, Kind::Potts, 4>)(
-        problem, image_scale, row_begin, row_end, grad);
+    (eight ? backward_rows_impl<scalar, Kind::Potts, 8>
+           : backward_rows_impl<scalar, Kind::Potts, 4>)(problem, image_scale, row_begin, row_end, grad);
   }
 }
 

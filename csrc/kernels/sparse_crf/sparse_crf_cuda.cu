@@ -1,12 +1,14 @@
 // CUDA kernels of the Sparse-CRF loss.  One thread per pixel; the colour
 // weight, the pairwise term and the reduction are fused, and the per-pixel
 // math is the host/device code of boxloss/sparse_crf/math.h that the CPU
-// kernel runs too.  No [B, neighbours, H, W] tensor exists in either pass.
+// kernel runs too (pair_weights for one pair here, for a run of a row there).
+// No [B, neighbours, H, W] tensor exists in either pass.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
 #include <algorithm>
 
+#include "boxloss/common/block_sum.cuh"
 #include "boxloss/sparse_crf/cuda.h"
 
 namespace boxloss {
@@ -15,16 +17,21 @@ namespace cuda {
 namespace {
 
 template <typename T>
+__device__ __forceinline__ acc_t<T> to_acc(T v) {
+  return static_cast<acc_t<T>>(v);
+}
+template <>
+__device__ __forceinline__ float to_acc<__half>(__half v) {
+  return __half2float(v);
+}
+template <>
+__device__ __forceinline__ float to_acc<__nv_bfloat16>(__nv_bfloat16 v) {
+  return __bfloat162float(v);
+}
+
+template <typename T>
 __device__ __forceinline__ acc_t<T> load(const T* ptr) {
-  return static_cast<acc_t<T>>(__ldg(ptr));
-}
-template <>
-__device__ __forceinline__ float load<__half>(const __half* ptr) {
-  return __half2float(__ldg(ptr));
-}
-template <>
-__device__ __forceinline__ float load<__nv_bfloat16>(const __nv_bfloat16* ptr) {
-  return __bfloat162float(__ldg(ptr));
+  return to_acc(__ldg(ptr));
 }
 
 template <typename T>
@@ -40,12 +47,11 @@ __device__ __forceinline__ __nv_bfloat16 store_cast<__nv_bfloat16>(float v) {
   return __float2bfloat16_rn(v);
 }
 
-// w_pq for p = (y, x) and q = p + offset, 0 when q is outside the image or
-// either end is invalid.
+// w_pq for p = (y, x) and q = p + offset: pair_weights (math.h) for this one
+// pair, 0 when q is outside the image.
 template <typename T>
-__device__ __forceinline__ acc_t<T> pair_weight_at(const Problem& problem, const T* image, int64_t b,
-                                                   int64_t y, int64_t x, Offset offset,
-                                                   acc_t<T> exponent_scale) {
+__device__ __forceinline__ acc_t<T> pair_weight_at(const Problem& problem, const T* image, int64_t b, int64_t y,
+                                                   int64_t x, Offset offset, acc_t<T> exponent_scale) {
   using acc = acc_t<T>;
   const int64_t y2 = y + offset.dy;
   const int64_t x2 = x + offset.dx;
@@ -53,38 +59,19 @@ __device__ __forceinline__ acc_t<T> pair_weight_at(const Problem& problem, const
   const int64_t plane = problem.plane();
   const int64_t p = y * problem.width + x;
   const int64_t q = y2 * problem.width + x2;
-  if (problem.valid != nullptr) {
-    const uint8_t* valid = problem.valid + b * plane;
-    if (!(valid[p] & valid[q])) return acc(0);
-  }
+  const uint8_t* valid = problem.valid == nullptr ? nullptr : problem.valid + b * plane;
   const T* img = image + b * problem.image_channels * plane;
-  acc squared = acc(0);
-  for (int64_t k = 0; k < problem.image_channels; ++k) {
-    const acc d = load(img + k * plane + p) - load(img + k * plane + q);
-    squared += d * d;
-  }
-  return pair_weight<acc>(squared, exponent_scale);
-}
-
-template <typename acc>
-__device__ __forceinline__ acc block_sum(acc v) {
-  __shared__ acc warp_sums[kThreadsPerBlock / 32];
-  for (int shift = 16; shift > 0; shift >>= 1) v += __shfl_down_sync(0xffffffffu, v, shift);
-  const int lane = threadIdx.x & 31;
-  const int warp = threadIdx.x >> 5;
-  if (lane == 0) warp_sums[warp] = v;
-  __syncthreads();
-  v = threadIdx.x < kThreadsPerBlock / 32 ? warp_sums[threadIdx.x] : acc(0);
-  if (warp == 0) {
-    for (int shift = 16; shift > 0; shift >>= 1) v += __shfl_down_sync(0xffffffffu, v, shift);
-  }
-  return v;
+  acc squared, weight;
+  pair_weights<0>(
+      img + p, img + q, plane, problem.image_channels, valid == nullptr ? nullptr : valid + p,
+      valid == nullptr ? nullptr : valid + q, 1, exponent_scale, [](T v) { return to_acc(v); }, &squared, &weight);
+  return weight;
 }
 
 template <typename T, Kind kind>
 __global__ void __launch_bounds__(kThreadsPerBlock)
-    forward_kernel(Problem problem, int64_t batch_begin, int64_t blocks_per_image,
-                   acc_t<T>* __restrict__ partial_sums, int32_t* __restrict__ status) {
+    forward_kernel(Problem problem, int64_t batch_begin, int64_t blocks_per_image, acc_t<T>* __restrict__ partial_sums,
+                   int32_t* __restrict__ status) {
   using acc = acc_t<T>;
   const int64_t b = batch_begin + blockIdx.y;
   const int64_t plane = problem.plane();
@@ -101,7 +88,7 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
     }
     const T* img = image + b * problem.image_channels * plane;
     for (int64_t k = 0; k < problem.image_channels; ++k) {
-      bad |= not_finite(load(img + k * plane + pixel)) ? kImageNotFinite : 0;
+      bad |= is_finite(load(img + k * plane + pixel)) ? 0 : kImageNotFinite;
     }
     if (bad) atomicOr(status + b, bad);
 
@@ -120,7 +107,7 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
       total += w * term;
     }
   }
-  total = block_sum(total);
+  total = cuda_common::block_sum<kThreadsPerBlock>(total);
   if (threadIdx.x == 0) partial_sums[b * blocks_per_image + blockIdx.x] = total;
 }
 
@@ -183,8 +170,7 @@ cudaError_t for_each_batch_chunk(const Problem& problem, Launch launch) {
 }
 
 template <typename T>
-cudaError_t launch_forward_typed(const Problem& problem, void* partial_sums, int32_t* status,
-                                 cudaStream_t stream) {
+cudaError_t launch_forward_typed(const Problem& problem, void* partial_sums, int32_t* status, cudaStream_t stream) {
   const int64_t blocks = forward_blocks_per_image(problem);
   auto* partials = static_cast<acc_t<T>*>(partial_sums);
   return for_each_batch_chunk(problem, [&](dim3 grid, int64_t begin) {
@@ -197,8 +183,7 @@ cudaError_t launch_forward_typed(const Problem& problem, void* partial_sums, int
 }
 
 template <typename T>
-cudaError_t launch_backward_typed(const Problem& problem, const void* image_scale, void* grad,
-                                  cudaStream_t stream) {
+cudaError_t launch_backward_typed(const Problem& problem, const void* image_scale, void* grad, cudaStream_t stream) {
   const auto* scale = static_cast<const acc_t<T>*>(image_scale);
   auto* out = static_cast<T*>(grad);
   return for_each_batch_chunk(problem, [&](dim3 grid, int64_t begin) {

@@ -34,8 +34,7 @@ std::string shape_of(const at::Tensor& t) {
 at::ScalarType compute_dtype(at::ScalarType dtype) { return dtype == at::kDouble ? at::kDouble : at::kFloat; }
 
 void check_features(const char* op, const at::Tensor& features) {
-  TORCH_CHECK_VALUE(features.dim() == 4, op, ": features must have shape (B, D, h, w), got shape ",
-                    shape_of(features));
+  TORCH_CHECK_VALUE(features.dim() == 4, op, ": features must have shape (B, D, h, w), got shape ", shape_of(features));
   const auto dtype = features.scalar_type();
   TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16, op,
                    ": features must be float16, bfloat16, float32 or float64, got ", dtype);
@@ -47,8 +46,7 @@ void check_boxes(const char* op, const at::Tensor& features, const at::Tensor& b
                  double spatial_scale) {
   TORCH_CHECK_VALUE(boxes.dim() == 2 && boxes.size(1) == 4, op,
                     ": boxes must have shape (K, 4) holding x0, y0, x1, y1, got shape ", shape_of(boxes));
-  TORCH_CHECK_TYPE(boxes.is_floating_point(), op, ": boxes must be a floating-point tensor, got ",
-                   boxes.scalar_type());
+  TORCH_CHECK_TYPE(boxes.is_floating_point(), op, ": boxes must be a floating-point tensor, got ", boxes.scalar_type());
   TORCH_CHECK_VALUE(box_batch.dim() == 1 && box_batch.size(0) == boxes.size(0), op,
                     ": box_batch must have shape (K,) = (", boxes.size(0), ",), got shape ", shape_of(box_batch));
   TORCH_CHECK_TYPE(box_batch.scalar_type() == at::kLong, op, ": box_batch must be an int64 tensor, got ",
@@ -107,14 +105,13 @@ at::Tensor resolve(const char* op, const at::Tensor& boxes, const at::Tensor& bo
 
 // Cell weights (B, J, P): background pixels of cell j weighted 1 / count(j),
 // and the counts (B, J).
-std::pair<at::Tensor, at::Tensor> cell_weights(const at::Tensor& background, int64_t grid_size,
-                                               at::ScalarType dtype) {
+std::pair<at::Tensor, at::Tensor> cell_weights(const at::Tensor& background, int64_t grid_size, at::ScalarType dtype) {
   const int64_t B = background.size(0), h = background.size(1), w = background.size(2);
   const auto long_options = background.options().dtype(at::kLong);
   const at::Tensor row_cell = (at::arange(1, h + 1, long_options) * grid_size - 1).div(h, "floor");
   const at::Tensor col_cell = (at::arange(1, w + 1, long_options) * grid_size - 1).div(w, "floor");
   const at::Tensor cell = (row_cell.unsqueeze(1) * grid_size + col_cell.unsqueeze(0)).reshape({h * w});
-  const at::Tensor member = at::one_hot(cell, grid_size * grid_size).t().to(dtype);  // (J, P)
+  const at::Tensor member = at::one_hot(cell, grid_size * grid_size).t().to(dtype);              // (J, P)
   const at::Tensor weights = member.unsqueeze(0) * background.reshape({B, 1, h * w}).to(dtype);  // (B, J, P)
   const at::Tensor counts = weights.sum(2);
   return {weights.div_(counts.clamp_min(1).unsqueeze(2)), counts};
@@ -129,8 +126,8 @@ AttentionResult background_attention_impl(const at::Tensor& features, const at::
   check_features(kAttention, features);
   check_boxes(kAttention, features, boxes, box_batch, spatial_scale);
   TORCH_CHECK_VALUE(grid_size >= 1, kAttention, ": grid_size must be >= 1, got ", grid_size);
-  TORCH_CHECK_VALUE(min_background >= 0 && min_background <= 1, kAttention,
-                    ": min_background must lie in [0, 1], got ", min_background);
+  TORCH_CHECK_VALUE(min_background >= 0 && min_background <= 1, kAttention, ": min_background must lie in [0, 1], got ",
+                    min_background);
   const int64_t B = features.size(0), D = features.size(1), h = features.size(2), w = features.size(3);
   const int64_t P = h * w;
   if (bg_mask.has_value()) {
@@ -140,8 +137,7 @@ AttentionResult background_attention_impl(const at::Tensor& features, const at::
     TORCH_CHECK_TYPE(bg_mask->scalar_type() == at::kBool, kAttention, ": bg_mask must be a bool tensor, got ",
                      bg_mask->scalar_type());
     TORCH_CHECK_VALUE(bg_mask->device() == features.device(), kAttention,
-                      ": bg_mask must be on the device of features (", features.device(), "), got ",
-                      bg_mask->device());
+                      ": bg_mask must be on the device of features (", features.device(), "), got ", bg_mask->device());
   }
   const at::ScalarType dtype = compute_dtype(features.scalar_type());
   const at::Tensor f = features.to(dtype).contiguous().view({B, D, P});
@@ -162,7 +158,7 @@ AttentionResult background_attention_impl(const at::Tensor& features, const at::
   const at::Tensor fallback = fraction.lt(min_background).logical_or(num_valid.eq(0));
 
   const at::Tensor q_hat = q / at::linalg_vector_norm(q, 2, {1}, true).clamp_min(background_attention::kNormEps);
-  const at::Tensor dots = at::bmm(q_hat.transpose(1, 2), f).contiguous();  // (B, J, P)
+  const at::Tensor dots = at::bmm(q_hat.transpose(1, 2), f).contiguous();   // (B, J, P)
   const at::Tensor norms = at::linalg_vector_norm(f, 2, {1}).contiguous();  // (B, P)
   at::Tensor attention = at::empty({B, P}, f.options());
   const at::Tensor valid_u8 = valid.to(at::kByte).contiguous();
@@ -179,17 +175,16 @@ AttentionResult background_attention_impl(const at::Tensor& features, const at::
 at::Tensor background_attention_backward_impl(const at::Tensor& grad_attention, const at::Tensor& grad_queries,
                                               const at::Tensor& features, const at::Tensor& queries,
                                               const at::Tensor& valid, const at::Tensor& fallback,
-                                              const at::Tensor& inside, const at::Tensor& background,
-                                              int64_t grid_size, const BackgroundAttentionKernels& kernels,
-                                              at::Tensor* accumulate) {
+                                              const at::Tensor& inside, const at::Tensor& background, int64_t grid_size,
+                                              const BackgroundAttentionKernels& kernels, at::Tensor* accumulate) {
   constexpr const char* op = "_background_attention_backward";
   check_features(op, features);
   const int64_t B = features.size(0), D = features.size(1), h = features.size(2), w = features.size(3);
   const int64_t P = h * w, J = grid_size * grid_size;
   TORCH_CHECK_VALUE(grad_attention.sizes() == at::IntArrayRef({B, h, w}), op,
                     ": grad_attention must have shape (B, h, w), got shape ", shape_of(grad_attention));
-  TORCH_CHECK_VALUE(grad_queries.sizes() == at::IntArrayRef({B, J, D}) && queries.sizes() == grad_queries.sizes(),
-                    op, ": queries and grad_queries must have shape (B, grid_size^2, D) = (", B, ", ", J, ", ", D,
+  TORCH_CHECK_VALUE(grad_queries.sizes() == at::IntArrayRef({B, J, D}) && queries.sizes() == grad_queries.sizes(), op,
+                    ": queries and grad_queries must have shape (B, grid_size^2, D) = (", B, ", ", J, ", ", D,
                     "), got shapes ", shape_of(queries), " and ", shape_of(grad_queries));
   TORCH_CHECK_VALUE(valid.sizes() == at::IntArrayRef({B, J}) && fallback.sizes() == at::IntArrayRef({B}) &&
                         inside.sizes() == at::IntArrayRef({B, h, w}) && background.sizes() == inside.sizes(),
@@ -230,8 +225,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> background_aware_pool_impl(
   check_features(kPool, features);
   check_boxes(kPool, features, boxes, box_batch, spatial_scale);
   const int64_t B = features.size(0), D = features.size(1), h = features.size(2), w = features.size(3);
-  TORCH_CHECK_VALUE(attention.dim() == 3 && attention.size(0) == B && attention.size(1) == h &&
-                        attention.size(2) == w,
+  TORCH_CHECK_VALUE(attention.dim() == 3 && attention.size(0) == B && attention.size(1) == h && attention.size(2) == w,
                     kPool, ": attention must have shape (B, h, w) = (", B, ", ", h, ", ", w, "), got shape ",
                     shape_of(attention));
   TORCH_CHECK_TYPE(attention.is_floating_point(), kPool, ": attention must be a floating-point tensor, got ",
@@ -263,11 +257,10 @@ std::tuple<at::Tensor, at::Tensor> background_aware_pool_backward_impl(
   const int64_t B = features.size(0), D = features.size(1), h = features.size(2), w = features.size(3);
   const int64_t K = ranges.size(0), S = output_size;
   TORCH_CHECK_VALUE(grad_pooled.sizes() == at::IntArrayRef({K, D, S, S}) && pooled.sizes() == grad_pooled.sizes() &&
-                        weight_sum.sizes() == at::IntArrayRef({K, S, S}) && ranges.dim() == 2 &&
-                        ranges.size(1) == 4 && box_batch.sizes() == at::IntArrayRef({K}) &&
-                        attention.sizes() == at::IntArrayRef({B, h, w}),
-                    op, ": the arguments must be the forward's inputs and outputs (grad_pooled ",
-                    shape_of(grad_pooled), ", weight_sum ", shape_of(weight_sum), ", ranges ", shape_of(ranges), ")");
+                        weight_sum.sizes() == at::IntArrayRef({K, S, S}) && ranges.dim() == 2 && ranges.size(1) == 4 &&
+                        box_batch.sizes() == at::IntArrayRef({K}) && attention.sizes() == at::IntArrayRef({B, h, w}),
+                    op, ": the arguments must be the forward's inputs and outputs (grad_pooled ", shape_of(grad_pooled),
+                    ", weight_sum ", shape_of(weight_sum), ", ranges ", shape_of(ranges), ")");
   const at::ScalarType dtype = compute_dtype(features.scalar_type());
   const at::Tensor f = features.to(dtype).contiguous();
   const at::Tensor a = attention.to(dtype).contiguous();
@@ -285,8 +278,8 @@ PoolingResult background_attention_pool_impl(const at::Tensor& features, const a
                                              const at::Tensor& box_batch, int64_t grid_size, int64_t output_size,
                                              double spatial_scale, const std::optional<at::Tensor>& bg_mask,
                                              double min_background, const BackgroundAttentionKernels& kernels) {
-  auto [attention, queries, valid, fallback, inside, background] = background_attention_impl(
-      features, boxes, box_batch, grid_size, spatial_scale, bg_mask, min_background, kernels);
+  auto [attention, queries, valid, fallback, inside, background] =
+      background_attention_impl(features, boxes, box_batch, grid_size, spatial_scale, bg_mask, min_background, kernels);
   auto [pooled, weight_sum, ranges] = background_aware_pool_impl(features, attention, boxes, box_batch, output_size,
                                                                  spatial_scale, kernels, /*check_values=*/false);
   return {pooled, attention, queries, valid, fallback, weight_sum, ranges, inside, background};

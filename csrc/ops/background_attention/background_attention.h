@@ -82,8 +82,8 @@ AttentionResult background_attention_impl(const at::Tensor& features, const at::
 at::Tensor background_attention_backward_impl(const at::Tensor& grad_attention, const at::Tensor& grad_queries,
                                               const at::Tensor& features, const at::Tensor& queries,
                                               const at::Tensor& valid, const at::Tensor& fallback,
-                                              const at::Tensor& inside, const at::Tensor& background,
-                                              int64_t grid_size, const BackgroundAttentionKernels& kernels,
+                                              const at::Tensor& inside, const at::Tensor& background, int64_t grid_size,
+                                              const BackgroundAttentionKernels& kernels,
                                               at::Tensor* accumulate = nullptr);
 
 // check_values: raise for non-finite features or an attention outside [0, 1]

@@ -18,9 +18,9 @@ void resolve_boxes_cpu(const at::Tensor& boxes, const at::Tensor& box_batch, dou
                        int64_t height, int64_t width, at::Tensor& ranges, at::Tensor& status) {
   const int64_t K = boxes.size(0);
   const at::Tensor labels = at::zeros({K}, box_batch.options());
-  row_col_max::cpu::resolve_boxes(boxes.data_ptr<double>(), box_batch.data_ptr<int64_t>(),
-                                  labels.data_ptr<int64_t>(), 0, K, spatial_scale, batch, 1, height, width,
-                                  ranges.data_ptr<int64_t>(), status.data_ptr<int32_t>());
+  row_col_max::cpu::resolve_boxes(boxes.data_ptr<double>(), box_batch.data_ptr<int64_t>(), labels.data_ptr<int64_t>(),
+                                  0, K, spatial_scale, batch, 1, height, width, ranges.data_ptr<int64_t>(),
+                                  status.data_ptr<int32_t>());
 }
 
 void mark_inside_cpu(const at::Tensor& ranges, const at::Tensor& box_batch, at::Tensor& inside) {
@@ -76,8 +76,8 @@ void pool_backward_cpu(const at::Tensor& grad_pooled, const at::Tensor& features
     const auto p = pool_problem<scalar_t>(features, attention, ranges, box_batch, output_size);
     at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
       ba::cpu::pool_backward<scalar_t>(p, plan, grad_pooled.data_ptr<scalar_t>(), pooled.data_ptr<scalar_t>(),
-                                       weight_sum.data_ptr<scalar_t>(), begin, end,
-                                       grad_features.data_ptr<scalar_t>(), grad_attention.data_ptr<scalar_t>());
+                                       weight_sum.data_ptr<scalar_t>(), begin, end, grad_features.data_ptr<scalar_t>(),
+                                       grad_attention.data_ptr<scalar_t>());
     });
   });
 }
@@ -124,12 +124,14 @@ PoolingResult background_attention_pool_cpu(const at::Tensor& features, const at
                                         min_background, kCpuKernels);
 }
 
-at::Tensor background_attention_pool_backward_cpu(
-    const at::Tensor& grad_pooled, const at::Tensor& grad_attention, const at::Tensor& grad_queries,
-    const at::Tensor& features, const at::Tensor& attention, const at::Tensor& queries, const at::Tensor& valid,
-    const at::Tensor& fallback, const at::Tensor& pooled, const at::Tensor& weight_sum, const at::Tensor& ranges,
-    const at::Tensor& box_batch, const at::Tensor& inside, const at::Tensor& background, int64_t grid_size,
-    int64_t output_size) {
+at::Tensor background_attention_pool_backward_cpu(const at::Tensor& grad_pooled, const at::Tensor& grad_attention,
+                                                  const at::Tensor& grad_queries, const at::Tensor& features,
+                                                  const at::Tensor& attention, const at::Tensor& queries,
+                                                  const at::Tensor& valid, const at::Tensor& fallback,
+                                                  const at::Tensor& pooled, const at::Tensor& weight_sum,
+                                                  const at::Tensor& ranges, const at::Tensor& box_batch,
+                                                  const at::Tensor& inside, const at::Tensor& background,
+                                                  int64_t grid_size, int64_t output_size) {
   return background_attention_pool_backward_impl(grad_pooled, grad_attention, grad_queries, features, attention,
                                                  queries, valid, fallback, pooled, weight_sum, ranges, box_batch,
                                                  inside, background, grid_size, output_size, kCpuKernels);

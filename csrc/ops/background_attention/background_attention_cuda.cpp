@@ -22,14 +22,13 @@ void resolve_boxes_cuda(const at::Tensor& boxes, const at::Tensor& box_batch, do
   const int64_t K = boxes.size(0);
   const at::Tensor labels = at::zeros({K}, box_batch.options());
   C10_CUDA_CHECK(row_col_max::cuda::launch_resolve_boxes(
-      boxes.data_ptr<double>(), box_batch.data_ptr<int64_t>(), labels.data_ptr<int64_t>(), K, spatial_scale, batch,
-      1, height, width, ranges.data_ptr<int64_t>(), status.data_ptr<int32_t>(), stream()));
+      boxes.data_ptr<double>(), box_batch.data_ptr<int64_t>(), labels.data_ptr<int64_t>(), K, spatial_scale, batch, 1,
+      height, width, ranges.data_ptr<int64_t>(), status.data_ptr<int32_t>(), stream()));
 }
 
 void mark_inside_cuda(const at::Tensor& ranges, const at::Tensor& box_batch, at::Tensor& inside) {
-  C10_CUDA_CHECK(ba::cuda::launch_mark_inside(ranges.data_ptr<int64_t>(), box_batch.data_ptr<int64_t>(),
-                                              ranges.size(0), inside.size(1), inside.size(2),
-                                              inside.data_ptr<uint8_t>(), stream()));
+  C10_CUDA_CHECK(ba::cuda::launch_mark_inside(ranges.data_ptr<int64_t>(), box_batch.data_ptr<int64_t>(), ranges.size(0),
+                                              inside.size(1), inside.size(2), inside.data_ptr<uint8_t>(), stream()));
 }
 
 void attention_forward_cuda(const at::Tensor& dots, const at::Tensor& norms, const at::Tensor& valid,
@@ -47,9 +46,8 @@ void attention_backward_cuda(const at::Tensor& grad_attention, at::Tensor& dots,
                              const at::Tensor& fallback, at::Tensor& coef) {
   AT_DISPATCH_FLOATING_TYPES(dots.scalar_type(), "_background_attention_backward_cuda", [&] {
     const auto p = attention_problem<scalar_t>(dots, norms, valid, num_valid, inside, fallback);
-    C10_CUDA_CHECK(ba::cuda::launch_attention_backward<scalar_t>(p, grad_attention.data_ptr<scalar_t>(),
-                                                                 dots.data_ptr<scalar_t>(), coef.data_ptr<scalar_t>(),
-                                                                 stream()));
+    C10_CUDA_CHECK(ba::cuda::launch_attention_backward<scalar_t>(
+        p, grad_attention.data_ptr<scalar_t>(), dots.data_ptr<scalar_t>(), coef.data_ptr<scalar_t>(), stream()));
   });
 }
 
@@ -118,20 +116,22 @@ std::tuple<at::Tensor, at::Tensor> background_aware_pool_backward_cuda(
 }
 
 PoolingResult background_attention_pool_cuda(const at::Tensor& features, const at::Tensor& boxes,
-                                           const at::Tensor& box_batch, int64_t grid_size, int64_t output_size,
-                                           double spatial_scale, const std::optional<at::Tensor>& bg_mask,
-                                           double min_background) {
+                                             const at::Tensor& box_batch, int64_t grid_size, int64_t output_size,
+                                             double spatial_scale, const std::optional<at::Tensor>& bg_mask,
+                                             double min_background) {
   const c10::cuda::CUDAGuard guard(features.device());
   return background_attention_pool_impl(features, boxes, box_batch, grid_size, output_size, spatial_scale, bg_mask,
                                         min_background, kCudaKernels);
 }
 
-at::Tensor background_attention_pool_backward_cuda(
-    const at::Tensor& grad_pooled, const at::Tensor& grad_attention, const at::Tensor& grad_queries,
-    const at::Tensor& features, const at::Tensor& attention, const at::Tensor& queries, const at::Tensor& valid,
-    const at::Tensor& fallback, const at::Tensor& pooled, const at::Tensor& weight_sum, const at::Tensor& ranges,
-    const at::Tensor& box_batch, const at::Tensor& inside, const at::Tensor& background, int64_t grid_size,
-    int64_t output_size) {
+at::Tensor background_attention_pool_backward_cuda(const at::Tensor& grad_pooled, const at::Tensor& grad_attention,
+                                                   const at::Tensor& grad_queries, const at::Tensor& features,
+                                                   const at::Tensor& attention, const at::Tensor& queries,
+                                                   const at::Tensor& valid, const at::Tensor& fallback,
+                                                   const at::Tensor& pooled, const at::Tensor& weight_sum,
+                                                   const at::Tensor& ranges, const at::Tensor& box_batch,
+                                                   const at::Tensor& inside, const at::Tensor& background,
+                                                   int64_t grid_size, int64_t output_size) {
   const c10::cuda::CUDAGuard guard(features.device());
   return background_attention_pool_backward_impl(grad_pooled, grad_attention, grad_queries, features, attention,
                                                  queries, valid, fallback, pooled, weight_sum, ranges, box_batch,

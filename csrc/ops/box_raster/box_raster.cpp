@@ -16,18 +16,15 @@ BoxRasterCall prepare_box_raster_call(const at::Tensor& boxes, const at::Tensor&
   TORCH_CHECK_VALUE(batch > 0 && height > 0 && width > 0 && num_classes > 0, op,
                     ": batch, num_classes, height and width must be positive, got ", batch, ", ", num_classes, ", ",
                     height, ", ", width);
-  TORCH_CHECK_VALUE(boxes.dim() == 2 && boxes.size(1) == 4, op, ": boxes must have shape (K, 4), got ",
-                    boxes.sizes());
-  TORCH_CHECK_TYPE(boxes.is_floating_point(), op, ": boxes must be a floating-point tensor, got ",
-                   boxes.scalar_type());
+  TORCH_CHECK_VALUE(boxes.dim() == 2 && boxes.size(1) == 4, op, ": boxes must have shape (K, 4), got ", boxes.sizes());
+  TORCH_CHECK_TYPE(boxes.is_floating_point(), op, ": boxes must be a floating-point tensor, got ", boxes.scalar_type());
   const int64_t K = boxes.size(0);
   for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"box_batch", &box_batch},
                                 {"box_labels", &box_labels},
                                 {"priority", &priority}}) {
-    TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) == K, op, ": ", name, " must have shape (K,) = (", K,
-                      ",), got ", t->sizes());
-    TORCH_CHECK_TYPE(t->scalar_type() == at::kLong, op, ": ", name, " must be an int64 tensor, got ",
-                     t->scalar_type());
+    TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) == K, op, ": ", name, " must have shape (K,) = (", K, ",), got ",
+                      t->sizes());
+    TORCH_CHECK_TYPE(t->scalar_type() == at::kLong, op, ": ", name, " must be an int64 tensor, got ", t->scalar_type());
     TORCH_CHECK_VALUE(t->device() == boxes.device(), op, ": ", name, " must be on the device of boxes (",
                       boxes.device(), "), got ", t->device());
   }

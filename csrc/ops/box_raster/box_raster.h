@@ -9,12 +9,12 @@ namespace boxloss {
 namespace ops {
 
 struct BoxRasterCall {
-  at::Tensor boxes;          // (K, 4) double, contiguous
-  at::Tensor box_batch;      // (K,) int64
-  at::Tensor box_labels;     // (K,) int64
-  at::Tensor priority;       // (K,) int64
-  at::Tensor order;          // (K,) int64, box indices sorted by image
-  at::Tensor image_offsets;  // (batch + 1,) int64
+  at::Tensor boxes;             // (K, 4) double, contiguous
+  at::Tensor box_batch;         // (K,) int64
+  at::Tensor box_labels;        // (K,) int64
+  at::Tensor priority;          // (K,) int64
+  at::Tensor order;             // (K,) int64, box indices sorted by image
+  at::Tensor image_offsets;     // (batch + 1,) int64
   box_raster::Problem problem;  // ranges filled in by the caller
 };
 

@@ -3,9 +3,9 @@
 #include <torch/library.h>
 
 #include "../row_col_max/row_col_max.h"
+#include "box_raster.h"
 #include "boxloss/box_raster/kernels.h"
 #include "boxloss/row_col_max/cpu.h"
-#include "box_raster.h"
 
 namespace boxloss {
 namespace ops {
@@ -15,8 +15,8 @@ std::tuple<at::Tensor, at::Tensor> box_front_index_cpu(const at::Tensor& boxes, 
                                                        const at::Tensor& box_labels, const at::Tensor& priority,
                                                        int64_t batch, int64_t num_classes, int64_t height,
                                                        int64_t width, double spatial_scale) {
-  BoxRasterCall call = prepare_box_raster_call(boxes, box_batch, box_labels, priority, batch, num_classes, height,
-                                               width, spatial_scale);
+  BoxRasterCall call =
+      prepare_box_raster_call(boxes, box_batch, box_labels, priority, batch, num_classes, height, width, spatial_scale);
   box_raster::Problem& p = call.problem;
   const auto options = boxes.options().dtype(at::kLong);
   at::Tensor ranges = at::empty({p.num_boxes, 4}, options);

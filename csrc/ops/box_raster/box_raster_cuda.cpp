@@ -5,9 +5,9 @@
 #include <torch/library.h>
 
 #include "../row_col_max/row_col_max.h"
+#include "box_raster.h"
 #include "boxloss/box_raster/kernels.h"
 #include "boxloss/row_col_max/cuda.h"
-#include "box_raster.h"
 
 namespace boxloss {
 namespace ops {
@@ -18,8 +18,8 @@ std::tuple<at::Tensor, at::Tensor> box_front_index_cuda(const at::Tensor& boxes,
                                                         int64_t batch, int64_t num_classes, int64_t height,
                                                         int64_t width, double spatial_scale) {
   const c10::cuda::CUDAGuard guard(boxes.device());
-  BoxRasterCall call = prepare_box_raster_call(boxes, box_batch, box_labels, priority, batch, num_classes, height,
-                                               width, spatial_scale);
+  BoxRasterCall call =
+      prepare_box_raster_call(boxes, box_batch, box_labels, priority, batch, num_classes, height, width, spatial_scale);
   box_raster::Problem& p = call.problem;
   const auto options = boxes.options().dtype(at::kLong);
   const auto stream = at::cuda::getCurrentCUDAStream();

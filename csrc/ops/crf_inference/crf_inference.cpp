@@ -66,17 +66,16 @@ SpatialLatticeTensors smoothness_lattice(const char* op, int64_t height, int64_t
   std::vector<int32_t> neighbours;
   int32_t status = 0;
   AT_DISPATCH_FLOATING_TYPES(dtype, "spatial_lattice", [&] {
-    status = crf_inference::cpu::build_spatial_lattice<scalar_t>(height, width, sigma_xy,
-                                                                 s.splat_index.data_ptr<int32_t>(),
-                                                                 s.splat_weight.data_ptr<scalar_t>(), &neighbours,
-                                                                 &s.num_vertices);
+    status = crf_inference::cpu::build_spatial_lattice<scalar_t>(
+        height, width, sigma_xy, s.splat_index.data_ptr<int32_t>(), s.splat_weight.data_ptr<scalar_t>(), &neighbours,
+        &s.num_vertices);
   });
   TORCH_CHECK_VALUE(status == 0, op, ": the positions x / sigma_xy, y / sigma_xy of a ", height, " x ", width,
                     " image exceed the lattice's range (about 1e6); the smoothness kernel's sigma_xy = ", sigma_xy,
                     " is too small for the image");
-  s.blur_neighbours = at::from_blob(neighbours.data(), {crf_inference::cpu::kSmoothnessSimplex, s.num_vertices, 2},
-                                    cpu.dtype(at::kInt))
-                          .clone();
+  s.blur_neighbours =
+      at::from_blob(neighbours.data(), {crf_inference::cpu::kSmoothnessSimplex, s.num_vertices, 2}, cpu.dtype(at::kInt))
+          .clone();
   if (device != at::kCPU) {
     // The spatial lattice depends on H, W and sigma only; it is built on the
     // host (a hash table over ~0.1 points per pixel) and copied.
@@ -170,8 +169,8 @@ void raise_for_unary_status(const char* op, const std::vector<int32_t>& status, 
     if (status[b] & crf_inference::kUnaryNegativeInfinity) negative.push_back(static_cast<int64_t>(b));
     if (status[b] & crf_inference::kUnaryAllInfinite) all_infinite.push_back(static_cast<int64_t>(b));
   }
-  TORCH_CHECK_VALUE(nan.empty(), op, ": unary must not contain NaN, but batch element(s) ", at::IntArrayRef(nan),
-                    " do", first_pixel(unary.isnan().any(1)));
+  TORCH_CHECK_VALUE(nan.empty(), op, ": unary must not contain NaN, but batch element(s) ", at::IntArrayRef(nan), " do",
+                    first_pixel(unary.isnan().any(1)));
   TORCH_CHECK_VALUE(negative.empty(), op,
                     ": unary must not be -Inf (it holds negative log-probabilities; +Inf marks an impossible "
                     "label), but batch element(s) ",

@@ -24,8 +24,8 @@ struct SpatialLatticeTensors {
 };
 
 struct CRFInferenceCall {
-  at::Tensor unary;  // (B, C, H, W), contiguous, compute dtype
-  at::Tensor valid;  // (B, H, W) contiguous uint8 view of the mask, or undefined
+  at::Tensor unary;         // (B, C, H, W), contiguous, compute dtype
+  at::Tensor valid;         // (B, H, W) contiguous uint8 view of the mask, or undefined
   bool appearance = false;  // bilateral weight > 0
   bool smoothness = false;  // gaussian weight > 0
   LatticeTensors appearance_lattice;

@@ -67,9 +67,7 @@ at::Tensor dense_crf_inference_cpu(const at::Tensor& unary, const at::Tensor& im
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(boxloss, CPU, m) {
-  m.impl("dense_crf_inference", &dense_crf_inference_cpu);
-}
+TORCH_LIBRARY_IMPL(boxloss, CPU, m) { m.impl("dense_crf_inference", &dense_crf_inference_cpu); }
 
 }  // namespace ops
 }  // namespace boxloss

@@ -68,10 +68,8 @@ at::Tensor dense_crf_inference_cuda(const at::Tensor& unary, const at::Tensor& i
     const LatticeTensors& l = call.appearance_lattice;
     appearance_rows = l.blur_neighbours.size(1);
     const at::Tensor counts = l.vertex_offsets.slice(0, 1) - l.vertex_offsets.slice(0, 0, B);
-    vertex_image = at::arange(B, options.dtype(at::kInt))
-                       .repeat_interleave(counts, 0, appearance_rows)
-                       .to(at::kInt)
-                       .contiguous();
+    vertex_image =
+        at::arange(B, options.dtype(at::kInt)).repeat_interleave(counts, 0, appearance_rows).to(at::kInt).contiguous();
   }
   const int64_t smoothness_rows = call.smoothness ? B * call.smoothness_lattice.num_vertices : 0;
   at::Tensor status = at::zeros({B}, options.dtype(at::kInt));
@@ -119,9 +117,7 @@ at::Tensor dense_crf_inference_cuda(const at::Tensor& unary, const at::Tensor& i
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(boxloss, CUDA, m) {
-  m.impl("dense_crf_inference", &dense_crf_inference_cuda);
-}
+TORCH_LIBRARY_IMPL(boxloss, CUDA, m) { m.impl("dense_crf_inference", &dense_crf_inference_cuda); }
 
 }  // namespace ops
 }  // namespace boxloss

@@ -17,15 +17,15 @@ DenseCRFCall prepare_dense_crf_call(const char* op, const at::Tensor& probs,
   TORCH_CHECK_TYPE(probs.defined(), op, ": probs must be a tensor");
   TORCH_CHECK_VALUE(probs.dim() == 4, op, ": probs must have shape (B, C, H, W), got shape ", shape_string(probs));
   const auto dtype = probs.scalar_type();
-  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16,
-                   op, ": probs must be float16, bfloat16, float32 or float64, got ", dtype);
+  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16, op,
+                   ": probs must be float16, bfloat16, float32 or float64, got ", dtype);
   const int64_t B = probs.size(0), C = probs.size(1), H = probs.size(2), W = probs.size(3);
   TORCH_CHECK_VALUE(B > 0 && C > 0 && H > 0 && W > 0, op, ": probs must be non-empty in every dimension, got shape ",
                     shape_string(probs));
   DenseCRFCall call;
   const at::ScalarType compute = lattice_compute_dtype(dtype);
-  call.lattice = check_lattice(op, splat_index, splat_weight, blur_neighbours, vertex_offsets, B, H * W,
-                               probs.device(), compute);
+  call.lattice =
+      check_lattice(op, splat_index, splat_weight, blur_neighbours, vertex_offsets, B, H * W, probs.device(), compute);
   if (valid_mask.has_value() && valid_mask->defined()) {
     const at::Tensor& mask = *valid_mask;
     TORCH_CHECK_TYPE(mask.scalar_type() == at::kBool, op, ": valid_mask must be a bool tensor, got ",

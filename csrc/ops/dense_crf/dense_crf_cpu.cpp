@@ -51,8 +51,8 @@ std::tuple<at::Tensor, at::Tensor> dense_crf_loss_cpu(const at::Tensor& probs,
     for_each_image(B, N, [&](int64_t b, const permutohedral::cpu::RangeRunner& runner) {
       // Every element is written by the filter: no need to zero it first.
       const std::unique_ptr<scalar_t[]> filtered = filter_scratch<scalar_t>(call);
-      filter_status[b] = permutohedral::cpu::filter_image<scalar_t>(lattice, b, masked_input<scalar_t>(call, b),
-                                                                    false, filtered.get(), runner);
+      filter_status[b] = permutohedral::cpu::filter_image<scalar_t>(lattice, b, masked_input<scalar_t>(call, b), false,
+                                                                    filtered.get(), runner);
       status[b] = dense_crf::cpu::energy_image<scalar_t>(
           call.probs.data_ptr<scalar_t>() + b * C * N, C, call.mask_of(b), filtered.get(), lattice.weight_of(b), N,
           energy.data_ptr<double>() + b, normaliser.data_ptr<double>() + b, runner);
@@ -74,8 +74,8 @@ at::Tensor dense_crf_loss_backward_cpu(const at::Tensor& grad_energy, const at::
   const DenseCRFCall call =
       prepare_dense_crf_call(op, probs, valid_mask, splat_index, splat_weight, blur_neighbours, vertex_offsets);
   const int64_t B = call.batch, C = call.channels, N = call.num_pixels;
-  TORCH_CHECK_VALUE(grad_energy.dim() == 1 && grad_energy.size(0) == B, op, ": grad_energy must have shape (B,) = (",
-                    B, ",), got shape ", shape_string(grad_energy));
+  TORCH_CHECK_VALUE(grad_energy.dim() == 1 && grad_energy.size(0) == B, op, ": grad_energy must have shape (B,) = (", B,
+                    ",), got shape ", shape_string(grad_energy));
   const at::Tensor g = grad_energy.to(at::kCPU, call.probs.scalar_type());
   const at::Tensor scale = at::where(images_with_pairs(call), g, at::zeros_like(g)).contiguous();
   at::Tensor grad = at::empty_like(call.probs);
@@ -91,10 +91,9 @@ at::Tensor dense_crf_loss_backward_cpu(const at::Tensor& grad_energy, const at::
       const auto input = masked_input<scalar_t>(call, b);
       filter_status[b] = permutohedral::cpu::filter_image<scalar_t>(lattice, b, input, false, filtered.get(), runner) |
                          permutohedral::cpu::filter_image<scalar_t>(lattice, b, input, true, reversed.get(), runner);
-      dense_crf::cpu::gradient_image<scalar_t>(call.probs.data_ptr<scalar_t>() + b * C * N, C, call.mask_of(b),
-                                               filtered.get(), reversed.get(), lattice.weight_of(b), N,
-                                               scale.data_ptr<scalar_t>()[b], grad.data_ptr<scalar_t>() + b * C * N,
-                                               runner);
+      dense_crf::cpu::gradient_image<scalar_t>(
+          call.probs.data_ptr<scalar_t>() + b * C * N, C, call.mask_of(b), filtered.get(), reversed.get(),
+          lattice.weight_of(b), N, scale.data_ptr<scalar_t>()[b], grad.data_ptr<scalar_t>() + b * C * N, runner);
     });
   });
   raise_for_filter_status(op, "probs", filter_status);

@@ -33,9 +33,11 @@ std::vector<int32_t> to_vector(const at::Tensor& t) {
   return std::vector<int32_t>(host.data_ptr<int32_t>(), host.data_ptr<int32_t>() + host.numel());
 }
 
-std::tuple<at::Tensor, at::Tensor> dense_crf_loss_cuda(
-    const at::Tensor& probs, const std::optional<at::Tensor>& valid_mask, const at::Tensor& splat_index,
-    const at::Tensor& splat_weight, const at::Tensor& blur_neighbours, const at::Tensor& vertex_offsets) {
+std::tuple<at::Tensor, at::Tensor> dense_crf_loss_cuda(const at::Tensor& probs,
+                                                       const std::optional<at::Tensor>& valid_mask,
+                                                       const at::Tensor& splat_index, const at::Tensor& splat_weight,
+                                                       const at::Tensor& blur_neighbours,
+                                                       const at::Tensor& vertex_offsets) {
   constexpr const char* op = "dense_crf_loss";
   const c10::cuda::CUDAGuard guard(probs.device());
   const DenseCRFCall call =
@@ -67,15 +69,16 @@ std::tuple<at::Tensor, at::Tensor> dense_crf_loss_cuda(
 }
 
 at::Tensor dense_crf_loss_backward_cuda(const at::Tensor& grad_energy, const at::Tensor& probs,
-                                        const std::optional<at::Tensor>& valid_mask, const at::Tensor& splat_index, const at::Tensor& splat_weight,
-                                        const at::Tensor& blur_neighbours, const at::Tensor& vertex_offsets) {
+                                        const std::optional<at::Tensor>& valid_mask, const at::Tensor& splat_index,
+                                        const at::Tensor& splat_weight, const at::Tensor& blur_neighbours,
+                                        const at::Tensor& vertex_offsets) {
   constexpr const char* op = "_dense_crf_loss_backward";
   const c10::cuda::CUDAGuard guard(probs.device());
   const DenseCRFCall call =
       prepare_dense_crf_call(op, probs, valid_mask, splat_index, splat_weight, blur_neighbours, vertex_offsets);
   const int64_t B = call.batch, C = call.channels, N = call.num_pixels;
-  TORCH_CHECK_VALUE(grad_energy.dim() == 1 && grad_energy.size(0) == B, op, ": grad_energy must have shape (B,) = (",
-                    B, ",), got shape ", shape_string(grad_energy));
+  TORCH_CHECK_VALUE(grad_energy.dim() == 1 && grad_energy.size(0) == B, op, ": grad_energy must have shape (B,) = (", B,
+                    ",), got shape ", shape_string(grad_energy));
   const at::Tensor g = grad_energy.to(probs.device(), call.probs.scalar_type());
   const at::Tensor scale = at::where(images_with_pairs(call), g, at::zeros_like(g)).contiguous();
   at::Tensor forward = at::empty({B, C + 1, probs.size(2), probs.size(3)}, call.probs.options());
@@ -85,8 +88,8 @@ at::Tensor dense_crf_loss_backward_cuda(const at::Tensor& grad_energy, const at:
   AT_DISPATCH_FLOATING_TYPES(call.probs.scalar_type(), "_dense_crf_loss_backward_cuda", [&] {
     // The forward's filter again, then its transpose: the same lattice, blurred in reverse order.
     filter_status = cuda_filter<scalar_t>(call.lattice, masked_input<scalar_t>(call), false, forward);
-    filter_status = filter_status.bitwise_or(
-        cuda_filter<scalar_t>(call.lattice, masked_input<scalar_t>(call), true, reversed));
+    filter_status =
+        filter_status.bitwise_or(cuda_filter<scalar_t>(call.lattice, masked_input<scalar_t>(call), true, reversed));
     C10_CUDA_CHECK(dense_crf::cuda::launch_gradient<scalar_t>(
         call.probs.data_ptr<scalar_t>(), B, C, N, masked_input<scalar_t>(call).mask, forward.data_ptr<scalar_t>(),
         reversed.data_ptr<scalar_t>(), call.lattice.splat_weight.data_ptr<scalar_t>(), scale.data_ptr<scalar_t>(),

@@ -22,9 +22,7 @@ std::string image_list(const std::vector<int64_t>& images) {
 
 }  // namespace
 
-at::ScalarType lattice_compute_dtype(at::ScalarType dtype) {
-  return dtype == at::kDouble ? at::kDouble : at::kFloat;
-}
+at::ScalarType lattice_compute_dtype(at::ScalarType dtype) { return dtype == at::kDouble ? at::kDouble : at::kFloat; }
 
 std::string shape_string(const at::Tensor& t) {
   std::ostringstream out;
@@ -40,10 +38,10 @@ void check_lattice_image(const char* op, const at::Tensor& image, double sigma_x
                    ": image must be float16, bfloat16, float32 or float64, got ", image.scalar_type());
   TORCH_CHECK_VALUE(image.size(0) > 0 && image.size(2) > 0 && image.size(3) > 0, op,
                     ": image must be non-empty in every dimension, got shape ", shape_string(image));
-  TORCH_CHECK_VALUE(std::isfinite(sigma_xy) && sigma_xy > 0, op,
-                    ": sigma_xy must be a positive finite number, got ", sigma_xy);
-  TORCH_CHECK_VALUE(std::isfinite(sigma_rgb) && sigma_rgb > 0, op,
-                    ": sigma_rgb must be a positive finite number, got ", sigma_rgb);
+  TORCH_CHECK_VALUE(std::isfinite(sigma_xy) && sigma_xy > 0, op, ": sigma_xy must be a positive finite number, got ",
+                    sigma_xy);
+  TORCH_CHECK_VALUE(std::isfinite(sigma_rgb) && sigma_rgb > 0, op, ": sigma_rgb must be a positive finite number, got ",
+                    sigma_rgb);
 }
 
 LatticeTensors check_lattice(const char* op, const at::Tensor& splat_index, const at::Tensor& splat_weight,
@@ -52,10 +50,10 @@ LatticeTensors check_lattice(const char* op, const at::Tensor& splat_index, cons
   constexpr int64_t V1 = permutohedral::kVertices;
   TORCH_CHECK_TYPE(splat_index.scalar_type() == at::kInt, op, ": splat_index must be an int32 tensor, got ",
                    splat_index.scalar_type());
-  TORCH_CHECK_TYPE(blur_neighbours.scalar_type() == at::kInt, op,
-                   ": blur_neighbours must be an int32 tensor, got ", blur_neighbours.scalar_type());
-  TORCH_CHECK_TYPE(vertex_offsets.scalar_type() == at::kLong, op,
-                   ": vertex_offsets must be an int64 tensor, got ", vertex_offsets.scalar_type());
+  TORCH_CHECK_TYPE(blur_neighbours.scalar_type() == at::kInt, op, ": blur_neighbours must be an int32 tensor, got ",
+                   blur_neighbours.scalar_type());
+  TORCH_CHECK_TYPE(vertex_offsets.scalar_type() == at::kLong, op, ": vertex_offsets must be an int64 tensor, got ",
+                   vertex_offsets.scalar_type());
   TORCH_CHECK_TYPE(splat_weight.scalar_type() == compute_dtype, op, ": splat_weight must be ", compute_dtype,
                    " for these values (a float64 lattice filters float64 values, a float32 lattice the others)",
                    ", got ", splat_weight.scalar_type());
@@ -96,8 +94,7 @@ LatticeTensors check_lattice(const char* op, const at::Tensor& splat_index, cons
   return l;
 }
 
-void raise_for_lattice_status(const char* op, const std::vector<int32_t>& status, double sigma_xy,
-                              double sigma_rgb) {
+void raise_for_lattice_status(const char* op, const std::vector<int32_t>& status, double sigma_xy, double sigma_rgb) {
   std::vector<int64_t> not_finite, too_large;
   for (size_t b = 0; b < status.size(); ++b) {
     if (status[b] & permutohedral::kImageNotFinite) not_finite.push_back(static_cast<int64_t>(b));
@@ -115,11 +112,10 @@ FilterCall prepare_filter_call(const char* op, const at::Tensor& values, const a
                                const at::Tensor& splat_weight, const at::Tensor& blur_neighbours,
                                const at::Tensor& vertex_offsets) {
   TORCH_CHECK_TYPE(values.defined(), op, ": values must be a tensor");
-  TORCH_CHECK_VALUE(values.dim() == 4, op, ": values must have shape (B, C, H, W), got shape ",
-                    shape_string(values));
+  TORCH_CHECK_VALUE(values.dim() == 4, op, ": values must have shape (B, C, H, W), got shape ", shape_string(values));
   const auto dtype = values.scalar_type();
-  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16,
-                   op, ": values must be float16, bfloat16, float32 or float64, got ", dtype);
+  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16, op,
+                   ": values must be float16, bfloat16, float32 or float64, got ", dtype);
   TORCH_CHECK_VALUE(values.size(0) > 0 && values.size(2) > 0 && values.size(3) > 0, op,
                     ": values must be non-empty in B, H and W, got shape ", shape_string(values));
   FilterCall call;

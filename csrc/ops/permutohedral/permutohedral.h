@@ -54,8 +54,7 @@ LatticeTensors check_lattice(const char* op, const at::Tensor& splat_index, cons
                              int64_t num_pixels, const at::Device& device, at::ScalarType compute_dtype);
 
 // Raises ValueError naming the images whose lattice build reported a status bit.
-void raise_for_lattice_status(const char* op, const std::vector<int32_t>& status, double sigma_xy,
-                              double sigma_rgb);
+void raise_for_lattice_status(const char* op, const std::vector<int32_t>& status, double sigma_xy, double sigma_rgb);
 
 // values (B, C, H, W) in the compute dtype, contiguous, and the lattice checked against it.
 struct FilterCall {

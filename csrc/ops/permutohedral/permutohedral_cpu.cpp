@@ -92,12 +92,10 @@ LatticeResult permutohedral_lattice_cpu(const at::Tensor& image, double sigma_xy
   return {splat_index, splat_weight, neighbours, offsets};
 }
 
-at::Tensor lattice_filter_cpu(const at::Tensor& values, const at::Tensor& splat_index,
-                              const at::Tensor& splat_weight, const at::Tensor& blur_neighbours,
-                              const at::Tensor& vertex_offsets, bool reverse) {
+at::Tensor lattice_filter_cpu(const at::Tensor& values, const at::Tensor& splat_index, const at::Tensor& splat_weight,
+                              const at::Tensor& blur_neighbours, const at::Tensor& vertex_offsets, bool reverse) {
   constexpr const char* op = "lattice_filter";
-  const FilterCall call = prepare_filter_call(op, values, splat_index, splat_weight, blur_neighbours,
-                                              vertex_offsets);
+  const FilterCall call = prepare_filter_call(op, values, splat_index, splat_weight, blur_neighbours, vertex_offsets);
   const int64_t B = call.values.size(0), C = call.values.size(1), N = call.lattice.splat_index.size(1);
   at::Tensor out = at::empty_like(call.values);
   std::vector<int32_t> status(static_cast<size_t>(B), 0);

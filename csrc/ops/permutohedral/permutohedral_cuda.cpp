@@ -108,13 +108,11 @@ LatticeResult permutohedral_lattice_cuda(const at::Tensor& image, double sigma_x
   return {splat_index, splat_weight, at::cat(neighbours, 1), offsets};
 }
 
-at::Tensor lattice_filter_cuda(const at::Tensor& values, const at::Tensor& splat_index,
-                               const at::Tensor& splat_weight, const at::Tensor& blur_neighbours,
-                               const at::Tensor& vertex_offsets, bool reverse) {
+at::Tensor lattice_filter_cuda(const at::Tensor& values, const at::Tensor& splat_index, const at::Tensor& splat_weight,
+                               const at::Tensor& blur_neighbours, const at::Tensor& vertex_offsets, bool reverse) {
   constexpr const char* op = "lattice_filter";
   const c10::cuda::CUDAGuard guard(values.device());
-  const FilterCall call = prepare_filter_call(op, values, splat_index, splat_weight, blur_neighbours,
-                                              vertex_offsets);
+  const FilterCall call = prepare_filter_call(op, values, splat_index, splat_weight, blur_neighbours, vertex_offsets);
   at::Tensor out = at::empty_like(call.values);
   at::Tensor status;
   AT_DISPATCH_FLOATING_TYPES(call.values.scalar_type(), "lattice_filter_cuda", [&] {

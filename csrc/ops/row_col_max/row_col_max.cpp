@@ -23,25 +23,24 @@ at::ScalarType row_col_max_compute_dtype(at::ScalarType dtype) {
   return dtype == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-RowColMaxCall prepare_row_col_max_call(const at::Tensor& probs, const at::Tensor& boxes,
-                                       const at::Tensor& box_batch, const at::Tensor& box_labels,
-                                       double spatial_scale) {
+RowColMaxCall prepare_row_col_max_call(const at::Tensor& probs, const at::Tensor& boxes, const at::Tensor& box_batch,
+                                       const at::Tensor& box_labels, double spatial_scale) {
   TORCH_CHECK_VALUE(probs.dim() == 4, kOp, ": probs must have shape (B, C, H, W), got shape ", shape_of(probs));
   const auto dtype = probs.scalar_type();
-  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16,
-                   kOp, ": probs must be float16, bfloat16, float32 or float64, got ", dtype);
+  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16, kOp,
+                   ": probs must be float16, bfloat16, float32 or float64, got ", dtype);
   const int64_t B = probs.size(0), C = probs.size(1), H = probs.size(2), W = probs.size(3);
-  TORCH_CHECK_VALUE(B > 0 && C > 0 && H > 0 && W > 0, kOp,
-                    ": probs must be non-empty in every dimension, got shape ", shape_of(probs));
+  TORCH_CHECK_VALUE(B > 0 && C > 0 && H > 0 && W > 0, kOp, ": probs must be non-empty in every dimension, got shape ",
+                    shape_of(probs));
   TORCH_CHECK_VALUE(boxes.dim() == 2 && boxes.size(1) == 4, kOp,
                     ": boxes must have shape (K, 4) holding x0, y0, x1, y1, got shape ", shape_of(boxes));
   TORCH_CHECK_TYPE(boxes.is_floating_point(), kOp, ": boxes must be a floating-point tensor, got ",
                    boxes.scalar_type());
   const int64_t K = boxes.size(0);
-  TORCH_CHECK_VALUE(box_batch.dim() == 1 && box_batch.size(0) == K, kOp, ": box_batch must have shape (K,) = (",
-                    K, ",), got shape ", shape_of(box_batch));
-  TORCH_CHECK_VALUE(box_labels.dim() == 1 && box_labels.size(0) == K, kOp,
-                    ": box_labels must have shape (K,) = (", K, ",), got shape ", shape_of(box_labels));
+  TORCH_CHECK_VALUE(box_batch.dim() == 1 && box_batch.size(0) == K, kOp, ": box_batch must have shape (K,) = (", K,
+                    ",), got shape ", shape_of(box_batch));
+  TORCH_CHECK_VALUE(box_labels.dim() == 1 && box_labels.size(0) == K, kOp, ": box_labels must have shape (K,) = (", K,
+                    ",), got shape ", shape_of(box_labels));
   TORCH_CHECK_TYPE(box_batch.scalar_type() == at::kLong, kOp, ": box_batch must be an int64 tensor, got ",
                    box_batch.scalar_type());
   TORCH_CHECK_TYPE(box_labels.scalar_type() == at::kLong, kOp, ": box_labels must be an int64 tensor, got ",
@@ -87,8 +86,8 @@ void raise_for_box_status(const char* op, const at::Tensor& status, const at::Te
       TORCH_CHECK_VALUE(false, op, ": boxes must not hold NaN, got boxes[", k, "] = ", coords.str());
     }
     if (s[k] & boxes::kBoxInverted) {
-      TORCH_CHECK_VALUE(false, op, ": boxes must have x1 >= x0 and y1 >= y0 (x0, y0, x1, y1 order), got boxes[",
-                        k, "] = ", coords.str());
+      TORCH_CHECK_VALUE(false, op, ": boxes must have x1 >= x0 and y1 >= y0 (x0, y0, x1, y1 order), got boxes[", k,
+                        "] = ", coords.str());
     }
     if (s[k] & boxes::kBoxBatchOutOfRange) {
       TORCH_CHECK_VALUE(false, op, ": box_batch must lie in [0, ", batch, ") for a batch of ", batch,

@@ -10,18 +10,17 @@ namespace boxloss {
 namespace ops {
 
 struct RowColMaxCall {
-  at::Tensor probs;       // contiguous, float or double (float16/bfloat16 run in float)
-  at::Tensor boxes;       // (K, 4) contiguous double
-  at::Tensor box_batch;   // (K,) contiguous int64
-  at::Tensor box_labels;  // (K,) contiguous int64
+  at::Tensor probs;              // contiguous, float or double (float16/bfloat16 run in float)
+  at::Tensor boxes;              // (K, 4) contiguous double
+  at::Tensor box_batch;          // (K,) contiguous int64
+  at::Tensor box_labels;         // (K,) contiguous int64
   row_col_max::Problem problem;  // ranges filled in by the caller after resolving the boxes
 };
 
 // Checks shapes, dtypes, devices and spatial_scale (TypeError / ValueError
 // naming the argument and what it got) and prepares the buffers.
-RowColMaxCall prepare_row_col_max_call(const at::Tensor& probs, const at::Tensor& boxes,
-                                       const at::Tensor& box_batch, const at::Tensor& box_labels,
-                                       double spatial_scale);
+RowColMaxCall prepare_row_col_max_call(const at::Tensor& probs, const at::Tensor& boxes, const at::Tensor& box_batch,
+                                       const at::Tensor& box_labels, double spatial_scale);
 
 // Raises a ValueError naming the first bad box and what is wrong with it when
 // a BoxStatus bit is set.  `status` holds one int per box, on the CPU.

@@ -34,8 +34,8 @@ Result box_row_col_max_cpu(const at::Tensor& probs, const at::Tensor& boxes, con
   at::Tensor ranges = at::empty({p.num_boxes, 4}, index_options);
   at::Tensor status = at::zeros({p.num_boxes}, probs.options().dtype(at::kInt));
   row_col_max::cpu::resolve_boxes(call.boxes.data_ptr<double>(), p.box_batch, p.box_labels, 0, p.num_boxes,
-                                  spatial_scale, p.batch, p.num_channels, p.height, p.width,
-                                  ranges.data_ptr<int64_t>(), status.data_ptr<int32_t>());
+                                  spatial_scale, p.batch, p.num_channels, p.height, p.width, ranges.data_ptr<int64_t>(),
+                                  status.data_ptr<int32_t>());
   raise_for_box_status(status, call);
   p.ranges = ranges.data_ptr<int64_t>();
 
@@ -71,9 +71,10 @@ at::Tensor box_row_col_max_backward_cpu(const at::Tensor& grad_row_max, const at
   const int64_t planes = probs_shape[0] * probs_shape[1];
   const row_col_max::cpu::BackwardPlan plan =
       row_col_max::cpu::plan_backward(K, planes, H, W, rindex.data_ptr<int64_t>(), cindex.data_ptr<int64_t>());
-  TORCH_CHECK_VALUE(plan.valid, "_box_row_col_max_backward: row_index and col_index must be the indices "
-                    "box_row_col_max returned for a probs of shape ", probs_shape,
-                    " (each box's indices in one plane, -1 where a box has no row or column)");
+  TORCH_CHECK_VALUE(plan.valid,
+                    "_box_row_col_max_backward: row_index and col_index must be the indices "
+                    "box_row_col_max returned for a probs of shape ",
+                    probs_shape, " (each box's indices in one plane, -1 where a box has no row or column)");
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(1, H * W));
   at::parallel_for(0, planes, grain, [&](int64_t begin, int64_t end) {
     if (dtype == at::kDouble) {
@@ -81,9 +82,9 @@ at::Tensor box_row_col_max_backward_cpu(const at::Tensor& grad_row_max, const at
                                                 gcol.data_ptr<double>(), rindex.data_ptr<int64_t>(),
                                                 cindex.data_ptr<int64_t>(), grad.data_ptr<double>());
     } else {
-      row_col_max::cpu::backward_planes<float>(plan, begin, end, H, W, grow.data_ptr<float>(),
-                                               gcol.data_ptr<float>(), rindex.data_ptr<int64_t>(),
-                                               cindex.data_ptr<int64_t>(), grad.data_ptr<float>());
+      row_col_max::cpu::backward_planes<float>(plan, begin, end, H, W, grow.data_ptr<float>(), gcol.data_ptr<float>(),
+                                               rindex.data_ptr<int64_t>(), cindex.data_ptr<int64_t>(),
+                                               grad.data_ptr<float>());
     }
   });
   return grad.to(grad_row_max.scalar_type());

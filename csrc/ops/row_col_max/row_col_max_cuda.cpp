@@ -36,9 +36,8 @@ Result box_row_col_max_cuda(const at::Tensor& probs, const at::Tensor& boxes, co
   at::Tensor ranges = at::empty({p.num_boxes, 4}, index_options);
   at::Tensor status = at::zeros({p.num_boxes}, probs.options().dtype(at::kInt));
   C10_CUDA_CHECK(row_col_max::cuda::launch_resolve_boxes(
-      call.boxes.data_ptr<double>(), p.box_batch, p.box_labels, p.num_boxes, spatial_scale, p.batch,
-      p.num_channels, p.height, p.width, ranges.data_ptr<int64_t>(), status.data_ptr<int32_t>(),
-      at::cuda::getCurrentCUDAStream()));
+      call.boxes.data_ptr<double>(), p.box_batch, p.box_labels, p.num_boxes, spatial_scale, p.batch, p.num_channels,
+      p.height, p.width, ranges.data_ptr<int64_t>(), status.data_ptr<int32_t>(), at::cuda::getCurrentCUDAStream()));
   // One small device-to-host copy: bad boxes raise instead of reading out of bounds.
   raise_for_box_status(status.cpu(), call);
   p.ranges = ranges.data_ptr<int64_t>();
@@ -68,23 +67,24 @@ at::Tensor box_row_col_max_backward_cuda(const at::Tensor& grad_row_max, const a
   const int64_t K = call.num_boxes, H = call.height, W = call.width;
   if (K > 0) {
     // A bad index would write outside grad: one small reduction and host copy.
-    const at::Tensor bounds = at::stack({at::minimum(rindex.min(), cindex.min()),
-                                         at::maximum(rindex.max(), cindex.max())}).cpu();
+    const at::Tensor bounds =
+        at::stack({at::minimum(rindex.min(), cindex.min()), at::maximum(rindex.max(), cindex.max())}).cpu();
     const int64_t numel = c10::multiply_integers(probs_shape);
     TORCH_CHECK_VALUE(bounds[0].item<int64_t>() >= -1 && bounds[1].item<int64_t>() < numel,
                       "_box_row_col_max_backward: row_index and col_index must be the indices box_row_col_max "
-                      "returned for a probs of shape ", probs_shape, " (in [-1, ", numel, "))");
+                      "returned for a probs of shape ",
+                      probs_shape, " (in [-1, ", numel, "))");
   }
   at::Tensor grad = at::zeros(probs_shape, grow.options());
   const auto stream = at::cuda::getCurrentCUDAStream();
   if (dtype == at::kDouble) {
-    C10_CUDA_CHECK(row_col_max::cuda::launch_backward<double>(
-        K, H, W, grow.data_ptr<double>(), gcol.data_ptr<double>(), rindex.data_ptr<int64_t>(),
-        cindex.data_ptr<int64_t>(), grad.data_ptr<double>(), stream));
+    C10_CUDA_CHECK(row_col_max::cuda::launch_backward<double>(K, H, W, grow.data_ptr<double>(), gcol.data_ptr<double>(),
+                                                              rindex.data_ptr<int64_t>(), cindex.data_ptr<int64_t>(),
+                                                              grad.data_ptr<double>(), stream));
   } else {
-    C10_CUDA_CHECK(row_col_max::cuda::launch_backward<float>(
-        K, H, W, grow.data_ptr<float>(), gcol.data_ptr<float>(), rindex.data_ptr<int64_t>(),
-        cindex.data_ptr<int64_t>(), grad.data_ptr<float>(), stream));
+    C10_CUDA_CHECK(row_col_max::cuda::launch_backward<float>(K, H, W, grow.data_ptr<float>(), gcol.data_ptr<float>(),
+                                                             rindex.data_ptr<int64_t>(), cindex.data_ptr<int64_t>(),
+                                                             grad.data_ptr<float>(), stream));
   }
   return grad.to(grad_row_max.scalar_type());
 }

@@ -35,9 +35,7 @@ bool set_flush_denormal(bool on) {
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(boxloss, m) {
-  m.def("_set_flush_denormal(bool on) -> bool", &set_flush_denormal);
-}
+TORCH_LIBRARY_FRAGMENT(boxloss, m) { m.def("_set_flush_denormal(bool on) -> bool", &set_flush_denormal); }
 
 }  // namespace ops
 }  // namespace boxloss

@@ -22,42 +22,32 @@ bool is_supported_float(at::ScalarType t) {
 
 }  // namespace
 
-at::ScalarType accumulation_dtype(at::ScalarType dtype) {
-  return dtype == at::kDouble ? at::kDouble : at::kFloat;
-}
+at::ScalarType accumulation_dtype(at::ScalarType dtype) { return dtype == at::kDouble ? at::kDouble : at::kFloat; }
 
-SparseCRFCall prepare_sparse_crf_call(const char* op, const at::Tensor& probs,
-                                      const at::Tensor& image,
-                                      const std::optional<at::Tensor>& valid_mask,
-                                      at::OptionalIntArrayRef channels, double sigma,
-                                      int64_t neighbourhood, int64_t dilation,
-                                      c10::string_view kind, at::ScalarType compute_dtype) {
+SparseCRFCall prepare_sparse_crf_call(const char* op, const at::Tensor& probs, const at::Tensor& image,
+                                      const std::optional<at::Tensor>& valid_mask, at::OptionalIntArrayRef channels,
+                                      double sigma, int64_t neighbourhood, int64_t dilation, c10::string_view kind,
+                                      at::ScalarType compute_dtype) {
   TORCH_CHECK_TYPE(probs.defined() && image.defined(), op, ": probs and image must be tensors");
-  TORCH_CHECK_VALUE(probs.dim() == 4, op, ": probs must have shape (B, C, H, W), got shape ",
-                    shape_of(probs));
-  TORCH_CHECK_VALUE(image.dim() == 4, op, ": image must have shape (B, K, H, W), got shape ",
-                    shape_of(image));
+  TORCH_CHECK_VALUE(probs.dim() == 4, op, ": probs must have shape (B, C, H, W), got shape ", shape_of(probs));
+  TORCH_CHECK_VALUE(image.dim() == 4, op, ": image must have shape (B, K, H, W), got shape ", shape_of(image));
   TORCH_CHECK_TYPE(is_supported_float(probs.scalar_type()), op,
                    ": probs must be float16, bfloat16, float32 or float64, got ", probs.scalar_type());
-  TORCH_CHECK_TYPE(image.scalar_type() == probs.scalar_type(), op,
-                   ": image must have the dtype of probs (", probs.scalar_type(), "), got ",
-                   image.scalar_type());
-  TORCH_CHECK_VALUE(image.device() == probs.device(), op, ": image must be on the device of probs (",
-                    probs.device(), "), got ", image.device());
+  TORCH_CHECK_TYPE(image.scalar_type() == probs.scalar_type(), op, ": image must have the dtype of probs (",
+                   probs.scalar_type(), "), got ", image.scalar_type());
+  TORCH_CHECK_VALUE(image.device() == probs.device(), op, ": image must be on the device of probs (", probs.device(),
+                    "), got ", image.device());
   const int64_t B = probs.size(0), C = probs.size(1), H = probs.size(2), W = probs.size(3);
-  TORCH_CHECK_VALUE(B > 0 && C > 0 && H > 0 && W > 0, op,
-                    ": probs must be non-empty in every dimension, got shape ", shape_of(probs));
+  TORCH_CHECK_VALUE(B > 0 && C > 0 && H > 0 && W > 0, op, ": probs must be non-empty in every dimension, got shape ",
+                    shape_of(probs));
   TORCH_CHECK_VALUE(image.size(0) == B && image.size(2) == H && image.size(3) == W, op,
-                    ": image must match probs in B, H and W (probs ", shape_of(probs), "), got ",
-                    shape_of(image));
-  TORCH_CHECK_VALUE(image.size(1) > 0, op, ": image must have at least one channel, got shape ",
-                    shape_of(image));
-  TORCH_CHECK_VALUE(std::isfinite(sigma) && sigma > 0, op, ": sigma must be a positive finite number, got ",
-                    sigma);
-  TORCH_CHECK_VALUE(neighbourhood == 4 || neighbourhood == 8, op,
-                    ": neighbourhood must be 4 or 8, got ", neighbourhood);
-  TORCH_CHECK_VALUE(dilation >= 1 && dilation <= (int64_t{1} << 30), op,
-                    ": dilation must be a positive integer, got ", dilation);
+                    ": image must match probs in B, H and W (probs ", shape_of(probs), "), got ", shape_of(image));
+  TORCH_CHECK_VALUE(image.size(1) > 0, op, ": image must have at least one channel, got shape ", shape_of(image));
+  TORCH_CHECK_VALUE(std::isfinite(sigma) && sigma > 0, op, ": sigma must be a positive finite number, got ", sigma);
+  TORCH_CHECK_VALUE(neighbourhood == 4 || neighbourhood == 8, op, ": neighbourhood must be 4 or 8, got ",
+                    neighbourhood);
+  TORCH_CHECK_VALUE(dilation >= 1 && dilation <= (int64_t{1} << 30), op, ": dilation must be a positive integer, got ",
+                    dilation);
   sparse_crf::Kind parsed_kind;
   if (kind == "l1") {
     parsed_kind = sparse_crf::Kind::L1;
@@ -85,8 +75,8 @@ SparseCRFCall prepare_sparse_crf_call(const char* op, const at::Tensor& probs,
     std::vector<bool> seen(static_cast<size_t>(C), false);
     TORCH_CHECK_VALUE(!channels->empty(), op, ": channels must name at least one channel, got []");
     for (int64_t c : *channels) {
-      TORCH_CHECK_VALUE(c >= -C && c < C, op, ": channels must lie in [", -C, ", ", C - 1,
-                        "] for probs with ", C, " channels, got ", c);
+      TORCH_CHECK_VALUE(c >= -C && c < C, op, ": channels must lie in [", -C, ", ", C - 1, "] for probs with ", C,
+                        " channels, got ", c);
       const int64_t normalised = c < 0 ? c + C : c;
       TORCH_CHECK_VALUE(!seen[normalised], op, ": channels must not repeat a channel, got ", *channels);
       seen[normalised] = true;
@@ -139,8 +129,8 @@ void raise_for_input_status(const at::Tensor& status, const SparseCRFCall& call)
   if (bad_probs.empty() && bad_image.empty()) return;
   if (!bad_image.empty()) {
     const bool has_nan = call.image.isnan().any().item<bool>();
-    TORCH_CHECK_VALUE(false, "sparse_crf_loss: image must be finite, but it contains ",
-                      has_nan ? "NaN" : "Inf", " in batch element(s) ", at::IntArrayRef(bad_image));
+    TORCH_CHECK_VALUE(false, "sparse_crf_loss: image must be finite, but it contains ", has_nan ? "NaN" : "Inf",
+                      " in batch element(s) ", at::IntArrayRef(bad_image));
   }
   at::Tensor probs = call.probs;
   if (call.channels.defined()) probs = probs.index_select(1, call.channels);
@@ -152,11 +142,11 @@ void raise_for_input_status(const at::Tensor& status, const SparseCRFCall& call)
   } else if (has_inf) {
     what << "Inf";
   } else {
-    what << "values outside [0, 1] (min " << probs.min().item<double>() << ", max "
-         << probs.max().item<double>() << "; pass softmax or sigmoid outputs, not logits)";
+    what << "values outside [0, 1] (min " << probs.min().item<double>() << ", max " << probs.max().item<double>()
+         << "; pass softmax or sigmoid outputs, not logits)";
   }
-  TORCH_CHECK_VALUE(false, "sparse_crf_loss: probs must hold probabilities in [0, 1], but it contains ",
-                    what.str(), " in batch element(s) ", at::IntArrayRef(bad_probs));
+  TORCH_CHECK_VALUE(false, "sparse_crf_loss: probs must hold probabilities in [0, 1], but it contains ", what.str(),
+                    " in batch element(s) ", at::IntArrayRef(bad_probs));
 }
 
 TORCH_LIBRARY_FRAGMENT(boxloss, m) {

@@ -22,12 +22,10 @@ struct SparseCRFCall {
 // Checks every argument (ValueError / TypeError naming the argument and what
 // it got) and prepares the buffers.  `compute_dtype` is the dtype the kernel
 // runs in (the CPU kernel runs float16/bfloat16 in float32).
-SparseCRFCall prepare_sparse_crf_call(const char* op_name, const at::Tensor& probs,
-                                      const at::Tensor& image,
-                                      const std::optional<at::Tensor>& valid_mask,
-                                      at::OptionalIntArrayRef channels, double sigma,
-                                      int64_t neighbourhood, int64_t dilation,
-                                      c10::string_view kind, at::ScalarType compute_dtype);
+SparseCRFCall prepare_sparse_crf_call(const char* op_name, const at::Tensor& probs, const at::Tensor& image,
+                                      const std::optional<at::Tensor>& valid_mask, at::OptionalIntArrayRef channels,
+                                      double sigma, int64_t neighbourhood, int64_t dilation, c10::string_view kind,
+                                      at::ScalarType compute_dtype);
 
 // |P_b| per image as `dtype`: the valid pixels, or H * W without a mask.
 at::Tensor valid_pixel_counts(const SparseCRFCall& call, at::ScalarType dtype);

@@ -13,9 +13,7 @@ namespace ops {
 namespace {
 
 // float16 and bfloat16 run in float32 on the CPU.
-at::ScalarType cpu_compute_dtype(at::ScalarType dtype) {
-  return dtype == at::kDouble ? at::kDouble : at::kFloat;
-}
+at::ScalarType cpu_compute_dtype(at::ScalarType dtype) { return dtype == at::kDouble ? at::kDouble : at::kFloat; }
 
 int64_t rows_per_task(const sparse_crf::Problem& p, int32_t offsets) {
   const int64_t work_per_row = std::max<int64_t>(1, p.width * (p.num_selected + p.image_channels) * offsets);
@@ -23,9 +21,8 @@ int64_t rows_per_task(const sparse_crf::Problem& p, int32_t offsets) {
 }
 
 at::Tensor sparse_crf_loss_cpu(const at::Tensor& probs, const at::Tensor& image,
-                               const std::optional<at::Tensor>& valid_mask,
-                               at::OptionalIntArrayRef channels, double sigma, int64_t neighbourhood,
-                               int64_t dilation, c10::string_view kind) {
+                               const std::optional<at::Tensor>& valid_mask, at::OptionalIntArrayRef channels,
+                               double sigma, int64_t neighbourhood, int64_t dilation, c10::string_view kind) {
   TORCH_CHECK_VALUE(probs.device().is_cpu(), "sparse_crf_loss: probs must be a CPU tensor here");
   const at::ScalarType dtype = cpu_compute_dtype(probs.scalar_type());
   SparseCRFCall call = prepare_sparse_crf_call("sparse_crf_loss", probs, image, valid_mask, channels, sigma,
@@ -52,14 +49,12 @@ at::Tensor sparse_crf_loss_cpu(const at::Tensor& probs, const at::Tensor& image,
   return divide_by_counts(per_image, valid_pixel_counts(call, at::kDouble)).to(probs.scalar_type());
 }
 
-at::Tensor sparse_crf_loss_backward_cpu(const at::Tensor& grad, const at::Tensor& probs,
-                                        const at::Tensor& image,
-                                        const std::optional<at::Tensor>& valid_mask,
-                                        at::OptionalIntArrayRef channels, double sigma,
-                                        int64_t neighbourhood, int64_t dilation, c10::string_view kind) {
+at::Tensor sparse_crf_loss_backward_cpu(const at::Tensor& grad, const at::Tensor& probs, const at::Tensor& image,
+                                        const std::optional<at::Tensor>& valid_mask, at::OptionalIntArrayRef channels,
+                                        double sigma, int64_t neighbourhood, int64_t dilation, c10::string_view kind) {
   const at::ScalarType dtype = cpu_compute_dtype(probs.scalar_type());
-  SparseCRFCall call = prepare_sparse_crf_call("_sparse_crf_loss_backward", probs, image, valid_mask, channels,
-                                               sigma, neighbourhood, dilation, kind, dtype);
+  SparseCRFCall call = prepare_sparse_crf_call("_sparse_crf_loss_backward", probs, image, valid_mask, channels, sigma,
+                                               neighbourhood, dilation, kind, dtype);
   const sparse_crf::Problem& p = call.problem;
   TORCH_CHECK_VALUE(grad.dim() == 1 && grad.size(0) == p.batch,
                     "_sparse_crf_loss_backward: grad must have shape (B,) = (", p.batch, ",), got ", grad.sizes());

@@ -21,9 +21,8 @@ sparse_crf::cuda::DType kernel_dtype(at::ScalarType dtype) {
 }
 
 at::Tensor sparse_crf_loss_cuda(const at::Tensor& probs, const at::Tensor& image,
-                                const std::optional<at::Tensor>& valid_mask,
-                                at::OptionalIntArrayRef channels, double sigma, int64_t neighbourhood,
-                                int64_t dilation, c10::string_view kind) {
+                                const std::optional<at::Tensor>& valid_mask, at::OptionalIntArrayRef channels,
+                                double sigma, int64_t neighbourhood, int64_t dilation, c10::string_view kind) {
   TORCH_CHECK_VALUE(probs.device().is_cuda(), "sparse_crf_loss: probs must be a CUDA tensor here");
   const c10::cuda::CUDAGuard guard(probs.device());
   SparseCRFCall call = prepare_sparse_crf_call("sparse_crf_loss", probs, image, valid_mask, channels, sigma,
@@ -34,27 +33,23 @@ at::Tensor sparse_crf_loss_cuda(const at::Tensor& probs, const at::Tensor& image
   at::Tensor partials = at::empty({p.batch, blocks}, probs.options().dtype(acc));
   at::Tensor status = at::zeros({p.batch}, probs.options().dtype(at::kInt));
   C10_CUDA_CHECK(sparse_crf::cuda::launch_forward(p, kernel_dtype(probs.scalar_type()), partials.data_ptr(),
-                                                  status.data_ptr<int32_t>(),
-                                                  at::cuda::getCurrentCUDAStream()));
+                                                  status.data_ptr<int32_t>(), at::cuda::getCurrentCUDAStream()));
   // One small device-to-host copy: bad input raises instead of returning NaN.
   raise_for_input_status(status.cpu(), call);
   return divide_by_counts(partials.sum(1), valid_pixel_counts(call, acc)).to(probs.scalar_type());
 }
 
-at::Tensor sparse_crf_loss_backward_cuda(const at::Tensor& grad, const at::Tensor& probs,
-                                         const at::Tensor& image,
-                                         const std::optional<at::Tensor>& valid_mask,
-                                         at::OptionalIntArrayRef channels, double sigma,
-                                         int64_t neighbourhood, int64_t dilation, c10::string_view kind) {
+at::Tensor sparse_crf_loss_backward_cuda(const at::Tensor& grad, const at::Tensor& probs, const at::Tensor& image,
+                                         const std::optional<at::Tensor>& valid_mask, at::OptionalIntArrayRef channels,
+                                         double sigma, int64_t neighbourhood, int64_t dilation, c10::string_view kind) {
   const c10::cuda::CUDAGuard guard(probs.device());
-  SparseCRFCall call = prepare_sparse_crf_call("_sparse_crf_loss_backward", probs, image, valid_mask, channels,
-                                               sigma, neighbourhood, dilation, kind, probs.scalar_type());
+  SparseCRFCall call = prepare_sparse_crf_call("_sparse_crf_loss_backward", probs, image, valid_mask, channels, sigma,
+                                               neighbourhood, dilation, kind, probs.scalar_type());
   const sparse_crf::Problem& p = call.problem;
   TORCH_CHECK_VALUE(grad.dim() == 1 && grad.size(0) == p.batch,
                     "_sparse_crf_loss_backward: grad must have shape (B,) = (", p.batch, ",), got ", grad.sizes());
   const at::ScalarType acc = accumulation_dtype(probs.scalar_type());
-  const at::Tensor scale =
-      divide_by_counts(grad.to(probs.device(), acc), valid_pixel_counts(call, acc)).contiguous();
+  const at::Tensor scale = divide_by_counts(grad.to(probs.device(), acc), valid_pixel_counts(call, acc)).contiguous();
   at::Tensor out = call.channels.defined() ? at::zeros_like(call.probs) : at::empty_like(call.probs);
   C10_CUDA_CHECK(sparse_crf::cuda::launch_backward(p, kernel_dtype(probs.scalar_type()), scale.data_ptr(),
                                                    out.data_ptr(), at::cuda::getCurrentCUDAStream()));

@@ -27,8 +27,8 @@ void check_mean_and_log_var(const char* op, const at::Tensor& mu, const at::Tens
                             const char* layout) {
   TORCH_CHECK_TYPE(mu.defined() && log_var.defined(), op, ": mu and log_var must be tensors");
   TORCH_CHECK_VALUE(mu.dim() == dim, op, ": mu must have shape ", layout, ", got shape ", shape_of(mu));
-  TORCH_CHECK_TYPE(is_supported_float(mu.scalar_type()), op,
-                   ": mu must be float16, bfloat16, float32 or float64, got ", mu.scalar_type());
+  TORCH_CHECK_TYPE(is_supported_float(mu.scalar_type()), op, ": mu must be float16, bfloat16, float32 or float64, got ",
+                   mu.scalar_type());
   TORCH_CHECK_VALUE(mu.numel() > 0, op, ": mu must be non-empty in every dimension, got shape ", shape_of(mu));
   TORCH_CHECK_VALUE(log_var.sizes() == mu.sizes(), op, ": log_var must have the shape of mu (", shape_of(mu),
                     "), got shape ", shape_of(log_var));
@@ -47,8 +47,8 @@ void prepare_masks(const char* op, const at::Tensor& mu, int64_t B, int64_t H, i
     TORCH_CHECK_TYPE(m.scalar_type() == at::kBool, op, ": box_mask must be a bool tensor, got ", m.scalar_type());
     TORCH_CHECK_VALUE(m.dim() == 3 && m.size(0) == B && m.size(1) == H && m.size(2) == W, op,
                       ": box_mask must have shape (B, H, W) = (", B, ", ", H, ", ", W, "), got shape ", shape_of(m));
-    TORCH_CHECK_VALUE(m.device() == mu.device(), op, ": box_mask must be on the device of mu (", mu.device(),
-                      "), got ", m.device());
+    TORCH_CHECK_VALUE(m.device() == mu.device(), op, ": box_mask must be on the device of mu (", mu.device(), "), got ",
+                      m.device());
     *mask_out = m.contiguous().view(at::kByte);
   }
   if (pixel_perfect.has_value() && pixel_perfect->defined()) {
@@ -106,10 +106,9 @@ BinaryCall prepare_binary_call(const char* op, const at::Tensor& mu, const at::T
   return call;
 }
 
-ClassCall prepare_class_call(const char* op, const at::Tensor& mu, const at::Tensor& log_var,
-                             const at::Tensor& target, const std::optional<at::Tensor>& box_mask,
-                             const std::optional<at::Tensor>& pixel_perfect, const at::Tensor& seed,
-                             int64_t samples, double tau, bool bootstrap, bool route_gradients,
+ClassCall prepare_class_call(const char* op, const at::Tensor& mu, const at::Tensor& log_var, const at::Tensor& target,
+                             const std::optional<at::Tensor>& box_mask, const std::optional<at::Tensor>& pixel_perfect,
+                             const at::Tensor& seed, int64_t samples, double tau, bool bootstrap, bool route_gradients,
                              int64_t ignore_index) {
   check_mean_and_log_var(op, mu, log_var, 4, "(B, C, H, W)");
   const int64_t B = mu.size(0), C = mu.size(1), H = mu.size(2), W = mu.size(3);
@@ -117,8 +116,7 @@ ClassCall prepare_class_call(const char* op, const at::Tensor& mu, const at::Ten
   TORCH_CHECK_TYPE(target.scalar_type() == at::kLong, op, ": target must be an int64 tensor of class indices, got ",
                    target.scalar_type());
   TORCH_CHECK_VALUE(target.dim() == 3 && target.size(0) == B && target.size(1) == H && target.size(2) == W, op,
-                    ": target must have shape (B, H, W) = (", B, ", ", H, ", ", W, "), got shape ",
-                    shape_of(target));
+                    ": target must have shape (B, H, W) = (", B, ", ", H, ", ", W, "), got shape ", shape_of(target));
   TORCH_CHECK_VALUE(target.device() == mu.device(), op, ": target must be on the device of mu (", mu.device(),
                     "), got ", target.device());
   TORCH_CHECK_TYPE(seed.defined() && seed.scalar_type() == at::kLong, op,
@@ -133,8 +131,8 @@ ClassCall prepare_class_call(const char* op, const at::Tensor& mu, const at::Ten
   const at::Tensor seed_values = seed.contiguous();
   const int64_t key = seed_values.data_ptr<int64_t>()[0];
   const int64_t offset = seed_values.data_ptr<int64_t>()[1];
-  TORCH_CHECK_VALUE(offset >= 0 && offset < (int64_t{1} << 32), op,
-                    ": the seed's offset must lie in [0, 2^32), got ", offset);
+  TORCH_CHECK_VALUE(offset >= 0 && offset < (int64_t{1} << 32), op, ": the seed's offset must lie in [0, 2^32), got ",
+                    offset);
 
   ClassCall call;
   prepare_masks(op, mu, B, H, W, box_mask, pixel_perfect, &call.box_mask, &call.pixel_perfect);
@@ -161,10 +159,10 @@ ClassCall prepare_class_call(const char* op, const at::Tensor& mu, const at::Ten
 }
 
 at::Tensor per_pixel_input(const char* op, const char* name, const at::Tensor& t, const at::Tensor& like) {
-  const std::vector<int64_t> want = like.dim() == 4 ? std::vector<int64_t>{like.size(0), like.size(2), like.size(3)}
-                                                    : like.sizes().vec();
-  TORCH_CHECK_VALUE(t.defined() && t.sizes() == at::IntArrayRef(want), op, ": ", name, " must have shape ", at::IntArrayRef(want), ", got ",
-                    t.defined() ? shape_of(t) : std::string("None"));
+  const std::vector<int64_t> want =
+      like.dim() == 4 ? std::vector<int64_t>{like.size(0), like.size(2), like.size(3)} : like.sizes().vec();
+  TORCH_CHECK_VALUE(t.defined() && t.sizes() == at::IntArrayRef(want), op, ": ", name, " must have shape ",
+                    at::IntArrayRef(want), ", got ", t.defined() ? shape_of(t) : std::string("None"));
   TORCH_CHECK_TYPE(t.is_floating_point(), op, ": ", name, " must be a floating-point tensor, got ", t.scalar_type());
   return t.to(like.device(), like.scalar_type()).contiguous();
 }
@@ -198,8 +196,10 @@ void raise_for_binary_status(int32_t status, const BinaryCall& call) {
     what << "values outside [0, 1] (min " << target.min().item<double>() << ", max " << target.max().item<double>()
          << ")";
   }
-  TORCH_CHECK_VALUE(false, "uncertainty_bce_loss: target must hold probabilities in [0, 1] (0 background, 1 object), "
-                    "but it contains ", what.str());
+  TORCH_CHECK_VALUE(false,
+                    "uncertainty_bce_loss: target must hold probabilities in [0, 1] (0 background, 1 object), "
+                    "but it contains ",
+                    what.str());
 }
 
 void raise_for_class_status(int32_t status, const ClassCall& call) {

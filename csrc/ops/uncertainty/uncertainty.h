@@ -12,9 +12,9 @@ namespace boxloss {
 namespace ops {
 
 struct BinaryCall {
-  at::Tensor mu;       // (B, H, W) contiguous, compute dtype
-  at::Tensor log_var;  // (B, H, W) contiguous, compute dtype
-  at::Tensor target;   // (B, H, W) contiguous, compute dtype
+  at::Tensor mu;             // (B, H, W) contiguous, compute dtype
+  at::Tensor log_var;        // (B, H, W) contiguous, compute dtype
+  at::Tensor target;         // (B, H, W) contiguous, compute dtype
   at::Tensor box_mask;       // contiguous uint8 view, or undefined
   at::Tensor pixel_perfect;  // contiguous uint8 view, or undefined
   uncertainty::BinaryProblem problem;
@@ -39,10 +39,9 @@ BinaryCall prepare_binary_call(const char* op, const at::Tensor& mu, const at::T
                                const std::optional<at::Tensor>& pixel_perfect, double tau, double temperature,
                                bool bootstrap, bool route_gradients);
 
-ClassCall prepare_class_call(const char* op, const at::Tensor& mu, const at::Tensor& log_var,
-                             const at::Tensor& target, const std::optional<at::Tensor>& box_mask,
-                             const std::optional<at::Tensor>& pixel_perfect, const at::Tensor& seed,
-                             int64_t samples, double tau, bool bootstrap, bool route_gradients,
+ClassCall prepare_class_call(const char* op, const at::Tensor& mu, const at::Tensor& log_var, const at::Tensor& target,
+                             const std::optional<at::Tensor>& box_mask, const std::optional<at::Tensor>& pixel_perfect,
+                             const at::Tensor& seed, int64_t samples, double tau, bool bootstrap, bool route_gradients,
                              int64_t ignore_index);
 
 // A per-pixel tensor (B, H, W) for the backward: grad or saved values, on the

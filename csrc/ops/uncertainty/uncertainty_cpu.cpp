@@ -68,8 +68,8 @@ std::tuple<at::Tensor, at::Tensor> uncertainty_bce_loss_backward_cpu(
     const std::optional<at::Tensor>& box_mask, const std::optional<at::Tensor>& pixel_perfect, double tau,
     double temperature, bool bootstrap, bool route_gradients) {
   const char* op = "_uncertainty_bce_loss_backward";
-  BinaryCall call = prepare_binary_call(op, mu, log_var, target, box_mask, pixel_perfect, tau, temperature,
-                                        bootstrap, route_gradients);
+  BinaryCall call = prepare_binary_call(op, mu, log_var, target, box_mask, pixel_perfect, tau, temperature, bootstrap,
+                                        route_gradients);
   const auto& p = call.problem;
   const at::Tensor g = per_pixel_input(op, "grad", grad, call.mu);
   at::Tensor grad_mu = at::empty_like(call.mu);
@@ -91,8 +91,7 @@ std::tuple<at::Tensor, at::Tensor> uncertainty_ce_loss_cpu(const at::Tensor& mu,
                                                            const std::optional<at::Tensor>& box_mask,
                                                            const std::optional<at::Tensor>& pixel_perfect,
                                                            const at::Tensor& seed, int64_t samples, double tau,
-                                                           bool bootstrap, bool route_gradients,
-                                                           int64_t ignore_index) {
+                                                           bool bootstrap, bool route_gradients, int64_t ignore_index) {
   ClassCall call = prepare_class_call("uncertainty_ce_loss", mu, log_var, target, box_mask, pixel_perfect, seed,
                                       samples, tau, bootstrap, route_gradients, ignore_index);
   const auto& p = call.problem;
@@ -113,12 +112,12 @@ std::tuple<at::Tensor, at::Tensor> uncertainty_ce_loss_cpu(const at::Tensor& mu,
 
 std::tuple<at::Tensor, at::Tensor> uncertainty_ce_loss_backward_cpu(
     const at::Tensor& grad, const at::Tensor& mu, const at::Tensor& log_var, const at::Tensor& target,
-    const std::optional<at::Tensor>& box_mask, const std::optional<at::Tensor>& pixel_perfect,
-    const at::Tensor& seed, const at::Tensor& sample_lse, int64_t samples, double tau, bool bootstrap,
-    bool route_gradients, int64_t ignore_index) {
+    const std::optional<at::Tensor>& box_mask, const std::optional<at::Tensor>& pixel_perfect, const at::Tensor& seed,
+    const at::Tensor& sample_lse, int64_t samples, double tau, bool bootstrap, bool route_gradients,
+    int64_t ignore_index) {
   const char* op = "_uncertainty_ce_loss_backward";
-  ClassCall call = prepare_class_call(op, mu, log_var, target, box_mask, pixel_perfect, seed, samples, tau,
-                                      bootstrap, route_gradients, ignore_index);
+  ClassCall call = prepare_class_call(op, mu, log_var, target, box_mask, pixel_perfect, seed, samples, tau, bootstrap,
+                                      route_gradients, ignore_index);
   const auto& p = call.problem;
   const at::Tensor g = per_pixel_input(op, "grad", grad, call.mu);
   const at::Tensor lse = per_pixel_input(op, "sample_lse", sample_lse, call.mu);
@@ -129,8 +128,8 @@ std::tuple<at::Tensor, at::Tensor> uncertainty_ce_loss_backward_cpu(
       ucpu::class_backward<double>(p, g.data_ptr<double>(), lse.data_ptr<double>(), begin, end,
                                    grad_mu.data_ptr<double>(), grad_log_var.data_ptr<double>());
     } else {
-      ucpu::class_backward<float>(p, g.data_ptr<float>(), lse.data_ptr<float>(), begin, end,
-                                  grad_mu.data_ptr<float>(), grad_log_var.data_ptr<float>());
+      ucpu::class_backward<float>(p, g.data_ptr<float>(), lse.data_ptr<float>(), begin, end, grad_mu.data_ptr<float>(),
+                                  grad_log_var.data_ptr<float>());
     }
   });
   return {grad_mu.to(mu.scalar_type()), grad_log_var.to(mu.scalar_type())};

@@ -34,8 +34,8 @@ at::Tensor uncertainty_bce_loss_cuda(const at::Tensor& mu, const at::Tensor& log
     C10_CUDA_CHECK(ucuda::launch_binary_forward<double>(call.problem, loss.data_ptr<double>(),
                                                         status.data_ptr<int32_t>(), stream));
   } else {
-    C10_CUDA_CHECK(ucuda::launch_binary_forward<float>(call.problem, loss.data_ptr<float>(),
-                                                       status.data_ptr<int32_t>(), stream));
+    C10_CUDA_CHECK(
+        ucuda::launch_binary_forward<float>(call.problem, loss.data_ptr<float>(), status.data_ptr<int32_t>(), stream));
   }
   raise_for_binary_status(read_status(status), call);
   return loss.to(mu.scalar_type());
@@ -47,15 +47,14 @@ std::tuple<at::Tensor, at::Tensor> uncertainty_bce_loss_backward_cuda(
     double temperature, bool bootstrap, bool route_gradients) {
   const c10::cuda::CUDAGuard guard(mu.device());
   const char* op = "_uncertainty_bce_loss_backward";
-  BinaryCall call = prepare_binary_call(op, mu, log_var, target, box_mask, pixel_perfect, tau, temperature,
-                                        bootstrap, route_gradients);
+  BinaryCall call = prepare_binary_call(op, mu, log_var, target, box_mask, pixel_perfect, tau, temperature, bootstrap,
+                                        route_gradients);
   const at::Tensor g = per_pixel_input(op, "grad", grad, call.mu);
   at::Tensor grad_mu = at::empty_like(call.mu);
   at::Tensor grad_log_var = at::empty_like(call.mu);
   const auto stream = at::cuda::getCurrentCUDAStream();
   if (call.mu.scalar_type() == at::kDouble) {
-    C10_CUDA_CHECK(ucuda::launch_binary_backward<double>(call.problem, g.data_ptr<double>(),
-                                                         grad_mu.data_ptr<double>(),
+    C10_CUDA_CHECK(ucuda::launch_binary_backward<double>(call.problem, g.data_ptr<double>(), grad_mu.data_ptr<double>(),
                                                          grad_log_var.data_ptr<double>(), stream));
   } else {
     C10_CUDA_CHECK(ucuda::launch_binary_backward<float>(call.problem, g.data_ptr<float>(), grad_mu.data_ptr<float>(),
@@ -64,13 +63,10 @@ std::tuple<at::Tensor, at::Tensor> uncertainty_bce_loss_backward_cuda(
   return {grad_mu.to(mu.scalar_type()), grad_log_var.to(mu.scalar_type())};
 }
 
-std::tuple<at::Tensor, at::Tensor> uncertainty_ce_loss_cuda(const at::Tensor& mu, const at::Tensor& log_var,
-                                                            const at::Tensor& target,
-                                                            const std::optional<at::Tensor>& box_mask,
-                                                            const std::optional<at::Tensor>& pixel_perfect,
-                                                            const at::Tensor& seed, int64_t samples, double tau,
-                                                            bool bootstrap, bool route_gradients,
-                                                            int64_t ignore_index) {
+std::tuple<at::Tensor, at::Tensor> uncertainty_ce_loss_cuda(
+    const at::Tensor& mu, const at::Tensor& log_var, const at::Tensor& target,
+    const std::optional<at::Tensor>& box_mask, const std::optional<at::Tensor>& pixel_perfect, const at::Tensor& seed,
+    int64_t samples, double tau, bool bootstrap, bool route_gradients, int64_t ignore_index) {
   const c10::cuda::CUDAGuard guard(mu.device());
   ClassCall call = prepare_class_call("uncertainty_ce_loss", mu, log_var, target, box_mask, pixel_perfect, seed,
                                       samples, tau, bootstrap, route_gradients, ignore_index);
@@ -92,13 +88,13 @@ std::tuple<at::Tensor, at::Tensor> uncertainty_ce_loss_cuda(const at::Tensor& mu
 
 std::tuple<at::Tensor, at::Tensor> uncertainty_ce_loss_backward_cuda(
     const at::Tensor& grad, const at::Tensor& mu, const at::Tensor& log_var, const at::Tensor& target,
-    const std::optional<at::Tensor>& box_mask, const std::optional<at::Tensor>& pixel_perfect,
-    const at::Tensor& seed, const at::Tensor& sample_lse, int64_t samples, double tau, bool bootstrap,
-    bool route_gradients, int64_t ignore_index) {
+    const std::optional<at::Tensor>& box_mask, const std::optional<at::Tensor>& pixel_perfect, const at::Tensor& seed,
+    const at::Tensor& sample_lse, int64_t samples, double tau, bool bootstrap, bool route_gradients,
+    int64_t ignore_index) {
   const c10::cuda::CUDAGuard guard(mu.device());
   const char* op = "_uncertainty_ce_loss_backward";
-  ClassCall call = prepare_class_call(op, mu, log_var, target, box_mask, pixel_perfect, seed, samples, tau,
-                                      bootstrap, route_gradients, ignore_index);
+  ClassCall call = prepare_class_call(op, mu, log_var, target, box_mask, pixel_perfect, seed, samples, tau, bootstrap,
+                                      route_gradients, ignore_index);
   const at::Tensor g = per_pixel_input(op, "grad", grad, call.mu);
   const at::Tensor lse = per_pixel_input(op, "sample_lse", sample_lse, call.mu);
   at::Tensor grad_mu = at::empty_like(call.mu);

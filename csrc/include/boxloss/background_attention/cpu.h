@@ -24,8 +24,8 @@ void attention_forward(const AttentionProblem<scalar>& p, const scalar* dots, in
 // Backward of attention_forward for flat pixels [begin, end): overwrites dots
 // with g (see pixel_attention_backward) and writes coef.
 template <typename scalar>
-void attention_backward(const AttentionProblem<scalar>& p, const scalar* grad_attention, scalar* dots,
-                        int64_t begin, int64_t end, scalar* coef);
+void attention_backward(const AttentionProblem<scalar>& p, const scalar* grad_attention, scalar* dots, int64_t begin,
+                        int64_t end, scalar* coef);
 
 // pooled (num_boxes, channels, S, S) and weight_sum (num_boxes, S, S) for the
 // flat (box, bin) pairs [begin, end).
@@ -43,9 +43,9 @@ ImagePlan plan_by_image(const int64_t* box_batch, int64_t num_boxes, int64_t bat
 // grad_features (batch, channels, h, w) and grad_attention (batch, h, w), then
 // adds every box's contribution, boxes in order (deterministic).
 template <typename scalar>
-void pool_backward(const PoolProblem<scalar>& p, const ImagePlan& plan, const scalar* grad_pooled,
-                   const scalar* pooled, const scalar* weight_sum, int64_t image_begin, int64_t image_end,
-                   scalar* grad_features, scalar* grad_attention);
+void pool_backward(const PoolProblem<scalar>& p, const ImagePlan& plan, const scalar* grad_pooled, const scalar* pooled,
+                   const scalar* weight_sum, int64_t image_begin, int64_t image_end, scalar* grad_features,
+                   scalar* grad_attention);
 
 }  // namespace cpu
 }  // namespace background_attention

@@ -25,8 +25,7 @@ cudaError_t launch_attention_backward(const AttentionProblem<scalar>& p, const s
                                       scalar* coef, cudaStream_t stream);
 
 template <typename scalar>
-cudaError_t launch_pool_forward(const PoolProblem<scalar>& p, scalar* pooled, scalar* weight_sum,
-                                cudaStream_t stream);
+cudaError_t launch_pool_forward(const PoolProblem<scalar>& p, scalar* pooled, scalar* weight_sum, cudaStream_t stream);
 
 // Atomic adds into grad_features and grad_attention, zeroed by the caller.
 template <typename scalar>

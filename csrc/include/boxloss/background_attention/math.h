@@ -52,9 +52,8 @@ BOXLOSS_HD_INLINE acc pixel_attention(const scalar* dots, int64_t stride, const 
 // sum_p g_j(p) f(p)), and returns coef = -sum_j dA/dcos_j cos_j / |f|^2 (0
 // where |f| <= eps, as the clamped norm is constant there).
 template <typename scalar, typename acc>
-BOXLOSS_HD_INLINE acc pixel_attention_backward(scalar* dots, int64_t stride, const uint8_t* valid,
-                                               int64_t num_queries, int64_t num_valid, acc norm, bool inside,
-                                               bool fallback, acc grad) {
+BOXLOSS_HD_INLINE acc pixel_attention_backward(scalar* dots, int64_t stride, const uint8_t* valid, int64_t num_queries,
+                                               int64_t num_valid, acc norm, bool inside, bool fallback, acc grad) {
   const bool active = inside && !fallback && num_valid > 0;
   const acc inv = inverse_norm(norm);
   const acc scale = active ? grad / static_cast<acc>(num_valid) : acc(0);
@@ -70,9 +69,7 @@ BOXLOSS_HD_INLINE acc pixel_attention_backward(scalar* dots, int64_t stride, con
 
 // Grid cell of map row (or column) y of `size` rows split into n cells by
 // integer splits: cell j holds rows [floor(j * size / n), floor((j + 1) * size / n)).
-BOXLOSS_HD_INLINE int64_t grid_cell(int64_t y, int64_t size, int64_t n) {
-  return ((y + 1) * n - 1) / size;
-}
+BOXLOSS_HD_INLINE int64_t grid_cell(int64_t y, int64_t size, int64_t n) { return ((y + 1) * n - 1) / size; }
 
 // Bin i of n bins over the span [begin, begin + length): integer splits that
 // always hold at least one pixel, [begin + floor(i * length / n),

@@ -37,10 +37,9 @@ struct AttentionProblem {
   BOXLOSS_HD_INLINE acc_t<scalar> attention_backward_at(scalar* dots, acc_t<scalar> grad_attention, int64_t i) const {
     using acc = acc_t<scalar>;
     const int64_t b = i / pixels, pixel = i % pixels;
-    return pixel_attention_backward<scalar, acc>(dots + b * num_queries * pixels + pixel, pixels,
-                                                 valid + b * num_queries, num_queries, num_valid[b],
-                                                 static_cast<acc>(norms[i]), inside[i] != 0, fallback[b] != 0,
-                                                 grad_attention);
+    return pixel_attention_backward<scalar, acc>(
+        dots + b * num_queries * pixels + pixel, pixels, valid + b * num_queries, num_queries, num_valid[b],
+        static_cast<acc>(norms[i]), inside[i] != 0, fallback[b] != 0, grad_attention);
   }
 };
 
@@ -56,7 +55,7 @@ struct PoolProblem {
   int64_t height = 0;
   int64_t width = 0;
   int64_t num_boxes = 0;
-  int64_t output_size = 1;             // S: S x S bins per box
+  int64_t output_size = 1;  // S: S x S bins per box
 
   BOXLOSS_HD_INLINE int64_t bins() const { return output_size * output_size; }
   // Rows and columns of bin `bin` (row-major over S x S) of box k.

@@ -12,9 +12,9 @@ namespace boxloss {
 namespace box_raster {
 
 struct Problem {
-  const int64_t* ranges = nullptr;      // (num_boxes, 4): row_begin, row_end, col_begin, col_end
-  const int64_t* priority = nullptr;    // (num_boxes,): smaller is in front
-  const int64_t* order = nullptr;       // (num_boxes,): box indices sorted by image (stable)
+  const int64_t* ranges = nullptr;         // (num_boxes, 4): row_begin, row_end, col_begin, col_end
+  const int64_t* priority = nullptr;       // (num_boxes,): smaller is in front
+  const int64_t* order = nullptr;          // (num_boxes,): box indices sorted by image (stable)
   const int64_t* image_offsets = nullptr;  // (batch + 1,): boxes of image b are order[offsets[b]..offsets[b+1])
   int64_t batch = 0;
   int64_t height = 0;

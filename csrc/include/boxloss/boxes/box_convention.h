@@ -27,10 +27,10 @@ namespace boxes {
 
 // Bits of a box's status; 0 means the box is well-formed.
 enum BoxStatus : int32_t {
-  kBoxNaN = 1,               // a coordinate is NaN
-  kBoxInverted = 2,          // x1 < x0 or y1 < y0
-  kBoxBatchOutOfRange = 4,   // box_batch not in [0, batch)
-  kBoxLabelOutOfRange = 8,   // box_labels not in [0, num_channels)
+  kBoxNaN = 1,              // a coordinate is NaN
+  kBoxInverted = 2,         // x1 < x0 or y1 < y0
+  kBoxBatchOutOfRange = 4,  // box_batch not in [0, batch)
+  kBoxLabelOutOfRange = 8,  // box_labels not in [0, num_channels)
 };
 
 // Half-open range [begin, end) of map pixels along one axis; begin == end == 0
@@ -58,8 +58,8 @@ BOXLOSS_HD_INLINE PixelSpan covered_span(double lo, double hi, double spatial_sc
   return PixelSpan{mid, mid + 1};
 }
 
-BOXLOSS_HD_INLINE int32_t box_status(double x0, double y0, double x1, double y1, int64_t batch_index,
-                                     int64_t label, int64_t batch, int64_t num_channels) {
+BOXLOSS_HD_INLINE int32_t box_status(double x0, double y0, double x1, double y1, int64_t batch_index, int64_t label,
+                                     int64_t batch, int64_t num_channels) {
   int32_t status = 0;
   if (x0 != x0 || y0 != y0 || x1 != x1 || y1 != y1) {
     status |= kBoxNaN;
@@ -78,8 +78,8 @@ struct BoxPixels {
   BOXLOSS_HD_INLINE bool empty() const { return row_end <= row_begin || col_end <= col_begin; }
 };
 
-BOXLOSS_HD_INLINE BoxPixels box_pixels(double x0, double y0, double x1, double y1, double spatial_scale,
-                                       int64_t height, int64_t width) {
+BOXLOSS_HD_INLINE BoxPixels box_pixels(double x0, double y0, double x1, double y1, double spatial_scale, int64_t height,
+                                       int64_t width) {
   const PixelSpan cols = covered_span(x0, x1, spatial_scale, width);
   const PixelSpan rows = covered_span(y0, y1, spatial_scale, height);
   if (cols.empty() || rows.empty()) return BoxPixels{0, 0, 0, 0};

@@ -42,6 +42,17 @@ using acc_t = typename AccType<T>::type;
 
 namespace math {
 
+// *p, read through the GPU's read-only data cache (__ldg) in device code: for
+// inputs a kernel never writes.
+template <typename T>
+BOXLOSS_HD_ALWAYS_INLINE T load_read_only(const T* p) {
+#if defined(__CUDA_ARCH__)
+  return __ldg(p);
+#else
+  return *p;
+#endif
+}
+
 BOXLOSS_HD_INLINE float bits_to_float(int32_t bits) {
 #if defined(__CUDA_ARCH__)
   return __int_as_float(bits);
@@ -85,17 +96,26 @@ BOXLOSS_HD_ALWAYS_INLINE float exp_clamped(float x) {
 
 // exp(x) for x <= 0 (positive arguments give 1): the clamp comes before the
 // polynomial, where it does not stop vectorisation (a select after it does).
-BOXLOSS_HD_ALWAYS_INLINE float exp_nonpositive(float x) {
-  return exp_clamped(x > 0.0f ? 0.0f : x);
-}
+BOXLOSS_HD_ALWAYS_INLINE float exp_nonpositive(float x) { return exp_clamped(x > 0.0f ? 0.0f : x); }
 
 // Double precision keeps the library exp: float64 is the precision the tests
 // compare against the reference at 1e-6 relative, and speed is secondary there.
-BOXLOSS_HD_INLINE double exp_nonpositive(double x) {
-  return exp(x);
+BOXLOSS_HD_INLINE double exp_nonpositive(double x) { return exp(x); }
+BOXLOSS_HD_INLINE double exp_clamped(double x) { return exp(x); }
+
+// The input checks of the kernels, written with plain compares so that a loop
+// over pixels that calls them vectorises.
+//
+// True when v is finite: v - v is 0 for every finite v and NaN otherwise.
+template <typename T>
+BOXLOSS_HD_ALWAYS_INLINE bool is_finite(T v) {
+  return (v - v) == T(0);
 }
-BOXLOSS_HD_INLINE double exp_clamped(double x) {
-  return exp(x);
+
+// True when v is NaN, +-Inf, or outside [0, 1] (NaN fails every ordered compare).
+template <typename T>
+BOXLOSS_HD_ALWAYS_INLINE bool outside_unit_interval(T v) {
+  return !(v >= T(0) && v <= T(1));
 }
 
 }  // namespace math

@@ -13,7 +13,6 @@
 
 #include "boxloss/common/host_device.h"
 
-
 namespace boxloss {
 namespace math {
 
@@ -33,7 +32,7 @@ BOXLOSS_HD_ALWAYS_INLINE int32_t float_to_bits(float x) {
 // [sqrt(1/2), sqrt(2)), then Cephes' logf polynomial in m - 1.
 BOXLOSS_HD_ALWAYS_INLINE float log_positive(float x) {
   const int32_t bits = float_to_bits(x);
-  int32_t e = ((bits >> 23) & 0xff) - 126;                  // x = m 2^e, m in [1/2, 1)
+  int32_t e = ((bits >> 23) & 0xff) - 126;  // x = m 2^e, m in [1/2, 1)
   float m = bits_to_float((bits & 0x007fffff) | 0x3f000000);
   const bool below = m < 0.707106781186547524f;
   e -= below ? 1 : 0;
@@ -54,21 +53,19 @@ BOXLOSS_HD_ALWAYS_INLINE float log_positive(float x) {
   y += -0.5f * z;
   return (m + y) + fe * 0.693359375f;
 }
-BOXLOSS_HD_ALWAYS_INLINE double log_positive(double x) {
-  return log(x);
-}
+BOXLOSS_HD_ALWAYS_INLINE double log_positive(double x) { return log(x); }
 
 // sin(2 pi u) and cos(2 pi u) for u in [0, 1] ("turns"): the nearest quarter
 // turn q is split off exactly, the rest (|angle| <= pi/4) goes through
 // Cephes' sinf/cosf polynomials, and the quadrant is applied by selects.
 BOXLOSS_HD_ALWAYS_INLINE void sincos_turns(float u, float* sin_out, float* cos_out) {
   const int32_t q = static_cast<int32_t>(u * 4.0f + 0.5f);  // u >= 0: truncation rounds to nearest
-  const float f = u - static_cast<float>(q) * 0.25f;         // exact, in [-1/8, 1/8]
+  const float f = u - static_cast<float>(q) * 0.25f;        // exact, in [-1/8, 1/8]
   const float x = f * 6.28318530717958647692f;
   const float x2 = x * x;
   const float s = ((-1.9515295891E-4f * x2 + 8.3321608736E-3f) * x2 - 1.6666654611E-1f) * x2 * x + x;
-  const float c = ((2.443315711809948E-5f * x2 - 1.388731625493765E-3f) * x2 + 4.166664568298827E-2f) * x2 * x2 -
-                  0.5f * x2 + 1.0f;
+  const float c =
+      ((2.443315711809948E-5f * x2 - 1.388731625493765E-3f) * x2 + 4.166664568298827E-2f) * x2 * x2 - 0.5f * x2 + 1.0f;
   const bool swap = (q & 1) != 0;
   const float sq = swap ? c : s;
   const float cq = swap ? s : c;
@@ -99,9 +96,7 @@ BOXLOSS_HD_ALWAYS_INLINE float log1p_unit(float e) {
   p = p * q2 + 1.0f;
   return 2.0f * q * p;
 }
-BOXLOSS_HD_ALWAYS_INLINE double log1p_unit(double e) {
-  return log1p(e);
-}
+BOXLOSS_HD_ALWAYS_INLINE double log1p_unit(double e) { return log1p(e); }
 
 // softplus(x) = ln(1 + e^x) = max(x, 0) + ln(1 + e^-|x|): no overflow for any
 // finite x, and relative accuracy for very negative x.

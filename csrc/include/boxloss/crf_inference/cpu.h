@@ -26,9 +26,9 @@ constexpr int kSmoothnessSimplex = 3;  // x, y
 // A kernel of weight 0 is skipped (its lattice is not read).
 template <typename scalar>
 struct KernelLattice {
-  const int32_t* splat_index = nullptr;   // (num_pixels, simplex): local vertex numbers
-  const scalar* splat_weight = nullptr;   // (num_pixels, simplex): barycentric weights
-  const int32_t* neighbours = nullptr;    // neighbours[axis * axis_stride + 2 v + side], -1 if absent
+  const int32_t* splat_index = nullptr;  // (num_pixels, simplex): local vertex numbers
+  const scalar* splat_weight = nullptr;  // (num_pixels, simplex): barycentric weights
+  const int32_t* neighbours = nullptr;   // neighbours[axis * axis_stride + 2 v + side], -1 if absent
   int64_t axis_stride = 0;
   int64_t num_vertices = 0;
   double weight = 0.0;

@@ -32,7 +32,7 @@ struct AppearanceLattice {
   const int64_t* vertex_offsets = nullptr;   // (batch + 1), device memory
   const int32_t* vertex_image = nullptr;     // (total_vertices): the image of each vertex
   int64_t total_vertices = 0;
-  double weight = 0.0;                       // 0: the kernel is skipped
+  double weight = 0.0;  // 0: the kernel is skipped
 };
 
 // The smoothness kernel's 2-d lattice, the same for every image.
@@ -47,7 +47,7 @@ struct SmoothnessLattice {
 
 template <typename scalar>
 struct MeanFieldBatch {
-  const scalar* unary = nullptr;  // (batch, channels, N)
+  const scalar* unary = nullptr;   // (batch, channels, N)
   const uint8_t* valid = nullptr;  // (batch, N) or nullptr
   int64_t batch = 0, channels = 0, num_pixels = 0;
   AppearanceLattice<scalar> appearance;

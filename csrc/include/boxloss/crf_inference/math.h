@@ -63,9 +63,7 @@ BOXLOSS_HD_ALWAYS_INLINE float flushed_exp(float d) {
   const float e = math::exp_nonpositive(d);
   return d < static_cast<float>(kFlushBelow) ? 0.0f : e;
 }
-BOXLOSS_HD_ALWAYS_INLINE double flushed_exp(double d) {
-  return d < kFlushBelow ? 0.0 : exp(d);
-}
+BOXLOSS_HD_ALWAYS_INLINE double flushed_exp(double d) { return d < kFlushBelow ? 0.0 : exp(d); }
 
 // In place over kPixels pixels stored channel-major, x[c * kPixels + t]:
 // the logits of `channels` classes (-inf allowed, not all of a pixel's) ->
@@ -98,9 +96,7 @@ BOXLOSS_HD_ALWAYS_INLINE void softmax_pixels(acc* x, int64_t channels) {
   }
 }
 
-BOXLOSS_HD_INLINE int64_t round_up(int64_t n, int64_t multiple) {
-  return (n + multiple - 1) / multiple * multiple;
-}
+BOXLOSS_HD_INLINE int64_t round_up(int64_t n, int64_t multiple) { return (n + multiple - 1) / multiple * multiple; }
 
 }  // namespace crf_inference
 }  // namespace boxloss

@@ -28,8 +28,8 @@ int32_t energy_image(const scalar* probs, int64_t channels, const uint8_t* mask,
 // transpose filter of the same input; 0 at invalid pixels.
 template <typename scalar>
 void gradient_image(const scalar* probs, int64_t channels, const uint8_t* mask, const scalar* filtered,
-                    const scalar* reversed, const scalar* splat_weight, int64_t num_pixels, scalar scale,
-                    scalar* grad, const RangeRunner& runner);
+                    const scalar* reversed, const scalar* splat_weight, int64_t num_pixels, scalar scale, scalar* grad,
+                    const RangeRunner& runner);
 
 }  // namespace cpu
 }  // namespace dense_crf

@@ -24,9 +24,9 @@ int64_t energy_blocks_per_image(int64_t num_pixels);
 // (batch, N) or nullptr, filtered (batch, channels + 1, N), splat_weight
 // (batch, N, d+1).
 template <typename scalar>
-cudaError_t launch_energy(const scalar* probs, int64_t batch, int64_t channels, int64_t num_pixels,
-                          const uint8_t* mask, const scalar* filtered, const scalar* splat_weight,
-                          scalar* partial_energy, scalar* partial_normaliser, int32_t* status, cudaStream_t stream);
+cudaError_t launch_energy(const scalar* probs, int64_t batch, int64_t channels, int64_t num_pixels, const uint8_t* mask,
+                          const scalar* filtered, const scalar* splat_weight, scalar* partial_energy,
+                          scalar* partial_normaliser, int32_t* status, cudaStream_t stream);
 
 // grad (batch, channels, N) = scale[b] * dE/dS, with `reversed` the
 // transposed filter of the same input; 0 at invalid pixels.

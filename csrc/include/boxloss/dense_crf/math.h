@@ -49,10 +49,8 @@ BOXLOSS_HD_INLINE acc gradient_term(acc s, acc filtered, acc reversed, acc filte
          acc(2) * self_affinity * s;
 }
 
-template <typename acc>
-BOXLOSS_HD_INLINE bool outside_unit_interval(acc v) {
-  return !(v >= acc(0) && v <= acc(1));
-}
+// The probabilities' check (host_device.h).
+using math::outside_unit_interval;
 
 }  // namespace dense_crf
 }  // namespace boxloss

@@ -44,7 +44,7 @@ void run_serially(int64_t n, int64_t grain, const RangeFn& fn);
 struct ImageLattice {
   std::vector<int32_t> neighbours;  // (d+1, num_vertices, 2), local vertex numbers, -1 where absent
   int64_t num_vertices = 0;
-  int32_t status = 0;               // LatticeStatus bits
+  int32_t status = 0;  // LatticeStatus bits
 };
 
 // Builds the lattice of one (3, height, width) image: writes each pixel's
@@ -77,7 +77,7 @@ struct FilterInput {
 // so no array is ever indexed out of bounds.
 template <typename scalar>
 int32_t filter_image(const Lattice<scalar>& lattice, int64_t b, const FilterInput<scalar>& input, bool reverse,
-                  scalar* out, const RangeRunner& runner);
+                     scalar* out, const RangeRunner& runner);
 
 }  // namespace cpu
 }  // namespace permutohedral

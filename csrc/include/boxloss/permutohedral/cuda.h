@@ -43,9 +43,8 @@ struct BuildBuffers {
 
 // Locates every pixel's simplex, writes splat_weight (batch, N, d+1) and the
 // entries' keys, and inserts the keys into the images' tables.
-cudaError_t launch_insert(const void* image, DType dtype, int64_t batch, int64_t height, int64_t width,
-                          double sigma_xy, double sigma_rgb, void* splat_weight, const BuildBuffers& buffers,
-                          cudaStream_t stream);
+cudaError_t launch_insert(const void* image, DType dtype, int64_t batch, int64_t height, int64_t width, double sigma_xy,
+                          double sigma_rgb, void* splat_weight, const BuildBuffers& buffers, cudaStream_t stream);
 
 // After the caller has numbered the occupied slots (slot_vertex: (batch *
 // capacity) local vertex number of each occupied slot; vertex_slot: (total

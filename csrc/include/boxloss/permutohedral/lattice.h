@@ -25,9 +25,7 @@ struct Lattice {
   int64_t total_vertices = 0;
 
   BOXLOSS_HD_INLINE int64_t vertices_of(int64_t b) const { return vertex_offsets[b + 1] - vertex_offsets[b]; }
-  BOXLOSS_HD_INLINE const int32_t* index_of(int64_t b) const {
-    return splat_index + b * num_pixels * kVertices;
-  }
+  BOXLOSS_HD_INLINE const int32_t* index_of(int64_t b) const { return splat_index + b * num_pixels * kVertices; }
   BOXLOSS_HD_INLINE const scalar* weight_of(int64_t b) const { return splat_weight + b * num_pixels * kVertices; }
   // Neighbour pair (down, up) of local vertex v of image b along `axis`.
   BOXLOSS_HD_INLINE const int32_t* neighbours_of(int64_t b, int axis, int64_t v) const {

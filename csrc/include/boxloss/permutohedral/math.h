@@ -35,14 +35,14 @@ constexpr double kMaxElevated = 4194304.0;  // 2^22
 
 // Bits of the per-image status the lattice build reports.
 enum LatticeStatus : int32_t {
-  kImageNotFinite = 1,     // NaN or Inf in the image
-  kFeaturesTooLarge = 2,   // |elevated feature| > kMaxElevated: sigma too small for the coordinates
+  kImageNotFinite = 1,    // NaN or Inf in the image
+  kFeaturesTooLarge = 2,  // |elevated feature| > kMaxElevated: sigma too small for the coordinates
 };
 
 // Bits of the status a filter reports.
 enum FilterStatus : int32_t {
-  kValuesNotFinite = 8,    // NaN or Inf in a value the filter read
-  kLatticeCorrupt = 16,    // a vertex or neighbour number outside the image's range
+  kValuesNotFinite = 8,  // NaN or Inf in a value the filter read
+  kLatticeCorrupt = 16,  // a vertex or neighbour number outside the image's range
 };
 
 // 1 / (1 + 2^-d): with it a point on a lattice vertex keeps weight 1 for

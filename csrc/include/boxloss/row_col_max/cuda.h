@@ -15,8 +15,7 @@ namespace cuda {
 // Device version of cpu::resolve_boxes over all boxes.
 cudaError_t launch_resolve_boxes(const double* boxes, const int64_t* box_batch, const int64_t* box_labels,
                                  int64_t num_boxes, double spatial_scale, int64_t batch, int64_t num_channels,
-                                 int64_t height, int64_t width, int64_t* ranges, int32_t* status,
-                                 cudaStream_t stream);
+                                 int64_t height, int64_t width, int64_t* ranges, int32_t* status, cudaStream_t stream);
 
 // Row and column maxima of all boxes; out.status must be zeroed by the caller.
 template <typename scalar>

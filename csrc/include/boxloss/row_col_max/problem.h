@@ -13,6 +13,24 @@ namespace row_col_max {
 // arg-max would be meaningless).
 constexpr int32_t kProbsNaN = 16;
 
+// Box k of `boxes` ((num_boxes, 4) double, x0 y0 x1 y1): status[k] receives
+// its BoxStatus bits and ranges[4k .. 4k + 3] the pixels it covers
+// (box_pixels: row_begin, row_end, col_begin, col_end; all 0 for a malformed
+// box).  What the CPU loop and the CUDA kernel of resolve_boxes do per box.
+BOXLOSS_HD_INLINE void resolve_box(const double* boxes, const int64_t* box_batch, const int64_t* box_labels, int64_t k,
+                                   double spatial_scale, int64_t batch, int64_t num_channels, int64_t height,
+                                   int64_t width, int64_t* ranges, int32_t* status) {
+  const double* b = boxes + 4 * k;
+  const int32_t s = boxes::box_status(b[0], b[1], b[2], b[3], box_batch[k], box_labels[k], batch, num_channels);
+  status[k] = s;
+  const boxes::BoxPixels px =
+      s == 0 ? boxes::box_pixels(b[0], b[1], b[2], b[3], spatial_scale, height, width) : boxes::BoxPixels{0, 0, 0, 0};
+  ranges[4 * k + 0] = px.row_begin;
+  ranges[4 * k + 1] = px.row_end;
+  ranges[4 * k + 2] = px.col_begin;
+  ranges[4 * k + 3] = px.col_end;
+}
+
 struct Problem {
   const void* probs = nullptr;          // (batch, num_channels, height, width), contiguous
   const int64_t* ranges = nullptr;      // (num_boxes, 4): row_begin, row_end, col_begin, col_end
@@ -38,11 +56,11 @@ struct Problem {
 // index.
 template <typename scalar>
 struct Outputs {
-  scalar* row_max = nullptr;       // (num_boxes, height)
-  int64_t* row_index = nullptr;    // (num_boxes, height)
-  scalar* col_max = nullptr;       // (num_boxes, width)
-  int64_t* col_index = nullptr;    // (num_boxes, width)
-  int32_t* status = nullptr;       // (num_boxes,), kProbsNaN or 0
+  scalar* row_max = nullptr;     // (num_boxes, height)
+  int64_t* row_index = nullptr;  // (num_boxes, height)
+  scalar* col_max = nullptr;     // (num_boxes, width)
+  int64_t* col_index = nullptr;  // (num_boxes, width)
+  int32_t* status = nullptr;     // (num_boxes,), kProbsNaN or 0
 };
 
 // Better (value, index) pair of a maximum: the larger value, and of equal

@@ -53,8 +53,59 @@ BOXLOSS_HD_INLINE acc weight_exponent_scale(double sigma) {
 }
 
 template <typename acc>
-BOXLOSS_HD_INLINE acc pair_weight(acc squared_colour_distance, acc exponent_scale) {
+BOXLOSS_HD_ALWAYS_INLINE acc pair_weight(acc squared_colour_distance, acc exponent_scale) {
   return math::exp_nonpositive(squared_colour_distance * exponent_scale);
+}
+
+// I_p - I_q in one channel, `offset` elements on from p and q: the values read
+// with load_read_only and converted by to_acc(value).  to_acc takes a value,
+// not a pointer: a pointer into the image passed to a lambda hides from GCC
+// that the image and the weights do not overlap, and costs the CPU loops a
+// run-time alias check.
+template <typename T, typename ToAcc>
+BOXLOSS_HD_ALWAYS_INLINE auto colour_difference(const T* p, const T* q, int64_t offset, ToAcc to_acc) {
+  return to_acc(math::load_read_only(p + offset)) - to_acc(math::load_read_only(q + offset));
+}
+
+// The colour weights of `count` pairs side by side: pair j joins pixels p_j
+// and q_j, whose image channel k is p[k * plane + j] and q[k * plane + j], and
+//   weight[j] = w_pq = exp(-||I_p - I_q||^2 / (2 sigma^2)),
+// times valid_p[j] valid_q[j] when the masks are given (else nullptr).  The
+// CPU core calls it for a run of pixels along an image row, where every loop
+// over j vectorises; a CUDA thread calls it for one pair (count = 1).
+// kChannels = 3 or 1 unrolls the channel sum of RGB and grey images; 0 reads
+// the channel count from `channels` and sums channel by channel into
+// `squared` (count values).
+template <int kChannels, typename acc, typename T, typename ToAcc>
+BOXLOSS_HD_ALWAYS_INLINE void pair_weights(const T* __restrict__ p, const T* __restrict__ q, int64_t plane,
+                                           int64_t channels, const uint8_t* __restrict__ valid_p,
+                                           const uint8_t* __restrict__ valid_q, int64_t count, acc exponent_scale,
+                                           ToAcc to_acc, acc* __restrict__ squared, acc* __restrict__ weight) {
+  if constexpr (kChannels == 3) {
+    for (int64_t j = 0; j < count; ++j) {
+      const acc d0 = colour_difference(p, q, j, to_acc);
+      const acc d1 = colour_difference(p, q, plane + j, to_acc);
+      const acc d2 = colour_difference(p, q, 2 * plane + j, to_acc);
+      weight[j] = pair_weight<acc>(d0 * d0 + d1 * d1 + d2 * d2, exponent_scale);
+    }
+  } else if constexpr (kChannels == 1) {
+    for (int64_t j = 0; j < count; ++j) {
+      const acc d0 = colour_difference(p, q, j, to_acc);
+      weight[j] = pair_weight<acc>(d0 * d0, exponent_scale);
+    }
+  } else {
+    for (int64_t j = 0; j < count; ++j) squared[j] = acc(0);
+    for (int64_t k = 0; k < channels; ++k) {
+      for (int64_t j = 0; j < count; ++j) {
+        const acc d = colour_difference(p, q, k * plane + j, to_acc);
+        squared[j] += d * d;
+      }
+    }
+    for (int64_t j = 0; j < count; ++j) weight[j] = pair_weight<acc>(squared[j], exponent_scale);
+  }
+  if (valid_p != nullptr) {
+    for (int64_t j = 0; j < count; ++j) weight[j] *= static_cast<acc>(valid_p[j] & valid_q[j]);
+  }
 }
 
 template <Kind kind>
@@ -90,22 +141,13 @@ struct Term<Kind::Potts> {
 // Bits of the per-image input status the forward kernels report; the wrapper
 // turns them into a ValueError naming the argument.
 enum StatusBits : int32_t {
-  kProbsOutOfRange = 1,   // NaN, Inf, or a value outside [0, 1] in a selected channel
-  kImageNotFinite = 2,    // NaN or Inf in the image
+  kProbsOutOfRange = 1,  // NaN, Inf, or a value outside [0, 1] in a selected channel
+  kImageNotFinite = 2,   // NaN or Inf in the image
 };
 
-// True when v is NaN, +-Inf, or outside [0, 1]; written with plain compares so
-// that it vectorises (NaN fails every ordered compare).
-template <typename acc>
-BOXLOSS_HD_INLINE bool outside_unit_interval(acc v) {
-  return !(v >= acc(0) && v <= acc(1));
-}
-
-// True when v is NaN or +-Inf: v - v is 0 for every finite v and NaN otherwise.
-template <typename acc>
-BOXLOSS_HD_INLINE bool not_finite(acc v) {
-  return !((v - v) == acc(0));
-}
+// The probabilities' and the image's checks (host_device.h).
+using math::is_finite;
+using math::outside_unit_interval;
 
 }  // namespace sparse_crf
 }  // namespace boxloss

@@ -11,9 +11,9 @@ namespace sparse_crf {
 
 struct Problem {
   // Dense row-major buffers; the wrappers make them contiguous.
-  const void* probs = nullptr;     // (batch, num_channels, height, width), scalar type of the call
-  const void* image = nullptr;     // (batch, image_channels, height, width), same scalar type
-  const uint8_t* valid = nullptr;  // (batch, height, width) 0/1, or nullptr: every pixel valid
+  const void* probs = nullptr;        // (batch, num_channels, height, width), scalar type of the call
+  const void* image = nullptr;        // (batch, image_channels, height, width), same scalar type
+  const uint8_t* valid = nullptr;     // (batch, height, width) 0/1, or nullptr: every pixel valid
   const int32_t* channels = nullptr;  // num_selected channel indices, or nullptr: 0..num_channels-1
   int64_t batch = 0;
   int64_t num_channels = 0;
