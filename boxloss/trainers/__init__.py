@@ -30,6 +30,7 @@ TRAINERS = {
     "uncertainty": "boxloss.trainers.uncertainty",
     "bana": "boxloss.trainers.bana",
     "lpg": "boxloss.trainers.lpg",
+    "compare": "boxloss.trainers.compare",
 }
 
 
