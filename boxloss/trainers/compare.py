@@ -222,20 +222,23 @@ class Config(TrainerConfig):
     PRESET_OVERRIDES = {
         # each paper's schedule and sizes, one final-network length (about each paper's)
         "paper": {},
-        # about 20 minutes on 2 CPU cores for the eight rows (see docs/compare.md for the measured shares)
+        # the eight rows in about 20 minutes on 2 CPU cores (docs/compare.md gives the measured shares): LPG's quick
+        # image size for every row, and each trainer's stages before its final network shortened (its own quick
+        # preset's values in brackets): Box to Tag and Back's single-class networks 120 steps each (250), Box2Seg's
+        # embedding pre-training 40 steps (60), BANA's classification network 300 steps (1000), LPG's auxiliary set
+        # 200 images (300) and its generators 100 steps per stage (300), its f 900 / 4 = 225 steps per stage (250)
         "quick": {
-            "image_size": 96,
+            "image_size": 64,
             "train_images": 400,
             "val_images": 150,
             "batch_size": 16,
-            "final_steps": 300,
+            "final_steps": 900,
             "final_optimizer": "adamw",
             "final_lr": 1e-3,
             "box2tagback": "single_steps=120",
             "box2seg": "embedding_pretrain_steps=40",
             "bana": "stage1_steps=300",
             "lpg": "aux_images=200;generator_steps=100",
-            "uncertainty": "samples=10",
         },
     }
 
