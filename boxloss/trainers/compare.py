@@ -558,8 +558,12 @@ def draw_figures(out: Path, results: Results, predictions: Path) -> None:
             reference=full,
             reference_label="full supervision" if full is not None else "",
             annotations=[f"{gaps[s]['value']:+.1f}" if s in gaps and s != "full" else "" for s in names],
-            title=f"mean over seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}"
-            + (" (bars: std); above each bar: the gap to full supervision" if full is not None else ""),
+            title=(
+                f"mean over seeds {', '.join(map(str, seeds))}, error bars: std"
+                if len(seeds) > 1
+                else f"seed {seeds[0]}"
+            )
+            + ("; above each bar: the gap to full supervision" if full is not None else ""),
         )
     if Path(predictions).is_file():
         saved = checkpoint.load(predictions)
