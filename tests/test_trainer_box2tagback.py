@@ -13,20 +13,52 @@ import pytest
 from boxloss.trainers import box2tagback
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--set", "pretrained=none", "--set", "train_images=24", "--set", "val_images=6", "--set", "image_size=64",
-        "--set", "num_classes=2", "--set", "crop_size=32", "--set", "crop_min_side=6", "--set", "single_steps=4",
-        "--set", "final_steps=4", "--set", "single_batch=4", "--set", "batch_size=4", "--set", "widths=8,8,16,16",
-        "--set", "log_every=1", "--set", "checkpoint_every=2", "--threads", "1", "--no-progress"]
-EXPECTED = {("1", s, "fbeta") for s in ("box", "grabcut", "densecrf", "ours", "ours(T)", "ours(T+N)")} | {
-    ("2", s, m) for s in ("overlap-small", "overlap-void", "overlap-back-void") for m in ("miou", "void_percent")} | {
-    ("final", s, "miou") for s in ("final", "final-no-crf", "final-box-labels")}
+TINY = [
+    "--set",
+    "pretrained=none",
+    "--set",
+    "train_images=24",
+    "--set",
+    "val_images=6",
+    "--set",
+    "image_size=64",
+    "--set",
+    "num_classes=2",
+    "--set",
+    "crop_size=32",
+    "--set",
+    "crop_min_side=6",
+    "--set",
+    "single_steps=4",
+    "--set",
+    "final_steps=4",
+    "--set",
+    "single_batch=4",
+    "--set",
+    "batch_size=4",
+    "--set",
+    "widths=8,8,16,16",
+    "--set",
+    "log_every=1",
+    "--set",
+    "checkpoint_every=2",
+    "--threads",
+    "1",
+    "--no-progress",
+]
+EXPECTED = (
+    {("1", s, "fbeta") for s in ("box", "grabcut", "densecrf", "ours", "ours(T)", "ours(T+N)")}
+    | {("2", s, m) for s in ("overlap-small", "overlap-void", "overlap-back-void") for m in ("miou", "void_percent")}
+    | {("final", s, "miou") for s in ("final", "final-no-crf", "final-box-labels")}
+)
 
 
 def _cli(*args, env_extra=None, **kw):
     env = dict(os.environ, PYTHONPATH=str(ROOT), BOXLOSS_DATA_CACHE=kw.pop("cache"))
     env.update(env_extra or {})
-    return subprocess.run([sys.executable, "-m", "boxloss.trainers", *args], env=env, capture_output=True,
-                          text=True, timeout=900, **kw)
+    return subprocess.run(
+        [sys.executable, "-m", "boxloss.trainers", *args], env=env, capture_output=True, text=True, timeout=900, **kw
+    )
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +75,10 @@ def full_run(tmp_path_factory, cache):
 
 
 def _rows(out):
-    return {(r["table"], r["setting"], r["metric"]): r["value"]
-            for r in json.loads((out / "results.json").read_text())["rows"]}
+    return {
+        (r["table"], r["setting"], r["metric"]): r["value"]
+        for r in json.loads((out / "results.json").read_text())["rows"]
+    }
 
 
 def test_pipeline_writes_every_row_figures_and_checkpoints(full_run):
@@ -65,8 +99,12 @@ def test_pipeline_writes_every_row_figures_and_checkpoints(full_run):
 def test_killed_run_resumes_to_the_same_results(tmp_path, full_run, cache):
     out = tmp_path / "run"
     env = dict(os.environ, PYTHONPATH=str(ROOT), BOXLOSS_DATA_CACHE=cache)
-    proc = subprocess.Popen([sys.executable, "-m", "boxloss.trainers", "box2tagback", "--out", str(out), *TINY],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "boxloss.trainers", "box2tagback", "--out", str(out), *TINY],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     # kill it in the middle of training: once a checkpoint of a single-class network exists
     deadline = time.time() + 600
     while time.time() < deadline and not list((out / "checkpoints").glob("single__ours_T___class-1.pt")):
@@ -80,14 +118,17 @@ def test_killed_run_resumes_to_the_same_results(tmp_path, full_run, cache):
     assert _rows(out) == _rows(full_run)
 
 
-@pytest.mark.parametrize("args, words", [
-    (["--data", "voc:/no/such/voc"], "is not a folder"),
-    (["--data", "coco:/no/such.json:/tmp"], "does not exist"),
-    (["--data", "imagenet"], "--data must be"),
-    (["--set", "no_such_setting=1"], "no such setting"),
-    (["--set", "single_steps=many"], "expected int"),
-    (["--settings", "ours,nonsense"], "unknown nonsense"),
-])
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--data", "voc:/no/such/voc"], "is not a folder"),
+        (["--data", "coco:/no/such.json:/tmp"], "does not exist"),
+        (["--data", "imagenet"], "--data must be"),
+        (["--set", "no_such_setting=1"], "no such setting"),
+        (["--set", "single_steps=many"], "expected int"),
+        (["--settings", "ours,nonsense"], "unknown nonsense"),
+    ],
+)
 def test_bad_command_lines_are_clear_errors(tmp_path, cache, args, words):
     r = _cli("box2tagback", "--out", str(tmp_path / "run"), *TINY, *args, cache=cache)
     assert r.returncode == 2 and words in r.stderr and "Traceback" not in r.stderr
@@ -116,6 +157,12 @@ def test_corrupt_checkpoint_is_named(tmp_path, full_run, cache):
 def test_config_defaults_are_the_papers():
     cfg = box2tagback.Config()
     assert (cfg.crop_border, cfg.crop_min_side, cfg.crop_size, cfg.s_min, cfg.lambda_crf, cfg.sigma) == (
-        3, 50, 256, 0.3, 100.0, 0.15)
+        3,
+        50,
+        256,
+        0.3,
+        100.0,
+        0.15,
+    )
     quick = box2tagback.Config.from_preset("quick")
     assert quick.preset == "quick" and quick.crop_size < cfg.crop_size

@@ -24,8 +24,9 @@ def test_overrides_parse_by_field_type():
     assert cfg.seed == 3 and cfg.widths == (8, 16, 32, 64) and cfg.data == "voc:/x" and cfg.batch_size == 4
 
 
-@pytest.mark.parametrize("item, words", [("no_such=1", "no such setting"), ("seed=abc", "expected int"),
-                                         ("seed", "key=value")])
+@pytest.mark.parametrize(
+    "item, words", [("no_such=1", "no such setting"), ("seed=abc", "expected int"), ("seed", "key=value")]
+)
 def test_bad_overrides_name_the_setting(item, words):
     with pytest.raises(ConfigError, match=words):
         apply_overrides(TrainerConfig(), [item])
@@ -96,7 +97,9 @@ def _step(model, batch, clock):
     clock.watch(logits)
     with clock.loss_forward():
         fg = logits.softmax(1)[:, 1]
-        loss = F.cross_entropy(logits, y) + boxloss.volumetric_loss(fg, s_min=0.2, distributed=distributed.world_size() > 1)
+        loss = F.cross_entropy(logits, y) + boxloss.volumetric_loss(
+            fg, s_min=0.2, distributed=distributed.world_size() > 1
+        )
     return loss, {"ce": loss}
 
 
@@ -104,8 +107,17 @@ def _train(run, steps, batch_size=4, seed=0):
     torch.manual_seed(0)
     model = _Tiny()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    fit(run, "job", model, _step, Batches(_problem(), batch_size, seed, collate=_collate), steps=steps,
-        optimizer=opt, checkpoint_every=3, progress=False)
+    fit(
+        run,
+        "job",
+        model,
+        _step,
+        Batches(_problem(), batch_size, seed, collate=_collate),
+        steps=steps,
+        optimizer=opt,
+        checkpoint_every=3,
+        progress=False,
+    )
     return model
 
 
@@ -140,8 +152,16 @@ def test_diverging_loss_names_job_and_step():
 
     model = _Tiny()
     with pytest.raises(TrainingDiverged, match=r"\[job\].*step 0"):
-        fit(None, "job", model, bad, Batches(_problem(), 2, 0, collate=_collate), steps=2,
-            optimizer=torch.optim.SGD(model.parameters(), lr=0.1), progress=False)
+        fit(
+            None,
+            "job",
+            model,
+            bad,
+            Batches(_problem(), 2, 0, collate=_collate),
+            steps=2,
+            optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+            progress=False,
+        )
 
 
 def test_clock_splits_loss_and_model_time():
@@ -179,8 +199,9 @@ def _free_port():
 
 
 def _ddp_worker(rank, world, port, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
+    )
     torch.set_num_threads(1)
     distributed.init_from_env("cpu")
     model = _train(None, steps=5, batch_size=3)
@@ -223,17 +244,46 @@ def test_small_unet_heads_at_stride_two_are_the_upsampled_heads_before_upsamplin
         SmallUNet({"logits": 3}, output_stride=4)
 
 
-def test_denormals_are_flushed_on_every_pool_thread():
-    from boxloss.trainers.engine.context import set_flush_denormal
+_DENORMAL_SCRIPT = """
+import torch
+from boxloss.trainers.engine.context import flushing_denormals, set_flush_denormal
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        tiny = torch.full((4_000_000,), 1e-39)
-        assert set_flush_denormal(True)
-        assert bool(((tiny * 1.0) == 0).all()), "some pool thread still computes subnormal floats"
-        set_flush_denormal(False)
-        assert bool(((tiny * 1.0) != 0).all())
-    finally:
-        set_flush_denormal(False)
-        torch.set_num_threads(threads)
+torch.set_num_threads(2)
+tiny = torch.full((4_000_000,), 1e-39)
+assert not flushing_denormals()
+assert set_flush_denormal(True)
+assert flushing_denormals()
+assert bool(((tiny * 1.0) == 0).all()), "some pool thread still computes subnormal floats"
+set_flush_denormal(False)
+assert not flushing_denormals()
+assert bool(((tiny * 1.0) != 0).all()), "some pool thread still flushes subnormal floats"
+"""
+
+
+def test_denormals_are_flushed_on_every_pool_thread():
+    """In a fresh process, so the pool's threads are in the state a training process starts from."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", _DENORMAL_SCRIPT], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+
+
+def test_a_run_puts_the_process_settings_back(tmp_path):
+    """A trainer run from Python sets threads and denormal flushing for itself and restores them afterwards."""
+    from types import SimpleNamespace
+
+    from boxloss.trainers.__main__ import run_trainer
+    from boxloss.trainers.engine.context import flushing_denormals
+
+    seen = {}
+
+    def pipeline(ctx, settings):
+        seen["threads"], seen["flushing"] = torch.get_num_threads(), flushing_denormals()
+
+    module = SimpleNamespace(NAME="probe", SUMMARY="records the process settings", run=pipeline)
+    threads, flushing = torch.get_num_threads(), flushing_denormals()
+    other = 1 if threads != 1 else 2
+    run_trainer(module, TrainerConfig(threads=other), tmp_path / "run", settings=[], progress=False, log=None)
+    assert seen == {"threads": other, "flushing": True}
+    assert (torch.get_num_threads(), flushing_denormals()) == (threads, flushing)

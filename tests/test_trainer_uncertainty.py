@@ -13,8 +13,18 @@ from boxloss.trainers.__main__ import main, run_trainer
 from boxloss.trainers.engine.config import ConfigError
 from boxloss.trainers.single_stage import TrainBatch
 
-TINY = ["pretrained=none", "image_size=32", "train_images=12", "val_images=4", "batch_size=2", "steps=2",
-        "widths=4,8,8,8", "figures=2", "samples=3", "log_every=1"]
+TINY = [
+    "pretrained=none",
+    "image_size=32",
+    "train_images=12",
+    "val_images=4",
+    "batch_size=2",
+    "steps=2",
+    "widths=4,8,8,8",
+    "figures=2",
+    "samples=3",
+    "log_every=1",
+]
 
 
 @pytest.fixture(autouse=True)
@@ -28,8 +38,14 @@ def _config(*more, **values):
 
 def _run(out, *more, settings=None, **values):
     lines = []
-    results = run_trainer(uncertainty, _config(*more, **values), out, settings=settings or list(uncertainty.SETTINGS),
-                          progress=False, log=lines.append)
+    results = run_trainer(
+        uncertainty,
+        _config(*more, **values),
+        out,
+        settings=settings or list(uncertainty.SETTINGS),
+        progress=False,
+        log=lines.append,
+    )
     return results, "\n".join(lines)
 
 
@@ -37,10 +53,13 @@ def test_every_row_of_tables_1_to_3_and_figures(tmp_path):
     results, log = _run(tmp_path / "run")
     rows = [(r["table"], r["setting"], r["metric"]) for r in results.rows]
     assert sorted(rows) == sorted(
-        [("2", s, "iou") for s in ("bce-all-pp", "bce-pp", "bce-bb", "bce-pp+bb", "uncertainty",
-                                   "uncertainty+bootstrap")]
+        [
+            ("2", s, "iou")
+            for s in ("bce-all-pp", "bce-pp", "bce-bb", "bce-pp+bb", "uncertainty", "uncertainty+bootstrap")
+        ]
         + [("1", "regression-fg", "iou")]
-        + [("3", s, "miou") for s in ("ce-all-pp", "ce-pp", "ce-pp+bb", "uncertainty-ce")])
+        + [("3", s, "miou") for s in ("ce-all-pp", "ce-pp", "ce-pp+bb", "uncertainty-ce")]
+    )
     assert all(r["value"] is None or 0 <= r["value"] <= 100 for r in results.rows)
     saved = json.loads((tmp_path / "run" / "results.json").read_text())
     assert saved["rows"] == results.rows
@@ -80,8 +99,15 @@ def _batch(pixel_perfect=(True, False)):
     target[:, 2:7, 3:8] = 1
     target[0, 2, 3:8] = 255  # the void band of a true mask
     boxes = torch.tensor([[3.0, 2.0, 8.0, 7.0], [3.0, 2.0, 8.0, 7.0]])
-    return TrainBatch(torch.rand(2, 3, 10, 10, generator=g), target, torch.ones(2, 10, 10, dtype=torch.bool), boxes,
-                      torch.tensor([0, 1]), torch.tensor([1, 1]), torch.tensor(pixel_perfect))
+    return TrainBatch(
+        torch.rand(2, 3, 10, 10, generator=g),
+        target,
+        torch.ones(2, 10, 10, dtype=torch.bool),
+        boxes,
+        torch.tensor([0, 1]),
+        torch.tensor([1, 1]),
+        torch.tensor(pixel_perfect),
+    )
 
 
 def test_binary_rows_use_the_papers_losses_with_void_left_out():
@@ -94,15 +120,21 @@ def test_binary_rows_use_the_papers_losses_with_void_left_out():
     in_boxes[:, 2:7, 3:8] = True
     for setting, bootstrap in (("uncertainty", False), ("uncertainty+bootstrap", True)):
         value, _ = uncertainty.binary_loss(setting, cfg)(out, batch)
-        torch.testing.assert_close(value, boxloss.uncertainty_bce_loss(
-            mu, s, batch.target, in_boxes, tau=2.5, bootstrap=bootstrap, pixel_perfect=batch.pixel_perfect))
+        torch.testing.assert_close(
+            value,
+            boxloss.uncertainty_bce_loss(
+                mu, s, batch.target, in_boxes, tau=2.5, bootstrap=bootstrap, pixel_perfect=batch.pixel_perfect
+            ),
+        )
     value, _ = uncertainty.binary_loss("regression-fg", cfg)(out, batch)
-    torch.testing.assert_close(value, boxloss.uncertainty_l2_loss(mu, s, batch.target, in_boxes,
-                                                                  pixel_perfect=batch.pixel_perfect))
+    torch.testing.assert_close(
+        value, boxloss.uncertainty_l2_loss(mu, s, batch.target, in_boxes, pixel_perfect=batch.pixel_perfect)
+    )
     value, _ = uncertainty.binary_loss("bce-pp+bb", cfg)(out, batch)
     known = batch.target != 255
-    torch.testing.assert_close(value, torch.nn.functional.binary_cross_entropy_with_logits(
-        mu[known], batch.target[known].float()))
+    torch.testing.assert_close(
+        value, torch.nn.functional.binary_cross_entropy_with_logits(mu[known], batch.target[known].float())
+    )
 
 
 def test_no_pixel_perfect_images_is_refused_or_warned(tmp_path):
@@ -110,8 +142,12 @@ def test_no_pixel_perfect_images_is_refused_or_warned(tmp_path):
         _run(tmp_path / "a", "pixel_perfect_fraction=0", settings=["uncertainty+bootstrap"])
     with pytest.raises(ConfigError, match="bce-pp: no pixel-perfect"):
         _run(tmp_path / "b", "pixel_perfect_fraction=0", "allow_no_pixel_perfect=true", settings=["bce-pp"])
-    results, log = _run(tmp_path / "c", "pixel_perfect_fraction=0", "allow_no_pixel_perfect=true",
-                        settings=["bce-bb", "uncertainty+bootstrap"])
+    results, log = _run(
+        tmp_path / "c",
+        "pixel_perfect_fraction=0",
+        "allow_no_pixel_perfect=true",
+        settings=["bce-bb", "uncertainty+bootstrap"],
+    )
     assert "WARNING" in log and any("uncertainty+bootstrap" in n for n in results.notes)
     assert [r["setting"] for r in results.rows] == ["bce-bb", "uncertainty+bootstrap"]
     # boxes alone need no pixel-perfect image: no warning
@@ -119,15 +155,18 @@ def test_no_pixel_perfect_images_is_refused_or_warned(tmp_path):
     assert "WARNING" not in log and not results.notes
 
 
-@pytest.mark.parametrize("override, words", [
-    ("pixel_perfect_fraction=1.5", "pixel_perfect_fraction must lie in"),
-    ("pp_probability=-0.1", "pp_probability must lie in"),
-    ("binary_class=9", "binary_class must be a class channel in 1..6"),
-    ("multi_classes=1,1", "classes must be distinct class channels"),
-    ("multi_classes=0,2", "classes must be distinct class channels"),
-    ("samples=0", "samples must be at least 1"),
-    ("optimizer=rmsprop", "optimizer must be one of"),
-])
+@pytest.mark.parametrize(
+    "override, words",
+    [
+        ("pixel_perfect_fraction=1.5", "pixel_perfect_fraction must lie in"),
+        ("pp_probability=-0.1", "pp_probability must lie in"),
+        ("binary_class=9", "binary_class must be a class channel in 1..6"),
+        ("multi_classes=1,1", "classes must be distinct class channels"),
+        ("multi_classes=0,2", "classes must be distinct class channels"),
+        ("samples=0", "samples must be at least 1"),
+        ("optimizer=rmsprop", "optimizer must be one of"),
+    ],
+)
 def test_bad_settings_are_refused(tmp_path, override, words):
     with pytest.raises(ConfigError, match=words):
         _run(tmp_path / "run", override, settings=["bce-bb", "ce-pp"])

@@ -582,13 +582,15 @@ def _with_void(target, seed, fraction=0.3, value=255):
 @pytest.mark.parametrize("ignore_index", [255, -1])
 def test_binary_void_pixels_are_left_out_like_the_multi_class_loss(loss, ignore_index):
     fn, ref = BINARY_LOSSES[loss]
-    mu, log_var, target, box_mask, pp = make_binary_inputs(3, 6, 7, seed=_seed(loss, ignore_index), soft=True,
-                                                           pixel_perfect=[False, True, False])
+    mu, log_var, target, box_mask, pp = make_binary_inputs(
+        3, 6, 7, seed=_seed(loss, ignore_index), soft=True, pixel_perfect=[False, True, False]
+    )
     with_void, void = _with_void(target, 5, value=ignore_index)
     kwargs = dict(pixel_perfect=pp) | ({"route_gradients": False} if loss == "bce" else {})
     # per pixel: the reference where the target is known, 0 (and no gradient) at void pixels
-    value, grad_mu, grad_s = value_and_grads(fn, mu, log_var, with_void, box_mask, reduction="none",
-                                             ignore_index=ignore_index, **kwargs)
+    value, grad_mu, grad_s = value_and_grads(
+        fn, mu, log_var, with_void, box_mask, reduction="none", ignore_index=ignore_index, **kwargs
+    )
     ref_value, ref_mu, ref_s = value_and_grads(ref, mu, log_var, target, box_mask, reduction="none", **kwargs)
     keep = ~void
     torch.testing.assert_close(value[keep], ref_value[keep], rtol=1e-10, atol=1e-12)
@@ -601,8 +603,9 @@ def test_binary_void_pixels_are_left_out_like_the_multi_class_loss(loss, ignore_
     total = fn(mu, log_var, with_void, box_mask, reduction="sum", ignore_index=ignore_index, **kwargs)
     torch.testing.assert_close(total, ref_value[keep].sum(), rtol=1e-12, atol=0)
     # without void pixels nothing changes
-    torch.testing.assert_close(fn(mu, log_var, target, box_mask, **kwargs), ref(mu, log_var, target, box_mask,
-                                                                                **kwargs).mean())
+    torch.testing.assert_close(
+        fn(mu, log_var, target, box_mask, **kwargs), ref(mu, log_var, target, box_mask, **kwargs).mean()
+    )
 
 
 @pytest.mark.parametrize("loss", list(BINARY_LOSSES))
@@ -621,8 +624,10 @@ def test_binary_void_with_integer_targets_and_modules():
     expected = _bce(mu, log_var, labels.double(), box_mask, pixel_perfect=pp)
     torch.testing.assert_close(_bce(mu, log_var, labels, box_mask, pixel_perfect=pp), expected)
     torch.testing.assert_close(boxloss.UncertaintyBCELoss()(mu, log_var, labels, box_mask, pp), expected)
-    torch.testing.assert_close(boxloss.UncertaintyL2Loss()(mu, log_var, labels, box_mask, pp),
-                               boxloss.uncertainty_l2_loss(mu, log_var, labels.double(), box_mask, pixel_perfect=pp))
+    torch.testing.assert_close(
+        boxloss.UncertaintyL2Loss()(mu, log_var, labels, box_mask, pp),
+        boxloss.uncertainty_l2_loss(mu, log_var, labels.double(), box_mask, pixel_perfect=pp),
+    )
     assert "ignore_index=255" in repr(boxloss.UncertaintyBCELoss())
     assert "ignore_index=7" in repr(boxloss.UncertaintyL2Loss(ignore_index=7))
     labels[0, 0, 0] = 7  # neither a probability nor the ignore index
@@ -630,12 +635,19 @@ def test_binary_void_with_integer_targets_and_modules():
         _bce(mu, log_var, labels, box_mask)
 
 
-@pytest.mark.parametrize("fn", [boxloss.uncertainty_bce_loss, boxloss.uncertainty_l2_loss,
-                                boxloss.UncertaintyBCELoss, boxloss.UncertaintyL2Loss])
-@pytest.mark.parametrize("ignore_index, error, message", [(1, ValueError, "must not be 0 or 1"),
-                                                          (0, ValueError, "must not be 0 or 1"),
-                                                          (255.0, TypeError, "ignore_index must be an int"),
-                                                          (True, TypeError, "ignore_index must be an int")])
+@pytest.mark.parametrize(
+    "fn",
+    [boxloss.uncertainty_bce_loss, boxloss.uncertainty_l2_loss, boxloss.UncertaintyBCELoss, boxloss.UncertaintyL2Loss],
+)
+@pytest.mark.parametrize(
+    "ignore_index, error, message",
+    [
+        (1, ValueError, "must not be 0 or 1"),
+        (0, ValueError, "must not be 0 or 1"),
+        (255.0, TypeError, "ignore_index must be an int"),
+        (True, TypeError, "ignore_index must be an int"),
+    ],
+)
 def test_binary_bad_ignore_index(fn, ignore_index, error, message):
     mu, log_var, target, box_mask, _ = make_binary_inputs(1, 3, 3, seed=_seed("bad ignore"))
     with pytest.raises(error, match=message):

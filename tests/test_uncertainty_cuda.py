@@ -78,14 +78,14 @@ def test_cuda_bce_matches_reference(bootstrap, route, to_cuda):
         torch.testing.assert_close(g.cpu(), r, rtol=1e-10, atol=1e-12)
 
 
-def test_cuda_binary_void_pixels_match_cpu():
+def test_cuda_binary_void_pixels_match_cpu(to_cuda):
     mu, log_var, target, box_mask, pp = make_binary_inputs(2, 9, 11, seed=12, pixel_perfect=[False, True])
     target[:, ::3] = 255
     for fn in (boxloss.uncertainty_bce_loss, boxloss.uncertainty_l2_loss):
         for reduction in ("mean", "none"):
             cpu = value_and_grads(fn, mu, log_var, target, box_mask, pixel_perfect=pp, reduction=reduction)
-            got = value_and_grads(fn, *_to("cuda", mu, log_var, target, box_mask), pixel_perfect=pp.cuda(),
-                                  reduction=reduction)
+            m, s, t, bm, p = to_cuda(mu, log_var, target, box_mask, pp)
+            got = value_and_grads(fn, m, s, t, bm, pixel_perfect=p, reduction=reduction)
             for g, c in zip(got, cpu):
                 torch.testing.assert_close(g.cpu(), c, rtol=1e-10, atol=1e-12)
 

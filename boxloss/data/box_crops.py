@@ -181,7 +181,9 @@ def crop_boxes(
         if mask is not None:
             window = np.full((h, w), VOID, np.uint8)
             m = mask[sy0:sy1, sx0:sx1]
-            window[sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0] = np.where(m == VOID, VOID, (m == class_id).astype(np.uint8))
+            window[sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0] = np.where(
+                m == VOID, VOID, (m == class_id).astype(np.uint8)
+            )
             nearest = torch.nn.functional.interpolate(  # as valid and border are resized
                 torch.from_numpy(window)[None, None].float(), size=(size, size), mode="nearest"
             )

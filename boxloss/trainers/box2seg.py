@@ -112,9 +112,19 @@ class Config(TrainerConfig):
         "paper": {"image_size": 513},
         # the sampled affinity loss costs O((fraction m)^2 d) per image: 5% of 96 x 96 pixels and d = 16 keep it
         # near the cost of the network (10% and d = 32 cost three times as much)
-        "quick": {"image_size": 96, "train_images": 600, "val_images": 150, "batch_size": 16, "steps": 400,
-                  "lr": 1e-3, "optimizer": "adamw", "weight_decay": 1e-4, "embedding_pretrain_steps": 60,
-                  "sample_fraction": 0.05, "embedding_dim": 16},
+        "quick": {
+            "image_size": 96,
+            "train_images": 600,
+            "val_images": 150,
+            "batch_size": 16,
+            "steps": 400,
+            "lr": 1e-3,
+            "optimizer": "adamw",
+            "weight_decay": 1e-4,
+            "embedding_pretrain_steps": 60,
+            "sample_fraction": 0.05,
+            "embedding_dim": 16,
+        },
     }
 
 
@@ -129,11 +139,15 @@ def check_config(cfg: Config) -> None:
     if not 0 <= cfg.gamma <= 1:
         raise ConfigError(f"gamma must lie in [0, 1] (Sec. 3.3), got {cfg.gamma}")
     if cfg.embedding_dim < 1 or cfg.grabcut_iterations < 1:
-        raise ConfigError(f"embedding_dim and grabcut_iterations must be at least 1, got {cfg.embedding_dim} and "
-                          f"{cfg.grabcut_iterations}")
+        raise ConfigError(
+            f"embedding_dim and grabcut_iterations must be at least 1, got {cfg.embedding_dim} and "
+            f"{cfg.grabcut_iterations}"
+        )
     if cfg.steps < 1 or cfg.embedding_pretrain_steps < 0:
-        raise ConfigError(f"steps must be at least 1 and embedding_pretrain_steps at least 0, got {cfg.steps} and "
-                          f"{cfg.embedding_pretrain_steps}")
+        raise ConfigError(
+            f"steps must be at least 1 and embedding_pretrain_steps at least 0, got {cfg.steps} and "
+            f"{cfg.embedding_pretrain_steps}"
+        )
 
 
 # ----------------------------------------------------------------------------------------------------- GrabCut
@@ -152,9 +166,15 @@ def _grabcut_image(sample, num_classes: int, iterations: int) -> tuple[np.ndarra
         text = str(w.message)
         if "were filled instead" in text:
             filled += int(text.split(": ", 1)[1].split(" of ")[0])
-    labels = boxloss.merge_box_masks(masks, torch.from_numpy(sample.boxes), torch.zeros(sample.num_boxes,
-                                     dtype=torch.long), torch.from_numpy(sample.labels), (1, H, W),
-                                     strategy="overlap-small", num_classes=num_classes)[0]
+    labels = boxloss.merge_box_masks(
+        masks,
+        torch.from_numpy(sample.boxes),
+        torch.zeros(sample.num_boxes, dtype=torch.long),
+        torch.from_numpy(sample.labels),
+        (1, H, W),
+        strategy="overlap-small",
+        num_classes=num_classes,
+    )[0]
     return labels.to(torch.uint8).numpy(), filled
 
 
@@ -166,14 +186,17 @@ def _probe():
     image = np.stack([xx * 3, yy * 3, (xx + yy) * 2], -1).astype(float) + rng.normal(0, 12, (48, 48, 3))
     image[(yy - 20) ** 2 + (xx - 18) ** 2 < 100] = (220, 40, 60)
     image[30:42, 24:44] = (40, 60, 210)
-    sample = Sample(image=np.clip(image, 0, 255).astype(np.uint8),
-                    boxes=np.array([[5.5, 7.0, 31.5, 33.0], [20.0, 26.0, 47.0, 45.5], [40.0, 2.0, 42.0, 4.0]],
-                                   np.float32), labels=np.array([1, 2, 1], np.int64), mask=None,
-                    image_id="grabcut-probe")
+    sample = Sample(
+        image=np.clip(image, 0, 255).astype(np.uint8),
+        boxes=np.array([[5.5, 7.0, 31.5, 33.0], [20.0, 26.0, 47.0, 45.5], [40.0, 2.0, 42.0, 4.0]], np.float32),
+        labels=np.array([1, 2, 1], np.int64),
+        mask=None,
+        image_id="grabcut-probe",
+    )
     return sample
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def library_fingerprint(iterations: int) -> str:
     """What the pseudo labels depend on besides the images, boxes and settings: the versions of OpenCV and
     boxloss, and M of a fixed probe scene (:func:`_probe`), so that a change in either library that changes what
@@ -189,9 +212,18 @@ def library_fingerprint(iterations: int) -> str:
 def _chunk_key(samples, num_classes: int, iterations: int) -> str:
     """A hash of what a chunk of pseudo labels depends on: the images, boxes and labels, the settings and the
     libraries (:func:`library_fingerprint`)."""
-    h = hashlib.sha256(json.dumps({"version": GRABCUT_CACHE_VERSION, "iterations": iterations,
-                                   "num_classes": num_classes, "merge": "overlap-small",
-                                   "libraries": library_fingerprint(iterations)}, sort_keys=True).encode())
+    h = hashlib.sha256(
+        json.dumps(
+            {
+                "version": GRABCUT_CACHE_VERSION,
+                "iterations": iterations,
+                "num_classes": num_classes,
+                "merge": "overlap-small",
+                "libraries": library_fingerprint(iterations),
+            },
+            sort_keys=True,
+        ).encode()
+    )
     for s in samples:
         for a in (s.image, s.boxes, s.labels):
             a = np.ascontiguousarray(a)
@@ -231,8 +263,10 @@ def grabcut_labels(ctx: Context, samples, num_classes: int, what: str, *, chunk:
             part = _read_chunk(path, part_samples, num_classes)
         out += part
     note = f", {filled} boxes too small for GrabCut filled" if filled else ""
-    ctx.log(f"GrabCut pseudo labels of {len(samples)} {what} images: {computed} computed{note}, "
-            f"{len(samples) - computed} read from {folder}")
+    ctx.log(
+        f"GrabCut pseudo labels of {len(samples)} {what} images: {computed} computed{note}, "
+        f"{len(samples) - computed} read from {folder}"
+    )
     return out
 
 
@@ -245,9 +279,17 @@ def _read_chunk(path: Path, samples, num_classes: int) -> list[np.ndarray] | Non
         part = checkpoint.load(path)
     except checkpoint.CheckpointError:
         return None
-    if not isinstance(part, list) or len(part) != len(samples) or any(
-            not isinstance(m, torch.Tensor) or m.dtype != torch.uint8 or tuple(m.shape) != (s.height, s.width)
-            or (m.numel() and int(m.max()) > num_classes) for m, s in zip(part, samples)):
+    if (
+        not isinstance(part, list)
+        or len(part) != len(samples)
+        or any(
+            not isinstance(m, torch.Tensor)
+            or m.dtype != torch.uint8
+            or tuple(m.shape) != (s.height, s.width)
+            or (m.numel() and int(m.max()) > num_classes)
+            for m, s in zip(part, samples)
+        )
+    ):
         return None
     return [m.numpy() for m in part]
 
@@ -267,13 +309,20 @@ def heads_of(setting: str, cfg: Config, L: int) -> dict[str, int]:
 
 def table3_loss(setting: str, cfg: Config, L: int):
     """The loss of a Table 3 row: ``loss(outputs, batch) -> (total, terms)``, with ``batch.target`` = M."""
-    box2seg = boxloss.Box2SegLoss(lambda_aw=cfg.lambda_aw, lambda_alpha=cfg.lambda_alpha, lambda_a=cfg.lambda_a,
-                                  gamma=cfg.gamma, alpha_regulariser="fill-rate", affinity_mode=cfg.affinity_mode,
-                                  sample_fraction=cfg.sample_fraction)
+    box2seg = boxloss.Box2SegLoss(
+        lambda_aw=cfg.lambda_aw,
+        lambda_alpha=cfg.lambda_alpha,
+        lambda_a=cfg.lambda_a,
+        gamma=cfg.gamma,
+        alpha_regulariser="fill-rate",
+        affinity_mode=cfg.affinity_mode,
+        sample_fraction=cfg.sample_fraction,
+    )
 
     def affinity(out, y, batch):
-        return boxloss.affinity_loss(out["embedding"], y, mode=cfg.affinity_mode, sample_fraction=cfg.sample_fraction,
-                                     valid_mask=batch.valid)
+        return boxloss.affinity_loss(
+            out["embedding"], y, mode=cfg.affinity_mode, sample_fraction=cfg.sample_fraction, valid_mask=batch.valid
+        )
 
     def loss(out: dict, batch: TrainBatch):
         y = out["logits"].softmax(1)  # Sec. 3.1: y = Softmax(S(I))
@@ -293,8 +342,11 @@ def table3_loss(setting: str, cfg: Config, L: int):
         elif setting in ("aw-box", "aw-fr"):
             alpha = torch.sigmoid(out["attention"])
             terms["aw"] = boxloss.attention_weighted_loss(y, alpha, B)
-            terms["alpha"] = (boxloss.attention_box_regulariser(alpha, B) if setting == "aw-box" else
-                              boxloss.fill_rate_hinge_loss(alpha, M, B, gamma=cfg.gamma))
+            terms["alpha"] = (
+                boxloss.attention_box_regulariser(alpha, B)
+                if setting == "aw-box"
+                else boxloss.fill_rate_hinge_loss(alpha, M, B, gamma=cfg.gamma)
+            )
             total = total + cfg.lambda_aw * terms["aw"] + cfg.lambda_alpha * terms["alpha"]
         return total, terms
 
@@ -310,14 +362,28 @@ def pretrain_embeddings(ctx: Context, items, L: int):
         known = batch.valid & (batch.target != 255)
         labels = batch.target.masked_fill(~known, 0)
         m = F.one_hot(labels, L + 1).permute(0, 3, 1, 2).float()
-        value = boxloss.affinity_loss(out["embedding"], m, mode=cfg.affinity_mode,
-                                      sample_fraction=cfg.sample_fraction, valid_mask=known, labels=labels)
+        value = boxloss.affinity_loss(
+            out["embedding"],
+            m,
+            mode=cfg.affinity_mode,
+            sample_fraction=cfg.sample_fraction,
+            valid_mask=known,
+            labels=labels,
+        )
         return value, {"affinity": value}
 
     batches = Batches(items, cfg.batch_size, cfg.seed, collate=collate_items, augment=flip_item)
-    return train_network(ctx, "embedding-pretrain", {"embedding": cfg.embedding_dim}, batches, loss,
-                         steps=cfg.embedding_pretrain_steps, optimizer=cfg.optimizer, lr=cfg.lr,
-                         weight_decay=cfg.weight_decay)
+    return train_network(
+        ctx,
+        "embedding-pretrain",
+        {"embedding": cfg.embedding_dim},
+        batches,
+        loss,
+        steps=cfg.embedding_pretrain_steps,
+        optimizer=cfg.optimizer,
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+    )
 
 
 def train_setting(ctx: Context, setting: str, items, L: int, pretrained_embedding=None):
@@ -328,13 +394,25 @@ def train_setting(ctx: Context, setting: str, items, L: int, pretrained_embeddin
         missing, unexpected = model.load_state_dict(pretrained_embedding.state_dict(), strict=False)
         new = sorted({k.split(".")[1] for k in missing})
         if unexpected or any(not k.startswith("out.") for k in missing):
-            raise RuntimeError(f"[{job}] the pre-trained embedding network does not match: missing {missing}, "
-                               f"unexpected {unexpected}")
-        ctx.log(f"[{job}] encoder, decoder and embedding head from the embedding pre-training; new heads: "
-                f"{', '.join(new)}")
+            raise RuntimeError(
+                f"[{job}] the pre-trained embedding network does not match: missing {missing}, unexpected {unexpected}"
+            )
+        ctx.log(
+            f"[{job}] encoder, decoder and embedding head from the embedding pre-training; new heads: {', '.join(new)}"
+        )
     batches = Batches(items, cfg.batch_size, cfg.seed, collate=collate_items, augment=flip_item)
-    return train_network(ctx, job, None, batches, table3_loss(setting, cfg, L), steps=cfg.steps,
-                         optimizer=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay, model=model)
+    return train_network(
+        ctx,
+        job,
+        None,
+        batches,
+        table3_loss(setting, cfg, L),
+        steps=cfg.steps,
+        optimizer=cfg.optimizer,
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        model=model,
+    )
 
 
 # ----------------------------------------------------------------------------------------------------- pipeline
@@ -365,14 +443,16 @@ def run(ctx: Context, settings: list[str]) -> None:
     if "grabcut-no-train" in settings or (ctx.run.main and cfg.figures):
         val_grabcut = grabcut_labels(ctx, splits.val, L, "validation")
     if "grabcut-no-train" in settings:
-        miou = label_miou([torch.from_numpy(m) for m in val_grabcut], [torch.from_numpy(s.mask) for s in splits.val],
-                          L)
+        miou = label_miou([torch.from_numpy(m) for m in val_grabcut], [torch.from_numpy(s.mask) for s in splits.val], L)
         ctx.results.add("3", "grabcut-no-train", "miou", miou)
         ctx.log(f"Table 3 grabcut-no-train: validation mIoU {miou:.2f}")
 
     # Sec. 4.1: the embeddings pre-trained on M, for the rows that use them
-    embedding = pretrain_embeddings(ctx, items, L) if any(s in WITH_AFFINITY for s in trained) and \
-        cfg.embedding_pretrain_steps > 0 else None
+    embedding = (
+        pretrain_embeddings(ctx, items, L)
+        if any(s in WITH_AFFINITY for s in trained) and cfg.embedding_pretrain_steps > 0
+        else None
+    )
 
     networks = {}
     for setting in trained:
@@ -407,7 +487,12 @@ def attention_figure(ctx: Context, splits, networks: dict, val_grabcut, L: int) 
             columns[f"{setting} alpha"] = list(at_box.numpy())
         columns[setting] = list(out["logits"].argmax(1).numpy())
     columns["ground truth"] = [s.mask for s in val]
-    save_panels(ctx.run.file("figures", "attention.png"), [s.image for s in val], columns,
-                boxes=[s.boxes for s in val], labels=[s.labels for s in val], num_classes=L,
-                title="Box2Seg Table 3 rows on validation images: attention alpha (box class) beside the prediction")
-
+    save_panels(
+        ctx.run.file("figures", "attention.png"),
+        [s.image for s in val],
+        columns,
+        boxes=[s.boxes for s in val],
+        labels=[s.labels for s in val],
+        num_classes=L,
+        title="Box2Seg Table 3 rows on validation images: attention alpha (box class) beside the prediction",
+    )

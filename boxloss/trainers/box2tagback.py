@@ -102,9 +102,19 @@ class Config(TrainerConfig):
 
     PRESET_OVERRIDES = {
         "paper": {"image_size": 513},
-        "quick": {"image_size": 128, "train_images": 600, "val_images": 150, "crop_min_side": 12, "crop_size": 64,
-                  "single_steps": 250, "single_batch": 16, "final_steps": 500, "final_lr": 1e-3,
-                  "final_optimizer": "adamw", "batch_size": 16},
+        "quick": {
+            "image_size": 128,
+            "train_images": 600,
+            "val_images": 150,
+            "crop_min_side": 12,
+            "crop_size": 64,
+            "single_steps": 250,
+            "single_batch": 16,
+            "final_steps": 500,
+            "final_lr": 1e-3,
+            "final_optimizer": "adamw",
+            "batch_size": 16,
+        },
     }
 
 
@@ -115,9 +125,18 @@ def make_crops(samples, class_id: int, cfg: Config, *, training_set: bool) -> li
     """The single-class dataset of Sec. 4.1 (``training_set``), or every box of the class (for pseudo GT)."""
     crops = []
     for i, s in enumerate(samples):
-        crops += crop_boxes(s.image, s.boxes, s.labels, class_id, image_index=i, border=cfg.crop_border,
-                            min_side=cfg.crop_min_side if training_set else 0, skip_other_classes=training_set,
-                            size=cfg.crop_size, mask=s.mask)
+        crops += crop_boxes(
+            s.image,
+            s.boxes,
+            s.labels,
+            class_id,
+            image_index=i,
+            border=cfg.crop_border,
+            min_side=cfg.crop_min_side if training_set else 0,
+            skip_other_classes=training_set,
+            size=cfg.crop_size,
+            mask=s.mask,
+        )
     return crops
 
 
@@ -126,9 +145,14 @@ def _flip_crop(item, rng):
     if rng.random() < 0.5:
         S = crop.image.shape[-1]
         x0, y0, x1, y1 = crop.box.tolist()
-        crop = dataclasses.replace(crop, image=crop.image.flip(-1), valid=crop.valid.flip(-1),
-                                   border=crop.border.flip(-1), box=torch.tensor([S - x1, y0, S - x0, y1]),
-                                   mask=None if crop.mask is None else crop.mask.flip(-1))
+        crop = dataclasses.replace(
+            crop,
+            image=crop.image.flip(-1),
+            valid=crop.valid.flip(-1),
+            border=crop.border.flip(-1),
+            box=torch.tensor([S - x1, y0, S - x0, y1]),
+            mask=None if crop.mask is None else crop.mask.flip(-1),
+        )
     return crop, negative
 
 
@@ -149,8 +173,12 @@ class _Mixed:
             crops, negative = self.pos.batch(step)
             if self.neg is not None:
                 other, other_negative = self.neg.batch(step)
-                crops = CropBatch(*(None if a is None or b is None else torch.cat([a, b])
-                                    for a, b in zip(dataclasses.astuple(crops), dataclasses.astuple(other))))
+                crops = CropBatch(
+                    *(
+                        None if a is None or b is None else torch.cat([a, b])
+                        for a, b in zip(dataclasses.astuple(crops), dataclasses.astuple(other))
+                    )
+                )
                 negative = torch.cat([negative, other_negative])
             yield crops, negative
 
@@ -167,12 +195,22 @@ def train_single_class(ctx: Context, setting: str, class_id: int, crops: list[Bo
     job = f"single/{setting}/class-{class_id}"
     model = ctx.new_model(job, {"logits": 1})
     n_neg = round(cfg.single_batch * cfg.negative_fraction) if setting == "ours(T+N)" and negatives else 0
-    pos = Batches([(c, False) for c in crops], cfg.single_batch - n_neg, cfg.seed * 7919 + class_id,
-                  collate=_collate, augment=_flip_crop)
+    pos = Batches(
+        [(c, False) for c in crops],
+        cfg.single_batch - n_neg,
+        cfg.seed * 7919 + class_id,
+        collate=_collate,
+        augment=_flip_crop,
+    )
     neg = None
     if n_neg:
-        neg = Batches([(c, True) for c in negatives], n_neg, cfg.seed * 7919 + 1000 + class_id, collate=_collate,
-                      augment=_flip_crop)
+        neg = Batches(
+            [(c, True) for c in negatives],
+            n_neg,
+            cfg.seed * 7919 + 1000 + class_id,
+            collate=_collate,
+            augment=_flip_crop,
+        )
     lambda_crf = cfg.lambda_crf * cfg.crop_size / 256
     steps = cfg.single_steps
 
@@ -181,17 +219,32 @@ def train_single_class(ctx: Context, setting: str, class_id: int, crops: list[Bo
         t = clock.steps / max(1, steps - 1)
         sigma = cfg.sigma_start + (cfg.sigma - cfg.sigma_start) * min(1.0, t)
         loss_fn = boxloss.RegularizedLoss.paper(
-            setting, s_min=cfg.s_min, lambda_crf=lambda_crf, lambda_v=cfg.lambda_v, lambda_p=cfg.lambda_p,
-            lambda_s=cfg.lambda_s, lambda_neg=cfg.lambda_neg, sigma=sigma, neighbourhood=cfg.neighbourhood,
-            tight_mode=cfg.tight_mode, distributed=distributed.world_size() > 1)
+            setting,
+            s_min=cfg.s_min,
+            lambda_crf=lambda_crf,
+            lambda_v=cfg.lambda_v,
+            lambda_p=cfg.lambda_p,
+            lambda_s=cfg.lambda_s,
+            lambda_neg=cfg.lambda_neg,
+            sigma=sigma,
+            neighbourhood=cfg.neighbourhood,
+            tight_mode=cfg.tight_mode,
+            distributed=distributed.world_size() > 1,
+        )
         images = crops.images.to(ctx.device)
         with clock.model_forward():
             logits = head_outputs(m(images))["logits"]
         clock.watch(logits)
         with clock.loss_forward():
-            loss, terms = loss_fn(torch.sigmoid(logits), _normalise(images), negative=negative.to(ctx.device),
-                                  border_mask=crops.border.to(ctx.device), boxes=crops.boxes.to(ctx.device),
-                                  valid_mask=crops.valid.to(ctx.device), return_terms=True)
+            loss, terms = loss_fn(
+                torch.sigmoid(logits),
+                _normalise(images),
+                negative=negative.to(ctx.device),
+                border_mask=crops.border.to(ctx.device),
+                boxes=crops.boxes.to(ctx.device),
+                valid_mask=crops.valid.to(ctx.device),
+                return_terms=True,
+            )
         return loss, terms
 
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.single_lr, weight_decay=1e-4)
@@ -205,7 +258,7 @@ def segment_crops(ctx: Context, model, crops: list[BoxCrop], batch: int = 64) ->
     model.eval()
     out = []
     for i in range(0, len(crops), batch):
-        images = torch.stack([c.image for c in crops[i:i + batch]]).to(ctx.device)
+        images = torch.stack([c.image for c in crops[i : i + batch]]).to(ctx.device)
         out.append(torch.sigmoid(head_outputs(model(images))["logits"][:, 0]).float().cpu())
     model.train()
     return torch.cat(out) if out else torch.zeros(0, 1, 1)
@@ -251,9 +304,15 @@ def fbeta_of_crops(samples, crops: list[BoxCrop], predictions: list[np.ndarray],
 
 def run(ctx: Context, settings: list[str]) -> None:
     cfg: Config = ctx.config
-    splits: Splits = load_splits(cfg.data, num_classes=cfg.num_classes, image_size=cfg.image_size,
-                                 train_images=cfg.train_images, val_images=cfg.val_images, data_seed=cfg.data_seed,
-                                 log=ctx.log)
+    splits: Splits = load_splits(
+        cfg.data,
+        num_classes=cfg.num_classes,
+        image_size=cfg.image_size,
+        train_images=cfg.train_images,
+        val_images=cfg.val_images,
+        data_seed=cfg.data_seed,
+        log=ctx.log,
+    )
     ctx.log(f"data: {splits.description}")
     L = splits.num_classes
     train = splits.train
@@ -282,8 +341,10 @@ def run(ctx: Context, settings: list[str]) -> None:
             per_class.append(fbeta_of_crops(train, crops, preds, cfg.crop_border))
         if setting in settings:
             ctx.results.add("1", setting, "fbeta", float(np.mean(per_class)))
-            ctx.log(f"Table 1 {setting}: F-beta {np.mean(per_class):.2f} (per class "
-                    f"{', '.join(f'{v:.1f}' for v in per_class)})")
+            ctx.log(
+                f"Table 1 {setting}: F-beta {np.mean(per_class):.2f} (per class "
+                f"{', '.join(f'{v:.1f}' for v in per_class)})"
+            )
 
     # Table 2: pseudo ground truth from the best single-class setting trained
     pseudo = {}
@@ -336,7 +397,7 @@ def _baseline_predictions(setting: str, samples, crops: list[BoxCrop], L: int, c
             out.append(pred)
             continue
         if setting == "grabcut":
-            full = boxloss.grabcut_box_masks(s.image, s.boxes[crop.box_index:crop.box_index + 1])[0]
+            full = boxloss.grabcut_box_masks(s.image, s.boxes[crop.box_index : crop.box_index + 1])[0]
         else:
             if crop.image_index not in cache:
                 cache[crop.image_index] = boxloss.dense_crf_box_masks(s.image, s.boxes, s.labels, L)
@@ -344,7 +405,7 @@ def _baseline_predictions(setting: str, samples, crops: list[BoxCrop], L: int, c
         H, W = full.shape
         pred = np.zeros((y1 - y0, x1 - x0), bool)
         sy0, sx0, sy1, sx1 = max(y0, 0), max(x0, 0), min(y1, H), min(x1, W)
-        pred[sy0 - y0:sy1 - y0, sx0 - x0:sx1 - x0] = full[sy0:sy1, sx0:sx1]
+        pred[sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0] = full[sy0:sy1, sx0:sx1]
         out.append(pred)
     return out
 
@@ -371,9 +432,17 @@ def _merge(samples, masks, strategy: str, L: int) -> list[torch.Tensor]:
             out.append(torch.zeros(s.height, s.width, dtype=torch.long))
             continue
         boxes = torch.from_numpy(s.boxes)
-        out.append(boxloss.merge_box_masks(m, boxes, torch.zeros(len(boxes), dtype=torch.long),
-                                           torch.from_numpy(s.labels), (1, s.height, s.width), strategy=strategy,
-                                           num_classes=L)[0])
+        out.append(
+            boxloss.merge_box_masks(
+                m,
+                boxes,
+                torch.zeros(len(boxes), dtype=torch.long),
+                torch.from_numpy(s.labels),
+                (1, s.height, s.width),
+                strategy=strategy,
+                num_classes=L,
+            )[0]
+        )
     return out
 
 
@@ -383,8 +452,16 @@ def _box_labels(samples, L: int) -> list[torch.Tensor]:
         if s.num_boxes == 0:
             out.append(torch.zeros(s.height, s.width, dtype=torch.long))
             continue
-        out.append(boxloss.boxes_to_masks(torch.from_numpy(s.boxes), torch.zeros(s.num_boxes, dtype=torch.long),
-                                          torch.from_numpy(s.labels), (1, s.height, s.width), L, form="labels")[0])
+        out.append(
+            boxloss.boxes_to_masks(
+                torch.from_numpy(s.boxes),
+                torch.zeros(s.num_boxes, dtype=torch.long),
+                torch.from_numpy(s.labels),
+                (1, s.height, s.width),
+                L,
+                form="labels",
+            )[0]
+        )
     return out
 
 
@@ -395,8 +472,9 @@ def train_final(ctx: Context, setting: str, samples, labels: list[torch.Tensor],
     model = ctx.new_model(job, {"logits": L + 1})
     items = [dataclasses.replace(s, mask=lab.to(torch.uint8).numpy()) for s, lab in zip(samples, labels)]
     batches = Batches(items, cfg.batch_size, cfg.seed, augment=hflip_augment)
-    dense = boxloss.DenseCRFLoss(sigma_rgb=cfg.dense_sigma_rgb, sigma_xy=cfg.dense_sigma_xy * cfg.image_size / 513,
-                                 scale_factor=cfg.dense_scale)
+    dense = boxloss.DenseCRFLoss(
+        sigma_rgb=cfg.dense_sigma_rgb, sigma_xy=cfg.dense_sigma_xy * cfg.image_size / 513, scale_factor=cfg.dense_scale
+    )
     steps, crf_from = cfg.final_steps, int(cfg.crf_start * cfg.final_steps)
 
     def step(m, batch, clock):
@@ -429,9 +507,15 @@ def _pseudo_figure(ctx: Context, samples, pseudo: dict, L: int) -> None:
     n = min(ctx.config.figures, len(samples))
     columns = {k: [v[i].numpy() for i in range(n)] for k, v in pseudo.items()}
     columns["ground truth"] = [samples[i].mask for i in range(n)]
-    save_panels(ctx.run.file("figures", "pseudo_ground_truth.png"), [samples[i].image for i in range(n)], columns,
-                boxes=[samples[i].boxes for i in range(n)], labels=[samples[i].labels for i in range(n)],
-                num_classes=L, title="Table 2: pseudo ground truth on training images (white: void)")
+    save_panels(
+        ctx.run.file("figures", "pseudo_ground_truth.png"),
+        [samples[i].image for i in range(n)],
+        columns,
+        boxes=[samples[i].boxes for i in range(n)],
+        labels=[samples[i].labels for i in range(n)],
+        num_classes=L,
+        title="Table 2: pseudo ground truth on training images (white: void)",
+    )
 
 
 def _final_figure(ctx: Context, splits: Splits, networks: dict, L: int) -> None:
@@ -448,6 +532,12 @@ def _final_figure(ctx: Context, splits: Splits, networks: dict, L: int) -> None:
             columns[k] = list(head_outputs(model(batch.images.to(ctx.device)))["logits"].argmax(1).cpu().numpy())
         model.train()
     columns["ground truth"] = [s.mask for s in val]
-    save_panels(ctx.run.file("figures", "final_predictions.png"), [s.image for s in val], columns,
-                boxes=[s.boxes for s in val], labels=[s.labels for s in val], num_classes=L,
-                title="Sec. 5: final networks on validation images")
+    save_panels(
+        ctx.run.file("figures", "final_predictions.png"),
+        [s.image for s in val],
+        columns,
+        boxes=[s.boxes for s in val],
+        labels=[s.labels for s in val],
+        num_classes=L,
+        title="Sec. 5: final networks on validation images",
+    )

@@ -15,8 +15,9 @@ boxes in one stage, on per-image training targets fixed before training.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable
 
 import numpy as np
 import torch
@@ -40,9 +41,15 @@ OPTIMIZERS = ("sgd", "adam", "adamw")
 def load_data(ctx: Context, class_ids: Sequence[int] | None = None) -> Splits:
     """The config's training and validation splits; with ``class_ids``, restricted to those classes."""
     cfg = ctx.config
-    splits = load_splits(cfg.data, num_classes=cfg.num_classes, image_size=cfg.image_size,
-                         train_images=cfg.train_images, val_images=cfg.val_images, data_seed=cfg.data_seed,
-                         log=ctx.log)
+    splits = load_splits(
+        cfg.data,
+        num_classes=cfg.num_classes,
+        image_size=cfg.image_size,
+        train_images=cfg.train_images,
+        val_images=cfg.val_images,
+        data_seed=cfg.data_seed,
+        log=ctx.log,
+    )
     if class_ids is None:
         return splits
     return restrict_splits(splits, class_ids)
@@ -52,11 +59,17 @@ def restrict_splits(splits: Splits, class_ids: Sequence[int]) -> Splits:
     """``splits`` with only the classes ``class_ids`` (channels of ``splits``), renumbered 1..K in that order."""
     ids = list(class_ids)
     if not ids or len(set(ids)) != len(ids) or not all(1 <= c <= splits.num_classes for c in ids):
-        raise ConfigError(f"classes must be distinct class channels in 1..{splits.num_classes} "
-                          f"({', '.join(splits.class_names)}), got {tuple(class_ids)}")
+        raise ConfigError(
+            f"classes must be distinct class channels in 1..{splits.num_classes} "
+            f"({', '.join(splits.class_names)}), got {tuple(class_ids)}"
+        )
     names = tuple(splits.class_names[c - 1] for c in ids)
-    return Splits(restrict_classes(splits.train, ids), restrict_classes(splits.val, ids), names,
-                  f"{splits.description}, classes {', '.join(names)} (the others are background)")
+    return Splits(
+        restrict_classes(splits.train, ids),
+        restrict_classes(splits.val, ids),
+        names,
+        f"{splits.description}, classes {', '.join(names)} (the others are background)",
+    )
 
 
 def restrict_classes(samples: Sequence[Sample], class_ids: Sequence[int]) -> list[Sample]:
@@ -69,10 +82,15 @@ def restrict_classes(samples: Sequence[Sample], class_ids: Sequence[int]) -> lis
     out = []
     for s in samples:
         keep = np.isin(s.labels, np.asarray(class_ids, np.int64))
-        out.append(dataclasses.replace(
-            s, boxes=np.ascontiguousarray(s.boxes[keep]), labels=lut[s.labels[keep]].astype(np.int64),
-            mask=None if s.mask is None else lut[s.mask],
-            instances=None if s.instances is None else _renumber_instances(s.instances, keep)))
+        out.append(
+            dataclasses.replace(
+                s,
+                boxes=np.ascontiguousarray(s.boxes[keep]),
+                labels=lut[s.labels[keep]].astype(np.int64),
+                mask=None if s.mask is None else lut[s.mask],
+                instances=None if s.instances is None else _renumber_instances(s.instances, keep),
+            )
+        )
     return out
 
 
@@ -87,9 +105,14 @@ def box_label_map(sample: Sample, num_classes: int) -> np.ndarray:
     where boxes overlap (Box2Seg Sec. 3.1; :func:`boxloss.boxes_to_masks`)."""
     if sample.num_boxes == 0:
         return np.zeros((sample.height, sample.width), np.uint8)
-    labels = boxloss.boxes_to_masks(torch.from_numpy(sample.boxes), torch.zeros(sample.num_boxes, dtype=torch.long),
-                                    torch.from_numpy(sample.labels), (1, sample.height, sample.width), num_classes,
-                                    form="labels")[0]
+    labels = boxloss.boxes_to_masks(
+        torch.from_numpy(sample.boxes),
+        torch.zeros(sample.num_boxes, dtype=torch.long),
+        torch.from_numpy(sample.labels),
+        (1, sample.height, sample.width),
+        num_classes,
+        form="labels",
+    )[0]
     return labels.to(torch.uint8).numpy()
 
 
@@ -129,14 +152,17 @@ class TrainBatch:
         return self.box_tensor(num_classes, "labels") > 0
 
 
-def train_items(samples: Sequence[Sample], targets: Sequence[np.ndarray],
-                pixel_perfect: Sequence[bool] | bool = False) -> list[TrainItem]:
+def train_items(
+    samples: Sequence[Sample], targets: Sequence[np.ndarray], pixel_perfect: Sequence[bool] | bool = False
+) -> list[TrainItem]:
     """One :class:`TrainItem` per sample with ``targets[i]`` ((H, W) uint8) as its training target."""
     flags = [pixel_perfect] * len(samples) if isinstance(pixel_perfect, bool) else list(pixel_perfect)
     if len(targets) != len(samples) or len(flags) != len(samples):
         raise ValueError(f"train_items: {len(samples)} samples, {len(targets)} targets, {len(flags)} flags")
-    return [TrainItem(dataclasses.replace(s, mask=np.asarray(t, np.uint8)), bool(f))
-            for s, t, f in zip(samples, targets, flags)]
+    return [
+        TrainItem(dataclasses.replace(s, mask=np.asarray(t, np.uint8)), bool(f))
+        for s, t, f in zip(samples, targets, flags)
+    ]
 
 
 def flip_item(item: TrainItem, rng: np.random.Generator) -> TrainItem:
@@ -148,8 +174,15 @@ def collate_items(items: Sequence[TrainItem]) -> TrainBatch:
     """Packs :class:`TrainItem` s (on the CPU; :func:`to_device` moves them)."""
     batch = collate_samples([i.sample for i in items])
     target = batch.masks.masked_fill(~batch.valid, 255)
-    return TrainBatch(batch.images, target, batch.valid, batch.boxes, batch.box_batch, batch.box_labels,
-                      torch.tensor([i.pixel_perfect for i in items], dtype=torch.bool))
+    return TrainBatch(
+        batch.images,
+        target,
+        batch.valid,
+        batch.boxes,
+        batch.box_batch,
+        batch.box_labels,
+        torch.tensor([i.pixel_perfect for i in items], dtype=torch.bool),
+    )
 
 
 def to_device(batch: TrainBatch, device) -> TrainBatch:
@@ -173,8 +206,19 @@ def make_optimizer(name: str, params, lr: float, *, weight_decay: float) -> torc
 LossFn = Callable[[dict, TrainBatch], "tuple[torch.Tensor, dict]"]
 
 
-def train_network(ctx: Context, job: str, heads: dict[str, int] | None, batches, loss_fn: LossFn, *, steps: int,
-                  optimizer: str, lr: float, weight_decay: float, model: nn.Module | None = None) -> nn.Module:
+def train_network(
+    ctx: Context,
+    job: str,
+    heads: dict[str, int] | None,
+    batches,
+    loss_fn: LossFn,
+    *,
+    steps: int,
+    optimizer: str,
+    lr: float,
+    weight_decay: float,
+    model: nn.Module | None = None,
+) -> nn.Module:
     """Trains a new network with ``heads`` (or the given ``model``) for ``steps`` steps of ``loss_fn(outputs, batch) ->
     (loss, terms)`` on ``batches`` (yielding :class:`TrainBatch` es), with ``optimizer`` and DeepLab's poly decay
     of ``lr``; returns it. A finished job is loaded from its checkpoint, not trained again."""
@@ -198,8 +242,14 @@ def train_network(ctx: Context, job: str, heads: dict[str, int] | None, batches,
 # ----------------------------------------------------------------------------------------------------- evaluation
 
 
-def evaluate_confusion(ctx: Context, model: nn.Module, samples: Sequence[Sample], num_classes: int, *,
-                       predict: Callable[[dict], torch.Tensor] | None = None) -> torch.Tensor:
+def evaluate_confusion(
+    ctx: Context,
+    model: nn.Module,
+    samples: Sequence[Sample],
+    num_classes: int,
+    *,
+    predict: Callable[[dict], torch.Tensor] | None = None,
+) -> torch.Tensor:
     """(L+1, L+1) confusion matrix on ``samples`` against their true masks (void left out). ``predict(outputs)``
     maps the network's heads to (B, H, W) labels (default: the argmax of ``"logits"``)."""
     if predict is None:

@@ -56,8 +56,10 @@ from boxloss.trainers.single_stage import (
 )
 
 NAME = "uncertainty"
-SUMMARY = ("Learning label uncertainty (Neven et al.): BCE / CE with uncertainty and online bootstrapping on mixed "
-           "pixel-perfect and box labels")
+SUMMARY = (
+    "Learning label uncertainty (Neven et al.): BCE / CE with uncertainty and online bootstrapping on mixed "
+    "pixel-perfect and box labels"
+)
 BINARY = ("bce-all-pp", "bce-pp", "bce-bb", "bce-pp+bb", "uncertainty", "uncertainty+bootstrap", "regression-fg")
 MULTI = ("ce-all-pp", "ce-pp", "ce-pp+bb", "uncertainty-ce")
 SETTINGS = {
@@ -74,9 +76,19 @@ SETTINGS = {
     "uncertainty-ce": "Table 3: cross-entropy with uncertainty and bootstrapping (Eq. 12-16, T = 20), PP + BB",
 }
 #: how each setting is supervised: every image PP, the PP subset alone, every image BB, or mixed batches
-SUPERVISION = {"bce-all-pp": "all-pp", "bce-pp": "pp", "bce-bb": "bb", "bce-pp+bb": "mixed", "uncertainty": "mixed",
-               "uncertainty+bootstrap": "mixed", "regression-fg": "mixed", "ce-all-pp": "all-pp", "ce-pp": "pp",
-               "ce-pp+bb": "mixed", "uncertainty-ce": "mixed"}
+SUPERVISION = {
+    "bce-all-pp": "all-pp",
+    "bce-pp": "pp",
+    "bce-bb": "bb",
+    "bce-pp+bb": "mixed",
+    "uncertainty": "mixed",
+    "uncertainty+bootstrap": "mixed",
+    "regression-fg": "mixed",
+    "ce-all-pp": "all-pp",
+    "ce-pp": "pp",
+    "ce-pp+bb": "mixed",
+    "uncertainty-ce": "mixed",
+}
 WITH_VARIANCE = ("uncertainty", "uncertainty+bootstrap", "regression-fg", "uncertainty-ce")
 TABLE = {**{s: "2" for s in BINARY}, "regression-fg": "1", **{s: "3" for s in MULTI}}
 
@@ -159,13 +171,15 @@ class MixedBatches:
         picks = [rng.integers(len(pool), size=g) if pool else np.zeros(g, np.int64) for pool in self.pools]
         items = [self.pools[0][picks[0][i]] if from_pp[i] else self.pools[1][picks[1][i]] for i in range(g)]
         r = distributed.rank()
-        return items[r * self.batch_size:(r + 1) * self.batch_size]
+        return items[r * self.batch_size : (r + 1) * self.batch_size]
 
     def batch(self, step: int):
         items = self.items(step)
         r = distributed.rank()
-        items = [self.augment(it, np.random.default_rng([self.seed, step, r * self.batch_size + i]))
-                 for i, it in enumerate(items)]
+        items = [
+            self.augment(it, np.random.default_rng([self.seed, step, r * self.batch_size + i]))
+            for i, it in enumerate(items)
+        ]
         return self.collate(items)
 
     def iterate(self, start: int, stop: int):
@@ -198,8 +212,14 @@ def batches_for(ctx: Context, setting: str, splits: Splits, chosen: np.ndarray, 
         return Batches([it for it, c in zip(pp, chosen) if c], cfg.batch_size, cfg.seed, **common)
     if kind == "bb":
         return Batches(bb, cfg.batch_size, cfg.seed, **common)
-    return MixedBatches([it for it, c in zip(pp, chosen) if c], [it for it, c in zip(bb, chosen) if not c],
-                        cfg.batch_size, cfg.seed, cfg.pp_probability, **common)
+    return MixedBatches(
+        [it for it, c in zip(pp, chosen) if c],
+        [it for it, c in zip(bb, chosen) if not c],
+        cfg.batch_size,
+        cfg.seed,
+        cfg.pp_probability,
+        **common,
+    )
 
 
 # ----------------------------------------------------------------------------------------------------- losses
@@ -222,9 +242,16 @@ def binary_loss(setting: str, cfg: Config):
         if setting == "regression-fg":
             value = boxloss.uncertainty_l2_loss(mu, log_var, target, in_boxes, pixel_perfect=batch.pixel_perfect)
             return value, {"l2": value, "var_in_boxes": variance}
-        value = boxloss.uncertainty_bce_loss(mu, log_var, target, in_boxes, tau=cfg.tau, temperature=cfg.temperature,
-                                             bootstrap=setting == "uncertainty+bootstrap",
-                                             pixel_perfect=batch.pixel_perfect)
+        value = boxloss.uncertainty_bce_loss(
+            mu,
+            log_var,
+            target,
+            in_boxes,
+            tau=cfg.tau,
+            temperature=cfg.temperature,
+            bootstrap=setting == "uncertainty+bootstrap",
+            pixel_perfect=batch.pixel_perfect,
+        )
         return value, {"bce_u": value, "var_in_boxes": variance}
 
     return loss
@@ -239,8 +266,16 @@ def multi_loss(setting: str, cfg: Config, num_classes: int):
             value = F.cross_entropy(mu, batch.target, ignore_index=255)
             return value, {"ce": value}
         in_boxes = batch.in_boxes(num_classes)
-        value = boxloss.uncertainty_ce_loss(mu, out["log_var"], batch.target, samples=cfg.samples, tau=cfg.tau_ce,
-                                            bootstrap=True, box_mask=in_boxes, pixel_perfect=batch.pixel_perfect)
+        value = boxloss.uncertainty_ce_loss(
+            mu,
+            out["log_var"],
+            batch.target,
+            samples=cfg.samples,
+            tau=cfg.tau_ce,
+            bootstrap=True,
+            box_mask=in_boxes,
+            pixel_perfect=batch.pixel_perfect,
+        )
         bb_boxes = in_boxes & ~batch.pixel_perfect[:, None, None]
         return value, {"ce_u": value, "var_in_boxes": _mean_variance(out["log_var"].amax(1), bb_boxes)}
 
@@ -268,8 +303,10 @@ def run(ctx: Context, settings: list[str]) -> None:
     check_config(cfg, full.num_classes)
     chosen = pixel_perfect_subset(cfg, len(full.train))
     n_pp = int(chosen.sum())
-    ctx.log(f"pixel-perfect subset: {n_pp} of {len(full.train)} training images (pixel_perfect_fraction "
-            f"{cfg.pixel_perfect_fraction:.3f}); the other {len(full.train) - n_pp} keep only their boxes")
+    ctx.log(
+        f"pixel-perfect subset: {n_pp} of {len(full.train)} training images (pixel_perfect_fraction "
+        f"{cfg.pixel_perfect_fraction:.3f}); the other {len(full.train) - n_pp} keep only their boxes"
+    )
     _check_pixel_perfect(ctx, settings, n_pp)
 
     groups = [(BINARY, (cfg.binary_class,)), (MULTI, tuple(cfg.multi_classes))]
@@ -286,9 +323,17 @@ def run(ctx: Context, settings: list[str]) -> None:
             if setting in WITH_VARIANCE:
                 heads["log_var"] = heads["logits"]
             loss = binary_loss(setting, cfg) if rows is BINARY else multi_loss(setting, cfg, K)
-            model = train_network(ctx, f"table{TABLE[setting]}/{setting}", heads,
-                                  batches_for(ctx, setting, splits, chosen, K), loss, steps=cfg.steps,
-                                  optimizer=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay)
+            model = train_network(
+                ctx,
+                f"table{TABLE[setting]}/{setting}",
+                heads,
+                batches_for(ctx, setting, splits, chosen, K),
+                loss,
+                steps=cfg.steps,
+                optimizer=cfg.optimizer,
+                lr=cfg.lr,
+                weight_decay=cfg.weight_decay,
+            )
             if rows is BINARY:
                 cm = evaluate_confusion(ctx, model, splits.val, 1, predict=_binary_predict(setting))
                 value, metric = object_iou(cm), "iou"
@@ -321,13 +366,17 @@ def _check_pixel_perfect(ctx: Context, settings, n_pp: int) -> None:
     pp_only = [s for s in settings if SUPERVISION[s] == "pp"]
     mixed = [s for s in settings if SUPERVISION[s] == "mixed"]
     if pp_only:
-        raise ConfigError(f"{', '.join(pp_only)}: no pixel-perfect training images (pixel_perfect_fraction "
-                          f"{cfg.pixel_perfect_fraction} of {cfg.train_images} images rounds to 0)")
+        raise ConfigError(
+            f"{', '.join(pp_only)}: no pixel-perfect training images (pixel_perfect_fraction "
+            f"{cfg.pixel_perfect_fraction} of {cfg.train_images} images rounds to 0)"
+        )
     if not mixed:
         return
-    text = (f"{', '.join(mixed)} mix pixel-perfect and box labels, but pixel_perfect_fraction "
-            f"{cfg.pixel_perfect_fraction} of {cfg.train_images} training images gives no pixel-perfect image: they "
-            "would train on boxes alone, where nothing tells the uncertainty which box pixels are wrong")
+    text = (
+        f"{', '.join(mixed)} mix pixel-perfect and box labels, but pixel_perfect_fraction "
+        f"{cfg.pixel_perfect_fraction} of {cfg.train_images} training images gives no pixel-perfect image: they "
+        "would train on boxes alone, where nothing tells the uncertainty which box pixels are wrong"
+    )
     if not cfg.allow_no_pixel_perfect:
         raise ConfigError(text + " (set allow_no_pixel_perfect=true to run them anyway)")
     warning = "WARNING: " + text + "; running them on boxes alone (allow_no_pixel_perfect)"
@@ -335,8 +384,9 @@ def _check_pixel_perfect(ctx: Context, settings, n_pp: int) -> None:
     ctx.results.notes.append(warning)
 
 
-def variance_diagnostics(ctx: Context, setting: str, model, splits: Splits, chosen: np.ndarray,
-                         limit: int = 64) -> str | None:
+def variance_diagnostics(
+    ctx: Context, setting: str, model, splits: Splits, chosen: np.ndarray, limit: int = 64
+) -> str | None:
     """Whether the variance learned the label uncertainty (Sec. 3.2): on box-labelled training images (up to
     ``limit``), the mean sigma^2 inside the boxes on the pixels whose true label is background (where the box label
     is wrong) and on the object, and the share of each above tau (where bootstrapping flips the target). The true
@@ -392,10 +442,15 @@ def bootstrap_figure(ctx: Context, splits: Splits, chosen: np.ndarray, networks:
         columns[f"{setting}: sigma^2 / {2 * cfg.tau:g}"] = _variance_panel(var, cfg.tau)
         columns[f"{setting}: prediction"] = list(_binary_predict(setting)(out).numpy())
     columns["ground truth"] = [s.mask for s in samples]
-    save_panels(ctx.run.file("figures", "bootstrap_weights.png"), [s.image for s in samples], columns,
-                boxes=[s.boxes for s in samples], labels=[s.labels for s in samples], num_classes=1,
-                title="Binary rows on box-labelled training images (Fig. 5): 1 - W is the weight of the flipped "
-                      "target")
+    save_panels(
+        ctx.run.file("figures", "bootstrap_weights.png"),
+        [s.image for s in samples],
+        columns,
+        boxes=[s.boxes for s in samples],
+        labels=[s.labels for s in samples],
+        num_classes=1,
+        title="Binary rows on box-labelled training images (Fig. 5): 1 - W is the weight of the flipped target",
+    )
 
 
 def flip_figure(ctx: Context, splits: Splits, chosen: np.ndarray, networks: dict) -> None:
@@ -421,6 +476,12 @@ def flip_figure(ctx: Context, splits: Splits, chosen: np.ndarray, networks: dict
         if setting in networks:
             columns[setting] = list(predict_heads(ctx, networks[setting], samples)["logits"].argmax(1).numpy())
     columns["ground truth"] = [s.mask for s in samples]
-    save_panels(ctx.run.file("figures", "flip_masks.png"), [s.image for s in samples], columns,
-                boxes=[s.boxes for s in samples], labels=[s.labels for s in samples], num_classes=K,
-                title="Multi-class rows on box-labelled training images (Fig. 6): flip masks of uncertainty-ce")
+    save_panels(
+        ctx.run.file("figures", "flip_masks.png"),
+        [s.image for s in samples],
+        columns,
+        boxes=[s.boxes for s in samples],
+        labels=[s.labels for s in samples],
+        num_classes=K,
+        title="Multi-class rows on box-labelled training images (Fig. 6): flip masks of uncertainty-ce",
+    )

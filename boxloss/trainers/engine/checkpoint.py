@@ -52,8 +52,10 @@ def load(path: str | os.PathLike):
     except FileNotFoundError:
         raise
     except Exception as e:  # noqa: BLE001 -- torch raises many kinds for a truncated or foreign file
-        raise CheckpointError(f"{path}: not a readable boxloss checkpoint ({type(e).__name__}: {e}). Delete it to "
-                              "start that stage again, or start a new run.") from e
+        raise CheckpointError(
+            f"{path}: not a readable boxloss checkpoint ({type(e).__name__}: {e}). Delete it to "
+            "start that stage again, or start a new run."
+        ) from e
 
 
 def rng_state() -> dict:

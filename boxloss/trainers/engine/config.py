@@ -52,7 +52,7 @@ class TrainerConfig:
     PRESET_OVERRIDES: typing.ClassVar[dict[str, dict]] = {"paper": {}, "quick": {}}
 
     @classmethod
-    def from_preset(cls, preset: str, overrides: typing.Sequence[str] = (), **values) -> "TrainerConfig":
+    def from_preset(cls, preset: str, overrides: typing.Sequence[str] = (), **values) -> TrainerConfig:
         """The config of ``preset`` with ``key=value`` strings and keyword values applied (in that order)."""
         if preset not in cls.PRESET_OVERRIDES:
             raise ConfigError(f"preset must be one of {', '.join(cls.PRESET_OVERRIDES)}, got {preset!r}")
@@ -71,7 +71,7 @@ class TrainerConfig:
 
 def _parse(name: str, kind, text: str):
     origin = typing.get_origin(kind)
-    if origin in (typing.Union, types.UnionType):  # Optional[...] and X | None
+    if origin in (typing.Union, getattr(types, "UnionType", typing.Union)):  # Optional[...] and X | None
         args = [a for a in typing.get_args(kind) if a is not type(None)]
         if text.lower() in ("none", "null", ""):
             return None
@@ -106,7 +106,8 @@ def apply_overrides(cfg: TrainerConfig, overrides: typing.Sequence[str]) -> Trai
         key, text = item.split("=", 1)
         key = key.strip().replace("-", "_")
         if key not in names:
-            raise ConfigError(f"--set {key}: no such setting of {type(cfg).__name__}; the settings are: "
-                              f"{', '.join(names)}")
+            raise ConfigError(
+                f"--set {key}: no such setting of {type(cfg).__name__}; the settings are: {', '.join(names)}"
+            )
         changes[key] = _parse(key, hints[key], text.strip())
     return dataclasses.replace(cfg, **changes)

@@ -13,9 +13,10 @@ takes its share of the same global batch.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable
 
 import numpy as np
 import torch
@@ -56,31 +57,51 @@ class InMemory(Sequence):
         return self.items[i]
 
 
-def load_splits(spec: str, *, num_classes: int = 6, image_size: int = 256, train_images: int = 2000,
-                val_images: int = 500, data_seed: int = 0, class_ids: Sequence[int] | None = None,
-                log: Callable[[str], None] | None = None) -> Splits:
+def load_splits(
+    spec: str,
+    *,
+    num_classes: int = 6,
+    image_size: int = 256,
+    train_images: int = 2000,
+    val_images: int = 500,
+    data_seed: int = 0,
+    class_ids: Sequence[int] | None = None,
+    log: Callable[[str], None] | None = None,
+) -> Splits:
     """The training and validation splits ``spec`` names (see the module docstring)."""
     if spec == "synthetic":
         from boxloss.data import SyntheticBoxDataset, SyntheticConfig
 
-        cfg = SyntheticConfig(seed=data_seed, num_classes=num_classes, image_size=image_size,
-                              **({"class_ids": tuple(class_ids)} if class_ids is not None else {}))
+        cfg = SyntheticConfig(
+            seed=data_seed,
+            num_classes=num_classes,
+            image_size=image_size,
+            **({"class_ids": tuple(class_ids)} if class_ids is not None else {}),
+        )
         train = InMemory(SyntheticBoxDataset("train", train_images, cfg, log=log))
         val = InMemory(SyntheticBoxDataset("val", val_images, cfg, log=log))
-        return Splits(train, val, tuple(cfg.class_names), f"synthetic benchmark {cfg.key()} ({image_size} px, "
-                      f"{num_classes} classes, {len(train)} train / {len(val)} val images)")
+        return Splits(
+            train,
+            val,
+            tuple(cfg.class_names),
+            f"synthetic benchmark {cfg.key()} ({image_size} px, "
+            f"{num_classes} classes, {len(train)} train / {len(val)} val images)",
+        )
     kind, _, rest = spec.partition(":")
     if kind == "voc":
         from boxloss.data import VOCBoxDataset
 
         root = Path(rest)
         if not rest or not root.is_dir():
-            raise DataSpecError(f"--data voc:PATH: {rest!r} is not a folder (give the VOC root holding "
-                                "JPEGImages, Annotations and ImageSets)")
+            raise DataSpecError(
+                f"--data voc:PATH: {rest!r} is not a folder (give the VOC root holding "
+                "JPEGImages, Annotations and ImageSets)"
+            )
         aug = root / "ImageSets" / "SegmentationAug" / "train_aug.txt"
         if aug.is_file() and (root / "SegmentationClassAug").is_dir():
-            train = VOCBoxDataset(root, "train_aug", masks="SegmentationClassAug",
-                                  image_set_dir="ImageSets/SegmentationAug")
+            train = VOCBoxDataset(
+                root, "train_aug", masks="SegmentationClassAug", image_set_dir="ImageSets/SegmentationAug"
+            )
         else:
             train = VOCBoxDataset(root, "train")
         val = VOCBoxDataset(root, "val")
@@ -90,8 +111,9 @@ def load_splits(spec: str, *, num_classes: int = 6, image_size: int = 256, train
 
         ann, sep, images = rest.rpartition(":")
         if not sep or not ann or not images:
-            raise DataSpecError(f"--data coco:ANNOTATIONS:IMAGES: could not split {rest!r} into an annotation file "
-                                "and an image folder")
+            raise DataSpecError(
+                f"--data coco:ANNOTATIONS:IMAGES: could not split {rest!r} into an annotation file and an image folder"
+            )
         if not Path(ann).is_file():
             raise DataSpecError(f"--data coco: the annotation file {ann!r} does not exist")
         full = COCOBoxDataset(ann, images, on_error="skip")
@@ -113,8 +135,9 @@ class Batches:
         augment: ``augment(item, rng) -> item`` with a ``numpy.random.Generator``, applied per item.
     """
 
-    def __init__(self, dataset, batch_size: int, seed: int, *, collate: Callable | None = None,
-                 augment: Callable | None = None):
+    def __init__(
+        self, dataset, batch_size: int, seed: int, *, collate: Callable | None = None, augment: Callable | None = None
+    ):
         if len(dataset) == 0:
             raise ValueError("Batches: the dataset is empty")
         if batch_size < 1:
@@ -136,9 +159,9 @@ class Batches:
             epoch, offset = divmod(start + len(out), n)
             perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch))
             take = min(g - len(out), n - offset)
-            out += perm[offset:offset + take].tolist()
+            out += perm[offset : offset + take].tolist()
         r = distributed.rank()
-        return out[r * self.batch_size:(r + 1) * self.batch_size]
+        return out[r * self.batch_size : (r + 1) * self.batch_size]
 
     def batch(self, step: int):
         items = []

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Sequence
+from typing import Callable
 
 import torch
 from torch import nn
@@ -14,22 +15,34 @@ from boxloss.trainers.engine.models import head_outputs
 
 
 @torch.no_grad()
-def predict_logits(model: nn.Module, images: torch.Tensor, *, batch_size: int = 16, head: str = "logits",
-                   device: torch.device | str = "cpu") -> torch.Tensor:
+def predict_logits(
+    model: nn.Module,
+    images: torch.Tensor,
+    *,
+    batch_size: int = 16,
+    head: str = "logits",
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
     """The model's ``head`` on (N, 3, H, W) images in [0, 1], in eval mode, batch by batch, on the CPU."""
     was_training = model.training
     model.eval()
     out = []
     for i in range(0, images.shape[0], batch_size):
-        out.append(head_outputs(model(images[i:i + batch_size].to(device)))[head].float().cpu())
+        out.append(head_outputs(model(images[i : i + batch_size].to(device)))[head].float().cpu())
     model.train(was_training)
     return torch.cat(out) if out else torch.zeros(0)
 
 
 @torch.no_grad()
-def segmentation_confusion(model: nn.Module, samples: Sequence[Sample], num_classes: int, *, batch_size: int = 16,
-                           device: torch.device | str = "cpu",
-                           predict: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+def segmentation_confusion(
+    model: nn.Module,
+    samples: Sequence[Sample],
+    num_classes: int,
+    *,
+    batch_size: int = 16,
+    device: torch.device | str = "cpu",
+    predict: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
     """(C + 1, C + 1) confusion matrix of the model's argmax against the samples' masks (void ignored).
 
     Each process evaluates every ``world``-th sample and the matrices are summed. ``predict(model, images)`` may
@@ -40,7 +53,7 @@ def segmentation_confusion(model: nn.Module, samples: Sequence[Sample], num_clas
     rank, world = distributed.rank(), distributed.world_size()
     mine = list(range(rank, len(samples), world))
     for i in range(0, len(mine), batch_size):
-        batch = collate_samples([samples[j] for j in mine[i:i + batch_size]])
+        batch = collate_samples([samples[j] for j in mine[i : i + batch_size]])
         if predict is None:
             labels = predict_logits(model, batch.images, batch_size=batch_size, device=device).argmax(1)
         else:

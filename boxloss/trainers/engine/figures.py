@@ -5,8 +5,8 @@ backend (no display needed)."""
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -26,17 +26,45 @@ def palette(num_classes: int) -> np.ndarray:
     pal = rng.integers(40, 256, size=(256, 3)).astype(np.uint8)
     pal[0] = 0
     pal[255] = 255
-    base = np.array([[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48], [145, 30, 180],
-                     [70, 240, 240], [240, 50, 230], [210, 245, 60], [250, 190, 212], [0, 128, 128],
-                     [220, 190, 255], [170, 110, 40], [255, 250, 200], [128, 0, 0], [170, 255, 195],
-                     [128, 128, 0], [255, 215, 180], [0, 0, 128], [128, 128, 128]], np.uint8)
-    pal[1:1 + len(base)] = base
+    base = np.array(
+        [
+            [230, 25, 75],
+            [60, 180, 75],
+            [255, 225, 25],
+            [0, 130, 200],
+            [245, 130, 48],
+            [145, 30, 180],
+            [70, 240, 240],
+            [240, 50, 230],
+            [210, 245, 60],
+            [250, 190, 212],
+            [0, 128, 128],
+            [220, 190, 255],
+            [170, 110, 40],
+            [255, 250, 200],
+            [128, 0, 0],
+            [170, 255, 195],
+            [128, 128, 0],
+            [255, 215, 180],
+            [0, 0, 128],
+            [128, 128, 128],
+        ],
+        np.uint8,
+    )
+    pal[1 : 1 + len(base)] = base
     return pal
 
 
-def save_panels(path: str | Path, images: Sequence[np.ndarray], columns: dict[str, Sequence], *,
-                boxes: Sequence[np.ndarray] | None = None, labels: Sequence[np.ndarray] | None = None,
-                num_classes: int = 20, title: str | None = None) -> None:
+def save_panels(
+    path: str | Path,
+    images: Sequence[np.ndarray],
+    columns: dict[str, Sequence],
+    *,
+    boxes: Sequence[np.ndarray] | None = None,
+    labels: Sequence[np.ndarray] | None = None,
+    num_classes: int = 20,
+    title: str | None = None,
+) -> None:
     """One row per image: the image (with its boxes), then one panel per column.
 
     ``columns`` maps a title to per-image arrays: integer (H, W) label maps are drawn with :func:`palette`,
@@ -51,9 +79,10 @@ def save_panels(path: str | Path, images: Sequence[np.ndarray], columns: dict[st
         if boxes is not None:
             for k, (x0, y0, x1, y1) in enumerate(np.asarray(boxes[i]).reshape(-1, 4)):
                 colour = pal[int(labels[i][k])] / 255 if labels is not None else (1, 1, 0)
-                ax.add_patch(plt.Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, lw=1.2,
-                                           edgecolor=colour))
-        for j, (name, maps) in enumerate(columns.items(), start=1):
+                ax.add_patch(
+                    plt.Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, lw=1.2, edgecolor=colour)
+                )
+        for j, maps in enumerate(columns.values(), start=1):
             a = np.asarray(maps[i])
             if np.issubdtype(a.dtype, np.integer) or a.dtype == bool:
                 axes[i, j].imshow(pal[a.astype(np.int64).clip(0, 255)], interpolation="nearest")
@@ -70,8 +99,9 @@ def save_panels(path: str | Path, images: Sequence[np.ndarray], columns: dict[st
     _save(fig, path)
 
 
-def save_loss_curves(path: str | Path, metrics_file: str | Path, *, jobs: Sequence[str] | None = None,
-                     keys: Sequence[str] = ("loss",)) -> None:
+def save_loss_curves(
+    path: str | Path, metrics_file: str | Path, *, jobs: Sequence[str] | None = None, keys: Sequence[str] = ("loss",)
+) -> None:
     """Loss curves of the jobs in a ``metrics.jsonl`` (all jobs, or those named), one line per job and key."""
     plt = _plt()
     series: dict[str, tuple[list, list]] = {}
@@ -95,9 +125,18 @@ def save_loss_curves(path: str | Path, metrics_file: str | Path, *, jobs: Sequen
     _save(fig, path)
 
 
-def save_bars(path: str | Path, names: Sequence[str], means: Sequence[float], spreads: Sequence[float], *,
-              ylabel: str, reference: float | None = None, reference_label: str = "",
-              annotations: Sequence[str] | None = None, title: str | None = None) -> None:
+def save_bars(
+    path: str | Path,
+    names: Sequence[str],
+    means: Sequence[float],
+    spreads: Sequence[float],
+    *,
+    ylabel: str,
+    reference: float | None = None,
+    reference_label: str = "",
+    annotations: Sequence[str] | None = None,
+    title: str | None = None,
+) -> None:
     """A bar per name with its spread as an error bar, an optional horizontal reference line, and an optional
     text above each bar (``annotations``)."""
     plt = _plt()
@@ -105,8 +144,15 @@ def save_bars(path: str | Path, names: Sequence[str], means: Sequence[float], sp
     bars = ax.bar(range(len(names)), means, yerr=spreads, capsize=3, color="#4c72b0")
     if annotations is not None:
         for bar, spread, text in zip(bars, spreads, annotations):
-            ax.annotate(text, (bar.get_x() + bar.get_width() / 2, bar.get_height() + (spread or 0)),
-                        xytext=(0, 2), textcoords="offset points", ha="center", va="bottom", fontsize=7)
+            ax.annotate(
+                text,
+                (bar.get_x() + bar.get_width() / 2, bar.get_height() + (spread or 0)),
+                xytext=(0, 2),
+                textcoords="offset points",
+                ha="center",
+                va="bottom",
+                fontsize=7,
+            )
         ax.set_ylim(top=ax.get_ylim()[1] * 1.08)
     if title:
         ax.set_title(title, fontsize=9)

@@ -45,9 +45,22 @@ def _value(v) -> float:
     return float(v.detach()) if isinstance(v, torch.Tensor) else float(v)
 
 
-def fit(run, job: str, model: nn.Module, step_fn: Callable, batches, *, steps: int,
-        optimizer: torch.optim.Optimizer, scheduler=None, grad_clip: float | None = None, log_every: int = 25,
-        checkpoint_every: int = 200, device: torch.device | str = "cpu", progress: bool = True) -> FitResult:
+def fit(
+    run,
+    job: str,
+    model: nn.Module,
+    step_fn: Callable,
+    batches,
+    *,
+    steps: int,
+    optimizer: torch.optim.Optimizer,
+    scheduler=None,
+    grad_clip: float | None = None,
+    log_every: int = 25,
+    checkpoint_every: int = 200,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+) -> FitResult:
     """Trains ``model`` for ``steps`` steps of ``step_fn`` on ``batches`` (see the module docstring).
 
     ``run`` is a :class:`~boxloss.trainers.engine.run.Run` (checkpoints, metrics) or ``None`` (neither).
@@ -64,8 +77,9 @@ def fit(run, job: str, model: nn.Module, step_fn: Callable, batches, *, steps: i
         model.load_state_dict(state["model"])
         if state.get("done"):
             run.info(f"[{job}] finished earlier: loaded {path}")
-            return FitResult(job, state["step"], state["seconds"], state["timing"], state.get("last_terms", {}),
-                             trained=False)
+            return FitResult(
+                job, state["step"], state["seconds"], state["timing"], state.get("last_terms", {}), trained=False
+            )
         optimizer.load_state_dict(state["optimizer"])
         if scheduler is not None and state.get("scheduler") is not None:
             scheduler.load_state_dict(state["scheduler"])
@@ -80,11 +94,22 @@ def fit(run, job: str, model: nn.Module, step_fn: Callable, batches, *, steps: i
     def save(step: int, done: bool) -> None:
         if path is None or not distributed.is_main():
             return
-        checkpoint.atomic_save({
-            "job": job, "step": step, "done": done, "seconds": seconds, "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(), "scheduler": None if scheduler is None else scheduler.state_dict(),
-            "rng": checkpoint.rng_state(), "clock": clock.state_dict(), "timing": clock.summary(),
-            "last_terms": last}, path)
+        checkpoint.atomic_save(
+            {
+                "job": job,
+                "step": step,
+                "done": done,
+                "seconds": seconds,
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": None if scheduler is None else scheduler.state_dict(),
+                "rng": checkpoint.rng_state(),
+                "clock": clock.state_dict(),
+                "timing": clock.summary(),
+                "last_terms": last,
+            },
+            path,
+        )
 
     bar = None
     if progress and distributed.is_main() and steps > start:
@@ -122,15 +147,21 @@ def fit(run, job: str, model: nn.Module, step_fn: Callable, batches, *, steps: i
             now = time.perf_counter()
             rate = window_steps * (images or 0) / max(now - window_start, 1e-9)
             window_start, window_steps = now, 0
-            record = {"job": job, "step": done_steps, **{k: round(v, 6) for k, v in last.items()},
-                      "lr": optimizer.param_groups[0]["lr"]}
+            record = {
+                "job": job,
+                "step": done_steps,
+                **{k: round(v, 6) for k, v in last.items()},
+                "lr": optimizer.param_groups[0]["lr"],
+            }
             if images:
                 record["images_per_s"] = round(rate, 2)
             if run is not None:
                 run.log_metrics(record)
             if bar is not None:
-                bar.set_postfix({k: f"{v:.3g}" for k, v in list(last.items())[:5]} |
-                                ({"img/s": f"{rate:.1f}"} if images else {}), refresh=False)
+                bar.set_postfix(
+                    {k: f"{v:.3g}" for k, v in list(last.items())[:5]} | ({"img/s": f"{rate:.1f}"} if images else {}),
+                    refresh=False,
+                )
         if bar is not None:
             bar.update(1)
         if checkpoint_every and done_steps % checkpoint_every == 0 and done_steps < steps:

@@ -32,8 +32,9 @@ class ConvBlock(nn.Sequential):
     distributed run equals a single process on the combined batch."""
 
     def __init__(self, cin: int, cout: int, stride: int = 1):
-        super().__init__(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.GroupNorm(_groups(cout), cout),
-                         nn.ReLU(inplace=True))
+        super().__init__(
+            nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.GroupNorm(_groups(cout), cout), nn.ReLU(inplace=True)
+        )
 
 
 class Encoder(nn.Module):
@@ -70,8 +71,15 @@ class SmallUNet(nn.Module):
             at its output stride). An attribute, so it can be set on a built model.
     """
 
-    def __init__(self, heads: dict[str, int], *, in_channels: int = 3, widths: tuple[int, ...] = (16, 32, 64, 96),
-                 normalize: bool = True, output_stride: int = 1):
+    def __init__(
+        self,
+        heads: dict[str, int],
+        *,
+        in_channels: int = 3,
+        widths: tuple[int, ...] = (16, 32, 64, 96),
+        normalize: bool = True,
+        output_stride: int = 1,
+    ):
         super().__init__()
         if not heads:
             raise ValueError("SmallUNet: heads must name at least one output")
@@ -98,8 +106,10 @@ class SmallUNet(nn.Module):
             y = block(torch.cat([y, skip], 1))
         if self.output_stride == 2:
             return {name: conv(y) for name, conv in self.out.items()}
-        return {name: F.interpolate(conv(y), size=size, mode="bilinear", align_corners=False)
-                for name, conv in self.out.items()}
+        return {
+            name: F.interpolate(conv(y), size=size, mode="bilinear", align_corners=False)
+            for name, conv in self.out.items()
+        }
 
 
 class TorchvisionSegmenter(nn.Module):
@@ -112,9 +122,12 @@ class TorchvisionSegmenter(nn.Module):
 
         self.heads = dict(heads)
         first, *rest = self.heads.items()
-        builders = {"deeplabv3-resnet101": seg.deeplabv3_resnet101, "deeplabv3-resnet50": seg.deeplabv3_resnet50,
-                    "deeplabv3-mobilenet": seg.deeplabv3_mobilenet_v3_large,
-                    "lraspp-mobilenet": seg.lraspp_mobilenet_v3_large}
+        builders = {
+            "deeplabv3-resnet101": seg.deeplabv3_resnet101,
+            "deeplabv3-resnet50": seg.deeplabv3_resnet50,
+            "deeplabv3-mobilenet": seg.deeplabv3_mobilenet_v3_large,
+            "lraspp-mobilenet": seg.lraspp_mobilenet_v3_large,
+        }
         backbone = torchvision_backbone_weights(name) if imagenet_backbone else None
         kwargs = {"weights": None, "weights_backbone": backbone, "num_classes": first[1]}
         if name != "lraspp-mobilenet":
@@ -144,18 +157,24 @@ def torchvision_backbone_weights(name: str):
 
     from torchvision.models import MobileNet_V3_Large_Weights, ResNet50_Weights, ResNet101_Weights
 
-    weights = {"deeplabv3-resnet101": ResNet101_Weights.IMAGENET1K_V1, "deeplabv3-resnet50": ResNet50_Weights.IMAGENET1K_V1,
-               "deeplabv3-mobilenet": MobileNet_V3_Large_Weights.IMAGENET1K_V1,
-               "lraspp-mobilenet": MobileNet_V3_Large_Weights.IMAGENET1K_V1}[name]
+    weights = {
+        "deeplabv3-resnet101": ResNet101_Weights.IMAGENET1K_V1,
+        "deeplabv3-resnet50": ResNet50_Weights.IMAGENET1K_V1,
+        "deeplabv3-mobilenet": MobileNet_V3_Large_Weights.IMAGENET1K_V1,
+        "lraspp-mobilenet": MobileNet_V3_Large_Weights.IMAGENET1K_V1,
+    }[name]
     path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"pretrained=torchvision: {path} is not on this machine and nothing is downloaded; "
-                                f"copy torchvision's {weights} file there, or pass --weights PATH")
+        raise FileNotFoundError(
+            f"pretrained=torchvision: {path} is not on this machine and nothing is downloaded; "
+            f"copy torchvision's {weights} file there, or pass --weights PATH"
+        )
     return weights
 
 
-def build_model(name: str, heads: dict[str, int], *, in_channels: int = 3, widths=(16, 32, 64, 96),
-                imagenet_backbone: bool = False) -> nn.Module:
+def build_model(
+    name: str, heads: dict[str, int], *, in_channels: int = 3, widths=(16, 32, 64, 96), imagenet_backbone: bool = False
+) -> nn.Module:
     """One of :data:`MODELS` with the given heads (torchvision models take 3 input channels only;
     ``imagenet_backbone`` loads torchvision's ImageNet backbone weights from the local hub cache)."""
     if name == "small-unet":

@@ -21,8 +21,14 @@ class Results:
     notes: list[str] = field(default_factory=list)
 
     def add(self, table: str, setting: str, metric: str, value: float) -> None:
-        self.rows.append({"table": str(table), "setting": setting, "metric": metric,
-                          "value": None if value is None else round(float(value), 4)})
+        self.rows.append(
+            {
+                "table": str(table),
+                "setting": setting,
+                "metric": metric,
+                "value": None if value is None else round(float(value), 4),
+            }
+        )
 
     def value(self, table: str, setting: str, metric: str) -> float | None:
         for r in self.rows:
@@ -31,29 +37,42 @@ class Results:
         raise KeyError((table, setting, metric))
 
     def to_dict(self) -> dict:
-        d = {"trainer": self.trainer, "preset": self.preset, "seed": self.seed, "rows": self.rows,
-             "timing": self.timing}
+        d = {
+            "trainer": self.trainer,
+            "preset": self.preset,
+            "seed": self.seed,
+            "rows": self.rows,
+            "timing": self.timing,
+        }
         if self.notes:
             d["notes"] = self.notes
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Results":
-        return cls(d["trainer"], d["preset"], d["seed"], list(d["rows"]), dict(d.get("timing", {})),
-                   list(d.get("notes", [])))
+    def from_dict(cls, d: dict) -> Results:
+        return cls(
+            d["trainer"], d["preset"], d["seed"], list(d["rows"]), dict(d.get("timing", {})), list(d.get("notes", []))
+        )
 
     def markdown(self) -> str:
         """One markdown table per paper table: settings as rows, metrics as columns (mean ± std over seeds)."""
         seeds = self.seed if isinstance(self.seed, list) else [self.seed]
-        lines = [f"# {self.trainer} ({self.preset} preset, seed{'s' if len(seeds) > 1 else ''} "
-                 f"{', '.join(map(str, seeds))})", ""]
+        lines = [
+            f"# {self.trainer} ({self.preset} preset, seed{'s' if len(seeds) > 1 else ''} "
+            f"{', '.join(map(str, seeds))})",
+            "",
+        ]
         tables: dict[str, dict[str, dict[str, dict]]] = {}
         for r in self.rows:
             tables.setdefault(r["table"], {}).setdefault(r["setting"], {})[r["metric"]] = r
         for table, settings in tables.items():
             metrics = list(dict.fromkeys(m for s in settings.values() for m in s))
-            lines += [f"## Table {table}", "", "| setting | " + " | ".join(metrics) + " |",
-                      "|---|" + "---|" * len(metrics)]
+            lines += [
+                f"## Table {table}",
+                "",
+                "| setting | " + " | ".join(metrics) + " |",
+                "|---|" + "---|" * len(metrics),
+            ]
             for setting, cells in settings.items():
                 lines.append(f"| {setting} | " + " | ".join(_cell(cells.get(m)) for m in metrics) + " |")
             lines.append("")
@@ -89,10 +108,18 @@ def aggregate(per_seed: list[Results]) -> Results:
         if not values:
             out.rows.append(dict(row, value=None, values=[]))
             continue
-        out.rows.append({"table": row["table"], "setting": row["setting"], "metric": row["metric"],
-                         "value": round(statistics.fmean(values), 4),
-                         "std": round(statistics.stdev(values), 4) if len(values) > 1 else 0.0,
-                         "min": min(values), "max": max(values), "values": values})
+        out.rows.append(
+            {
+                "table": row["table"],
+                "setting": row["setting"],
+                "metric": row["metric"],
+                "value": round(statistics.fmean(values), 4),
+                "std": round(statistics.stdev(values), 4) if len(values) > 1 else 0.0,
+                "min": min(values),
+                "max": max(values),
+                "values": values,
+            }
+        )
     out.timing = {f"seed {r.seed}": r.timing for r in per_seed}
     for r in per_seed:
         out.notes += [f"seed {r.seed}: {n}" for n in r.notes]

@@ -24,8 +24,16 @@ class RunDirectoryError(RuntimeError):
 class Run:
     """The run directory ``path`` of ``trainer`` with ``config`` (a dict, saved as ``config.json``)."""
 
-    def __init__(self, path: str | os.PathLike, trainer: str, config: dict, *, resume: bool = False,
-                 overwrite: bool = False, log: Callable[[str], None] | None = print):
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        trainer: str,
+        config: dict,
+        *,
+        resume: bool = False,
+        overwrite: bool = False,
+        log: Callable[[str], None] | None = print,
+    ):
         self.path = Path(path)
         self.trainer = trainer
         self.config = dict(config)
@@ -34,8 +42,10 @@ class Run:
         self._log = log if self.main else None
         self.started = time.time()
         if resume and overwrite:
-            raise RunDirectoryError("--resume and --overwrite exclude each other: resume continues the run in "
-                                    f"{self.path}, overwrite deletes it")
+            raise RunDirectoryError(
+                "--resume and --overwrite exclude each other: resume continues the run in "
+                f"{self.path}, overwrite deletes it"
+            )
         exists = self.path.exists() and (not self.path.is_dir() or any(self.path.iterdir()))
         if self.path.exists() and not self.path.is_dir():
             raise RunDirectoryError(f"{self.path} is a file, not a run directory")
@@ -46,23 +56,31 @@ class Run:
             old = json.loads(saved.read_text())
             if old.get("trainer") != trainer:
                 raise RunDirectoryError(f"--resume: {self.path} is a {old.get('trainer')!r} run, not {trainer!r}")
-            diff = {k: (old["config"].get(k), v) for k, v in _jsonable(self.config).items()
-                    if old["config"].get(k) != v and k not in RESUMABLE_CHANGES}
+            diff = {
+                k: (old["config"].get(k), v)
+                for k, v in _jsonable(self.config).items()
+                if old["config"].get(k) != v and k not in RESUMABLE_CHANGES
+            }
             if diff:
                 detail = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
-                raise RunDirectoryError(f"--resume: the settings differ from the run in {self.path} ({detail}); "
-                                        "resume with the same settings or start a new run")
+                raise RunDirectoryError(
+                    f"--resume: the settings differ from the run in {self.path} ({detail}); "
+                    "resume with the same settings or start a new run"
+                )
         elif exists:
             if not overwrite:
-                raise RunDirectoryError(f"{self.path} already holds files; pass --resume to continue that run or "
-                                        "--overwrite to delete it, or choose another --out")
+                raise RunDirectoryError(
+                    f"{self.path} already holds files; pass --resume to continue that run or "
+                    "--overwrite to delete it, or choose another --out"
+                )
             if self.main:
                 shutil.rmtree(self.path)
         distributed.barrier()
         if self.main:
             self.path.mkdir(parents=True, exist_ok=True)
-            checkpoint.atomic_write_text(saved, json.dumps({"trainer": trainer, "config": _jsonable(self.config)},
-                                                           indent=1, sort_keys=True))
+            checkpoint.atomic_write_text(
+                saved, json.dumps({"trainer": trainer, "config": _jsonable(self.config)}, indent=1, sort_keys=True)
+            )
         distributed.barrier()
 
     # ---------------------------------------------------------------------------------------------- paths

@@ -78,8 +78,10 @@ class StepClock:
     def summary(self) -> dict:
         """Milliseconds per step: the median step, the mean of each part, and the losses' share of a step."""
         n = max(self.steps, 1)
-        out = {"steps": self.steps, "step_ms": round(1000 * statistics.median(self.step_times), 2)
-               if self.step_times else None}
+        out = {
+            "steps": self.steps,
+            "step_ms": round(1000 * statistics.median(self.step_times), 2) if self.step_times else None,
+        }
         for part in PARTS:
             out[f"{part}_ms"] = round(1000 * self.totals[part] / n, 2)
         mean_step = sum(self.step_times) / n if self.step_times else 0.0
