@@ -11,6 +11,9 @@ The trainers:
   Segmentation", CVPR 2021;
 - ``lpg``: Xie et al., "Learning Class-Agnostic Pseudo Mask Generation for Box-Supervised Semantic Segmentation"
   (IEEE Transactions on Multimedia);
+- ``compare``: all five on one benchmark, beside the box-as-mask baseline and full supervision: every row is one run
+  of a trainer above with the same data, network, final-network budget and seeds, read into one table and two
+  figures (see :mod:`boxloss.trainers.compare` and ``docs/compare.md``);
 - ``pretrain``: the stand-in for ImageNet features every quick preset starts from (see
   :mod:`boxloss.trainers.engine.pretrain`).
 
@@ -30,6 +33,7 @@ TRAINERS = {
     "uncertainty": "boxloss.trainers.uncertainty",
     "bana": "boxloss.trainers.bana",
     "lpg": "boxloss.trainers.lpg",
+    "compare": "boxloss.trainers.compare",
 }
 
 

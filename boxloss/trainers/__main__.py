@@ -105,15 +105,28 @@ def _settings(module, text):
 
 
 def run_trainer(
-    module, config, out: Path, *, settings, resume=False, overwrite=False, progress=True, model_factory=None, log=print
+    module,
+    config,
+    out: Path,
+    *,
+    settings,
+    resume=False,
+    overwrite=False,
+    progress=True,
+    model_factory=None,
+    log=print,
+    on_fit=None,
 ) -> Results:
     """One run of ``module``'s pipeline with ``config`` into ``out``; writes results.json/md and returns them.
-    The process's thread count and denormal flushing are set for the run and put back after it."""
+    The process's thread count and denormal flushing are set for the run and put back after it. ``on_fit(result,
+    model)`` is called after every job of the pipeline (see :class:`Context`)."""
     with process_settings(config) as device:
         run = Run(out, module.NAME, config.to_dict(), resume=resume, overwrite=overwrite, log=log)
         run.info(f"{module.NAME}: {module.SUMMARY}\nrun directory {out}\nconfig:\n{config.describe()}")
         results = Results(module.NAME, config.preset, config.seed)
-        ctx = Context(config, run, device, results, log=run.info, model_factory=model_factory, progress=progress)
+        ctx = Context(
+            config, run, device, results, log=run.info, model_factory=model_factory, progress=progress, on_fit=on_fit
+        )
         started = time.time()
         module.run(ctx, settings)
         results.timing = {"wall_s": round(time.time() - started, 1), **ctx.timing()}
@@ -158,6 +171,9 @@ def main(argv=None) -> int:
                 agg = aggregate(per_seed)
                 atomic_write_text(out / "results.json", json.dumps(agg.to_dict(), indent=1) + "\n")
                 atomic_write_text(out / "results.md", agg.markdown())
+                summarize = getattr(module, "summarize_seeds", None)
+                if summarize is not None:  # a trainer's figures over all seeds (e.g. the compare trainer's spread)
+                    summarize(out, agg, [out / f"seed-{s}" for s in seeds])
                 print(agg.markdown())
         else:
             run_trainer(

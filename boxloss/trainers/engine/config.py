@@ -4,6 +4,7 @@ override some of them, and ``--set key=value`` overrides parsed by the field's t
 from __future__ import annotations
 
 import dataclasses
+import types
 import typing
 from dataclasses import dataclass, fields
 
@@ -70,7 +71,7 @@ class TrainerConfig:
 
 def _parse(name: str, kind, text: str):
     origin = typing.get_origin(kind)
-    if origin is typing.Union:  # Optional[...] and X | None
+    if origin in (typing.Union, getattr(types, "UnionType", typing.Union)):  # Optional[...] and X | None
         args = [a for a in typing.get_args(kind) if a is not type(None)]
         if text.lower() in ("none", "null", ""):
             return None

@@ -76,6 +76,8 @@ class Context:
     log: Callable[[str], None] = print
     model_factory: Callable[..., nn.Module] | None = None
     progress: bool = True
+    #: called as ``on_fit(result, model)`` after every job (trained or loaded), e.g. to keep a pipeline's final network
+    on_fit: Callable[[FitResult, nn.Module], None] | None = None
     fits: list[FitResult] = field(default_factory=list)
 
     def seed(self, job: str) -> None:
@@ -135,6 +137,8 @@ class Context:
             progress=self.progress,
         )
         self.fits.append(result)
+        if self.on_fit is not None:
+            self.on_fit(result, model)
         return result
 
     def timing(self) -> dict:

@@ -134,11 +134,28 @@ def save_bars(
     ylabel: str,
     reference: float | None = None,
     reference_label: str = "",
+    annotations: Sequence[str] | None = None,
+    title: str | None = None,
 ) -> None:
-    """A bar per name with its spread as an error bar, and an optional horizontal reference line."""
+    """A bar per name with its spread as an error bar, an optional horizontal reference line, and an optional
+    text above each bar (``annotations``)."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(max(4, 0.8 * len(names) + 1), 3.5))
-    ax.bar(range(len(names)), means, yerr=spreads, capsize=3, color="#4c72b0")
+    bars = ax.bar(range(len(names)), means, yerr=spreads, capsize=3, color="#4c72b0")
+    if annotations is not None:
+        for bar, spread, text in zip(bars, spreads, annotations):
+            ax.annotate(
+                text,
+                (bar.get_x() + bar.get_width() / 2, bar.get_height() + (spread or 0)),
+                xytext=(0, 2),
+                textcoords="offset points",
+                ha="center",
+                va="bottom",
+                fontsize=7,
+            )
+        ax.set_ylim(top=ax.get_ylim()[1] * 1.08)
+    if title:
+        ax.set_title(title, fontsize=9)
     if reference is not None:
         ax.axhline(reference, color="k", ls="--", lw=1, label=reference_label)
         ax.legend(fontsize=7)
