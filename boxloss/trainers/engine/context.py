@@ -104,7 +104,9 @@ class Context:
             how = (
                 "torchvision's ImageNet backbone"
                 if spec == "torchvision"
-                else load_initial_weights(model, spec, widths=self.config.widths, log=self.run.info)
+                else load_initial_weights(
+                    model, spec, widths=self.config.widths, progress=self.progress, log=self.run.info
+                )
             )
         self.run.info(f"[{job}] {type(model).__name__} with heads {heads}: {how}")
         return model.to(self.device)

@@ -156,18 +156,18 @@ def pretrain(config: PretrainConfig = PretrainConfig(), *, progress: bool = True
     }
 
 
-def pretrained_encoder(config: PretrainConfig = PretrainConfig(), *, log=print) -> dict:
+def pretrained_encoder(config: PretrainConfig = PretrainConfig(), *, progress: bool = True, log=print) -> dict:
     """The encoder state of ``config``, from the cache or trained now. One process trains it: the main process of a
     distributed run, and among separate runs the one that takes the lock file first; the others wait for it."""
     path = cache_dir() / f"{config.key()}.pt"
     if not path.is_file():
         if distributed.is_main():
-            _train_once(config, path, log)
+            _train_once(config, path, log, progress)
         distributed.barrier()
     return checkpoint.load(path)["encoder"]
 
 
-def _train_once(config: PretrainConfig, path: Path, log) -> None:
+def _train_once(config: PretrainConfig, path: Path, log, progress: bool = True) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     lock = path.with_suffix(".lock")
     while not path.is_file():
@@ -188,7 +188,7 @@ def _train_once(config: PretrainConfig, path: Path, log) -> None:
                     f"pre-training the encoder on object crops of synthetic classes {config.classes[0]}.."
                     f"{config.classes[-1]} (once; cached in {path})"
                 )
-                checkpoint.atomic_save(pretrain(config, log=log), path)
+                checkpoint.atomic_save(pretrain(config, progress=progress, log=log), path)
         finally:
             lock.unlink(missing_ok=True)
 
@@ -203,7 +203,7 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def load_initial_weights(model: nn.Module, spec: str, *, widths=None, log=print) -> str:
+def load_initial_weights(model: nn.Module, spec: str, *, widths=None, progress: bool = True, log=print) -> str:
     """Initialises ``model`` as ``spec`` says and returns a sentence saying what was done.
 
     ``"none"``: left as initialised. ``"synthetic"``: the encoder of a :class:`SmallUNet`-like model from
@@ -218,7 +218,7 @@ def load_initial_weights(model: nn.Module, spec: str, *, widths=None, log=print)
                 "pretrained=synthetic needs a model with an `encoder` (the small U-Net); use "
                 "--set pretrained=none or --weights PATH for other models"
             )
-        state = pretrained_encoder(PretrainConfig(widths=tuple(widths or encoder.widths)), log=log)
+        state = pretrained_encoder(PretrainConfig(widths=tuple(widths or encoder.widths)), progress=progress, log=log)
         if encoder.stages[0][0][0].in_channels != 3:
             state = {k: v for k, v in state.items() if not k.startswith("stages.0.0.")}
         missing, _ = encoder.load_state_dict(state, strict=False)
