@@ -51,7 +51,7 @@ import boxloss
 from boxloss.trainers.engine import checkpoint
 from boxloss.trainers.engine.config import ConfigError, TrainerConfig
 from boxloss.trainers.engine.context import Context
-from boxloss.trainers.engine.data import Batches, Splits, hflip_augment, load_splits
+from boxloss.trainers.engine.data import Batches, Splits, box_label_map, hflip_augment, load_splits
 from boxloss.trainers.engine.evaluate import label_miou, miou_percent, segmentation_confusion
 from boxloss.trainers.engine.figures import save_loss_curves, save_panels
 from boxloss.trainers.engine.loop import poly_schedule
@@ -461,22 +461,7 @@ def cam_precision(model: FeatureClassifier, samples, L: int, device) -> float:
 
 def box_labels(samples, L: int) -> list[torch.Tensor]:
     """Table 1 ``box``: every box filled with its class, the smaller box in front."""
-    out = []
-    for s in samples:
-        if s.num_boxes == 0:
-            out.append(torch.zeros(s.height, s.width, dtype=torch.uint8))
-            continue
-        out.append(
-            boxloss.boxes_to_masks(
-                torch.from_numpy(s.boxes),
-                torch.zeros(s.num_boxes, dtype=torch.long),
-                torch.from_numpy(s.labels),
-                (1, s.height, s.width),
-                L,
-                form="labels",
-            )[0].to(torch.uint8)
-        )
-    return out
+    return [torch.from_numpy(box_label_map(s, L)) for s in samples]
 
 
 def grabcut_labels(ctx: Context, samples, L: int) -> list[torch.Tensor]:

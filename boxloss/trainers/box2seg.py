@@ -50,13 +50,12 @@ from boxloss.data import Sample
 from boxloss.trainers.engine import checkpoint, distributed
 from boxloss.trainers.engine.config import ConfigError, TrainerConfig
 from boxloss.trainers.engine.context import Context
-from boxloss.trainers.engine.data import Batches
+from boxloss.trainers.engine.data import Batches, box_label_map
 from boxloss.trainers.engine.evaluate import label_miou, miou_percent
 from boxloss.trainers.engine.figures import save_loss_curves, save_panels
 from boxloss.trainers.single_stage import (
     OPTIMIZERS,
     TrainBatch,
-    box_label_map,
     collate_items,
     evaluate_confusion,
     flip_item,

@@ -39,7 +39,7 @@ from boxloss.data import BoxCrop, CropBatch, collate_crops, crop_boxes, paste_cr
 from boxloss.trainers.engine import distributed
 from boxloss.trainers.engine.config import TrainerConfig
 from boxloss.trainers.engine.context import Context
-from boxloss.trainers.engine.data import Batches, Splits, hflip_augment, load_splits
+from boxloss.trainers.engine.data import Batches, Splits, box_label_map, hflip_augment, load_splits
 from boxloss.trainers.engine.evaluate import label_miou, miou_percent, segmentation_confusion
 from boxloss.trainers.engine.figures import save_loss_curves, save_panels
 from boxloss.trainers.engine.loop import poly_schedule
@@ -447,22 +447,7 @@ def _merge(samples, masks, strategy: str, L: int) -> list[torch.Tensor]:
 
 
 def _box_labels(samples, L: int) -> list[torch.Tensor]:
-    out = []
-    for s in samples:
-        if s.num_boxes == 0:
-            out.append(torch.zeros(s.height, s.width, dtype=torch.long))
-            continue
-        out.append(
-            boxloss.boxes_to_masks(
-                torch.from_numpy(s.boxes),
-                torch.zeros(s.num_boxes, dtype=torch.long),
-                torch.from_numpy(s.labels),
-                (1, s.height, s.width),
-                L,
-                form="labels",
-            )[0]
-        )
-    return out
+    return [torch.from_numpy(box_label_map(s, L)).long() for s in samples]
 
 
 def train_final(ctx: Context, setting: str, samples, labels: list[torch.Tensor], L: int, *, with_crf: bool):

@@ -398,7 +398,7 @@ def _pseudo_miou(method: Method, results: Results, splits, num_classes: int) -> 
     if method.pseudo is None:
         return None
     if method.pseudo == "boxes":
-        from boxloss.trainers.single_stage import box_label_map
+        from boxloss.trainers.engine.data import box_label_map
 
         if splits.train[0].mask is None:
             return None

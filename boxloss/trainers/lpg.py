@@ -51,7 +51,7 @@ from boxloss.data import Sample, collate_samples
 from boxloss.trainers.engine import checkpoint
 from boxloss.trainers.engine.config import ConfigError, TrainerConfig
 from boxloss.trainers.engine.context import Context
-from boxloss.trainers.engine.data import Batches, InMemory, Splits, hflip_augment, load_splits
+from boxloss.trainers.engine.data import Batches, InMemory, Splits, box_label_map, hflip_augment, load_splits
 from boxloss.trainers.engine.evaluate import label_miou, miou_percent, segmentation_confusion
 from boxloss.trainers.engine.figures import save_loss_curves, save_panels
 from boxloss.trainers.engine.loop import poly_schedule
@@ -665,22 +665,7 @@ def lpg_pseudo_labels(
 
 def box_pseudo_labels(samples: Sequence[Sample], num_classes: int) -> list[torch.Tensor]:
     """The boxes as masks (the EM's initial pseudo masks, Sec. III-B): smaller boxes in front."""
-    out = []
-    for s in samples:
-        if s.num_boxes == 0:
-            out.append(torch.zeros(s.height, s.width, dtype=torch.uint8))
-            continue
-        out.append(
-            boxloss.boxes_to_masks(
-                torch.from_numpy(s.boxes),
-                torch.zeros(s.num_boxes, dtype=torch.long),
-                torch.from_numpy(s.labels),
-                (1, s.height, s.width),
-                num_classes,
-                form="labels",
-            )[0].to(torch.uint8)
-        )
-    return out
+    return [torch.from_numpy(box_label_map(s, num_classes)) for s in samples]
 
 
 def densecrf_pseudo_labels(samples: Sequence[Sample], num_classes: int, cfg: Config) -> list[torch.Tensor]:

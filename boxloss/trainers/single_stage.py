@@ -3,7 +3,6 @@ boxes in one stage, on per-image training targets fixed before training.
 
 - :func:`load_data`: the config's splits, optionally restricted to a subset of the classes
   (:func:`restrict_classes`: other classes become background, their boxes are dropped, labels renumbered 1..K);
-- :func:`box_label_map`: an image's boxes painted as labels, the smaller box in front (Box2Seg's B, Sec. 3.1);
 - :class:`TrainItem` and :func:`collate_items`: a sample whose ``mask`` is its training target (labels, 255 void),
   with a flag saying whether that target is pixel-perfect; batches come as :class:`TrainBatch` on the device;
 - :func:`train_network`: a network with the given heads trained by a loss function of its outputs and the batch
@@ -98,22 +97,6 @@ def _renumber_instances(instances: np.ndarray, keep: np.ndarray) -> np.ndarray:
     lut = np.zeros(len(keep) + 1, np.int32)
     lut[1:][keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.int32)
     return lut[instances]
-
-
-def box_label_map(sample: Sample, num_classes: int) -> np.ndarray:
-    """(H, W) uint8: the sample's boxes painted with their labels (0 outside every box), the smaller box in front
-    where boxes overlap (Box2Seg Sec. 3.1; :func:`boxloss.boxes_to_masks`)."""
-    if sample.num_boxes == 0:
-        return np.zeros((sample.height, sample.width), np.uint8)
-    labels = boxloss.boxes_to_masks(
-        torch.from_numpy(sample.boxes),
-        torch.zeros(sample.num_boxes, dtype=torch.long),
-        torch.from_numpy(sample.labels),
-        (1, sample.height, sample.width),
-        num_classes,
-        form="labels",
-    )[0]
-    return labels.to(torch.uint8).numpy()
 
 
 # ----------------------------------------------------------------------------------------------------- batches

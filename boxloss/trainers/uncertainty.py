@@ -37,13 +37,12 @@ import boxloss
 from boxloss.trainers.engine import distributed
 from boxloss.trainers.engine.config import ConfigError, TrainerConfig
 from boxloss.trainers.engine.context import Context, job_seed
-from boxloss.trainers.engine.data import Batches, Splits
+from boxloss.trainers.engine.data import Batches, Splits, box_label_map
 from boxloss.trainers.engine.evaluate import miou_percent
 from boxloss.trainers.engine.figures import save_loss_curves, save_panels
 from boxloss.trainers.single_stage import (
     OPTIMIZERS,
     TrainBatch,
-    box_label_map,
     collate_items,
     evaluate_confusion,
     flip_item,

@@ -21,6 +21,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+import boxloss
 from boxloss.data import Sample, collate_samples
 from boxloss.trainers.engine import distributed
 
@@ -205,3 +206,19 @@ def hflip_augment(sample: Sample, rng: np.random.Generator) -> Sample:
     from boxloss.data.transforms import hflip
 
     return hflip(sample) if rng.random() < 0.5 else sample
+
+
+def box_label_map(sample: Sample, num_classes: int) -> np.ndarray:
+    """(H, W) uint8: the sample's boxes painted with their labels (0 outside every box), the smaller box in front
+    where boxes overlap (Box2Seg Sec. 3.1; :func:`boxloss.boxes_to_masks`)."""
+    if sample.num_boxes == 0:
+        return np.zeros((sample.height, sample.width), np.uint8)
+    labels = boxloss.boxes_to_masks(
+        torch.from_numpy(sample.boxes),
+        torch.zeros(sample.num_boxes, dtype=torch.long),
+        torch.from_numpy(sample.labels),
+        (1, sample.height, sample.width),
+        num_classes,
+        form="labels",
+    )[0]
+    return labels.to(torch.uint8).numpy()
