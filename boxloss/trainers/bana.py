@@ -53,7 +53,7 @@ from boxloss.trainers.engine.config import ConfigError, TrainerConfig
 from boxloss.trainers.engine.context import Context
 from boxloss.trainers.engine.data import Batches, Splits, box_label_map, hflip_augment, load_splits
 from boxloss.trainers.engine.evaluate import label_miou, miou_percent, segmentation_confusion
-from boxloss.trainers.engine.figures import save_loss_curves, save_panels
+from boxloss.trainers.engine.figures import save_loss_curves, save_sample_panels
 from boxloss.trainers.engine.loop import poly_schedule
 from boxloss.trainers.engine.models import IMAGENET_MEAN, IMAGENET_STD, head_outputs
 
@@ -759,13 +759,10 @@ def _attention_figure(ctx: Context, train, networks: dict, pseudo: dict, L: int)
             _upsampled(pseudo[name]["attention"][i][None], s)[0].numpy() for i, s in enumerate(samples)
         ]
         columns[f"{name.upper()}: CAM u_c"] = [_cam_map(networks[name], f, s) for s, f in zip(samples, feats)]
-    columns["ground truth"] = [s.mask for s in samples]
-    save_panels(
+    save_sample_panels(
         ctx.run.file("figures", "attention_and_cams.png"),
-        [s.image for s in samples],
+        samples,
         columns,
-        boxes=[s.boxes for s in samples],
-        labels=[s.labels for s in samples],
         num_classes=L,
         title=f"Fig. 4: background attention A (grid {cfg.label_grid_size}) and CAMs, GAP against BAP "
         "(training images)",
@@ -785,13 +782,10 @@ def _pseudo_figure(ctx: Context, train, labels: dict, pseudo: dict, L: int) -> N
         columns["unreliable (white)"] = [
             _with_unreliable(pseudo["bap"]["y_crf"][i], pseudo["bap"]["y_ret"][i]) for i in range(n)
         ]
-    columns["ground truth"] = [train[i].mask for i in range(n)]
-    save_panels(
+    save_sample_panels(
         ctx.run.file("figures", "pseudo_labels.png"),
-        [train[i].image for i in range(n)],
+        [train[i] for i in range(n)],
         columns,
-        boxes=[train[i].boxes for i in range(n)],
-        labels=[train[i].labels for i in range(n)],
         num_classes=L,
         title="Table 1: pseudo labels of training images; Y_crf with ~S (Y_crf != Y_ret) in white",
     )
@@ -811,13 +805,10 @@ def _confidence_figure(ctx: Context, train, items, snapshots: ConfidenceSnapshot
         columns[f"sigma at {100 * step // steps}%"] = [
             maps[i, : a.shape[0], : a.shape[1]].numpy() for i, (_, a, _) in enumerate(items)
         ]
-    columns["ground truth"] = [train[i].mask for i in range(n)]
-    save_panels(
+    save_sample_panels(
         ctx.run.file("figures", "confidence.png"),
-        [train[i].image for i in range(n)],
+        [train[i] for i in range(n)],
         columns,
-        boxes=[train[i].boxes for i in range(n)],
-        labels=[train[i].labels for i in range(n)],
         num_classes=L,
         title="Fig. 5: the confidence map sigma (Eq. 12) during training with the NAL",
     )
@@ -835,13 +826,10 @@ def _prediction_figure(ctx: Context, splits: Splits, segmenters: dict, L: int) -
         columns[name] = list(predict_labels(model, images, cfg, crf=False).numpy())
     last = list(segmenters)[-1]
     columns[f"{last}-crf"] = list(predict_labels(segmenters[last], images, cfg, crf=True).numpy())
-    columns["ground truth"] = [s.mask for s in val]
-    save_panels(
+    save_sample_panels(
         ctx.run.file("figures", "predictions.png"),
-        [s.image for s in val],
+        val,
         columns,
-        boxes=[s.boxes for s in val],
-        labels=[s.labels for s in val],
         num_classes=L,
         title="Table 3: segmentation networks on validation images",
     )

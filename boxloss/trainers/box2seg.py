@@ -52,7 +52,7 @@ from boxloss.trainers.engine.config import ConfigError, TrainerConfig
 from boxloss.trainers.engine.context import Context
 from boxloss.trainers.engine.data import Batches, box_label_map
 from boxloss.trainers.engine.evaluate import label_miou, miou_percent
-from boxloss.trainers.engine.figures import save_loss_curves, save_panels
+from boxloss.trainers.engine.figures import save_loss_curves, save_sample_panels
 from boxloss.trainers.single_stage import (
     OPTIMIZERS,
     TrainBatch,
@@ -485,13 +485,10 @@ def attention_figure(ctx: Context, splits, networks: dict, val_grabcut, L: int) 
             at_box = alpha.gather(1, (box_labels - 1).clamp_min(0)[:, None])[:, 0] * (box_labels > 0)
             columns[f"{setting} alpha"] = list(at_box.numpy())
         columns[setting] = list(out["logits"].argmax(1).numpy())
-    columns["ground truth"] = [s.mask for s in val]
-    save_panels(
+    save_sample_panels(
         ctx.run.file("figures", "attention.png"),
-        [s.image for s in val],
+        val,
         columns,
-        boxes=[s.boxes for s in val],
-        labels=[s.labels for s in val],
         num_classes=L,
         title="Box2Seg Table 3 rows on validation images: attention alpha (box class) beside the prediction",
     )

@@ -41,7 +41,7 @@ from boxloss.trainers.engine.config import TrainerConfig
 from boxloss.trainers.engine.context import Context
 from boxloss.trainers.engine.data import Batches, Splits, box_label_map, hflip_augment, load_splits
 from boxloss.trainers.engine.evaluate import label_miou, miou_percent, segmentation_confusion
-from boxloss.trainers.engine.figures import save_loss_curves, save_panels
+from boxloss.trainers.engine.figures import save_loss_curves, save_sample_panels
 from boxloss.trainers.engine.loop import poly_schedule
 from boxloss.trainers.engine.models import IMAGENET_MEAN, IMAGENET_STD, head_outputs
 
@@ -491,13 +491,10 @@ def _pseudo_figure(ctx: Context, samples, pseudo: dict, L: int) -> None:
         return
     n = min(ctx.config.figures, len(samples))
     columns = {k: [v[i].numpy() for i in range(n)] for k, v in pseudo.items()}
-    columns["ground truth"] = [samples[i].mask for i in range(n)]
-    save_panels(
+    save_sample_panels(
         ctx.run.file("figures", "pseudo_ground_truth.png"),
-        [samples[i].image for i in range(n)],
+        [samples[i] for i in range(n)],
         columns,
-        boxes=[samples[i].boxes for i in range(n)],
-        labels=[samples[i].labels for i in range(n)],
         num_classes=L,
         title="Table 2: pseudo ground truth on training images (white: void)",
     )
@@ -516,13 +513,10 @@ def _final_figure(ctx: Context, splits: Splits, networks: dict, L: int) -> None:
         with torch.no_grad():
             columns[k] = list(head_outputs(model(batch.images.to(ctx.device)))["logits"].argmax(1).cpu().numpy())
         model.train()
-    columns["ground truth"] = [s.mask for s in val]
-    save_panels(
+    save_sample_panels(
         ctx.run.file("figures", "final_predictions.png"),
-        [s.image for s in val],
+        val,
         columns,
-        boxes=[s.boxes for s in val],
-        labels=[s.labels for s in val],
         num_classes=L,
         title="Sec. 5: final networks on validation images",
     )

@@ -53,7 +53,7 @@ from boxloss.trainers.engine.config import ConfigError, TrainerConfig
 from boxloss.trainers.engine.context import Context
 from boxloss.trainers.engine.data import Batches, InMemory, Splits, box_label_map, hflip_augment, load_splits
 from boxloss.trainers.engine.evaluate import label_miou, miou_percent, segmentation_confusion
-from boxloss.trainers.engine.figures import save_loss_curves, save_panels
+from boxloss.trainers.engine.figures import save_loss_curves, save_panels, save_sample_panels
 from boxloss.trainers.engine.loop import poly_schedule
 from boxloss.trainers.engine.models import IMAGENET_MEAN, IMAGENET_STD, head_outputs
 
@@ -1208,13 +1208,10 @@ def _prediction_figure(ctx: Context, val, finals: dict, L: int) -> None:
     samples = [val[i] for i in range(n)]
     images = collate_samples(samples).images.to(ctx.device)
     cols = {k: list(class_probabilities(m, images).argmax(1).cpu().numpy()) for k, m in finals.items()}
-    cols["ground truth"] = [s.mask for s in samples]
-    save_panels(
+    save_sample_panels(
         ctx.run.file("figures", "target_predictions.png"),
-        [s.image for s in samples],
+        samples,
         cols,
-        boxes=[s.boxes for s in samples],
-        labels=[s.labels for s in samples],
         num_classes=L,
         title="Table II: f on target validation images",
     )

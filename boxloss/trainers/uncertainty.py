@@ -39,7 +39,7 @@ from boxloss.trainers.engine.config import ConfigError, TrainerConfig
 from boxloss.trainers.engine.context import Context, job_seed
 from boxloss.trainers.engine.data import Batches, Splits, box_label_map
 from boxloss.trainers.engine.evaluate import miou_percent
-from boxloss.trainers.engine.figures import save_loss_curves, save_panels
+from boxloss.trainers.engine.figures import save_loss_curves, save_sample_panels
 from boxloss.trainers.single_stage import (
     OPTIMIZERS,
     TrainBatch,
@@ -440,13 +440,10 @@ def bootstrap_figure(ctx: Context, splits: Splits, chosen: np.ndarray, networks:
             columns[f"{setting}: 1 - W"] = list((flip * in_box).numpy())
         columns[f"{setting}: sigma^2 / {2 * cfg.tau:g}"] = _variance_panel(var, cfg.tau)
         columns[f"{setting}: prediction"] = list(_binary_predict(setting)(out).numpy())
-    columns["ground truth"] = [s.mask for s in samples]
-    save_panels(
+    save_sample_panels(
         ctx.run.file("figures", "bootstrap_weights.png"),
-        [s.image for s in samples],
+        samples,
         columns,
-        boxes=[s.boxes for s in samples],
-        labels=[s.labels for s in samples],
         num_classes=1,
         title="Binary rows on box-labelled training images (Fig. 5): 1 - W is the weight of the flipped target",
     )
@@ -474,13 +471,10 @@ def flip_figure(ctx: Context, splits: Splits, chosen: np.ndarray, networks: dict
     for setting in ("ce-pp+bb", "ce-pp"):
         if setting in networks:
             columns[setting] = list(predict_heads(ctx, networks[setting], samples)["logits"].argmax(1).numpy())
-    columns["ground truth"] = [s.mask for s in samples]
-    save_panels(
+    save_sample_panels(
         ctx.run.file("figures", "flip_masks.png"),
-        [s.image for s in samples],
+        samples,
         columns,
-        boxes=[s.boxes for s in samples],
-        labels=[s.labels for s in samples],
         num_classes=K,
         title="Multi-class rows on box-labelled training images (Fig. 6): flip masks of uncertainty-ce",
     )

@@ -178,3 +178,21 @@ def _save(fig, path) -> None:
     fig.savefig(tmp, dpi=110)
     plt.close(fig)
     os.replace(tmp, path)
+
+
+def save_sample_panels(
+    path: str | Path, samples: Sequence, columns: dict[str, Sequence], *, num_classes: int, title: str | None = None
+) -> None:
+    """:func:`save_panels` for dataset samples: each sample's image with its boxes and their labels, the ``columns``,
+    then the sample's true mask (``"ground truth"``)."""
+    samples = list(samples)
+    columns = {**columns, "ground truth": [s.mask for s in samples]}
+    save_panels(
+        path,
+        [s.image for s in samples],
+        columns,
+        boxes=[s.boxes for s in samples],
+        labels=[s.labels for s in samples],
+        num_classes=num_classes,
+        title=title,
+    )
