@@ -51,7 +51,7 @@ import boxloss
 from boxloss.trainers.engine import checkpoint
 from boxloss.trainers.engine.config import ConfigError, TrainerConfig
 from boxloss.trainers.engine.context import Context
-from boxloss.trainers.engine.data import Batches, Splits, box_label_map, hflip_augment, load_splits
+from boxloss.trainers.engine.data import Batches, Splits, box_label_map, config_splits, hflip_augment
 from boxloss.trainers.engine.evaluate import label_miou, miou_percent, segmentation_confusion
 from boxloss.trainers.engine.figures import save_loss_curves, save_sample_panels
 from boxloss.trainers.engine.loop import poly_schedule
@@ -628,15 +628,7 @@ def predict_labels(model: FeatureClassifier, images: torch.Tensor, cfg: Config, 
 def run(ctx: Context, settings: list[str]) -> None:
     cfg: Config = ctx.config
     check_backend(cfg)
-    splits: Splits = load_splits(
-        cfg.data,
-        num_classes=cfg.num_classes,
-        image_size=cfg.image_size,
-        train_images=cfg.train_images,
-        val_images=cfg.val_images,
-        data_seed=cfg.data_seed,
-        log=ctx.log,
-    )
+    splits: Splits = config_splits(cfg, log=ctx.log)
     ctx.log(f"data: {splits.description}; DenseCRF: {cfg.crf_backend}, {crf_settings(cfg)}")
     ctx.results.notes.append(f"DenseCRF ({cfg.crf_backend}): {crf_settings(cfg)}")
     L = splits.num_classes

@@ -39,7 +39,7 @@ from boxloss.data import BoxCrop, CropBatch, collate_crops, crop_boxes, paste_cr
 from boxloss.trainers.engine import distributed
 from boxloss.trainers.engine.config import TrainerConfig
 from boxloss.trainers.engine.context import Context
-from boxloss.trainers.engine.data import Batches, Splits, box_label_map, hflip_augment, load_splits
+from boxloss.trainers.engine.data import Batches, Splits, box_label_map, config_splits, hflip_augment
 from boxloss.trainers.engine.evaluate import label_miou, miou_percent, segmentation_confusion
 from boxloss.trainers.engine.figures import save_loss_curves, save_sample_panels
 from boxloss.trainers.engine.loop import poly_schedule
@@ -304,15 +304,7 @@ def fbeta_of_crops(samples, crops: list[BoxCrop], predictions: list[np.ndarray],
 
 def run(ctx: Context, settings: list[str]) -> None:
     cfg: Config = ctx.config
-    splits: Splits = load_splits(
-        cfg.data,
-        num_classes=cfg.num_classes,
-        image_size=cfg.image_size,
-        train_images=cfg.train_images,
-        val_images=cfg.val_images,
-        data_seed=cfg.data_seed,
-        log=ctx.log,
-    )
+    splits: Splits = config_splits(cfg, log=ctx.log)
     ctx.log(f"data: {splits.description}")
     L = splits.num_classes
     train = splits.train

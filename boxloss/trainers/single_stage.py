@@ -27,7 +27,7 @@ from boxloss.data import Sample, collate_samples
 from boxloss.data.transforms import hflip
 from boxloss.trainers.engine.config import ConfigError
 from boxloss.trainers.engine.context import Context
-from boxloss.trainers.engine.data import Splits, load_splits
+from boxloss.trainers.engine.data import Splits, config_splits
 from boxloss.trainers.engine.evaluate import segmentation_confusion
 from boxloss.trainers.engine.loop import poly_schedule
 from boxloss.trainers.engine.models import head_outputs
@@ -40,15 +40,7 @@ OPTIMIZERS = ("sgd", "adam", "adamw")
 def load_data(ctx: Context, class_ids: Sequence[int] | None = None) -> Splits:
     """The config's training and validation splits; with ``class_ids``, restricted to those classes."""
     cfg = ctx.config
-    splits = load_splits(
-        cfg.data,
-        num_classes=cfg.num_classes,
-        image_size=cfg.image_size,
-        train_images=cfg.train_images,
-        val_images=cfg.val_images,
-        data_seed=cfg.data_seed,
-        log=ctx.log,
-    )
+    splits = config_splits(cfg, log=ctx.log)
     if class_ids is None:
         return splits
     return restrict_splits(splits, class_ids)

@@ -125,6 +125,20 @@ def load_splits(
     raise DataSpecError(f"--data must be 'synthetic', 'voc:PATH' or 'coco:ANNOTATIONS:IMAGES', got {spec!r}")
 
 
+def config_splits(config, *, log: Callable[[str], None] | None = None) -> Splits:
+    """The splits a trainer's config names: its ``data``, ``num_classes``, ``image_size``, ``train_images``,
+    ``val_images`` and ``data_seed``."""
+    return load_splits(
+        config.data,
+        num_classes=config.num_classes,
+        image_size=config.image_size,
+        train_images=config.train_images,
+        val_images=config.val_images,
+        data_seed=config.data_seed,
+        log=log,
+    )
+
+
 class Batches:
     """Deterministic batches over ``dataset`` (a sequence of items).
 
